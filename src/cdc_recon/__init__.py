@@ -1,0 +1,1 @@
+"""cdc-recon: proves that the PostgreSQL tables cdc-sink writes still match Cassandra."""

@@ -1,0 +1,37 @@
+"""The command line answers --help and version without any service."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cdc_sink import __version__
+from cdc_sink.cli import main
+
+
+def test_version_command_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`version` prints the installed distribution's version and exits 0."""
+    assert main(["version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"cdc-sink {__version__} ")
+    assert __version__ != "0.0.0+unknown"
+
+
+def test_help_lists_commands_through_python_m() -> None:
+    """`python -m cdc_sink --help` runs as a module and lists the subcommands."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cdc_sink", "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0
+    assert "version" in done.stdout
+    assert "usage: python -m cdc_sink" in done.stdout
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown subcommand exits with argparse's usage error code 2."""
+    with pytest.raises(SystemExit) as exited:
+        main(["frobnicate"])
+    assert exited.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
