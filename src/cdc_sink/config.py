@@ -1,0 +1,210 @@
+"""Configuration: frozen, typed, validated at start-up, read from the environment in one place.
+
+Every setting is an environment variable `CDC_<SECTION>__<NAME>` (e.g. CDC_KAFKA__GROUP_ID) or
+the same key in an optional TOML file (`[kafka] group_id = "…"`) named by CDC_CONFIG_FILE or
+`--config`; the environment wins over the file. An invalid value stops start-up with a message
+naming the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+class Secret(str):
+    """A string that never shows itself in logs, reprs or tracebacks."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        return "***"
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "cdc-sink"
+    topic_pattern: str = r"^cdc-events-.*"
+    client_id: str = "cdc-sink"
+    session_timeout_ms: int = 30_000
+    max_poll_interval_ms: int = 300_000
+    fetch_max_bytes: int = 52_428_800
+    auto_offset_reset: str = "earliest"
+
+    def validate(self) -> None:
+        try:
+            re.compile(self.topic_pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"CDC_KAFKA__TOPIC_PATTERN is not a regular expression: {exc}"
+            ) from None
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            raise ConfigError("CDC_KAFKA__AUTO_OFFSET_RESET must be earliest or latest")
+        if not self.bootstrap_servers.strip():
+            raise ConfigError("CDC_KAFKA__BOOTSTRAP_SERVERS is empty")
+
+
+@dataclass(frozen=True)
+class SchemaRegistryConfig:
+    url: str | None = None
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    dsn: Secret = field(default_factory=lambda: Secret("postgresql://cdc_sink@127.0.0.1:5432/cdc"))
+    schema: str = "public"
+    connect_timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        if not self.dsn.reveal().startswith(("postgresql://", "postgres://")):
+            raise ConfigError("CDC_POSTGRES__DSN must be a postgresql:// URL")
+        if not self.schema or len(self.schema.encode()) > 63:
+            raise ConfigError("CDC_POSTGRES__SCHEMA must be 1 to 63 bytes")
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    batch_size: int = 1000
+    linger_ms: int = 200
+    table_name_format: str = "cdc_{table}"
+    tombstone_grace_seconds: int = 864_000  # Cassandra's default gc_grace_seconds
+    expiry_interval_seconds: float = 5.0
+    migrate_on_start: bool = True
+
+    def validate(self) -> None:
+        if not 1 <= self.batch_size <= 100_000:
+            raise ConfigError("CDC_SINK__BATCH_SIZE must be between 1 and 100000")
+        if self.linger_ms < 0:
+            raise ConfigError("CDC_SINK__LINGER_MS must be >= 0")
+        if "{table}" not in self.table_name_format:
+            raise ConfigError("CDC_SINK__TABLE_NAME_FORMAT must contain {table}")
+        try:
+            self.table_name_format.format(table="t", keyspace="k")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"CDC_SINK__TABLE_NAME_FORMAT: {exc!r}") from None
+        if self.tombstone_grace_seconds < 0:
+            raise ConfigError("CDC_SINK__TOMBSTONE_GRACE_SECONDS must be >= 0")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "0.0.0.0"  # noqa: S104 - scraped by Prometheus in a pod; set 127.0.0.1 locally
+    port: int = 8000
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class CassandraConfig:
+    contact_points: str | None = None
+    port: int = 9042
+    local_dc: str = "datacenter1"
+    username: str | None = None
+    password: Secret | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    json: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    schema_registry: SchemaRegistryConfig = field(default_factory=SchemaRegistryConfig)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    cassandra: CassandraConfig = field(default_factory=CassandraConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def load_config(environ: Mapping[str, str] | None = None, file: Path | None = None) -> Config:
+    """Read the file (if any) and the CDC_* environment; raise ConfigError on any bad value."""
+    environ = os.environ if environ is None else environ
+    file_name = file or (
+        Path(environ["CDC_CONFIG_FILE"]) if environ.get("CDC_CONFIG_FILE") else None
+    )
+    raw: dict[str, dict[str, Any]] = {}
+    if file_name is not None:
+        try:
+            raw = {k: dict(v) for k, v in tomllib.loads(file_name.read_text()).items()}
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {file_name}: {exc}") from None
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for name, value in environ.items():
+        if not name.startswith("CDC_") or "__" not in name or name == "CDC_CONFIG_FILE":
+            continue
+        section, _, key = name[4:].lower().partition("__")
+        if section in sections:
+            raw.setdefault(section, {})[key] = value
+    built: dict[str, Any] = {}
+    for section, section_field in sections.items():
+        cls = section_field.default_factory
+        built[section] = _build(cls, section, raw.pop(section, {}))
+    if raw:
+        raise ConfigError(f"unknown configuration section(s): {', '.join(sorted(raw))}")
+    config = Config(**built)
+    for section in built.values():
+        validate = getattr(section, "validate", None)
+        if validate:
+            validate()
+    return config
+
+
+def _build(cls: Any, section: str, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        setting = f"CDC_{section.upper()}__{key.upper()}"
+        if key not in known:
+            raise ConfigError(f"{setting} is not a known setting")
+        kwargs[key] = _coerce(hints[key], value, setting)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, setting: str) -> Any:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value in ("", None):
+            return None
+        hint = options[0]
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if hint is Secret:
+            return Secret(str(value))
+        if hint in (int, float, str):
+            return hint(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{setting}={_shown(value, hint)} is invalid: {exc}") from None
+    raise ConfigError(f"{setting}: unsupported type {hint}")
+
+
+def _shown(value: Any, hint: Any) -> str:
+    return "***" if hint is Secret else repr(value)

@@ -1,0 +1,208 @@
+"""Schema evolution: create each target table on first sight, add columns as they appear.
+
+Column types come from, in order: what this table already has (`_cdc_schema_metadata`),
+Cassandra's own `system_schema` when a Cassandra connection is configured (exact: it tells
+inet from text, time from bigint, decimal from double), and the schema the record carried
+(Avro, or JSON with schemas.enable=true). A schemaless record for a column none of those
+knows is rejected (dead-lettered) with a message saying so.
+
+DDL runs in its own short transaction under an advisory lock per table, with IF NOT EXISTS
+everywhere, so several workers seeing the same new table or column at once all succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import asyncpg
+
+from cdc_sink.errors import EventError
+from cdc_sink.events import ChangeEvent
+from cdc_sink.tables import TableSchema, target_name
+from cdc_sink.types import CqlType, from_connect_schema, parse_cql_type
+from cdc_sink.write import lock_id
+
+
+@dataclass(frozen=True)
+class CassandraTable:
+    """A table as Cassandra's system_schema describes it."""
+
+    columns: dict[str, CqlType]
+    partition_columns: tuple[str, ...]
+
+
+class CassandraTypes(Protocol):
+    """Where Cassandra's own column types come from (system_schema)."""
+
+    async def table(self, keyspace: str, table: str) -> CassandraTable | None: ...
+
+
+class Catalog:
+    """Knows every target table's TableSchema; creates and alters tables as events demand."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        table_format: str,
+        cassandra: CassandraTypes | None = None,
+    ) -> None:
+        self.pool = pool
+        self.schema = schema
+        self.table_format = table_format
+        self.cassandra = cassandra
+        self._tables: dict[str, TableSchema] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def resolve(
+        self,
+        event: ChangeEvent,
+        key_schemas: Mapping[str, Mapping[str, Any]],
+        column_schemas: Mapping[str, Mapping[str, Any]],
+    ) -> TableSchema:
+        """The schema that holds this event's columns, evolving the table first if needed."""
+        target = target_name(self.table_format, event.keyspace, event.table)
+        known = self._tables.get(target)
+        if known is not None and all(c in known.columns for c in event.cells):
+            return known
+        lock = self._locks.setdefault(target, asyncio.Lock())
+        async with lock:
+            known = self._tables.get(target) or await self._load(target)
+            needed = [n for n in (*event.key, *event.cells) if not known or n not in known.columns]
+            if not needed and known is not None:
+                self._tables[target] = known
+                return known
+            cassandra = (
+                await self.cassandra.table(event.keyspace, event.table)
+                if (self.cassandra is not None)
+                else None
+            )
+            types = self._types_for(event, needed, cassandra, key_schemas, column_schemas)
+            partitions = cassandra.partition_columns if cassandra else None
+            evolved = await self._evolve(target, event, types, partitions)
+            self._tables[target] = evolved
+            return evolved
+
+    def _types_for(
+        self,
+        event: ChangeEvent,
+        needed: list[str],
+        cassandra: CassandraTable | None,
+        key_schemas: Mapping[str, Mapping[str, Any]],
+        column_schemas: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, CqlType]:
+        found = cassandra.columns if cassandra else {}
+        types: dict[str, CqlType] = {}
+        for name in needed:
+            if name in found:
+                types[name] = found[name]
+            elif name in column_schemas:
+                types[name] = from_connect_schema(column_schemas[name])
+            elif name in key_schemas:
+                types[name] = from_connect_schema(key_schemas[name])
+            else:
+                raise EventError(
+                    f"no type known for column {name!r} of {event.keyspace}.{event.table}: the "
+                    "record carries no schema and neither the target table nor Cassandra has it"
+                )
+        return types
+
+    async def _load(self, target: str) -> TableSchema | None:
+        row = await self.pool.fetchrow(
+            "SELECT version, keyspace_name, source_table, key_columns, partition_columns, "
+            "columns::text AS columns FROM _cdc_schema_metadata WHERE target_table = $1 "
+            "ORDER BY version DESC LIMIT 1",
+            target,
+        )
+        if row is None:
+            return None
+        columns = {n: parse_cql_type(t) for n, t in json.loads(row["columns"]).items()}
+        return TableSchema(
+            keyspace=row["keyspace_name"],
+            table=row["source_table"],
+            target=target,
+            key_columns=tuple(row["key_columns"]),
+            columns=columns,
+            partition_columns=tuple(row["partition_columns"] or ()) or None,
+            version=row["version"],
+        )
+
+    async def _evolve(
+        self,
+        target: str,
+        event: ChangeEvent,
+        types: dict[str, CqlType],
+        partition_columns: tuple[str, ...] | None,
+    ) -> TableSchema:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id("ddl", target))
+            current = await self._load(target)  # another worker may have evolved it meanwhile
+            if current is None:
+                key = tuple(event.key)
+                ordered = {n: types[n] for n in key} | {
+                    n: t for n, t in types.items() if n not in key
+                }
+                schema = TableSchema(
+                    event.keyspace, event.table, target, key, ordered, partition_columns
+                )
+                await conn.execute(schema.create_sql(self.schema))
+            else:
+                schema = current.with_columns(types)
+                for name in schema.columns:
+                    if name not in current.columns:
+                        await conn.execute(schema.add_column_sql(self.schema, name))
+            if current is None or schema.version != current.version:
+                await conn.execute(
+                    "INSERT INTO _cdc_schema_metadata (target_table, version, keyspace_name, "
+                    "source_table, key_columns, partition_columns, columns) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) ON CONFLICT DO NOTHING",
+                    target,
+                    schema.version,
+                    schema.keyspace,
+                    schema.table,
+                    list(schema.key_columns),
+                    list(schema.partition_columns) if schema.partition_columns else None,
+                    json.dumps({n: str(t) for n, t in schema.columns.items()}),
+                )
+            return schema
+
+
+class CassandraSystemSchema:
+    """Column types read from Cassandra's system_schema through cassandra-driver."""
+
+    def __init__(self, session_factory: Callable[[], Any]) -> None:
+        self._session_factory = session_factory
+        self._session: Any = None
+
+    async def table(self, keyspace: str, table: str) -> CassandraTable | None:
+        return await asyncio.to_thread(self._table, keyspace, table)
+
+    def _table(self, keyspace: str, table: str) -> CassandraTable | None:
+        if self._session is None:
+            self._session = self._session_factory()
+        udts = {
+            row.type_name: list(zip(row.field_names, row.field_types, strict=True))
+            for row in self._session.execute(
+                "SELECT type_name, field_names, field_types FROM system_schema.types "
+                "WHERE keyspace_name = %s",
+                [keyspace],
+            )
+        }
+        rows = list(
+            self._session.execute(
+                "SELECT column_name, type, kind, position FROM system_schema.columns "
+                "WHERE keyspace_name = %s AND table_name = %s",
+                [keyspace, table],
+            )
+        )
+        if not rows:
+            return None
+        partition = sorted((r.position, r.column_name) for r in rows if r.kind == "partition_key")
+        return CassandraTable(
+            {row.column_name: parse_cql_type(row.type, udts) for row in rows},
+            tuple(name for _, name in partition),
+        )

@@ -1,0 +1,56 @@
+"""The one error tree of the sink. Every failure is exactly one of three kinds.
+
+- PoisonError: this record can never be applied as it is (bad bytes, a value that does not fit
+  its column, …). It goes to the dead-letter queue with its context; the stream moves on.
+- TransientError: the world is briefly broken (connection lost, timeout, serialization
+  failure). The same step is retried with backoff; nothing is committed meanwhile.
+- FatalError: retrying cannot help and skipping would lose data (misconfiguration,
+  permissions). The worker stops without committing.
+"""
+
+from __future__ import annotations
+
+
+class SinkError(Exception):
+    """Root of every error the sink raises on purpose."""
+
+
+class PoisonError(SinkError):
+    """A record that can never be applied as it is; `stage` names where it was found."""
+
+    def __init__(self, message: str, *, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class DecodeError(PoisonError):
+    """The record's bytes are not a Debezium event we can read."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, stage="decode")
+
+
+class EventError(PoisonError):
+    """The record decoded, but is not a valid Debezium Cassandra change event."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, stage="interpret")
+
+
+class ConversionError(PoisonError):
+    """A value does not fit its PostgreSQL column (NUL in text, out-of-range number, …)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, stage="convert")
+
+
+class TransientError(SinkError):
+    """A failure expected to pass: retry the same step with backoff."""
+
+
+class FatalError(SinkError):
+    """A failure retrying cannot fix and skipping would lose data: stop without committing."""
+
+
+class FencedError(SinkError):
+    """Another worker owns the partition now: abandon the batch, commit nothing, re-sync."""

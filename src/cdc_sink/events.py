@@ -1,0 +1,150 @@
+"""Interpret: a decoded Debezium Cassandra record becomes a ChangeEvent. Pure, no I/O.
+
+The connector's envelope (see the README, "What the sink reads") carries `op` in i/u/d/r, the
+write timestamp in `source.ts_us`, and every touched column of `after` as a cell
+{value, deletion_ts, set}; an untouched column has no cell at all.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cdc_sink.errors import EventError
+
+RANGE_FIELDS = ("_range_start", "_range_end")
+
+
+class Op(enum.Enum):
+    """What a Cassandra mutation did. `RANGE` is a range tombstone, not a snapshot read."""
+
+    INSERT = "i"
+    UPDATE = "u"
+    DELETE = "d"
+    RANGE = "r"
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a record sits in Kafka."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """One written column: `value` None is an explicit null; `expires_us` is a TTL's expiry."""
+
+    value: Any
+    expires_us: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """One end of a range tombstone: clustering (column, Cassandra text, marshal type) prefix."""
+
+    values: tuple[tuple[str, str, str], ...]
+    inclusive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One Cassandra mutation of one row, partition or clustering range.
+
+    `key` holds every primary-key column of the Kafka key; for a partition delete or range
+    tombstone the clustering columns are None. `cells` holds only the non-key columns the
+    mutation wrote. `ts_us` is Cassandra's write timestamp (µs): last write wins by it.
+    """
+
+    keyspace: str
+    table: str
+    op: Op
+    key: Mapping[str, Any]
+    cells: Mapping[str, Cell]
+    ts_us: int
+    snapshot: bool
+    position: Position
+    range_start: Bound | None = None
+    range_end: Bound | None = None
+
+    @property
+    def is_partition_delete(self) -> bool:
+        return self.op is Op.DELETE and any(v is None for v in self.key.values())
+
+    @property
+    def partition_key(self) -> dict[str, Any]:
+        """For partition deletes and range tombstones: the (non-null) partition columns."""
+        return {name: value for name, value in self.key.items() if value is not None}
+
+
+def interpret(
+    key: Mapping[str, Any] | None, value: Mapping[str, Any], position: Position
+) -> ChangeEvent:
+    """Build the ChangeEvent of one decoded record; raise EventError if it is not one."""
+    op_text = value.get("op")
+    try:
+        op = Op(op_text)
+    except ValueError:
+        raise EventError(f"unknown op {op_text!r} (expected one of i, u, d, r)") from None
+    source = value.get("source")
+    after = value.get("after")
+    if not isinstance(source, Mapping) or not isinstance(after, Mapping):
+        raise EventError("the envelope lacks its `source` or `after` struct")
+    keyspace, table = source.get("keyspace"), source.get("table")
+    if not isinstance(keyspace, str) or not isinstance(table, str) or not table:
+        raise EventError("source.keyspace / source.table missing")
+    ts_us = source.get("ts_us")
+    if ts_us is None and source.get("ts_ms") is not None:
+        ts_us = int(source["ts_ms"]) * 1000  # older connectors: only ms precision
+    if not isinstance(ts_us, int):
+        raise EventError("source.ts_us (the write timestamp) is missing")
+    if key is None or not key:
+        raise EventError("the record has no key: the primary key is unknown")
+
+    cells: dict[str, Cell] = {}
+    if op in (Op.INSERT, Op.UPDATE):
+        for name, cell in after.items():
+            if name in key or name in RANGE_FIELDS or cell is None:
+                continue  # key columns come from the key; an absent cell means "untouched"
+            if not isinstance(cell, Mapping) or "value" not in cell:
+                raise EventError(f"column {name!r} is not a Debezium cell struct")
+            expires = cell.get("deletion_ts")
+            cells[name] = Cell(cell["value"], int(expires) if expires is not None else None)
+    if op is Op.DELETE and all(v is None for v in key.values()):
+        raise EventError("a delete whose key has no value at all")
+
+    start = end = None
+    if op is Op.RANGE:
+        start, end = _bound(after.get("_range_start")), _bound(after.get("_range_end"))
+    return ChangeEvent(
+        keyspace=keyspace,
+        table=table,
+        op=op,
+        key=dict(key),
+        cells=cells,
+        ts_us=ts_us,
+        snapshot=str(source.get("snapshot", "false")).lower() in ("true", "last"),
+        position=position,
+        range_start=start,
+        range_end=end,
+    )
+
+
+def _bound(raw: Any) -> Bound:
+    if raw is None:
+        return Bound((), inclusive=True)  # unbounded side
+    if not isinstance(raw, Mapping):
+        raise EventError("a range bound is not a struct")
+    method = str(raw.get("method", ""))
+    values = raw.get("values") or []
+    try:
+        parsed = tuple((str(v["name"]), str(v["value"]), str(v["type"])) for v in values)
+    except (KeyError, TypeError):
+        raise EventError("a range bound value lacks name, value or type") from None
+    if "INCL" not in method and "EXCL" not in method:
+        raise EventError(f"unknown range bound kind {method!r}")
+    return Bound(parsed, inclusive=method.startswith("INCL"))

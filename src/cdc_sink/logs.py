@@ -1,0 +1,98 @@
+"""structlog set-up: one JSON object per line on stderr, secrets redacted before rendering.
+
+Records from stdlib loggers (aiokafka, asyncpg, …) go through the same pipeline, so every line
+on stderr has the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
+
+__all__ = ["configure_logging", "get_logger", "redact_secrets"]
+
+REDACTED = "***"
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_LEVELS |= {"warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+_SECRET_KEY = re.compile(r"password|passwd|secret|token|dsn|authorization|api[_-]?key", re.I)
+# scheme://user:password@host — the greedy password stops at the last "@" before the host, so
+# a password that itself contains "@" is still removed whole.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s/]*@", re.I)
+# libpq keyword form: "host=… password=s3cret" or password='s 3cret'
+_KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd)\s*=\s*)(?:'[^']*'|\S+)", re.I)
+
+# The handler configure_logging installed, replaced (not duplicated) when it is called again.
+_handler: logging.Handler | None = None
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        value = _URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", value)
+        return _KV_PASSWORD.sub(rf"\g<head>{REDACTED}", value)
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) else _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Processor: values of secret-named keys (at any depth) become "***", and passwords inside
+    URLs/DSNs in any string become "***". Runs after tracebacks are rendered, so they are
+    scrubbed too."""
+    scrubbed: EventDict = _scrub(event_dict)
+    return scrubbed
+
+
+def configure_logging(level: str = "info", json: bool = True) -> None:
+    """Route structlog and stdlib logging to stderr at `level` (debug, info, warning, error,
+    critical): JSON lines if `json`, else human-readable console lines. Call once at start-up;
+    calling again replaces the previous set-up. Raises ValueError for an unknown level."""
+    global _handler
+    threshold = _LEVELS.get(level.lower())
+    if threshold is None:
+        raise ValueError(f"unknown log level {level!r}; expected one of {sorted(_LEVELS)}")
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            # Tracebacks as plain text: no frame locals, which could hold secrets.
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    _handler = handler
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> FilteringBoundLogger:
+    """A logger whose lines carry `logger=name`; bind topic/partition/offsets on it as needed."""
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger

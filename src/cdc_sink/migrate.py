@@ -1,0 +1,58 @@
+"""Migrations: the versioned SQL files in sql/ applied once each, in order, idempotently."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import asyncpg
+
+from cdc_sink.tables import quote_ident
+
+MIGRATION_LOCK = 0x63646373696E6B  # "cdcsink": one migrator at a time across workers
+
+
+def sql_dir() -> Path:
+    """sql/ of the source tree (or CDC_SQL_DIR, for installs that ship it elsewhere)."""
+    return Path(os.environ.get("CDC_SQL_DIR") or Path(__file__).resolve().parents[2] / "sql")
+
+
+def migrations(folder: Path | None = None) -> list[tuple[str, str]]:
+    """(version, sql) for every `NNN_name.sql`, in version order."""
+    files = sorted((folder or sql_dir()).glob("[0-9][0-9][0-9]_*.sql"))
+    if not files:
+        raise FileNotFoundError(f"no migrations found in {folder or sql_dir()}")
+    return [(path.stem, path.read_text()) for path in files]
+
+
+async def pending(conn: asyncpg.Connection, schema: str) -> list[str]:
+    """Versions not yet applied in `schema`."""
+    exists = await conn.fetchval(
+        "SELECT to_regclass($1) IS NOT NULL", f"{quote_ident(schema)}._cdc_migrations"
+    )
+    applied: set[str] = set()
+    if exists:
+        rows = await conn.fetch(f"SELECT version FROM {quote_ident(schema)}._cdc_migrations")
+        applied = {row["version"] for row in rows}
+    return [version for version, _ in migrations() if version not in applied]
+
+
+async def migrate(conn: asyncpg.Connection, schema: str) -> list[str]:
+    """Apply every pending migration in `schema`; return the versions applied now."""
+    quoted = quote_ident(schema)
+    applied_now: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {quoted}._cdc_migrations "
+            "(version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        todo = set(await pending(conn, schema))
+        await conn.execute(f"SET LOCAL search_path TO {quoted}")
+        for version, sql in migrations():
+            if version in todo:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO _cdc_migrations (version) VALUES ($1)", version)
+                applied_now.append(version)
+    return applied_now

@@ -1,0 +1,340 @@
+"""Plan: merge a batch of change events into row states with Cassandra's semantics. Pure.
+
+Every row keeps, besides its visible values, what is needed to decide later writes exactly as
+Cassandra's read path would: the write timestamp (and TTL expiry) of every cell, the row marker
+an INSERT writes, and the row's own tombstone. Partition and range tombstones are kept per
+partition. A cell is visible when it is newer than every tombstone covering it, not null and not
+expired; a row is visible when its marker or any cell is. Whatever order, duplication or
+batching the events arrive in, the result is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdc_sink.events import Bound, ChangeEvent, Op
+
+Key = tuple[Any, ...]
+
+
+@dataclass(slots=True)
+class CellState:
+    """A cell's last write: `value` None means null (an explicit null, delete or expiry)."""
+
+    value: Any
+    ts: int
+    expires_us: int | None = None
+
+
+@dataclass(slots=True)
+class RowState:
+    """Everything known about one primary key."""
+
+    cells: dict[str, CellState] = field(default_factory=dict)
+    marker_ts: int | None = None
+    marker_expires_us: int | None = None
+    deleted_ts: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RangeTombstone:
+    """Deletes the clustering range [start, end] (each side inclusive or not) up to `ts`."""
+
+    start: tuple[Any, ...]
+    start_inclusive: bool
+    end: tuple[Any, ...]
+    end_inclusive: bool
+    ts: int
+    descending: tuple[bool, ...] = ()  # per clustering column: declared DESC (ReversedType)
+
+
+@dataclass(slots=True)
+class PartitionTombstones:
+    """The partition-level and range tombstones of one partition."""
+
+    partition_ts: int | None = None
+    ranges: list[RangeTombstone] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """A ChangeEvent with its key and values already converted to PostgreSQL values."""
+
+    event: ChangeEvent
+    key: Key  # in the table's key-column order; partition deletes/ranges have None clustering
+    values: Mapping[str, Any]  # converted cell values of `event.cells`
+    range_start: tuple[Any, ...] = ()
+    range_end: tuple[Any, ...] = ()
+    descending: tuple[bool, ...] = ()
+
+
+@dataclass
+class TableState:
+    """The stored state a batch needs: rows by key and tombstones by partition key."""
+
+    key_columns: tuple[str, ...]
+    partition_columns: tuple[str, ...] | None
+    rows: dict[Key, RowState] = field(default_factory=dict)
+    partitions: dict[Key, PartitionTombstones] = field(default_factory=dict)
+
+    def partition_of(self, key: Key) -> Key:
+        assert self.partition_columns is not None
+        return key[: len(self.partition_columns)]
+
+    def clustering_of(self, key: Key) -> Key:
+        assert self.partition_columns is not None
+        return key[len(self.partition_columns) :]
+
+
+@dataclass
+class TablePlan:
+    """The outcome for every key the batch touched, and the tombstones it added."""
+
+    rows: dict[Key, RowState]  # final state per touched key (live or not)
+    new_partition_tombstones: dict[Key, int]
+    new_range_tombstones: list[tuple[Key, RangeTombstone]]
+    partition_columns: tuple[str, ...] | None  # learned from a delete when it was unknown
+
+
+def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePlan:
+    """Fold mutations into `state` (in place) and return what changed.
+
+    The caller must have loaded into `state` every stored row of the partitions that the
+    mutations delete wholly or by range, and the tombstones of every partition touched.
+    """
+    touched: dict[Key, RowState] = {}
+    new_partitions: dict[Key, int] = {}
+    new_ranges: list[tuple[Key, RangeTombstone]] = []
+    for mutation in mutations:
+        event = mutation.event
+        if event.op is Op.RANGE or event.is_partition_delete:
+            _learn_partition_columns(state, event)
+            partition = tuple(v for v in mutation.key if v is not None)
+            tombstones = state.partitions.setdefault(partition, PartitionTombstones())
+            if event.op is Op.RANGE:
+                start_len = len(event.range_start.values) if event.range_start else 0
+                end_len = len(event.range_end.values) if event.range_end else 0
+                tombstone = RangeTombstone(
+                    start=mutation.range_start[:start_len],
+                    start_inclusive=_inclusive(event.range_start),
+                    end=mutation.range_end[:end_len],
+                    end_inclusive=_inclusive(event.range_end),
+                    ts=event.ts_us,
+                    descending=mutation.descending,
+                )
+                if tombstone not in tombstones.ranges:
+                    tombstones.ranges.append(tombstone)
+                    new_ranges.append((partition, tombstone))
+            elif tombstones.partition_ts is None or event.ts_us > tombstones.partition_ts:
+                tombstones.partition_ts = event.ts_us
+                new_partitions[partition] = event.ts_us
+            for key, row in state.rows.items():
+                if state.partition_of(key) == partition:
+                    touched[key] = row
+            continue
+        row = state.rows.setdefault(mutation.key, RowState())
+        touched[mutation.key] = row
+        if event.op is Op.DELETE:
+            if row.deleted_ts is None or event.ts_us > row.deleted_ts:
+                row.deleted_ts = event.ts_us
+            continue
+        _write_cells(row, event, mutation.values)
+    return TablePlan(touched, new_partitions, new_ranges, state.partition_columns)
+
+
+def _learn_partition_columns(state: TableState, event: ChangeEvent) -> None:
+    columns = tuple(name for name in state.key_columns if event.key.get(name) is not None)
+    if state.partition_columns is None:
+        state.partition_columns = columns
+
+
+def _inclusive(bound: Bound | None) -> bool:
+    return True if bound is None else bound.inclusive
+
+
+def _write_cells(row: RowState, event: ChangeEvent, values: Mapping[str, Any]) -> None:
+    ts = event.ts_us
+    for name, cell in event.cells.items():
+        current = row.cells.get(name)
+        incoming = CellState(values.get(name), ts, cell.expires_us)
+        if current is None or _wins(incoming, current):
+            row.cells[name] = incoming
+    if event.op is Op.INSERT or event.snapshot:
+        expiry = _insert_expiry(event)
+        if row.marker_ts is None or ts > row.marker_ts:
+            row.marker_ts, row.marker_expires_us = ts, expiry
+        elif ts == row.marker_ts and row.marker_expires_us is not None:
+            # The same marker seen twice: the longer-lived copy wins, as for Cassandra's cells.
+            row.marker_expires_us = None if expiry is None else max(expiry, row.marker_expires_us)
+
+
+def _wins(incoming: CellState, current: CellState) -> bool:
+    """Cassandra's cell reconciliation: the newer timestamp wins; on a tie a null (tombstone)
+    wins, then the greater value, then the longer-lived copy, so every arrival order agrees.
+
+    Cassandra also lets a copy that has *expired* by read time win a tie against a live one;
+    that needs two writes of one cell with the same timestamp and different TTLs, which the
+    merge does not keep apart (the first to expire is decided at merge time instead).
+    """
+    if incoming.ts != current.ts:
+        return incoming.ts > current.ts
+    if (incoming.value is None) != (current.value is None):
+        return incoming.value is None
+    if incoming.value != current.value:
+        return _value_rank(incoming.value) > _value_rank(current.value)
+    return _expiry_rank(incoming.expires_us) > _expiry_rank(current.expires_us)
+
+
+def _value_rank(value: Any) -> tuple[str, Any]:
+    return (type(value).__name__, value if isinstance(value, int | str | bytes) else repr(value))
+
+
+def _expiry_rank(expires_us: int | None) -> float:
+    return float("inf") if expires_us is None else float(expires_us)
+
+
+def _insert_expiry(event: ChangeEvent) -> int | None:
+    """The row marker's TTL: Debezium does not send it, so infer it from an INSERT's cells.
+
+    `INSERT … USING TTL` gives every non-null cell the same expiry, and the marker expires
+    with them; nulls carry none. If a non-null cell has no expiry, the INSERT had no TTL.
+    """
+    expiries = {c.expires_us for c in event.cells.values() if c.value is not None}
+    if len(expiries) == 1:
+        (only,) = expiries
+        return only
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# reading the state the way Cassandra's SELECT would
+
+
+NO_TOMBSTONE = -(2**63)
+
+
+def shadow_ts(state: TableState, key: Key) -> int:
+    """The newest partition or range tombstone covering `key` (NO_TOMBSTONE if none)."""
+    if state.partition_columns is None:
+        return NO_TOMBSTONE
+    tombstones = state.partitions.get(state.partition_of(key))
+    if tombstones is None:
+        return NO_TOMBSTONE
+    newest = tombstones.partition_ts if tombstones.partition_ts is not None else NO_TOMBSTONE
+    clustering = state.clustering_of(key)
+    for tombstone in tombstones.ranges:
+        if tombstone.ts > newest and covers(tombstone, clustering):
+            newest = tombstone.ts
+    return newest
+
+
+def covers(tombstone: RangeTombstone, clustering: Sequence[Any]) -> bool:
+    """Whether a full clustering key lies inside the range, in the table's clustering order."""
+    reversed_ = tombstone.descending
+    if tombstone.start:
+        order = _compare(clustering[: len(tombstone.start)], tombstone.start, reversed_)
+        if order < 0 or (order == 0 and not tombstone.start_inclusive):
+            return False
+    if tombstone.end:
+        order = _compare(clustering[: len(tombstone.end)], tombstone.end, reversed_)
+        if order > 0 or (order == 0 and not tombstone.end_inclusive):
+            return False
+    return True
+
+
+def _compare(left: Sequence[Any], right: Sequence[Any], reversed_: Sequence[bool]) -> int:
+    for index, (a, b) in enumerate(zip(left, right, strict=True)):
+        if a == b:
+            continue
+        less = a < b
+        if index < len(reversed_) and reversed_[index]:
+            less = not less
+        return -1 if less else 1
+    return 0
+
+
+def settle(state: TableState, key: Key, row: RowState, now_us: int) -> RowState:
+    """Drop what can never be visible again: cells and markers covered by a tombstone, and
+    expired cells (kept as nulls at their write time, which is what Cassandra turns them into).
+    The row's own tombstone is kept only while no partition or range tombstone supersedes it.
+    """
+    outer = shadow_ts(state, key)
+    deleted = row.deleted_ts if row.deleted_ts is not None and row.deleted_ts > outer else None
+    shadow = max(outer, deleted if deleted is not None else NO_TOMBSTONE)
+    cells: dict[str, CellState] = {}
+    for name, cell in row.cells.items():
+        if cell.ts <= shadow:
+            continue
+        if cell.expires_us is not None and cell.expires_us <= now_us:
+            cell = CellState(None, cell.ts, None)
+        cells[name] = cell
+    marker_ts, marker_expires = row.marker_ts, row.marker_expires_us
+    if marker_ts is not None and marker_ts <= shadow:
+        marker_ts = marker_expires = None
+    # An expired marker is kept: its timestamp still beats older replicas of the same row.
+    return RowState(cells, marker_ts, marker_expires, deleted)
+
+
+def marker_live(row: RowState, now_us: int) -> bool:
+    return row.marker_ts is not None and (
+        row.marker_expires_us is None or row.marker_expires_us > now_us
+    )
+
+
+def is_live(row: RowState, now_us: int) -> bool:
+    """A settled row is returned by SELECT when its marker or any non-null cell is."""
+    return marker_live(row, now_us) or any(c.value is not None for c in row.cells.values())
+
+
+def needs_memory(row: RowState) -> bool:
+    """A settled dead row whose timestamps still matter (they shadow later-arriving writes)."""
+    return row.deleted_ts is not None or row.marker_ts is not None or bool(row.cells)
+
+
+def visible_values(row: RowState, columns: Iterable[str]) -> dict[str, Any]:
+    """The values SELECT shows for a settled live row (untouched columns are null)."""
+    return {name: (row.cells[name].value if name in row.cells else None) for name in columns}
+
+
+def write_ts(row: RowState, now_us: int) -> int | None:
+    """The newest write timestamp among the live parts of a settled row."""
+    stamps = [cell.ts for cell in row.cells.values() if cell.value is not None]
+    if marker_live(row, now_us):
+        assert row.marker_ts is not None
+        stamps.append(row.marker_ts)
+    return max(stamps) if stamps else None
+
+
+def next_expiry(row: RowState, now_us: int) -> int | None:
+    """When the next live part of a settled row expires (for the expiry task)."""
+    stamps = [c.expires_us for c in row.cells.values() if c.value is not None and c.expires_us]
+    if marker_live(row, now_us) and row.marker_expires_us is not None:
+        stamps.append(row.marker_expires_us)
+    return min(stamps) if stamps else None
+
+
+@dataclass
+class Outcome:
+    """Where each touched key's settled state goes."""
+
+    live: dict[Key, RowState]  # upsert into the target table
+    remembered: dict[Key, RowState]  # dead, but its tombstones still shadow older writes
+    removed: list[Key]  # dead and fully covered by partition/range tombstones: forget it
+
+
+def settle_plan(state: TableState, plan: TablePlan, now_us: int) -> Outcome:
+    """Settle every touched row at `now_us` and sort it into live, remembered or removed."""
+    outcome = Outcome({}, {}, [])
+    for key, row in plan.rows.items():
+        settled = settle(state, key, row, now_us)
+        state.rows[key] = settled
+        if is_live(settled, now_us):
+            outcome.live[key] = settled
+        elif needs_memory(settled):
+            outcome.remembered[key] = settled
+        else:
+            outcome.removed.append(key)
+            del state.rows[key]
+    return outcome

@@ -1,0 +1,160 @@
+"""Schema registry access: what the decoder needs, and a client for the Confluent REST API.
+
+The client speaks only `GET /schemas/ids/{id}`, which Confluent Schema Registry, Apicurio's
+ccompat API, Karapace and Redpanda all serve. Schema ids are immutable, so every answer is kept
+for the life of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Hashable
+from functools import partial
+from typing import Any, Generic, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx2 as httpx
+
+from cdc_sink.errors import DecodeError, FatalError, TransientError
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class SchemaRegistry(Protocol):
+    """Where writer schemas come from.
+
+    `schema_by_id` returns the schema text (Avro JSON). It raises DecodeError when the registry
+    answered that it has no such schema, TransientError when the registry could not be asked.
+    """
+
+    async def schema_by_id(self, schema_id: int) -> str: ...
+
+
+class OnceCache(Generic[K, V]):
+    """Values loaded at most once per key and then kept forever.
+
+    Concurrent `get`s of a missing key share one load. A failed load is not remembered: the
+    next `get` loads again. `values` may be read directly for a lock-free fast path.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[K, V] = {}
+        self._loading: dict[K, asyncio.Task[V]] = {}
+
+    async def get(self, key: K, load: Callable[[], Coroutine[Any, Any, V]]) -> V:
+        if key in self.values:
+            return self.values[key]
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(load())
+            self._loading[key] = task
+            task.add_done_callback(partial(self._settle, key))
+        # One waiter being cancelled must not cancel the load the other waiters share.
+        return await asyncio.shield(task)
+
+    def _settle(self, key: K, task: asyncio.Task[V]) -> None:
+        del self._loading[key]
+        if task.cancelled():
+            return
+        # Reading the exception marks it retrieved, so a load whose waiters all went away
+        # does not log "exception was never retrieved".
+        if task.exception() is None:
+            self.values[key] = task.result()
+
+
+class ConfluentRegistry:
+    """SchemaRegistry over the Confluent REST API, with one HTTP call per schema id.
+
+    Answers map onto the sink's error kinds: 404 (error code 40403) and other refusals of the id
+    -> DecodeError; connection failures, timeouts, 408, 429 and 5xx -> TransientError; 401, 403,
+    407 and answers that are not a schema -> FatalError. Basic auth may be given in the URL
+    (`https://user:secret@host/`); it never appears in error messages. Call `close()` when done.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`transport` replaces the network, for tests."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"schema registry URL must be http(s)://host[:port][/path], not {url!r}"
+            )
+        self._url = url.rstrip("/")
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        self._shown = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+        self._http = httpx.AsyncClient(
+            timeout=timeout,
+            transport=transport,
+            headers={"Accept": "application/vnd.schemaregistry.v1+json, application/json"},
+        )
+        self._texts: OnceCache[int, str] = OnceCache()
+
+    async def schema_by_id(self, schema_id: int) -> str:
+        text = self._texts.values.get(schema_id)
+        if text is None:
+            text = await self._texts.get(schema_id, partial(self._fetch, schema_id))
+        return text
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> ConfluentRegistry:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def _fetch(self, schema_id: int) -> str:
+        where = f"schema registry {self._shown}"
+        try:
+            response = await self._http.get(f"{self._url}/schemas/ids/{schema_id}")
+        except httpx.HTTPError as exc:
+            raise TransientError(
+                f"{where} unreachable while fetching schema id {schema_id}: {exc!r}"
+            ) from exc
+        status = response.status_code
+        if status == 200:
+            return self._schema_text(response, schema_id, where)
+        said = f"{where} answered HTTP {status} for schema id {schema_id}: {_message(response)}"
+        if status in (408, 429) or status >= 500:
+            raise TransientError(said)
+        if status in (401, 403, 407):
+            raise FatalError(said)
+        if status == 404:
+            raise DecodeError(f"unknown schema id {schema_id} ({said})")
+        # Any other refusal (400, 422, ...) is about this id, which came from the record.
+        raise DecodeError(said)
+
+    @staticmethod
+    def _schema_text(response: httpx.Response, schema_id: int, where: str) -> str:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("schema"), str):
+            raise FatalError(
+                f"{where} answered schema id {schema_id} without a schema: "
+                f"{response.text[:200]!r}; is the URL the registry's API root?"
+            )
+        kind = body.get("schemaType") or "AVRO"
+        if kind != "AVRO":
+            raise DecodeError(f"schema id {schema_id} is a {kind} schema; only Avro is supported")
+        schema: str = body["schema"]
+        return schema
+
+
+def _message(response: httpx.Response) -> str:
+    """The registry's own error message, or the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return repr(response.text[:200])
+    if isinstance(body, dict) and "message" in body:
+        return f"{body['message']} (error code {body.get('error_code')})"
+    return repr(response.text[:200])

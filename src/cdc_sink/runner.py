@@ -1,0 +1,529 @@
+"""The worker: the only place that knows the order of the stages.
+
+consume (aiokafka, group member) → decode → interpret → resolve table (DDL) → convert → plan and
+write (one PostgreSQL transaction per batch, checkpoints inside) → acknowledge (Kafka commit,
+for lag tooling only). On assignment each partition is claimed in `_cdc_checkpoints` (its
+fencing epoch goes up) and the consumer seeks to the offset stored there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from cdc_sink.config import Config
+from cdc_sink.ddl import CassandraSystemSchema, Catalog
+from cdc_sink.decode import ConfluentRegistry, Decoder
+from cdc_sink.errors import FatalError, FencedError, PoisonError, TransientError
+from cdc_sink.events import Position, interpret
+from cdc_sink.http import HttpServer, add_standard_routes
+from cdc_sink.logs import get_logger
+from cdc_sink.metrics import Metrics
+from cdc_sink.migrate import migrate, pending
+from cdc_sink.plan import Mutation
+from cdc_sink.tables import TableSchema
+from cdc_sink.write import Batch, CheckpointMove, DeadLetter, PgWriter, prepare_connection
+
+log = get_logger("cdc_sink.runner")
+
+# SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock),
+# 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+# 22 data exception, 23 integrity constraint, 42804 datatype mismatch: the data is at fault.
+DATA_SQLSTATE_CLASSES = ("22", "23")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the same step may succeed (decided by SQLSTATE class, never by text)."""
+    if isinstance(exc, TransientError | ConnectionError | OSError | asyncio.TimeoutError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "connection" in type(exc).__name__.lower() or "closed" in str(type(exc)).lower()
+    state = getattr(exc, "sqlstate", None) or ""
+    return state[:2] in TRANSIENT_SQLSTATE_CLASSES
+
+
+def is_data_error(exc: BaseException) -> bool:
+    state = getattr(exc, "sqlstate", None) or ""
+    return state[:2] in DATA_SQLSTATE_CLASSES or state == "42804"
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0, min(cap, base * (2**attempt)))
+
+
+@dataclass
+class Owned:
+    """A partition this worker holds: its fencing epoch and the next offset to apply."""
+
+    epoch: int
+    next_offset: int
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self.worker.release(revoked)
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self.worker.claim(assigned)
+
+
+class Worker:
+    """One consumer-group member applying its partitions to PostgreSQL until stopped."""
+
+    def __init__(
+        self, config: Config, *, stop_when_caught_up: bool = False, metrics: Metrics | None = None
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.stop_when_caught_up = stop_when_caught_up
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.owned: dict[TopicPartition, Owned] = {}
+        self.stopping = asyncio.Event()
+        self._batch_lock = asyncio.Lock()
+        self._rng = random.Random()  # noqa: S311 - jitter, not security
+        self._end_at_start: dict[TopicPartition, int] = {}
+        self.applied_events = 0
+        self.pool: asyncpg.Pool | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.writer: PgWriter | None = None
+        self._writer_conn: asyncpg.Connection | None = None
+
+    # lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Consume and apply until stopped (or caught up); return the process exit code."""
+        cfg = self.config
+        self.pool = await self._connect_pool()
+        try:
+            await self._prepare_schema()
+            registry = (
+                ConfluentRegistry(cfg.schema_registry.url, timeout=cfg.schema_registry.timeout_s)
+                if cfg.schema_registry.url
+                else None
+            )
+            self.decoder = Decoder(registry or _NoRegistry())
+            self.catalog = Catalog(
+                self.pool, cfg.postgres.schema, cfg.sink.table_name_format, self._cassandra()
+            )
+            await self._open_writer()
+            http = await self._start_http()
+            try:
+                await self._consume()
+            finally:
+                if http is not None:
+                    await http.stop()
+                if registry is not None:
+                    await registry.close()
+        finally:
+            if self._writer_conn is not None:
+                await self.pool.release(self._writer_conn)
+            await self.pool.close()
+        return 0
+
+    async def _connect_pool(self) -> asyncpg.Pool:
+        cfg = self.config.postgres
+        try:
+            pool = await asyncpg.create_pool(
+                cfg.dsn.reveal(),
+                min_size=2,
+                max_size=4,
+                timeout=cfg.connect_timeout_s,
+                server_settings={"search_path": cfg.schema, "application_name": "cdc-sink"},
+                init=prepare_connection,
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
+        assert pool is not None
+        return pool
+
+    async def _prepare_schema(self) -> None:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            if self.config.sink.migrate_on_start:
+                applied = await migrate(conn, self.config.postgres.schema)
+                if applied:
+                    log.info("migrations_applied", versions=applied)
+            elif todo := await pending(conn, self.config.postgres.schema):
+                raise FatalError(
+                    f"migrations {', '.join(todo)} are not applied: run `python -m cdc_sink "
+                    "migrate` or set CDC_SINK__MIGRATE_ON_START=true"
+                )
+
+    def _cassandra(self) -> CassandraSystemSchema | None:
+        cfg = self.config.cassandra
+        if not cfg.contact_points:
+            return None
+
+        def session() -> Any:
+            from cassandra.auth import PlainTextAuthProvider
+            from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+            from cassandra.policies import DCAwareRoundRobinPolicy
+
+            auth = (
+                PlainTextAuthProvider(cfg.username, cfg.password.reveal() if cfg.password else "")
+                if cfg.username
+                else None
+            )
+            profile = ExecutionProfile(load_balancing_policy=DCAwareRoundRobinPolicy(cfg.local_dc))
+            cluster = Cluster(
+                [h.strip() for h in (cfg.contact_points or "").split(",")],
+                port=cfg.port,
+                auth_provider=auth,
+                execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+                protocol_version=5,
+            )
+            return cluster.connect()
+
+        return CassandraSystemSchema(session)
+
+    async def _open_writer(self) -> None:
+        assert self.pool is not None
+        if self._writer_conn is not None:
+            await self.pool.release(self._writer_conn)
+        self._writer_conn = await self.pool.acquire()
+        self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
+
+    @property
+    def group(self) -> str:
+        return self.config.kafka.group_id
+
+    async def _start_http(self) -> HttpServer | None:
+        if not self.config.http.enabled:
+            return None
+        server = HttpServer()
+        add_standard_routes(server, self.metrics, self.readiness)
+        await server.start(self.config.http.host, self.config.http.port)
+        log.info("http_listening", host=self.config.http.host, port=server.port)
+        return server
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when partitions are assigned and PostgreSQL answers."""
+        postgres = False
+        if self.pool is not None:
+            try:
+                postgres = await asyncio.wait_for(self.pool.fetchval("SELECT true"), 2)
+            except Exception:  # noqa: BLE001 - any failure means not reachable
+                postgres = False
+        assigned = len(self.owned)
+        return bool(postgres and assigned), {"postgres": postgres, "assigned_partitions": assigned}
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # assignment -----------------------------------------------------------------------------
+
+    async def claim(self, assigned: Sequence[TopicPartition]) -> None:
+        """Take over partitions: bump their fencing epoch and seek to the stored offsets."""
+        assert self.pool is not None
+        assert self.consumer is not None
+        if not assigned:
+            return
+        starts = await self.consumer.beginning_offsets(list(assigned))
+        if self.config.kafka.auto_offset_reset == "latest":
+            starts = await self.consumer.end_offsets(list(assigned))
+        async with self.pool.acquire() as conn:
+            for tp in assigned:
+                row = await conn.fetchrow(
+                    "INSERT INTO _cdc_checkpoints (consumer_group, topic, kafka_partition, "
+                    "next_offset, epoch, owner) VALUES ($1, $2, $3, $4, 1, $5) "
+                    "ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE SET "
+                    "epoch = _cdc_checkpoints.epoch + 1, owner = EXCLUDED.owner, "
+                    "updated_at = now() RETURNING next_offset, epoch",
+                    self.group,
+                    tp.topic,
+                    tp.partition,
+                    starts[tp],
+                    self.worker_id,
+                )
+                self.owned[tp] = Owned(row["epoch"], row["next_offset"])
+                self.consumer.seek(tp, row["next_offset"])
+        self.metrics.assigned_partitions.set(len(self.owned))
+        log.info("partitions_assigned", partitions=[f"{t.topic}[{t.partition}]" for t in assigned])
+
+    async def release(self, revoked: Sequence[TopicPartition]) -> None:
+        """Let go of partitions once the batch in flight (if any) is finished."""
+        async with self._batch_lock:
+            for tp in revoked:
+                self.owned.pop(tp, None)
+        self.metrics.assigned_partitions.set(len(self.owned))
+        log.info("partitions_revoked", partitions=[f"{t.topic}[{t.partition}]" for t in revoked])
+
+    # the loop -------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        cfg = self.config.kafka
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.bootstrap_servers,
+            group_id=cfg.group_id,
+            client_id=cfg.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=cfg.auto_offset_reset,
+            max_poll_records=self.config.sink.batch_size,
+            session_timeout_ms=cfg.session_timeout_ms,
+            max_poll_interval_ms=cfg.max_poll_interval_ms,
+            fetch_max_bytes=cfg.fetch_max_bytes,
+            metadata_max_age_ms=30_000,
+        )
+        try:
+            await self.consumer.start()
+        except KafkaError as exc:
+            raise FatalError(f"cannot reach Kafka (CDC_KAFKA__BOOTSTRAP_SERVERS): {exc}") from exc
+        try:
+            if self.stop_when_caught_up:
+                await self._record_end_offsets()
+            self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))
+            linger = self.config.sink.linger_ms
+            while not self.stopping.is_set():
+                fetched = await self.consumer.getmany(
+                    timeout_ms=linger, max_records=self.config.sink.batch_size
+                )
+                if fetched:
+                    async with self._batch_lock:
+                        await self._process(fetched)
+                await self._report_backlog()
+                if self.stop_when_caught_up and self._caught_up():
+                    log.info("caught_up", events=self.applied_events)
+                    break
+        finally:
+            await self.consumer.stop()
+
+    async def _record_end_offsets(self) -> None:
+        assert self.consumer is not None
+        pattern = re.compile(self.config.kafka.topic_pattern)
+        topics = [t for t in await self.consumer.topics() if pattern.match(t)]
+        partitions = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in self.consumer.partitions_for_topic(t) or ()
+        ]
+        self._end_at_start = await self.consumer.end_offsets(partitions) if partitions else {}
+
+    def _caught_up(self) -> bool:
+        if not self.owned:
+            return not self._end_at_start
+        return all(
+            owned.next_offset >= self._end_at_start.get(tp, 0) for tp, owned in self.owned.items()
+        )
+
+    async def _report_backlog(self) -> None:
+        assert self.consumer is not None
+        if not self.owned:
+            return
+        try:
+            ends = await self.consumer.end_offsets(list(self.owned))
+        except KafkaError:
+            return
+        for tp, owned in self.owned.items():
+            lag = max(0, ends.get(tp, owned.next_offset) - owned.next_offset)
+            self.metrics.backlog_depth.labels(tp.topic, str(tp.partition)).set(lag)
+
+    async def _process(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        records = [
+            r
+            for tp, batch in fetched.items()
+            if tp in self.owned
+            for r in batch
+            if r.offset >= self.owned[tp].next_offset
+        ]
+        if records:
+            await self._apply_records(records)
+
+    async def _apply_records(self, records: list[Any]) -> None:
+        """Apply records (grouped per partition, in offset order); isolate bad data by halves."""
+        batch, counts = await self._build_batch(records)
+        try:
+            await self._apply_with_retry(batch)
+        except FencedError as exc:
+            log.warning("fenced", error=str(exc))
+            self.metrics.errors.labels("write", "fenced").inc()
+            await self._resync()
+            return
+        except asyncpg.PostgresError as exc:
+            if not is_data_error(exc):
+                raise
+            if len(records) > 1:
+                middle = len(records) // 2
+                await self._apply_records(records[:middle])
+                await self._apply_records(records[middle:])
+                return
+            await self._apply_dead_letter(records[0], exc)
+            return
+        self._acknowledge(batch, counts)
+        await self._commit_kafka(batch)
+
+    async def _resync(self) -> None:
+        """After being fenced: forget what we thought we owned; the rebalance re-assigns."""
+        assert self.consumer is not None
+        self.owned.clear()
+        assignment = list(self.consumer.assignment())
+        if assignment:
+            await self.claim(assignment)
+
+    async def _build_batch(self, records: list[Any]) -> tuple[Batch, dict[tuple[str, str], int]]:
+        per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
+        batch = Batch()
+        counts: dict[tuple[str, str], int] = {}
+        last: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            last[tp] = record.offset
+            try:
+                mutation = await self._to_mutation(record)
+            except PoisonError as exc:
+                batch.dead_letters.append(_dead_letter(record, exc, exc.stage))
+                self.metrics.errors.labels(exc.stage, "poison").inc()
+                continue
+            if mutation is None:
+                continue
+            converted, schema = mutation
+            entry = per_table.setdefault(schema.target, (schema, []))
+            if entry[0].version != schema.version:  # the table grew a column mid-batch
+                entry = per_table[schema.target] = (schema, entry[1])
+            entry[1].append(converted)
+            key = (record.topic, schema.target)
+            counts[key] = counts.get(key, 0) + 1
+        batch.tables = list(per_table.values())
+        for tp, offset in last.items():
+            owned = self.owned[tp]
+            batch.checkpoints.append(
+                CheckpointMove(tp.topic, tp.partition, owned.next_offset, offset + 1, owned.epoch)
+            )
+        return batch, counts
+
+    async def _to_mutation(self, record: Any) -> tuple[Mutation, TableSchema] | None:
+        decoded = await self.decoder.decode(record.key, record.value)
+        if decoded.value is None:
+            return None  # a Kafka tombstone following a delete: nothing to apply
+        position = Position(record.topic, record.partition, record.offset)
+        event = interpret(decoded.key, decoded.value, position)
+        schema = await self.catalog.resolve(event, decoded.key_schema, decoded.column_schemas)
+        return schema.to_mutation(event), schema
+
+    async def _apply_with_retry(self, batch: Batch) -> None:
+        attempts = 10
+        for attempt in range(attempts):
+            try:
+                assert self.writer is not None
+                result = await self.writer.apply(batch)
+                self.metrics.transaction_duration.observe(result.duration_s)
+                return
+            except (FencedError, PoisonError):
+                raise
+            except Exception as exc:
+                if not is_transient(exc) or attempt == attempts - 1:
+                    raise
+                delay = backoff_delay(attempt, 0.1, 60.0, self._rng)
+                self.metrics.retries.labels("write").inc()
+                self.metrics.errors.labels("write", "transient").inc()
+                log.warning(
+                    "write_retry",
+                    attempt=attempt + 1,
+                    delay_s=round(delay, 3),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                await asyncio.sleep(delay)
+                try:
+                    await self._open_writer()
+                except Exception as reopen:  # noqa: BLE001 - the next attempt reports it
+                    log.warning("writer_reconnect_failed", error=str(reopen))
+
+    async def _apply_dead_letter(self, record: Any, exc: BaseException) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        owned = self.owned[tp]
+        letter = _dead_letter(record, exc, "write")
+        batch = Batch(
+            dead_letters=[letter],
+            checkpoints=[
+                CheckpointMove(
+                    tp.topic, tp.partition, owned.next_offset, record.offset + 1, owned.epoch
+                )
+            ],
+        )
+        self.metrics.errors.labels("write", "poison").inc()
+        await self._apply_with_retry(batch)
+        self._acknowledge(batch, {})
+
+    def _acknowledge(self, batch: Batch, counts: dict[tuple[str, str], int]) -> None:
+        now = time.time()
+        for move in batch.checkpoints:
+            tp = TopicPartition(move.topic, move.partition)
+            if tp in self.owned:
+                self.owned[tp].next_offset = move.next_offset
+            self.metrics.last_commit_timestamp.labels(move.topic, str(move.partition)).set(now)
+        rows = sum(counts.values())
+        self.applied_events += rows + len(batch.dead_letters)
+        for (topic, table), n in counts.items():
+            self.metrics.events_processed.labels(topic, table, "apply").inc(n)
+        self.metrics.batch_size.observe(rows)
+        for move in batch.checkpoints:
+            log.info(
+                "batch_committed",
+                topic=move.topic,
+                partition=move.partition,
+                first_offset=move.expected,
+                next_offset=move.next_offset,
+                rows=rows,
+                dead_letters=len(batch.dead_letters),
+            )
+
+    async def _commit_kafka(self, batch: Batch) -> None:
+        assert self.consumer is not None
+        offsets = {
+            TopicPartition(m.topic, m.partition): m.next_offset
+            for m in batch.checkpoints
+            if TopicPartition(m.topic, m.partition) in self.owned
+        }
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # PostgreSQL holds the truth; Kafka's copy only feeds lag tooling.
+            log.warning("kafka_commit_failed", error=str(exc))
+
+
+class _NoRegistry:
+    async def schema_by_id(self, schema_id: int) -> str:
+        from cdc_sink.errors import DecodeError
+
+        raise DecodeError(
+            f"Avro record with schema id {schema_id} but no CDC_SCHEMA_REGISTRY__URL configured"
+        )
+
+
+def _dead_letter(record: Any, exc: BaseException, stage: str) -> DeadLetter:
+    return DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=[(k, v.decode("utf-8", "replace")) for k, v in (record.headers or [])],
+        error_class=type(exc).__name__,
+        message=str(exc)[:2000],
+        stage=stage,
+        schema_id=_schema_id(record.value),
+    )
+
+
+def _schema_id(value: bytes | None) -> int | None:
+    if value and len(value) >= 5 and value[0] == 0:
+        return int.from_bytes(value[1:5], "big")
+    return None

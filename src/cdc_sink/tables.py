@@ -1,0 +1,203 @@
+"""Target tables: identifiers, column types, DDL text, and event → mutation conversion. Pure.
+
+A Cassandra table `ks.t` lands in PostgreSQL as `<schema>.cdc_t` (CDC_SINK__TABLE_NAME_FORMAT):
+its primary-key columns (partition then clustering, as in the event key) form the primary key,
+each regular column maps by DESIGN.md's type table, and a few `_cdc_*` columns keep what the
+merge needs (per-cell write timestamps, row marker, row tombstone) plus the write time and the
+next expiry for operators and reconciliation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from cdc_sink.errors import ConversionError, EventError
+from cdc_sink.events import Bound, ChangeEvent, Op
+from cdc_sink.plan import Mutation
+from cdc_sink.types import CqlType, converter, pg_type
+
+PG_IDENTIFIER_BYTES = 63
+META_COLUMNS: dict[str, str] = {
+    "_cdc_cells": "jsonb NOT NULL DEFAULT '{}'",
+    "_cdc_marker_ts": "bigint",
+    "_cdc_marker_expires_us": "bigint",
+    "_cdc_deleted_ts": "bigint",
+    "_cdc_write_ts": "timestamptz",
+    "_cdc_expires_at": "timestamptz",
+    "_cdc_updated_at": "timestamptz NOT NULL DEFAULT now()",
+}
+
+
+class IdentifierError(EventError):
+    """A keyspace, table or column name PostgreSQL cannot hold faithfully."""
+
+
+def quote_ident(name: str) -> str:
+    """Quote any name as a PostgreSQL identifier; refuse what would be silently altered.
+
+    PostgreSQL truncates identifiers longer than 63 bytes (two long names could then collide)
+    and cannot store NUL, so both are rejected instead of being mangled.
+    """
+    if not name or "\x00" in name:
+        raise IdentifierError(f"invalid identifier {name!r}")
+    if len(name.encode()) > PG_IDENTIFIER_BYTES:
+        raise IdentifierError(
+            f"identifier {name[:40]!r}… is {len(name.encode())} bytes; PostgreSQL keeps 63"
+        )
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified(schema: str, table: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(table)}"
+
+
+def target_name(table_format: str, keyspace: str, table: str) -> str:
+    """The PostgreSQL table name for a Cassandra table ({table} and {keyspace} fill in)."""
+    return table_format.format(table=table, keyspace=keyspace)
+
+
+def cql_text(t: CqlType) -> str:
+    """Cassandra's text for a type, as parse_cql_type reads it back."""
+    if t.name == "udt":
+        inner = t.udt_name or "udt"
+    elif t.params:
+        inner = f"{t.name}<{', '.join(cql_text(p) for p in t.params)}>"
+    else:
+        inner = t.name
+    return f"frozen<{inner}>" if t.frozen and (t.params or t.name == "udt") else inner
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """What the sink knows of one target table: its columns and their Cassandra types."""
+
+    keyspace: str
+    table: str
+    target: str
+    key_columns: tuple[str, ...]
+    columns: Mapping[str, CqlType]  # every column, key columns included
+    partition_columns: tuple[str, ...] | None = None
+    version: int = 1
+    converters: dict[str, Callable[[Any], Any]] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in (self.target, *self.columns):
+            quote_ident(name)
+        for name, cql in self.columns.items():
+            self.converters[name] = converter(cql)
+
+    @property
+    def value_columns(self) -> tuple[str, ...]:
+        return tuple(name for name in self.columns if name not in self.key_columns)
+
+    def with_columns(self, added: Mapping[str, CqlType]) -> TableSchema:
+        """A new version of the schema with extra columns (existing ones never change type)."""
+        fresh = {k: v for k, v in added.items() if k not in self.columns}
+        if not fresh:
+            return self
+        return replace(
+            self, columns={**self.columns, **fresh}, version=self.version + 1, converters={}
+        )
+
+    def create_sql(self, schema: str) -> str:
+        lines = [f"{quote_ident(n)} {pg_type(t)}" for n, t in self.columns.items()]
+        lines += [f"{quote_ident(n)} {ddl}" for n, ddl in META_COLUMNS.items()]
+        keys = ", ".join(quote_ident(k) for k in self.key_columns)
+        lines.append(f"PRIMARY KEY ({keys})")
+        body = ",\n  ".join(lines)
+        return f"CREATE TABLE IF NOT EXISTS {qualified(schema, self.target)} (\n  {body}\n)"
+
+    def add_column_sql(self, schema: str, name: str) -> str:
+        return (
+            f"ALTER TABLE {qualified(schema, self.target)} ADD COLUMN IF NOT EXISTS "
+            f"{quote_ident(name)} {pg_type(self.columns[name])}"
+        )
+
+    def to_mutation(self, event: ChangeEvent) -> Mutation:
+        """Convert the event's key and cell values to PostgreSQL values (ConversionError if
+        one does not fit), in this table's key order."""
+        missing = [name for name in self.key_columns if name not in event.key]
+        if missing:
+            raise EventError(f"the key lacks primary-key column(s) {', '.join(missing)}")
+        key = tuple(self._convert(name, event.key[name]) for name in self.key_columns)
+        if event.op is Op.DELETE and not event.is_partition_delete:
+            return Mutation(event, key, {})
+        values = {name: self._convert(name, cell.value) for name, cell in event.cells.items()}
+        if event.op is not Op.RANGE:
+            return Mutation(event, key, values)
+        start, end = self._bound(event.range_start), self._bound(event.range_end)
+        marshal = {n: m for b in (event.range_start, event.range_end) if b for n, _, m in b.values}
+        descending = tuple(
+            marshal.get(name, "").startswith(REVERSED)
+            for name in self.key_columns
+            if event.key.get(name) is None
+        )
+        return Mutation(event, key, values, start, end, descending)
+
+    def _convert(self, column: str, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return self.converters[column](value)
+        except ConversionError as exc:
+            raise ConversionError(f"column {column!r}: {exc}") from exc
+
+    def _bound(self, bound: Bound | None) -> tuple[Any, ...]:
+        if bound is None:
+            return ()
+        return tuple(parse_clustering_text(text, marshal) for _, text, marshal in bound.values)
+
+
+REVERSED = "org.apache.cassandra.db.marshal.ReversedType("
+_MARSHAL = "org.apache.cassandra.db.marshal."
+
+
+def _parse_timestamp(text: str) -> dt.datetime:
+    value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+_TEXT_PARSERS: dict[str, Callable[[str], Any]] = {
+    "Int32Type": int,
+    "LongType": int,
+    "ShortType": int,
+    "ByteType": int,
+    "CounterColumnType": int,
+    "UTF8Type": str,
+    "AsciiType": str,
+    "BooleanType": lambda s: s.lower() == "true",
+    "DoubleType": float,
+    "FloatType": float,
+    "DecimalType": Decimal,
+    "IntegerType": Decimal,
+    "UUIDType": uuid.UUID,
+    "TimeUUIDType": uuid.UUID,
+    "LexicalUUIDType": uuid.UUID,
+    "TimestampType": _parse_timestamp,
+    "SimpleDateType": dt.date.fromisoformat,
+    "TimeType": lambda s: dt.time.fromisoformat(s[:15]),
+    "BytesType": lambda s: bytes.fromhex(s.removeprefix("0x")),
+    "InetAddressType": lambda s: ipaddress.ip_address(s.lstrip("/")),
+}
+
+
+def parse_clustering_text(text: str, marshal: str) -> Any:
+    """A range bound's value (Cassandra's text rendering) as the PostgreSQL value it bounds."""
+    name = marshal
+    if name.startswith(REVERSED):
+        name = name[len(REVERSED) : -1]
+    name = re.sub(r"\(.*\)$", "", name.removeprefix(_MARSHAL))
+    parser = _TEXT_PARSERS.get(name)
+    if parser is None:
+        raise EventError(f"range tombstone on a clustering type the sink cannot order: {marshal}")
+    try:
+        return parser(text)
+    except (ValueError, InvalidOperation) as exc:
+        raise EventError(f"range bound {text!r} is not a valid {name}") from exc

@@ -1,0 +1,522 @@
+"""Write: apply one batch to PostgreSQL in one transaction, checkpoints included.
+
+Per batch and target table: take advisory locks (a partition at a time, so a partition delete
+consumed by one worker and row events consumed by another serialise), load the stored state of
+every touched key and partition, merge (plan.py), then binary-COPY the live rows into a TEMP
+staging table and upsert them, delete rows that died, keep the tombstones that still matter,
+record dead letters, and move each Kafka partition's checkpoint with a compare-and-set on its
+fencing epoch and previous offset. Either all of it commits or none of it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from cdc_sink.errors import FencedError
+from cdc_sink.events import Op
+from cdc_sink.plan import (
+    CellState,
+    Mutation,
+    PartitionTombstones,
+    RangeTombstone,
+    RowState,
+    TableState,
+    apply_mutations,
+    next_expiry,
+    settle_plan,
+    visible_values,
+    write_ts,
+)
+from cdc_sink.tables import META_COLUMNS, TableSchema, qualified, quote_ident
+from cdc_sink.types import PG_TUPLE_CODECS, pg_type
+
+Key = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A record that could not be applied, with where it came from and why."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, str]]
+    error_class: str
+    message: str
+    stage: str
+    schema_id: int | None
+
+
+@dataclass(frozen=True)
+class CheckpointMove:
+    """Advance (group, topic, partition) from `expected` to `next_offset` under `epoch`."""
+
+    topic: str
+    partition: int
+    expected: int
+    next_offset: int
+    epoch: int
+
+
+@dataclass
+class Batch:
+    """Everything one transaction applies."""
+
+    tables: list[tuple[TableSchema, list[Mutation]]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    checkpoints: list[CheckpointMove] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    rows_upserted: int
+    rows_deleted: int
+    duration_s: float
+
+
+def json_key(values: Iterable[Any]) -> str:
+    """The canonical JSON text of a key's PostgreSQL values (stable across load and event)."""
+    return json.dumps([_jsonable(v) for v in values], separators=(",", ":"))
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    return str(value)
+
+
+async def prepare_connection(conn: asyncpg.Connection) -> None:
+    """Per-connection setup: exact codecs for dates and timestamps at the ends of their range
+    (asyncpg's defaults would store year 1 and 9999-12-31 as ±infinity)."""
+    for name, (encoder, decoder) in PG_TUPLE_CODECS.items():
+        await conn.set_type_codec(
+            name, schema="pg_catalog", encoder=encoder, decoder=decoder, format="tuple"
+        )
+
+
+def lock_id(*parts: str) -> int:
+    digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class PgWriter:
+    """Applies batches on one connection; one instance per worker."""
+
+    def __init__(self, conn: asyncpg.Connection, schema: str, consumer_group: str) -> None:
+        self.conn = conn
+        self.schema = schema
+        self.group = consumer_group
+        self._staging: dict[str, tuple[int, str]] = {}  # target -> (schema version, temp name)
+        self._partition_columns: dict[str, tuple[str, ...]] = {}  # learned, never changes
+
+    async def apply(self, batch: Batch, now_us: int | None = None) -> BatchResult:
+        """Apply the batch atomically; raise FencedError if a checkpoint moved under us."""
+        began = time.perf_counter()
+        now = now_us if now_us is not None else time.time_ns() // 1000
+        upserted = deleted = 0
+        async with self.conn.transaction():
+            for schema, mutations in batch.tables:
+                up, down = await self._apply_table(schema, mutations, now)
+                upserted, deleted = upserted + up, deleted + down
+            await self._dead_letters(batch.dead_letters)
+            await self._move_checkpoints(batch.checkpoints)
+        return BatchResult(upserted, deleted, time.perf_counter() - began)
+
+    async def _apply_table(
+        self, schema: TableSchema, mutations: list[Mutation], now_us: int
+    ) -> tuple[int, int]:
+        partition_columns = await self._lock(schema, mutations)
+        state = TableState(schema.key_columns, partition_columns)
+        await self._load(schema, state, mutations)
+        plan = apply_mutations(state, mutations)
+        outcome = settle_plan(state, plan, now_us)
+        if partition_columns is None and plan.partition_columns is not None:
+            await self._record_partition_columns(schema, plan.partition_columns)
+            self._partition_columns[schema.target] = plan.partition_columns
+        await self._upsert(schema, outcome.live, now_us)
+        gone = [*outcome.remembered, *outcome.removed]
+        await self._delete_rows(schema, gone)
+        await self._store_tombstones(schema, plan, outcome.live, outcome.remembered)
+        await self._forget_dead(schema, [*outcome.live, *outcome.removed])
+        return len(outcome.live), len(gone)
+
+    # locking --------------------------------------------------------------------------------
+
+    async def _lock(self, schema: TableSchema, mutations: list[Mutation]) -> tuple[str, ...] | None:
+        """Serialise writers of the same Cassandra partitions; return the partition columns."""
+        partition_columns = (
+            schema.partition_columns
+            or self._partition_columns.get(schema.target)
+            or await self._stored_partition_columns(schema)
+        )
+        deletes = [m for m in mutations if m.event.op is Op.RANGE or m.event.is_partition_delete]
+        table_lock = lock_id(schema.target)
+        if partition_columns is None and deletes:
+            # This batch teaches the table's partition key: exclude every other writer.
+            await self.conn.execute("SELECT pg_advisory_xact_lock($1)", table_lock)
+            return None
+        await self.conn.execute("SELECT pg_advisory_xact_lock_shared($1)", table_lock)
+        if partition_columns is None:
+            return None
+        width = len(partition_columns)
+        partitions = {json_key(m.key[:width]) for m in mutations}
+        ids = sorted({lock_id(schema.target, p) for p in partitions})
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id", ids
+        )
+        return partition_columns
+
+    async def _stored_partition_columns(self, schema: TableSchema) -> tuple[str, ...] | None:
+        found = await self.conn.fetchval(
+            "SELECT partition_columns FROM _cdc_schema_metadata WHERE target_table = $1 "
+            "AND partition_columns IS NOT NULL ORDER BY version DESC LIMIT 1",
+            schema.target,
+        )
+        if not found:
+            return None
+        self._partition_columns[schema.target] = tuple(found)
+        return tuple(found)
+
+    async def _record_partition_columns(self, schema: TableSchema, columns: Sequence[str]) -> None:
+        await self.conn.execute(
+            "UPDATE _cdc_schema_metadata SET partition_columns = $2 "
+            "WHERE target_table = $1 AND partition_columns IS NULL",
+            schema.target,
+            list(columns),
+        )
+
+    # loading --------------------------------------------------------------------------------
+
+    def _columns(self, schema: TableSchema) -> list[str]:
+        return [*schema.columns, *META_COLUMNS]
+
+    async def _load(
+        self, schema: TableSchema, state: TableState, mutations: list[Mutation]
+    ) -> None:
+        target = qualified(self.schema, schema.target)
+        columns = self._columns(schema)
+        select = ", ".join(quote_ident(c) for c in columns)
+        row_keys = {m.key for m in mutations if None not in m.key}
+        deleted_partitions: dict[Key, tuple[str, ...]] = {
+            tuple(v for v in m.key if v is not None): tuple(
+                n for n, v in zip(schema.key_columns, m.key, strict=True) if v is not None
+            )
+            for m in mutations
+            if m.event.op is Op.RANGE or m.event.is_partition_delete
+        }
+        records: list[asyncpg.Record] = []
+        if row_keys:
+            records += await self._select_by(schema, select, target, schema.key_columns, row_keys)
+        for partition, names in deleted_partitions.items():
+            records += await self._select_by(schema, select, target, names, {partition})
+        width = len(schema.key_columns)
+        for record in records:
+            key = tuple(record[i] for i in range(width))
+            state.rows[key] = _row_from_record(record, schema)
+        if row_keys:
+            dead = await self.conn.fetch(
+                "SELECT partition_key::text AS k, state FROM _cdc_tombstones "
+                "WHERE target_table = $1 AND kind = 'row' AND partition_key = ANY($2::jsonb[])",
+                schema.target,
+                [json_key(k) for k in row_keys],
+            )
+            by_json = {json_key(k): k for k in row_keys}
+            for record in dead:
+                found = by_json.get(json.dumps(json.loads(record["k"]), separators=(",", ":")))
+                if found is not None and found not in state.rows:
+                    state.rows[found] = _row_from_state(json.loads(record["state"]))
+        if state.partition_columns is None:
+            return
+        width = len(state.partition_columns)
+        partitions = {json_key(m.key[:width]) for m in mutations} | {
+            json_key(p) for p in deleted_partitions
+        }
+        stones = await self.conn.fetch(
+            "SELECT kind, partition_key::text AS p, scope, ts_us FROM _cdc_tombstones "
+            "WHERE target_table = $1 AND kind IN ('partition', 'range') "
+            "AND partition_key = ANY($2::jsonb[])",
+            schema.target,
+            list(partitions),
+        )
+        for stone in stones:
+            partition = self._partition_from_json(schema, state, stone["p"])
+            entry = state.partitions.setdefault(partition, PartitionTombstones())
+            if stone["kind"] == "partition":
+                entry.partition_ts = max(entry.partition_ts or stone["ts_us"], stone["ts_us"])
+            else:
+                scope = json.loads(stone["scope"])
+                entry.ranges.append(_range_from_scope(schema, state, scope, stone["ts_us"]))
+
+    def _partition_from_json(self, schema: TableSchema, state: TableState, text: str) -> Key:
+        assert state.partition_columns is not None
+        raw = json.loads(text)
+        return tuple(
+            _from_json(schema, name, value)
+            for name, value in zip(state.partition_columns, raw, strict=True)
+        )
+
+    async def _select_by(
+        self,
+        schema: TableSchema,
+        select: str,
+        target: str,
+        names: Sequence[str],
+        keys: set[Key],
+    ) -> list[asyncpg.Record]:
+        idents = ", ".join(quote_ident(n) for n in names)
+        arrays = ", ".join(f"${i + 1}::{pg_type(schema.columns[n])}[]" for i, n in enumerate(names))
+        columns = list(zip(*keys, strict=True))
+        sql = (
+            f"SELECT {select} FROM {target} WHERE ({idents}) IN "
+            f"(SELECT * FROM unnest({arrays})) FOR UPDATE"
+        )
+        return list(await self.conn.fetch(sql, *[list(c) for c in columns]))
+
+    # storing --------------------------------------------------------------------------------
+
+    async def _staging_table(self, schema: TableSchema) -> str:
+        known = self._staging.get(schema.target)
+        if known and known[0] == schema.version:
+            return known[1]
+        name = f"_cdc_stage_{lock_id(schema.target) & 0xFFFFFFFF:08x}"
+        await self.conn.execute(f"DROP TABLE IF EXISTS pg_temp.{name}")
+        await self.conn.execute(
+            f"CREATE TEMP TABLE {name} (LIKE {qualified(self.schema, schema.target)} "
+            "INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        self._staging[schema.target] = (schema.version, name)
+        return name
+
+    async def _upsert(self, schema: TableSchema, live: dict[Key, RowState], now_us: int) -> None:
+        if not live:
+            return
+        staging = await self._staging_table(schema)
+        columns = self._columns(schema)
+        values = schema.value_columns
+        now = dt.datetime.now(dt.UTC)
+        records = []
+        for key, row in live.items():
+            visible = visible_values(row, values)
+            stamp, expiry = write_ts(row, now_us), next_expiry(row, now_us)
+            records.append(
+                (
+                    *key,
+                    *(visible[name] for name in values),
+                    json.dumps({n: [c.ts, c.expires_us] for n, c in row.cells.items()}),
+                    row.marker_ts,
+                    row.marker_expires_us,
+                    row.deleted_ts,
+                    _micros_to_datetime(stamp),
+                    _micros_to_datetime(expiry),
+                    now,
+                )
+            )
+        order = [*schema.key_columns, *values, *META_COLUMNS]
+        await self.conn.copy_records_to_table(staging, records=records, columns=order)
+        idents = ", ".join(quote_ident(c) for c in columns)
+        keys = ", ".join(quote_ident(k) for k in schema.key_columns)
+        updates = ", ".join(
+            f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}"
+            for c in columns
+            if c not in schema.key_columns
+        )
+        await self.conn.execute(
+            f"INSERT INTO {qualified(self.schema, schema.target)} ({idents}) "
+            f"SELECT {idents} FROM pg_temp.{staging} "
+            f"ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+        )
+
+    async def _delete_rows(self, schema: TableSchema, keys: list[Key]) -> None:
+        if not keys:
+            return
+        idents = ", ".join(quote_ident(k) for k in schema.key_columns)
+        arrays = ", ".join(
+            f"${i + 1}::{pg_type(schema.columns[n])}[]" for i, n in enumerate(schema.key_columns)
+        )
+        await self.conn.execute(
+            f"DELETE FROM {qualified(self.schema, schema.target)} WHERE ({idents}) IN "
+            f"(SELECT * FROM unnest({arrays}))",
+            *[list(c) for c in zip(*keys, strict=True)],
+        )
+
+    async def _store_tombstones(
+        self,
+        schema: TableSchema,
+        plan: Any,
+        live: dict[Key, RowState],
+        remembered: dict[Key, RowState],
+    ) -> None:
+        rows: list[tuple[str, str, str, str | None, int]] = []
+        for partition, ts in plan.new_partition_tombstones.items():
+            rows.append(("partition", json_key(partition), "[]", None, ts))
+        for partition, stone in plan.new_range_tombstones:
+            rows.append(("range", json_key(partition), _range_scope(stone), None, stone.ts))
+        for key, row in remembered.items():
+            newest = max(
+                [c.ts for c in row.cells.values()] + [row.deleted_ts or 0, row.marker_ts or 0]
+            )
+            rows.append(("row", json_key(key), "[]", _row_state_json(row), newest))
+        if not rows:
+            return
+        await self.conn.executemany(
+            "INSERT INTO _cdc_tombstones (target_table, kind, partition_key, scope, state, ts_us) "
+            "VALUES ($1, $2, $3::jsonb, $4::jsonb, $5::jsonb, $6) "
+            "ON CONFLICT (target_table, kind, partition_key, scope) DO UPDATE SET "
+            "state = EXCLUDED.state, ts_us = GREATEST(_cdc_tombstones.ts_us, EXCLUDED.ts_us), "
+            "recorded_at = now()",
+            [(schema.target, *row) for row in rows],
+        )
+
+    async def _forget_dead(self, schema: TableSchema, keys: list[Key]) -> None:
+        if not keys:
+            return
+        await self.conn.execute(
+            "DELETE FROM _cdc_tombstones WHERE target_table = $1 AND kind = 'row' "
+            "AND partition_key = ANY($2::jsonb[])",
+            schema.target,
+            [json_key(k) for k in keys],
+        )
+
+    async def _dead_letters(self, letters: list[DeadLetter]) -> None:
+        if not letters:
+            return
+        await self.conn.executemany(
+            "INSERT INTO _cdc_dlq_records (source_topic, source_partition, source_offset, "
+            "record_key, record_value, headers, error_class, error_message, stage, schema_id) "
+            "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10) "
+            "ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING",
+            [
+                (
+                    d.topic,
+                    d.partition,
+                    d.offset,
+                    d.key,
+                    d.value,
+                    json.dumps(d.headers),
+                    d.error_class,
+                    d.message,
+                    d.stage,
+                    d.schema_id,
+                )
+                for d in letters
+            ],
+        )
+
+    async def _move_checkpoints(self, moves: list[CheckpointMove]) -> None:
+        for move in moves:
+            status = await self.conn.execute(
+                "UPDATE _cdc_checkpoints SET next_offset = $4, updated_at = now() "
+                "WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3 "
+                "AND epoch = $5 AND next_offset = $6",
+                self.group,
+                move.topic,
+                move.partition,
+                move.next_offset,
+                move.epoch,
+                move.expected,
+            )
+            if status != "UPDATE 1":
+                raise FencedError(
+                    f"{move.topic}[{move.partition}] is no longer ours at offset {move.expected} "
+                    f"(epoch {move.epoch}): another worker took it over"
+                )
+
+
+def _micros_to_datetime(micros: int | None) -> dt.datetime | None:
+    if micros is None:
+        return None
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
+
+
+def _row_from_record(record: asyncpg.Record, schema: TableSchema) -> RowState:
+    stamps = record["_cdc_cells"]
+    stamps = json.loads(stamps) if isinstance(stamps, str) else stamps
+    cells = {name: CellState(record[name], ts, expires) for name, (ts, expires) in stamps.items()}
+    return RowState(
+        cells, record["_cdc_marker_ts"], record["_cdc_marker_expires_us"], record["_cdc_deleted_ts"]
+    )
+
+
+def _row_state_json(row: RowState) -> str:
+    # A remembered row is dead: its cells are nulls, so only their timestamps matter.
+    return json.dumps(
+        {
+            "cells": {n: [c.ts, c.expires_us] for n, c in row.cells.items()},
+            "marker": [row.marker_ts, row.marker_expires_us],
+            "deleted_ts": row.deleted_ts,
+        }
+    )
+
+
+def _row_from_state(state: dict[str, Any]) -> RowState:
+    cells = {n: CellState(None, ts, exp) for n, (ts, exp) in state.get("cells", {}).items()}
+    marker_ts, marker_expires = state.get("marker") or (None, None)
+    return RowState(cells, marker_ts, marker_expires, state.get("deleted_ts"))
+
+
+def _range_scope(stone: RangeTombstone) -> str:
+    return json.dumps(
+        {
+            "start": [_jsonable(v) for v in stone.start],
+            "start_inclusive": stone.start_inclusive,
+            "end": [_jsonable(v) for v in stone.end],
+            "end_inclusive": stone.end_inclusive,
+            "descending": list(stone.descending),
+        },
+        separators=(",", ":"),
+    )
+
+
+_FROM_JSON: dict[str, Any] = {
+    "bytea": bytes.fromhex,
+    "uuid": uuid.UUID,
+    "numeric": Decimal,
+    "date": dt.date.fromisoformat,
+    "time": dt.time.fromisoformat,
+    "timestamptz": dt.datetime.fromisoformat,
+    "inet": ipaddress.ip_address,
+}
+
+
+def _from_json(schema: TableSchema, column: str, value: Any) -> Any:
+    """Back from json_key's rendering to the PostgreSQL value of a key column."""
+    if value is None:
+        return None
+    parse = _FROM_JSON.get(pg_type(schema.columns[column]))
+    return parse(value) if parse else value
+
+
+def _range_from_scope(
+    schema: TableSchema, state: TableState, scope: Any, ts: int
+) -> RangeTombstone:
+    assert state.partition_columns is not None
+    clustering = [c for c in schema.key_columns if c not in state.partition_columns]
+
+    def values(raw: list[Any]) -> tuple[Any, ...]:
+        return tuple(_from_json(schema, c, v) for c, v in zip(clustering, raw, strict=False))
+
+    return RangeTombstone(
+        start=values(scope["start"]),
+        start_inclusive=scope["start_inclusive"],
+        end=values(scope["end"]),
+        end_inclusive=scope["end_inclusive"],
+        ts=ts,
+        descending=tuple(scope.get("descending", ())),
+    )

@@ -1,0 +1,193 @@
+"""A reference model of what Cassandra's SELECT returns, and histories to feed the sink.
+
+The model keeps every mutation and answers a read by scanning the whole history, so it does not
+depend on arrival order at all: it is the oracle the sink's incremental merge must agree with.
+Histories are produced as Debezium Cassandra envelopes (JSON form), so the sink's own
+interpret step is exercised too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+PARTITION = ("p1", "p2")
+CLUSTERING = ("c1", "c2")
+KEY = PARTITION + CLUSTERING
+COLUMNS = ("v1", "v2", "v3")
+P1, P2, C1, C2 = (0, 1), ("a", "b"), (0, 1, 2), ("x", "y")
+ALL_KEYS = list(itertools.product(P1, P2, C1, C2))
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One generated Cassandra statement, already timestamped."""
+
+    kind: str  # insert | update | delete_row | delete_partition | delete_range
+    ts: int
+    key: tuple[Any, ...]  # full key, or the partition for partition/range deletes
+    cells: dict[str, tuple[Any, int | None]] = field(default_factory=dict)  # col -> (value, exp)
+    start: tuple[Any, ...] = ()  # clustering prefix bounds for delete_range
+    start_inclusive: bool = True
+    end: tuple[Any, ...] = ()
+    end_inclusive: bool = True
+    marker_expires: int | None = None  # an INSERT's TTL, which also bounds its row marker
+
+    def covers(self, clustering: tuple[Any, ...]) -> bool:
+        if self.start:
+            prefix = clustering[: len(self.start)]
+            if prefix < self.start or (prefix == self.start and not self.start_inclusive):
+                return False
+        if self.end:
+            prefix = clustering[: len(self.end)]
+            if prefix > self.end or (prefix == self.end and not self.end_inclusive):
+                return False
+        return True
+
+
+class CassandraModel:
+    """Answers SELECT * from the full history of mutations."""
+
+    def __init__(self, history: list[Mutation]) -> None:
+        self.history = history
+
+    def select(self, now_us: int) -> dict[tuple[Any, ...], Row]:
+        result = {}
+        for key in ALL_KEYS:
+            row = self._row(key, now_us)
+            if row is not None:
+                result[key] = row
+        return result
+
+    def _tombstone(self, key: tuple[Any, ...]) -> int:
+        partition, clustering = key[:2], key[2:]
+        stamps = [-1]
+        for m in self.history:
+            if (
+                (m.kind == "delete_row" and m.key == key)
+                or (m.kind == "delete_partition" and m.key == partition)
+                or (m.kind == "delete_range" and m.key == partition and m.covers(clustering))
+            ):
+                stamps.append(m.ts)
+        return max(stamps)
+
+    def _row(self, key: tuple[Any, ...], now_us: int) -> Row | None:
+        tombstone = self._tombstone(key)
+        writes = [m for m in self.history if m.kind in ("insert", "update") and m.key == key]
+        values: Row = {}
+        live = False
+        for column in COLUMNS:
+            candidates = [(m.ts, m.cells[column]) for m in writes if column in m.cells]
+            if not candidates:
+                values[column] = None
+                continue
+            # newest wins; on a tie a null wins, then the greater value, then the longer TTL
+            ts, (value, expires) = max(
+                candidates,
+                key=lambda c: (
+                    c[0],
+                    c[1][0] is None,
+                    (type(c[1][0]).__name__, c[1][0]),
+                    float("inf") if c[1][1] is None else c[1][1],
+                ),
+            )
+            if ts <= tombstone or value is None or (expires is not None and expires <= now_us):
+                values[column] = None
+            else:
+                values[column] = value
+                live = True
+        # The row marker is one liveness record: the newest INSERT's (a TTL'd re-insert
+        # replaces an immortal marker, exactly like a cell).
+        markers = [m for m in writes if m.kind == "insert"]
+        if markers:
+            newest = max(
+                markers,
+                key=lambda m: (
+                    m.ts,
+                    float("inf") if m.marker_expires is None else m.marker_expires,
+                ),
+            )
+            expiry = newest.marker_expires
+            if newest.ts > tombstone and (expiry is None or expiry > now_us):
+                live = True
+        return values if live else None
+
+
+def to_envelope(m: Mutation, topic_prefix: str = "ks") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (key, value) Debezium's Cassandra connector would emit for this mutation."""
+    source = {
+        "version": "3.6.1.Final",
+        "connector": "cassandra",
+        "name": topic_prefix,
+        "ts_ms": m.ts // 1000,
+        "snapshot": "false",
+        "db": "NULL",
+        "ts_us": m.ts,
+        "cluster": "test",
+        "file": "CommitLog-7-1.log",
+        "pos": 1,
+        "keyspace": "ks",
+        "table": "model",
+    }
+    op = {
+        "insert": "i",
+        "update": "u",
+        "delete_row": "d",
+        "delete_partition": "d",
+        "delete_range": "r",
+    }[m.kind]
+    if m.kind in ("insert", "update", "delete_row"):
+        key = dict(zip(KEY, m.key, strict=True))
+    else:
+        key = {**dict(zip(PARTITION, m.key, strict=True)), "c1": None, "c2": None}
+    after: dict[str, Any] = {
+        name: {"value": value, "deletion_ts": None, "set": True}
+        for name, value in key.items()
+        if value is not None
+    }
+    for column in COLUMNS:
+        after[column] = None
+    if m.kind in ("insert", "update"):
+        for column, (value, expires) in m.cells.items():
+            after[column] = {"value": value, "deletion_ts": expires, "set": True}
+    elif m.kind in ("delete_row", "delete_partition"):
+        for column in COLUMNS:
+            after[column] = {"value": None, "deletion_ts": m.ts, "set": True}
+    after["_range_start"] = after["_range_end"] = None
+    if m.kind == "delete_range":
+        after["_range_start"] = _bound(m.start, m.start_inclusive, "START")
+        after["_range_end"] = _bound(m.end, m.end_inclusive, "END")
+    return key, {"ts_ms": m.ts // 1000 + 5, "op": op, "source": source, "after": after}
+
+
+def _bound(values: tuple[Any, ...], inclusive: bool, side: str) -> dict[str, Any]:
+    marshal = {
+        "c1": "org.apache.cassandra.db.marshal.Int32Type",
+        "c2": "org.apache.cassandra.db.marshal.UTF8Type",
+    }
+    return {
+        "method": f"{'INCL' if inclusive else 'EXCL'}_{side}_BOUND",
+        "values": [
+            {"name": name, "value": str(value), "type": marshal[name]}
+            for name, value in zip(CLUSTERING, values, strict=False)
+        ],
+    }
+
+
+def replica_streams(
+    history: list[Mutation], choices: Iterator[int], replicas: int = 3
+) -> list[Mutation]:
+    """Interleave `replicas` copies of the history, each copy in its own order, as the
+    connectors on each replica would deliver them; `choices` picks the next replica."""
+    cursors = [0] * replicas
+    out: list[Mutation] = []
+    while any(c < len(history) for c in cursors):
+        open_ = [r for r in range(replicas) if cursors[r] < len(history)]
+        replica = open_[next(choices) % len(open_)]
+        out.append(history[cursors[replica]])
+        cursors[replica] += 1
+    return out

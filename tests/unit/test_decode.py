@@ -1,0 +1,438 @@
+"""Decode stage: format detection, Avro through a (fake) registry, JSON with and without schema."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from decimal import Decimal
+from typing import Any
+
+import fastavro
+import pytest
+
+from cdc_sink.decode import Decoder, avro_to_connect, rename_redefined_types
+from cdc_sink.errors import DecodeError, TransientError
+from tests.support.debezium_avro import (
+    COLUMNS,
+    KEY_SCHEMA,
+    NS,
+    a_cell,
+    avro_record,
+    compact,
+    envelope,
+    event,
+    wire,
+)
+
+
+class FakeRegistry:
+    """In-memory SchemaRegistry that counts calls and can be switched off."""
+
+    def __init__(self, schemas: dict[int, Any]) -> None:
+        self.schemas = {i: s if isinstance(s, str) else json.dumps(s) for i, s in schemas.items()}
+        self.calls: list[int] = []
+        self.down = False
+
+    async def schema_by_id(self, schema_id: int) -> str:
+        self.calls.append(schema_id)
+        await asyncio.sleep(0)  # a real fetch yields, letting concurrent decodes pile up
+        if self.down:
+            raise TransientError("registry unreachable")
+        if schema_id not in self.schemas:
+            raise DecodeError(f"unknown schema id {schema_id}")
+        return self.schemas[schema_id]
+
+
+def registry() -> FakeRegistry:
+    return FakeRegistry({1: KEY_SCHEMA, 2: envelope(COLUMNS)})
+
+
+async def test_avro_key_and_value_round_trip() -> None:
+    """Confluent Avro key and value decode to plain dicts with their ids and Connect schemas."""
+    key, value = avro_record(pk=a_cell(7), score=a_cell(1.5))
+    record = await Decoder(registry()).decode(key, value)
+    assert record.key == {"pk": 7}
+    assert record.value == event(pk=a_cell(7), score=a_cell(1.5))
+    assert (record.schema_id, record.format) == (2, "avro")
+    assert record.key_schema == {"pk": {"type": "int32", "optional": True}}
+    assert record.column_schemas == {
+        "pk": {"type": "int32", "optional": True},
+        "name": {"type": "string", "optional": True},
+        "score": {"type": "double", "optional": True},
+    }
+
+
+async def test_redefined_cell_value_record_decodes_each_column_by_its_own_definition() -> None:
+    """An envelope defining `cell_value` once per column type decodes a string cell as a string."""
+    schema = envelope(COLUMNS)
+    with pytest.raises(Exception, match="redefined named type"):
+        fastavro.parse_schema(schema)  # the bug this works around
+    key, value = avro_record(pk=a_cell(1), name=a_cell("Ada Lovelace"), score=a_cell(None))
+    record = await Decoder(registry()).decode(key, value)
+    assert record.value is not None
+    after = record.value["after"]
+    assert after["name"] == a_cell("Ada Lovelace")
+    assert after["pk"] == a_cell(1)
+    assert after["score"] == a_cell(None)
+    assert record.column_schemas["name"]["type"] == "string"
+    assert "_range_start" not in record.column_schemas
+
+
+async def test_a_range_tombstone_reads_the_referenced_first_definition() -> None:
+    """`_range_end` refers to `clustering_value` by name and decodes with the first definition."""
+    bound = {"method": "INCL_END_BOUND", "values": [{"name": "ck", "value": "m", "type": "UTF8"}]}
+    key, value = avro_record(pk=a_cell(1), _range_end=bound)
+    record = await Decoder(registry()).decode(key, value)
+    assert record.value is not None
+    assert record.value["after"]["_range_end"] == bound
+
+
+def test_rename_gives_later_redefinitions_fresh_names_and_keeps_references() -> None:
+    """Only 2nd and later definitions are renamed; references and the input stay as they were."""
+    schema = envelope(COLUMNS)
+    original = copy.deepcopy(schema)
+    renamed = rename_redefined_types(schema)
+    assert schema == original
+    after = renamed["fields"][3]["type"]["fields"]
+    assert [f["type"][1]["name"] for f in after[:3]] == [
+        "cell_value",
+        "cell_value__2",
+        "cell_value__3",
+    ]
+    assert after[4]["type"][1]["fields"][1]["type"]["items"] == "clustering_value"
+    fastavro.parse_schema(renamed)  # now acceptable to fastavro
+
+
+def test_rename_avoids_names_the_schema_already_uses() -> None:
+    """A fresh name never collides with a type the schema defines itself, even a later one."""
+    schema = {
+        "type": "record",
+        "name": "R",
+        "fields": [
+            {"name": "a", "type": {"type": "fixed", "name": "x.F", "size": 1}},
+            {"name": "b", "type": {"type": "fixed", "name": "x.F", "size": 2}},
+            {"name": "c", "type": {"type": "enum", "name": "F__2", "symbols": ["A"]}},
+        ],
+    }
+    renamed = rename_redefined_types(schema)
+    assert [f["type"]["name"] for f in renamed["fields"]] == ["x.F", "x.F__3", "F__2"]
+    fastavro.parse_schema(renamed)
+
+
+def test_rename_resolves_names_within_their_namespace() -> None:
+    """Equal short names in different namespaces are different types and are left alone."""
+    schema = {
+        "type": "record",
+        "name": "R",
+        "namespace": "a",
+        "fields": [
+            {"name": "x", "type": {"type": "record", "name": "E", "fields": []}},
+            {"name": "y", "type": {"type": "record", "name": "E", "namespace": "b", "fields": []}},
+            {"name": "z", "type": {"type": "record", "name": "b.E", "fields": []}},
+        ],
+    }
+    renamed = rename_redefined_types(schema)
+    assert [f["type"]["name"] for f in renamed["fields"]] == ["E", "E", "b.E__2"]
+
+
+def test_rename_handles_redefined_map_entries() -> None:
+    """AvroData's MapEntry records, redefined per map column, are renamed like cells."""
+
+    def entry(value_type: str) -> dict[str, Any]:
+        return {
+            "type": "array",
+            "items": {
+                "type": "record",
+                "name": "MapEntry",
+                "namespace": "io.confluent.connect.avro",
+                "fields": [{"name": "key", "type": "int"}, {"name": "value", "type": value_type}],
+            },
+        }
+
+    schema = {
+        "type": "record",
+        "name": "R",
+        "fields": [{"name": "m1", "type": entry("string")}, {"name": "m2", "type": entry("long")}],
+    }
+    renamed = rename_redefined_types(schema)
+    assert renamed["fields"][1]["type"]["items"]["name"] == "MapEntry__2"
+    connect = avro_to_connect(schema)
+    assert connect["fields"][1] == {
+        "field": "m2",
+        "type": "map",
+        "optional": False,
+        "keys": {"type": "int32", "optional": False},
+        "values": {"type": "int64", "optional": False},
+    }
+
+
+def test_avro_to_connect_reads_avrodata_metadata() -> None:
+    """Connect names, versions, parameters, int16, logical types and unions come back."""
+    schema = {
+        "type": "record",
+        "name": "R",
+        "fields": [
+            {"name": "s", "type": {"type": "int", "connect.type": "int16"}},
+            {
+                "name": "t",
+                "type": {
+                    "type": "long",
+                    "connect.name": "io.debezium.time.Timestamp",
+                    "connect.version": 1,
+                },
+            },
+            {
+                "name": "d",
+                "type": {"type": "bytes", "logicalType": "decimal", "precision": 64, "scale": 2},
+            },
+            {"name": "e", "type": {"type": "enum", "name": "Color", "symbols": ["RED"]}},
+            {"name": "u", "type": ["null", "int", "string"]},
+            {"name": "m", "type": {"type": "map", "values": "long"}},
+        ],
+    }
+    fields = {f.pop("field"): f for f in avro_to_connect(schema)["fields"]}
+    assert fields["s"] == {"type": "int16", "optional": False}
+    assert fields["t"] == {
+        "type": "int64",
+        "optional": False,
+        "name": "io.debezium.time.Timestamp",
+        "version": 1,
+    }
+    assert fields["d"] == {
+        "type": "bytes",
+        "optional": False,
+        "name": "org.apache.kafka.connect.data.Decimal",
+        "version": 1,
+        "parameters": {"scale": "2"},
+    }
+    assert fields["e"]["type"] == "string"
+    assert fields["e"]["parameters"]["io.confluent.connect.avro.Enum"] == "Color"
+    assert fields["u"]["name"] == "io.confluent.connect.avro.Union"
+    assert fields["u"]["optional"] is True
+    assert [f["field"] for f in fields["u"]["fields"]] == ["int", "string"]
+    assert fields["m"]["keys"] == {"type": "string", "optional": False}
+
+
+async def test_avro_values_stay_exact() -> None:
+    """Decimals beyond 64 digits stay exact, timestamps stay ints, bytes stay bytes."""
+    schema = {
+        "type": "record",
+        "name": "R",
+        "fields": [
+            {
+                "name": "varint",
+                "type": {"type": "bytes", "logicalType": "decimal", "precision": 64, "scale": 0},
+            },
+            {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+            {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+            {"name": "blob", "type": "bytes", "default": 5},  # wrong, and irrelevant to reading
+        ],
+    }
+    big = 10**70 + 7
+    raw = {
+        "varint": big.to_bytes(30, "big", signed=True),
+        "ts": 1_730_000_000_123,
+        "id": "2b1c6a3e-0000-4000-8000-000000000001",
+        "blob": b"\x00\xff",
+    }
+    plain = {"type": "record", "name": "R", "fields": [
+        {"name": "varint", "type": "bytes"},
+        {"name": "ts", "type": "long"},
+        {"name": "id", "type": "string"},
+        {"name": "blob", "type": "bytes"},
+    ]}  # fmt: skip
+    record = await Decoder(FakeRegistry({5: schema})).decode(None, wire(5, plain, raw))
+    assert record.value == {**raw, "varint": Decimal(big)}
+    assert record.column_schemas == {}  # not an envelope
+    assert record.key is None
+
+
+async def test_json_with_schema_keeps_payload_and_derives_schemas() -> None:
+    """JsonConverter's schema/payload envelope gives the payload and the cells' value schemas."""
+
+    def cell_schema(field: str, value_type: str) -> dict[str, Any]:
+        value = {"type": value_type, "optional": True, "field": "value"}
+        return {
+            "type": "struct",
+            "optional": True,
+            "name": "cell_value",
+            "version": 1,
+            "field": field,
+            "fields": [
+                value,
+                {"type": "int64", "optional": True, "field": "deletion_ts"},
+                {"type": "boolean", "optional": False, "field": "set"},
+            ],
+        }
+
+    schema = {
+        "type": "struct",
+        "name": f"{NS}.Envelope",
+        "optional": False,
+        "fields": [
+            {"type": "int64", "optional": False, "field": "ts_ms"},
+            {"type": "string", "optional": False, "field": "op"},
+            {
+                "type": "struct",
+                "optional": False,
+                "name": "after",
+                "field": "after",
+                "fields": [
+                    cell_schema("pk", "int32"),
+                    cell_schema("name", "string"),
+                    {"type": "struct", "optional": True, "field": "_range_start", "fields": []},
+                ],
+            },
+        ],
+        # A nested "payload" key puts the envelope's separator inside the schema, too.
+        "parameters": {"x": "1", "payload": "2"},
+    }
+    key_schema = {"type": "struct", "fields": [{"type": "int32", "optional": True, "field": "pk"}]}
+    payload = {"ts_ms": 1, "op": "i", "after": {"pk": a_cell(1), "name": a_cell("x" * 3)}}
+    key = compact({"schema": key_schema, "payload": {"pk": 1}})
+    value = compact({"schema": schema, "payload": payload})
+    decoder = Decoder(FakeRegistry({}))
+    first = await decoder.decode(key, value)
+    again = await decoder.decode(key, value + b"\n")
+    spaced = await decoder.decode(key, json.dumps({"schema": schema, "payload": payload}).encode())
+    del schema["parameters"]
+    unsplit = compact({"schema": schema, "payload": payload})
+    uncached = await decoder.decode(key, unsplit)
+    cached = await decoder.decode(key, unsplit)  # takes the cached schema, parses the payload only
+    for record in (first, again, spaced, uncached, cached):
+        assert record.value == payload
+        assert record.key == {"pk": 1}
+        assert (record.format, record.schema_id) == ("json", None)
+        assert record.key_schema == {"pk": {"type": "int32", "optional": True}}
+        assert record.column_schemas == {
+            "pk": {"type": "int32", "optional": True},
+            "name": {"type": "string", "optional": True},
+        }
+
+
+async def test_json_schema_cache_is_not_fooled_by_a_payload_that_looks_alike() -> None:
+    """A record whose schema bytes differ is parsed in full, never matched to a cached schema."""
+    decoder = Decoder(FakeRegistry({}))
+    a = {"type": "struct", "fields": [{"type": "int32", "optional": True, "field": "a"}]}
+    b = {"type": "struct", "fields": [{"type": "string", "optional": True, "field": "b"}]}
+    for schema, payload in ((a, {"a": 1}), (b, {"b": "x"}), (a, {"a": 2})):
+        record = await decoder.decode(compact({"schema": schema, "payload": payload}), None)
+        assert record.key == payload
+        assert set(record.key_schema) == set(payload)
+
+
+async def test_schemaless_json() -> None:
+    """Plain JSON (schemas.enable=false) decodes as is, with no schemas, big ints exact."""
+    value = {"ts_ms": 1, "op": "i", "after": {"pk": a_cell(2**70), "s": None}}
+    record = await Decoder(FakeRegistry({})).decode(b' {"pk":1}', json.dumps(value).encode())
+    assert record.key == {"pk": 1}
+    assert record.value == value
+    assert (record.format, record.key_schema, record.column_schemas) == ("json-schemaless", {}, {})
+
+
+async def test_kafka_tombstone_has_no_value() -> None:
+    """A null Kafka value is a tombstone: value None, the key still decoded."""
+    key, _ = avro_record()
+    record = await Decoder(registry()).decode(key, None)
+    assert record.key == {"pk": 7}
+    assert (record.value, record.column_schemas, record.schema_id) == (None, {}, None)
+    assert record.format == "avro"
+
+
+async def test_unknown_schema_id_is_poison_and_remembered() -> None:
+    """An id the registry does not know is a DecodeError; repeats do not ask the registry again."""
+    fake = registry()
+    decoder = Decoder(fake)
+    data = wire(99, KEY_SCHEMA, {"pk": 1})
+    for _ in range(3):
+        with pytest.raises(DecodeError, match="unknown schema id 99"):
+            await decoder.decode(None, data)
+    assert fake.calls == [99]
+
+
+async def test_unknown_id_is_asked_again_after_the_ttl() -> None:
+    """Once unknown_id_ttl has passed, the registry is asked again (the id may exist by now)."""
+    fake = registry()
+    decoder = Decoder(fake, unknown_id_ttl=0.0)
+    data = wire(99, KEY_SCHEMA, {"pk": 1})
+    with pytest.raises(DecodeError):
+        await decoder.decode(None, data)
+    fake.schemas[99] = json.dumps(KEY_SCHEMA)
+    assert (await decoder.decode(None, data)).value == {"pk": 1}
+    assert fake.calls == [99, 99]
+
+
+async def test_registry_down_is_transient_and_not_cached() -> None:
+    """An unreachable registry raises TransientError; once it is back the same record decodes."""
+    fake = registry()
+    fake.down = True
+    key, value = avro_record()
+    decoder = Decoder(fake)
+    with pytest.raises(TransientError):
+        await decoder.decode(key, value)
+    fake.down = False
+    assert (await decoder.decode(key, value)).key == {"pk": 7}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(20), r"neither Confluent Avro .* 89 50 4e 47 .* \.\.\."),
+        (b"", r"0 bytes, starting \(empty\)"),
+        (b"plain text", r"neither Confluent Avro .*70 6c 61 69 6e"),
+        (b"\x00\x00\x01", "too short for the Confluent wire format header"),
+        (b'{"op": "i",', "not valid JSON"),
+        (b"[1, 2]", "JSON is an array, not an object"),
+        (b'{"schema": null, "payload": "text"}', "JSON is a string, not an object"),
+        (b'{"a": "\xff"}', "not valid JSON"),
+    ],
+)
+async def test_undecodable_bytes_are_poison(data: bytes, message: str) -> None:
+    """Garbage, short headers, bad JSON and non-objects raise a DecodeError that says what."""
+    with pytest.raises(DecodeError, match=message) as raised:
+        await Decoder(registry()).decode(None, data)
+    assert raised.value.stage == "decode"
+
+
+async def test_truncated_or_mismatched_avro_is_poison() -> None:
+    """A cut-off body, trailing bytes, or a body of another schema raise DecodeError."""
+    decoder = Decoder(registry())
+    _, value = avro_record(pk=a_cell(1), name=a_cell("a long enough name"))
+    with pytest.raises(DecodeError, match="does not match writer schema id 2: EOFError"):
+        await decoder.decode(None, value[:-12])
+    with pytest.raises(DecodeError, match="1 bytes left after the Avro datum"):
+        await decoder.decode(None, value + b"\x00")
+    with pytest.raises(DecodeError, match="schema id 1"):
+        await decoder.decode(None, b"\x00\x00\x00\x00\x01" + value[5:])  # key schema, value body
+    with pytest.raises(DecodeError, match="key Avro body does not match writer schema id 2"):
+        await decoder.decode(b"\x00\x00\x00\x00\x02\x02", None)
+
+
+async def test_unusable_writer_schemas_are_poison() -> None:
+    """Schema text that is not JSON, or not Avro, makes its records DecodeErrors."""
+    undefined = {"type": "record", "name": "R", "fields": [{"name": "x", "type": "Undefined"}]}
+    decoder = Decoder(FakeRegistry({3: "{not json", 4: undefined}))
+    with pytest.raises(DecodeError, match="schema id 3 is not JSON"):
+        await decoder.decode(None, b"\x00\x00\x00\x00\x03\x00")
+    with pytest.raises(DecodeError, match="schema id 4 is not a usable Avro schema"):
+        await decoder.decode(None, b"\x00\x00\x00\x00\x04\x00")
+
+
+async def test_registry_is_asked_once_per_schema_id() -> None:
+    """Many records of two ids cost two registry calls, and share their column schemas."""
+    fake = registry()
+    decoder = Decoder(fake)
+    records = [await decoder.decode(*avro_record(pk=a_cell(i))) for i in range(5)]
+    assert sorted(fake.calls) == [1, 2]
+    assert records[0].column_schemas is records[4].column_schemas
+
+
+async def test_concurrent_records_of_a_new_id_share_one_registry_call() -> None:
+    """50 records of an unseen id decoded concurrently make exactly one registry call."""
+    fake = registry()
+    decoder = Decoder(fake)
+    _, value = avro_record(pk=a_cell(3))
+    records = await asyncio.gather(*(decoder.decode(None, value) for _ in range(50)))
+    assert fake.calls == [2]
+    assert all(r.value == records[0].value for r in records)

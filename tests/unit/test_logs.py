@@ -1,0 +1,216 @@
+"""Logging writes one redacted JSON object per line on stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import structlog
+
+from cdc_sink.logs import configure_logging, get_logger, redact_secrets
+
+DSN = "postgresql://cdc_sink:s3cret@127.0.0.1:15432/cdc"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """configure_logging changes process-wide state; put it back for the next test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+
+
+def lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return [json.loads(line) for line in captured.err.splitlines()]
+
+
+def test_each_event_is_one_json_line_with_standard_fields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A log call writes one JSON object: UTC ISO timestamp, level, event, logger, context."""
+    configure_logging("info")
+    log = get_logger("cdc_sink.consume").bind(topic="cdc-events-users", partition=3)
+    log.info("batch_applied", first_offset=100, last_offset=199)
+    log.info("second")
+    first, second = lines(capsys)
+    stamp = datetime.fromisoformat(first.pop("timestamp"))
+    assert stamp.utcoffset() == UTC.utcoffset(None)
+    assert abs((datetime.now(UTC) - stamp).total_seconds()) < 60
+    assert first == {
+        "event": "batch_applied",
+        "level": "info",
+        "logger": "cdc_sink.consume",
+        "topic": "cdc-events-users",
+        "partition": 3,
+        "first_offset": 100,
+        "last_offset": 199,
+    }
+    assert second["event"] == "second"
+
+
+def test_context_bound_in_contextvars_is_included(capsys: pytest.CaptureFixture[str]) -> None:
+    """Values bound with structlog.contextvars (e.g. a trace id) appear on every line."""
+    configure_logging()
+    with structlog.contextvars.bound_contextvars(trace_id="4bf92f35", partition=1):
+        get_logger("cdc_sink.write").info("flushed")
+    (line,) = lines(capsys)
+    assert (line["trace_id"], line["partition"]) == ("4bf92f35", 1)
+
+
+def test_exception_is_rendered_as_text_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """log.exception() adds the traceback, with the error message, under "exception"."""
+    configure_logging()
+    try:
+        raise RuntimeError("checkpoint conflict")
+    except RuntimeError:
+        get_logger("cdc_sink.checkpoint").exception("commit_failed")
+    (line,) = lines(capsys)
+    assert line["level"] == "error"
+    assert line["exception"].startswith("Traceback (most recent call last):")
+    assert "RuntimeError: checkpoint conflict" in line["exception"]
+
+
+def test_stdlib_records_share_the_json_format(capsys: pytest.CaptureFixture[str]) -> None:
+    """Records from stdlib loggers (aiokafka, asyncpg) come out as the same JSON lines."""
+    configure_logging()
+    logging.getLogger("aiokafka.consumer").warning("heartbeat failed for %s", "group-1")
+    (line,) = lines(capsys)
+    assert line["event"] == "heartbeat failed for group-1"
+    assert (line["level"], line["logger"]) == ("warning", "aiokafka.consumer")
+    assert "timestamp" in line
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "password",
+        "PG_PASSWORD",
+        "passwd",
+        "client_secret",
+        "vault_token",
+        "dsn",
+        "Authorization",
+        "api_key",
+        "API-KEY",
+    ],
+)
+def test_secret_named_keys_are_redacted(capsys: pytest.CaptureFixture[str], key: str) -> None:
+    """A value under a key named like a secret is replaced by "***", whatever its case."""
+    configure_logging()
+    get_logger("cdc_sink.secrets").info("connecting", **{key: "hunter2", "host": "db"})
+    (line,) = lines(capsys)
+    assert (line[key], line["host"]) == ("***", "db")
+
+
+def test_password_inside_a_dsn_is_redacted_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL's password is replaced in values, in the event text and in tracebacks."""
+    configure_logging()
+    log = get_logger("cdc_sink.write")
+    log.info(f"connecting to {DSN}", target=DSN)
+    try:
+        raise ConnectionError(f"cannot reach {DSN}")
+    except ConnectionError:
+        log.exception("connect_failed")
+    logging.getLogger("asyncpg").error("lost %s", DSN)
+    output = capsys.readouterr().err
+    assert "s3cret" not in output
+    info, failure, foreign = (json.loads(line) for line in output.splitlines())
+    redacted = "postgresql://cdc_sink:***@127.0.0.1:15432/cdc"
+    assert info["target"] == redacted
+    assert info["event"] == f"connecting to {redacted}"
+    assert redacted in failure["exception"]
+    assert foreign["event"] == f"lost {redacted}"
+
+
+def test_nested_values_are_redacted() -> None:
+    """Secret keys and DSN passwords are redacted inside nested dicts, lists and tuples."""
+    event = {
+        "event": "config_loaded",
+        "config": {
+            "postgres": {"host": "db", "Password": "pw", "url": DSN},
+            "vault": {"role_id": "r", "secret_id": "s"},
+            "brokers": ["kafka://admin:adm1n@k1:9092", "k2:9092"],
+        },
+        "pair": ("redis://:p@ss@cache:6379/0", 5),
+        "count": 3,
+        "missing": None,
+    }
+    assert redact_secrets(None, "info", event) == {
+        "event": "config_loaded",
+        "config": {
+            "postgres": {
+                "host": "db",
+                "Password": "***",
+                "url": "postgresql://cdc_sink:***@127.0.0.1:15432/cdc",
+            },
+            "vault": {"role_id": "r", "secret_id": "***"},
+            "brokers": ["kafka://admin:***@k1:9092", "k2:9092"],
+        },
+        "pair": ("redis://:***@cache:6379/0", 5),
+        "count": 3,
+        "missing": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://example.com:8080/a@b", "http://example.com:8080/a@b"),
+        ("postgresql://cdc_sink@db/cdc", "postgresql://cdc_sink@db/cdc"),
+        ("see https://u:pw@h/x and amqp://a:b@c", "see https://u:***@h/x and amqp://a:***@c"),
+        ("host=db user=cdc password=s3cret port=5432", "host=db user=cdc password=*** port=5432"),
+        ("dbname=cdc password='a b c'", "dbname=cdc password=***"),
+    ],
+)
+def test_string_redaction_touches_only_credentials(text: str, expected: str) -> None:
+    """Only the password part of a URL or libpq keyword DSN changes; other URLs stay intact."""
+    assert redact_secrets(None, "info", {"event": text}) == {"event": expected}
+
+
+def test_level_filters_structlog_and_stdlib(capsys: pytest.CaptureFixture[str]) -> None:
+    """Below the configured level nothing is written, from structlog or stdlib loggers."""
+    configure_logging("WARNING")
+    log = get_logger("cdc_sink.runner")
+    log.debug("d")
+    log.info("i")
+    logging.getLogger("aiokafka").info("foreign info")
+    log.warning("w")
+    logging.getLogger("aiokafka").error("foreign error")
+    assert [line["event"] for line in lines(capsys)] == ["w", "foreign error"]
+
+
+def test_reconfiguring_replaces_instead_of_duplicating(capsys: pytest.CaptureFixture[str]) -> None:
+    """Calling configure_logging twice still writes each event once, at the newer level."""
+    configure_logging("error")
+    configure_logging("debug")
+    get_logger("cdc_sink.runner").debug("once")
+    assert [line["event"] for line in lines(capsys)] == ["once"]
+
+
+def test_console_format_is_not_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """json=False writes human-readable lines, still redacted."""
+    configure_logging("info", json=False)
+    get_logger("cdc_sink.cli").info("starting", dsn=DSN)
+    err = capsys.readouterr().err
+    assert "starting" in err
+    assert "s3cret" not in err
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(err.splitlines()[0])
+
+
+def test_invalid_level_is_a_value_error_naming_it() -> None:
+    """An unknown level name raises ValueError that quotes the bad name."""
+    with pytest.raises(ValueError, match="'verbose'"):
+        configure_logging("verbose")

@@ -1,0 +1,150 @@
+"""ConfluentRegistry: HTTP answers map onto the sink's error kinds; one request per schema id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+from collections.abc import Callable
+
+import httpx2 as httpx
+import pytest
+
+from cdc_sink.errors import DecodeError, FatalError, TransientError
+from cdc_sink.registry import ConfluentRegistry, OnceCache
+
+SCHEMA = '{"type": "record", "name": "R", "fields": []}'
+
+
+def serving(
+    answer: Callable[[httpx.Request], httpx.Response],
+) -> tuple[ConfluentRegistry, list[str]]:
+    """A registry client whose network is `answer`, and the list of paths it requested."""
+    paths: list[str] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        await asyncio.sleep(0.01)  # long enough for concurrent callers to overlap
+        return answer(request)
+
+    transport = httpx.MockTransport(handle)
+    return ConfluentRegistry("https://user:s3cret@sr.example/api/", transport=transport), paths
+
+
+def registry_error(status: int, code: int, message: str) -> httpx.Response:
+    return httpx.Response(status, json={"error_code": code, "message": message})
+
+
+async def test_fetches_the_schema_text_once_per_id() -> None:
+    """Repeated and concurrent lookups of one id make a single GET /schemas/ids/{id}."""
+    registry, paths = serving(lambda _: httpx.Response(200, json={"schema": SCHEMA}))
+    async with registry:
+        texts = await asyncio.gather(*(registry.schema_by_id(42) for _ in range(20)))
+        assert await registry.schema_by_id(42) == SCHEMA
+    assert set(texts) == {SCHEMA}
+    assert paths == ["/api/schemas/ids/42"]
+
+
+async def test_unknown_id_is_poison() -> None:
+    """404 / 40403 is a DecodeError naming the id, and is asked again next time."""
+    registry, paths = serving(lambda _: registry_error(404, 40403, "Schema 7 not found."))
+    async with registry:
+        for _ in range(2):
+            with pytest.raises(DecodeError, match=r"unknown schema id 7 .*Schema 7 not found"):
+                await registry.schema_by_id(7)
+    assert len(paths) == 2
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 408, 429])
+async def test_server_trouble_is_transient(status: int) -> None:
+    """5xx, 408 and 429 answers are TransientError: the caller retries."""
+    registry, _ = serving(lambda _: registry_error(status, 50001, "store unavailable"))
+    async with registry:
+        with pytest.raises(TransientError, match=f"HTTP {status} .*store unavailable"):
+            await registry.schema_by_id(1)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("x")],
+)
+async def test_transport_failures_are_transient(failure: httpx.HTTPError) -> None:
+    """Connection errors and timeouts are TransientError, without the URL's password."""
+
+    def fail(_: httpx.Request) -> httpx.Response:
+        raise failure
+
+    registry, _ = serving(fail)
+    async with registry:
+        with pytest.raises(
+            TransientError, match=re.escape("https://sr.example/api unreachable")
+        ) as raised:
+            await registry.schema_by_id(1)
+    assert "s3cret" not in str(raised.value)
+
+
+async def test_a_closed_port_is_transient() -> None:
+    """A registry that is not listening at all is TransientError, over a real socket."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound but never listening: connections are refused
+        async with ConfluentRegistry(f"http://127.0.0.1:{port}", timeout=2.0) as registry:
+            with pytest.raises(TransientError, match="unreachable"):
+                await registry.schema_by_id(1)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_refused_credentials_are_fatal(status: int) -> None:
+    """401 and 403 are FatalError: retrying or skipping records cannot fix credentials."""
+    registry, _ = serving(lambda _: registry_error(status, 40101, "Unauthorized"))
+    async with registry:
+        with pytest.raises(FatalError, match=f"HTTP {status}"):
+            await registry.schema_by_id(1)
+
+
+async def test_non_avro_schemas_are_poison() -> None:
+    """A Protobuf or JSON Schema id cannot be read as Avro: DecodeError."""
+    answer = httpx.Response(200, json={"schema": "syntax = 'proto3';", "schemaType": "PROTOBUF"})
+    registry, _ = serving(lambda _: answer)
+    async with registry:
+        with pytest.raises(DecodeError, match="schema id 3 is a PROTOBUF schema"):
+            await registry.schema_by_id(3)
+
+
+async def test_an_answer_without_a_schema_is_fatal() -> None:
+    """A 200 that carries no schema (wrong URL, a proxy's page) is FatalError."""
+    registry, _ = serving(lambda _: httpx.Response(200, text="<html>login</html>"))
+    async with registry:
+        with pytest.raises(FatalError, match=r"without a schema.*<html>"):
+            await registry.schema_by_id(3)
+
+
+def test_rejects_urls_that_are_not_http() -> None:
+    """A URL without http(s) scheme and host fails at construction, not at the first record."""
+    with pytest.raises(ValueError, match="must be http"):
+        ConfluentRegistry("localhost:8081")
+
+
+async def test_once_cache_survives_a_cancelled_waiter() -> None:
+    """Cancelling one waiter neither cancels the shared load nor loses its value."""
+    cache: OnceCache[str, str] = OnceCache()
+    release = asyncio.Event()
+    loads = 0
+
+    async def load() -> str:
+        nonlocal loads
+        loads += 1
+        await release.wait()
+        return json.dumps(loads)
+
+    first = asyncio.create_task(cache.get("k", load))
+    second = asyncio.create_task(cache.get("k", load))
+    await asyncio.sleep(0)
+    first.cancel()
+    release.set()
+    assert await second == "1"
+    assert await cache.get("k", load) == "1"
+    assert loads == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
