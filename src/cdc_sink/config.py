@@ -121,6 +121,17 @@ class CassandraConfig:
 
 
 @dataclass(frozen=True)
+class VaultConfig:
+    addr: str | None = None
+    token: Secret | None = None
+
+
+@dataclass(frozen=True)
+class UrlConfig:
+    url: str | None = None
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     json: bool = True
@@ -134,6 +145,10 @@ class Config:
     sink: SinkConfig = field(default_factory=SinkConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     cassandra: CassandraConfig = field(default_factory=CassandraConfig)
+    vault: VaultConfig = field(default_factory=VaultConfig)
+    pushgateway: UrlConfig = field(default_factory=UrlConfig)
+    prometheus: UrlConfig = field(default_factory=UrlConfig)
+    alertmanager: UrlConfig = field(default_factory=UrlConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import socket
 import time
 import uuid
@@ -236,8 +235,12 @@ class Worker:
         if not assigned:
             return
         starts = await self.consumer.beginning_offsets(list(assigned))
+        ends = await self.consumer.end_offsets(list(assigned))
         if self.config.kafka.auto_offset_reset == "latest":
-            starts = await self.consumer.end_offsets(list(assigned))
+            starts = ends
+        for tp in assigned:  # "caught up" means: up to the end seen when we first got it
+            self._end_at_start.setdefault(tp, ends[tp])
+        claimed: dict[TopicPartition, Owned] = {}
         async with self.pool.acquire() as conn:
             for tp in assigned:
                 row = await conn.fetchrow(
@@ -252,8 +255,9 @@ class Worker:
                     starts[tp],
                     self.worker_id,
                 )
-                self.owned[tp] = Owned(row["epoch"], row["next_offset"])
+                claimed[tp] = Owned(row["epoch"], row["next_offset"])
                 self.consumer.seek(tp, row["next_offset"])
+        self.owned.update(claimed)
         self.metrics.assigned_partitions.set(len(self.owned))
         log.info("partitions_assigned", partitions=[f"{t.topic}[{t.partition}]" for t in assigned])
 
@@ -286,8 +290,6 @@ class Worker:
         except KafkaError as exc:
             raise FatalError(f"cannot reach Kafka (CDC_KAFKA__BOOTSTRAP_SERVERS): {exc}") from exc
         try:
-            if self.stop_when_caught_up:
-                await self._record_end_offsets()
             self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))
             linger = self.config.sink.linger_ms
             while not self.stopping.is_set():
@@ -304,22 +306,9 @@ class Worker:
         finally:
             await self.consumer.stop()
 
-    async def _record_end_offsets(self) -> None:
-        assert self.consumer is not None
-        pattern = re.compile(self.config.kafka.topic_pattern)
-        topics = [t for t in await self.consumer.topics() if pattern.match(t)]
-        partitions = [
-            TopicPartition(t, p)
-            for t in topics
-            for p in self.consumer.partitions_for_topic(t) or ()
-        ]
-        self._end_at_start = await self.consumer.end_offsets(partitions) if partitions else {}
-
     def _caught_up(self) -> bool:
-        if not self.owned:
-            return not self._end_at_start
-        return all(
-            owned.next_offset >= self._end_at_start.get(tp, 0) for tp, owned in self.owned.items()
+        return bool(self.owned) and all(
+            owned.next_offset >= self._end_at_start[tp] for tp, owned in self.owned.items()
         )
 
     async def _report_backlog(self) -> None:

@@ -157,7 +157,7 @@ def test_cassandra_round_trip_and_cdc_log(stack: Endpoints, unique: Callable[[st
             timeout=120,
         )
         assert flush.returncode == 0, flush.stdout + flush.stderr
-        cdc_raw = Path(stack["CDC_CASSANDRA__CDC_RAW_DIRECTORY"])
+        cdc_raw = Path(stack["CDC_STACK_CASSANDRA_CDC_RAW"])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             holding = [

@@ -107,7 +107,7 @@ def docker_stack() -> Endpoints:
             "CDC_CASSANDRA__CONTACT_POINTS": host,
             "CDC_CASSANDRA__PORT": str(port),
             "CDC_CASSANDRA__LOCAL_DC": cassandra.get_local_datacenter(),
-            "CDC_CASSANDRA__CDC_RAW_DIRECTORY": str(cdc_raw),
+            "CDC_STACK_CASSANDRA_CDC_RAW": str(cdc_raw),
             "CDC_SCHEMA_REGISTRY__URL": registry_url,
             "CDC_VAULT__ADDR": vault.get_connection_url(),
             "CDC_VAULT__TOKEN": VAULT_TOKEN,
