@@ -30,6 +30,11 @@ system-deps: ## install missing system packages (JDK 17, Maven, PostgreSQL, Prom
 stack-up: system-deps venv ## start the local stack (Kafka, PostgreSQL, Cassandra, OpenBao, registry, Prometheus)
 	@$(STACK) up
 
+.PHONY: demo
+demo: system-deps venv ## start the stack and stream 30,000 synthetic change events through the sink
+	@$(STACK) up
+	@$(BIN)/python -m cdc_sink.demo
+
 .PHONY: stack-down
 stack-down: ## stop the local stack
 	@$(STACK) down

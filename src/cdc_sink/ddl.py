@@ -72,16 +72,17 @@ class Catalog:
         lock = self._locks.setdefault(target, asyncio.Lock())
         async with lock:
             known = self._tables.get(target) or await self._load(target)
-            needed = [n for n in (*event.key, *event.cells) if not known or n not in known.columns]
-            if not needed and known is not None:
+            if known is not None and all(c in known.columns for c in event.cells):
                 self._tables[target] = known
                 return known
             cassandra = (
                 await self.cassandra.table(event.keyspace, event.table)
-                if (self.cassandra is not None)
+                if self.cassandra is not None
                 else None
             )
-            types = self._types_for(event, needed, cassandra, key_schemas, column_schemas)
+            types = self._types_for(event, cassandra, key_schemas, column_schemas)
+            if known is not None:
+                types = {n: t for n, t in types.items() if n not in known.columns}
             partitions = cassandra.partition_columns if cassandra else None
             evolved = await self._evolve(target, event, types, partitions)
             self._tables[target] = evolved
@@ -90,25 +91,22 @@ class Catalog:
     def _types_for(
         self,
         event: ChangeEvent,
-        needed: list[str],
         cassandra: CassandraTable | None,
         key_schemas: Mapping[str, Mapping[str, Any]],
         column_schemas: Mapping[str, Mapping[str, Any]],
     ) -> dict[str, CqlType]:
-        found = cassandra.columns if cassandra else {}
-        types: dict[str, CqlType] = {}
-        for name in needed:
-            if name in found:
-                types[name] = found[name]
-            elif name in column_schemas:
-                types[name] = from_connect_schema(column_schemas[name])
-            elif name in key_schemas:
-                types[name] = from_connect_schema(key_schemas[name])
-            else:
-                raise EventError(
-                    f"no type known for column {name!r} of {event.keyspace}.{event.table}: the "
-                    "record carries no schema and neither the target table nor Cassandra has it"
-                )
+        """Every column type the sources know (Cassandra's first): a new table gets all of its
+        columns at once. Each column of the event must be among them."""
+        types = {n: from_connect_schema(s) for n, s in {**column_schemas, **key_schemas}.items()}
+        if cassandra is not None:
+            types.update(cassandra.columns)
+        missing = [n for n in (*event.key, *event.cells) if n not in types]
+        if missing:
+            raise EventError(
+                f"no type known for column(s) {', '.join(map(repr, missing))} of "
+                f"{event.keyspace}.{event.table}: the record carries no schema and neither "
+                "the target table nor Cassandra's system_schema has them"
+            )
         return types
 
     async def _load(self, target: str) -> TableSchema | None:
@@ -180,6 +178,11 @@ class CassandraSystemSchema:
 
     async def table(self, keyspace: str, table: str) -> CassandraTable | None:
         return await asyncio.to_thread(self._table, keyspace, table)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await asyncio.to_thread(self._session.cluster.shutdown)
+            self._session = None
 
     def _table(self, keyspace: str, table: str) -> CassandraTable | None:
         if self._session is None:

@@ -118,8 +118,9 @@ class Worker:
                 else None
             )
             self.decoder = Decoder(registry or _NoRegistry())
+            cassandra = self._cassandra()
             self.catalog = Catalog(
-                self.pool, cfg.postgres.schema, cfg.sink.table_name_format, self._cassandra()
+                self.pool, cfg.postgres.schema, cfg.sink.table_name_format, cassandra
             )
             await self._open_writer()
             http = await self._start_http()
@@ -130,6 +131,8 @@ class Worker:
                     await http.stop()
                 if registry is not None:
                     await registry.close()
+                if cassandra is not None:
+                    await cassandra.close()
         finally:
             if self._writer_conn is not None:
                 await self.pool.release(self._writer_conn)
@@ -279,7 +282,6 @@ class Worker:
             client_id=cfg.client_id,
             enable_auto_commit=False,
             auto_offset_reset=cfg.auto_offset_reset,
-            max_poll_records=self.config.sink.batch_size,
             session_timeout_ms=cfg.session_timeout_ms,
             max_poll_interval_ms=cfg.max_poll_interval_ms,
             fetch_max_bytes=cfg.fetch_max_bytes,
@@ -293,12 +295,11 @@ class Worker:
             self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))
             linger = self.config.sink.linger_ms
             while not self.stopping.is_set():
-                fetched = await self.consumer.getmany(
-                    timeout_ms=linger, max_records=self.config.sink.batch_size
-                )
+                # No max_records: with it, aiokafka serves one partition's buffer at a time and
+                # waits a fetch round trip between calls. Batches are cut below instead.
+                fetched = await self.consumer.getmany(timeout_ms=linger)
                 if fetched:
-                    async with self._batch_lock:
-                        await self._process(fetched)
+                    await self._process(fetched)
                 await self._report_backlog()
                 if self.stop_when_caught_up and self._caught_up():
                     log.info("caught_up", events=self.applied_events)
@@ -324,15 +325,24 @@ class Worker:
             self.metrics.backlog_depth.labels(tp.topic, str(tp.partition)).set(lag)
 
     async def _process(self, fetched: dict[TopicPartition, list[Any]]) -> None:
-        records = [
-            r
-            for tp, batch in fetched.items()
-            if tp in self.owned
-            for r in batch
-            if r.offset >= self.owned[tp].next_offset
-        ]
-        if records:
-            await self._apply_records(records)
+        """Apply what was fetched in transactions of at most batch_size records."""
+        assert self.consumer is not None
+        size = self.config.sink.batch_size
+        for tp, batch in fetched.items():
+            for start in range(0, len(batch), size):
+                async with self._batch_lock:
+                    owned = self.owned.get(tp)
+                    if owned is None:
+                        # Fetched before our claim finished (or after a revoke): give the
+                        # records back; the claim's seek to the checkpoint decides where to read.
+                        if tp in self.consumer.assignment():
+                            self.consumer.seek(tp, batch[start].offset)
+                        break
+                    records = [
+                        r for r in batch[start : start + size] if r.offset >= owned.next_offset
+                    ]
+                    if records:
+                        await self._apply_records(records)
 
     async def _apply_records(self, records: list[Any]) -> None:
         """Apply records (grouped per partition, in offset order); isolate bad data by halves."""

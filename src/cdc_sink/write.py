@@ -131,12 +131,16 @@ class PgWriter:
         began = time.perf_counter()
         now = now_us if now_us is not None else time.time_ns() // 1000
         upserted = deleted = 0
-        async with self.conn.transaction():
-            for schema, mutations in batch.tables:
-                up, down = await self._apply_table(schema, mutations, now)
-                upserted, deleted = upserted + up, deleted + down
-            await self._dead_letters(batch.dead_letters)
-            await self._move_checkpoints(batch.checkpoints)
+        try:
+            async with self.conn.transaction():
+                for schema, mutations in batch.tables:
+                    up, down = await self._apply_table(schema, mutations, now)
+                    upserted, deleted = upserted + up, deleted + down
+                await self._dead_letters(batch.dead_letters)
+                await self._move_checkpoints(batch.checkpoints)
+        except BaseException:
+            self._staging.clear()  # a staging table created in the rolled-back transaction is gone
+            raise
         return BatchResult(upserted, deleted, time.perf_counter() - began)
 
     async def _apply_table(

@@ -1,0 +1,137 @@
+"""PgWriter on real PostgreSQL: what one batch stores decides the next batches correctly."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from cdc_sink.errors import FencedError
+from cdc_sink.events import Position, interpret
+from cdc_sink.migrate import migrate
+from cdc_sink.plan import Mutation as PlannedMutation
+from cdc_sink.write import Batch, CheckpointMove, DeadLetter, PgWriter, prepare_connection
+from tests.support.cassandra_model import COLUMNS, KEY, Mutation, to_envelope
+from tests.support.stack import Endpoints
+from tests.unit.test_plan_model import SCHEMA
+
+TS = 1_900_000_000_000_000  # far in the future: no TTL question arises
+ROW = (1, "a", 1, "x")
+PARTITION = (1, "a")
+
+
+@pytest.fixture
+async def writer(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> AsyncIterator[tuple[PgWriter, asyncpg.Connection, str]]:
+    schema = unique("write")
+    conn = await asyncpg.connect(stack.postgres_dsn, server_settings={"search_path": schema})
+    await prepare_connection(conn)
+    await migrate(conn, schema)
+    await conn.execute(SCHEMA.create_sql(schema))
+    await conn.execute(
+        "INSERT INTO _cdc_schema_metadata (target_table, version, keyspace_name, source_table, "
+        "key_columns, columns) VALUES ('cdc_model', 1, 'ks', 'model', $1, '{}')",
+        list(KEY),
+    )
+    try:
+        yield PgWriter(conn, schema, "group"), conn, schema
+    finally:
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await conn.close()
+
+
+def planned(m: Mutation) -> PlannedMutation:
+    key, value = to_envelope(m)
+    return SCHEMA.to_mutation(interpret(key, value, Position("t", 0, 0)))
+
+
+async def apply(writer: PgWriter, *mutations: Mutation) -> None:
+    """Each mutation in a batch of its own, so state must survive between transactions."""
+    for m in mutations:
+        await writer.apply(Batch(tables=[(SCHEMA, [planned(m)])]))
+
+
+async def rows(conn: asyncpg.Connection) -> dict[tuple[Any, ...], dict[str, Any]]:
+    found = await conn.fetch(f"SELECT {', '.join(KEY + COLUMNS)} FROM cdc_model")
+    return {tuple(r[k] for k in KEY): {c: r[c] for c in COLUMNS} for r in found}
+
+
+def update(ts: int, **values: Any) -> Mutation:
+    return Mutation("update", ts, ROW, {k: (v, None) for k, v in values.items()})
+
+
+def insert(ts: int, **values: Any) -> Mutation:
+    return Mutation("insert", ts, ROW, {k: (v, None) for k, v in values.items()})
+
+
+async def test_partition_tombstone_outlives_its_batch(writer: Any) -> None:
+    """A write older than a stored partition delete, arriving later, stays deleted."""
+    w, conn, _ = writer
+    await apply(w, insert(TS + 1, v1=1), Mutation("delete_partition", TS + 5, PARTITION))
+    await apply(w, insert(TS + 3, v1=3), update(TS + 9, v2="new"))
+    assert await rows(conn) == {ROW: {"v1": None, "v2": "new", "v3": None}}
+
+
+async def test_range_tombstone_outlives_its_batch(writer: Any) -> None:
+    """A stored range delete shadows older writes inside the range, not outside it."""
+    w, conn, _ = writer
+    inside, outside = (1, "a", 2, "x"), (1, "a", 0, "x")
+    rng = Mutation("delete_range", TS + 5, PARTITION, {}, (1,), True, (2,), True)
+    await apply(w, rng)
+    await apply(
+        w,
+        Mutation("insert", TS + 1, inside, {"v1": (1, None)}),
+        Mutation("insert", TS + 1, outside, {"v1": (2, None)}),
+    )
+    assert await rows(conn) == {outside: {"v1": 2, "v2": None, "v3": None}}
+
+
+async def test_dead_row_remembers_its_cell_tombstones(writer: Any) -> None:
+    """A row emptied by nulls is gone, and an older replica of its write does not revive it."""
+    w, conn, schema = writer
+    await apply(w, update(TS + 1, v1=1), update(TS + 2, v1=None))
+    assert await rows(conn) == {}
+    remembered = await conn.fetchval("SELECT count(*) FROM _cdc_tombstones WHERE kind = 'row'")
+    assert remembered == 1
+    await apply(w, update(TS + 1, v1=1))
+    assert await rows(conn) == {}
+    await apply(w, update(TS + 3, v3=7))  # a newer write does bring the row back
+    assert await rows(conn) == {ROW: {"v1": None, "v2": None, "v3": 7}}
+    gone = await conn.fetchval("SELECT count(*) FROM _cdc_tombstones WHERE kind = 'row'")
+    assert gone == 0
+
+
+async def test_row_delete_then_older_insert(writer: Any) -> None:
+    """A row delete stored in one batch shadows an older INSERT replayed in the next."""
+    w, conn, _ = writer
+    await apply(w, insert(TS + 1, v1=1), Mutation("delete_row", TS + 2, ROW))
+    await apply(w, insert(TS + 1, v1=1))
+    assert await rows(conn) == {}
+
+
+async def test_checkpoint_compare_and_set_fences_a_stale_worker(writer: Any) -> None:
+    """A batch whose checkpoint move no longer matches the stored epoch commits nothing."""
+    w, conn, _ = writer
+    await conn.execute(
+        "INSERT INTO _cdc_checkpoints (consumer_group, topic, kafka_partition, next_offset, "
+        "epoch) VALUES ('group', 't', 0, 10, 2)"
+    )
+    stale = Batch(
+        tables=[(SCHEMA, [planned(insert(TS, v1=1))])],
+        checkpoints=[CheckpointMove("t", 0, expected=10, next_offset=11, epoch=1)],
+    )
+    with pytest.raises(FencedError):
+        await w.apply(stale)
+    assert await rows(conn) == {}
+    fresh = Batch(
+        tables=stale.tables,
+        checkpoints=[CheckpointMove("t", 0, expected=10, next_offset=11, epoch=2)],
+        dead_letters=[DeadLetter("t", 0, 10, b"k", b"v", [], "DecodeError", "bad", "decode", None)],
+    )
+    await w.apply(fresh)
+    assert await conn.fetchval("SELECT next_offset FROM _cdc_checkpoints") == 11
+    assert await conn.fetchval("SELECT count(*) FROM _cdc_dlq_records") == 1
+    assert len(await rows(conn)) == 1

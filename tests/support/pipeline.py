@@ -1,0 +1,192 @@
+"""Helpers for tests that run the whole pipeline: Kafka topic → cdc-sink worker → PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+from cassandra.policies import WhiteListRoundRobinPolicy
+
+from cdc_sink.config import load_config
+from cdc_sink.runner import Worker
+from tests.support.cassandra_model import (
+    C1,
+    C2,
+    COLUMNS,
+    KEY,
+    P1,
+    Mutation,
+    to_envelope,
+)
+from tests.support.stack import REPO, Endpoints
+
+MODEL_CQL = (
+    "CREATE TABLE {ks}.model (p1 int, p2 text, c1 int, c2 text, v1 int, v2 text, v3 int, "
+    "PRIMARY KEY ((p1, p2), c1, c2)) WITH cdc = true"
+)
+
+
+def create_cassandra_model_table(stack: Endpoints, keyspace: str) -> None:
+    """The Cassandra table the events come from, so the sink can read its real column types."""
+    profile = ExecutionProfile(
+        load_balancing_policy=WhiteListRoundRobinPolicy([stack.cassandra_host])
+    )
+    cluster = Cluster(
+        [stack.cassandra_host],
+        port=stack.cassandra_port,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        protocol_version=5,
+    )
+    try:
+        session = cluster.connect()
+        session.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+        )
+        session.execute(MODEL_CQL.format(ks=keyspace))
+    finally:
+        cluster.shutdown()
+
+
+def schemaless_record(m: Mutation, keyspace: str) -> tuple[bytes, bytes]:
+    """The mutation as JsonConverter writes it with schemas.enable=false."""
+    key, value = to_envelope(m)
+    value["source"]["keyspace"] = keyspace
+    return json.dumps(key).encode(), json.dumps(value).encode()
+
+
+async def create_topic(bootstrap: str, topic: str, partitions: int = 8) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+    await asyncio.sleep(0.5)  # let the new partitions elect their leader
+
+
+async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]]) -> int:
+    """Produce every record (acks=all) and wait for all of them; return how many."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=256 * 1024
+    )
+    await producer.start()
+    try:
+        pending = [await producer.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return len(pending)
+
+
+def sink_env(
+    stack: Endpoints, *, topic: str, group: str, schema: str, **settings: str
+) -> dict[str, str]:
+    """CDC_* settings for a worker on this stack, isolated by topic, group and schema."""
+    env = {k: v for k, v in stack.values.items() if k.startswith("CDC_") and "__" in k}
+    env.update(
+        {
+            "CDC_KAFKA__TOPIC_PATTERN": f"^{topic}$",
+            "CDC_KAFKA__GROUP_ID": group,
+            "CDC_POSTGRES__SCHEMA": schema,
+            "CDC_HTTP__PORT": "0",
+            "CDC_LOG__LEVEL": "warning",
+        }
+    )
+    env.update({f"CDC_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+async def run_worker(env: Mapping[str, str], timeout: float = 300) -> Worker:
+    """Run one worker in this process until it has applied everything produced so far."""
+    worker = Worker(load_config(env), stop_when_caught_up=True)
+    await asyncio.wait_for(worker.run(), timeout)
+    return worker
+
+
+def start_worker_process(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`python -m cdc_sink run` as a separate process (so it can be killed with SIGKILL)."""
+    full = {**os.environ, **env, "PYTHONPATH": str(REPO / "src")}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cdc_sink", "run", "--stop-when-caught-up"],
+            env=full,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+async def read_rows(dsn: str, schema: str, table: str, columns: Iterable[str]) -> dict[Any, Any]:
+    """Every row of schema.table as {key tuple: {column: value}}."""
+    cols = list(columns)
+    conn = await asyncpg.connect(dsn)
+    try:
+        exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{schema}"."{table}"')
+        if not exists:
+            return {}
+        rows = await conn.fetch(f'SELECT {", ".join(KEY + tuple(cols))} FROM "{schema}"."{table}"')
+    finally:
+        await conn.close()
+    return {tuple(r[k] for k in KEY): {c: r[c] for c in cols} for r in rows}
+
+
+async def drop_schema(dsn: str, schema: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def random_history(rng: random.Random, count: int, keys: int, base_ts: int) -> list[Mutation]:
+    """A plain-random history over `keys` rows (for streams too long for Hypothesis)."""
+    partitions = [(p1, f"p{i}") for i in range(max(1, keys // 6)) for p1 in P1]
+    mutations: list[Mutation] = []
+
+    def value(column: str) -> Any:
+        n = rng.randrange(1000)
+        return f"s{n}" if column == "v2" else n
+
+    for i in range(count):
+        ts = base_ts + i * 10 + rng.randrange(10)
+        partition = rng.choice(partitions)
+        key = (*partition, rng.choice(C1), rng.choice(C2))
+        roll = rng.random()
+        if roll < 0.5:
+            cells = {c: (value(c), None) for c in rng.sample(COLUMNS, rng.randint(1, 3))}
+            mutations.append(Mutation("insert", ts, key, cells))
+        elif roll < 0.85:
+            cells = {
+                c: (rng.choice([None, value(c)]), None)
+                for c in rng.sample(COLUMNS, rng.randint(1, 3))
+            }
+            mutations.append(Mutation("update", ts, key, cells))
+        elif roll < 0.95:
+            mutations.append(Mutation("delete_row", ts, key))
+        elif roll < 0.98:
+            start = (rng.choice(C1),)
+            mutations.append(
+                Mutation("delete_range", ts, partition, {}, start, rng.random() < 0.5, (), True)
+            )
+        else:
+            mutations.append(Mutation("delete_partition", ts, partition))
+    return mutations
