@@ -91,7 +91,7 @@ async def test_range_tombstone_outlives_its_batch(writer: Any) -> None:
 
 async def test_dead_row_remembers_its_cell_tombstones(writer: Any) -> None:
     """A row emptied by nulls is gone, and an older replica of its write does not revive it."""
-    w, conn, schema = writer
+    w, conn, _ = writer
     await apply(w, update(TS + 1, v1=1), update(TS + 2, v1=None))
     assert await rows(conn) == {}
     remembered = await conn.fetchval("SELECT count(*) FROM _cdc_tombstones WHERE kind = 'row'")

@@ -109,10 +109,11 @@ def sink_env(
     return env
 
 
-async def run_worker(env: Mapping[str, str], timeout: float = 300) -> Worker:
+async def run_worker(env: Mapping[str, str]) -> Worker:
     """Run one worker in this process until it has applied everything produced so far."""
     worker = Worker(load_config(env), stop_when_caught_up=True)
-    await asyncio.wait_for(worker.run(), timeout)
+    async with asyncio.timeout(300):
+        await worker.run()
     return worker
 
 
