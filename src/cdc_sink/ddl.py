@@ -118,7 +118,11 @@ class Catalog:
         )
         if row is None:
             return None
-        columns = {n: parse_cql_type(t) for n, t in json.loads(row["columns"]).items()}
+        # jsonb does not keep key order: put the key columns first again, as at creation.
+        stored = json.loads(row["columns"])
+        keys = list(row["key_columns"])
+        order = keys + sorted(n for n in stored if n not in keys)
+        columns = {n: parse_cql_type(stored[n]) for n in order}
         return TableSchema(
             keyspace=row["keyspace_name"],
             table=row["source_table"],

@@ -127,11 +127,13 @@ async def main() -> int:
 
     worker = Worker(config)
     sink = asyncio.create_task(worker.run())
+    generator = synth.Generator(seed=42, start_us=time.time_ns() // 1000)
+    events = generator.take(EVENTS)
     sent = [0]
     producer = asyncio.create_task(
         synth.produce(
             config.kafka.bootstrap_servers,
-            synth.generate(EVENTS, seed=42),
+            events,
             "avro",
             config.schema_registry.url,
             rate=RATE,
@@ -147,7 +149,7 @@ async def main() -> int:
     }
     checkpoints = f"SELECT sum(next_offset) FROM {qualified(run, '_cdc_checkpoints')}"
     began = last_progress = time.monotonic()
-    last_applied, status = 0, 0
+    last_applied = status = 0
     try:
         while True:
             await asyncio.sleep(1.0)
@@ -162,21 +164,21 @@ async def main() -> int:
                 flush=True,
             )
             if applied != last_applied:
-                last_progress = now
-            last_applied = applied
-            if sink.done():
-                print("the sink worker stopped unexpectedly", file=sys.stderr)
-                status = 1
-                break
-            if producer.done() and producer.exception() is not None:
-                print(f"producing failed: {producer.exception()!r}", file=sys.stderr)
+                last_progress, last_applied = now, applied
+            failure = (
+                "the sink worker stopped unexpectedly"
+                if sink.done()
+                else f"producing failed: {producer.exception()!r}"
+                if producer.done() and producer.exception()
+                else f"no progress for {STALL_S:.0f} s: giving up"
+                if now - last_progress > STALL_S
+                else None
+            )
+            if failure:
+                print(failure, file=sys.stderr)
                 status = 1
                 break
             if producer.done() and lag == 0 and ends >= EVENTS:
-                break
-            if now - last_progress > STALL_S:
-                print(f"no progress for {STALL_S:.0f} s: giving up", file=sys.stderr)
-                status = 1
                 break
         elapsed = time.monotonic() - began
     finally:
@@ -194,9 +196,14 @@ async def main() -> int:
     print(f"  events applied    {worker.applied_events:>10,}")
     print(f"  elapsed           {elapsed:>10.1f} s")
     print(f"  mean rate         {worker.applied_events / elapsed:>10,.0f} events/s")
+    expected = generator.live_rows()
     for table, n in rows.items():
-        print(f"  rows {table:<12} {n:>10,}   ({tables[table]})")
+        verdict = "as in Cassandra" if n == expected[table] else f"MISMATCH: {expected[table]:,}"
+        print(f"  rows {table:<12} {n:>10,}   {tables[table]} ({verdict})")
     print(f"  dead letters      {dead:>10,}")
+    if rows != expected:
+        print("the sink's tables differ from what Cassandra would return", file=sys.stderr)
+        status = 1
     return status
 
 

@@ -288,6 +288,14 @@ class Generator:
     def take(self, n: int) -> list[SynthEvent]:
         return [self.next() for _ in range(n)]
 
+    def live_rows(self) -> dict[str, int]:
+        """Rows per table a Cassandra SELECT would return now, if no TTL has run out."""
+        return {
+            "users": len(self.users),
+            "orders": len(self.orders),
+            "sessions": len(self.sessions),
+        }
+
     def next(self) -> SynthEvent:
         rng = self.rng
         self.ts_us += rng.randint(1, 2 * self.step_us - 1)

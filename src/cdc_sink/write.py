@@ -230,9 +230,8 @@ class PgWriter:
             records += await self._select_by(schema, select, target, schema.key_columns, row_keys)
         for partition, names in deleted_partitions.items():
             records += await self._select_by(schema, select, target, names, {partition})
-        width = len(schema.key_columns)
         for record in records:
-            key = tuple(record[i] for i in range(width))
+            key = tuple(record[name] for name in schema.key_columns)
             state.rows[key] = _row_from_record(record, schema)
         if row_keys:
             dead = await self.conn.fetch(
