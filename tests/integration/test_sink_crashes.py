@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,16 @@ async def applied(dsn: str, schema: str) -> int:
         await conn.close()
 
 
+async def wait_for_applied(
+    dsn: str, schema: str, more_than: int, worker: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll the stored checkpoints until they pass `more_than` (or the worker exits)."""
+    while True:
+        if await applied(dsn, schema) > more_than or (worker and worker.poll() is not None):
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_kill_9_at_random_moments_changes_nothing(
     stack: Endpoints, stream: dict[str, Any], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
@@ -99,8 +110,7 @@ async def test_kill_9_at_random_moments_changes_nothing(
             before = await applied(stack.postgres_dsn, schema)
             if kills < 10:
                 # wait for progress, then kill at a random moment while work remains
-                while await applied(stack.postgres_dsn, schema) == before and worker.poll() is None:
-                    await asyncio.sleep(0.05)
+                await wait_for_applied(stack.postgres_dsn, schema, before, worker)
                 await asyncio.sleep(rng.uniform(0.0, 1.5))
                 if (
                     worker.poll() is None
@@ -137,11 +147,9 @@ async def test_workers_joining_and_dying_share_the_partitions(
     log = tmp_path / "workers.log"
     workers = [start_worker_process(env, log) for _ in range(3)]
     try:
-        while await applied(stack.postgres_dsn, schema) < stream["events"] // 4:
-            await asyncio.sleep(0.1)
+        await wait_for_applied(stack.postgres_dsn, schema, stream["events"] // 4)
         kill(workers[0])
-        while await applied(stack.postgres_dsn, schema) < stream["events"] // 2:
-            await asyncio.sleep(0.1)
+        await wait_for_applied(stack.postgres_dsn, schema, stream["events"] // 2)
         workers.append(start_worker_process(env, log))
         for worker in workers[1:]:
             assert await asyncio.to_thread(worker.wait, 600) == 0, log.read_text()[-3000:]
