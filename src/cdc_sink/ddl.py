@@ -58,6 +58,10 @@ class Catalog:
         self._tables: dict[str, TableSchema] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def tables(self) -> list[TableSchema]:
+        """The tables resolved so far by this process."""
+        return list(self._tables.values())
+
     async def resolve(
         self,
         event: ChangeEvent,

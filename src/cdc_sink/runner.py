@@ -9,6 +9,7 @@ fencing epoch goes up) and the consumer seeks to the offset stored there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -102,6 +103,7 @@ class Worker:
         self.pool: asyncpg.Pool | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.writer: PgWriter | None = None
+        self.http: HttpServer | None = None
         self._writer_conn: asyncpg.Connection | None = None
 
     # lifecycle ------------------------------------------------------------------------------
@@ -124,9 +126,13 @@ class Worker:
             )
             await self._open_writer()
             http = await self._start_http()
+            housekeeping = asyncio.create_task(self._housekeeping())
             try:
                 await self._consume()
             finally:
+                housekeeping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await housekeeping
                 if http is not None:
                     await http.stop()
                 if registry is not None:
@@ -209,11 +215,33 @@ class Worker:
     async def _start_http(self) -> HttpServer | None:
         if not self.config.http.enabled:
             return None
-        server = HttpServer()
+        server = self.http = HttpServer()
         add_standard_routes(server, self.metrics, self.readiness)
         await server.start(self.config.http.host, self.config.http.port)
         log.info("http_listening", host=self.config.http.host, port=server.port)
         return server
+
+    async def _housekeeping(self) -> None:
+        """Expire TTL'd rows when due and prune tombstones past their grace period."""
+        assert self.pool is not None
+        sink = self.config.sink
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(sink.expiry_interval_seconds)
+            try:
+                async with self.pool.acquire() as conn:
+                    writer = PgWriter(conn, self.config.postgres.schema, self.group)
+                    for schema in list(self.catalog.tables()):
+                        while await writer.expire_due(schema) >= 1000:
+                            pass
+                    if time.monotonic() - last_prune > 60:
+                        pruned = await writer.prune_tombstones(sink.tombstone_grace_seconds)
+                        last_prune = time.monotonic()
+                        if pruned:
+                            log.info("tombstones_pruned", count=pruned)
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                self.metrics.errors.labels("housekeeping", "transient").inc()
+                log.warning("housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when partitions are assigned and PostgreSQL answers."""
@@ -346,7 +374,7 @@ class Worker:
 
     async def _apply_records(self, records: list[Any]) -> None:
         """Apply records (grouped per partition, in offset order); isolate bad data by halves."""
-        batch, counts = await self._build_batch(records)
+        batch, counts, stamps = await self._build_batch(records)
         try:
             await self._apply_with_retry(batch)
         except FencedError as exc:
@@ -364,7 +392,7 @@ class Worker:
                 return
             await self._apply_dead_letter(records[0], exc)
             return
-        self._acknowledge(batch, counts)
+        self._acknowledge(batch, counts, stamps)
         await self._commit_kafka(batch)
 
     async def _resync(self) -> None:
@@ -375,10 +403,13 @@ class Worker:
         if assignment:
             await self.claim(assignment)
 
-    async def _build_batch(self, records: list[Any]) -> tuple[Batch, dict[tuple[str, str], int]]:
+    async def _build_batch(
+        self, records: list[Any]
+    ) -> tuple[Batch, dict[tuple[str, str], int], dict[str, list[int]]]:
         per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
         batch = Batch()
         counts: dict[tuple[str, str], int] = {}
+        stamps: dict[str, list[int]] = {}
         last: dict[TopicPartition, int] = {}
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
@@ -392,6 +423,7 @@ class Worker:
             if mutation is None:
                 continue
             converted, schema = mutation
+            stamps.setdefault(schema.target, []).append(record.timestamp)
             entry = per_table.setdefault(schema.target, (schema, []))
             if entry[0].version != schema.version:  # the table grew a column mid-batch
                 entry = per_table[schema.target] = (schema, entry[1])
@@ -404,7 +436,7 @@ class Worker:
             batch.checkpoints.append(
                 CheckpointMove(tp.topic, tp.partition, owned.next_offset, offset + 1, owned.epoch)
             )
-        return batch, counts
+        return batch, counts, stamps
 
     async def _to_mutation(self, record: Any) -> tuple[Mutation, TableSchema] | None:
         decoded = await self.decoder.decode(record.key, record.value)
@@ -459,7 +491,13 @@ class Worker:
         await self._apply_with_retry(batch)
         self._acknowledge(batch, {})
 
-    def _acknowledge(self, batch: Batch, counts: dict[tuple[str, str], int]) -> None:
+    def _acknowledge(
+        self,
+        batch: Batch,
+        counts: dict[tuple[str, str], int],
+        stamps: dict[str, list[int]] | None = None,
+    ) -> None:
+        """After COMMIT: move our offsets, count, observe latency (Kafka timestamp → now)."""
         now = time.time()
         for move in batch.checkpoints:
             tp = TopicPartition(move.topic, move.partition)
@@ -471,6 +509,10 @@ class Worker:
         for (topic, table), n in counts.items():
             self.metrics.events_processed.labels(topic, table, "apply").inc(n)
         self.metrics.batch_size.observe(rows)
+        for table, kafka_ms in (stamps or {}).items():
+            histogram = self.metrics.processing_latency.labels(table)
+            for stamp in kafka_ms:
+                histogram.observe(max(0.0, now - stamp / 1000))
         for move in batch.checkpoints:
             log.info(
                 "batch_committed",

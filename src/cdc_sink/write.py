@@ -143,13 +143,43 @@ class PgWriter:
             raise
         return BatchResult(upserted, deleted, time.perf_counter() - began)
 
+    async def expire_due(self, schema: TableSchema, limit: int = 1000) -> int:
+        """Re-settle up to `limit` rows whose TTL has passed, so no expired row stays visible;
+        return how many were due. Safe to run from several workers at once."""
+        now = time.time_ns() // 1000
+        keys = ", ".join(quote_ident(k) for k in schema.key_columns)
+        due = await self.conn.fetch(
+            f"SELECT {keys} FROM {qualified(self.schema, schema.target)} "
+            "WHERE _cdc_expires_at <= $1 LIMIT $2",
+            _micros_to_datetime(now),
+            limit,
+        )
+        if due:
+            touch = [tuple(r[k] for k in schema.key_columns) for r in due]
+            async with self.conn.transaction():
+                await self._apply_table(schema, [], now, touch)
+        return len(due)
+
+    async def prune_tombstones(self, grace_seconds: int) -> int:
+        """Forget tombstones older than the grace period (like Cassandra's gc_grace_seconds)."""
+        horizon = time.time_ns() // 1000 - grace_seconds * 1_000_000
+        status = await self.conn.execute("DELETE FROM _cdc_tombstones WHERE ts_us < $1", horizon)
+        return int(status.split()[-1])
+
     async def _apply_table(
-        self, schema: TableSchema, mutations: list[Mutation], now_us: int
+        self,
+        schema: TableSchema,
+        mutations: list[Mutation],
+        now_us: int,
+        touch: Sequence[Key] = (),
     ) -> tuple[int, int]:
-        partition_columns = await self._lock(schema, mutations)
+        partition_columns = await self._lock(schema, mutations, touch)
         state = TableState(schema.key_columns, partition_columns)
-        await self._load(schema, state, mutations)
+        await self._load(schema, state, mutations, touch)
         plan = apply_mutations(state, mutations)
+        for key in touch:  # rows to re-settle though no event touched them (expiry)
+            if key in state.rows:
+                plan.rows[key] = state.rows[key]
         outcome = settle_plan(state, plan, now_us)
         if partition_columns is None and plan.partition_columns is not None:
             await self._record_partition_columns(schema, plan.partition_columns)
@@ -163,7 +193,9 @@ class PgWriter:
 
     # locking --------------------------------------------------------------------------------
 
-    async def _lock(self, schema: TableSchema, mutations: list[Mutation]) -> tuple[str, ...] | None:
+    async def _lock(
+        self, schema: TableSchema, mutations: list[Mutation], touch: Sequence[Key] = ()
+    ) -> tuple[str, ...] | None:
         """Serialise writers of the same Cassandra partitions; return the partition columns."""
         partition_columns = (
             schema.partition_columns
@@ -181,6 +213,7 @@ class PgWriter:
             return None
         width = len(partition_columns)
         partitions = {json_key(m.key[:width]) for m in mutations}
+        partitions |= {json_key(key[:width]) for key in touch}
         ids = sorted({lock_id(schema.target, p) for p in partitions})
         await self.conn.execute(
             "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id", ids
@@ -212,12 +245,16 @@ class PgWriter:
         return [*schema.columns, *META_COLUMNS]
 
     async def _load(
-        self, schema: TableSchema, state: TableState, mutations: list[Mutation]
+        self,
+        schema: TableSchema,
+        state: TableState,
+        mutations: list[Mutation],
+        touch: Sequence[Key] = (),
     ) -> None:
         target = qualified(self.schema, schema.target)
         columns = self._columns(schema)
         select = ", ".join(quote_ident(c) for c in columns)
-        row_keys = {m.key for m in mutations if None not in m.key}
+        row_keys = {m.key for m in mutations if None not in m.key} | set(touch)
         deleted_partitions: dict[Key, tuple[str, ...]] = {
             tuple(v for v in m.key if v is not None): tuple(
                 n for n, v in zip(schema.key_columns, m.key, strict=True) if v is not None
@@ -248,7 +285,7 @@ class PgWriter:
         if state.partition_columns is None:
             return
         width = len(state.partition_columns)
-        partitions = {json_key(m.key[:width]) for m in mutations} | {
+        partitions = {json_key(k[:width]) for k in row_keys} | {
             json_key(p) for p in deleted_partitions
         }
         stones = await self.conn.fetch(

@@ -1,0 +1,178 @@
+"""Operating the worker: TTL expiry, its HTTP API, migrations, shutdown and bad settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from cdc_sink.config import load_config
+from cdc_sink.runner import Worker
+from tests.support.cassandra_model import Mutation
+from tests.support.pipeline import (
+    create_cassandra_model_table,
+    create_topic,
+    drop_schema,
+    produce,
+    read_rows,
+    schemaless_record,
+    sink_env,
+)
+from tests.support.stack import REPO, Endpoints
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_ttl_rows_expire_and_the_http_api_reports(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """A row inserted with a TTL disappears once it expires, without any further event, while
+    /health, /ready and /metrics report on the running worker."""
+    keyspace, topic, schema = unique("ks"), unique("cdc-events-ttl"), unique("ttl")
+    create_cassandra_model_table(stack, keyspace)
+    await create_topic(stack.kafka, topic)
+    now = time.time_ns() // 1000
+    expiring = Mutation("insert", now, (1, "a", 1, "x"), {"v1": (1, now + 3_000_000)})
+    lasting = Mutation("insert", now, (1, "a", 2, "x"), {"v1": (2, None)})
+    await produce(stack.kafka, topic, [schemaless_record(m, keyspace) for m in (expiring, lasting)])
+    env = sink_env(
+        stack, topic=topic, group=unique("g"), schema=schema, sink__expiry_interval_seconds="0.5"
+    )
+    worker = Worker(load_config(env))
+    task = asyncio.create_task(worker.run())
+    try:
+        columns = ("v1",)
+        async with asyncio.timeout(60):
+            while len(await read_rows(stack.postgres_dsn, schema, "cdc_model", columns)) < 2:
+                await asyncio.sleep(0.2)
+        assert worker.http is not None
+        port = worker.http.port
+        status, body = await asyncio.to_thread(http_get, port, "/health")
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+        status, body = await asyncio.to_thread(http_get, port, "/ready")
+        assert status == 200
+        assert json.loads(body) == {"postgres": True, "assigned_partitions": 8}
+        status, metrics = await asyncio.to_thread(http_get, port, "/metrics")
+        assert status == 200
+        for name in (
+            "cdc_events_processed_total",
+            "cdc_processing_latency_seconds",
+            "cdc_errors_total",
+            "cdc_backlog_depth",
+            "cdc_batch_size",
+            "cdc_transaction_duration_seconds",
+        ):
+            assert name in metrics, name
+        assert (
+            f'cdc_events_processed_total{{op="apply",table="cdc_model",topic="{topic}"}} 2.0'
+            in (metrics)
+        )
+        async with asyncio.timeout(30):
+            while len(await read_rows(stack.postgres_dsn, schema, "cdc_model", columns)) != 1:
+                await asyncio.sleep(0.2)
+        assert await read_rows(stack.postgres_dsn, schema, "cdc_model", columns) == {
+            (1, "a", 2, "x"): {"v1": 2}
+        }
+        assert time.time_ns() // 1000 >= now + 3_000_000
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        await drop_schema(stack.postgres_dsn, schema)
+
+
+def cdc_sink(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **env, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run(
+        [sys.executable, "-m", "cdc_sink", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_migrate_is_idempotent(stack: Endpoints, unique: Callable[[str], str]) -> None:
+    """`migrate` creates every control table once; a second run has nothing to apply."""
+    schema = unique("migrate")
+    env = {"CDC_POSTGRES__DSN": stack.postgres_dsn, "CDC_POSTGRES__SCHEMA": schema}
+    try:
+        first = await asyncio.to_thread(cdc_sink, "migrate", env=env)
+        assert first.returncode == 0, first.stderr
+        assert "applied: 001_control_tables" in first.stdout
+        second = await asyncio.to_thread(cdc_sink, "migrate", env=env)
+        assert second.returncode == 0
+        assert "nothing to apply" in second.stdout
+        import asyncpg
+
+        conn = await asyncpg.connect(stack.postgres_dsn)
+        try:
+            tables = {
+                r["tablename"]
+                for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema
+                )
+            }
+        finally:
+            await conn.close()
+        assert {
+            "_cdc_checkpoints",
+            "_cdc_schema_metadata",
+            "_cdc_dlq_records",
+            "_cdc_reconciliation_jobs",
+            "_cdc_reconciliation_mismatches",
+            "_cdc_audit_log",
+            "_cdc_migrations",
+        } <= tables
+    finally:
+        await drop_schema(stack.postgres_dsn, schema)
+
+
+def test_invalid_setting_stops_start_up_naming_it() -> None:
+    """A bad value fails at start-up with a message naming the setting, and exit code 2."""
+    done = cdc_sink("run", env={"CDC_SINK__BATCH_SIZE": "lots"})
+    assert done.returncode == 2
+    assert "CDC_SINK__BATCH_SIZE" in done.stderr
+    typo = cdc_sink("run", env={"CDC_KAFKA__GROUPID": "x"})
+    assert typo.returncode == 2
+    assert "CDC_KAFKA__GROUPID is not a known setting" in typo.stderr
+
+
+async def test_sigterm_stops_the_worker_cleanly(
+    stack: Endpoints, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """SIGTERM to a running worker: it leaves the group and exits 0 within seconds."""
+    topic, schema = unique("cdc-events-term"), unique("term")
+    await create_topic(stack.kafka, topic)
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
+    full = {**os.environ, **env, "PYTHONPATH": str(REPO / "src")}
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "cdc_sink", "run"], env=full, stdout=out, stderr=out
+        )
+    try:
+        await asyncio.sleep(6)
+        assert worker.poll() is None, log.read_text()
+        began = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(worker.wait, 30)
+        assert code == 0, log.read_text()[-2000:]
+        assert time.monotonic() - began < 30
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        await drop_schema(stack.postgres_dsn, schema)
