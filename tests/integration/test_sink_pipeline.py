@@ -14,6 +14,7 @@ from tests.support.pipeline import (
     create_cassandra_model_table,
     create_topic,
     drop_schema,
+    json_with_schema,
     produce,
     read_rows,
     run_worker,
@@ -73,5 +74,42 @@ async def test_pipeline_converges_to_cassandra(
         finally:
             await conn.close()
         assert stored == len(deliveries)
+    finally:
+        await drop_schema(stack.postgres_dsn, schema)
+
+
+async def test_hostile_identifiers_land_or_are_dead_lettered(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """Tables and columns named `Order`, `select`, `a"b` and in CJK land as quoted
+    identifiers; a 64-byte column name goes to the dead-letter table with a clear message."""
+    topic, schema = unique("cdc-events-hostile"), unique("hostile")
+    columns = {"select": "int32", 'a"b': "string", "名前": "string", "Order": "int64"}
+    long_name = "c" * 64
+    good = json_with_schema(
+        "Shop", "Order", columns, {"select": 1}, {'a"b': "quoted", "名前": "名", "Order": 7}
+    )
+    bad = json_with_schema(
+        "Shop", "other", {"id": "int32", long_name: "int32"}, {"id": 1}, {long_name: 1}
+    )
+    await create_topic(stack.kafka, topic)
+    await produce(stack.kafka, topic, [good, bad])
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
+    env["CDC_CASSANDRA__CONTACT_POINTS"] = ""  # types from the records' own schemas
+    try:
+        worker = await run_worker(env)
+        assert worker.applied_events == 2
+        conn = await asyncpg.connect(stack.postgres_dsn)
+        try:
+            row = await conn.fetchrow(f'SELECT * FROM "{schema}"."cdc_Order"')
+            letters = await conn.fetch(
+                f'SELECT stage, error_class, error_message FROM "{schema}"._cdc_dlq_records'
+            )
+        finally:
+            await conn.close()
+        assert (row["select"], row['a"b'], row["名前"], row["Order"]) == (1, "quoted", "名", 7)
+        assert len(letters) == 1
+        assert letters[0]["error_class"] == "IdentifierError"
+        assert "63" in letters[0]["error_message"]
     finally:
         await drop_schema(stack.postgres_dsn, schema)

@@ -191,3 +191,79 @@ def random_history(rng: random.Random, count: int, keys: int, base_ts: int) -> l
         else:
             mutations.append(Mutation("delete_partition", ts, partition))
     return mutations
+
+
+def json_with_schema(
+    keyspace: str,
+    table: str,
+    columns: Mapping[str, str],
+    key: Mapping[str, Any],
+    cells: Mapping[str, Any],
+    *,
+    op: str = "i",
+    ts_us: int = 1_900_000_000_000_000,
+) -> tuple[bytes, bytes]:
+    """A record as JsonConverter writes it with schemas.enable=true; `columns` maps each
+    column to its Connect type name (int32, string, …) and lists key columns first."""
+
+    def field(name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
+        return {"field": name, **schema}
+
+    def cell_schema(kind: str) -> dict[str, Any]:
+        return {
+            "type": "struct",
+            "name": "cell_value",
+            "optional": True,
+            "fields": [
+                field("value", {"type": kind, "optional": True}),
+                field("deletion_ts", {"type": "int64", "optional": True}),
+                field("set", {"type": "boolean", "optional": False}),
+            ],
+        }
+
+    key_schema = {
+        "type": "struct",
+        "name": f"{keyspace}.{table}.Key",
+        "optional": False,
+        "fields": [field(n, {"type": columns[n], "optional": True}) for n in key],
+    }
+    source = {
+        "type": "struct",
+        "name": "source",
+        "optional": False,
+        "fields": [
+            field("ts_us", {"type": "int64", "optional": True}),
+            field("keyspace", {"type": "string", "optional": False}),
+            field("table", {"type": "string", "optional": False}),
+        ],
+    }
+    after = {
+        "type": "struct",
+        "name": "after",
+        "optional": False,
+        "fields": [field(n, cell_schema(t)) for n, t in columns.items()],
+    }
+    envelope = {
+        "type": "struct",
+        "name": f"{keyspace}.{table}.Envelope",
+        "optional": False,
+        "fields": [
+            field("ts_ms", {"type": "int64", "optional": False}),
+            field("op", {"type": "string", "optional": False}),
+            field("source", source),
+            field("after", after),
+        ],
+    }
+    payload_after: dict[str, Any] = {n: None for n in columns}
+    for name, value in {**key, **cells}.items():
+        payload_after[name] = {"value": value, "deletion_ts": None, "set": True}
+    payload = {
+        "ts_ms": ts_us // 1000,
+        "op": op,
+        "source": {"ts_us": ts_us, "keyspace": keyspace, "table": table},
+        "after": payload_after,
+    }
+    return (
+        json.dumps({"schema": key_schema, "payload": dict(key)}).encode(),
+        json.dumps({"schema": envelope, "payload": payload}).encode(),
+    )
