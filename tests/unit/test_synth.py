@@ -74,8 +74,7 @@ def test_orders_get_row_partition_and_range_deletes(events: list[synth.SynthEven
 
 
 def test_updates_and_deletes_target_keys_inserted_earlier(events: list[synth.SynthEvent]) -> None:
-    """Every update and row delete names a key inserted before it; partition and range deletes
-    name a partition that has had an insert."""
+    """Updates and row deletes name inserted keys; partition/range deletes, inserted partitions."""
     keys: set[tuple[str, tuple[Any, ...]]] = set()
     partitions: set[tuple[str, tuple[Any, ...]]] = set()
     for event in events:
@@ -169,8 +168,7 @@ def _check(event: synth.SynthEvent, change: ChangeEvent) -> None:
 async def test_json_envelopes_decode_and_interpret_to_the_generated_ops(
     events: list[synth.SynthEvent],
 ) -> None:
-    """Every JSON (schemas.enable) envelope decodes and interprets to its event's op, key,
-    write timestamp and cells."""
+    """Each JSON envelope decodes and interprets to its event's op, key, timestamp and cells."""
     encoder, decoder = synth.JsonEncoder(), Decoder(_NoRegistry())
     for offset, event in enumerate(events):
         key, value = encoder.encode(event)
@@ -182,8 +180,7 @@ async def test_json_envelopes_decode_and_interpret_to_the_generated_ops(
 async def test_avro_envelopes_decode_and_interpret_to_the_generated_ops(
     events: list[synth.SynthEvent],
 ) -> None:
-    """Every Avro envelope (Confluent wire format, unique cell names) decodes and interprets
-    like its JSON twin."""
+    """Each Avro envelope (Confluent wire format) decodes and interprets like its JSON twin."""
     registry = _Registry()
     encoder, decoder = synth.AvroEncoder(registry.ids), Decoder(registry)
     for offset, event in enumerate(events[:3_000]):
@@ -195,8 +192,7 @@ async def test_avro_envelopes_decode_and_interpret_to_the_generated_ops(
 
 
 async def test_column_schemas_carry_the_connector_types() -> None:
-    """The envelope's column schemas say uuid, timestamp, list and map as Debezium does, and
-    inet and string-mode decimal as plain strings."""
+    """Column schemas carry Debezium's uuid/timestamp names; inet and decimal are plain strings."""
     event = next(e for e in synth.generate(50, seed=1, start_us=START_US) if e.table == "users")
     decoded = await Decoder(_NoRegistry()).decode(*synth.JsonEncoder().encode(event))
     types = {c: str(from_connect_schema(s)) for c, s in decoded.column_schemas.items()}
@@ -213,8 +209,7 @@ async def test_column_schemas_carry_the_connector_types() -> None:
 
 
 def test_deletes_carry_tombstone_cells_and_ranges_only_bounds() -> None:
-    """A row delete has null cells stamped with the delete time; a range delete has only the
-    partition cell and the bounds; an emptied set is sent as []."""
+    """Deletes null every cell at their time, ranges carry only bounds, an emptied set is []."""
     orders = synth.TABLES["orders"]
     row = synth.SynthEvent("orders", "d", {"customer_id": uuid.uuid4(), "order_id": None}, {}, 5)
     _, value = synth.envelope(row)
