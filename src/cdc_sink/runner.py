@@ -50,7 +50,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TransientError | ConnectionError | OSError | asyncio.TimeoutError):
         return True
     if isinstance(exc, asyncpg.InterfaceError):
-        return "connection" in type(exc).__name__.lower() or "closed" in str(type(exc)).lower()
+        return True  # client-side connection state (closed, broken): reconnect and retry
     state = getattr(exc, "sqlstate", None) or ""
     return state[:2] in TRANSIENT_SQLSTATE_CLASSES
 
@@ -384,7 +384,10 @@ class Worker:
             return
         except asyncpg.PostgresError as exc:
             if not is_data_error(exc):
-                raise
+                raise FatalError(
+                    f"PostgreSQL refused the batch ({exc.sqlstate} {type(exc).__name__}: {exc}); "
+                    "nothing was committed"
+                ) from exc
             if len(records) > 1:
                 middle = len(records) // 2
                 await self._apply_records(records[:middle])
@@ -458,8 +461,13 @@ class Worker:
             except (FencedError, PoisonError):
                 raise
             except Exception as exc:
-                if not is_transient(exc) or attempt == attempts - 1:
+                if not is_transient(exc):
                     raise
+                if attempt == attempts - 1:
+                    raise FatalError(
+                        f"gave up after {attempts} attempts ({type(exc).__name__}: {exc}); "
+                        "nothing was committed, the batch will be re-read on restart"
+                    ) from exc
                 delay = backoff_delay(attempt, 0.1, 60.0, self._rng)
                 self.metrics.retries.labels("write").inc()
                 self.metrics.errors.labels("write", "transient").inc()

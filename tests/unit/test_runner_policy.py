@@ -1,0 +1,63 @@
+"""Retry decisions: SQLSTATE classes decide transient vs data errors; backoff is bounded."""
+
+from __future__ import annotations
+
+import random
+
+import asyncpg
+import pytest
+
+from cdc_sink.errors import TransientError
+from cdc_sink.runner import backoff_delay, is_data_error, is_transient
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.exceptions.SerializationError("x"),  # 40001
+        asyncpg.exceptions.DeadlockDetectedError("x"),  # 40P01
+        asyncpg.exceptions.TooManyConnectionsError("x"),  # 53300
+        asyncpg.exceptions.AdminShutdownError("x"),  # 57P01
+        asyncpg.exceptions.CannotConnectNowError("x"),  # 57P03
+        asyncpg.exceptions.ConnectionDoesNotExistError("x"),  # 08003
+        ConnectionResetError(),
+        TimeoutError(),
+        TransientError("broker unavailable"),
+    ],
+)
+def test_transient_failures_are_retried(exc: BaseException) -> None:
+    """Connection loss, timeouts, serialization failures, deadlocks and shutdowns retry."""
+    assert is_transient(exc)
+    assert not is_data_error(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.exceptions.NumericValueOutOfRangeError("x"),  # 22003
+        asyncpg.exceptions.CharacterNotInRepertoireError("x"),  # 22021
+        asyncpg.exceptions.UniqueViolationError("x"),  # 23505
+        asyncpg.exceptions.DatatypeMismatchError("x"),  # 42804
+    ],
+)
+def test_data_errors_are_isolated_not_retried(exc: BaseException) -> None:
+    """Values that do not fit and constraint violations are the data's fault, not transient."""
+    assert is_data_error(exc)
+    assert not is_transient(exc)
+
+
+def test_permission_errors_are_neither() -> None:
+    """Insufficient privilege (42501) is fatal: neither retried nor blamed on one record."""
+    exc = asyncpg.exceptions.InsufficientPrivilegeError("x")
+    assert not is_transient(exc)
+    assert not is_data_error(exc)
+
+
+def test_backoff_is_full_jitter_and_capped() -> None:
+    """Delays stay within [0, min(cap, base * 2**attempt)] and reach the cap."""
+    rng = random.Random(7)
+    for attempt in range(12):
+        bound = min(60.0, 0.1 * 2**attempt)
+        delays = [backoff_delay(attempt, 0.1, 60.0, rng) for _ in range(200)]
+        assert all(0 <= d <= bound for d in delays)
+        assert max(delays) > bound * 0.8
