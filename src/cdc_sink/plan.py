@@ -10,6 +10,7 @@ batching the events arrive in, the result is the same.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,7 @@ class TableState:
     partition_columns: tuple[str, ...] | None
     rows: dict[Key, RowState] = field(default_factory=dict)
     partitions: dict[Key, PartitionTombstones] = field(default_factory=dict)
+    remembered: set[Key] = field(default_factory=set)  # keys loaded from the dead-row store
 
     def partition_of(self, key: Key) -> Key:
         assert self.partition_columns is not None
@@ -248,11 +250,18 @@ def _compare(left: Sequence[Any], right: Sequence[Any], reversed_: Sequence[bool
     for index, (a, b) in enumerate(zip(left, right, strict=True)):
         if a == b:
             continue
-        less = a < b
+        less = _clustering_order(a) < _clustering_order(b)
         if index < len(reversed_) and reversed_[index]:
             less = not less
         return -1 if less else 1
     return 0
+
+
+def _clustering_order(value: Any) -> Any:
+    """How Cassandra orders a clustering value: timeuuids by their time, then bytes."""
+    if isinstance(value, uuid.UUID) and value.version == 1:
+        return (value.time, value.bytes)
+    return value
 
 
 def settle(state: TableState, key: Key, row: RowState, now_us: int) -> RowState:

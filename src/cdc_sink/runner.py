@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -71,6 +71,18 @@ class Owned:
 
     epoch: int
     next_offset: int
+
+
+@dataclass
+class Prepared:
+    """A chunk of records turned into a Batch (without checkpoint moves yet)."""
+
+    records: list[Any]
+    batch: Batch = field(default_factory=Batch)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, table) -> rows
+    stamps: dict[str, list[int]] = field(default_factory=dict)  # table -> Kafka timestamps
+    first: dict[TopicPartition, int] = field(default_factory=dict)
+    last: dict[TopicPartition, int] = field(default_factory=dict)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -153,7 +165,13 @@ class Worker:
                 min_size=2,
                 max_size=4,
                 timeout=cfg.connect_timeout_s,
-                server_settings={"search_path": cfg.schema, "application_name": "cdc-sink"},
+                server_settings={
+                    "search_path": cfg.schema,
+                    "application_name": "cdc-sink",
+                    # Batch statements take key arrays of very different sizes: a generic plan
+                    # picked after five executions scans whole tables; plan each one.
+                    "plan_cache_mode": "force_custom_plan",
+                },
                 init=prepare_connection,
             )
         except (OSError, asyncpg.PostgresError) as exc:
@@ -353,28 +371,61 @@ class Worker:
             self.metrics.backlog_depth.labels(tp.topic, str(tp.partition)).set(lag)
 
     async def _process(self, fetched: dict[TopicPartition, list[Any]]) -> None:
-        """Apply what was fetched in transactions of at most batch_size records."""
+        """Apply what was fetched, across partitions, in transactions of at most batch_size
+        records (each partition's records stay contiguous and in offset order)."""
         assert self.consumer is not None
-        size = self.config.sink.batch_size
+        pending: list[Any] = []
         for tp, batch in fetched.items():
-            for start in range(0, len(batch), size):
-                async with self._batch_lock:
-                    owned = self.owned.get(tp)
-                    if owned is None:
-                        # Fetched before our claim finished (or after a revoke): give the
-                        # records back; the claim's seek to the checkpoint decides where to read.
-                        if tp in self.consumer.assignment():
-                            self.consumer.seek(tp, batch[start].offset)
-                        break
-                    records = [
-                        r for r in batch[start : start + size] if r.offset >= owned.next_offset
-                    ]
-                    if records:
-                        await self._apply_records(records)
+            owned = self.owned.get(tp)
+            if owned is None:
+                # Fetched before our claim finished (or after a revoke): give the records
+                # back; the claim's seek to the checkpoint decides where reading resumes.
+                if tp in self.consumer.assignment() and batch:
+                    self.consumer.seek(tp, batch[0].offset)
+                continue
+            pending.extend(r for r in batch if r.offset >= owned.next_offset)
+        size = self.config.sink.batch_size
+        for start in range(0, len(pending), size):
+            prepared = await self._prepare(pending[start : start + size])
+            async with self._batch_lock:
+                await self._apply_prepared(prepared)
+
+    async def _apply_prepared(self, prepared: Prepared) -> None:
+        """Apply a prepared chunk if it still starts where each partition's checkpoint is;
+        otherwise (a rebalance or fencing moved things meanwhile) prepare it again."""
+        current = [
+            r
+            for r in prepared.records
+            if (owned := self.owned.get(TopicPartition(r.topic, r.partition)))
+            and r.offset >= owned.next_offset
+        ]
+        starts_match = all(
+            tp in self.owned and self.owned[tp].next_offset == first
+            for tp, first in prepared.first.items()
+        )
+        if len(current) == len(prepared.records) and starts_match:
+            await self._apply(prepared)
+        elif current:
+            await self._apply_records(current)
 
     async def _apply_records(self, records: list[Any]) -> None:
-        """Apply records (grouped per partition, in offset order); isolate bad data by halves."""
-        batch, counts, stamps = await self._build_batch(records)
+        """Prepare and apply records (each partition's contiguous, in offset order)."""
+        await self._apply(await self._prepare(records))
+
+    async def _apply(self, prepared: Prepared) -> None:
+        """One transaction; bad data is isolated by halves down to the record at fault."""
+        batch = prepared.batch
+        batch.checkpoints = [
+            CheckpointMove(
+                tp.topic,
+                tp.partition,
+                self.owned[tp].next_offset,
+                offset + 1,
+                self.owned[tp].epoch,
+            )
+            for tp, offset in prepared.last.items()
+        ]
+        records = prepared.records
         try:
             await self._apply_with_retry(batch)
         except FencedError as exc:
@@ -395,7 +446,7 @@ class Worker:
                 return
             await self._apply_dead_letter(records[0], exc)
             return
-        self._acknowledge(batch, counts, stamps)
+        self._acknowledge(batch, prepared.counts, prepared.stamps)
         await self._commit_kafka(batch)
 
     async def _resync(self) -> None:
@@ -406,40 +457,33 @@ class Worker:
         if assignment:
             await self.claim(assignment)
 
-    async def _build_batch(
-        self, records: list[Any]
-    ) -> tuple[Batch, dict[tuple[str, str], int], dict[str, list[int]]]:
+    async def _prepare(self, records: list[Any]) -> Prepared:
+        """Decode, interpret and convert records (DDL as needed); poison becomes dead letters.
+        Checkpoint moves are added when the chunk is applied."""
         per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
-        batch = Batch()
-        counts: dict[tuple[str, str], int] = {}
-        stamps: dict[str, list[int]] = {}
-        last: dict[TopicPartition, int] = {}
+        prepared = Prepared(records)
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
-            last[tp] = record.offset
+            prepared.first.setdefault(tp, record.offset)
+            prepared.last[tp] = record.offset
             try:
                 mutation = await self._to_mutation(record)
             except PoisonError as exc:
-                batch.dead_letters.append(_dead_letter(record, exc, exc.stage))
+                prepared.batch.dead_letters.append(_dead_letter(record, exc, exc.stage))
                 self.metrics.errors.labels(exc.stage, "poison").inc()
                 continue
             if mutation is None:
                 continue
             converted, schema = mutation
-            stamps.setdefault(schema.target, []).append(record.timestamp)
+            prepared.stamps.setdefault(schema.target, []).append(record.timestamp)
             entry = per_table.setdefault(schema.target, (schema, []))
             if entry[0].version != schema.version:  # the table grew a column mid-batch
                 entry = per_table[schema.target] = (schema, entry[1])
             entry[1].append(converted)
             key = (record.topic, schema.target)
-            counts[key] = counts.get(key, 0) + 1
-        batch.tables = list(per_table.values())
-        for tp, offset in last.items():
-            owned = self.owned[tp]
-            batch.checkpoints.append(
-                CheckpointMove(tp.topic, tp.partition, owned.next_offset, offset + 1, owned.epoch)
-            )
-        return batch, counts, stamps
+            prepared.counts[key] = prepared.counts.get(key, 0) + 1
+        prepared.batch.tables = list(per_table.values())
+        return prepared
 
     async def _to_mutation(self, record: Any) -> tuple[Mutation, TableSchema] | None:
         decoded = await self.decoder.decode(record.key, record.value)

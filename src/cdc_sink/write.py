@@ -188,7 +188,8 @@ class PgWriter:
         gone = [*outcome.remembered, *outcome.removed]
         await self._delete_rows(schema, gone)
         await self._store_tombstones(schema, plan, outcome.live, outcome.remembered)
-        await self._forget_dead(schema, [*outcome.live, *outcome.removed])
+        revived = [k for k in (*outcome.live, *outcome.removed) if k in state.remembered]
+        await self._forget_dead(schema, revived)
         return len(outcome.live), len(gone)
 
     # locking --------------------------------------------------------------------------------
@@ -270,18 +271,21 @@ class PgWriter:
         for record in records:
             key = tuple(record[name] for name in schema.key_columns)
             state.rows[key] = _row_from_record(record, schema)
+        keys_json = {k: json_key(k) for k in row_keys}
         if row_keys:
             dead = await self.conn.fetch(
                 "SELECT partition_key::text AS k, state FROM _cdc_tombstones "
                 "WHERE target_table = $1 AND kind = 'row' AND partition_key = ANY($2::jsonb[])",
                 schema.target,
-                [json_key(k) for k in row_keys],
+                list(keys_json.values()),
             )
-            by_json = {json_key(k): k for k in row_keys}
+            by_json = {keys_json[k]: k for k in row_keys}
             for record in dead:
                 found = by_json.get(json.dumps(json.loads(record["k"]), separators=(",", ":")))
-                if found is not None and found not in state.rows:
-                    state.rows[found] = _row_from_state(json.loads(record["state"]))
+                if found is not None:
+                    state.remembered.add(found)
+                    if found not in state.rows:
+                        state.rows[found] = _row_from_state(json.loads(record["state"]))
         if state.partition_columns is None:
             return
         width = len(state.partition_columns)
