@@ -11,12 +11,13 @@ fencing epoch and previous offset. Either all of it commits or none of it.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -87,9 +88,16 @@ class BatchResult:
     duration_s: float
 
 
-def json_key(values: Iterable[Any]) -> str:
+def json_key(values: tuple[Any, ...]) -> str:
     """The canonical JSON text of a key's PostgreSQL values (stable across load and event)."""
-    return json.dumps([_jsonable(v) for v in values], separators=(",", ":"))
+    # Cached, as a batch renders each key for its locks, lookups and writes; typed, because
+    # 1, 1.0 and True are equal (and hash alike) but render differently.
+    return _json_key(tuple(zip(map(type, values), values, strict=True)))
+
+
+@functools.lru_cache(maxsize=65_536)
+def _json_key(typed: tuple[tuple[type, Any], ...]) -> str:
+    return json.dumps([_jsonable(v) for _, v in typed], separators=(",", ":"))
 
 
 def _jsonable(value: Any) -> Any:
