@@ -75,11 +75,6 @@ class ChangeEvent:
     def is_partition_delete(self) -> bool:
         return self.op is Op.DELETE and any(v is None for v in self.key.values())
 
-    @property
-    def partition_key(self) -> dict[str, Any]:
-        """For partition deletes and range tombstones: the (non-null) partition columns."""
-        return {name: value for name, value in self.key.items() if value is not None}
-
 
 def interpret(
     key: Mapping[str, Any] | None, value: Mapping[str, Any], position: Position

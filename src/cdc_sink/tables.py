@@ -63,17 +63,6 @@ def target_name(table_format: str, keyspace: str, table: str) -> str:
     return table_format.format(table=table, keyspace=keyspace)
 
 
-def cql_text(t: CqlType) -> str:
-    """Cassandra's text for a type, as parse_cql_type reads it back."""
-    if t.name == "udt":
-        inner = t.udt_name or "udt"
-    elif t.params:
-        inner = f"{t.name}<{', '.join(cql_text(p) for p in t.params)}>"
-    else:
-        inner = t.name
-    return f"frozen<{inner}>" if t.frozen and (t.params or t.name == "udt") else inner
-
-
 @dataclass(frozen=True)
 class TableSchema:
     """What the sink knows of one target table: its columns and their Cassandra types."""
