@@ -88,6 +88,9 @@ class SinkConfig:
     tombstone_grace_seconds: int = 864_000  # Cassandra's default gc_grace_seconds
     expiry_interval_seconds: float = 5.0
     migrate_on_start: bool = True
+    retry_attempts: int = 10
+    retry_base_seconds: float = 0.1
+    retry_max_seconds: float = 60.0
 
     def validate(self) -> None:
         if not 1 <= self.batch_size <= 100_000:
@@ -102,6 +105,12 @@ class SinkConfig:
             raise ConfigError(f"CDC_SINK__TABLE_NAME_FORMAT: {exc!r}") from None
         if self.tombstone_grace_seconds < 0:
             raise ConfigError("CDC_SINK__TOMBSTONE_GRACE_SECONDS must be >= 0")
+        if self.retry_attempts < 1:
+            raise ConfigError("CDC_SINK__RETRY_ATTEMPTS must be >= 1")
+        if not 0 < self.retry_base_seconds <= self.retry_max_seconds:
+            raise ConfigError(
+                "CDC_SINK__RETRY_BASE_SECONDS must be > 0 and <= CDC_SINK__RETRY_MAX_SECONDS"
+            )
 
 
 @dataclass(frozen=True)
@@ -169,8 +178,9 @@ def load_config(environ: Mapping[str, str] | None = None, file: Path | None = No
         if not name.startswith("CDC_") or "__" not in name or name == "CDC_CONFIG_FILE":
             continue
         section, _, key = name[4:].lower().partition("__")
-        if section in sections:
-            raw.setdefault(section, {})[key] = value
+        if section not in sections:
+            raise ConfigError(f"{name} is not a known setting (no section {section!r})")
+        raw.setdefault(section, {})[key] = value
     built: dict[str, Any] = {}
     for section, section_field in sections.items():
         cls = section_field.default_factory

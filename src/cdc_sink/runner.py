@@ -495,7 +495,8 @@ class Worker:
         return schema.to_mutation(event), schema
 
     async def _apply_with_retry(self, batch: Batch) -> None:
-        attempts = 10
+        sink = self.config.sink
+        attempts = sink.retry_attempts
         for attempt in range(attempts):
             try:
                 assert self.writer is not None
@@ -512,7 +513,9 @@ class Worker:
                         f"gave up after {attempts} attempts ({type(exc).__name__}: {exc}); "
                         "nothing was committed, the batch will be re-read on restart"
                     ) from exc
-                delay = backoff_delay(attempt, 0.1, 60.0, self._rng)
+                delay = backoff_delay(
+                    attempt, sink.retry_base_seconds, sink.retry_max_seconds, self._rng
+                )
                 self.metrics.retries.labels("write").inc()
                 self.metrics.errors.labels("write", "transient").inc()
                 log.warning(

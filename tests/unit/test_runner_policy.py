@@ -61,3 +61,15 @@ def test_backoff_is_full_jitter_and_capped() -> None:
         delays = [backoff_delay(attempt, 0.1, 60.0, rng) for _ in range(200)]
         assert all(0 <= d <= bound for d in delays)
         assert max(delays) > bound * 0.8
+
+
+def test_retry_settings_are_validated() -> None:
+    """Retry settings read from the environment; nonsense is refused naming the setting."""
+    from cdc_sink.config import ConfigError, load_config
+
+    config = load_config({"CDC_SINK__RETRY_ATTEMPTS": "3", "CDC_SINK__RETRY_MAX_SECONDS": "5"})
+    assert (config.sink.retry_attempts, config.sink.retry_max_seconds) == (3, 5.0)
+    with pytest.raises(ConfigError, match="CDC_SINK__RETRY_ATTEMPTS"):
+        load_config({"CDC_SINK__RETRY_ATTEMPTS": "0"})
+    with pytest.raises(ConfigError, match="CDC_SINK__RETRY_BASE_SECONDS"):
+        load_config({"CDC_SINK__RETRY_BASE_SECONDS": "90"})

@@ -1,0 +1,61 @@
+"""Settings: environment over file, typed and validated, secrets never shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdc_sink.config import ConfigError, load_config
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    """With nothing set, the documented defaults apply."""
+    config = load_config({})
+    assert config.kafka.topic_pattern == "^cdc-events-.*"
+    assert config.sink.batch_size == 1000
+    assert config.sink.table_name_format == "cdc_{table}"
+    assert config.postgres.schema == "public"
+
+
+def test_environment_wins_over_the_file(tmp_path: Path) -> None:
+    """A TOML file sets values; the same CDC_ variable overrides it."""
+    file = tmp_path / "sink.toml"
+    file.write_text('[kafka]\ngroup_id = "from-file"\n[sink]\nbatch_size = 500\n')
+    config = load_config({"CDC_SINK__BATCH_SIZE": "250"}, file)
+    assert config.kafka.group_id == "from-file"
+    assert config.sink.batch_size == 250
+
+
+def test_the_dsn_is_a_secret() -> None:
+    """The PostgreSQL DSN never appears in a repr or str; reveal() gives it to the driver."""
+    dsn = "postgresql://u:s3cret@127.0.0.1:5432/db"
+    config = load_config({"CDC_POSTGRES__DSN": dsn})
+    assert "s3cret" not in repr(config)
+    assert "s3cret" not in str(config.postgres.dsn)
+    assert config.postgres.dsn.reveal() == dsn
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"CDC_KAFKA__TOPIC_PATTERN": "("}, "CDC_KAFKA__TOPIC_PATTERN"),
+        ({"CDC_SINK__TABLE_NAME_FORMAT": "cdc_{nope}"}, "CDC_SINK__TABLE_NAME_FORMAT"),
+        ({"CDC_SINK__BATCH_SIZE": "0"}, "CDC_SINK__BATCH_SIZE"),
+        ({"CDC_POSTGRES__DSN": "mysql://x"}, "CDC_POSTGRES__DSN"),
+        ({"CDC_HTTP__ENABLED": "perhaps"}, "CDC_HTTP__ENABLED"),
+        ({"CDC_BOGUS__X": "1"}, "bogus"),
+    ],
+)
+def test_invalid_settings_are_named(environ: dict[str, str], named: str) -> None:
+    """Every invalid value or unknown key stops loading with a message naming it."""
+    with pytest.raises(ConfigError, match=named):
+        load_config(environ)
+
+
+def test_a_broken_file_is_reported(tmp_path: Path) -> None:
+    """A TOML syntax error names the file."""
+    file = tmp_path / "bad.toml"
+    file.write_text("[kafka\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        load_config({}, file)
