@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,9 +123,8 @@ def port_open(port: int, host: str = HOST) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def http_get(url: str, timeout: float = 3.0, headers: dict[str, str] | None = None) -> bytes:
-    request = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+def http_get(url: str, timeout: float = 3.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         body: bytes = response.read()
         return body
 
@@ -251,7 +250,6 @@ class Service:
     stop_timeout: float = 30
     stop_signal: int = signal.SIGTERM
     user: str | None = None  # run as this OS user (PostgreSQL refuses to run as root)
-    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -842,7 +840,7 @@ def start(service: Service) -> bool:
             f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode()
         )
         out.flush()
-        env = {**os.environ, **service.extra_env, OWNER_VARIABLE: service.owner_tag}
+        env = {**os.environ, OWNER_VARIABLE: service.owner_tag}
         process = subprocess.Popen(
             argv,
             stdout=out,

@@ -26,7 +26,13 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from cdc_sink.config import Config
 from cdc_sink.ddl import CassandraSystemSchema, Catalog
 from cdc_sink.decode import ConfluentRegistry, Decoder
-from cdc_sink.errors import FatalError, FencedError, PoisonError, TransientError
+from cdc_sink.errors import (
+    DecodeError,
+    FatalError,
+    FencedError,
+    PoisonError,
+    TransientError,
+)
 from cdc_sink.events import Position, interpret
 from cdc_sink.http import HttpServer, add_standard_routes
 from cdc_sink.logs import get_logger
@@ -112,6 +118,7 @@ class Worker:
         self._rng = random.Random()  # noqa: S311 - jitter, not security
         self._end_at_start: dict[TopicPartition, int] = {}
         self.applied_events = 0
+        self._backlog_at = 0.0  # when cdc_backlog_depth was last refreshed (monotonic)
         self.pool: asyncpg.Pool | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.writer: PgWriter | None = None
@@ -359,9 +366,11 @@ class Worker:
         )
 
     async def _report_backlog(self) -> None:
+        """Refresh cdc_backlog_depth from the end offsets, at most once a second."""
         assert self.consumer is not None
-        if not self.owned:
+        if not self.owned or time.monotonic() - self._backlog_at < 1.0:
             return
+        self._backlog_at = time.monotonic()
         try:
             ends = await self.consumer.end_offsets(list(self.owned))
         except KafkaError:
@@ -391,21 +400,21 @@ class Worker:
                 await self._apply_prepared(prepared)
 
     async def _apply_prepared(self, prepared: Prepared) -> None:
-        """Apply a prepared chunk if it still starts where each partition's checkpoint is;
-        otherwise (a rebalance or fencing moved things meanwhile) prepare it again."""
+        """Apply a prepared chunk if each partition's records still start at its checkpoint;
+        otherwise (a rebalance or fencing moved things meanwhile) prepare what is left again."""
+        if all(
+            tp in self.owned and self.owned[tp].next_offset == first
+            for tp, first in prepared.first.items()
+        ):
+            await self._apply(prepared)
+            return
         current = [
             r
             for r in prepared.records
             if (owned := self.owned.get(TopicPartition(r.topic, r.partition)))
             and r.offset >= owned.next_offset
         ]
-        starts_match = all(
-            tp in self.owned and self.owned[tp].next_offset == first
-            for tp, first in prepared.first.items()
-        )
-        if len(current) == len(prepared.records) and starts_match:
-            await self._apply(prepared)
-        elif current:
+        if current:
             await self._apply_records(current)
 
     async def _apply_records(self, records: list[Any]) -> None:
@@ -597,8 +606,6 @@ class Worker:
 
 class _NoRegistry:
     async def schema_by_id(self, schema_id: int) -> str:
-        from cdc_sink.errors import DecodeError
-
         raise DecodeError(
             f"Avro record with schema id {schema_id} but no CDC_SCHEMA_REGISTRY__URL configured"
         )

@@ -32,6 +32,7 @@ from cdc_sink.plan import (
     PartitionTombstones,
     RangeTombstone,
     RowState,
+    TablePlan,
     TableState,
     apply_mutations,
     next_expiry,
@@ -195,7 +196,7 @@ class PgWriter:
         await self._upsert(schema, outcome.live, now_us)
         gone = [*outcome.remembered, *outcome.removed]
         await self._delete_rows(schema, gone)
-        await self._store_tombstones(schema, plan, outcome.live, outcome.remembered)
+        await self._store_tombstones(schema, plan, outcome.remembered)
         revived = [k for k in (*outcome.live, *outcome.removed) if k in state.remembered]
         await self._forget_dead(schema, revived)
         return len(outcome.live), len(gone)
@@ -411,8 +412,7 @@ class PgWriter:
     async def _store_tombstones(
         self,
         schema: TableSchema,
-        plan: Any,
-        live: dict[Key, RowState],
+        plan: TablePlan,
         remembered: dict[Key, RowState],
     ) -> None:
         rows: list[tuple[str, str, str, str | None, int]] = []
