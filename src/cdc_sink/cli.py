@@ -41,6 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 once everything up to the end offsets seen at start is applied",
     )
     commands.add_parser("migrate", help="apply pending sql/ migrations (control tables)")
+    reconcile = commands.add_parser(
+        "reconcile", help="compare PostgreSQL with Cassandra (run a job, repair its mismatches)"
+    )
+    actions = reconcile.add_subparsers(dest="action", metavar="ACTION", required=True)
+    job = actions.add_parser("run", help="run one reconciliation job now and print its summary")
+    job.add_argument("--table", required=True, help="target table (or Cassandra table name)")
+    job.add_argument(
+        "--strategy",
+        required=True,
+        help="row_count, checksum, timestamp_range or sample",
+    )
+    job.add_argument("--window-start", help="timestamp_range: ISO 8601 start (inclusive)")
+    job.add_argument("--window-end", help="timestamp_range: ISO 8601 end (exclusive)")
+    job.add_argument("--sample-size", type=int, help="sample: how many keys to compare")
+    job.add_argument("--seed", type=int, help="sample: random seed (repeatable draws)")
+    repair = actions.add_parser("repair", help="repair the open mismatches of a job")
+    repair.add_argument("--job", type=int, required=True, help="the reconciliation job id")
     return parser
 
 
@@ -61,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_migrate(config))
         if args.command == "run":
             return _run(_serve(config, stop_when_caught_up=args.stop_when_caught_up))
+        if args.command == "reconcile":
+            from cdc_recon.cli import reconcile
+
+            return _run(reconcile(config, args))
     except FatalError as exc:
         get_logger("cdc_sink").error("fatal", error=str(exc))
         print(f"cdc-sink: {exc}", file=sys.stderr)

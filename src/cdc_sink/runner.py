@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -41,6 +41,9 @@ from cdc_sink.migrate import migrate, pending
 from cdc_sink.plan import Mutation
 from cdc_sink.tables import TableSchema
 from cdc_sink.write import Batch, CheckpointMove, DeadLetter, PgWriter, prepare_connection
+
+if TYPE_CHECKING:
+    from cdc_recon.service import ReconciliationRuntime
 
 log = get_logger("cdc_sink.runner")
 
@@ -124,6 +127,7 @@ class Worker:
         self.writer: PgWriter | None = None
         self.http: HttpServer | None = None
         self._writer_conn: asyncpg.Connection | None = None
+        self.recon: ReconciliationRuntime | None = None
 
     # lifecycle ------------------------------------------------------------------------------
 
@@ -144,11 +148,18 @@ class Worker:
                 self.pool, cfg.postgres.schema, cfg.sink.table_name_format, cassandra
             )
             await self._open_writer()
+            from cdc_recon.service import ReconciliationRuntime
+
+            self.recon = ReconciliationRuntime(
+                cfg, self.pool, self.metrics.registry, self.worker_id
+            )
             http = await self._start_http()
+            self.recon.start()  # the reconciliation scheduler, if CDC_RECONCILIATION__ENABLED
             housekeeping = asyncio.create_task(self._housekeeping())
             try:
                 await self._consume()
             finally:
+                await self.recon.close()
                 housekeeping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await housekeeping
@@ -242,6 +253,10 @@ class Worker:
             return None
         server = self.http = HttpServer()
         add_standard_routes(server, self.metrics, self.readiness)
+        if self.recon is not None:
+            from cdc_recon.api import add_reconciliation_routes
+
+            add_reconciliation_routes(server, self.recon)
         await server.start(self.config.http.host, self.config.http.port)
         log.info("http_listening", host=self.config.http.host, port=server.port)
         return server

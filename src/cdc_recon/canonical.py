@@ -1,0 +1,284 @@
+"""Canonical form of a row, the same for both sides, and its digests. Pure, no I/O.
+
+A Cassandra value (as cassandra-driver returns it) is first converted with the sink's own
+converter (`cdc_sink.types.converter`), so it becomes exactly what the sink would have written
+to PostgreSQL; a PostgreSQL value (as asyncpg returns it) is taken as it is. Both then go
+through `canonical_value`, which turns every type into one plain representation:
+
+- integers stay ints, booleans bools, text str;
+- decimal/varint: the normalised digits ("1.50" and "1.5" are the same number), NaN/±Infinity
+  as words; float/double: Python's repr of the double ("NaN", "Infinity", "-Infinity");
+- timestamp: microseconds since the epoch; date/time: ISO text; duration: microseconds;
+- blob: hex; uuid, timeuuid, inet: their standard text;
+- list: the canonical elements in order; set: sorted; a non-frozen collection that is empty
+  is null (Cassandra cannot tell an empty non-frozen collection from null);
+- jsonb (map, tuple, UDT, nested collections): parsed, walked with the column's type (numbers
+  by value, sets sorted, UDT fields complete) and written as compact JSON with sorted keys.
+
+Equal data gives equal canonical values, whatever driver, codec, key order or number
+formatting produced it; that is what keeps identical tables from ever showing a difference.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
+from typing import Any
+
+from cdc_sink.errors import ConversionError
+from cdc_sink.types import CqlType, converter, pg_type
+
+__all__ = [
+    "CanonRow",
+    "bucket_of",
+    "canonical_value",
+    "differing_columns",
+    "driver_exact",
+    "from_cassandra",
+    "key_text",
+    "row_digest",
+]
+
+Canon = Any  # None | bool | int | str | list[Canon]: what canonical_value returns
+CanonRow = tuple[tuple[Canon, ...], tuple[Canon, ...]]  # (key values, other column values)
+
+_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_NAIVE_EPOCH = dt.datetime(1970, 1, 1)
+_MICRO = dt.timedelta(microseconds=1)
+UNCONVERTIBLE = "!unconvertible:"  # a Cassandra value the sink could not have stored
+
+
+def from_cassandra(t: CqlType, value: Any) -> Canon:
+    """The canonical form of a cassandra-driver value of type `t`.
+
+    A value the sink's converter refuses comes back as a marker string that no PostgreSQL value
+    canonicalises to, so it is reported as a difference rather than hidden.
+    """
+    if value is None:
+        return None
+    try:
+        converted = converter(t)(driver_exact(t, value))
+    except ConversionError as exc:
+        return f"{UNCONVERTIBLE}{exc}"
+    return canonical_value(t, converted)
+
+
+def driver_exact(t: CqlType, value: Any) -> Any:
+    """Undo cassandra-driver's float rounding of timestamps.
+
+    The driver turns a timestamp's epoch milliseconds into a datetime through a float of
+    seconds, which is off by microseconds far from 1970 (year 400 by ~8 µs). Cassandra keeps
+    milliseconds, so rounding back to the nearest millisecond restores the stored value.
+    Collections, tuples and UDTs holding timestamps are rebuilt with the fix applied.
+    """
+    fix = _exact_fixer(t)
+    return value if fix is None or value is None else fix(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _exact_fixer(t: CqlType) -> Callable[[Any], Any] | None:
+    if t.name == "timestamp":
+        return _round_ms
+    if t.name in ("list", "set", "tuple"):
+        fixes = [_exact_fixer(p) for p in t.params]
+        if not any(fixes):
+            return None
+        if t.name == "tuple":
+            return lambda v: tuple(
+                x if f is None or x is None else f(x) for f, x in zip(fixes, v, strict=False)
+            )
+        fix = fixes[0]
+        assert fix is not None
+        return lambda v: [None if x is None else fix(x) for x in v]
+    if t.name == "map":
+        key_fix, value_fix = (_exact_fixer(p) or (lambda x: x) for p in t.params)
+        if _exact_fixer(t.params[0]) is None and _exact_fixer(t.params[1]) is None:
+            return None
+        return lambda v: {
+            key_fix(k): None if x is None else value_fix(x) for k, x in dict(v).items()
+        }
+    if t.name == "udt" and t.fields:
+        fields = [(name, _exact_fixer(ft)) for name, ft in t.fields]
+        if not any(f for _, f in fields):
+            return None
+
+        def udt(v: Any) -> Any:
+            items = v._asdict() if hasattr(v, "_asdict") else dict(v)
+            return {
+                name: (items.get(name) if f is None or items.get(name) is None else f(items[name]))
+                for name, f in fields
+            }
+
+        return udt
+    return None
+
+
+def _round_ms(value: Any) -> Any:
+    if not isinstance(value, dt.datetime):
+        return value
+    naive = value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value
+    micros = (naive - _NAIVE_EPOCH) // _MICRO
+    return _NAIVE_EPOCH + dt.timedelta(milliseconds=(micros + 500) // 1000)
+
+
+def canonical_value(t: CqlType, value: Any) -> Canon:
+    """The canonical form of a PostgreSQL-side value of a column of Cassandra type `t`."""
+    if value is None:
+        return None
+    return _column(t)(value)
+
+
+def _column(t: CqlType) -> Callable[[Any], Canon]:
+    kind = pg_type(t)
+    if kind == "jsonb":
+        return lambda v: _json_column(t, v)
+    if kind.endswith("[]"):
+        element = _SCALAR[t.params[0].name]
+        ordered = t.name == "list"
+
+        def array(v: Any) -> Canon:
+            items = [None if x is None else element(x) for x in v]
+            if not items and not t.frozen:
+                return None
+            return items if ordered else sorted(items, key=_sort_key)
+
+        return array
+    return _SCALAR[t.name]
+
+
+def _decimal(value: Any) -> str:
+    d = value if isinstance(value, Decimal) else Decimal(str(value))
+    if d.is_nan():
+        return "NaN"
+    if d.is_infinite():
+        return "Infinity" if d > 0 else "-Infinity"
+    if d.is_zero():
+        return "0"
+    return str(d.normalize(_EXACT))
+
+
+def _float(value: Any) -> str:
+    if isinstance(value, str):
+        if value in ("NaN", "Infinity", "-Infinity"):
+            return value
+        value = Decimal(value)
+    f = float(value)
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "Infinity" if f > 0 else "-Infinity"
+    return repr(f)
+
+
+def _timestamp(value: Any) -> int:
+    stamp: dt.datetime = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    return (stamp - _EPOCH) // _MICRO
+
+
+def _duration(value: Any) -> int:
+    delta: dt.timedelta = value
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _inet(value: Any) -> str:
+    # asyncpg reads a host address as IPv4Address/IPv6Address, a masked one as an interface.
+    network = getattr(value, "network", None)
+    if network is not None and network.prefixlen == network.max_prefixlen:
+        return str(value.ip)
+    return str(value)
+
+
+_SCALAR: dict[str, Callable[[Any], Canon]] = {
+    "boolean": bool,
+    "tinyint": int,
+    "smallint": int,
+    "int": int,
+    "bigint": int,
+    "counter": int,
+    "varint": _decimal,
+    "decimal": _decimal,
+    "float": _float,
+    "double": _float,
+    "blob": lambda v: bytes(v).hex(),
+    "uuid": str,
+    "timeuuid": str,
+    "inet": _inet,
+    "timestamp": _timestamp,
+    "date": lambda v: v.isoformat(),
+    "time": lambda v: v.isoformat(timespec="microseconds"),
+    "duration": _duration,
+    **{name: str for name in ("ascii", "text", "varchar")},
+}
+
+
+def _json_column(t: CqlType, value: Any) -> Canon:
+    parsed = json.loads(value) if isinstance(value, str | bytes) else value
+    canonical = _json(t, parsed)
+    if canonical in ([], {}) and not t.frozen and t.name in ("list", "set", "map"):
+        return None
+    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json(t: CqlType, value: Any) -> Any:
+    """Walk a parsed JSON value with its type; anything unexpected is kept as it is (so it
+    shows as a difference instead of raising)."""
+    if value is None:
+        return None
+    try:
+        name = t.name
+        if name in ("decimal", "varint"):
+            return _decimal(value)
+        if name in ("float", "double"):
+            return _float(value)
+        if name in ("list", "set") and isinstance(value, list):
+            items = [_json(t.params[0], x) for x in value]
+            return items if name == "list" else sorted(items, key=_sort_key)
+        if name == "map" and isinstance(value, Mapping):
+            return {str(k): _json(t.params[1], x) for k, x in value.items()}
+        if name == "tuple" and isinstance(value, list):
+            return [_json(p, x) for p, x in zip(t.params, value, strict=False)] + value[
+                len(t.params) :
+            ]
+        if name == "udt" and isinstance(value, Mapping):
+            fields = dict(t.fields)
+            out = {f: _json(ft, value.get(f)) for f, ft in t.fields}
+            out.update({k: v for k, v in value.items() if k not in fields})
+            return out
+    except (ValueError, TypeError, InvalidOperation):
+        return value
+    return value
+
+
+def _sort_key(value: Canon) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def key_text(key: Sequence[Canon]) -> str:
+    """The canonical key as compact JSON text (stored as the mismatch's row_key)."""
+    return json.dumps(list(key), separators=(",", ":"), ensure_ascii=False)
+
+
+def row_digest(row: CanonRow) -> bytes:
+    """SHA-256 of the canonical row (key and values)."""
+    text = json.dumps([row[0], row[1]], separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).digest()
+
+
+def bucket_of(key: str, buckets: int) -> int:
+    """The checksum bucket of a canonical key text: a hash, not Cassandra's token, so both
+    sides agree without knowing the partitioner."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % buckets
+
+
+def differing_columns(
+    names: Iterable[str], cassandra: Sequence[Canon], postgres: Sequence[Canon]
+) -> list[str]:
+    """The names of the columns whose canonical values differ."""
+    return [n for n, a, b in zip(names, cassandra, postgres, strict=True) if a != b]

@@ -1,0 +1,130 @@
+"""`python -m cdc_sink reconcile run|repair`: one job or one repair from the command line.
+
+Exit codes: 0 when the job ran (whatever drift it found) or the repair finished; 1 when the job
+failed or a service cannot be reached; 2 for an unknown table, strategy or job, or bad options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+import asyncpg
+
+from cdc_recon.alerting import ReconMetrics
+from cdc_recon.errors import (
+    InvalidRequestError,
+    ReconError,
+    UnknownJobError,
+    UnknownStrategyError,
+    UnknownTableError,
+)
+from cdc_recon.readers import connect_cassandra
+from cdc_recon.service import Reconciler
+from cdc_sink.config import Config
+from cdc_sink.write import prepare_connection
+
+USAGE_ERRORS = (UnknownTableError, UnknownStrategyError, UnknownJobError, InvalidRequestError)
+
+
+async def reconcile(config: Config, args: argparse.Namespace) -> int:
+    """Run `reconcile run` or `reconcile repair`; print the outcome; return the exit code."""
+    try:
+        return await _reconcile(config, args)
+    except USAGE_ERRORS as exc:
+        print(f"cdc-sink reconcile: {exc}", file=sys.stderr)
+        return 2
+    except ReconError as exc:
+        print(f"cdc-sink reconcile: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _reconcile(config: Config, args: argparse.Namespace) -> int:
+    try:
+        pool = await asyncpg.create_pool(
+            config.postgres.dsn.reveal(),
+            min_size=1,
+            max_size=4,
+            timeout=config.postgres.connect_timeout_s,
+            server_settings={
+                "search_path": config.postgres.schema,
+                "application_name": "cdc-recon",
+            },
+            init=prepare_connection,
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ReconError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
+    assert pool is not None
+    session: Any = None
+    try:
+        ready = await pool.fetchval(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1 "
+            "AND table_name = '_cdc_reconciliation_jobs' AND column_name = 'options'",
+            config.postgres.schema,
+        )
+        if not ready:
+            raise ReconError(
+                "the control tables are missing or outdated: run `python -m cdc_sink migrate`"
+            )
+        settings = config.reconciliation
+        session = await asyncio.to_thread(connect_cassandra, config.cassandra, settings.consistency)
+        reconciler = Reconciler(
+            pool,
+            config.postgres.schema,
+            session,
+            settings,
+            metrics=ReconMetrics(),
+            pushgateway_url=config.pushgateway.url,
+            owner=f"cli-{socket.gethostname()}-{os.getpid()}",
+        )
+        if args.action == "repair":
+            summary = await reconciler.repair(args.job)
+            print(
+                f"job {summary.job_id}: repaired {summary.repaired}, "
+                f"not converged {summary.unresolved}, cannot repair {summary.skipped}"
+            )
+            return 0 if summary.unresolved == 0 and summary.skipped == 0 else 1
+        options = {
+            name: value
+            for name, value in (
+                ("window_start", args.window_start),
+                ("window_end", args.window_end),
+                ("sample_size", args.sample_size),
+                ("seed", args.seed),
+            )
+            if value is not None
+        }
+        job = await reconciler.run(args.table, args.strategy, options, trigger="cli")
+        print(_summary(job))
+        if job["status"] != "succeeded":
+            print(f"cdc-sink reconcile: job {job['id']} failed: {job['error']}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        if session is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(session.cluster.shutdown)
+        await pool.close()
+
+
+def _summary(job: dict[str, Any]) -> str:
+    lines = [
+        f"job {job['id']}: {job['strategy']} of {job['target_table']}: {job['status']}",
+    ]
+    if job["status"] == "succeeded":
+        lines.append(
+            f"  cassandra rows {job['cassandra_rows']}, postgres rows {job['postgres_rows']}, "
+            f"mismatches {job['mismatches']}, drift {job['drift_percentage']:.4f} %"
+        )
+        if job["window_start"] is not None:
+            lines.append(f"  window [{job['window_start']}, {job['window_end']})")
+        lines.append(f"  details {json.dumps(job['details'], default=str)}")
+    else:
+        lines.append(f"  error: {job['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,673 @@
+"""Readers: the same table read from Cassandra and from PostgreSQL, as canonical rows.
+
+CassandraReader scans by token ranges (the ring split into `splits` equal ranges, at most
+`concurrency` read at once, `page_size` rows a page, at the configured consistency level) in
+worker threads, because cassandra-driver is blocking; pages reach the event loop through a
+bounded queue, so a slow consumer slows the scan instead of filling memory. PgReader scans by
+keyset (`WHERE (key) > (last key) ORDER BY key LIMIT page_size`), which keeps every page an
+index range scan however large the table. Both yield `Scanned` rows in canonical form
+(canonical.py), in no particular order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import itertools
+import json
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from cdc_recon.canonical import Canon, canonical_value, driver_exact, from_cassandra, key_text
+from cdc_recon.errors import ReconError, UnknownTableError
+from cdc_sink.config import CassandraConfig
+from cdc_sink.tables import TableSchema, qualified, quote_ident
+from cdc_sink.types import CqlType, parse_cql_type, pg_type
+
+MIN_TOKEN, MAX_TOKEN = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ReconTable:
+    """One reconciled table: where it lives on both sides and the columns compared.
+
+    `columns` holds Cassandra's own types (UDT fields included), key columns first (partition,
+    then clustering); only columns present on both sides are compared, the others are listed
+    in `cassandra_only`.
+    """
+
+    target: str
+    keyspace: str
+    source: str
+    key_columns: tuple[str, ...]
+    partition_columns: tuple[str, ...]
+    columns: dict[str, CqlType]
+    cassandra_only: tuple[str, ...] = ()
+
+    @property
+    def value_columns(self) -> tuple[str, ...]:
+        return tuple(c for c in self.columns if c not in self.key_columns)
+
+    @property
+    def single_cell_columns(self) -> tuple[str, ...]:
+        """Value columns stored as one cell (scalars, frozen types): their WRITETIME is the
+        time of the last write, which the sink also stores. A non-frozen collection or UDT
+        holds a cell per element, so removing elements leaves no WRITETIME behind."""
+        return tuple(
+            c
+            for c in self.value_columns
+            if self.columns[c].name not in ("list", "set", "map", "udt") or self.columns[c].frozen
+        )
+
+    def key_types(self) -> list[CqlType]:
+        return [self.columns[c] for c in self.key_columns]
+
+    def sink_schema(self) -> TableSchema:
+        """The sink's view of the table (for writing repairs through PgWriter)."""
+        return TableSchema(
+            keyspace=self.keyspace,
+            table=self.source,
+            target=self.target,
+            key_columns=self.key_columns,
+            columns=self.columns,
+            partition_columns=self.partition_columns,
+        )
+
+
+@dataclass(slots=True)
+class Scanned:
+    """One row in canonical form; `writetimes` (µs, per non-null column) when asked for."""
+
+    key: tuple[Canon, ...]
+    values: tuple[Canon, ...]
+    writetimes: dict[str, int] | None = None
+
+    @property
+    def key_text(self) -> str:
+        return key_text(self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class NativeRow:
+    """A Cassandra row as the driver returns it: every column's value, and each non-null
+    cell's WRITETIME (µs) and remaining TTL (s)."""
+
+    values: dict[str, Any]
+    writetimes: dict[str, int]
+    ttls: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RowStamps:
+    """What the sink stored about a PostgreSQL row's timestamps: each cell's, and the
+    newest of the cells, the row marker and the row tombstone."""
+
+    cells: dict[str, int]
+    newest: int
+
+
+# --------------------------------------------------------------------------------------------
+# keys: canonical -> driver/asyncpg values (for point reads)
+
+
+def native_key_value(t: CqlType, canon: Canon) -> Any:
+    """The Python value both drivers accept for a canonical key value of type `t`."""
+    if canon is None:
+        return None
+    name = t.name
+    if name in ("decimal", "varint"):
+        return Decimal(canon) if name == "decimal" else int(Decimal(canon))
+    if name in ("float", "double"):
+        return float(canon.replace("Infinity", "inf"))
+    if name == "blob":
+        return bytes.fromhex(canon)
+    if name in ("uuid", "timeuuid"):
+        return uuid.UUID(canon)
+    if name == "inet":
+        return ipaddress.ip_address(canon)
+    if name == "timestamp":
+        return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=canon)
+    if name == "date":
+        return dt.date.fromisoformat(canon)
+    if name == "time":
+        return dt.time.fromisoformat(canon)
+    if name == "duration":
+        return dt.timedelta(microseconds=canon)
+    if pg_type(t) == "jsonb" or pg_type(t).endswith("[]"):
+        raise ReconError(f"point reads by a {t} key are not supported")
+    return canon
+
+
+def native_key(table: ReconTable, key: Sequence[Canon]) -> tuple[Any, ...]:
+    return tuple(native_key_value(t, v) for t, v in zip(table.key_types(), key, strict=True))
+
+
+# --------------------------------------------------------------------------------------------
+# resolving a table
+
+
+async def resolve_table(
+    conn: asyncpg.Connection | asyncpg.Pool, pg_schema: str, session: Any, name: str
+) -> ReconTable:
+    """Find `name` (a target table, or a Cassandra table name if exactly one target has it)
+    in `_cdc_schema_metadata`, then read Cassandra's system_schema for its exact types.
+    UnknownTableError if it is not a table the sink writes, or Cassandra no longer has it."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT ON (target_table) target_table, keyspace_name, source_table "
+        "FROM _cdc_schema_metadata WHERE target_table = $1 OR source_table = $1 "
+        "ORDER BY target_table, version DESC",
+        name,
+    )
+    exact = [r for r in rows if r["target_table"] == name]
+    if exact:
+        rows = exact
+    if not rows:
+        raise UnknownTableError(f"unknown table {name!r}: the sink has written no such table")
+    if len(rows) > 1:
+        names = ", ".join(r["target_table"] for r in rows)
+        raise UnknownTableError(f"table name {name!r} is ambiguous: it matches {names}")
+    row = rows[0]
+    present = {
+        r["column_name"]
+        for r in await conn.fetch(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = $1 AND table_name = $2",
+            pg_schema,
+            row["target_table"],
+        )
+    }
+    if not present:
+        raise UnknownTableError(f"table {pg_schema}.{row['target_table']} does not exist")
+    keyspace, source = row["keyspace_name"], row["source_table"]
+    described = await asyncio.to_thread(_describe, session, keyspace, source)
+    if described is None:
+        raise UnknownTableError(f"Cassandra has no table {keyspace}.{source}")
+    columns, partition, clustering = described
+    keys = (*partition, *clustering)
+    ordered = {c: columns[c] for c in keys} | {
+        c: t for c, t in columns.items() if c not in keys and c in present
+    }
+    return ReconTable(
+        target=row["target_table"],
+        keyspace=keyspace,
+        source=source,
+        key_columns=keys,
+        partition_columns=partition,
+        columns=ordered,
+        cassandra_only=tuple(c for c in columns if c not in present),
+    )
+
+
+def _describe(
+    session: Any, keyspace: str, table: str
+) -> tuple[dict[str, CqlType], tuple[str, ...], tuple[str, ...]] | None:
+    # The session's rows are plain tuples (tuple_factory): fields by position.
+    udts = {
+        name: list(zip(fields, types, strict=True))
+        for name, fields, types in session.execute(
+            "SELECT type_name, field_names, field_types FROM system_schema.types "
+            "WHERE keyspace_name = %s",
+            [keyspace],
+        )
+    }
+    rows = list(
+        session.execute(
+            "SELECT column_name, type, kind, position FROM system_schema.columns "
+            "WHERE keyspace_name = %s AND table_name = %s",
+            [keyspace, table],
+        )
+    )
+    if not rows:
+        return None
+    columns = {name: parse_cql_type(text, udts) for name, text, _, _ in rows}
+
+    def ordered(kind: str) -> tuple[str, ...]:
+        return tuple(name for _, name in sorted((p, n) for n, _, k, p in rows if k == kind))
+
+    partition, clustering = ordered("partition_key"), ordered("clustering")
+    return columns, partition, clustering
+
+
+# --------------------------------------------------------------------------------------------
+# Cassandra
+
+
+def connect_cassandra(cfg: CassandraConfig, consistency: str, timeout_s: float = 60.0) -> Any:
+    """A cassandra-driver session reading at `consistency` (blocking; call in a thread)."""
+    from cassandra import ConsistencyLevel
+    from cassandra.auth import PlainTextAuthProvider
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+    from cassandra.policies import DCAwareRoundRobinPolicy
+    from cassandra.query import tuple_factory
+
+    if not cfg.contact_points:
+        raise ReconError("reconciliation needs Cassandra: set CDC_CASSANDRA__CONTACT_POINTS")
+    auth = (
+        PlainTextAuthProvider(cfg.username, cfg.password.reveal() if cfg.password else "")
+        if cfg.username
+        else None
+    )
+    profile = ExecutionProfile(
+        load_balancing_policy=DCAwareRoundRobinPolicy(cfg.local_dc),
+        consistency_level=ConsistencyLevel.name_to_value[consistency.upper()],
+        request_timeout=timeout_s,
+        row_factory=tuple_factory,
+    )
+    cluster = Cluster(
+        [h.strip() for h in cfg.contact_points.split(",")],
+        port=cfg.port,
+        auth_provider=auth,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        protocol_version=5,
+    )
+    try:
+        return cluster.connect()
+    except Exception as exc:
+        cluster.shutdown()
+        raise ReconError(f"cannot connect to Cassandra: {exc}") from exc
+
+
+def _cql_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def token_ranges(splits: int) -> list[tuple[int, int]]:
+    """The Murmur3 ring (MIN_TOKEN, MAX_TOKEN] cut into `splits` contiguous ranges."""
+    width = (MAX_TOKEN - MIN_TOKEN) // splits
+    bounds = [MIN_TOKEN + i * width for i in range(splits)] + [MAX_TOKEN]
+    return list(itertools.pairwise(bounds))
+
+
+class CassandraReader:
+    """Reads a ReconTable from Cassandra. `session` is a cassandra-driver Session."""
+
+    def __init__(self, session: Any, *, page_size: int = 5000, concurrency: int = 4) -> None:
+        self.session = session
+        self.page_size = page_size
+        self.concurrency = concurrency
+        self.splits = max(16, concurrency * 8)
+
+    def _select(self, table: ReconTable, writetimes: bool) -> str:
+        cols = [_cql_ident(c) for c in table.columns]
+        if writetimes:
+            cols += [f"WRITETIME({_cql_ident(c)})" for c in table.value_columns]
+        return (
+            f"SELECT {', '.join(cols)} FROM {_cql_ident(table.keyspace)}.{_cql_ident(table.source)}"
+        )
+
+    def _token(self, table: ReconTable) -> str:
+        return f"token({', '.join(_cql_ident(c) for c in table.partition_columns)})"
+
+    def _convert(self, table: ReconTable, writetimes: bool) -> Callable[[Sequence[Any]], Scanned]:
+        types = list(table.columns.values())
+        width = len(table.key_columns)
+        names = table.value_columns
+
+        def convert(row: Sequence[Any]) -> Scanned:
+            canon = [from_cassandra(t, v) for t, v in zip(types, row, strict=False)]
+            stamps = None
+            if writetimes:
+                stamps = {}
+                for name, stamp in zip(names, row[len(types) :], strict=True):
+                    if isinstance(stamp, list):
+                        stamp = max(stamp, default=None)
+                    if stamp is not None:
+                        stamps[name] = int(stamp)
+            return Scanned(tuple(canon[:width]), tuple(canon[width:]), stamps)
+
+        return convert
+
+    async def scan(
+        self, table: ReconTable, *, writetimes: bool = False
+    ) -> AsyncIterator[list[Scanned]]:
+        """Every row, a page at a time; `writetimes` adds each non-null cell's WRITETIME."""
+        statement = await asyncio.to_thread(
+            self.session.prepare,
+            f"{self._select(table, writetimes)} WHERE {self._token(table)} > ? "
+            f"AND {self._token(table)} <= ?",
+        )
+        statement.fetch_size = self.page_size
+        convert = self._convert(table, writetimes)
+        async for page in self._fan_out(
+            lambda lo, hi, put: self._scan_range(statement, lo, hi, convert, put)
+        ):
+            yield page
+
+    async def _fan_out(
+        self, work: Callable[[int, int, Callable[[Any], None]], None]
+    ) -> AsyncIterator[Any]:
+        """Run `work(lo, hi, put)` for every token range in threads, `concurrency` at a time,
+        and yield what they put, as it comes. Stops the threads if the consumer stops."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=self.concurrency * 2)
+        stop = threading.Event()
+        limit = asyncio.Semaphore(self.concurrency)
+        done = object()
+
+        def put(item: Any) -> None:
+            future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+            while not stop.is_set():
+                try:
+                    future.result(timeout=0.5)
+                    return
+                except TimeoutError:
+                    continue
+            future.cancel()
+            raise asyncio.CancelledError
+
+        async def one(lo: int, hi: int) -> None:
+            async with limit:
+                if not stop.is_set():
+                    await asyncio.to_thread(work, lo, hi, put)
+
+        async def produce() -> None:
+            try:
+                await asyncio.gather(*(one(lo, hi) for lo, hi in token_ranges(self.splits)))
+                await queue.put(done)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                stop.set()
+                await queue.put(exc)
+
+        producer = asyncio.create_task(produce())
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise ReconError(f"Cassandra scan failed: {item}") from item
+                yield item
+        finally:
+            stop.set()
+            while not queue.empty():
+                queue.get_nowait()
+            producer.cancel()
+            with contextlib.suppress(BaseException):  # the scan is over either way
+                await producer
+
+    def _scan_range(
+        self,
+        statement: Any,
+        lo: int,
+        hi: int,
+        convert: Callable[[Sequence[Any]], Scanned],
+        put: Callable[[Any], None],
+    ) -> None:
+        result = self.session.execute(statement, (lo, hi))
+        while True:
+            rows = result.current_rows
+            if rows:
+                put([convert(r) for r in rows])
+            if not result.has_more_pages:
+                return
+            result.fetch_next_page()
+
+    async def count(self, table: ReconTable) -> int:
+        """The number of rows, counted per token range."""
+        statement = await asyncio.to_thread(
+            self.session.prepare,
+            f"SELECT count(*) FROM {_cql_ident(table.keyspace)}.{_cql_ident(table.source)} "
+            f"WHERE {self._token(table)} > ? AND {self._token(table)} <= ?",
+        )
+        total = 0
+        async for n in self._fan_out(
+            lambda lo, hi, put: put(int(self.session.execute(statement, (lo, hi)).one()[0]))
+        ):
+            total += n
+        return total
+
+    async def fetch(
+        self, table: ReconTable, keys: Sequence[tuple[Canon, ...]], *, writetimes: bool = False
+    ) -> dict[str, Scanned]:
+        """The rows with these canonical keys that exist, by key text."""
+        if not keys:
+            return {}
+        from cassandra.concurrent import execute_concurrent_with_args
+
+        where = " AND ".join(f"{_cql_ident(c)} = ?" for c in table.key_columns)
+        statement = await asyncio.to_thread(
+            self.session.prepare, f"{self._select(table, writetimes)} WHERE {where}"
+        )
+        convert = self._convert(table, writetimes)
+        params = [native_key(table, k) for k in keys]
+
+        def run() -> list[Scanned]:
+            found: list[Scanned] = []
+            results = execute_concurrent_with_args(
+                self.session, statement, params, concurrency=max(8, self.concurrency * 4)
+            )
+            for ok, result in results:
+                if not ok:
+                    raise ReconError(f"Cassandra read failed: {result}")
+                found += [convert(r) for r in result]
+            return found
+
+        return {row.key_text: row for row in await asyncio.to_thread(run)}
+
+    async def fetch_native(
+        self, table: ReconTable, keys: Sequence[tuple[Canon, ...]]
+    ) -> dict[str, NativeRow]:
+        """The rows with these canonical keys as the driver returns them, with each non-null
+        cell's WRITETIME and TTL (for repair), by key text."""
+        if not keys:
+            return {}
+        from cassandra.concurrent import execute_concurrent_with_args
+
+        names, single = table.value_columns, table.single_cell_columns
+        cols = [_cql_ident(c) for c in table.columns]
+        cols += [f"WRITETIME({_cql_ident(c)})" for c in names]
+        # TTL of a multi-cell column is a list with nulls the driver cannot decode: their
+        # elements' TTLs are not read (such repairs are written without expiry).
+        cols += [f"TTL({_cql_ident(c)})" for c in single]
+        where = " AND ".join(f"{_cql_ident(c)} = ?" for c in table.key_columns)
+        statement = await asyncio.to_thread(
+            self.session.prepare,
+            f"SELECT {', '.join(cols)} FROM {_cql_ident(table.keyspace)}."
+            f"{_cql_ident(table.source)} WHERE {where}",
+        )
+        params = [native_key(table, k) for k in keys]
+        types = table.key_types()
+        width, count = len(table.columns), len(names)
+
+        def newest(value: Any) -> int | None:
+            if isinstance(value, list):
+                return max((v for v in value if v is not None), default=None)
+            return None if value is None else int(value)
+
+        def run() -> dict[str, NativeRow]:
+            found = {}
+            results = execute_concurrent_with_args(
+                self.session, statement, params, concurrency=max(8, self.concurrency * 4)
+            )
+            for ok, result in results:
+                if not ok:
+                    raise ReconError(f"Cassandra read failed: {result}")
+                for row in result:
+                    values = {
+                        name: driver_exact(t, v)
+                        for (name, t), v in zip(table.columns.items(), row[:width], strict=True)
+                    }
+                    stamps = {
+                        n: w
+                        for n, raw in zip(names, row[width : width + count], strict=True)
+                        if (w := newest(raw)) is not None
+                    }
+                    ttls = {
+                        n: t
+                        for n, raw in zip(single, row[width + count :], strict=True)
+                        if (t := newest(raw)) is not None
+                    }
+                    canon = tuple(from_cassandra(t, row[i]) for i, t in enumerate(types))
+                    found[key_text(canon)] = NativeRow(values, stamps, ttls)
+            return found
+
+        return await asyncio.to_thread(run)
+
+    async def random_keys(
+        self, table: ReconTable, count: int, seed: int
+    ) -> list[tuple[Canon, ...]]:
+        """Up to `count` keys at random tokens (the first row at or after each token)."""
+        import random
+
+        rng = random.Random(seed)  # noqa: S311 - sampling, not security
+        keys = ", ".join(_cql_ident(c) for c in table.key_columns)
+        statement = await asyncio.to_thread(
+            self.session.prepare,
+            f"SELECT {keys} FROM {_cql_ident(table.keyspace)}.{_cql_ident(table.source)} "
+            f"WHERE {self._token(table)} >= ? LIMIT 1",
+        )
+        tokens = [rng.randint(MIN_TOKEN + 1, MAX_TOKEN) for _ in range(count)]
+        types = table.key_types()
+
+        def run() -> list[tuple[Canon, ...]]:
+            from cassandra.concurrent import execute_concurrent_with_args
+
+            found = []
+            for ok, result in execute_concurrent_with_args(
+                self.session, statement, [(t,) for t in tokens], concurrency=16
+            ):
+                if not ok:
+                    raise ReconError(f"Cassandra read failed: {result}")
+                for row in result:
+                    found.append(
+                        tuple(from_cassandra(t, v) for t, v in zip(types, row, strict=True))
+                    )
+            return found
+
+        return list(dict.fromkeys(await asyncio.to_thread(run)))
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+class PgReader:
+    """Reads a ReconTable's target from PostgreSQL (connections set up with the sink's
+    `prepare_connection`, so dates and timestamps at the ends of their range read exactly)."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str, *, page_size: int = 5000) -> None:
+        self.pool = pool
+        self.schema = schema
+        self.page_size = page_size
+
+    def _select(self, table: ReconTable) -> str:
+        cols = [quote_ident(c) for c in table.columns] + ["_cdc_cells::text"]
+        return f"SELECT {', '.join(cols)} FROM {qualified(self.schema, table.target)}"
+
+    def _convert(self, table: ReconTable, writetimes: bool) -> Callable[[Sequence[Any]], Scanned]:
+        types = list(table.columns.values())
+        width = len(types)
+        keys = len(table.key_columns)
+        names = table.value_columns
+
+        def convert(row: Sequence[Any]) -> Scanned:
+            canon = [canonical_value(t, row[i]) for i, t in enumerate(types)]
+            stamps = None
+            if writetimes:
+                cells = json.loads(row[width] or "{}")
+                stamps = {
+                    n: int(cells[n][0])
+                    for n, v in zip(names, canon[keys:], strict=True)
+                    if v is not None and n in cells
+                }
+            return Scanned(tuple(canon[:keys]), tuple(canon[keys:]), stamps)
+
+        return convert
+
+    async def scan(
+        self, table: ReconTable, *, writetimes: bool = False
+    ) -> AsyncIterator[list[Scanned]]:
+        """Every row in key order, a page at a time (keyset pagination)."""
+        keys = ", ".join(quote_ident(c) for c in table.key_columns)
+        params = ", ".join(
+            f"${i + 1}::{pg_type(table.columns[c])}" for i, c in enumerate(table.key_columns)
+        )
+        first = f"{self._select(table)} ORDER BY {keys} LIMIT {int(self.page_size)}"
+        rest = (
+            f"{self._select(table)} WHERE ({keys}) > ({params}) ORDER BY {keys} "
+            f"LIMIT {int(self.page_size)}"
+        )
+        convert = self._convert(table, writetimes)
+        width = len(table.key_columns)
+        last: tuple[Any, ...] | None = None
+        async with self.pool.acquire() as conn:
+            while True:
+                rows = await (conn.fetch(first) if last is None else conn.fetch(rest, *last))
+                if not rows:
+                    return
+                last = tuple(rows[-1][:width])
+                yield [convert(r) for r in rows]
+                if len(rows) < self.page_size:
+                    return
+
+    async def count(self, table: ReconTable) -> int:
+        return int(
+            await self.pool.fetchval(f"SELECT count(*) FROM {qualified(self.schema, table.target)}")
+        )
+
+    async def fetch(
+        self, table: ReconTable, keys: Sequence[tuple[Canon, ...]], *, writetimes: bool = False
+    ) -> dict[str, Scanned]:
+        """The rows with these canonical keys that exist, by key text."""
+        if not keys:
+            return {}
+        idents = ", ".join(quote_ident(c) for c in table.key_columns)
+        arrays = ", ".join(
+            f"${i + 1}::{pg_type(table.columns[c])}[]" for i, c in enumerate(table.key_columns)
+        )
+        natives = [native_key(table, k) for k in keys]
+        columns = [list(c) for c in zip(*natives, strict=True)]
+        rows = await self.pool.fetch(
+            f"{self._select(table)} WHERE ({idents}) IN (SELECT * FROM unnest({arrays}))",
+            *columns,
+        )
+        convert = self._convert(table, writetimes)
+        return {row.key_text: row for row in map(convert, rows)}
+
+    async def fetch_stamps(
+        self, table: ReconTable, keys: Sequence[tuple[Canon, ...]]
+    ) -> dict[str, RowStamps]:
+        """The stored timestamps of the rows with these keys that exist, by key text."""
+        if not keys:
+            return {}
+        idents = ", ".join(quote_ident(c) for c in table.key_columns)
+        arrays = ", ".join(
+            f"${i + 1}::{pg_type(table.columns[c])}[]" for i, c in enumerate(table.key_columns)
+        )
+        natives = [native_key(table, k) for k in keys]
+        rows = await self.pool.fetch(
+            f"SELECT {idents}, _cdc_cells::text AS cells, _cdc_marker_ts, _cdc_deleted_ts "
+            f"FROM {qualified(self.schema, table.target)} "
+            f"WHERE ({idents}) IN (SELECT * FROM unnest({arrays}))",
+            *[list(c) for c in zip(*natives, strict=True)],
+        )
+        types = table.key_types()
+        found = {}
+        for row in rows:
+            cells = {n: int(v[0]) for n, v in json.loads(row["cells"] or "{}").items()}
+            stamps = [*cells.values(), row["_cdc_marker_ts"] or 0, row["_cdc_deleted_ts"] or 0]
+            canon = tuple(canonical_value(t, row[i]) for i, t in enumerate(types))
+            found[key_text(canon)] = RowStamps(cells, max(stamps))
+        return found
+
+    async def random_keys(
+        self, table: ReconTable, count: int, seed: int
+    ) -> list[tuple[Canon, ...]]:
+        """Up to `count` keys picked at random (repeatable for one seed and table content)."""
+        keys = ", ".join(quote_ident(c) for c in table.key_columns)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT setseed($1)", (seed % 1000) / 1000)
+            rows = await conn.fetch(
+                f"SELECT {keys} FROM {qualified(self.schema, table.target)} "
+                f"ORDER BY random() LIMIT {int(count)}"
+            )
+        types = table.key_types()
+        return [tuple(canonical_value(t, r[i]) for i, t in enumerate(types)) for r in rows]

@@ -1,0 +1,426 @@
+"""The reconciliation engine: runs one job end to end, repairs a job's mismatches, and the
+runtime the sink process hosts (lazy Cassandra session, scheduler task, manual triggers).
+
+A job runs under two guards: a session advisory lock on the job (held by the connection that
+runs it, released by PostgreSQL if the process dies) and the pending → running claim. Either
+alone would do for a single job; together they also let `mark_interrupted` tell a running job
+from an orphaned one.
+
+Findings are confirmed before they are recorded: every differing key is read again on both
+sides and kept only if it still differs, so a row the sink was applying while the scan passed
+does not show as drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+from prometheus_client import CollectorRegistry
+
+from cdc_recon.alerting import JobReport, ReconMetrics
+from cdc_recon.canonical import Canon, key_text
+from cdc_recon.errors import (
+    InvalidRequestError,
+    ReconError,
+    UnknownJobError,
+    UnknownStrategyError,
+)
+from cdc_recon.readers import (
+    CassandraReader,
+    PgReader,
+    ReconTable,
+    connect_cassandra,
+    native_key,
+    resolve_table,
+)
+from cdc_recon.repair import plan_repair
+from cdc_recon.repository import JobRequest, Repository, job_lock
+from cdc_recon.strategies import (
+    Finding,
+    Kind,
+    Outcome,
+    RowSource,
+    Strategy,
+    checksum,
+    compare_rows,
+    row_count,
+    sample,
+    timestamp_range,
+)
+from cdc_sink.config import Config, ReconciliationConfig
+from cdc_sink.errors import ConversionError, SinkError
+from cdc_sink.write import Batch, PgWriter
+
+log = structlog.get_logger(__name__)
+
+REPAIR_CHUNK = 500
+CONFIRM_CHUNK = 5000
+
+
+def parse_strategy(name: str) -> Strategy:
+    try:
+        return Strategy(name)
+    except ValueError:
+        names = ", ".join(s.value for s in Strategy)
+        raise UnknownStrategyError(f"unknown strategy {name!r}: use one of {names}") from None
+
+
+def _instant(value: Any, option: str) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        stamp = value
+    else:
+        try:
+            stamp = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidRequestError(f"{option} {value!r} is not an ISO 8601 instant") from None
+    if stamp is not None and stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.UTC)
+    return stamp
+
+
+def _micros(stamp: dt.datetime) -> int:
+    return (stamp - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class RepairSummary:
+    job_id: int
+    repaired: int
+    unresolved: int
+    skipped: int
+
+
+class Reconciler:
+    """Runs reconciliation jobs against one PostgreSQL pool and one Cassandra session."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        pg_schema: str,
+        session: Any,
+        settings: ReconciliationConfig,
+        *,
+        metrics: ReconMetrics,
+        pushgateway_url: str | None,
+        owner: str,
+    ) -> None:
+        self.pool = pool
+        self.pg_schema = pg_schema
+        self.session = session
+        self.settings = settings
+        self.metrics = metrics
+        self.pushgateway_url = pushgateway_url
+        self.owner = owner
+        self.repository = Repository(pool)
+        self.cassandra = CassandraReader(
+            session, page_size=settings.page_size, concurrency=settings.concurrency
+        )
+        self.postgres = PgReader(pool, pg_schema, page_size=settings.page_size)
+
+    async def resolve(self, name: str) -> ReconTable:
+        return await resolve_table(self.pool, self.pg_schema, self.session, name)
+
+    async def submit(
+        self,
+        table: str,
+        strategy: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        trigger: str = "manual",
+    ) -> int:
+        """Validate, resolve the table and record a pending job; return its id.
+        UnknownStrategyError, UnknownTableError or InvalidRequestError if it cannot run."""
+        chosen = parse_strategy(strategy)
+        options = dict(options or {})
+        known = {"window_start", "window_end", "sample_size", "seed"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidRequestError(f"unknown option(s): {', '.join(unknown)}")
+        resolved = await self.resolve(table)
+        start = _instant(options.pop("window_start", None), "window_start")
+        end = _instant(options.pop("window_end", None), "window_end")
+        if chosen is Strategy.TIMESTAMP_RANGE:
+            now = dt.datetime.now(dt.UTC)
+            end = end or now - dt.timedelta(seconds=self.settings.settle_seconds)
+            start = start or end - dt.timedelta(seconds=self.settings.window_seconds)
+            if start >= end:
+                raise InvalidRequestError("window_start must be before window_end")
+        elif start is not None or end is not None:
+            raise InvalidRequestError("window_start/window_end apply to timestamp_range only")
+        if chosen is Strategy.SAMPLE:
+            size = options.setdefault("sample_size", self.settings.sample_size)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise InvalidRequestError("sample_size must be a whole number >= 1")
+            options.setdefault("seed", time.time_ns() % 2**31)
+        elif "sample_size" in options:
+            raise InvalidRequestError("sample_size applies to the sample strategy only")
+        return await self.repository.create_job(
+            JobRequest(resolved.target, chosen.value, start, end, options, trigger)
+        )
+
+    async def run(
+        self,
+        table: str,
+        strategy: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        trigger: str = "manual",
+    ) -> dict[str, Any]:
+        """Submit and execute a job here; return its final record."""
+        job_id = await self.submit(table, strategy, options, trigger=trigger)
+        await self.execute(job_id)
+        job = await self.repository.job(job_id)
+        assert job is not None
+        return job
+
+    async def execute(self, job_id: int) -> bool:
+        """Run a pending job unless another runner has it; True if it ran here (whatever its
+        outcome: failures are recorded on the job, not raised)."""
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", job_lock(job_id)):
+                return False
+            try:
+                if not await self.repository.claim(job_id, self.owner):
+                    return False
+                await self._execute(job_id)
+                return True
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", job_lock(job_id))
+
+    async def _execute(self, job_id: int) -> None:
+        job = await self.repository.job(job_id)
+        assert job is not None
+        began, table, strategy = time.monotonic(), job["target_table"], job["strategy"]
+        log.info("reconciliation_started", job=job_id, table=table, strategy=strategy)
+        try:
+            outcome = await self._outcome(job)
+        except asyncio.CancelledError:
+            await asyncio.shield(
+                self.repository.end(job_id, "interrupted", "the process stopped during the job")
+            )
+            self.metrics.jobs.labels(table, strategy, "interrupted").inc()
+            raise
+        except (SinkError, asyncpg.PostgresError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ReconError) else str(exc)
+            await self.repository.end(job_id, "failed", error)
+            log.error("reconciliation_failed", job=job_id, table=table, error=error)
+            await self._report(
+                JobReport(
+                    table, strategy, "failed", time.time(), time.monotonic() - began, None, None
+                )
+            )
+            return
+        await self.repository.finish(job_id, table, outcome)
+        log.info(
+            "reconciliation_finished",
+            job=job_id,
+            table=table,
+            strategy=strategy,
+            mismatches=outcome.mismatch_count,
+            drift=outcome.drift_percentage,
+        )
+        await self._report(
+            JobReport(
+                table,
+                strategy,
+                "succeeded",
+                time.time(),
+                time.monotonic() - began,
+                outcome.drift_percentage,
+                outcome.mismatch_count,
+            )
+        )
+
+    async def _report(self, report: JobReport) -> None:
+        self.metrics.record(report)
+        await self.metrics.push(self.pushgateway_url, report, self.settings.push_timeout_seconds)
+
+    async def _outcome(self, job: Mapping[str, Any]) -> Outcome:
+        table = await self.resolve(job["target_table"])
+        strategy = parse_strategy(job["strategy"])
+        options = job["options"] or {}
+        c: RowSource = self.cassandra
+        p: RowSource = self.postgres
+        stamped: Sequence[str] = ()
+        if strategy is Strategy.ROW_COUNT:
+            return await row_count(table, c, p)
+        if strategy is Strategy.CHECKSUM:
+            outcome = await checksum(table, c, p, buckets=self.settings.buckets)
+        elif strategy is Strategy.TIMESTAMP_RANGE:
+            stamped = table.single_cell_columns
+            outcome = await timestamp_range(
+                table,
+                c,
+                p,
+                start_us=_micros(job["window_start"]),
+                end_us=_micros(job["window_end"]),
+            )
+        else:
+            outcome = await sample(
+                table, c, p, size=int(options["sample_size"]), seed=int(options["seed"])
+            )
+        found = len(outcome.findings)
+        outcome.findings = await self.confirm(table, outcome.findings, stamped)
+        outcome.details["unconfirmed"] = found - len(outcome.findings)
+        if table.cassandra_only:
+            outcome.details["cassandra_only_columns"] = list(table.cassandra_only)
+        return outcome
+
+    async def confirm(
+        self, table: ReconTable, findings: Sequence[Finding], stamped: Sequence[str] = ()
+    ) -> list[Finding]:
+        """The findings whose keys still differ when read again on both sides."""
+        confirmed: list[Finding] = []
+        for start in range(0, len(findings), CONFIRM_CHUNK):
+            keys = [f.key for f in findings[start : start + CONFIRM_CHUNK]]
+            c_rows, p_rows = await asyncio.gather(
+                self.cassandra.fetch(table, keys, writetimes=bool(stamped)),
+                self.postgres.fetch(table, keys, writetimes=bool(stamped)),
+            )
+            confirmed += compare_rows(
+                table.value_columns, c_rows, p_rows, writetime_columns=stamped
+            )
+        return confirmed
+
+    async def repair(self, job_id: int) -> RepairSummary:
+        """Repair every open mismatch of a job; record each one's resolution."""
+        job = await self.repository.job(job_id)
+        if job is None:
+            raise UnknownJobError(f"no reconciliation job {job_id}")
+        if job["status"] != "succeeded":
+            raise InvalidRequestError(
+                f"job {job_id} is {job['status']}: "
+                "only the mismatches of a succeeded job can be repaired"
+            )
+        table = await self.resolve(job["target_table"])
+        mismatches = await self.repository.mismatches(job=job_id, status="open", limit=10**9)
+        repaired = unresolved = skipped = 0
+        for start in range(0, len(mismatches), REPAIR_CHUNK):
+            chunk = mismatches[start : start + REPAIR_CHUNK]
+            done, left, passed = await self._repair_chunk(table, chunk)
+            repaired, unresolved, skipped = repaired + done, unresolved + left, skipped + passed
+        log.info("reconciliation_repaired", job=job_id, repaired=repaired, unresolved=unresolved)
+        return RepairSummary(job_id, repaired, unresolved, skipped)
+
+    async def _repair_chunk(
+        self, table: ReconTable, chunk: Sequence[Mapping[str, Any]]
+    ) -> tuple[int, int, int]:
+        keys: list[tuple[Canon, ...]] = [tuple(m["row_key"]) for m in chunk]
+        natives, stamps = await asyncio.gather(
+            self.cassandra.fetch_native(table, keys), self.postgres.fetch_stamps(table, keys)
+        )
+        schema = table.sink_schema()
+        now_us = time.time_ns() // 1000
+        mutations, resolutions, skipped = [], {}, 0
+        for mismatch, key in zip(chunk, keys, strict=True):
+            text = key_text(key)
+            action = plan_repair(
+                table,
+                Kind(mismatch["kind"]),
+                native_key(table, key),
+                mismatch["columns"],
+                natives.get(text),
+                stamps.get(text),
+                now_us,
+            )
+            try:
+                mutations += [schema.to_mutation(e) for e in action.events]
+            except ConversionError as exc:
+                await self.repository.resolve(
+                    mismatch["id"], f"cannot repair: {exc}", status="open"
+                )
+                skipped += 1
+                continue
+            resolutions[mismatch["id"]] = action.resolution
+        if mutations:
+            async with self.pool.acquire() as conn:
+                writer = PgWriter(conn, self.pg_schema, "cdc-reconciliation")
+                await writer.apply(Batch(tables=[(schema, mutations)]))
+        # Verify: a repair counts only if the row now matches.
+        c_rows, p_rows = await asyncio.gather(
+            self.cassandra.fetch(table, keys), self.postgres.fetch(table, keys)
+        )
+        still = {key_text(f.key) for f in compare_rows(table.value_columns, c_rows, p_rows)}
+        repaired = unresolved = 0
+        for mismatch, key in zip(chunk, keys, strict=True):
+            if mismatch["id"] not in resolutions:
+                continue
+            if key_text(key) in still:
+                await self.repository.resolve(
+                    mismatch["id"],
+                    "repair did not converge: PostgreSQL keeps a newer timestamp or tombstone",
+                    status="open",
+                )
+                unresolved += 1
+            else:
+                await self.repository.resolve(mismatch["id"], resolutions[mismatch["id"]])
+                repaired += 1
+        return repaired, unresolved, skipped
+
+
+class ReconciliationRuntime:
+    """Reconciliation inside the sink process: a Reconciler made on first use (it needs
+    Cassandra), the scheduler loop when enabled, and background runs of manual triggers."""
+
+    def __init__(
+        self, config: Config, pool: asyncpg.Pool, registry: CollectorRegistry, owner: str
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.metrics = ReconMetrics(registry)
+        self.owner = owner
+        self._reconciler: Reconciler | None = None
+        self._session: Any = None
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def reconciler(self) -> Reconciler:
+        """The engine (connects to Cassandra the first time; ReconError if it cannot)."""
+        async with self._lock:
+            if self._reconciler is None:
+                settings = self.config.reconciliation
+                self._session = await asyncio.to_thread(
+                    connect_cassandra, self.config.cassandra, settings.consistency
+                )
+                self._reconciler = Reconciler(
+                    self.pool,
+                    self.config.postgres.schema,
+                    self._session,
+                    settings,
+                    metrics=self.metrics,
+                    pushgateway_url=self.config.pushgateway.url,
+                    owner=self.owner,
+                )
+            return self._reconciler
+
+    def start(self) -> None:
+        """Start the scheduler loop if CDC_RECONCILIATION__ENABLED."""
+        if self.config.reconciliation.enabled:
+            from cdc_recon.scheduler import Scheduler
+
+            scheduler = Scheduler(self, self.config.reconciliation)
+            self.spawn(scheduler.run_forever())
+
+    def spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        if self._session is not None:
+            await asyncio.to_thread(self._session.cluster.shutdown)
+            self._session = None
