@@ -7,80 +7,17 @@ import datetime as dt
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
 import pytest
 
-from cdc_recon.alerting import ReconMetrics
-from cdc_recon.readers import connect_cassandra
-from cdc_recon.service import Reconciler
-from cdc_sink.config import CassandraConfig, ReconciliationConfig
 from cdc_sink.events import Op
-from cdc_sink.write import prepare_connection
 from tests.support import recon_data as data
+from tests.support.recon_data import Setup, make_setup
 from tests.support.stack import Endpoints
 
 IDENTICAL_ROWS = int(os.environ.get("CDC_TEST_RECON_ROWS", "100000"))
-
-
-@dataclass
-class Setup:
-    """Both sides of one test table, and a Reconciler over them."""
-
-    keyspace: str
-    schema: str
-    session: Any  # the test's own Cassandra session (for seeding drift)
-    pool: asyncpg.Pool
-    reconciler: Reconciler
-    rows: list[data.Row]
-
-
-async def make_setup(
-    stack: Endpoints, unique: Callable[[str], str], count: int, **settings: Any
-) -> AsyncIterator[Setup]:
-    keyspace, schema = unique("recon"), unique("recon")
-    session = data.cassandra_session(stack)
-    recon_session = connect_cassandra(
-        CassandraConfig(contact_points=stack.cassandra_host, port=stack.cassandra_port),
-        "LOCAL_QUORUM",
-    )
-    conn = await data.sink_connection(stack.postgres_dsn, schema)
-    pool = await asyncpg.create_pool(
-        stack.postgres_dsn,
-        min_size=1,
-        max_size=6,
-        server_settings={"search_path": schema},
-        init=prepare_connection,
-    )
-    assert pool is not None
-    try:
-        data.create_keyspace(session, keyspace)
-        rows = [data.make_row(i) for i in range(count)]
-        data.load_cassandra(session, keyspace, rows)
-        table = await data.sink_schema(
-            pool, schema, lambda: data.cassandra_session(stack), keyspace, rows[0]
-        )
-        await data.apply_events(conn, schema, table, (data.event(keyspace, r) for r in rows))
-        reconciler = Reconciler(
-            pool,
-            schema,
-            recon_session,
-            ReconciliationConfig(**settings),
-            metrics=ReconMetrics(),
-            pushgateway_url=None,
-            owner="test",
-        )
-        yield Setup(keyspace, schema, session, pool, reconciler, rows)
-    finally:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
-        await pool.close()
-        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
-        session.cluster.shutdown()
-        recon_session.cluster.shutdown()
 
 
 @pytest.fixture

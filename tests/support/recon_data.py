@@ -11,12 +11,13 @@ applied by PgWriter. Nothing converts a Cassandra value into a PostgreSQL value 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import math
 import struct
 import uuid
 from collections import namedtuple
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -27,6 +28,10 @@ from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.policies import WhiteListRoundRobinPolicy
 from cassandra.util import Date, Duration, Time
 
+from cdc_recon.alerting import ReconMetrics
+from cdc_recon.readers import connect_cassandra
+from cdc_recon.service import Reconciler
+from cdc_sink.config import CassandraConfig, ReconciliationConfig
 from cdc_sink.ddl import CassandraSystemSchema, Catalog
 from cdc_sink.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.migrate import migrate
@@ -91,17 +96,37 @@ class Row:
     ts: int
 
 
+VARIANTS = 1009  # rows share their rich values in this many variants (building them is slow)
+
+
 def make_row(i: int) -> Row:
     """Row `i`: every type, with edge values (pre-1970, NaN, ±Infinity, huge numbers, IPv6,
-    nanosecond times, negative durations, nested collections) spread over the rows."""
-    d: dict[str, tuple[Any, Any]] = {}  # column -> (driver value, Debezium value)
+    nanosecond times, negative durations, nested collections) spread over the rows. The rich
+    values repeat every VARIANTS rows; the key, write time and a few scalars are unique."""
+    d = dict(_values(i % VARIANTS))
     d["t_text"] = (None, None) if i % 17 == 0 else (f"héllo {i} 😀",) * 2
+    d["t_big"] = ((i * 11400714819323198485) % 2**64 - 2**63,) * 2
+    d["t_int"] = ((i * 2654435761) % 2**32 - 2**31,) * 2
+    seq = uuid.UUID(fields=(i * 3, 7, 0x1000 | (i % 97), 0x80, 1, 0x0242AC120003))
+    key = {"id": i % 1000, "region": f"r{i // 5000}", "seq": seq}
+    debezium_key = {**key, "seq": str(seq)}
+    return Row(
+        key,
+        {name: value[0] for name, value in d.items()},
+        {name: value[1] for name, value in d.items()},
+        debezium_key,
+        TS0 + i,
+    )
+
+
+@functools.lru_cache(maxsize=VARIANTS)
+def _values(i: int) -> dict[str, tuple[Any, Any]]:
+    """column -> (driver value, Debezium value) of variant `i`."""
+    d: dict[str, tuple[Any, Any]] = {}
     d["t_ascii"] = (f"ascii-{i}",) * 2
     d["t_varchar"] = ("" if i % 5 == 0 else f"v{i}",) * 2
     d["t_tiny"] = ((i % 256) - 128,) * 2
     d["t_small"] = ((i * 7) % 65536 - 32768,) * 2
-    d["t_int"] = ((i * 2654435761) % 2**32 - 2**31,) * 2
-    d["t_big"] = ((i * 11400714819323198485) % 2**64 - 2**63,) * 2
     varint = (-1) ** i * (i * 10**25 + 7)
     d["t_varint"] = (varint, twos(varint))
     dec = Decimal(f"{(-1) ** i * i}.{i % 1000:03d}") if i % 4 else Decimal(f"{i}E+{i % 7}")
@@ -161,16 +186,7 @@ def make_row(i: int) -> Row:
     d["f_addr"] = (address._replace(street=None), {**address_dbz, "street": None})
     d["m_nested"] = ({"p": [i, 1], "q": []}, {"p": [i, 1], "q": []})
     d["l_addr"] = ([address, address], [address_dbz, address_dbz])
-    seq = uuid.UUID(fields=(i * 3, 7, 0x1000 | (i % 97), 0x80, 1, 0x0242AC120003))
-    key = {"id": i % 1000, "region": f"r{i // 1000}", "seq": seq}
-    debezium_key = {**key, "seq": str(seq)}
-    return Row(
-        key,
-        {name: value[0] for name, value in d.items()},
-        {name: value[1] for name, value in d.items()},
-        debezium_key,
-        TS0 + i,
-    )
+    return d
 
 
 def cassandra_session(stack: Endpoints) -> Session:
@@ -250,3 +266,63 @@ async def apply_events(
             batch = []
     if batch:
         await writer.apply(Batch(tables=[(table, batch)]))
+
+
+@dataclass
+class Setup:
+    """Both sides of one test table, and a Reconciler over them."""
+
+    keyspace: str
+    schema: str
+    session: Any  # the test's own Cassandra session (for seeding drift)
+    pool: asyncpg.Pool
+    reconciler: Reconciler
+    rows: list[Row]
+
+
+async def make_setup(
+    stack: Endpoints,
+    unique: Callable[[str], str],
+    count: int,
+    pushgateway_url: str | None = None,
+    **settings: Any,
+) -> AsyncIterator[Setup]:
+    """Create both sides with `count` identical rows; drop both afterwards."""
+    keyspace, schema = unique("recon"), unique("recon")
+    session = cassandra_session(stack)
+    recon_session = connect_cassandra(
+        CassandraConfig(contact_points=stack.cassandra_host, port=stack.cassandra_port),
+        "LOCAL_QUORUM",
+    )
+    conn = await sink_connection(stack.postgres_dsn, schema)
+    pool = await asyncpg.create_pool(
+        stack.postgres_dsn,
+        min_size=1,
+        max_size=6,
+        server_settings={"search_path": schema},
+        init=prepare_connection,
+    )
+    assert pool is not None
+    try:
+        create_keyspace(session, keyspace)
+        rows = [make_row(i) for i in range(count)]
+        load_cassandra(session, keyspace, rows)
+        table = await sink_schema(pool, schema, lambda: cassandra_session(stack), keyspace, rows[0])
+        await apply_events(conn, schema, table, (event(keyspace, r) for r in rows))
+        reconciler = Reconciler(
+            pool,
+            schema,
+            recon_session,
+            ReconciliationConfig(**settings),
+            metrics=ReconMetrics(),
+            pushgateway_url=pushgateway_url,
+            owner="test",
+        )
+        yield Setup(keyspace, schema, session, pool, reconciler, rows)
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+        await pool.close()
+        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        session.cluster.shutdown()
+        recon_session.cluster.shutdown()
