@@ -134,6 +134,7 @@ def canonical_value(t: CqlType, value: Any) -> Canon:
     return _column(t)(value)
 
 
+@functools.lru_cache(maxsize=4096)
 def _column(t: CqlType) -> Callable[[Any], Canon]:
     kind = pg_type(t)
     if kind == "jsonb":
@@ -146,7 +147,7 @@ def _column(t: CqlType) -> Callable[[Any], Canon]:
             items = [None if x is None else element(x) for x in v]
             if not items and not t.frozen:
                 return None
-            return items if ordered else sorted(items, key=_sort_key)
+            return items if ordered else _sorted(items)
 
         return array
     return _SCALAR[t.name]
@@ -238,7 +239,7 @@ def _json(t: CqlType, value: Any) -> Any:
             return _float(value)
         if name in ("list", "set") and isinstance(value, list):
             items = [_json(t.params[0], x) for x in value]
-            return items if name == "list" else sorted(items, key=_sort_key)
+            return items if name == "list" else _sorted(items)
         if name == "map" and isinstance(value, Mapping):
             return {str(k): _json(t.params[1], x) for k, x in value.items()}
         if name == "tuple" and isinstance(value, list):
@@ -255,19 +256,31 @@ def _json(t: CqlType, value: Any) -> Any:
     return value
 
 
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_sorted_keys = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
 def _sort_key(value: Canon) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return _sorted_keys(value)
+
+
+def _sorted(items: list[Canon]) -> list[Canon]:
+    """A set's canonical elements in one order: their own when they compare (all str or all
+    int), else by their JSON text."""
+    try:
+        return sorted(items)
+    except TypeError:
+        return sorted(items, key=_sort_key)
 
 
 def key_text(key: Sequence[Canon]) -> str:
     """The canonical key as compact JSON text (stored as the mismatch's row_key)."""
-    return json.dumps(list(key), separators=(",", ":"), ensure_ascii=False)
+    return _compact(list(key))
 
 
 def row_digest(row: CanonRow) -> bytes:
     """SHA-256 of the canonical row (key and values)."""
-    text = json.dumps([row[0], row[1]], separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).digest()
+    return hashlib.sha256(_compact([row[0], row[1]]).encode()).digest()
 
 
 def bucket_of(key: str, buckets: int) -> int:

@@ -187,7 +187,10 @@ async def resolve_table(
     if not present:
         raise UnknownTableError(f"table {pg_schema}.{row['target_table']} does not exist")
     keyspace, source = row["keyspace_name"], row["source_table"]
-    described = await asyncio.to_thread(_describe, session, keyspace, source)
+    try:
+        described = await asyncio.to_thread(_describe, session, keyspace, source)
+    except Exception as exc:
+        raise ReconError(f"cannot read Cassandra's schema of {keyspace}.{source}: {exc}") from exc
     if described is None:
         raise UnknownTableError(f"Cassandra has no table {keyspace}.{source}")
     columns, partition, clustering = described

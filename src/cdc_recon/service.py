@@ -56,7 +56,7 @@ from cdc_recon.strategies import (
     timestamp_range,
 )
 from cdc_sink.config import Config, ReconciliationConfig
-from cdc_sink.errors import ConversionError, SinkError
+from cdc_sink.errors import ConversionError
 from cdc_sink.write import Batch, PgWriter
 
 log = structlog.get_logger(__name__)
@@ -209,8 +209,8 @@ class Reconciler:
             )
             self.metrics.jobs.labels(table, strategy, "interrupted").inc()
             raise
-        except (SinkError, asyncpg.PostgresError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ReconError) else str(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong ends the job as failed
+            error = str(exc) if isinstance(exc, ReconError) else f"{type(exc).__name__}: {exc}"
             await self.repository.end(job_id, "failed", error)
             log.error("reconciliation_failed", job=job_id, table=table, error=error)
             await self._report(
