@@ -104,6 +104,13 @@ def test_prometheus_sends_alerts_to_the_stack_alertmanager(stack: Endpoints) -> 
     _until(check)
 
 
+def _running_inhibit_rules(alertmanager: str) -> list[dict[str, Any]]:
+    """The inhibit rules of the configuration the Alertmanager has loaded."""
+    original = _get(f"{alertmanager}/api/v2/status")["config"]["original"]
+    rules: list[dict[str, Any]] = yaml.safe_load(original).get("inhibit_rules") or []
+    return rules
+
+
 def _inhibit_cases() -> list[tuple[str, str, list[str]]]:
     """(source alertname, target alertname, equal labels) for every inhibit rule."""
     config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
@@ -126,6 +133,12 @@ def test_alertmanager_inhibits_warnings_behind_their_critical_alert(
     """For each inhibit rule, a firing source alert suppresses the target alert with the same
     `equal` labels, and not the target alert about something else."""
     alertmanager = _alertmanager_url(stack)
+    wanted = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())["inhibit_rules"]
+    if _running_inhibit_rules(alertmanager) != wanted:
+        # Started before the config had them: a reload re-reads the same file.
+        _post(f"{alertmanager}/-/reload")
+    running = _running_inhibit_rules(alertmanager)
+    assert running == wanted, f"the stack's Alertmanager runs other inhibit rules: {running}"
     run = unique("inhibit")
     now = datetime.now(UTC)
     alerts: list[dict[str, Any]] = []
