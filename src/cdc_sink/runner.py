@@ -349,6 +349,9 @@ class Worker:
                 self.owned.pop(tp, None)
                 if tp in self.paused:
                     self._unpause(tp)  # whoever gets it next starts afresh
+                # The new owner reports the partition now; stale values here would raise alerts.
+                self.metrics.backlog_depth.remove(tp.topic, str(tp.partition))
+                self.metrics.last_commit_timestamp.remove(tp.topic, str(tp.partition))
         self.metrics.assigned_partitions.set(len(self.owned))
         log.info("partitions_revoked", partitions=[f"{t.topic}[{t.partition}]" for t in revoked])
 
