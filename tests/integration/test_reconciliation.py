@@ -38,6 +38,7 @@ WINDOW_ALL = {
 }
 
 
+@pytest.mark.timeout(1200)  # loading 100,000 rows of every type on both sides takes minutes
 async def test_identical_rows_of_every_type_show_no_difference(identical: Setup) -> None:
     """100,000 identical rows of every supported type: every strategy reports zero."""
     rec, count = identical.reconciler, len(identical.rows)
@@ -57,7 +58,7 @@ async def test_identical_rows_of_every_type_show_no_difference(identical: Setup)
             assert job["cassandra_rows"] == job["postgres_rows"] == count, strategy
         else:
             assert job["details"]["sampled"] >= 250
-        print(f"{strategy}: {time.monotonic() - began:.1f} s")
+        print(f"{strategy}: {time.monotonic() - began:.1f} s", flush=True)
         began = time.monotonic()
 
 

@@ -272,10 +272,14 @@ async def test_cli_run_and_repair(stack: Endpoints, setup: Setup) -> None:
         assert word in failed.stderr
 
 
+def _text_of(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
 def _pushed(url: str, name: str) -> dict[str, float]:
     """Samples of `name` on the Pushgateway whose table label is cdc_everything, by strategy."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    text = _text_of(f"{url}/metrics")
     found = {}
     for line in text.splitlines():
         if line.startswith(name + "{") and f'table="{data.TARGET}"' in line:
@@ -331,3 +335,84 @@ async def test_metrics_are_pushed_and_exposed(stack: Endpoints, setup: Setup) ->
         f'cdc_reconciliation_jobs_total{{status="succeeded",strategy="row_count",'
         f'table="{data.TARGET}"}} 1.0' in exposed
     )
+
+
+async def test_the_worker_runs_scheduled_jobs_and_serves_them(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """A sink worker with reconciliation enabled streams Debezium events into PostgreSQL,
+    runs the scheduled checksum against Cassandra (zero drift), and serves the job on
+    /reconciliation/jobs and its gauges on /metrics."""
+    from cdc_sink.runner import Worker
+    from tests.support.cassandra_model import ALL_KEYS
+    from tests.support.cassandra_model import Mutation as Write
+    from tests.support.pipeline import (
+        create_cassandra_model_table,
+        create_topic,
+        drop_schema,
+        produce,
+        schemaless_record,
+        sink_env,
+    )
+
+    keyspace, topic, schema = unique("ks"), unique("cdc-events-recon"), unique("recon")
+    create_cassandra_model_table(stack, keyspace)
+    await create_topic(stack.kafka, topic)
+    writes = [
+        Write("insert", 1_700_000_000_000_000 + i, key, {"v1": (i, None), "v2": (f"s{i}", None)})
+        for i, key in enumerate(ALL_KEYS)
+    ]
+    session = data.cassandra_session(stack)
+    for w in writes:
+        session.execute(
+            f"INSERT INTO {keyspace}.model (p1, p2, c1, c2, v1, v2) "
+            f"VALUES (%s, %s, %s, %s, %s, %s) USING TIMESTAMP {w.ts}",
+            [*w.key, w.cells["v1"][0], w.cells["v2"][0]],
+        )
+    await produce(stack.kafka, topic, [schemaless_record(w, keyspace) for w in writes])
+    env = sink_env(
+        stack,
+        topic=topic,
+        group=unique("g"),
+        schema=schema,
+        http__host="127.0.0.1",
+        reconciliation__enabled="true",
+        reconciliation__schedule="model:checksum@3600",
+        reconciliation__poll_seconds="0.5",
+        pushgateway__url="",
+    )
+    worker = Worker(load_config(env))
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(120):
+            while True:
+                await asyncio.sleep(0.5)
+                if worker.http is None:
+                    continue
+                url = f"http://127.0.0.1:{worker.http.port}"
+                status, body = await asyncio.to_thread(
+                    _http, "GET", f"{url}/reconciliation/jobs?status=succeeded"
+                )
+                if status == 200 and body["jobs"]:
+                    break
+        (job,) = body["jobs"]
+        assert (job["target_table"], job["strategy"], job["trigger"]) == (
+            "cdc_model",
+            "checksum",
+            "schedule",
+        )
+        assert (job["cassandra_rows"], job["postgres_rows"], job["mismatches"]) == (24, 24, 0)
+        metrics = await asyncio.to_thread(_text_of, f"{url}/metrics")
+        assert (
+            'cdc_reconciliation_drift_percentage{strategy="checksum",table="cdc_model"} 0.0'
+            in metrics
+        )
+        assert 'cdc_reconciliation_last_job_failed{strategy="checksum",table="cdc_model"} 0.0' in (
+            metrics
+        )
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+        await drop_schema(stack.postgres_dsn, schema)
+        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        session.cluster.shutdown()
