@@ -10,6 +10,7 @@ applied by PgWriter. Nothing converts a Cassandra value into a PostgreSQL value 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import ipaddress
@@ -253,6 +254,24 @@ async def sink_schema(
     return await catalog.resolve(event(keyspace, first), {}, {})
 
 
+async def apply_in_parallel(
+    dsn: str, schema: str, table: TableSchema, events: list[ChangeEvent], writers: int = 3
+) -> None:
+    """Apply events as several sink workers would: disjoint keys, a PgWriter per connection."""
+    share = -(-len(events) // writers)
+    conns = [await sink_connection(dsn, schema) for _ in range(writers)]
+    try:
+        await asyncio.gather(
+            *(
+                apply_events(conn, schema, table, iter(events[i * share : (i + 1) * share]))
+                for i, conn in enumerate(conns)
+            )
+        )
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
 async def apply_events(
     conn: asyncpg.Connection, schema: str, table: TableSchema, events: Iterator[ChangeEvent]
 ) -> None:
@@ -308,7 +327,9 @@ async def make_setup(
         rows = [make_row(i) for i in range(count)]
         load_cassandra(session, keyspace, rows)
         table = await sink_schema(pool, schema, lambda: cassandra_session(stack), keyspace, rows[0])
-        await apply_events(conn, schema, table, (event(keyspace, r) for r in rows))
+        await apply_in_parallel(
+            stack.postgres_dsn, schema, table, [event(keyspace, r) for r in rows]
+        )
         reconciler = Reconciler(
             pool,
             schema,
