@@ -57,7 +57,7 @@ from cdc_recon.strategies import (
 )
 from cdc_sink.config import Config, ReconciliationConfig
 from cdc_sink.errors import ConversionError
-from cdc_sink.write import Batch, PgWriter
+from cdc_sink.write import Batch, PgWriter, prepare_connection
 
 log = structlog.get_logger(__name__)
 
@@ -369,7 +369,8 @@ class Reconciler:
 
 class ReconciliationRuntime:
     """Reconciliation inside the sink process: a Reconciler made on first use (it needs
-    Cassandra), the scheduler loop when enabled, and background runs of manual triggers."""
+    Cassandra, and opens its own small PostgreSQL pool), the scheduler loop when enabled, and
+    background runs of manual triggers. `pool` (the worker's) serves the HTTP listings."""
 
     def __init__(
         self, config: Config, pool: asyncpg.Pool, registry: CollectorRegistry, owner: str
@@ -380,6 +381,7 @@ class ReconciliationRuntime:
         self.owner = owner
         self._reconciler: Reconciler | None = None
         self._session: Any = None
+        self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -391,8 +393,21 @@ class ReconciliationRuntime:
                 self._session = await asyncio.to_thread(
                     connect_cassandra, self.config.cassandra, settings.consistency
                 )
+                # Jobs get connections of their own, so a long scan never starves the sink.
+                self._pool = await asyncpg.create_pool(
+                    self.config.postgres.dsn.reveal(),
+                    min_size=1,
+                    max_size=4,
+                    timeout=self.config.postgres.connect_timeout_s,
+                    server_settings={
+                        "search_path": self.config.postgres.schema,
+                        "application_name": "cdc-recon",
+                    },
+                    init=prepare_connection,
+                )
+                assert self._pool is not None
                 self._reconciler = Reconciler(
-                    self.pool,
+                    self._pool,
                     self.config.postgres.schema,
                     self._session,
                     settings,
@@ -424,3 +439,6 @@ class ReconciliationRuntime:
         if self._session is not None:
             await asyncio.to_thread(self._session.cluster.shutdown)
             self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
