@@ -31,7 +31,7 @@ from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOpera
 from typing import Any
 
 from cdc_sink.errors import ConversionError
-from cdc_sink.types import CqlType, converter, pg_type
+from cdc_sink.types import CqlType, converter, pg_type, to_json_value
 
 __all__ = [
     "CanonRow",
@@ -39,6 +39,8 @@ __all__ = [
     "canonical_value",
     "differing_columns",
     "driver_exact",
+    "for_cassandra",
+    "for_postgres",
     "from_cassandra",
     "key_text",
     "row_digest",
@@ -60,13 +62,35 @@ def from_cassandra(t: CqlType, value: Any) -> Canon:
     A value the sink's converter refuses comes back as a marker string that no PostgreSQL value
     canonicalises to, so it is reported as a difference rather than hidden.
     """
-    if value is None:
-        return None
-    try:
-        converted = converter(t)(driver_exact(t, value))
-    except ConversionError as exc:
-        return f"{UNCONVERTIBLE}{exc}"
-    return canonical_value(t, converted)
+    return for_cassandra(t)(value)
+
+
+def for_cassandra(t: CqlType) -> Callable[[Any], Canon]:
+    """from_cassandra for one column type, resolved once (readers call it per value)."""
+    convert, fix, column = converter(t), _exact_fixer(t), _column(t)
+    if pg_type(t) == "jsonb":
+        # The JSON value the sink would write, without rendering and re-parsing its text.
+        column = functools.partial(_json_finish, t)
+
+        def convert(value: Any) -> Any:
+            return to_json_value(t, value)
+
+    def canon(value: Any) -> Canon:
+        if value is None:
+            return None
+        try:
+            converted = convert(value if fix is None else fix(value))
+        except ConversionError as exc:
+            return f"{UNCONVERTIBLE}{exc}"
+        return None if converted is None else column(converted)
+
+    return canon
+
+
+def for_postgres(t: CqlType) -> Callable[[Any], Canon]:
+    """canonical_value for one column type, resolved once (readers call it per value)."""
+    column = _column(t)
+    return lambda value: None if value is None else column(value)
 
 
 def driver_exact(t: CqlType, value: Any) -> Any:
@@ -219,11 +243,16 @@ _SCALAR: dict[str, Callable[[Any], Canon]] = {
 
 
 def _json_column(t: CqlType, value: Any) -> Canon:
-    parsed = json.loads(value) if isinstance(value, str | bytes) else value
+    # Numbers as Decimal: a float would round away digits of decimals nested in the JSON.
+    parsed = json.loads(value, parse_float=Decimal) if isinstance(value, str | bytes) else value
+    return _json_finish(t, parsed)
+
+
+def _json_finish(t: CqlType, parsed: Any) -> Canon:
     canonical = _json(t, parsed)
     if canonical in ([], {}) and not t.frozen and t.name in ("list", "set", "map"):
         return None
-    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _sorted_keys(canonical)
 
 
 def _json(t: CqlType, value: Any) -> Any:

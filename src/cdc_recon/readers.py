@@ -26,7 +26,15 @@ from typing import Any
 
 import asyncpg
 
-from cdc_recon.canonical import Canon, canonical_value, driver_exact, from_cassandra, key_text
+from cdc_recon.canonical import (
+    Canon,
+    canonical_value,
+    driver_exact,
+    for_cassandra,
+    for_postgres,
+    from_cassandra,
+    key_text,
+)
 from cdc_recon.errors import ReconError, UnknownTableError
 from cdc_sink.config import CassandraConfig
 from cdc_sink.tables import TableSchema, qualified, quote_ident
@@ -310,16 +318,16 @@ class CassandraReader:
         return f"token({', '.join(_cql_ident(c) for c in table.partition_columns)})"
 
     def _convert(self, table: ReconTable, writetimes: bool) -> Callable[[Sequence[Any]], Scanned]:
-        types = list(table.columns.values())
+        canons = [for_cassandra(t) for t in table.columns.values()]
         width = len(table.key_columns)
         names = table.value_columns
 
         def convert(row: Sequence[Any]) -> Scanned:
-            canon = [from_cassandra(t, v) for t, v in zip(types, row, strict=False)]
+            canon = [f(v) for f, v in zip(canons, row, strict=False)]
             stamps = None
             if writetimes:
                 stamps = {}
-                for name, stamp in zip(names, row[len(types) :], strict=True):
+                for name, stamp in zip(names, row[len(canons) :], strict=True):
                     if isinstance(stamp, list):
                         stamp = max(stamp, default=None)
                     if stamp is not None:
@@ -566,13 +574,13 @@ class PgReader:
         return f"SELECT {', '.join(cols)} FROM {qualified(self.schema, table.target)}"
 
     def _convert(self, table: ReconTable, writetimes: bool) -> Callable[[Sequence[Any]], Scanned]:
-        types = list(table.columns.values())
-        width = len(types)
+        canons = [for_postgres(t) for t in table.columns.values()]
+        width = len(canons)
         keys = len(table.key_columns)
         names = table.value_columns
 
         def convert(row: Sequence[Any]) -> Scanned:
-            canon = [canonical_value(t, row[i]) for i, t in enumerate(types)]
+            canon = [f(row[i]) for i, f in enumerate(canons)]
             stamps = None
             if writetimes:
                 cells = json.loads(row[width] or "{}")

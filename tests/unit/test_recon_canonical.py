@@ -81,6 +81,11 @@ def test_equal_values_have_one_canonical_form(cql: str, cassandra: Any, postgres
     ("cql", "cassandra", "postgres"),
     [
         ("decimal", Decimal("1.5"), Decimal("1.51")),
+        (
+            "map<text, decimal>",
+            {"a": Decimal("12345678901234567890.123456789")},
+            '{"a": 12345678901234567890.1234567890000001}',
+        ),
         ("float", 0.0, float("nan")),
         ("text", "", None),
         ("list<int>", [1, 2], [2, 1]),
