@@ -57,7 +57,7 @@ def _http_error(exc: ReconError) -> HttpError:
 
 def add_reconciliation_routes(server: HttpServer, runtime: ReconciliationRuntime) -> None:
     """Register the /reconciliation routes, served by `runtime`."""
-    repository = Repository(runtime.pool)
+    repository = Repository(runtime.pool, runtime.config.postgres.schema)
 
     async def list_jobs(request: Request) -> Response:
         jobs = await repository.jobs(

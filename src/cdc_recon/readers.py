@@ -41,6 +41,7 @@ from cdc_sink.tables import TableSchema, qualified, quote_ident
 from cdc_sink.types import CqlType, parse_cql_type, pg_type
 
 MIN_TOKEN, MAX_TOKEN = -(2**63), 2**63 - 1
+Keep = Callable[[dict[str, int]], bool]  # given a row's cell write times: scan it further?
 
 
 @dataclass(frozen=True)
@@ -317,13 +318,14 @@ class CassandraReader:
     def _token(self, table: ReconTable) -> str:
         return f"token({', '.join(_cql_ident(c) for c in table.partition_columns)})"
 
-    def _convert(self, table: ReconTable, writetimes: bool) -> Callable[[Sequence[Any]], Scanned]:
+    def _convert(
+        self, table: ReconTable, writetimes: bool, keep: Keep | None = None
+    ) -> Callable[[Sequence[Any]], Scanned | None]:
         canons = [for_cassandra(t) for t in table.columns.values()]
         width = len(table.key_columns)
         names = table.value_columns
 
-        def convert(row: Sequence[Any]) -> Scanned:
-            canon = [f(v) for f, v in zip(canons, row, strict=False)]
+        def convert(row: Sequence[Any]) -> Scanned | None:
             stamps = None
             if writetimes:
                 stamps = {}
@@ -332,21 +334,25 @@ class CassandraReader:
                         stamp = max(stamp, default=None)
                     if stamp is not None:
                         stamps[name] = int(stamp)
+                if keep is not None and not keep(stamps):
+                    return None
+            canon = [f(v) for f, v in zip(canons, row, strict=False)]
             return Scanned(tuple(canon[:width]), tuple(canon[width:]), stamps)
 
         return convert
 
     async def scan(
-        self, table: ReconTable, *, writetimes: bool = False
+        self, table: ReconTable, *, writetimes: bool = False, keep: Keep | None = None
     ) -> AsyncIterator[list[Scanned]]:
-        """Every row, a page at a time; `writetimes` adds each non-null cell's WRITETIME."""
+        """Every row, a page at a time; `writetimes` adds each non-null cell's WRITETIME, and
+        `keep` (given those) drops rows before their values are canonicalised."""
         statement = await asyncio.to_thread(
             self.session.prepare,
             f"{self._select(table, writetimes)} WHERE {self._token(table)} > ? "
             f"AND {self._token(table)} <= ?",
         )
         statement.fetch_size = self.page_size
-        convert = self._convert(table, writetimes)
+        convert = self._convert(table, writetimes, keep)
         async for page in self._fan_out(
             lambda lo, hi, put: self._scan_range(statement, lo, hi, convert, put)
         ):
@@ -409,14 +415,14 @@ class CassandraReader:
         statement: Any,
         lo: int,
         hi: int,
-        convert: Callable[[Sequence[Any]], Scanned],
+        convert: Callable[[Sequence[Any]], Scanned | None],
         put: Callable[[Any], None],
     ) -> None:
         result = self.session.execute(statement, (lo, hi))
         while True:
             rows = result.current_rows
             if rows:
-                put([convert(r) for r in rows])
+                put([s for s in map(convert, rows) if s is not None])
             if not result.has_more_pages:
                 return
             result.fetch_next_page()
@@ -458,7 +464,7 @@ class CassandraReader:
             for ok, result in results:
                 if not ok:
                     raise ReconError(f"Cassandra read failed: {result}")
-                found += [convert(r) for r in result]
+                found += [s for s in map(convert, result) if s is not None]
             return found
 
         return {row.key_text: row for row in await asyncio.to_thread(run)}
@@ -573,30 +579,36 @@ class PgReader:
         cols = [quote_ident(c) for c in table.columns] + ["_cdc_cells::text"]
         return f"SELECT {', '.join(cols)} FROM {qualified(self.schema, table.target)}"
 
-    def _convert(self, table: ReconTable, writetimes: bool) -> Callable[[Sequence[Any]], Scanned]:
+    def _convert(
+        self, table: ReconTable, writetimes: bool, keep: Keep | None = None
+    ) -> Callable[[Sequence[Any]], Scanned | None]:
         canons = [for_postgres(t) for t in table.columns.values()]
         width = len(canons)
         keys = len(table.key_columns)
         names = table.value_columns
 
-        def convert(row: Sequence[Any]) -> Scanned:
-            canon = [f(row[i]) for i, f in enumerate(canons)]
+        def convert(row: Sequence[Any]) -> Scanned | None:
             stamps = None
             if writetimes:
+                # A cell's timestamp counts while its value is not null, as WRITETIME does.
                 cells = json.loads(row[width] or "{}")
                 stamps = {
                     n: int(cells[n][0])
-                    for n, v in zip(names, canon[keys:], strict=True)
+                    for n, v in zip(names, row[keys:width], strict=True)
                     if v is not None and n in cells
                 }
+                if keep is not None and not keep(stamps):
+                    return None
+            canon = [f(row[i]) for i, f in enumerate(canons)]
             return Scanned(tuple(canon[:keys]), tuple(canon[keys:]), stamps)
 
         return convert
 
     async def scan(
-        self, table: ReconTable, *, writetimes: bool = False
+        self, table: ReconTable, *, writetimes: bool = False, keep: Keep | None = None
     ) -> AsyncIterator[list[Scanned]]:
-        """Every row in key order, a page at a time (keyset pagination)."""
+        """Every row in key order, a page at a time (keyset pagination); `writetimes` and
+        `keep` as for CassandraReader.scan."""
         keys = ", ".join(quote_ident(c) for c in table.key_columns)
         params = ", ".join(
             f"${i + 1}::{pg_type(table.columns[c])}" for i, c in enumerate(table.key_columns)
@@ -606,7 +618,7 @@ class PgReader:
             f"{self._select(table)} WHERE ({keys}) > ({params}) ORDER BY {keys} "
             f"LIMIT {int(self.page_size)}"
         )
-        convert = self._convert(table, writetimes)
+        convert = self._convert(table, writetimes, keep)
         width = len(table.key_columns)
         last: tuple[Any, ...] | None = None
         async with self.pool.acquire() as conn:
@@ -615,7 +627,7 @@ class PgReader:
                 if not rows:
                     return
                 last = tuple(rows[-1][:width])
-                yield [convert(r) for r in rows]
+                yield [s for s in map(convert, rows) if s is not None]
                 if len(rows) < self.page_size:
                     return
 
@@ -641,7 +653,7 @@ class PgReader:
             *columns,
         )
         convert = self._convert(table, writetimes)
-        return {row.key_text: row for row in map(convert, rows)}
+        return {row.key_text: row for row in map(convert, rows) if row is not None}
 
     async def fetch_stamps(
         self, table: ReconTable, keys: Sequence[tuple[Canon, ...]]

@@ -3,8 +3,9 @@ besides the readers).
 
 A job moves pending → running → succeeded | failed | interrupted. `claim` is the one step from
 pending to running: a conditional UPDATE, so of several callers exactly one wins. While a job
-runs, its runner holds a session advisory lock on `job_lock(id)`; a running job whose lock is
-free has lost its runner (the process died or restarted) and `mark_interrupted` says so.
+runs, its runner holds a session advisory lock on `job_lock(schema, id)`; a running job whose
+lock is free has lost its runner (the process died or restarted) and `mark_interrupted` says
+so.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ MISMATCH_COLUMNS = (
 FINAL_STATUSES = ("succeeded", "failed", "interrupted")
 
 
-def job_lock(job_id: int) -> int:
-    """The advisory lock a job's runner holds while the job runs."""
-    return lock_id("cdc_recon_job", str(job_id))
+def job_lock(schema: str, job_id: int) -> int:
+    """The advisory lock a job's runner holds while the job runs. Advisory locks are per
+    database: the schema keeps the jobs of different schemas (own id sequences) apart."""
+    return lock_id("cdc_recon_job", schema, str(job_id))
 
 
-def schedule_lock(table: str, strategy: str) -> int:
+def schedule_lock(schema: str, table: str, strategy: str) -> int:
     """The advisory lock under which a scheduler decides whether (table, strategy) is due."""
-    return lock_id("cdc_recon_schedule", table, strategy)
+    return lock_id("cdc_recon_schedule", schema, table, strategy)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,9 @@ def _record(row: asyncpg.Record | None) -> dict[str, Any] | None:
 class Repository:
     """Jobs and mismatches; every method is one short transaction on the pool."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
         self.pool = pool
+        self.schema = schema
 
     async def create_job(self, request: JobRequest) -> int:
         job_id = await self.pool.fetchval(
@@ -143,7 +146,7 @@ class Repository:
             for row in await conn.fetch(
                 "SELECT id FROM _cdc_reconciliation_jobs WHERE status = 'running'"
             ):
-                lock = job_lock(row["id"])
+                lock = job_lock(self.schema, row["id"])
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
                     try:
                         status = await conn.execute(

@@ -72,7 +72,7 @@ class Scheduler:
         target = self._targets.get(name)
         if target is None:
             target = self._targets[name] = (await reconciler.resolve(name)).target
-        lock = schedule_lock(target, strategy)
+        lock = schedule_lock(reconciler.pg_schema, target, strategy)
         async with reconciler.pool.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", lock)
             try:

@@ -119,7 +119,7 @@ class Reconciler:
         self.metrics = metrics
         self.pushgateway_url = pushgateway_url
         self.owner = owner
-        self.repository = Repository(pool)
+        self.repository = Repository(pool, pg_schema)
         self.cassandra = CassandraReader(
             session, page_size=settings.page_size, concurrency=settings.concurrency
         )
@@ -185,7 +185,9 @@ class Reconciler:
         """Run a pending job unless another runner has it; True if it ran here (whatever its
         outcome: failures are recorded on the job, not raised)."""
         async with self.pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", job_lock(job_id)):
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", job_lock(self.pg_schema, job_id)
+            ):
                 return False
             try:
                 if not await self.repository.claim(job_id, self.owner):
@@ -194,7 +196,9 @@ class Reconciler:
                 return True
             finally:
                 with contextlib.suppress(Exception):
-                    await conn.execute("SELECT pg_advisory_unlock($1)", job_lock(job_id))
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock($1)", job_lock(self.pg_schema, job_id)
+                    )
 
     async def _execute(self, job_id: int) -> None:
         job = await self.repository.job(job_id)

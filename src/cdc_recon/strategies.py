@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -83,7 +83,11 @@ class RowSource(Protocol):
     """One side of the comparison."""
 
     def scan(
-        self, table: ReconTable, *, writetimes: bool = False
+        self,
+        table: ReconTable,
+        *,
+        writetimes: bool = False,
+        keep: Callable[[dict[str, int]], bool] | None = None,
     ) -> AsyncIterator[list[Scanned]]: ...
 
     async def count(self, table: ReconTable) -> int: ...
@@ -226,10 +230,15 @@ async def timestamp_range(
 ) -> Outcome:
     stamped = table.single_cell_columns
 
+    def wanted(stamps: dict[str, int]) -> bool:
+        # In the window, or without a write time (counted): others are never canonicalised.
+        written = max((stamps[c] for c in stamped if c in stamps), default=None)
+        return written is None or start_us <= written < end_us
+
     async def in_window(source: RowSource) -> tuple[dict[str, Scanned], int]:
         kept: dict[str, Scanned] = {}
         unstamped = 0
-        async for page in source.scan(table, writetimes=True):
+        async for page in source.scan(table, writetimes=True, keep=wanted):
             for row in page:
                 written = row_write_time(row, stamped)
                 if written is None:

@@ -99,7 +99,7 @@ async def test_a_job_whose_runner_died_is_marked_interrupted(
     runner = await asyncpg.connect(
         stack.postgres_dsn, server_settings={"search_path": setup.schema}
     )
-    assert await runner.fetchval("SELECT pg_try_advisory_lock($1)", job_lock(job))
+    assert await runner.fetchval("SELECT pg_try_advisory_lock($1)", job_lock(setup.schema, job))
     assert await repository.claim(job, "doomed-pod")
     assert not await repository.claim(job, "other-pod")
     assert await repository.mark_interrupted() == []

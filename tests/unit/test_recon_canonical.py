@@ -93,6 +93,11 @@ def test_equal_values_have_one_canonical_form(cql: str, cassandra: Any, postgres
         ("map<text, int>", {"a": 1}, '{"a": 2}'),
         ("frozen<address>", Address("x", 1, None), '{"street": "x", "zip": 1, "at": null, "y": 1}'),
         (
+            "frozen<address>",
+            Address("x", 1, None),
+            '{"street": "x", "zip": 1, "at": {"field1": 1.5}}',  # a shape the type does not explain
+        ),
+        (
             "timestamp",
             dt.datetime(2000, 1, 1),
             dt.datetime(2000, 1, 1, 0, 0, 0, 1000, tzinfo=dt.UTC),

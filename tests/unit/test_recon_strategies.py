@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 
@@ -47,9 +47,13 @@ class Side:
         self.rows = {r.key_text: r for r in rows}
 
     async def scan(
-        self, table: ReconTable, *, writetimes: bool = False
+        self,
+        table: ReconTable,
+        *,
+        writetimes: bool = False,
+        keep: Callable[[dict[str, int]], bool] | None = None,
     ) -> AsyncIterator[list[Scanned]]:
-        items = list(self.rows.values())
+        items = [r for r in self.rows.values() if keep is None or keep(r.writetimes or {})]
         for start in range(0, len(items), 7):
             yield items[start : start + 7]
 
