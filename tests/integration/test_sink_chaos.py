@@ -1,0 +1,342 @@
+"""Chaos: PostgreSQL and Kafka fail under a running worker, which must ride it out.
+
+Each test streams the same history of mutations (three replica copies) through one worker
+process, breaks something in the middle of the stream, and then checks that the same process
+(never restarted) applied every offset exactly once and left exactly the rows Cassandra's
+SELECT returns. Services are stopped and started through `deploy/local/stack`, so these tests
+need a stack that script controls (CDC_STACK_HOME in the stack's endpoints); every test leaves
+the services running, also when it fails. Run them against a private stack while others use
+the shared one (README: "A second stack").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.support.cassandra_model import COLUMNS, CassandraModel, Mutation, replica_streams
+from tests.support.pipeline import (
+    applied,
+    create_cassandra_model_table,
+    create_topic,
+    drop_schema,
+    kill,
+    produce,
+    random_history,
+    read_rows,
+    schemaless_record,
+    sink_env,
+    start_worker_process,
+)
+from tests.support.stack import STACK, Endpoints
+from tests.support.tcp_proxy import TcpProxy
+
+MUTATIONS = 4_000  # x 3 replica copies = 12,000 events per test
+SHUTDOWN_TIMEOUT_S = 30.0  # the worker's default CDC_SINK__SHUTDOWN_TIMEOUT_SECONDS
+# Backoff steps of at most 2 s, and enough attempts that an outage of a few seconds can never
+# exhaust them: the worker must wait it out, not give up.
+RETRIES = {
+    "sink__retry_base_seconds": "0.2",
+    "sink__retry_max_seconds": "2",
+    "sink__retry_attempts": "40",
+    "sink__batch_size": "200",
+}
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Kafka records to deliver in order, and the rows Cassandra returns after all of them."""
+
+    keyspace: str
+    records: list[tuple[bytes, bytes]]
+    expected: dict[tuple[Any, ...], dict[str, Any]]
+
+
+def expected_rows(history: list[Mutation]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """What SELECT returns after the history: the reference model, one partition at a time."""
+    by_partition: dict[tuple[Any, ...], list[Mutation]] = defaultdict(list)
+    for m in history:
+        by_partition[m.key[:2]].append(m)
+    rows = {}
+    for mutations in by_partition.values():
+        model = CassandraModel(mutations)
+        for key in {m.key for m in mutations if len(m.key) == 4}:
+            row = model._row(key, 2**62)
+            if row is not None:
+                rows[key] = row
+    return rows
+
+
+@pytest.fixture(scope="module")
+def stream(stack: Endpoints) -> Stream:
+    tag = f"{int(time.time())}{random.randrange(1000):03d}"
+    rng = random.Random(tag)
+    history = random_history(rng, MUTATIONS, keys=1_500, base_ts=1_900_000_000_000_000)
+    deliveries = replica_streams(history, iter(lambda: rng.randrange(1 << 30), None))
+    keyspace = f"chaos{tag}"
+    create_cassandra_model_table(stack, keyspace)
+    records = [schemaless_record(m, keyspace) for m in deliveries]
+    return Stream(keyspace, records, expected_rows(history))
+
+
+def stack_command(stack: Endpoints, *args: str) -> None:
+    """Run deploy/local/stack on the stack the tests use (its home and port offset)."""
+    if not stack.get("CDC_STACK_HOME"):
+        pytest.fail("chaos tests need a stack deploy/local/stack controls (CDC_STACK_HOME)")
+    env = {
+        **os.environ,
+        "CDC_STACK_HOME": stack["CDC_STACK_HOME"],
+        "CDC_STACK_PORT_OFFSET": stack.get("CDC_STACK_PORT_OFFSET") or "0",
+    }
+    done = subprocess.run(
+        [str(STACK), *args], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, f"stack {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+
+
+def service_pid(stack: Endpoints, service: str) -> int:
+    return int((Path(stack["CDC_STACK_HOME"]) / "run" / service / "pid").read_text())
+
+
+@pytest.fixture
+def services_restored(stack: Endpoints) -> Iterator[None]:
+    """Whatever happens in the test, PostgreSQL and Kafka are up again afterwards."""
+    try:
+        yield
+    finally:
+        stack_command(stack, "up", "postgres", "kafka")
+
+
+@dataclass
+class Outcome:
+    """What a chaos run measured."""
+
+    applied_at_fault: int
+    shutdown_s: float
+    log: str
+
+
+async def stream_through_fault(
+    stack: Endpoints,
+    stream: Stream,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+    fault: Callable[[], Awaitable[None]],
+    *,
+    kafka: str | None = None,
+    postgres_dsn: str | None = None,
+) -> Outcome:
+    """Produce two thirds of the stream, start a worker, let it apply some, run `fault`,
+    produce the rest, wait until every offset is stored, stop the worker with SIGTERM, and
+    check: the worker never exited before, exact rows, every offset once, nothing dead-lettered.
+    `kafka` / `postgres_dsn` are the addresses the worker uses (a proxy), if not the stack's."""
+    topic, schema = unique("cdc-events-chaos"), unique("chaos")
+    total = len(stream.records)
+    first = total * 2 // 3
+    await create_topic(stack.kafka, topic)
+    await produce(stack.kafka, topic, stream.records[:first])
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, **RETRIES)
+    env["CDC_LOG__LEVEL"] = "info"
+    if kafka:
+        env["CDC_KAFKA__BOOTSTRAP_SERVERS"] = kafka
+    if postgres_dsn:
+        env["CDC_POSTGRES__DSN"] = postgres_dsn
+    log = tmp_path / "worker.log"
+    worker = start_worker_process(env, log, stop_when_caught_up=False)
+    try:
+        async with asyncio.timeout(120):
+            while await applied(stack.postgres_dsn, schema) < total // 10:
+                assert worker.poll() is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.05)
+        at_fault = await applied(stack.postgres_dsn, schema)
+        await fault()
+        await produce(stack.kafka, topic, stream.records[first:])
+        async with asyncio.timeout(300):
+            while await applied(stack.postgres_dsn, schema) < total:
+                assert worker.poll() is None, "the worker exited:\n" + log.read_text()[-4000:]
+                await asyncio.sleep(0.2)
+        assert worker.poll() is None, log.read_text()[-3000:]
+        shutdown_s = await terminate(worker)
+        assert worker.returncode == 0, log.read_text()[-3000:]
+        assert await applied(stack.postgres_dsn, schema) == total
+        rows = await read_rows(stack.postgres_dsn, schema, "cdc_model", COLUMNS)
+        assert rows == stream.expected
+        assert await dead_letters(stack.postgres_dsn, schema) == 0
+        return Outcome(at_fault, shutdown_s, log.read_text())
+    finally:
+        kill(worker)
+        await drop_schema(stack.postgres_dsn, schema)
+
+
+async def terminate(worker: subprocess.Popen[bytes]) -> float:
+    """SIGTERM; wait for the exit (at most the shutdown timeout and a margin); seconds taken."""
+    began = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(worker.wait, SHUTDOWN_TIMEOUT_S + 10)
+    return time.monotonic() - began
+
+
+async def dead_letters(dsn: str, schema: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(f'SELECT count(*) FROM "{schema}"._cdc_dlq_records'))
+    finally:
+        await conn.close()
+
+
+def logged_events(log: str, event: str) -> int:
+    """How many JSON log lines of the worker carry this event name."""
+    count = 0
+    for line in log.splitlines():
+        try:
+            count += json.loads(line).get("event") == event
+        except ValueError:
+            continue
+    return count
+
+
+# --- PostgreSQL and Kafka stopped -------------------------------------------------------------
+
+
+async def test_postgres_stopped_immediately_mid_stream(
+    stack: Endpoints,
+    stream: Stream,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+    services_restored: None,
+) -> None:
+    """PostgreSQL stopped in immediate mode for longer than a backoff step, then started: the
+    same worker process retries, resumes, and the tables and offsets are exact."""
+
+    async def fault() -> None:
+        await asyncio.to_thread(stack_command, stack, "down", "postgres", "--immediate")
+        await asyncio.sleep(4)  # longer than any backoff step (2 s)
+        await asyncio.to_thread(stack_command, stack, "up", "postgres")
+
+    outcome = await stream_through_fault(stack, stream, unique, tmp_path, fault)
+    assert logged_events(outcome.log, "write_retry") >= 1
+    print(f"postgres outage: applied {outcome.applied_at_fault:,} before it")
+
+
+async def test_kafka_broker_restarted_mid_stream(
+    stack: Endpoints,
+    stream: Stream,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+    services_restored: None,
+) -> None:
+    """The Kafka broker restarted while the worker streams: the same process reconnects,
+    rejoins its group and finishes with exact tables and offsets."""
+    broker = service_pid(stack, "kafka")
+
+    async def fault() -> None:
+        await asyncio.to_thread(stack_command, stack, "restart", "kafka")
+
+    await stream_through_fault(stack, stream, unique, tmp_path, fault)
+    assert service_pid(stack, "kafka") != broker
+
+
+# --- connections cut and delayed --------------------------------------------------------------
+
+
+async def flaky_network(proxy: TcpProxy) -> None:
+    """Three rounds of: slow links for a second, then every connection reset and the port
+    closed for longer than a backoff step."""
+    for _ in range(3):
+        proxy.latency_s = 0.05
+        await asyncio.sleep(1)
+        proxy.latency_s = 0.0
+        await proxy.outage(3)
+
+
+async def test_postgres_connections_cut_and_delayed(
+    stack: Endpoints, stream: Stream, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Every PostgreSQL connection of the worker goes through a proxy that delays, resets and
+    refuses: the same process finishes with exact tables and offsets."""
+    dsn = stack.postgres_dsn
+    host_port = dsn.rsplit("@", 1)[1].split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1)
+    async with TcpProxy(host, int(port)) as proxy:
+        via_proxy = dsn.replace(f"@{host_port}/", f"@{proxy.address}/")
+
+        async def fault() -> None:
+            await flaky_network(proxy)
+
+        outcome = await stream_through_fault(
+            stack, stream, unique, tmp_path, fault, postgres_dsn=via_proxy
+        )
+    assert proxy.cuts >= 3
+    assert logged_events(outcome.log, "write_retry") >= 1
+
+
+async def test_kafka_connections_cut_and_delayed(
+    stack: Endpoints, stream: Stream, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Every Kafka connection of the worker (bootstrap, group coordinator, fetches, commits)
+    goes through a proxy that delays, resets and refuses: the same process finishes with
+    exact tables and offsets."""
+    listen = int(stack["CDC_STACK_KAFKA_VIA_PROXY"].rsplit(":", 1)[1])
+    upstream_host, upstream_port = stack["CDC_STACK_KAFKA_PROXIED"].rsplit(":", 1)
+    async with TcpProxy(upstream_host, int(upstream_port), port=listen) as proxy:
+
+        async def fault() -> None:
+            await flaky_network(proxy)
+
+        await stream_through_fault(
+            stack, stream, unique, tmp_path, fault, kafka=stack["CDC_STACK_KAFKA_VIA_PROXY"]
+        )
+    assert proxy.cuts >= 3
+    # the broker advertised the proxy, so the worker reconnected through it after each cut
+    assert proxy.accepted >= 4
+
+
+# --- SIGTERM ----------------------------------------------------------------------------------
+
+
+async def test_sigterm_mid_stream_then_restart(
+    stack: Endpoints, stream: Stream, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """SIGTERM while a backlog is being applied: the worker exits 0 within the shutdown
+    timeout with part of the stream applied; a restarted worker applies the rest, and the
+    tables and offsets equal one uninterrupted run (nothing lost, nothing applied twice)."""
+    topic, schema = unique("cdc-events-term"), unique("term")
+    total = len(stream.records)
+    await create_topic(stack.kafka, topic)
+    await produce(stack.kafka, topic, stream.records)
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, **RETRIES)
+    log = tmp_path / "worker.log"
+    worker = start_worker_process(env, log, stop_when_caught_up=False)
+    try:
+        async with asyncio.timeout(120):
+            while await applied(stack.postgres_dsn, schema) < total // 5:
+                assert worker.poll() is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.02)
+        shutdown_s = await terminate(worker)
+        assert worker.returncode == 0, log.read_text()[-3000:]
+        assert shutdown_s < SHUTDOWN_TIMEOUT_S
+        stopped_at = await applied(stack.postgres_dsn, schema)
+        print(f"SIGTERM: exit 0 after {shutdown_s:.2f} s, {stopped_at:,}/{total:,} applied")
+        assert stopped_at < total  # it really stopped mid-stream
+        worker = start_worker_process(env, log)
+        assert await asyncio.to_thread(worker.wait, 300) == 0, log.read_text()[-3000:]
+        assert await applied(stack.postgres_dsn, schema) == total
+        rows = await read_rows(stack.postgres_dsn, schema, "cdc_model", COLUMNS)
+        assert rows == stream.expected
+        assert await dead_letters(stack.postgres_dsn, schema) == 0
+    finally:
+        kill(worker)
+        await drop_schema(stack.postgres_dsn, schema)
