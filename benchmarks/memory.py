@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from run import RESULTS, Run, _pyplot, end_offsets, log, machine
-
 from cdc_sink import synth
+from run import RESULTS, Run, _pyplot, end_offsets, log, machine
 
 TARGET_MB = 300
 CHUNK = 100_000  # events generated and produced at a time, to keep this process small
@@ -80,10 +80,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             log(f"{applied:,} applied, RSS {rss / 1024:.0f} MiB (peak {peak_kib / 1024:.0f})")
         if rss:
             samples.append((elapsed, rss, applied))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(worker.wait(), timeout=0.2)
-        except TimeoutError:
-            pass
     wall_s = time.monotonic() - started
     run.finish_worker()
     applied_offsets = await run.applied(pg)
@@ -134,7 +132,9 @@ def plot(run: Run, samples: list[tuple[float, int, int]], summary: dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/memory.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/memory.py", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--format", choices=("avro", "json"), default="avro")
     parser.add_argument("--seed", type=int, default=1)

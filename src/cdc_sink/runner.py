@@ -227,9 +227,15 @@ class Worker:
         return CassandraSystemSchema(session)
 
     async def _open_writer(self) -> None:
+        """Give the writer a fresh pooled connection. If that fails the worker has no writer
+        (never one on a connection already handed back), and the next attempt opens one."""
         assert self.pool is not None
-        if self._writer_conn is not None:
-            await self.pool.release(self._writer_conn)
+        old, self._writer_conn, self.writer = self._writer_conn, None, None
+        if old is not None:
+            try:
+                await self.pool.release(old)
+            except Exception as exc:  # noqa: BLE001 - a broken connection is dropped anyway
+                log.warning("writer_release_failed", error=f"{type(exc).__name__}: {exc}")
         self._writer_conn = await self.pool.acquire()
         self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
 
@@ -508,6 +514,8 @@ class Worker:
         attempts = sink.retry_attempts
         for attempt in range(attempts):
             try:
+                if self.writer is None:  # the reconnect after the last failure failed too
+                    await self._open_writer()
                 assert self.writer is not None
                 result = await self.writer.apply(batch)
                 self.metrics.transaction_duration.observe(result.duration_s)
