@@ -91,6 +91,7 @@ class SinkConfig:
     retry_attempts: int = 10
     retry_base_seconds: float = 0.1
     retry_max_seconds: float = 60.0
+    shutdown_timeout_seconds: float = 30.0
 
     def validate(self) -> None:
         if not 1 <= self.batch_size <= 100_000:
@@ -111,6 +112,8 @@ class SinkConfig:
             raise ConfigError(
                 "CDC_SINK__RETRY_BASE_SECONDS must be > 0 and <= CDC_SINK__RETRY_MAX_SECONDS"
             )
+        if self.shutdown_timeout_seconds <= 0:
+            raise ConfigError("CDC_SINK__SHUTDOWN_TIMEOUT_SECONDS must be > 0")
 
 
 @dataclass(frozen=True)

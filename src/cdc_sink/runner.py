@@ -30,6 +30,7 @@ from cdc_sink.errors import (
     DecodeError,
     FatalError,
     FencedError,
+    Interrupted,
     PoisonError,
     TransientError,
 )
@@ -286,7 +287,16 @@ class Worker:
         return bool(postgres and assigned), {"postgres": postgres, "assigned_partitions": assigned}
 
     def stop(self) -> None:
+        """Stop fetching; the batch in flight finishes (or, if it is waiting to be retried,
+        is abandoned uncommitted), then the worker leaves the group and `run` returns."""
         self.stopping.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but raise Interrupted as soon as a stop is requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        if self.stopping.is_set():
+            raise Interrupted("stop requested while waiting to retry")
 
     # assignment -----------------------------------------------------------------------------
 
@@ -358,7 +368,11 @@ class Worker:
                 # waits a fetch round trip between calls. Batches are cut below instead.
                 fetched = await self.consumer.getmany(timeout_ms=linger)
                 if fetched:
-                    await self._process(fetched)
+                    try:
+                        await self._process(fetched)
+                    except Interrupted as exc:
+                        log.info("batch_abandoned", reason=str(exc))
+                        break
                 await self._report_backlog()
                 if self.stop_when_caught_up and self._caught_up():
                     log.info("caught_up", events=self.applied_events)
@@ -401,6 +415,8 @@ class Worker:
             pending.extend(r for r in batch if r.offset >= owned.next_offset)
         size = self.config.sink.batch_size
         for start in range(0, len(pending), size):
+            if self.stopping.is_set():
+                return  # the rest stays unacknowledged: read again after a restart
             prepared = await self._prepare(pending[start : start + size])
             async with self._batch_lock:
                 await self._apply_prepared(prepared)
@@ -541,7 +557,7 @@ class Worker:
                     delay_s=round(delay, 3),
                     error=f"{type(exc).__name__}: {exc}",
                 )
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 try:
                     await self._open_writer()
                 except Exception as reopen:  # noqa: BLE001 - the next attempt reports it

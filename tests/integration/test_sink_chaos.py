@@ -350,3 +350,48 @@ async def test_sigterm_mid_stream_then_restart(
     finally:
         kill(worker)
         await drop_schema(stack.postgres_dsn, schema)
+
+
+async def test_sigterm_while_retrying_a_stopped_postgres(
+    stack: Endpoints,
+    stream: Stream,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+    services_restored: None,
+) -> None:
+    """SIGTERM while the worker waits out a retry backoff (PostgreSQL down, steps of up to a
+    minute): the wait is interrupted, the batch abandoned uncommitted, exit 0 within the
+    shutdown timeout; after PostgreSQL is back a new worker finishes with exact tables."""
+    topic, schema = unique("cdc-events-termretry"), unique("termretry")
+    total = len(stream.records)
+    await create_topic(stack.kafka, topic)
+    await produce(stack.kafka, topic, stream.records)
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, sink__batch_size="200")
+    env |= {"CDC_LOG__LEVEL": "info", "CDC_SINK__RETRY_BASE_SECONDS": "5"}
+    log = tmp_path / "worker.log"
+    worker = start_worker_process(env, log, stop_when_caught_up=False)
+    try:
+        async with asyncio.timeout(120):
+            while await applied(stack.postgres_dsn, schema) < total // 10:
+                assert worker.poll() is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.02)
+        await asyncio.to_thread(stack_command, stack, "down", "postgres", "--immediate")
+        async with asyncio.timeout(60):
+            while not logged(log.read_text(), "write_retry"):
+                assert worker.poll() is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.1)
+        shutdown_s = await terminate(worker)
+        print(f"SIGTERM during a retry backoff: exit {worker.returncode} after {shutdown_s:.2f} s")
+        assert worker.returncode == 0, log.read_text()[-3000:]
+        assert shutdown_s < SHUTDOWN_TIMEOUT_S
+        assert logged(log.read_text(), "batch_abandoned")
+        await asyncio.to_thread(stack_command, stack, "up", "postgres")
+        worker = start_worker_process(env, log)
+        assert await asyncio.to_thread(worker.wait, 300) == 0, log.read_text()[-3000:]
+        assert await applied(stack.postgres_dsn, schema) == total
+        rows = await read_rows(stack.postgres_dsn, schema, "cdc_model", COLUMNS)
+        assert rows == stream.expected
+    finally:
+        kill(worker)
+        await asyncio.to_thread(stack_command, stack, "up", "postgres")
+        await drop_schema(stack.postgres_dsn, schema)
