@@ -114,6 +114,11 @@ class Worker:
         self.stop_when_caught_up = stop_when_caught_up
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.owned: dict[TopicPartition, Owned] = {}
+        # Assigned to us, but claiming them failed (PostgreSQL or Kafka unreachable during the
+        # rebalance): none of their records is applied until a retry of the claim succeeds.
+        self._unclaimed: set[TopicPartition] = set()
+        self._claim_failures = 0
+        self._claim_retry_at = 0.0  # monotonic
         self.stopping = asyncio.Event()
         self._batch_lock = asyncio.Lock()
         self._rng = random.Random()  # noqa: S311 - jitter, not security
@@ -301,11 +306,60 @@ class Worker:
     # assignment -----------------------------------------------------------------------------
 
     async def claim(self, assigned: Sequence[TopicPartition]) -> None:
-        """Take over partitions: bump their fencing epoch and seek to the stored offsets."""
-        assert self.pool is not None
-        assert self.consumer is not None
+        """Take over partitions: bump their fencing epoch and seek to the stored offsets.
+        Never raises (aiokafka would swallow it): partitions whose claim failed are claimed
+        again by the loop (`_claim_unclaimed`)."""
         if not assigned:
             return
+        try:
+            await self._claim(assigned)
+        except Exception as exc:  # noqa: BLE001 - the loop retries, or stops on a fatal one
+            self._unclaimed.update(assigned)
+            self.metrics.errors.labels("claim", "transient").inc()
+            log.warning(
+                "claim_failed",
+                partitions=[f"{t.topic}[{t.partition}]" for t in assigned],
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    async def _claim_unclaimed(self) -> None:
+        """Claim again the partitions still assigned whose claim failed, with the retry
+        policy's backoff; after the last attempt (or on a non-transient error) stop with
+        FatalError, nothing committed."""
+        assert self.consumer is not None
+        assignment = self.consumer.assignment()
+        self._unclaimed = {tp for tp in self._unclaimed if tp in assignment}
+        self._unclaimed -= self.owned.keys()
+        if not self._unclaimed or time.monotonic() < self._claim_retry_at:
+            return
+        sink = self.config.sink
+        todo = sorted(self._unclaimed)
+        try:
+            await self._claim(todo)
+        except Exception as exc:
+            self._claim_failures += 1
+            if not is_transient(exc) or self._claim_failures >= sink.retry_attempts:
+                raise FatalError(
+                    f"cannot claim partitions ({type(exc).__name__}: {exc}); nothing committed"
+                ) from exc
+            delay = backoff_delay(
+                self._claim_failures - 1, sink.retry_base_seconds, sink.retry_max_seconds, self._rng
+            )
+            self._claim_retry_at = time.monotonic() + delay
+            self.metrics.retries.labels("claim").inc()
+            log.warning(
+                "claim_retry",
+                attempt=self._claim_failures,
+                delay_s=round(delay, 3),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return
+        self._unclaimed.clear()
+        self._claim_failures = 0
+
+    async def _claim(self, assigned: Sequence[TopicPartition]) -> None:
+        assert self.pool is not None
+        assert self.consumer is not None
         starts = await self.consumer.beginning_offsets(list(assigned))
         ends = await self.consumer.end_offsets(list(assigned))
         if self.config.kafka.auto_offset_reset == "latest":
@@ -338,6 +392,7 @@ class Worker:
         async with self._batch_lock:
             for tp in revoked:
                 self.owned.pop(tp, None)
+            self._unclaimed.difference_update(revoked)
         self.metrics.assigned_partitions.set(len(self.owned))
         log.info("partitions_revoked", partitions=[f"{t.topic}[{t.partition}]" for t in revoked])
 
@@ -364,6 +419,8 @@ class Worker:
             self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))
             linger = self.config.sink.linger_ms
             while not self.stopping.is_set():
+                if self._unclaimed:
+                    await self._claim_unclaimed()
                 # No max_records: with it, aiokafka serves one partition's buffer at a time and
                 # waits a fetch round trip between calls. Batches are cut below instead.
                 fetched = await self.consumer.getmany(timeout_ms=linger)
@@ -381,8 +438,10 @@ class Worker:
             await self.consumer.stop()
 
     def _caught_up(self) -> bool:
-        return bool(self.owned) and all(
-            owned.next_offset >= self._end_at_start[tp] for tp, owned in self.owned.items()
+        return (
+            bool(self.owned)
+            and not self._unclaimed
+            and all(owned.next_offset >= self._end_at_start[tp] for tp, owned in self.owned.items())
         )
 
     async def _report_backlog(self) -> None:

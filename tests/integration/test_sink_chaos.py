@@ -395,3 +395,71 @@ async def test_sigterm_while_retrying_a_stopped_postgres(
         kill(worker)
         await asyncio.to_thread(stack_command, stack, "up", "postgres")
         await drop_schema(stack.postgres_dsn, schema)
+
+
+async def claimed_twice(dsn: str, schema: str) -> int:
+    """Partitions whose fencing epoch went past the first claim."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(f'SELECT count(*) FROM "{schema}"._cdc_checkpoints WHERE epoch > 1')
+        )
+    finally:
+        await conn.close()
+
+
+async def test_rebalance_while_postgres_is_unreachable(
+    stack: Endpoints, stream: Stream, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """A worker whose PostgreSQL is unreachable when a rebalance hands it partitions cannot
+    claim them then; it claims them once PostgreSQL is back (it does not sit on them unapplied
+    for ever), and the two workers finish with exact tables and offsets."""
+    topic, schema, group = unique("cdc-events-claim"), unique("claim"), unique("g")
+    total = len(stream.records)
+    first = total * 2 // 3
+    await create_topic(stack.kafka, topic)
+    await produce(stack.kafka, topic, stream.records[:first])
+    env = sink_env(stack, topic=topic, group=group, schema=schema, **RETRIES)
+    env["CDC_LOG__LEVEL"] = "info"
+    dsn = stack.postgres_dsn
+    host_port = dsn.rsplit("@", 1)[1].split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1)
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    workers: list[subprocess.Popen[bytes]] = []
+    async with TcpProxy(host, int(port)) as proxy:
+        try:
+            via_proxy = dsn.replace(f"@{host_port}/", f"@{proxy.address}/")
+            workers.append(
+                start_worker_process(
+                    {**env, "CDC_POSTGRES__DSN": via_proxy}, log_a, stop_when_caught_up=False
+                )
+            )
+            async with asyncio.timeout(120):
+                while await applied(dsn, schema) < first:
+                    assert workers[0].poll() is None, log_a.read_text()[-3000:]
+                    await asyncio.sleep(0.1)
+            await proxy.refuse()
+            proxy.cut()
+            workers.append(start_worker_process(env, log_b, stop_when_caught_up=False))
+            async with asyncio.timeout(60):  # the second worker claimed its share
+                while await claimed_twice(dsn, schema) < 4:
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(2)  # the first worker's claims fail meanwhile
+            await proxy.start()
+            await produce(stack.kafka, topic, stream.records[first:])
+            async with asyncio.timeout(120):
+                while await applied(dsn, schema) < total:
+                    for worker, log in zip(workers, (log_a, log_b), strict=True):
+                        assert worker.poll() is None, log.read_text()[-3000:]
+                    await asyncio.sleep(0.2)
+            for worker in workers:
+                await terminate(worker)
+                assert worker.returncode == 0
+            assert logged(log_a.read_text(), "claim_failed")
+            assert await applied(dsn, schema) == total
+            rows = await read_rows(dsn, schema, "cdc_model", COLUMNS)
+            assert rows == stream.expected
+        finally:
+            for worker in workers:
+                kill(worker)
+            await drop_schema(dsn, schema)
