@@ -21,7 +21,12 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    KafkaTimeoutError,
+    KafkaUnavailableError,
+)
 
 from cdc_sink.config import Config
 from cdc_sink.ddl import CassandraSystemSchema, Catalog
@@ -56,6 +61,10 @@ def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same step may succeed (decided by SQLSTATE class, never by text)."""
     if isinstance(exc, TransientError | ConnectionError | OSError | asyncio.TimeoutError):
         return True
+    if isinstance(exc, KafkaError):
+        # aiokafka marks what a retry can fix; its request timeout and "no broker reachable"
+        # are not marked, but are exactly what a broker restart looks like.
+        return bool(exc.retriable) or isinstance(exc, KafkaTimeoutError | KafkaUnavailableError)
     if isinstance(exc, asyncpg.InterfaceError):
         return True  # client-side connection state (closed, broken): reconnect and retry
     state = getattr(exc, "sqlstate", None) or ""

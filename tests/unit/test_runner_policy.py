@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import aiokafka.errors
 import asyncpg
 import pytest
 
@@ -73,3 +74,34 @@ def test_retry_settings_are_validated() -> None:
         load_config({"CDC_SINK__RETRY_ATTEMPTS": "0"})
     with pytest.raises(ConfigError, match="CDC_SINK__RETRY_BASE_SECONDS"):
         load_config({"CDC_SINK__RETRY_BASE_SECONDS": "90"})
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiokafka.errors.KafkaConnectionError("x"),
+        aiokafka.errors.NodeNotReadyError("x"),
+        aiokafka.errors.RequestTimedOutError(),
+        aiokafka.errors.NotLeaderForPartitionError(),
+        aiokafka.errors.CoordinatorNotAvailableError(),
+        aiokafka.errors.KafkaTimeoutError(),  # not marked retriable by aiokafka
+        aiokafka.errors.KafkaUnavailableError(),  # idem
+    ],
+)
+def test_broker_unavailability_is_transient(exc: BaseException) -> None:
+    """What a broker restart raises (connection lost, no leader, request timeout, no broker
+    reachable) is retried, e.g. when claiming partitions during a rebalance."""
+    assert is_transient(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiokafka.errors.TopicAuthorizationFailedError(),
+        aiokafka.errors.GroupAuthorizationFailedError(),
+        aiokafka.errors.IllegalStateError("x"),
+    ],
+)
+def test_kafka_permission_and_state_errors_are_not_transient(exc: BaseException) -> None:
+    """Missing ACLs and client misuse are not retried."""
+    assert not is_transient(exc)
