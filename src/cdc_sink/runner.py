@@ -57,6 +57,14 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
 DATA_SQLSTATE_CLASSES = ("22", "23")
 
 
+NOT_TRANSIENT_INTERFACE_ERRORS = (
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+    asyncpg.exceptions.UnsupportedServerFeatureError,
+    asyncpg.exceptions._base.DataError,  # invalid query input (the public DataError is 22xxx)
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same step may succeed (decided by SQLSTATE class, never by text)."""
     if isinstance(exc, TransientError | ConnectionError | OSError | asyncio.TimeoutError):
@@ -66,7 +74,9 @@ def is_transient(exc: BaseException) -> bool:
         # are not marked, but are exactly what a broker restart looks like.
         return bool(exc.retriable) or isinstance(exc, KafkaTimeoutError | KafkaUnavailableError)
     if isinstance(exc, asyncpg.InterfaceError):
-        return True  # client-side connection state (closed, broken): reconnect and retry
+        # client-side connection state (closed, broken, released): reconnect and retry; but
+        # not a bad setting, a missing feature, or arguments the driver cannot encode
+        return not isinstance(exc, NOT_TRANSIENT_INTERFACE_ERRORS)
     state = getattr(exc, "sqlstate", None) or ""
     return state[:2] in TRANSIENT_SQLSTATE_CLASSES
 

@@ -105,3 +105,24 @@ def test_broker_unavailability_is_transient(exc: BaseException) -> None:
 def test_kafka_permission_and_state_errors_are_not_transient(exc: BaseException) -> None:
     """Missing ACLs and client misuse are not retried."""
     assert not is_transient(exc)
+
+
+def test_lost_connection_interface_errors_are_transient() -> None:
+    """asyncpg's client-side errors about a closed or released connection retry."""
+    assert is_transient(asyncpg.InterfaceError("the underlying connection is closed"))
+    assert is_transient(asyncpg.InterfaceError("connection has been released back to the pool"))
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.exceptions.ClientConfigurationError("x"),
+        asyncpg.exceptions.UnsupportedClientFeatureError("x"),
+        asyncpg.exceptions.UnsupportedServerFeatureError("x"),
+        asyncpg.exceptions._base.DataError("invalid input for query argument"),
+    ],
+)
+def test_interface_errors_about_settings_or_input_are_not_transient(exc: BaseException) -> None:
+    """A bad client setting, a missing feature or input the driver cannot encode fails the
+    same way on every retry: not transient (the attempts would only delay the outcome)."""
+    assert not is_transient(exc)
