@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -49,6 +50,7 @@ from cdc_sink.tables import TableSchema
 from cdc_sink.write import Batch, CheckpointMove, DeadLetter, PgWriter, prepare_connection
 
 log = get_logger("cdc_sink.runner")
+T = TypeVar("T")
 
 # SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
@@ -495,7 +497,10 @@ class Worker:
         for start in range(0, len(pending), size):
             if self.stopping.is_set():
                 return  # the rest stays unacknowledged: read again after a restart
-            prepared = await self._prepare(pending[start : start + size])
+            # Preparing may need PostgreSQL (a table's first event: look it up, create it).
+            prepared = await self._retrying(
+                "prepare", functools.partial(self._prepare, pending[start : start + size])
+            )
             async with self._batch_lock:
                 await self._apply_prepared(prepared)
 
@@ -604,16 +609,38 @@ class Worker:
         return schema.to_mutation(event), schema
 
     async def _apply_with_retry(self, batch: Batch) -> None:
+        """Write the batch in one transaction, retrying transient failures on a new connection."""
+
+        async def write() -> None:
+            if self.writer is None:  # the reconnect after the last failure failed too
+                await self._open_writer()
+            assert self.writer is not None
+            result = await self.writer.apply(batch)
+            self.metrics.transaction_duration.observe(result.duration_s)
+
+        await self._retrying("write", write, after_failure=self._reopen_writer)
+
+    async def _reopen_writer(self) -> None:
+        try:
+            await self._open_writer()
+        except Exception as exc:  # noqa: BLE001 - the next attempt reports it
+            log.warning("writer_reconnect_failed", error=str(exc))
+
+    async def _retrying(
+        self,
+        stage: str,
+        step: Callable[[], Awaitable[T]],
+        *,
+        after_failure: Callable[[], Awaitable[None]] | None = None,
+    ) -> T:
+        """Run `step`; retry a transient failure with exponential backoff and full jitter (a
+        stop request interrupts the wait: Interrupted). After the last attempt: FatalError,
+        nothing committed. Anything not transient, FencedError and PoisonError propagate."""
         sink = self.config.sink
         attempts = sink.retry_attempts
         for attempt in range(attempts):
             try:
-                if self.writer is None:  # the reconnect after the last failure failed too
-                    await self._open_writer()
-                assert self.writer is not None
-                result = await self.writer.apply(batch)
-                self.metrics.transaction_duration.observe(result.duration_s)
-                return
+                return await step()
             except (FencedError, PoisonError):
                 raise
             except Exception as exc:
@@ -621,25 +648,24 @@ class Worker:
                     raise
                 if attempt == attempts - 1:
                     raise FatalError(
-                        f"gave up after {attempts} attempts ({type(exc).__name__}: {exc}); "
-                        "nothing was committed, the batch will be re-read on restart"
+                        f"{stage}: gave up after {attempts} attempts ({type(exc).__name__}: "
+                        f"{exc}); nothing was committed, the batch will be re-read on restart"
                     ) from exc
                 delay = backoff_delay(
                     attempt, sink.retry_base_seconds, sink.retry_max_seconds, self._rng
                 )
-                self.metrics.retries.labels("write").inc()
-                self.metrics.errors.labels("write", "transient").inc()
+                self.metrics.retries.labels(stage).inc()
+                self.metrics.errors.labels(stage, "transient").inc()
                 log.warning(
-                    "write_retry",
+                    f"{stage}_retry",
                     attempt=attempt + 1,
                     delay_s=round(delay, 3),
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 await self._pause(delay)
-                try:
-                    await self._open_writer()
-                except Exception as reopen:  # noqa: BLE001 - the next attempt reports it
-                    log.warning("writer_reconnect_failed", error=str(reopen))
+                if after_failure is not None:
+                    await after_failure()
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _apply_dead_letter(self, record: Any, exc: BaseException) -> None:
         tp = TopicPartition(record.topic, record.partition)

@@ -463,3 +463,44 @@ async def test_rebalance_while_postgres_is_unreachable(
             for worker in workers:
                 kill(worker)
             await drop_schema(dsn, schema)
+
+
+async def test_postgres_down_when_a_new_table_first_appears(
+    stack: Endpoints,
+    stream: Stream,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+    services_restored: None,
+) -> None:
+    """The first events of a table arrive while PostgreSQL is stopped (the table must be
+    looked up and created before anything can be written): the same worker process waits
+    for PostgreSQL, creates the table, and finishes with exact tables and offsets."""
+    topic, schema = unique("cdc-events-newtable"), unique("newtable")
+    total = len(stream.records)
+    await create_topic(stack.kafka, topic)
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, **RETRIES)
+    env["CDC_LOG__LEVEL"] = "info"
+    log = tmp_path / "worker.log"
+    worker = start_worker_process(env, log, stop_when_caught_up=False)
+    try:
+        async with asyncio.timeout(120):  # assigned and claimed, nothing to apply yet
+            while not logged(log.read_text(), "partitions_assigned"):
+                assert worker.poll() is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.1)
+        await asyncio.to_thread(stack_command, stack, "down", "postgres", "--immediate")
+        await produce(stack.kafka, topic, stream.records)
+        await asyncio.sleep(4)
+        assert worker.poll() is None, "the worker exited:\n" + log.read_text()[-4000:]
+        await asyncio.to_thread(stack_command, stack, "up", "postgres")
+        async with asyncio.timeout(300):
+            while await applied(stack.postgres_dsn, schema) < total:
+                assert worker.poll() is None, "the worker exited:\n" + log.read_text()[-4000:]
+                await asyncio.sleep(0.2)
+        await terminate(worker)
+        assert worker.returncode == 0, log.read_text()[-3000:]
+        rows = await read_rows(stack.postgres_dsn, schema, "cdc_model", COLUMNS)
+        assert rows == stream.expected
+        assert await dead_letters(stack.postgres_dsn, schema) == 0
+    finally:
+        kill(worker)
+        await drop_schema(stack.postgres_dsn, schema)
