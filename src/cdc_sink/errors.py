@@ -52,10 +52,5 @@ class FatalError(SinkError):
     """A failure retrying cannot fix and skipping would lose data: stop without committing."""
 
 
-class Interrupted(SinkError):
-    """A stop was requested while a step waited to be retried: the step is abandoned with
-    nothing committed (its records are read again after a restart)."""
-
-
 class FencedError(SinkError):
     """Another worker owns the partition now: abandon the batch, commit nothing, re-sync."""

@@ -10,7 +10,7 @@ import pytest
 
 from cdc_sink.cli import supervise
 from cdc_sink.config import ConfigError, load_config
-from cdc_sink.runner import Worker
+from cdc_sink.runner import Stopping, Worker
 
 
 async def test_a_worker_that_finishes_gives_its_own_exit_code() -> None:
@@ -85,15 +85,19 @@ async def test_a_worker_that_ignores_cancellation_returns_1_at_the_deadline() ->
 
 
 async def test_a_stop_during_a_retry_backoff_interrupts_it() -> None:
-    """The worker's backoff sleep ends as soon as a stop is requested (it does not wait out a
-    delay of up to a minute), raising Interrupted so the batch is abandoned uncommitted."""
-    from cdc_sink.errors import Interrupted
+    """The worker's backoff wait ends as soon as a stop is requested (it does not wait out a
+    delay of up to a minute), raising Stopping so the batch is abandoned uncommitted."""
+    settings = {"CDC_SINK__RETRY_BASE_SECONDS": "60", "CDC_SINK__RETRY_MAX_SECONDS": "60"}
+    worker = Worker(load_config(settings))
+    worker._rng.seed(1)  # a first delay of many seconds
 
-    worker = Worker(load_config({}))
+    async def unreachable() -> None:
+        raise ConnectionRefusedError
+
     asyncio.get_running_loop().call_later(0.05, worker.stop)
     began = time.monotonic()
-    with pytest.raises(Interrupted):
-        await worker._pause(60)
+    with pytest.raises(Stopping):
+        await worker._retrying("write", unreachable)
     assert time.monotonic() - began < 1
 
 
