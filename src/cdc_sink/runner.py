@@ -430,6 +430,9 @@ class Worker:
                 self.owned.pop(tp, None)
                 if tp in self.paused:
                     self._unpause(tp)  # whoever gets it next starts afresh
+                # The new owner reports the partition now; stale values here would raise alerts.
+                self.metrics.backlog_depth.remove(tp.topic, str(tp.partition))
+                self.metrics.last_commit_timestamp.remove(tp.topic, str(tp.partition))
             self._unclaimed.difference_update(revoked)
         self.metrics.assigned_partitions.set(len(self.owned))
         log.info("partitions_revoked", partitions=[f"{t.topic}[{t.partition}]" for t in revoked])
@@ -557,9 +560,16 @@ class Worker:
     async def _apply(self, prepared: Prepared) -> None:
         """One transaction; bad data is isolated by halves down to the record at fault."""
         if over := self._over_dlq_limit(prepared):
+            # Apply what precedes each such partition's first dead letter, then pause it.
+            await self._apply_records(
+                [
+                    r
+                    for r in prepared.records
+                    if r.offset < over.get(TopicPartition(r.topic, r.partition), r.offset + 1)
+                ]
+            )
             for tp in over:
                 self._pause(tp)
-            await self._apply_records(prepared.records)
             return
         batch = prepared.batch
         batch.checkpoints = [
@@ -597,18 +607,19 @@ class Worker:
         self._acknowledge(batch, prepared.counts, prepared.stamps)
         await self._commit_kafka(batch)
 
-    def _over_dlq_limit(self, prepared: Prepared) -> list[TopicPartition]:
-        """The partitions whose dead letters in this chunk would pass the DLQ limit."""
+    def _over_dlq_limit(self, prepared: Prepared) -> dict[TopicPartition, int]:
+        """The partitions whose dead letters in this chunk would pass the DLQ limit, each with
+        the offset of its first dead letter."""
         offsets: dict[TopicPartition, list[int]] = {}
         for letter in prepared.batch.dead_letters:
             offsets.setdefault(TopicPartition(letter.topic, letter.partition), []).append(
                 letter.offset
             )
-        return [
-            tp
+        return {
+            tp: dead[0]
             for tp, dead in offsets.items()
             if not self.limiter.admits(tp.topic, tp.partition, dead, prepared.last[tp])
-        ]
+        }
 
     def _pause(self, tp: TopicPartition) -> None:
         """Stop a partition whose dead-letter share passed the limit: nothing of it is applied
