@@ -450,6 +450,7 @@ class Worker:
             session_timeout_ms=cfg.session_timeout_ms,
             max_poll_interval_ms=cfg.max_poll_interval_ms,
             fetch_max_bytes=cfg.fetch_max_bytes,
+            max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
             metadata_max_age_ms=30_000,
         )
         try:
