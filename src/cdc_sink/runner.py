@@ -55,6 +55,8 @@ log = get_logger("cdc_sink.runner")
 
 T = TypeVar("T")
 
+BACKLOG_QUERY_TIMEOUT_S = 2.0
+
 # SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
 TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
@@ -493,8 +495,12 @@ class Worker:
             return
         self._backlog_at = time.monotonic()
         try:
-            ends = await self.consumer.end_offsets(list(self.owned))
-        except KafkaError:
+            # aiokafka waits up to its request timeout (40 s) for a broker that is down; a
+            # metric must not hold up the loop (nor a shutdown) that long.
+            ends = await asyncio.wait_for(
+                self.consumer.end_offsets(list(self.owned)), BACKLOG_QUERY_TIMEOUT_S
+            )
+        except (KafkaError, TimeoutError):
             return
         for tp, owned in self.owned.items():
             lag = max(0, ends.get(tp, owned.next_offset) - owned.next_offset)

@@ -504,3 +504,45 @@ async def test_postgres_down_when_a_new_table_first_appears(
     finally:
         kill(worker)
         await drop_schema(stack.postgres_dsn, schema)
+
+
+async def test_sigterm_while_the_broker_is_down(
+    stack: Endpoints,
+    stream: Stream,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+    services_restored: None,
+) -> None:
+    """SIGTERM while Kafka is down: the worker's loop is not held up by requests waiting for
+    the broker, so it winds down by itself (nothing to cancel) and exits 0 within the shutdown
+    timeout; a new worker then finishes with exact tables."""
+    topic, schema = unique("cdc-events-termkafka"), unique("termkafka")
+    total = len(stream.records)
+    await create_topic(stack.kafka, topic)
+    await produce(stack.kafka, topic, stream.records[: total // 2])
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, **RETRIES)
+    env["CDC_LOG__LEVEL"] = "info"
+    log = tmp_path / "worker.log"
+    worker = start_worker_process(env, log, stop_when_caught_up=False)
+    try:
+        async with asyncio.timeout(120):
+            while await applied(stack.postgres_dsn, schema) < total // 2:
+                assert worker.poll() is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.1)
+        await asyncio.to_thread(stack_command, stack, "down", "kafka", "--immediate")
+        await asyncio.sleep(3)  # the worker notices
+        shutdown_s = await terminate(worker)
+        print(f"SIGTERM with the broker down: exit {worker.returncode} after {shutdown_s:.2f} s")
+        assert worker.returncode == 0, log.read_text()[-3000:]
+        assert shutdown_s < SHUTDOWN_TIMEOUT_S
+        assert not logged(log.read_text(), "shutdown_abandons_batch")
+        await asyncio.to_thread(stack_command, stack, "up", "kafka")
+        await produce(stack.kafka, topic, stream.records[total // 2 :])
+        worker = start_worker_process(env, log)
+        assert await asyncio.to_thread(worker.wait, 300) == 0, log.read_text()[-3000:]
+        assert await applied(stack.postgres_dsn, schema) == total
+        rows = await read_rows(stack.postgres_dsn, schema, "cdc_model", COLUMNS)
+        assert rows == stream.expected
+    finally:
+        kill(worker)
+        await drop_schema(stack.postgres_dsn, schema)
