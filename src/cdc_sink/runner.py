@@ -56,6 +56,7 @@ log = get_logger("cdc_sink.runner")
 T = TypeVar("T")
 
 BACKLOG_QUERY_TIMEOUT_S = 2.0
+KAFKA_COMMIT_GRACE_S = 2.0  # at shutdown, for the last offsets to reach Kafka
 
 # SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
@@ -152,6 +153,8 @@ class Worker:
         self.paused: set[TopicPartition] = set()  # over the DLQ limit, until resumed
         self.limiter = DlqLimiter(config.dlq.max_share, config.dlq.window_records)
         self._dlq_sent: set[tuple[str, int, int]] = set()  # produced, not yet committed
+        self._to_commit: dict[TopicPartition, int] = {}  # offsets Kafka has not been told yet
+        self._committer: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self._batch_lock = asyncio.Lock()
         self._rng = random.Random()  # noqa: S311 - jitter, not security
@@ -479,6 +482,7 @@ class Worker:
                     log.info("caught_up", events=self.applied_events)
                     break
         finally:
+            await self._finish_commits()
             await self.consumer.stop()
 
     def _caught_up(self) -> bool:
@@ -852,19 +856,35 @@ class Worker:
             )
 
     async def _commit_kafka(self, batch: Batch) -> None:
+        """Hand the batch's offsets to the background committer and return at once.
+
+        PostgreSQL holds the truth; Kafka's copy only feeds lag tooling. aiokafka's commit
+        waits for a group coordinator without a bound, so with the broker away an awaited
+        commit would hold up every write (and a shutdown) until it is back."""
+        for move in batch.checkpoints:
+            self._to_commit[TopicPartition(move.topic, move.partition)] = move.next_offset
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_pending())
+
+    async def _commit_pending(self) -> None:
+        """Commit the newest offsets of the partitions still ours, one commit at a time."""
         assert self.consumer is not None
-        offsets = {
-            TopicPartition(m.topic, m.partition): m.next_offset
-            for m in batch.checkpoints
-            if TopicPartition(m.topic, m.partition) in self.owned
-        }
-        if not offsets:
+        while self._to_commit:
+            offsets = {tp: o for tp, o in self._to_commit.items() if tp in self.owned}
+            self._to_commit = {}
+            if not offsets:
+                continue
+            try:
+                await self.consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as exc:
+                log.warning("kafka_commit_failed", error=str(exc))
+
+    async def _finish_commits(self) -> None:
+        """At shutdown: let the committer finish briefly, then drop what it still holds."""
+        if self._committer is None or self._committer.done():
             return
-        try:
-            await self.consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            # PostgreSQL holds the truth; Kafka's copy only feeds lag tooling.
-            log.warning("kafka_commit_failed", error=str(exc))
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._committer, KAFKA_COMMIT_GRACE_S)
 
 
 class _NoRegistry:
