@@ -133,8 +133,10 @@ class DlqConfig:
     window_records: int = 1000
 
     def validate(self) -> None:
-        if not self.topic.strip():
-            raise ConfigError("CDC_DLQ__TOPIC is empty")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", self.topic):
+            raise ConfigError(
+                "CDC_DLQ__TOPIC must be a Kafka topic name: 1 to 249 of A-Z a-z 0-9 . _ -"
+            )
         if self.topic_partitions < 1:
             raise ConfigError("CDC_DLQ__TOPIC_PARTITIONS must be >= 1")
         if self.topic_replication_factor < 0:

@@ -49,7 +49,7 @@ from cdc_sink.migrate import migrate, pending
 from cdc_sink.plan import Mutation
 from cdc_sink.replay import add_dlq_routes
 from cdc_sink.tables import TableSchema
-from cdc_sink.write import Batch, CheckpointMove, PgWriter, prepare_connection
+from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, prepare_connection
 
 log = get_logger("cdc_sink.runner")
 
@@ -596,7 +596,7 @@ class Worker:
         records = prepared.records
         try:
             await self._send_dead_letters(batch.dead_letters)
-            await self._apply_with_retry(batch)
+            result = await self._apply_with_retry(batch)
         except FencedError as exc:
             log.warning("fenced", error=str(exc))
             self.metrics.errors.labels("write", "fenced").inc()
@@ -615,7 +615,7 @@ class Worker:
                 return
             await self._apply_dead_letter(records[0], exc)
             return
-        self._acknowledge(batch, prepared.counts, prepared.stamps)
+        self._acknowledge(batch, result, prepared.counts, prepared.stamps)
         await self._commit_kafka(batch)
 
     def _over_dlq_limit(self, prepared: Prepared) -> dict[TopicPartition, int]:
@@ -778,15 +778,16 @@ class Worker:
                         log.warning(f"{stage}_reconnect_failed", error=str(again))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _apply_with_retry(self, batch: Batch) -> None:
-        async def attempt() -> None:
+    async def _apply_with_retry(self, batch: Batch) -> BatchResult:
+        async def attempt() -> BatchResult:
             if self.writer is None:  # the reconnect after the last failure failed too
                 await self._open_writer()
             assert self.writer is not None
             result = await self.writer.apply(batch)
             self.metrics.transaction_duration.observe(result.duration_s)
+            return result
 
-        await self._retrying("write", attempt, on_retry=self._open_writer)
+        return await self._retrying("write", attempt, on_retry=self._open_writer)
 
     async def _send_dead_letters(self, letters: list[DeadLetter]) -> None:
         """Produce dead letters to the DLQ topic (acks=all) before their offsets can move."""
@@ -815,12 +816,12 @@ class Worker:
         )
         self.metrics.errors.labels("write", "poison").inc()
         await self._send_dead_letters(batch.dead_letters)
-        await self._apply_with_retry(batch)
-        self._acknowledge(batch, {})
+        self._acknowledge(batch, await self._apply_with_retry(batch), {})
 
     def _acknowledge(
         self,
         batch: Batch,
+        result: BatchResult,
         counts: dict[tuple[str, str], int],
         stamps: dict[str, list[int]] | None = None,
     ) -> None:
@@ -835,6 +836,16 @@ class Worker:
             self._dlq_sent.discard((letter.topic, letter.partition, letter.offset))
             self.limiter.record(letter.topic, letter.partition, [letter.offset])
             self.metrics.dlq_records.labels(letter.topic, letter.error_class).inc()
+            log.warning(
+                "dead_lettered",
+                topic=letter.topic,
+                partition=letter.partition,
+                offset=letter.offset,
+                stage=letter.stage,
+                error_class=letter.error_class,
+                error=letter.message,
+                schema_id=letter.schema_id,
+            )
         rows = sum(counts.values())
         self.applied_events += rows + len(batch.dead_letters)
         for (topic, table), n in counts.items():
@@ -853,6 +864,7 @@ class Worker:
                 next_offset=move.next_offset,
                 rows=rows,
                 dead_letters=len(batch.dead_letters),
+                duration_ms=round(result.duration_s * 1000, 1),
             )
 
     async def _commit_kafka(self, batch: Batch) -> None:

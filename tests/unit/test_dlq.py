@@ -152,6 +152,7 @@ def test_replay_filter_refuses_bad_fields(raw: dict[str, object]) -> None:
         ("CDC_DLQ__MAX_SHARE", "-0.5"),
         ("CDC_DLQ__WINDOW_RECORDS", "0"),
         ("CDC_DLQ__TOPIC", " "),
+        ("CDC_DLQ__TOPIC", "dead letters"),
         ("CDC_DLQ__TOPIC_PARTITIONS", "0"),
         ("CDC_DLQ__TOPIC_REPLICATION_FACTOR", "-1"),
     ],
