@@ -923,6 +923,11 @@ def stop(service: Service, *, immediate: bool = False) -> bool:
             os.killpg(pid, signal.SIGKILL)
         while _group_alive(pid):
             time.sleep(0.1)
+    # A killed JVM's main thread shows as a zombie while its other threads still exit and
+    # hold the sockets: return once the port is free, so that `up` can follow at once.
+    deadline = time.monotonic() + 10
+    while port_open(service.port) and time.monotonic() < deadline:
+        time.sleep(0.1)
     service.pid_file.unlink(missing_ok=True)
     return True
 
