@@ -234,18 +234,22 @@ def assert_retried_on_fresh_connections(log: str) -> None:
 # --- PostgreSQL and Kafka stopped -------------------------------------------------------------
 
 
-async def test_postgres_stopped_immediately_mid_stream(
+@pytest.mark.parametrize("mode", ["--immediate", "--fast"])
+async def test_postgres_stopped_mid_stream(
     stack: Endpoints,
     stream: Stream,
     unique: Callable[[str], str],
     tmp_path: Path,
     services_restored: None,
+    mode: str,
 ) -> None:
-    """PostgreSQL stopped in immediate mode for longer than a backoff step, then started: the
-    same worker process retries, resumes, and the tables and offsets are exact."""
+    """PostgreSQL stopped (immediate mode: connections just break; fast mode: sessions get
+    57P01 admin shutdown, new ones 57P03 while it starts) for longer than a backoff step, then
+    started: the same worker process retries, resumes, and the tables and offsets are exact."""
+    down = ["down", "postgres"] + (["--immediate"] if mode == "--immediate" else [])
 
     async def fault() -> None:
-        await asyncio.to_thread(stack_command, stack, "down", "postgres", "--immediate")
+        await asyncio.to_thread(stack_command, stack, *down)
         await asyncio.sleep(4)  # longer than any backoff step (2 s)
         await asyncio.to_thread(stack_command, stack, "up", "postgres")
 
@@ -253,19 +257,22 @@ async def test_postgres_stopped_immediately_mid_stream(
     assert_retried_on_fresh_connections(outcome.log)
 
 
+@pytest.mark.parametrize("mode", ["--clean", "--immediate"])
 async def test_kafka_broker_restarted_mid_stream(
     stack: Endpoints,
     stream: Stream,
     unique: Callable[[str], str],
     tmp_path: Path,
     services_restored: None,
+    mode: str,
 ) -> None:
-    """The Kafka broker restarted while the worker streams: the same process reconnects,
-    rejoins its group and finishes with exact tables and offsets."""
+    """The Kafka broker restarted (a clean shutdown, or killed) while the worker streams: the
+    same process reconnects, rejoins its group and finishes with exact tables and offsets."""
     broker = service_pid(stack, "kafka")
+    restart = ["restart", "kafka"] + (["--immediate"] if mode == "--immediate" else [])
 
     async def fault() -> None:
-        await asyncio.to_thread(stack_command, stack, "restart", "kafka")
+        await asyncio.to_thread(stack_command, stack, *restart)
 
     await stream_through_fault(stack, stream, unique, tmp_path, fault)
     assert service_pid(stack, "kafka") != broker
