@@ -90,6 +90,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def is_data_error(exc: BaseException) -> bool:
+    """Whether the records are at fault: a data or integrity SQLSTATE, a datatype mismatch, or
+    a value the driver cannot encode for its column (asyncpg raises TypeError/ValueError)."""
+    if isinstance(exc, TypeError | ValueError | OverflowError):
+        return True
     state = getattr(exc, "sqlstate", None) or ""
     return state[:2] in DATA_SQLSTATE_CLASSES or state == "42804"
 
@@ -602,12 +606,14 @@ class Worker:
             self.metrics.errors.labels("write", "fenced").inc()
             await self._resync()
             return
-        except asyncpg.PostgresError as exc:
+        except Exception as exc:  # transient ones were retried: what is left is data or fatal
             if not is_data_error(exc):
-                raise FatalError(
-                    f"PostgreSQL refused the batch ({exc.sqlstate} {type(exc).__name__}: {exc}); "
-                    "nothing was committed"
-                ) from exc
+                if isinstance(exc, asyncpg.PostgresError):
+                    raise FatalError(
+                        f"PostgreSQL refused the batch ({exc.sqlstate} {type(exc).__name__}: "
+                        f"{exc}); nothing was committed"
+                    ) from exc
+                raise
             if len(records) > 1:
                 middle = len(records) // 2
                 await self._apply_records(records[:middle])

@@ -39,6 +39,9 @@ def test_transient_failures_are_retried(exc: BaseException) -> None:
         asyncpg.exceptions.CharacterNotInRepertoireError("x"),  # 22021
         asyncpg.exceptions.UniqueViolationError("x"),  # 23505
         asyncpg.exceptions.DatatypeMismatchError("x"),  # 42804
+        asyncpg.exceptions._base.DataError("invalid input for query argument $1"),
+        TypeError("an integer is required"),  # asyncpg's COPY encoder
+        OverflowError("int too big to convert"),
     ],
 )
 def test_data_errors_are_isolated_not_retried(exc: BaseException) -> None:
