@@ -41,7 +41,7 @@ def window(first: int, last: int) -> dict[str, str]:
     }
 
 
-@pytest.mark.timeout(1200)  # loading 100,000 rows of every type on both sides takes minutes
+@pytest.mark.timeout(1800)  # 100,000 rows of every type: 5-15 minutes on a busy 2-core box
 async def test_identical_rows_of_every_type_show_no_difference(identical: Setup) -> None:
     """100,000 identical rows of every supported type: every strategy reports zero."""
     rec, count = identical.reconciler, len(identical.rows)
