@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     events = synth.generate(args.events, args.seed, start_us=time.time_ns() // 1000)
     raw, texts = records(events, args.format)
     del events
-    if not args.default_gc and hasattr(cli, "tune_gc"):
+    if not args.default_gc:
         cli.tune_gc()  # as `python -m cdc_sink run` does once it has started
     runs = []
     for _ in range(args.repeat):
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "format": args.format,
         "batch_size": args.batch_size,
         "repeat": args.repeat,
-        "gc": "default" if args.default_gc or not hasattr(cli, "tune_gc") else "tuned",
+        "gc": "default" if args.default_gc else "tuned",
         "us_per_event": {**us, "total": round(sum(us.values()), 2)},
         "runs_total_us_per_event": [round(sum(r.values()) / args.events * 1e6, 2) for r in runs],
     }
