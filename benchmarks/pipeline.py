@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cdc_sink import cli, synth
+from cdc_sink import cli, synth, types
 from cdc_sink.ddl import Catalog
 from cdc_sink.decode import Decoder
 from cdc_sink.events import Position, interpret
@@ -116,6 +116,8 @@ def records(
 async def one_run(
     raw: list[tuple[bytes, bytes]], texts: dict[int, str], batch_size: int
 ) -> dict[str, float]:
+    for cache in ("_UUIDS", "_INETS"):  # start each run as a fresh worker would
+        getattr(types, cache, {}).clear()
     decoder = Decoder(MemoryRegistry(texts))
     for key, value in raw[:100]:  # fetch and parse every schema before timing
         await decoder.decode(key, value)
