@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import platform
 import signal
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 from cdc_sink import __version__
 from cdc_sink.config import Config, ConfigError, load_config
-from cdc_sink.errors import FatalError
+from cdc_sink.errors import FatalError, SinkError
 from cdc_sink.logs import configure_logging, get_logger
 
 
@@ -42,7 +43,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 once everything up to the end offsets seen at start is applied",
     )
     commands.add_parser("migrate", help="apply pending sql/ migrations (control tables)")
+    _add_dlq_commands(commands)
     return parser
+
+
+def _add_dlq_commands(commands: Any) -> None:
+    dlq = commands.add_parser("dlq", help="list, show and replay dead-lettered records")
+    actions = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+
+    def filters(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--topic", help="only records from this source topic")
+        parser.add_argument("--error-class", help="only this error class (e.g. DecodeError)")
+        parser.add_argument("--stage", help="only this stage (decode, interpret, convert, write)")
+        parser.add_argument("--since", help="only records that failed at or after (ISO 8601)")
+
+    listing = actions.add_parser("list", help="dead letters, oldest first")
+    filters(listing)
+    listing.add_argument("--status", choices=("pending", "replayed"), help="only this status")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    listing.add_argument("--after-id", type=int, default=0, help="start after this id (paging)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = actions.add_parser("show", help="one dead letter with its key, value and headers")
+    show.add_argument("id", type=int)
+    replay = actions.add_parser(
+        "replay",
+        help="re-produce pending dead letters to their original topic and mark them replayed",
+    )
+    replay.add_argument("ids", type=int, nargs="*", help="the dead letters to replay")
+    filters(replay)
+    replay.add_argument(
+        "--all", action="store_true", help="replay every pending record (when no ids/filters)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_migrate(config))
         if args.command == "run":
             return _run(_serve(config, stop_when_caught_up=args.stop_when_caught_up))
-    except FatalError as exc:
+        if args.command == "dlq":
+            return _run(_dlq(config, args))
+    except SinkError as exc:  # fatal, or transient past its retries
         get_logger("cdc_sink").error("fatal", error=str(exc))
         print(f"cdc-sink: {exc}", file=sys.stderr)
         return 1
@@ -108,6 +141,81 @@ async def _migrate(config: Config) -> int:
         await conn.close()
     print(f"applied: {', '.join(applied)}" if applied else "nothing to apply: up to date")
     return 0
+
+
+async def _dlq(config: Config, args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from cdc_sink.dlq import DlqProducer
+    from cdc_sink.replay import (
+        DlqFilter,
+        list_dead_letters,
+        replay_dead_letters,
+        show_dead_letter,
+    )
+
+    try:
+        where = DlqFilter.from_mapping(
+            {
+                key: value
+                for key, value in {
+                    "ids": getattr(args, "ids", None),
+                    "status": getattr(args, "status", None),
+                    "topic": getattr(args, "topic", None),
+                    "error_class": getattr(args, "error_class", None),
+                    "stage": getattr(args, "stage", None),
+                    "since": getattr(args, "since", None),
+                }.items()
+                if value
+            }
+        )
+    except ValueError as exc:
+        print(f"cdc-sink: {exc}", file=sys.stderr)
+        return 2
+    try:
+        conn = await asyncpg.connect(
+            config.postgres.dsn.reveal(), server_settings={"search_path": config.postgres.schema}
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
+    try:
+        if args.dlq_command == "list":
+            rows = await list_dead_letters(conn, where, limit=args.limit, after_id=args.after_id)
+            for row in rows:
+                if args.json:
+                    print(json.dumps(row, default=str))
+                else:
+                    print(
+                        f"{row['id']:>8}  {row['status']:<8}  {row['failed_at']:%Y-%m-%d %H:%M:%S}"
+                        f"  {row['source_topic']}[{row['source_partition']}]@"
+                        f"{row['source_offset']}  {row['stage']}/{row['error_class']}: "
+                        f"{row['error_message'][:120]}"
+                    )
+            return 0
+        if args.dlq_command == "show":
+            shown = await show_dead_letter(conn, args.id)
+            if shown is None:
+                print(f"cdc-sink: no dead letter {args.id}", file=sys.stderr)
+                return 1
+            print(json.dumps(shown, default=str, indent=2, ensure_ascii=False))
+            return 0
+        if where.is_empty and not args.all:
+            print(
+                "cdc-sink: say which records to replay: ids, --topic/--error-class/--stage/"
+                "--since, or --all",
+                file=sys.stderr,
+            )
+            return 2
+        producer = DlqProducer(config.kafka.bootstrap_servers, config.dlq.topic)
+        await producer.start()
+        try:
+            replayed = await replay_dead_letters(conn, producer, where, actor="cli")
+        finally:
+            await producer.stop()
+        print(f"replayed {len(replayed)} record(s): {', '.join(map(str, replayed)) or '-'}")
+        return 0
+    finally:
+        await conn.close()
 
 
 async def _serve(config: Config, *, stop_when_caught_up: bool) -> int:

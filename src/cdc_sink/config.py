@@ -114,6 +114,29 @@ class SinkConfig:
 
 
 @dataclass(frozen=True)
+class DlqConfig:
+    topic: str = "dlq-events"
+    topic_partitions: int = 1
+    topic_replication_factor: int = 0  # 0: min(3, brokers in the cluster)
+    max_share: float = 0.1
+    window_records: int = 1000
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", self.topic):
+            raise ConfigError(
+                "CDC_DLQ__TOPIC must be a Kafka topic name: 1 to 249 of A-Z a-z 0-9 . _ -"
+            )
+        if self.topic_partitions < 1:
+            raise ConfigError("CDC_DLQ__TOPIC_PARTITIONS must be >= 1")
+        if self.topic_replication_factor < 0:
+            raise ConfigError("CDC_DLQ__TOPIC_REPLICATION_FACTOR must be >= 1, or 0 (automatic)")
+        if not self.max_share >= 0:
+            raise ConfigError("CDC_DLQ__MAX_SHARE must be >= 0 (1 or more: no limit)")
+        if self.window_records < 1:
+            raise ConfigError("CDC_DLQ__WINDOW_RECORDS must be >= 1")
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str = "0.0.0.0"  # noqa: S104 - scraped by Prometheus in a pod; set 127.0.0.1 locally
     port: int = 8000
@@ -152,6 +175,7 @@ class Config:
     schema_registry: SchemaRegistryConfig = field(default_factory=SchemaRegistryConfig)
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
+    dlq: DlqConfig = field(default_factory=DlqConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     cassandra: CassandraConfig = field(default_factory=CassandraConfig)
     vault: VaultConfig = field(default_factory=VaultConfig)

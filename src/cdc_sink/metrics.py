@@ -68,6 +68,12 @@ class Metrics:
             ["topic", "reason"],
             registry=r,
         )
+        self.dlq_partition_paused = Gauge(
+            "cdc_dlq_partition_paused",
+            "1 while the partition is paused because its dead-letter share passed the limit.",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.last_commit_timestamp = Gauge(
             "cdc_last_commit_timestamp_seconds",
             "Unix time of the last checkpoint committed for the partition.",

@@ -2,12 +2,15 @@
 
 The client speaks only `GET /schemas/ids/{id}`, which Confluent Schema Registry, Apicurio's
 ccompat API, Karapace and Redpanda all serve. Schema ids are immutable, so every answer is kept
-for the life of the process.
+for the life of the process. An id the registry does not know is asked again after short delays
+(a schema registered a moment ago may not have reached every registry node yet), then
+remembered as unknown for a while so that a run of such records fails fast.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine, Hashable
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
@@ -68,8 +71,10 @@ class ConfluentRegistry:
 
     Answers map onto the sink's error kinds: 404 (error code 40403) and other refusals of the id
     -> DecodeError; connection failures, timeouts, 408, 429 and 5xx -> TransientError; 401, 403,
-    407 and answers that are not a schema -> FatalError. Basic auth may be given in the URL
-    (`https://user:secret@host/`); it never appears in error messages. Call `close()` when done.
+    407 and answers that are not a schema -> FatalError. A 404 is asked again after each of
+    `unknown_id_retries` (seconds) before it counts, and is then remembered for
+    `unknown_id_ttl` seconds. Basic auth may be given in the URL (`https://user:secret@host/`);
+    it never appears in error messages. Call `close()` when done.
     """
 
     def __init__(
@@ -78,6 +83,8 @@ class ConfluentRegistry:
         *,
         timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        unknown_id_retries: tuple[float, ...] = (0.25, 1.0),
+        unknown_id_ttl: float = 60.0,
     ) -> None:
         """`transport` replaces the network, for tests."""
         parts = urlsplit(url)
@@ -94,10 +101,16 @@ class ConfluentRegistry:
             headers={"Accept": "application/vnd.schemaregistry.v1+json, application/json"},
         )
         self._texts: OnceCache[int, str] = OnceCache()
+        self._unknown_retries = unknown_id_retries
+        self._unknown_ttl = unknown_id_ttl
+        self._unknown: dict[int, tuple[float, str]] = {}  # id -> (until, why), monotonic time
 
     async def schema_by_id(self, schema_id: int) -> str:
         text = self._texts.values.get(schema_id)
         if text is None:
+            unknown = self._unknown.get(schema_id)
+            if unknown is not None and time.monotonic() < unknown[0]:
+                raise DecodeError(unknown[1])
             text = await self._texts.get(schema_id, partial(self._fetch, schema_id))
         return text
 
@@ -112,12 +125,16 @@ class ConfluentRegistry:
 
     async def _fetch(self, schema_id: int) -> str:
         where = f"schema registry {self._shown}"
-        try:
-            response = await self._http.get(f"{self._url}/schemas/ids/{schema_id}")
-        except httpx.HTTPError as exc:
-            raise TransientError(
-                f"{where} unreachable while fetching schema id {schema_id}: {exc!r}"
-            ) from exc
+        for delay in (*self._unknown_retries, None):
+            try:
+                response = await self._http.get(f"{self._url}/schemas/ids/{schema_id}")
+            except httpx.HTTPError as exc:
+                raise TransientError(
+                    f"{where} unreachable while fetching schema id {schema_id}: {exc!r}"
+                ) from exc
+            if response.status_code != 404 or delay is None:
+                break
+            await asyncio.sleep(delay)
         status = response.status_code
         if status == 200:
             return self._schema_text(response, schema_id, where)
@@ -127,7 +144,9 @@ class ConfluentRegistry:
         if status in (401, 403, 407):
             raise FatalError(said)
         if status == 404:
-            raise DecodeError(f"unknown schema id {schema_id} ({said})")
+            why = f"unknown schema id {schema_id} ({said})"
+            self._unknown[schema_id] = (time.monotonic() + self._unknown_ttl, why)
+            raise DecodeError(why)
         # Any other refusal (400, 422, ...) is about this id, which came from the record.
         raise DecodeError(said)
 

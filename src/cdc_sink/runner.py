@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import functools
 import os
 import random
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -26,6 +28,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from cdc_sink.config import Config
 from cdc_sink.ddl import CassandraSystemSchema, Catalog
 from cdc_sink.decode import ConfluentRegistry, Decoder
+from cdc_sink.dlq import DeadLetter, DlqLimiter, DlqProducer
 from cdc_sink.errors import (
     DecodeError,
     FatalError,
@@ -39,10 +42,13 @@ from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics
 from cdc_sink.migrate import migrate, pending
 from cdc_sink.plan import Mutation
+from cdc_sink.replay import add_dlq_routes
 from cdc_sink.tables import TableSchema
-from cdc_sink.write import Batch, CheckpointMove, DeadLetter, PgWriter, prepare_connection
+from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, prepare_connection
 
 log = get_logger("cdc_sink.runner")
+
+T = TypeVar("T")
 
 # SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
@@ -91,6 +97,10 @@ class Prepared:
     last: dict[TopicPartition, int] = field(default_factory=dict)
 
 
+class Stopping(Exception):
+    """Shutdown was requested while a step waited to retry: abandon it, commit nothing."""
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -113,6 +123,9 @@ class Worker:
         self.stop_when_caught_up = stop_when_caught_up
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.owned: dict[TopicPartition, Owned] = {}
+        self.paused: set[TopicPartition] = set()  # over the DLQ limit, until resumed
+        self.limiter = DlqLimiter(config.dlq.max_share, config.dlq.window_records)
+        self._dlq_sent: set[tuple[str, int, int]] = set()  # produced, not yet committed
         self.stopping = asyncio.Event()
         self._batch_lock = asyncio.Lock()
         self._rng = random.Random()  # noqa: S311 - jitter, not security
@@ -123,6 +136,7 @@ class Worker:
         self.consumer: AIOKafkaConsumer | None = None
         self.writer: PgWriter | None = None
         self.http: HttpServer | None = None
+        self.dlq: DlqProducer | None = None
         self._writer_conn: asyncpg.Connection | None = None
 
     # lifecycle ------------------------------------------------------------------------------
@@ -144,11 +158,20 @@ class Worker:
                 self.pool, cfg.postgres.schema, cfg.sink.table_name_format, cassandra
             )
             await self._open_writer()
+            self.dlq = DlqProducer(
+                cfg.kafka.bootstrap_servers,
+                cfg.dlq.topic,
+                partitions=cfg.dlq.topic_partitions,
+                replication_factor=cfg.dlq.topic_replication_factor,
+                client_id=f"{cfg.kafka.client_id}-dlq",
+            )
+            await self.dlq.start()
             http = await self._start_http()
             housekeeping = asyncio.create_task(self._housekeeping())
             try:
                 await self._consume()
             finally:
+                await self.dlq.stop()
                 housekeeping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await housekeeping
@@ -242,6 +265,8 @@ class Worker:
             return None
         server = self.http = HttpServer()
         add_standard_routes(server, self.metrics, self.readiness)
+        assert self.pool is not None
+        add_dlq_routes(server, self.pool, lambda: self.dlq, self.resume)
         await server.start(self.config.http.host, self.config.http.port)
         log.info("http_listening", host=self.config.http.host, port=server.port)
         return server
@@ -322,6 +347,11 @@ class Worker:
         async with self._batch_lock:
             for tp in revoked:
                 self.owned.pop(tp, None)
+                if tp in self.paused:
+                    self._unpause(tp)  # whoever gets it next starts afresh
+                # The new owner reports the partition now; stale values here would raise alerts.
+                self.metrics.backlog_depth.remove(tp.topic, str(tp.partition))
+                self.metrics.last_commit_timestamp.remove(tp.topic, str(tp.partition))
         self.metrics.assigned_partitions.set(len(self.owned))
         log.info("partitions_revoked", partitions=[f"{t.topic}[{t.partition}]" for t in revoked])
 
@@ -352,7 +382,11 @@ class Worker:
                 # waits a fetch round trip between calls. Batches are cut below instead.
                 fetched = await self.consumer.getmany(timeout_ms=linger)
                 if fetched:
-                    await self._process(fetched)
+                    try:
+                        await self._process(fetched)
+                    except Stopping as exc:
+                        log.info("batch_abandoned", reason=str(exc))
+                        break
                 await self._report_backlog()
                 if self.stop_when_caught_up and self._caught_up():
                     log.info("caught_up", events=self.applied_events)
@@ -395,22 +429,32 @@ class Worker:
             pending.extend(r for r in batch if r.offset >= owned.next_offset)
         size = self.config.sink.batch_size
         for start in range(0, len(pending), size):
-            prepared = await self._prepare(pending[start : start + size])
+            chunk = self._active(pending[start : start + size])
+            if not chunk:
+                continue
+            prepared = await self._prepare(chunk)
             async with self._batch_lock:
                 await self._apply_prepared(prepared)
 
+    def _active(self, records: list[Any]) -> list[Any]:
+        """The records of partitions not paused by the DLQ limit."""
+        if not self.paused:
+            return records
+        return [r for r in records if TopicPartition(r.topic, r.partition) not in self.paused]
+
     async def _apply_prepared(self, prepared: Prepared) -> None:
         """Apply a prepared chunk if each partition's records still start at its checkpoint;
-        otherwise (a rebalance or fencing moved things meanwhile) prepare what is left again."""
+        otherwise (a rebalance, fencing or a pause moved things meanwhile) prepare what is left
+        again."""
         if all(
-            tp in self.owned and self.owned[tp].next_offset == first
+            tp in self.owned and tp not in self.paused and self.owned[tp].next_offset == first
             for tp, first in prepared.first.items()
         ):
             await self._apply(prepared)
             return
         current = [
             r
-            for r in prepared.records
+            for r in self._active(prepared.records)
             if (owned := self.owned.get(TopicPartition(r.topic, r.partition)))
             and r.offset >= owned.next_offset
         ]
@@ -419,10 +463,26 @@ class Worker:
 
     async def _apply_records(self, records: list[Any]) -> None:
         """Prepare and apply records (each partition's contiguous, in offset order)."""
-        await self._apply(await self._prepare(records))
+        # A partition paused meanwhile (by an earlier half of a bisect) must not be applied
+        # past its unapplied records.
+        active = self._active(records)
+        if active:
+            await self._apply(await self._prepare(active))
 
     async def _apply(self, prepared: Prepared) -> None:
         """One transaction; bad data is isolated by halves down to the record at fault."""
+        if over := self._over_dlq_limit(prepared):
+            # Apply what precedes each such partition's first dead letter, then pause it.
+            await self._apply_records(
+                [
+                    r
+                    for r in prepared.records
+                    if r.offset < over.get(TopicPartition(r.topic, r.partition), r.offset + 1)
+                ]
+            )
+            for tp in over:
+                self._pause(tp)
+            return
         batch = prepared.batch
         batch.checkpoints = [
             CheckpointMove(
@@ -436,7 +496,8 @@ class Worker:
         ]
         records = prepared.records
         try:
-            await self._apply_with_retry(batch)
+            await self._send_dead_letters(batch.dead_letters)
+            result = await self._apply_with_retry(batch)
         except FencedError as exc:
             log.warning("fenced", error=str(exc))
             self.metrics.errors.labels("write", "fenced").inc()
@@ -455,8 +516,68 @@ class Worker:
                 return
             await self._apply_dead_letter(records[0], exc)
             return
-        self._acknowledge(batch, prepared.counts, prepared.stamps)
+        self._acknowledge(batch, result, prepared.counts, prepared.stamps)
         await self._commit_kafka(batch)
+
+    def _over_dlq_limit(self, prepared: Prepared) -> dict[TopicPartition, int]:
+        """The partitions whose dead letters in this chunk would pass the DLQ limit, each with
+        the offset of its first dead letter."""
+        offsets: dict[TopicPartition, list[int]] = {}
+        for letter in prepared.batch.dead_letters:
+            offsets.setdefault(TopicPartition(letter.topic, letter.partition), []).append(
+                letter.offset
+            )
+        return {
+            tp: dead[0]
+            for tp, dead in offsets.items()
+            if not self.limiter.admits(tp.topic, tp.partition, dead, prepared.last[tp])
+        }
+
+    def _pause(self, tp: TopicPartition) -> None:
+        """Stop a partition whose dead-letter share passed the limit: nothing of it is applied
+        or dead-lettered until an operator resumes it (or the worker restarts)."""
+        assert self.consumer is not None
+        self.paused.add(tp)
+        if tp in self.consumer.assignment():
+            self.consumer.pause(tp)
+        self.metrics.dlq_partition_paused.labels(tp.topic, str(tp.partition)).set(1)
+        self.metrics.errors.labels("dlq", "limit").inc()
+        log.error(
+            "dlq_limit_paused",
+            topic=tp.topic,
+            partition=tp.partition,
+            next_offset=self.owned[tp].next_offset if tp in self.owned else None,
+            max_share=self.config.dlq.max_share,
+            window_records=self.config.dlq.window_records,
+            action="fix the cause, then POST /dlq/resume (or restart the worker)",
+        )
+
+    async def resume(
+        self, topic: str | None = None, partition: int | None = None
+    ) -> list[TopicPartition]:
+        """Resume paused partitions (all, a topic's, or one) from their checkpoints; return
+        which. The DLQ limit counts afresh for them."""
+        assert self.consumer is not None
+        async with self._batch_lock:
+            chosen = [
+                tp
+                for tp in self.paused
+                if (topic is None or tp.topic == topic)
+                and (partition is None or tp.partition == partition)
+            ]
+            for tp in chosen:
+                self._unpause(tp)
+                if tp in self.owned and tp in self.consumer.assignment():
+                    self.consumer.seek(tp, self.owned[tp].next_offset)
+                    self.consumer.resume(tp)
+        if chosen:
+            log.info("partitions_resumed", partitions=[f"{t.topic}[{t.partition}]" for t in chosen])
+        return chosen
+
+    def _unpause(self, tp: TopicPartition) -> None:
+        self.paused.discard(tp)
+        self.limiter.forget(tp.topic, tp.partition)
+        self.metrics.dlq_partition_paused.labels(tp.topic, str(tp.partition)).set(0)
 
     async def _resync(self) -> None:
         """After being fenced: forget what we thought we owned; the rebalance re-assigns."""
@@ -476,7 +597,16 @@ class Worker:
             prepared.first.setdefault(tp, record.offset)
             prepared.last[tp] = record.offset
             try:
-                mutation = await self._to_mutation(record)
+                try:
+                    mutation = await self._to_mutation(record)
+                except PoisonError:
+                    raise
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    # The registry or the catalog is unreachable: wait for it, never DLQ.
+                    step = functools.partial(self._to_mutation, record)
+                    mutation = await self._retrying("decode", step)
             except PoisonError as exc:
                 prepared.batch.dead_letters.append(_dead_letter(record, exc, exc.stage))
                 self.metrics.errors.labels(exc.stage, "poison").inc()
@@ -503,44 +633,76 @@ class Worker:
         schema = await self.catalog.resolve(event, decoded.key_schema, decoded.column_schemas)
         return schema.to_mutation(event), schema
 
-    async def _apply_with_retry(self, batch: Batch) -> None:
+    async def _retrying(
+        self,
+        stage: str,
+        step: Callable[[], Awaitable[T]],
+        on_retry: Callable[[], Awaitable[None]] | None = None,
+    ) -> T:
+        """Run `step`; retry transient failures with exponential backoff and full jitter.
+        Raises FatalError after the last attempt (nothing committed), Stopping if shutdown is
+        requested while waiting, and anything that is not transient as it is."""
         sink = self.config.sink
         attempts = sink.retry_attempts
         for attempt in range(attempts):
             try:
-                assert self.writer is not None
-                result = await self.writer.apply(batch)
-                self.metrics.transaction_duration.observe(result.duration_s)
-                return
-            except (FencedError, PoisonError):
+                return await step()
+            except (FencedError, PoisonError, FatalError):
                 raise
             except Exception as exc:
                 if not is_transient(exc):
                     raise
                 if attempt == attempts - 1:
                     raise FatalError(
-                        f"gave up after {attempts} attempts ({type(exc).__name__}: {exc}); "
-                        "nothing was committed, the batch will be re-read on restart"
+                        f"{stage}: gave up after {attempts} attempts ({type(exc).__name__}: "
+                        f"{exc}); nothing was committed, the batch will be re-read on restart"
                     ) from exc
                 delay = backoff_delay(
                     attempt, sink.retry_base_seconds, sink.retry_max_seconds, self._rng
                 )
-                self.metrics.retries.labels("write").inc()
-                self.metrics.errors.labels("write", "transient").inc()
+                self.metrics.retries.labels(stage).inc()
+                self.metrics.errors.labels(stage, "transient").inc()
                 log.warning(
-                    "write_retry",
+                    f"{stage}_retry",
                     attempt=attempt + 1,
                     delay_s=round(delay, 3),
                     error=f"{type(exc).__name__}: {exc}",
                 )
-                await asyncio.sleep(delay)
-                try:
-                    await self._open_writer()
-                except Exception as reopen:  # noqa: BLE001 - the next attempt reports it
-                    log.warning("writer_reconnect_failed", error=str(reopen))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay)
+                if self.stopping.is_set():
+                    raise Stopping(f"shutdown requested while retrying {stage}") from exc
+                if on_retry is not None:
+                    try:
+                        await on_retry()
+                    except Exception as again:  # noqa: BLE001 - the next attempt reports it
+                        log.warning(f"{stage}_reconnect_failed", error=str(again))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _apply_with_retry(self, batch: Batch) -> BatchResult:
+        async def attempt() -> BatchResult:
+            assert self.writer is not None
+            result = await self.writer.apply(batch)
+            self.metrics.transaction_duration.observe(result.duration_s)
+            return result
+
+        return await self._retrying("write", attempt, on_retry=self._open_writer)
+
+    async def _send_dead_letters(self, letters: list[DeadLetter]) -> None:
+        """Produce dead letters to the DLQ topic (acks=all) before their offsets can move."""
+        assert self.dlq is not None
+        dlq = self.dlq
+        todo = [d for d in letters if (d.topic, d.partition, d.offset) not in self._dlq_sent]
+        if not todo:
+            return
+        await self._retrying("dlq", functools.partial(dlq.send_letters, todo, self.group))
+        self._dlq_sent.update((d.topic, d.partition, d.offset) for d in todo)
 
     async def _apply_dead_letter(self, record: Any, exc: BaseException) -> None:
         tp = TopicPartition(record.topic, record.partition)
+        if not self.limiter.admits(tp.topic, tp.partition, [record.offset], record.offset):
+            self._pause(tp)
+            return
         owned = self.owned[tp]
         letter = _dead_letter(record, exc, "write")
         batch = Batch(
@@ -552,12 +714,13 @@ class Worker:
             ],
         )
         self.metrics.errors.labels("write", "poison").inc()
-        await self._apply_with_retry(batch)
-        self._acknowledge(batch, {})
+        await self._send_dead_letters(batch.dead_letters)
+        self._acknowledge(batch, await self._apply_with_retry(batch), {})
 
     def _acknowledge(
         self,
         batch: Batch,
+        result: BatchResult,
         counts: dict[tuple[str, str], int],
         stamps: dict[str, list[int]] | None = None,
     ) -> None:
@@ -568,6 +731,20 @@ class Worker:
             if tp in self.owned:
                 self.owned[tp].next_offset = move.next_offset
             self.metrics.last_commit_timestamp.labels(move.topic, str(move.partition)).set(now)
+        for letter in batch.dead_letters:
+            self._dlq_sent.discard((letter.topic, letter.partition, letter.offset))
+            self.limiter.record(letter.topic, letter.partition, [letter.offset])
+            self.metrics.dlq_records.labels(letter.topic, letter.error_class).inc()
+            log.warning(
+                "dead_lettered",
+                topic=letter.topic,
+                partition=letter.partition,
+                offset=letter.offset,
+                stage=letter.stage,
+                error_class=letter.error_class,
+                error=letter.message,
+                schema_id=letter.schema_id,
+            )
         rows = sum(counts.values())
         self.applied_events += rows + len(batch.dead_letters)
         for (topic, table), n in counts.items():
@@ -586,6 +763,7 @@ class Worker:
                 next_offset=move.next_offset,
                 rows=rows,
                 dead_letters=len(batch.dead_letters),
+                duration_ms=round(result.duration_s * 1000, 1),
             )
 
     async def _commit_kafka(self, batch: Batch) -> None:
@@ -616,13 +794,15 @@ def _dead_letter(record: Any, exc: BaseException, stage: str) -> DeadLetter:
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
+        timestamp_ms=record.timestamp,
         key=record.key,
         value=record.value,
-        headers=[(k, v.decode("utf-8", "replace")) for k, v in (record.headers or [])],
+        headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
         error_class=type(exc).__name__,
         message=str(exc)[:2000],
         stage=stage,
         schema_id=_schema_id(record.value),
+        failed_at=dt.datetime.now(dt.UTC),
     )
 
 

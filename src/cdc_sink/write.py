@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from cdc_sink.dlq import DeadLetter, headers_to_json
 from cdc_sink.errors import FencedError
 from cdc_sink.events import Op
 from cdc_sink.plan import (
@@ -44,22 +45,6 @@ from cdc_sink.types import PG_TUPLE_CODECS, pg_type
 
 Key = tuple[Any, ...]
 _SCOPES_KEPT = 65_536
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A record that could not be applied, with where it came from and why."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, str]]
-    error_class: str
-    message: str
-    stage: str
-    schema_id: int | None
 
 
 @dataclass(frozen=True)
@@ -482,8 +467,8 @@ class PgWriter:
             return
         await self.conn.executemany(
             "INSERT INTO _cdc_dlq_records (source_topic, source_partition, source_offset, "
-            "record_key, record_value, headers, error_class, error_message, stage, schema_id) "
-            "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10) "
+            "record_key, record_value, headers, error_class, error_message, stage, schema_id, "
+            "failed_at) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11) "
             "ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING",
             [
                 (
@@ -492,11 +477,12 @@ class PgWriter:
                     d.offset,
                     d.key,
                     d.value,
-                    json.dumps(d.headers),
+                    headers_to_json(d.headers),
                     d.error_class,
                     d.message,
                     d.stage,
                     d.schema_id,
+                    d.failed_at,
                 )
                 for d in letters
             ],

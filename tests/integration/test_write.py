@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 import pytest
 
+from cdc_sink.dlq import DeadLetter
 from cdc_sink.errors import FencedError
 from cdc_sink.events import Position, interpret
 from cdc_sink.migrate import migrate
 from cdc_sink.plan import Mutation as PlannedMutation
-from cdc_sink.write import Batch, CheckpointMove, DeadLetter, PgWriter, prepare_connection
+from cdc_sink.write import Batch, CheckpointMove, PgWriter, prepare_connection
 from tests.support.cassandra_model import COLUMNS, KEY, Mutation, to_envelope
 from tests.support.stack import Endpoints
 from tests.unit.test_plan_model import SCHEMA
 
 TS = 1_900_000_000_000_000  # far in the future: no TTL question arises
+FAILED_AT = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 ROW = (1, "a", 1, "x")
 PARTITION = (1, "a")
 
@@ -129,7 +132,11 @@ async def test_checkpoint_compare_and_set_fences_a_stale_worker(writer: Any) -> 
     fresh = Batch(
         tables=stale.tables,
         checkpoints=[CheckpointMove("t", 0, expected=10, next_offset=11, epoch=2)],
-        dead_letters=[DeadLetter("t", 0, 10, b"k", b"v", [], "DecodeError", "bad", "decode", None)],
+        dead_letters=[
+            DeadLetter(
+                "t", 0, 10, None, b"k", b"v", (), "DecodeError", "bad", "decode", None, FAILED_AT
+            )
+        ],
     )
     await w.apply(fresh)
     assert await conn.fetchval("SELECT next_offset FROM _cdc_checkpoints") == 11

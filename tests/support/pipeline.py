@@ -79,16 +79,30 @@ async def create_topic(bootstrap: str, topic: str, partitions: int = 8) -> None:
 
 async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]]) -> int:
     """Produce every record (acks=all) and wait for all of them; return how many."""
+    return len(await produce_positions(bootstrap, topic, records))
+
+
+async def produce_positions(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None]],
+    partition: int | None = None,
+) -> list[tuple[int, int]]:
+    """Produce every record (acks=all, to `partition` or by key) and return each one's
+    (partition, offset), in order."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=256 * 1024
     )
     await producer.start()
     try:
-        pending = [await producer.send(topic, value, key=key) for key, value in records]
-        await asyncio.gather(*pending)
+        pending = [
+            await producer.send(topic, value, key=key, partition=partition)
+            for key, value in records
+        ]
+        sent = await asyncio.gather(*pending)
     finally:
         await producer.stop()
-    return len(pending)
+    return [(meta.partition, meta.offset) for meta in sent]
 
 
 def sink_env(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from aiokafka import TopicPartition
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from cdc_sink.config import load_config
 from cdc_sink.metrics import Metrics
+from cdc_sink.runner import Owned, Worker
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -92,3 +95,27 @@ def test_nothing_is_registered_on_the_global_default_registry() -> None:
     Metrics()
     assert REGISTRY.get_sample_value("cdc_assigned_partitions") is None
     assert not any(name.startswith("cdc_") for name in REGISTRY._names_to_collectors)
+
+
+async def test_revoked_partitions_stop_being_reported() -> None:
+    """After a rebalance takes a partition away, the worker no longer exports its backlog or
+    commit time (the new owner does), while its other partitions stay reported."""
+    worker = Worker(load_config({}))
+    kept, revoked = TopicPartition("cdc-events-users", 1), TopicPartition("cdc-events-users", 2)
+    for tp in (kept, revoked):
+        worker.owned[tp] = Owned(epoch=1, next_offset=10)
+        worker.metrics.backlog_depth.labels(tp.topic, str(tp.partition)).set(5)
+        worker.metrics.last_commit_timestamp.labels(tp.topic, str(tp.partition)).set(1.7e9)
+
+    await worker.release([revoked])
+
+    reported = {
+        (name, dict(labels)["partition"])
+        for name, labels in _samples(worker.metrics)
+        if name in ("cdc_backlog_depth", "cdc_last_commit_timestamp_seconds")
+    }
+    assert reported == {
+        ("cdc_backlog_depth", "1"),
+        ("cdc_last_commit_timestamp_seconds", "1"),
+    }
+    assert _samples(worker.metrics)[("cdc_assigned_partitions", ())] == 1

@@ -7,6 +7,7 @@ import json
 import re
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -18,7 +19,7 @@ SCHEMA = '{"type": "record", "name": "R", "fields": []}'
 
 
 def serving(
-    answer: Callable[[httpx.Request], httpx.Response],
+    answer: Callable[[httpx.Request], httpx.Response], **options: Any
 ) -> tuple[ConfluentRegistry, list[str]]:
     """A registry client whose network is `answer`, and the list of paths it requested."""
     paths: list[str] = []
@@ -29,7 +30,8 @@ def serving(
         return answer(request)
 
     transport = httpx.MockTransport(handle)
-    return ConfluentRegistry("https://user:s3cret@sr.example/api/", transport=transport), paths
+    url = "https://user:s3cret@sr.example/api/"
+    return ConfluentRegistry(url, transport=transport, **options), paths
 
 
 def registry_error(status: int, code: int, message: str) -> httpx.Response:
@@ -46,13 +48,32 @@ async def test_fetches_the_schema_text_once_per_id() -> None:
     assert paths == ["/api/schemas/ids/42"]
 
 
-async def test_unknown_id_is_poison() -> None:
-    """404 / 40403 is a DecodeError naming the id, and is asked again next time."""
-    registry, paths = serving(lambda _: registry_error(404, 40403, "Schema 7 not found."))
+async def test_unknown_id_is_poison_after_asking_again() -> None:
+    """404 / 40403 is asked again after each retry delay, then is a DecodeError naming the id;
+    within the TTL the next lookup fails without a request, after it the id is asked again."""
+    registry, paths = serving(
+        lambda _: registry_error(404, 40403, "Schema 7 not found."),
+        unknown_id_retries=(0.01, 0.01),
+        unknown_id_ttl=0.2,
+    )
     async with registry:
         for _ in range(2):
             with pytest.raises(DecodeError, match=r"unknown schema id 7 .*Schema 7 not found"):
                 await registry.schema_by_id(7)
+        assert len(paths) == 3
+        await asyncio.sleep(0.25)
+        with pytest.raises(DecodeError, match="unknown schema id 7"):
+            await registry.schema_by_id(7)
+    assert len(paths) == 6
+
+
+async def test_an_id_that_appears_on_a_later_ask_is_found() -> None:
+    """A schema the registry only knows from the second request on is not poison."""
+    found = httpx.Response(200, json={"schema": SCHEMA})
+    answers = iter([registry_error(404, 40403, "not yet"), found])
+    registry, paths = serving(lambda _: next(answers), unknown_id_retries=(0.01,))
+    async with registry:
+        assert await registry.schema_by_id(9) == SCHEMA
     assert len(paths) == 2
 
 
