@@ -8,6 +8,11 @@ tracked by a pid file, so `down` stops exactly what `up` started.
 
 Run through the `deploy/local/stack` wrapper, which provides the project's virtualenv (the
 readiness checks use the same client libraries as cdc-sink itself).
+
+A second, private stack can run beside the first: give it its own state folder and shift every
+port, e.g. `CDC_STACK_HOME=/tmp/mine CDC_STACK_PORT_OFFSET=1000 deploy/local/stack up postgres
+kafka` (CDC_STACK_CACHE=<first stack>/cache reuses the jars already downloaded). `env` then
+prints that stack's endpoints.
 """
 
 from __future__ import annotations
@@ -39,19 +44,27 @@ REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "deploy" / "local" / "conf"
 MAVEN = REPO / "deploy" / "local" / "maven"
 HOME = Path(os.environ.get("CDC_STACK_HOME", REPO / ".stack")).resolve()
-CACHE = HOME / "cache"
+CACHE = Path(os.environ.get("CDC_STACK_CACHE", HOME / "cache")).resolve()
 RUN = HOME / "run"
 
 HOST = "127.0.0.1"
+# Shifts every port below, so that a second stack (its own CDC_STACK_HOME) can run beside the
+# first one, e.g. a private one for tests that stop and restart services.
+PORT_OFFSET = int(os.environ.get("CDC_STACK_PORT_OFFSET", "0") or "0")
 KAFKA_VERSION = "4.1.1"
 CASSANDRA_VERSION = "5.0.6"
 APICURIO_VERSION = "3.3.3"
 
-PORTS = {
+BASE_PORTS = {
     "postgres": 15432,
     "openbao": 18200,
     "kafka": 19092,
     "kafka-controller": 19093,
+    # A third Kafka listener that advertises "kafka-via-proxy": a client bootstrapping there is
+    # told to come back there, so every byte passes through whatever listens on that port and
+    # forwards to "kafka-proxied" (the fault-injecting TCP proxy of the chaos tests).
+    "kafka-proxied": 19095,
+    "kafka-via-proxy": 19096,
     "cassandra": 19042,
     "cassandra-storage": 17000,
     "cassandra-jmx": 17199,
@@ -62,6 +75,7 @@ PORTS = {
     "alertmanager": 19094,
     "sink-metrics": 18000,
 }
+PORTS = {name: port + PORT_OFFSET for name, port in BASE_PORTS.items()}
 
 PG_DATABASE = "cdc"
 PG_USER = "cdc_sink"
@@ -249,6 +263,8 @@ class Service:
     start_timeout: float = 90
     stop_timeout: float = 30
     stop_signal: int = signal.SIGTERM
+    # `down --immediate`: no clean shutdown (a crash, as far as clients can tell)
+    immediate_signal: int = signal.SIGKILL
     user: str | None = None  # run as this OS user (PostgreSQL refuses to run as root)
 
     @property
@@ -430,6 +446,8 @@ def kafka_install() -> None:
         "RUN_DIR": str(run_dir),
         "PORT": str(PORTS["kafka"]),
         "CONTROLLER_PORT": str(PORTS["kafka-controller"]),
+        "PROXIED_PORT": str(PORTS["kafka-proxied"]),
+        "VIA_PROXY_PORT": str(PORTS["kafka-via-proxy"]),
     }
     render(CONF / "kafka" / "server.properties.in", run_dir / "server.properties", values)
     if (run_dir / "data" / "meta.properties").exists():
@@ -536,7 +554,11 @@ def cassandra_install() -> None:
     render(
         CONF / "cassandra" / "cassandra.yaml.in",
         run_dir / "conf" / "cassandra.yaml",
-        {"RUN_DIR": str(run_dir)},
+        {
+            "RUN_DIR": str(run_dir),
+            "NATIVE_PORT": str(PORTS["cassandra"]),
+            "STORAGE_PORT": str(PORTS["cassandra-storage"]),
+        },
     )
     shutil.copy(CONF / "cassandra" / "logback.xml", run_dir / "conf" / "logback.xml")
     (run_dir / "triggers").mkdir(exist_ok=True)
@@ -749,6 +771,7 @@ SERVICES = [
         postgres_command,
         postgres_ready,
         stop_signal=signal.SIGINT,
+        immediate_signal=signal.SIGQUIT,  # PostgreSQL's immediate shutdown: no checkpoint
         user=_pg_os_user(),
     ),
     Service("openbao", PORTS["openbao"], nothing, openbao_command, openbao_ready),
@@ -814,6 +837,9 @@ def endpoints() -> dict[str, str]:
         "CDC_HTTP__HOST": HOST,
         "CDC_HTTP__PORT": str(PORTS["sink-metrics"]),
         "CDC_STACK_HOME": str(HOME),
+        "CDC_STACK_PORT_OFFSET": str(PORT_OFFSET),
+        "CDC_STACK_KAFKA_VIA_PROXY": f"{HOST}:{PORTS['kafka-via-proxy']}",
+        "CDC_STACK_KAFKA_PROXIED": f"{HOST}:{PORTS['kafka-proxied']}",
     }
 
 
@@ -879,14 +905,15 @@ def wait_ready(service: Service) -> float:
     )
 
 
-def stop(service: Service) -> bool:
-    """Stop our process for the service (its whole process group); True if one was running."""
+def stop(service: Service, *, immediate: bool = False) -> bool:
+    """Stop our process for the service (its whole process group); True if one was running.
+    `immediate` skips the clean shutdown (PostgreSQL's immediate mode, SIGKILL for the rest)."""
     pid = service.pid()
     if pid is None:
         service.pid_file.unlink(missing_ok=True)
         return False
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, service.stop_signal)
+        os.killpg(pid, service.immediate_signal if immediate else service.stop_signal)
     deadline = time.monotonic() + service.stop_timeout
     while time.monotonic() < deadline and _group_alive(pid):
         time.sleep(0.2)
@@ -896,6 +923,11 @@ def stop(service: Service) -> bool:
             os.killpg(pid, signal.SIGKILL)
         while _group_alive(pid):
             time.sleep(0.1)
+    # A killed JVM's main thread shows as a zombie while its other threads still exit and
+    # hold the sockets: return once the port is free, so that `up` can follow at once.
+    deadline = time.monotonic() + 10
+    while port_open(service.port) and time.monotonic() < deadline:
+        time.sleep(0.1)
     service.pid_file.unlink(missing_ok=True)
     return True
 
@@ -967,12 +999,18 @@ def cmd_up(names: list[str]) -> int:
     return 0
 
 
-def cmd_down(names: list[str]) -> int:
+def cmd_down(names: list[str], *, immediate: bool = False) -> int:
     chosen = [BY_NAME[name] for name in names] if names else SERVICES
     for service in reversed(chosen):
-        if stop(service):
-            log(f"{service.name}: stopped")
+        if stop(service, immediate=immediate):
+            log(f"{service.name}: stopped{' (immediate)' if immediate else ''}")
     return 0
+
+
+def cmd_restart(names: list[str], *, immediate: bool = False) -> int:
+    """Stop the named services, then start them again and wait until they are ready."""
+    cmd_down(names, immediate=immediate)
+    return cmd_up(names)
 
 
 def cmd_status() -> int:
@@ -1043,6 +1081,15 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("services", nargs="*", metavar="SERVICE", help=f"any of: {', '.join(names)}")
     down = sub.add_parser("down", help="stop what `up` started (pid files)")
     down.add_argument("services", nargs="*", metavar="SERVICE", help="default: all")
+    immediate_help = (
+        "no clean shutdown: PostgreSQL's immediate mode (SIGQUIT), SIGKILL for the others"
+    )
+    down.add_argument("--immediate", action="store_true", help=immediate_help)
+    restart = sub.add_parser("restart", help="stop services, start them again, wait until ready")
+    restart.add_argument(
+        "services", nargs="+", metavar="SERVICE", help=f"any of: {', '.join(names)}"
+    )
+    restart.add_argument("--immediate", action="store_true", help=immediate_help)
     sub.add_parser("status", help="each service up/down with its address and memory")
     env = sub.add_parser("env", help="print `export` lines for every endpoint")
     env.add_argument("--json", action="store_true", help="print a JSON object instead")
@@ -1061,7 +1108,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         return cmd_up(args.services)
     if args.command == "down":
-        return cmd_down(args.services)
+        return cmd_down(args.services, immediate=args.immediate)
+    if args.command == "restart":
+        return cmd_restart(args.services, immediate=args.immediate)
     if args.command == "status":
         return cmd_status()
     if args.command == "env":

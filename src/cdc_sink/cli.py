@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import platform
 import signal
 import sys
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from cdc_sink import __version__
 from cdc_sink.config import Config, ConfigError, load_config
 from cdc_sink.errors import FatalError, SinkError
 from cdc_sink.logs import configure_logging, get_logger
+
+log = get_logger("cdc_sink")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dlq":
             return _run(_dlq(config, args))
     except SinkError as exc:  # fatal, or transient past its retries
-        get_logger("cdc_sink").error("fatal", error=str(exc))
+        log.error("fatal", error=str(exc))
         print(f"cdc-sink: {exc}", file=sys.stderr)
         return 1
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse only allows known ones
@@ -223,7 +227,52 @@ async def _serve(config: Config, *, stop_when_caught_up: bool) -> int:
 
     tune_gc()
     worker = Worker(config, stop_when_caught_up=stop_when_caught_up)
+    running = asyncio.ensure_future(worker.run())
+    requested = asyncio.Event()
+
+    def on_signal() -> None:
+        worker.stop()
+        requested.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, worker.stop)
-    return await worker.run()
+        loop.add_signal_handler(signum, on_signal)
+    code = await supervise(running, requested, config.sink.shutdown_timeout_seconds)
+    if not running.done():
+        # Even cancelled, the worker did not wind down: leave now rather than hang; whatever
+        # it had in flight was not committed and is read again after a restart.
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+async def supervise(running: asyncio.Future[int], requested: asyncio.Event, limit_s: float) -> int:
+    """The exit code of `running` (the worker), bounded once a stop is `requested`.
+
+    From the request on, the worker has `limit_s` seconds. It normally finishes its batch,
+    commits, leaves the group and returns well within that. If it has not returned when all
+    but a grace period (a third of the timeout, at most 5 s) is used, it is cancelled: the
+    transaction in flight rolls back, the consumer still leaves the group, and the code is 0
+    (an abandoned batch is read again after a restart). If it has not returned at the
+    deadline even then, 1 is returned and `running` is left as it is.
+    """
+    signalled = asyncio.ensure_future(requested.wait())
+    either: set[asyncio.Future[Any]] = {running, signalled}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+    if not running.done():
+        grace = min(5.0, limit_s / 3)
+        began = time.monotonic()
+        await asyncio.wait({running}, timeout=limit_s - grace)
+        if not running.done():
+            log.warning("shutdown_abandons_batch", waited_s=round(time.monotonic() - began, 2))
+            running.cancel()
+            await asyncio.wait({running}, timeout=grace)
+            if not running.done():
+                log.error("shutdown_timeout", timeout_s=limit_s)
+                return 1
+    if running.cancelled():
+        return 0
+    return running.result()

@@ -46,6 +46,9 @@ class KafkaConfig:
     session_timeout_ms: int = 30_000
     max_poll_interval_ms: int = 300_000
     fetch_max_bytes: int = 52_428_800
+    # The consumer buffers at most one fetch per partition, and hands all of it over at once:
+    # memory grows with assigned partitions x this (x ~4 once records become Python objects).
+    max_partition_fetch_bytes: int = 262_144
     auto_offset_reset: str = "earliest"
 
     def validate(self) -> None:
@@ -59,6 +62,11 @@ class KafkaConfig:
             raise ConfigError("CDC_KAFKA__AUTO_OFFSET_RESET must be earliest or latest")
         if not self.bootstrap_servers.strip():
             raise ConfigError("CDC_KAFKA__BOOTSTRAP_SERVERS is empty")
+        if not 1024 <= self.max_partition_fetch_bytes <= self.fetch_max_bytes:
+            raise ConfigError(
+                "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES must be between 1024 and "
+                "CDC_KAFKA__FETCH_MAX_BYTES"
+            )
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class SinkConfig:
     retry_attempts: int = 10
     retry_base_seconds: float = 0.1
     retry_max_seconds: float = 60.0
+    shutdown_timeout_seconds: float = 30.0
 
     def validate(self) -> None:
         if not 1 <= self.batch_size <= 100_000:
@@ -111,6 +120,8 @@ class SinkConfig:
             raise ConfigError(
                 "CDC_SINK__RETRY_BASE_SECONDS must be > 0 and <= CDC_SINK__RETRY_MAX_SECONDS"
             )
+        if self.shutdown_timeout_seconds <= 0:
+            raise ConfigError("CDC_SINK__SHUTDOWN_TIMEOUT_SECONDS must be > 0")
 
 
 @dataclass(frozen=True)

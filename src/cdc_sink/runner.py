@@ -23,7 +23,12 @@ from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    KafkaTimeoutError,
+    KafkaUnavailableError,
+)
 
 from cdc_sink.config import Config
 from cdc_sink.ddl import CassandraSystemSchema, Catalog
@@ -50,6 +55,9 @@ log = get_logger("cdc_sink.runner")
 
 T = TypeVar("T")
 
+BACKLOG_QUERY_TIMEOUT_S = 2.0
+KAFKA_COMMIT_GRACE_S = 2.0  # at shutdown, for the last offsets to reach Kafka
+
 # SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
 TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
@@ -57,17 +65,35 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
 DATA_SQLSTATE_CLASSES = ("22", "23")
 
 
+NOT_TRANSIENT_INTERFACE_ERRORS = (
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+    asyncpg.exceptions.UnsupportedServerFeatureError,
+    asyncpg.exceptions._base.DataError,  # invalid query input (the public DataError is 22xxx)
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same step may succeed (decided by SQLSTATE class, never by text)."""
     if isinstance(exc, TransientError | ConnectionError | OSError | asyncio.TimeoutError):
         return True
+    if isinstance(exc, KafkaError):
+        # aiokafka marks what a retry can fix; its request timeout and "no broker reachable"
+        # are not marked, but are exactly what a broker restart looks like.
+        return bool(exc.retriable) or isinstance(exc, KafkaTimeoutError | KafkaUnavailableError)
     if isinstance(exc, asyncpg.InterfaceError):
-        return True  # client-side connection state (closed, broken): reconnect and retry
+        # client-side connection state (closed, broken, released): reconnect and retry; but
+        # not a bad setting, a missing feature, or arguments the driver cannot encode
+        return not isinstance(exc, NOT_TRANSIENT_INTERFACE_ERRORS)
     state = getattr(exc, "sqlstate", None) or ""
     return state[:2] in TRANSIENT_SQLSTATE_CLASSES
 
 
 def is_data_error(exc: BaseException) -> bool:
+    """Whether the records are at fault: a data or integrity SQLSTATE, a datatype mismatch, or
+    a value the driver cannot encode for its column (asyncpg raises TypeError/ValueError)."""
+    if isinstance(exc, TypeError | ValueError | OverflowError):
+        return True
     state = getattr(exc, "sqlstate", None) or ""
     return state[:2] in DATA_SQLSTATE_CLASSES or state == "42804"
 
@@ -123,9 +149,16 @@ class Worker:
         self.stop_when_caught_up = stop_when_caught_up
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.owned: dict[TopicPartition, Owned] = {}
+        # Assigned to us, but claiming them failed (PostgreSQL or Kafka unreachable during the
+        # rebalance): none of their records is applied until a retry of the claim succeeds.
+        self._unclaimed: set[TopicPartition] = set()
+        self._claim_failures = 0
+        self._claim_retry_at = 0.0  # monotonic
         self.paused: set[TopicPartition] = set()  # over the DLQ limit, until resumed
         self.limiter = DlqLimiter(config.dlq.max_share, config.dlq.window_records)
         self._dlq_sent: set[tuple[str, int, int]] = set()  # produced, not yet committed
+        self._to_commit: dict[TopicPartition, int] = {}  # offsets Kafka has not been told yet
+        self._committer: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self._batch_lock = asyncio.Lock()
         self._rng = random.Random()  # noqa: S311 - jitter, not security
@@ -250,9 +283,15 @@ class Worker:
         return CassandraSystemSchema(session)
 
     async def _open_writer(self) -> None:
+        """Give the writer a fresh pooled connection. If that fails the worker has no writer
+        (never one on a connection already handed back), and the next attempt opens one."""
         assert self.pool is not None
-        if self._writer_conn is not None:
-            await self.pool.release(self._writer_conn)
+        old, self._writer_conn, self.writer = self._writer_conn, None, None
+        if old is not None:
+            try:
+                await self.pool.release(old)
+            except Exception as exc:  # noqa: BLE001 - a broken connection is dropped anyway
+                log.warning("writer_release_failed", error=f"{type(exc).__name__}: {exc}")
         self._writer_conn = await self.pool.acquire()
         self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
 
@@ -305,16 +344,67 @@ class Worker:
         return bool(postgres and assigned), {"postgres": postgres, "assigned_partitions": assigned}
 
     def stop(self) -> None:
+        """Stop fetching; the batch in flight finishes (or, if it is waiting to be retried,
+        is abandoned uncommitted), then the worker leaves the group and `run` returns."""
         self.stopping.set()
 
     # assignment -----------------------------------------------------------------------------
 
     async def claim(self, assigned: Sequence[TopicPartition]) -> None:
-        """Take over partitions: bump their fencing epoch and seek to the stored offsets."""
-        assert self.pool is not None
-        assert self.consumer is not None
+        """Take over partitions: bump their fencing epoch and seek to the stored offsets.
+        Never raises (aiokafka would swallow it): partitions whose claim failed are claimed
+        again by the loop (`_claim_unclaimed`)."""
         if not assigned:
             return
+        try:
+            await self._claim(assigned)
+        except Exception as exc:  # noqa: BLE001 - the loop retries, or stops on a fatal one
+            self._unclaimed.update(assigned)
+            self.metrics.errors.labels("claim", "transient").inc()
+            log.warning(
+                "claim_failed",
+                partitions=[f"{t.topic}[{t.partition}]" for t in assigned],
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    async def _claim_unclaimed(self) -> None:
+        """Claim again the partitions still assigned whose claim failed, with the retry
+        policy's backoff; after the last attempt (or on a non-transient error) stop with
+        FatalError, nothing committed."""
+        assert self.consumer is not None
+        assignment = self.consumer.assignment()
+        self._unclaimed = {tp for tp in self._unclaimed if tp in assignment}
+        self._unclaimed -= self.owned.keys()
+        if not self._unclaimed or time.monotonic() < self._claim_retry_at:
+            return
+        sink = self.config.sink
+        todo = sorted(self._unclaimed)
+        try:
+            await self._claim(todo)
+        except Exception as exc:
+            self._claim_failures += 1
+            if not is_transient(exc) or self._claim_failures >= sink.retry_attempts:
+                raise FatalError(
+                    f"cannot claim partitions ({type(exc).__name__}: {exc}); nothing committed"
+                ) from exc
+            delay = backoff_delay(
+                self._claim_failures - 1, sink.retry_base_seconds, sink.retry_max_seconds, self._rng
+            )
+            self._claim_retry_at = time.monotonic() + delay
+            self.metrics.retries.labels("claim").inc()
+            log.warning(
+                "claim_retry",
+                attempt=self._claim_failures,
+                delay_s=round(delay, 3),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return
+        self._unclaimed.clear()
+        self._claim_failures = 0
+
+    async def _claim(self, assigned: Sequence[TopicPartition]) -> None:
+        assert self.pool is not None
+        assert self.consumer is not None
         starts = await self.consumer.beginning_offsets(list(assigned))
         ends = await self.consumer.end_offsets(list(assigned))
         if self.config.kafka.auto_offset_reset == "latest":
@@ -352,6 +442,7 @@ class Worker:
                 # The new owner reports the partition now; stale values here would raise alerts.
                 self.metrics.backlog_depth.remove(tp.topic, str(tp.partition))
                 self.metrics.last_commit_timestamp.remove(tp.topic, str(tp.partition))
+            self._unclaimed.difference_update(revoked)
         self.metrics.assigned_partitions.set(len(self.owned))
         log.info("partitions_revoked", partitions=[f"{t.topic}[{t.partition}]" for t in revoked])
 
@@ -368,6 +459,7 @@ class Worker:
             session_timeout_ms=cfg.session_timeout_ms,
             max_poll_interval_ms=cfg.max_poll_interval_ms,
             fetch_max_bytes=cfg.fetch_max_bytes,
+            max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
             metadata_max_age_ms=30_000,
         )
         try:
@@ -378,6 +470,8 @@ class Worker:
             self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))
             linger = self.config.sink.linger_ms
             while not self.stopping.is_set():
+                if self._unclaimed:
+                    await self._claim_unclaimed()
                 # No max_records: with it, aiokafka serves one partition's buffer at a time and
                 # waits a fetch round trip between calls. Batches are cut below instead.
                 fetched = await self.consumer.getmany(timeout_ms=linger)
@@ -392,11 +486,14 @@ class Worker:
                     log.info("caught_up", events=self.applied_events)
                     break
         finally:
+            await self._finish_commits()
             await self.consumer.stop()
 
     def _caught_up(self) -> bool:
-        return bool(self.owned) and all(
-            owned.next_offset >= self._end_at_start[tp] for tp, owned in self.owned.items()
+        return (
+            bool(self.owned)
+            and not self._unclaimed
+            and all(owned.next_offset >= self._end_at_start[tp] for tp, owned in self.owned.items())
         )
 
     async def _report_backlog(self) -> None:
@@ -406,8 +503,12 @@ class Worker:
             return
         self._backlog_at = time.monotonic()
         try:
-            ends = await self.consumer.end_offsets(list(self.owned))
-        except KafkaError:
+            # aiokafka waits up to its request timeout (40 s) for a broker that is down; a
+            # metric must not hold up the loop (nor a shutdown) that long.
+            ends = await asyncio.wait_for(
+                self.consumer.end_offsets(list(self.owned)), BACKLOG_QUERY_TIMEOUT_S
+            )
+        except (KafkaError, TimeoutError):
             return
         for tp, owned in self.owned.items():
             lag = max(0, ends.get(tp, owned.next_offset) - owned.next_offset)
@@ -429,6 +530,8 @@ class Worker:
             pending.extend(r for r in batch if r.offset >= owned.next_offset)
         size = self.config.sink.batch_size
         for start in range(0, len(pending), size):
+            if self.stopping.is_set():
+                return  # the rest stays unacknowledged: read again after a restart
             chunk = self._active(pending[start : start + size])
             if not chunk:
                 continue
@@ -503,12 +606,14 @@ class Worker:
             self.metrics.errors.labels("write", "fenced").inc()
             await self._resync()
             return
-        except asyncpg.PostgresError as exc:
+        except Exception as exc:  # transient ones were retried: what is left is data or fatal
             if not is_data_error(exc):
-                raise FatalError(
-                    f"PostgreSQL refused the batch ({exc.sqlstate} {type(exc).__name__}: {exc}); "
-                    "nothing was committed"
-                ) from exc
+                if isinstance(exc, asyncpg.PostgresError):
+                    raise FatalError(
+                        f"PostgreSQL refused the batch ({exc.sqlstate} {type(exc).__name__}: "
+                        f"{exc}); nothing was committed"
+                    ) from exc
+                raise
             if len(records) > 1:
                 middle = len(records) // 2
                 await self._apply_records(records[:middle])
@@ -681,6 +786,8 @@ class Worker:
 
     async def _apply_with_retry(self, batch: Batch) -> BatchResult:
         async def attempt() -> BatchResult:
+            if self.writer is None:  # the reconnect after the last failure failed too
+                await self._open_writer()
             assert self.writer is not None
             result = await self.writer.apply(batch)
             self.metrics.transaction_duration.observe(result.duration_s)
@@ -767,19 +874,35 @@ class Worker:
             )
 
     async def _commit_kafka(self, batch: Batch) -> None:
+        """Hand the batch's offsets to the background committer and return at once.
+
+        PostgreSQL holds the truth; Kafka's copy only feeds lag tooling. aiokafka's commit
+        waits for a group coordinator without a bound, so with the broker away an awaited
+        commit would hold up every write (and a shutdown) until it is back."""
+        for move in batch.checkpoints:
+            self._to_commit[TopicPartition(move.topic, move.partition)] = move.next_offset
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_pending())
+
+    async def _commit_pending(self) -> None:
+        """Commit the newest offsets of the partitions still ours, one commit at a time."""
         assert self.consumer is not None
-        offsets = {
-            TopicPartition(m.topic, m.partition): m.next_offset
-            for m in batch.checkpoints
-            if TopicPartition(m.topic, m.partition) in self.owned
-        }
-        if not offsets:
+        while self._to_commit:
+            offsets = {tp: o for tp, o in self._to_commit.items() if tp in self.owned}
+            self._to_commit = {}
+            if not offsets:
+                continue
+            try:
+                await self.consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as exc:
+                log.warning("kafka_commit_failed", error=str(exc))
+
+    async def _finish_commits(self) -> None:
+        """At shutdown: let the committer finish briefly, then drop what it still holds."""
+        if self._committer is None or self._committer.done():
             return
-        try:
-            await self.consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            # PostgreSQL holds the truth; Kafka's copy only feeds lag tooling.
-            log.warning("kafka_commit_failed", error=str(exc))
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._committer, KAFKA_COMMIT_GRACE_S)
 
 
 class _NoRegistry:

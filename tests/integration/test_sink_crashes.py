@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from tests.support.cassandra_model import replica_streams
 from tests.support.pipeline import (
+    applied,
     create_cassandra_model_table,
     create_topic,
     drop_schema,
@@ -25,6 +25,7 @@ from tests.support.pipeline import (
     schemaless_record,
     sink_env,
     start_worker_process,
+    wait_for_applied,
 )
 from tests.support.stack import Endpoints
 
@@ -59,33 +60,6 @@ async def table_state(dsn: str, schema: str) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in rows]
     finally:
         await conn.close()
-
-
-async def applied(dsn: str, schema: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        exists = await conn.fetchval(
-            "SELECT to_regclass($1) IS NOT NULL", f'"{schema}"._cdc_checkpoints'
-        )
-        if not exists:
-            return 0
-        return int(
-            await conn.fetchval(
-                f'SELECT coalesce(sum(next_offset), 0) FROM "{schema}"._cdc_checkpoints'
-            )
-        )
-    finally:
-        await conn.close()
-
-
-async def wait_for_applied(
-    dsn: str, schema: str, more_than: int, worker: subprocess.Popen[bytes] | None = None
-) -> None:
-    """Poll the stored checkpoints until they pass `more_than` (or the worker exits)."""
-    while True:
-        if await applied(dsn, schema) > more_than or (worker and worker.poll() is not None):
-            return
-        await asyncio.sleep(0.05)
 
 
 async def test_kill_9_at_random_moments_changes_nothing(

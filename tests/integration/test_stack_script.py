@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -17,8 +18,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run_stack(*args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_stack(
+    *args: str, home: Path | None = None, offset: int | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **({"CDC_STACK_HOME": str(home)} if home else {})}
+    if offset is not None:
+        env["CDC_STACK_PORT_OFFSET"] = str(offset)
     return subprocess.run(
         [str(STACK), *args], capture_output=True, text=True, timeout=300, env=env, check=False
     )
@@ -108,3 +113,23 @@ def test_logs_shows_the_tail_of_the_service_log(stack: Endpoints) -> None:
     assert len(shown) == 20
     assert shown == log_file.read_text(errors="replace").splitlines()[-20:]
     assert "starting:" in log_file.read_text(errors="replace")
+
+
+def test_a_second_stack_with_a_port_offset_runs_beside_the_first(tmp_path: Path) -> None:
+    """CDC_STACK_PORT_OFFSET shifts every port: a second home starts its own Pushgateway on
+    the shifted port, `env` prints shifted endpoints, and `down --immediate` stops it."""
+    home, offset = tmp_path / "second", 2000
+    try:
+        done = run_stack("up", "pushgateway", home=home, offset=offset)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "ready at 127.0.0.1:21091" in done.stdout
+        exported = run_stack("env", home=home, offset=offset).stdout
+        assert "CDC_KAFKA__BOOTSTRAP_SERVERS='127.0.0.1:21092'" in exported
+        assert "CDC_POSTGRES__DSN='postgresql://cdc_sink:cdc_sink@127.0.0.1:17432/cdc'" in exported
+        assert "CDC_STACK_PORT_OFFSET='2000'" in exported
+        stopped = run_stack("down", "--immediate", "pushgateway", home=home, offset=offset)
+        assert "pushgateway: stopped (immediate)" in stopped.stdout
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", 21091)) != 0  # nothing listens any more
+    finally:
+        run_stack("down", home=home, offset=offset)

@@ -131,12 +131,15 @@ async def run_worker(env: Mapping[str, str]) -> Worker:
     return worker
 
 
-def start_worker_process(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def start_worker_process(
+    env: Mapping[str, str], log_path: Path, *, stop_when_caught_up: bool = True
+) -> subprocess.Popen[bytes]:
     """`python -m cdc_sink run` as a separate process (so it can be killed with SIGKILL)."""
     full = {**os.environ, **env, "PYTHONPATH": str(REPO / "src")}
+    until = ["--stop-when-caught-up"] if stop_when_caught_up else []
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "cdc_sink", "run", "--stop-when-caught-up"],
+            [sys.executable, "-m", "cdc_sink", "run", *until],
             env=full,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -162,6 +165,33 @@ async def read_rows(dsn: str, schema: str, table: str, columns: Iterable[str]) -
     finally:
         await conn.close()
     return {tuple(r[k] for k in KEY): {c: r[c] for c in cols} for r in rows}
+
+
+async def applied(dsn: str, schema: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        exists = await conn.fetchval(
+            "SELECT to_regclass($1) IS NOT NULL", f'"{schema}"._cdc_checkpoints'
+        )
+        if not exists:
+            return 0
+        return int(
+            await conn.fetchval(
+                f'SELECT coalesce(sum(next_offset), 0) FROM "{schema}"._cdc_checkpoints'
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def wait_for_applied(
+    dsn: str, schema: str, more_than: int, worker: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll the stored checkpoints until they pass `more_than` (or the worker exits)."""
+    while True:
+        if await applied(dsn, schema) > more_than or (worker and worker.poll() is not None):
+            return
+        await asyncio.sleep(0.05)
 
 
 async def drop_schema(dsn: str, schema: str) -> None:

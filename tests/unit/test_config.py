@@ -16,6 +16,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert config.sink.batch_size == 1000
     assert config.sink.table_name_format == "cdc_{table}"
     assert config.postgres.schema == "public"
+    assert config.kafka.max_partition_fetch_bytes == 262_144
 
 
 def test_environment_wins_over_the_file(tmp_path: Path) -> None:
@@ -44,6 +45,14 @@ def test_the_dsn_is_a_secret() -> None:
         ({"CDC_SINK__BATCH_SIZE": "0"}, "CDC_SINK__BATCH_SIZE"),
         ({"CDC_POSTGRES__DSN": "mysql://x"}, "CDC_POSTGRES__DSN"),
         ({"CDC_HTTP__ENABLED": "perhaps"}, "CDC_HTTP__ENABLED"),
+        ({"CDC_KAFKA__MAX_PARTITION_FETCH_BYTES": "10"}, "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES"),
+        (
+            {
+                "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES": "2000000",
+                "CDC_KAFKA__FETCH_MAX_BYTES": "1000000",
+            },
+            "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES",
+        ),
         ({"CDC_BOGUS__X": "1"}, "bogus"),
     ],
 )

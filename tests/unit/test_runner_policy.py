@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import aiokafka.errors
 import asyncpg
 import pytest
 
@@ -38,6 +39,9 @@ def test_transient_failures_are_retried(exc: BaseException) -> None:
         asyncpg.exceptions.CharacterNotInRepertoireError("x"),  # 22021
         asyncpg.exceptions.UniqueViolationError("x"),  # 23505
         asyncpg.exceptions.DatatypeMismatchError("x"),  # 42804
+        asyncpg.exceptions._base.DataError("invalid input for query argument $1"),
+        TypeError("an integer is required"),  # asyncpg's COPY encoder
+        OverflowError("int too big to convert"),
     ],
 )
 def test_data_errors_are_isolated_not_retried(exc: BaseException) -> None:
@@ -73,3 +77,55 @@ def test_retry_settings_are_validated() -> None:
         load_config({"CDC_SINK__RETRY_ATTEMPTS": "0"})
     with pytest.raises(ConfigError, match="CDC_SINK__RETRY_BASE_SECONDS"):
         load_config({"CDC_SINK__RETRY_BASE_SECONDS": "90"})
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiokafka.errors.KafkaConnectionError("x"),
+        aiokafka.errors.NodeNotReadyError("x"),
+        aiokafka.errors.RequestTimedOutError(),
+        aiokafka.errors.NotLeaderForPartitionError(),
+        aiokafka.errors.CoordinatorNotAvailableError(),
+        aiokafka.errors.KafkaTimeoutError(),  # not marked retriable by aiokafka
+        aiokafka.errors.KafkaUnavailableError(),  # idem
+    ],
+)
+def test_broker_unavailability_is_transient(exc: BaseException) -> None:
+    """What a broker restart raises (connection lost, no leader, request timeout, no broker
+    reachable) is retried, e.g. when claiming partitions during a rebalance."""
+    assert is_transient(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiokafka.errors.TopicAuthorizationFailedError(),
+        aiokafka.errors.GroupAuthorizationFailedError(),
+        aiokafka.errors.IllegalStateError("x"),
+    ],
+)
+def test_kafka_permission_and_state_errors_are_not_transient(exc: BaseException) -> None:
+    """Missing ACLs and client misuse are not retried."""
+    assert not is_transient(exc)
+
+
+def test_lost_connection_interface_errors_are_transient() -> None:
+    """asyncpg's client-side errors about a closed or released connection retry."""
+    assert is_transient(asyncpg.InterfaceError("the underlying connection is closed"))
+    assert is_transient(asyncpg.InterfaceError("connection has been released back to the pool"))
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.exceptions.ClientConfigurationError("x"),
+        asyncpg.exceptions.UnsupportedClientFeatureError("x"),
+        asyncpg.exceptions.UnsupportedServerFeatureError("x"),
+        asyncpg.exceptions._base.DataError("invalid input for query argument"),
+    ],
+)
+def test_interface_errors_about_settings_or_input_are_not_transient(exc: BaseException) -> None:
+    """A bad client setting, a missing feature or input the driver cannot encode fails the
+    same way on every retry: not transient (the attempts would only delay the outcome)."""
+    assert not is_transient(exc)
