@@ -1,6 +1,7 @@
 """Throughput and latency of one cdc-sink worker against the local stack.
 
     .venv/bin/python benchmarks/run.py drain  [--events 200000] [--format avro|json] [--profile F]
+                                              [--py-spy F]
     .venv/bin/python benchmarks/run.py steady [--rate 5000] [--seconds 60] [--format avro|json]
 
 drain: preloads the events, then runs `python -m cdc_sink run --stop-when-caught-up` as a
@@ -150,11 +151,14 @@ class Run:
         return env
 
     async def start_worker(
-        self, *extra: str, profile: str | None = None
+        self, *extra: str, profile: str | None = None, py_spy: str | None = None
     ) -> asyncio.subprocess.Process:
         python = [sys.executable]
         if profile:
             python += ["-m", "cProfile", "-o", profile]
+        if py_spy:
+            spy = str(Path(sys.executable).with_name("py-spy"))
+            python = [spy, "record", "-f", "raw", "-r", "200", "-o", py_spy, "--", *python]
         command = [*python, "-m", "cdc_sink", "run", *extra]
         self.log_file = await asyncio.to_thread(self.log_path.open, "wb")  # see finish_worker
         return await asyncio.create_subprocess_exec(
@@ -278,7 +282,9 @@ async def drain(args: argparse.Namespace) -> dict[str, Any]:
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     postgres_before = postgres_cpu_s()
     started = time.time()
-    worker = await run.start_worker("--stop-when-caught-up", profile=args.profile)
+    worker = await run.start_worker(
+        "--stop-when-caught-up", profile=args.profile, py_spy=args.py_spy
+    )
     metrics: dict[str, float] = {}
     postgres_s = 0.0  # sampled every 2 s, so the last seconds are missing: a lower bound
     while worker.returncode is None:
@@ -325,6 +331,7 @@ async def drain(args: argparse.Namespace) -> dict[str, Any]:
         "dead_letters": stats["dead_letters"],
         "preload_s": round(produce_s, 1),
         "profile": args.profile,
+        "py_spy": args.py_spy,
         "batch_size": args.batch_size or 1000,
         "machine": machine(),
     }
@@ -584,6 +591,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if name == "drain":
             mode.add_argument("--events", type=int, default=200_000)
             mode.add_argument("--profile", help="run the worker under cProfile, writing here")
+            mode.add_argument(
+                "--py-spy",
+                help="sample the worker with py-spy (pip install py-spy), raw stacks to this "
+                "file; its CPU counts in worker_cpu_us_per_event",
+            )
         else:
             mode.add_argument("--rate", type=float, default=5_000.0, help="events/s")
             mode.add_argument("--seconds", type=float, default=60.0)

@@ -56,6 +56,7 @@ class Catalog:
         self.table_format = table_format
         self.cassandra = cassandra
         self._tables: dict[str, TableSchema] = {}
+        self._by_source: dict[tuple[str, str], TableSchema] = {}  # (keyspace, table) -> latest
         self._locks: dict[str, asyncio.Lock] = {}
 
     def tables(self) -> list[TableSchema]:
@@ -69,15 +70,19 @@ class Catalog:
         column_schemas: Mapping[str, Mapping[str, Any]],
     ) -> TableSchema:
         """The schema that holds this event's columns, evolving the table first if needed."""
+        known = self._by_source.get((event.keyspace, event.table))
+        if known is not None and event.cells.keys() <= known.columns.keys():
+            return known  # the per-record path: no name formatting, no await
         target = target_name(self.table_format, event.keyspace, event.table)
         known = self._tables.get(target)
         if known is not None and all(c in known.columns for c in event.cells):
+            self._by_source[event.keyspace, event.table] = known
             return known
         lock = self._locks.setdefault(target, asyncio.Lock())
         async with lock:
             known = self._tables.get(target) or await self._load(target)
             if known is not None and all(c in known.columns for c in event.cells):
-                self._tables[target] = known
+                self._tables[target] = self._by_source[event.keyspace, event.table] = known
                 return known
             cassandra = (
                 await self.cassandra.table(event.keyspace, event.table)
@@ -89,7 +94,7 @@ class Catalog:
                 types = {n: t for n, t in types.items() if n not in known.columns}
             partitions = cassandra.partition_columns if cassandra else None
             evolved = await self._evolve(target, event, types, partitions)
-            self._tables[target] = evolved
+            self._tables[target] = self._by_source[event.keyspace, event.table] = evolved
             return evolved
 
     def _types_for(

@@ -158,11 +158,16 @@ def _inclusive(bound: Bound | None) -> bool:
 
 def _write_cells(row: RowState, event: ChangeEvent, values: Mapping[str, Any]) -> None:
     ts = event.ts_us
+    cells = row.cells
     for name, cell in event.cells.items():
-        current = row.cells.get(name)
-        incoming = CellState(values.get(name), ts, cell.expires_us)
-        if current is None or _wins(incoming, current):
-            row.cells[name] = incoming
+        current = cells.get(name)
+        # A newer write wins outright; only a tie needs the full reconciliation.
+        if current is None or ts > current.ts:
+            cells[name] = CellState(values.get(name), ts, cell.expires_us)
+        elif ts == current.ts:
+            incoming = CellState(values.get(name), ts, cell.expires_us)
+            if _wins(incoming, current):
+                cells[name] = incoming
     if event.op is Op.INSERT or event.snapshot:
         expiry = _insert_expiry(event)
         if row.marker_ts is None or ts > row.marker_ts:
@@ -203,11 +208,16 @@ def _insert_expiry(event: ChangeEvent) -> int | None:
     `INSERT … USING TTL` gives every non-null cell the same expiry, and the marker expires
     with them; nulls carry none. If a non-null cell has no expiry, the INSERT had no TTL.
     """
-    expiries = {c.expires_us for c in event.cells.values() if c.value is not None}
-    if len(expiries) == 1:
-        (only,) = expiries
-        return only
-    return None
+    expiry: int | None = None
+    seen = False
+    for cell in event.cells.values():
+        if cell.value is None:
+            continue
+        if not seen:
+            expiry, seen = cell.expires_us, True
+        elif cell.expires_us != expiry:
+            return None  # the non-null cells disagree
+    return expiry
 
 
 # --------------------------------------------------------------------------------------------

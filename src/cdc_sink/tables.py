@@ -21,7 +21,7 @@ from typing import Any
 from cdc_sink.errors import ConversionError, EventError
 from cdc_sink.events import Bound, ChangeEvent, Op
 from cdc_sink.plan import Mutation
-from cdc_sink.types import CqlType, converter, pg_type
+from cdc_sink.types import CqlType, InvalidValue, converter, pg_type, unguarded_converter
 
 PG_IDENTIFIER_BYTES = 63
 META_COLUMNS: dict[str, str] = {
@@ -75,12 +75,14 @@ class TableSchema:
     partition_columns: tuple[str, ...] | None = None
     version: int = 1
     converters: dict[str, Callable[[Any], Any]] = field(default_factory=dict, compare=False)
+    unguarded: dict[str, Callable[[Any], Any]] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         for name in (self.target, *self.columns):
             quote_ident(name)
         for name, cql in self.columns.items():
             self.converters[name] = converter(cql)
+            self.unguarded[name] = unguarded_converter(cql)
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -92,7 +94,11 @@ class TableSchema:
         if not fresh:
             return self
         return replace(
-            self, columns={**self.columns, **fresh}, version=self.version + 1, converters={}
+            self,
+            columns={**self.columns, **fresh},
+            version=self.version + 1,
+            converters={},
+            unguarded={},
         )
 
     def create_sql(self, schema: str) -> str:
@@ -112,13 +118,18 @@ class TableSchema:
     def to_mutation(self, event: ChangeEvent) -> Mutation:
         """Convert the event's key and cell values to PostgreSQL values (ConversionError if
         one does not fit), in this table's key order."""
-        missing = [name for name in self.key_columns if name not in event.key]
-        if missing:
-            raise EventError(f"the key lacks primary-key column(s) {', '.join(missing)}")
-        key = tuple(self._convert(name, event.key[name]) for name in self.key_columns)
+        convert = self.unguarded
+        try:  # the per-record path: one call per value; the checked path explains failures
+            key = tuple(
+                [None if (v := event.key[n]) is None else convert[n](v) for n in self.key_columns]
+            )
+            values = {
+                n: None if (v := c.value) is None else convert[n](v) for n, c in event.cells.items()
+            }
+        except (KeyError, InvalidValue):
+            key, values = self._checked_values(event)
         if event.op is Op.DELETE and not event.is_partition_delete:
             return Mutation(event, key, {})
-        values = {name: self._convert(name, cell.value) for name, cell in event.cells.items()}
         if event.op is not Op.RANGE:
             return Mutation(event, key, values)
         start, end = self._bound(event.range_start), self._bound(event.range_end)
@@ -129,6 +140,15 @@ class TableSchema:
             if event.key.get(name) is None
         )
         return Mutation(event, key, values, start, end, descending)
+
+    def _checked_values(self, event: ChangeEvent) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(key, values) of the event, or the EventError / ConversionError saying why not."""
+        missing = [name for name in self.key_columns if name not in event.key]
+        if missing:
+            raise EventError(f"the key lacks primary-key column(s) {', '.join(missing)}")
+        key = tuple(self._convert(name, event.key[name]) for name in self.key_columns)
+        values = {name: self._convert(name, cell.value) for name, cell in event.cells.items()}
+        return key, values
 
     def _convert(self, column: str, value: Any) -> Any:
         if value is None:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from cdc_sink.errors import ConversionError
 
@@ -319,8 +319,9 @@ def pg_type(t: CqlType) -> str:
 # --- values ------------------------------------------------------------------------------------
 
 
-class _Invalid(Exception):
-    """A value that cannot be converted; converter() turns it into a ConversionError."""
+class InvalidValue(Exception):
+    """A value that cannot be converted. converter() turns it into a ConversionError; the
+    functions of unguarded_converter() raise it as it is."""
 
     def __init__(self, problem: str, value: Any) -> None:
         super().__init__(problem)
@@ -345,14 +346,14 @@ def _int_of(v: Any, attribute: str) -> int | None:
 
 def _text(v: Any) -> str:
     if not isinstance(v, str):
-        raise _Invalid("expected a string", v)
+        raise InvalidValue("expected a string", v)
     if "\x00" in v:
-        raise _Invalid("PostgreSQL cannot store the NUL character (U+0000)", v)
+        raise InvalidValue("PostgreSQL cannot store the NUL character (U+0000)", v)
     if not v.isascii():
         try:
             v.encode()
         except UnicodeEncodeError:
-            raise _Invalid("not valid Unicode (unpaired surrogate)", v) from None
+            raise InvalidValue("not valid Unicode (unpaired surrogate)", v) from None
     return v
 
 
@@ -361,9 +362,9 @@ def _integer(bits: int) -> Converter:
 
     def convert(v: Any) -> int:
         if type(v) is not int and not _is_int(v):
-            raise _Invalid("expected an integer", v)
+            raise InvalidValue("expected an integer", v)
         if not low <= v <= high:
-            raise _Invalid(f"out of the {bits}-bit integer range", v)
+            raise InvalidValue(f"out of the {bits}-bit integer range", v)
         return int(v)
 
     return convert
@@ -371,7 +372,7 @@ def _integer(bits: int) -> Converter:
 
 def _boolean(v: Any) -> bool:
     if not isinstance(v, bool):
-        raise _Invalid("expected a boolean", v)
+        raise InvalidValue("expected a boolean", v)
     return v
 
 
@@ -385,19 +386,19 @@ def _double(v: Any) -> float:
     if isinstance(v, str):
         if v in _NONFINITE:
             return _NONFINITE[v]
-        raise _Invalid('expected a number or "NaN"/"Infinity"/"-Infinity"', v)
+        raise InvalidValue('expected a number or "NaN"/"Infinity"/"-Infinity"', v)
     if _is_int(v):
         try:
             return float(v)
         except OverflowError:
-            raise _Invalid("too large for a double", v) from None
-    raise _Invalid("expected a number", v)
+            raise InvalidValue("too large for a double", v) from None
+    raise InvalidValue("expected a number", v)
 
 
 def _float(v: Any) -> float:
     f = _double(v)
     if abs(f) > _FLOAT32_MAX and not math.isinf(f) and _as_float32(f) is None:
-        raise _Invalid("out of the 32-bit float range", v)  # as asyncpg's float4 encoder would
+        raise InvalidValue("out of the 32-bit float range", v)  # as asyncpg's float4 encoder would
     return f
 
 
@@ -412,7 +413,7 @@ def _float32_json(f: float) -> float | str:
         return _float_json(f)
     single = _as_float32(f)
     if single is None:
-        raise _Invalid("out of the 32-bit float range", f)
+        raise InvalidValue("out of the 32-bit float range", f)
     for digits in range(1, 9):  # 9 significant digits always read back as the same float32
         short = float(f"{single:.{digits}g}")
         if _as_float32(short) == single:
@@ -437,38 +438,65 @@ def _blob(v: Any) -> bytes:
         try:
             return base64.b64decode(v, validate=True)
         except (binascii.Error, ValueError):
-            raise _Invalid("not valid base64", v) from None
-    raise _Invalid("expected bytes or a base64 string", v)
+            raise InvalidValue("not valid base64", v) from None
+    raise InvalidValue("expected bytes or a base64 string", v)
+
+
+_PARSED_KEPT = 65_536
+_Parsed = TypeVar("_Parsed")
+_UUIDS: dict[str, uuid.UUID] = {}
+_INETS: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+
+
+def _parse_kept(
+    kept: dict[str, _Parsed], text: str, parse: Callable[[str], _Parsed], problem: str
+) -> _Parsed:
+    """parse(text), remembered by its text (a bounded memo): keys and references repeat across
+    events, and parsing a UUID or an address costs ~1-2 µs."""
+    found = kept.get(text)
+    if found is None:
+        try:
+            found = parse(text)
+        except ValueError:
+            raise InvalidValue(problem, text) from None
+        if len(kept) >= _PARSED_KEPT:
+            kept.clear()
+        kept[text] = found
+    return found
 
 
 def _uuid(v: Any) -> uuid.UUID:
+    if isinstance(v, str):
+        return _parse_kept(_UUIDS, v, uuid.UUID, "not a UUID")
     if isinstance(v, uuid.UUID):
         return v
     try:
-        if isinstance(v, str):
-            return uuid.UUID(v)
         if isinstance(v, bytes):
             return uuid.UUID(bytes=v)
     except ValueError:
         pass
-    raise _Invalid("not a UUID", v)
+    raise InvalidValue("not a UUID", v)
 
 
 _IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def _inet_text(text: str) -> _IpAddress:
+    # Java's InetAddress.toString(): "hostname/address", hostname often empty.
+    return ipaddress.ip_address(text.rpartition("/")[2])
+
+
 def _inet(v: Any) -> _IpAddress:
+    if isinstance(v, str):
+        return _parse_kept(_INETS, v, _inet_text, "not an IP address")
     if isinstance(v, _IpAddress):
         return v
     try:
-        if isinstance(v, str):
-            # Java's InetAddress.toString(): "hostname/address", hostname often empty.
-            return ipaddress.ip_address(v.rpartition("/")[2])
         if isinstance(v, bytes):
             return ipaddress.ip_address(v)
     except ValueError:
         pass
-    raise _Invalid("not an IP address", v)
+    raise InvalidValue("not an IP address", v)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -481,22 +509,22 @@ def _timestamp(v: Any) -> datetime:
         try:
             return _EPOCH + timedelta(milliseconds=int(v))
         except OverflowError:
-            raise _Invalid(_DATETIME_RANGE, v) from None
+            raise InvalidValue(_DATETIME_RANGE, v) from None
     if isinstance(v, datetime):
         stamp = v
     elif isinstance(v, str):
         try:
             stamp = datetime.fromisoformat(v)
         except ValueError:
-            raise _Invalid("not an ISO 8601 timestamp", v) from None
+            raise InvalidValue("not an ISO 8601 timestamp", v) from None
     else:
-        raise _Invalid("expected epoch milliseconds or an ISO 8601 string", v)
+        raise InvalidValue("expected epoch milliseconds or an ISO 8601 string", v)
     if stamp.tzinfo is None:
         return stamp.replace(tzinfo=UTC)  # Cassandra timestamps are instants in UTC
     try:
         return stamp.astimezone(UTC)
     except OverflowError:
-        raise _Invalid(_DATETIME_RANGE, v) from None
+        raise InvalidValue(_DATETIME_RANGE, v) from None
 
 
 def _timestamp_json(stamp: datetime) -> str:
@@ -509,7 +537,7 @@ def _date(v: Any) -> date:
         try:
             return date.fromordinal(_EPOCH_ORDINAL + days)
         except (ValueError, OverflowError):
-            raise _Invalid(_DATETIME_RANGE, v) from None
+            raise InvalidValue(_DATETIME_RANGE, v) from None
     if isinstance(v, datetime):
         return v.date()
     if isinstance(v, date):
@@ -518,8 +546,8 @@ def _date(v: Any) -> date:
         try:
             return date.fromisoformat(v)
         except ValueError:
-            raise _Invalid("not an ISO 8601 date", v) from None
-    raise _Invalid("expected days since the epoch", v)
+            raise InvalidValue("not an ISO 8601 date", v) from None
+    raise InvalidValue("expected days since the epoch", v)
 
 
 _NANOS_PER_DAY = 86_400 * 10**9
@@ -535,9 +563,9 @@ def _time_nanos(v: Any) -> int:
             seconds = int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
             nanos = seconds * 10**9 + int((m[4] or "").ljust(9, "0"))
         else:
-            raise _Invalid("expected nanoseconds since midnight", v)
+            raise InvalidValue("expected nanoseconds since midnight", v)
     if not 0 <= nanos < _NANOS_PER_DAY:
-        raise _Invalid("not a time of day", v)
+        raise InvalidValue("not a time of day", v)
     return nanos
 
 
@@ -562,7 +590,7 @@ def _duration_nanos(v: Any) -> int:
     if months is not None and days is not None and nanos is not None:
         # The Cassandra driver's Duration: fold months into 30 days, as Debezium does.
         return (months * 30 + days) * _NANOS_PER_DAY + nanos
-    raise _Invalid("expected nanoseconds", v)
+    raise InvalidValue("expected nanoseconds", v)
 
 
 def _duration(v: Any) -> timedelta:
@@ -571,7 +599,7 @@ def _duration(v: Any) -> timedelta:
     try:
         return timedelta(microseconds=micros if nanos >= 0 else -micros)
     except OverflowError:
-        raise _Invalid("too long for an interval", v) from None
+        raise InvalidValue("too long for an interval", v) from None
 
 
 def _duration_json(v: Any) -> str:
@@ -601,9 +629,9 @@ def _numeric(d: Decimal, v: Any) -> Decimal:
         exponent = d.as_tuple().exponent
         assert isinstance(exponent, int)
         if exponent < -_PG_MAX_SCALE or d.adjusted() >= _PG_MAX_INT_DIGITS:
-            raise _Invalid("outside PostgreSQL's numeric range", v)
+            raise InvalidValue("outside PostgreSQL's numeric range", v)
     elif d.is_snan():
-        raise _Invalid("signaling NaN", v)
+        raise InvalidValue("signaling NaN", v)
     return d
 
 
@@ -612,9 +640,9 @@ def _unscaled(raw: Any, v: Any) -> int:
         try:
             raw = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError):
-            raise _Invalid("not valid base64", v) from None
+            raise InvalidValue("not valid base64", v) from None
     if not isinstance(raw, bytes | bytearray) or not raw:
-        raise _Invalid("expected big-endian two's complement bytes", v)
+        raise InvalidValue("expected big-endian two's complement bytes", v)
     return int.from_bytes(raw, "big", signed=True)
 
 
@@ -623,7 +651,7 @@ def _decimal(v: Any) -> Decimal:
         if v in _SPECIAL_DECIMALS:
             return _SPECIAL_DECIMALS[v]
         if not _DECIMAL_TEXT.fullmatch(v):
-            raise _Invalid("not a decimal number", v)
+            raise InvalidValue("not a decimal number", v)
         return _numeric(Decimal(v), v)
     if isinstance(v, float):
         # Debezium's lossy "double" mode: keep the shortest decimal that is this double.
@@ -635,9 +663,9 @@ def _decimal(v: Any) -> Decimal:
     if isinstance(v, Mapping):  # io.debezium.data.VariableScaleDecimal {scale, value}
         scale: Any = v.get("scale")
         if not _is_int(scale):
-            raise _Invalid("expected an integer scale", v)
+            raise InvalidValue("expected an integer scale", v)
         return _numeric(Decimal(_unscaled(v.get("value"), v)).scaleb(-int(scale), _EXACT), v)
-    raise _Invalid("expected a decimal", v)
+    raise InvalidValue("expected a decimal", v)
 
 
 def _varint(v: Any) -> Decimal:
@@ -652,7 +680,7 @@ def _varint(v: Any) -> Decimal:
         return _numeric(Decimal(_unscaled(v, v)), v)
     if isinstance(v, Decimal) and v.is_finite() and v == v.to_integral_value():
         return _numeric(v, v)
-    raise _Invalid("expected an integer", v)
+    raise InvalidValue("expected an integer", v)
 
 
 def _decimal_json(d: Decimal) -> Decimal | str:
@@ -687,7 +715,7 @@ _SCALARS: dict[str, tuple[Converter, Converter]] = {
 
 def _items(v: Any) -> Iterable[Any]:
     if isinstance(v, str | bytes | bytearray | Mapping) or not isinstance(v, Iterable):
-        raise _Invalid("expected a list", v)
+        raise InvalidValue("expected a list", v)
     return v
 
 
@@ -701,7 +729,7 @@ def _map_entries(v: Any) -> Iterable[tuple[Any, Any]]:
         elif isinstance(entry, list | tuple) and len(entry) == 2:  # JsonConverter [k, v]
             entries.append((entry[0], entry[1]))
         else:
-            raise _Invalid("expected a map entry", entry)
+            raise InvalidValue("expected a map entry", entry)
     return entries
 
 
@@ -723,7 +751,7 @@ def _json_any(v: Any) -> Any:
         return {_key_text(_json_any(k)): _json_any(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
         return [_json_any(x) for x in v]
-    raise _Invalid("cannot render as JSON", v)
+    raise InvalidValue("cannot render as JSON", v)
 
 
 def _nullable(convert: Converter) -> Converter:
@@ -745,7 +773,7 @@ def _json_converter(t: CqlType) -> Converter:
             out: dict[str, Any] = {}
             for k, x in _map_entries(v):
                 if k is None:
-                    raise _Invalid("null map key", v)
+                    raise InvalidValue("null map key", v)
                 out[_key_text(key(k))] = value(x)
             return out
 
@@ -764,10 +792,10 @@ def _tuple_json(t: CqlType) -> Converter:
     def convert(v: Any) -> list[Any]:
         if isinstance(v, Mapping):  # Debezium's struct with fields field1..fieldN
             if not v.keys() <= set(names):
-                raise _Invalid(f"tuple fields are {names[0]}..{names[-1]}", v)
+                raise InvalidValue(f"tuple fields are {names[0]}..{names[-1]}", v)
             v = [v.get(name) for name in names]
         elif not isinstance(v, list | tuple) or len(v) != len(elements):
-            raise _Invalid(f"expected a tuple of {len(elements)}", v)
+            raise InvalidValue(f"expected a tuple of {len(elements)}", v)
         return [convert(x) for convert, x in zip(elements, v, strict=True)]
 
     return convert
@@ -783,10 +811,10 @@ def _udt_json(t: CqlType) -> Converter:
         if hasattr(v, "_asdict"):  # the Cassandra driver's namedtuple UDTs
             v = v._asdict()
         if not isinstance(v, Mapping):
-            raise _Invalid("expected a mapping of UDT fields", v)
+            raise InvalidValue("expected a mapping of UDT fields", v)
         unknown = [k for k in v if k not in known]
         if unknown:
-            raise _Invalid(f"field {unknown[0]!r} is not in {t}", v)
+            raise InvalidValue(f"field {unknown[0]!r} is not in {t}", v)
         return {name: convert(v.get(name)) for name, convert in fields}
 
     return convert
@@ -838,7 +866,7 @@ def _guard(t: CqlType, convert: Converter) -> Converter:
             return None
         try:
             return convert(v)
-        except _Invalid as exc:
+        except InvalidValue as exc:
             raise ConversionError(f"{t}: {exc.problem}: {_preview(exc.value)}") from None
 
     return guarded
@@ -848,14 +876,22 @@ def _guard(t: CqlType, convert: Converter) -> Converter:
 def converter(t: CqlType) -> Converter:
     """The function value -> asyncpg binary-codec object for a `pg_type(t)` column (None stays
     None); ConversionError when the value cannot be stored. Cached: hold on to it per column."""
+    return _guard(t, unguarded_converter(t))
+
+
+@functools.lru_cache(maxsize=4096)
+def unguarded_converter(t: CqlType) -> Converter:
+    """converter(t) without its guard, for hot loops: the value must not be None, and a value
+    that cannot be stored raises InvalidValue (without the type's name: call converter(t) on it
+    for the error to report)."""
     if t.name in _SCALARS:
-        return _guard(t, _SCALARS[t.name][0])
+        return _SCALARS[t.name][0]
     if pg_type(t) != "jsonb":
         element = _nullable(_SCALARS[t.params[0].name][0])
-        return _guard(t, lambda v: [element(x) for x in _items(v)])
+        return lambda v: [element(x) for x in _items(v)]
     to_json = _json_converter(t)
     dumps = dump_json if _needs_exact(t) else _dumps
-    return _guard(t, lambda v: dumps(to_json(v)))
+    return lambda v: dumps(to_json(v))
 
 
 def to_pg(t: CqlType, value: Any) -> Any:

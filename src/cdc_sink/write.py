@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -38,13 +38,13 @@ from cdc_sink.plan import (
     apply_mutations,
     next_expiry,
     settle_plan,
-    visible_values,
     write_ts,
 )
 from cdc_sink.tables import META_COLUMNS, TableSchema, qualified, quote_ident
 from cdc_sink.types import PG_TUPLE_CODECS, pg_type
 
 Key = tuple[Any, ...]
+_SCOPES_KEPT = 65_536
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,17 @@ def json_key(values: tuple[Any, ...]) -> str:
     # Cached, as a batch renders each key for its locks, lookups and writes; typed, because
     # 1, 1.0 and True are equal (and hash alike) but render differently.
     return _json_key(tuple(zip(map(type, values), values, strict=True)))
+
+
+class _KeyTexts(dict[Key, str]):
+    """json_key of the keys of one table in one batch, each rendered once.
+
+    Keyed by the bare tuple: within one table a position always holds one column's type, so
+    values that are equal but render differently (1, 1.0, True) cannot meet."""
+
+    def __missing__(self, key: Key) -> str:
+        text = self[key] = json_key(key)
+        return text
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -119,6 +130,7 @@ class PgWriter:
         self.group = consumer_group
         self._staging: dict[str, tuple[int, str]] = {}  # target -> (schema version, temp name)
         self._partition_columns: dict[str, tuple[str, ...]] = {}  # learned, never changes
+        self._scopes: dict[tuple[str, tuple[str, ...] | None, str], RangeTombstone] = {}
 
     async def apply(self, batch: Batch, now_us: int | None = None) -> BatchResult:
         """Apply the batch atomically; raise FencedError if a checkpoint moved under us."""
@@ -167,9 +179,10 @@ class PgWriter:
         now_us: int,
         touch: Sequence[Key] = (),
     ) -> tuple[int, int]:
-        partition_columns = await self._lock(schema, mutations, touch)
+        texts = _KeyTexts()
+        partition_columns = await self._lock(schema, mutations, texts, touch)
         state = TableState(schema.key_columns, partition_columns)
-        await self._load(schema, state, mutations, touch)
+        await self._load(schema, state, mutations, texts, touch)
         plan = apply_mutations(state, mutations)
         for key in touch:  # rows to re-settle though no event touched them (expiry)
             if key in state.rows:
@@ -181,15 +194,19 @@ class PgWriter:
         await self._upsert(schema, outcome.live, now_us)
         gone = [*outcome.remembered, *outcome.removed]
         await self._delete_rows(schema, gone)
-        await self._store_tombstones(schema, plan, outcome.remembered)
+        await self._store_tombstones(schema, plan, outcome.remembered, texts)
         revived = [k for k in (*outcome.live, *outcome.removed) if k in state.remembered]
-        await self._forget_dead(schema, revived)
+        await self._forget_dead(schema, [texts[k] for k in revived])
         return len(outcome.live), len(gone)
 
     # locking --------------------------------------------------------------------------------
 
     async def _lock(
-        self, schema: TableSchema, mutations: list[Mutation], touch: Sequence[Key] = ()
+        self,
+        schema: TableSchema,
+        mutations: list[Mutation],
+        texts: _KeyTexts,
+        touch: Sequence[Key] = (),
     ) -> tuple[str, ...] | None:
         """Serialise writers of the same Cassandra partitions; return the partition columns."""
         partition_columns = (
@@ -207,8 +224,8 @@ class PgWriter:
         if partition_columns is None:
             return None
         width = len(partition_columns)
-        partitions = {json_key(m.key[:width]) for m in mutations}
-        partitions |= {json_key(key[:width]) for key in touch}
+        partitions = {texts[m.key[:width]] for m in mutations}
+        partitions |= {texts[key[:width]] for key in touch}
         ids = sorted({lock_id(schema.target, p) for p in partitions})
         await self.conn.execute(
             "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id", ids
@@ -244,6 +261,7 @@ class PgWriter:
         schema: TableSchema,
         state: TableState,
         mutations: list[Mutation],
+        texts: _KeyTexts,
         touch: Sequence[Key] = (),
     ) -> None:
         target = qualified(self.schema, schema.target)
@@ -265,7 +283,7 @@ class PgWriter:
         for record in records:
             key = tuple(record[name] for name in schema.key_columns)
             state.rows[key] = _row_from_record(record, schema)
-        keys_json = {k: json_key(k) for k in row_keys}
+        keys_json = {k: texts[k] for k in row_keys}
         if row_keys:
             dead = await self.conn.fetch(
                 "SELECT partition_key::text AS k, state FROM _cdc_tombstones "
@@ -283,9 +301,7 @@ class PgWriter:
         if state.partition_columns is None:
             return
         width = len(state.partition_columns)
-        partitions = {json_key(k[:width]) for k in row_keys} | {
-            json_key(p) for p in deleted_partitions
-        }
+        partitions = {texts[k[:width]] for k in row_keys} | {texts[p] for p in deleted_partitions}
         stones = await self.conn.fetch(
             "SELECT kind, partition_key::text AS p, scope, ts_us FROM _cdc_tombstones "
             "WHERE target_table = $1 AND kind IN ('partition', 'range') "
@@ -293,14 +309,27 @@ class PgWriter:
             schema.target,
             list(partitions),
         )
+        parsed: dict[str, Key] = {}  # a partition's stones share its key text
         for stone in stones:
-            partition = self._partition_from_json(schema, state, stone["p"])
-            entry = state.partitions.setdefault(partition, PartitionTombstones())
+            text = stone["p"]
+            if text not in parsed:
+                parsed[text] = self._partition_from_json(schema, state, text)
+            entry = state.partitions.setdefault(parsed[text], PartitionTombstones())
             if stone["kind"] == "partition":
                 entry.partition_ts = max(entry.partition_ts or stone["ts_us"], stone["ts_us"])
             else:
-                scope = json.loads(stone["scope"])
-                entry.ranges.append(_range_from_scope(schema, state, scope, stone["ts_us"]))
+                entry.ranges.append(self._range(schema, state, stone["scope"], stone["ts_us"]))
+
+    def _range(self, schema: TableSchema, state: TableState, scope: str, ts: int) -> RangeTombstone:
+        """A stored range tombstone; its scope parsed once per process (partitions keep their
+        range tombstones for the grace period and every batch touching one reloads them)."""
+        memo = (schema.target, state.partition_columns, scope)
+        parsed = self._scopes.get(memo)
+        if parsed is None:
+            if len(self._scopes) >= _SCOPES_KEPT:
+                self._scopes.clear()
+            parsed = self._scopes[memo] = _range_from_scope(schema, state, json.loads(scope), 0)
+        return replace(parsed, ts=ts)
 
     def _partition_from_json(self, schema: TableSchema, state: TableState, text: str) -> Key:
         assert state.partition_columns is not None
@@ -351,13 +380,13 @@ class PgWriter:
         now = dt.datetime.now(dt.UTC)
         records = []
         for key, row in live.items():
-            visible = visible_values(row, values)
+            cells = row.cells
             stamp, expiry = write_ts(row, now_us), next_expiry(row, now_us)
             records.append(
                 (
                     *key,
-                    *(visible[name] for name in values),
-                    json.dumps({n: [c.ts, c.expires_us] for n, c in row.cells.items()}),
+                    *[None if (c := cells.get(name)) is None else c.value for name in values],
+                    _cells_json(cells),
                     row.marker_ts,
                     row.marker_expires_us,
                     row.deleted_ts,
@@ -399,17 +428,18 @@ class PgWriter:
         schema: TableSchema,
         plan: TablePlan,
         remembered: dict[Key, RowState],
+        texts: _KeyTexts,
     ) -> None:
         rows: list[tuple[str, str, str, str | None, int]] = []
         for partition, ts in plan.new_partition_tombstones.items():
-            rows.append(("partition", json_key(partition), "[]", None, ts))
+            rows.append(("partition", texts[partition], "[]", None, ts))
         for partition, stone in plan.new_range_tombstones:
-            rows.append(("range", json_key(partition), _range_scope(stone), None, stone.ts))
+            rows.append(("range", texts[partition], _range_scope(stone), None, stone.ts))
         for key, row in remembered.items():
             newest = max(
                 [c.ts for c in row.cells.values()] + [row.deleted_ts or 0, row.marker_ts or 0]
             )
-            rows.append(("row", json_key(key), "[]", _row_state_json(row), newest))
+            rows.append(("row", texts[key], "[]", _row_state_json(row), newest))
         if not rows:
             return
         await self.conn.executemany(
@@ -421,14 +451,15 @@ class PgWriter:
             [(schema.target, *row) for row in rows],
         )
 
-    async def _forget_dead(self, schema: TableSchema, keys: list[Key]) -> None:
+    async def _forget_dead(self, schema: TableSchema, keys: list[str]) -> None:
+        """Delete the row tombstones of keys (as json_key texts) that live again."""
         if not keys:
             return
         await self.conn.execute(
             "DELETE FROM _cdc_tombstones WHERE target_table = $1 AND kind = 'row' "
             "AND partition_key = ANY($2::jsonb[])",
             schema.target,
-            [json_key(k) for k in keys],
+            keys,
         )
 
     async def _dead_letters(self, letters: list[DeadLetter]) -> None:
@@ -489,6 +520,24 @@ def _row_from_record(record: asyncpg.Record, schema: TableSchema) -> RowState:
     cells = {name: CellState(record[name], ts, expires) for name, (ts, expires) in stamps.items()}
     return RowState(
         cells, record["_cdc_marker_ts"], record["_cdc_marker_expires_us"], record["_cdc_deleted_ts"]
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_name(name: str) -> str:
+    return json.dumps(name)
+
+
+def _cells_json(cells: dict[str, CellState]) -> str:
+    """`_cdc_cells`: {column: [write ts, expiry or null]}, written without json.dumps (this runs
+    for every upserted row)."""
+    return (
+        "{"
+        + ",".join(
+            f"{_json_name(n)}:[{c.ts},{'null' if c.expires_us is None else c.expires_us}]"
+            for n, c in cells.items()
+        )
+        + "}"
     )
 
 

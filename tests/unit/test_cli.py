@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
 import pytest
 
 from cdc_sink import __version__
-from cdc_sink.cli import main
+from cdc_sink.cli import GC_YOUNG_THRESHOLD, main, tune_gc
 
 
 def test_version_command_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,3 +36,15 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main(["frobnicate"])
     assert exited.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> None:
+    """The worker's GC tuning moves start-up objects out of collections and collects rarely."""
+    threshold = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from cdc_sink.events import Op, Position, interpret
+from cdc_sink.errors import ConversionError, EventError
+from cdc_sink.events import ChangeEvent, Op, Position, interpret
 from cdc_sink.tables import IdentifierError, TableSchema, quote_ident, target_name
 from cdc_sink.types import parse_cql_type
 
@@ -81,4 +84,48 @@ def test_conversion_error_names_the_column() -> None:
     event = interpret({"id": 1}, value, Position("t", 0, 0))
     assert event.op is Op.UPDATE
     with pytest.raises(Exception, match="column 'n'"):
+        schema.to_mutation(event)
+
+
+def _users_event(key: dict[str, Any], cells: dict[str, Any]) -> tuple[TableSchema, ChangeEvent]:
+    schema = TableSchema(
+        "ks",
+        "users",
+        "cdc_users",
+        ("id",),
+        {
+            "id": parse_cql_type("uuid"),
+            "ip": parse_cql_type("inet"),
+            "tags": parse_cql_type("set<text>"),
+        },
+    )
+    value = {
+        "op": "u",
+        "source": {"keyspace": "ks", "table": "users", "ts_us": 1},
+        "after": {n: {"value": v, "deletion_ts": None, "set": True} for n, v in cells.items()},
+    }
+    return schema, interpret(key, value, Position("t", 0, 0))
+
+
+def test_to_mutation_converts_key_and_cells_as_each_column_converter_does() -> None:
+    """The per-record path gives what the checked, column-by-column conversion gives."""
+    schema, event = _users_event(
+        {"id": "5f0b8f5e-1c8f-4f4e-9a39-3f1c2f4d5e6a"}, {"ip": "/10.0.0.1", "tags": ["a"]}
+    )
+    mutation = schema.to_mutation(event)
+    assert (mutation.key, dict(mutation.values)) == schema._checked_values(event)
+    assert str(mutation.key[0]) == "5f0b8f5e-1c8f-4f4e-9a39-3f1c2f4d5e6a"
+
+
+def test_to_mutation_names_the_key_column_whose_value_does_not_fit() -> None:
+    """A bad key value is reported with its column, as a bad cell value is."""
+    schema, event = _users_event({"id": "not-a-uuid"}, {"ip": "/10.0.0.1"})
+    with pytest.raises(ConversionError, match=r"column 'id'.*not a UUID"):
+        schema.to_mutation(event)
+
+
+def test_to_mutation_refuses_a_key_without_every_primary_key_column() -> None:
+    """A key lacking a primary-key column is an EventError naming it, not a KeyError."""
+    schema, event = _users_event({"other": 1}, {"ip": "/10.0.0.1"})
+    with pytest.raises(EventError, match=r"lacks primary-key column.*id"):
         schema.to_mutation(event)

@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from cdc_sink import types
 from cdc_sink.errors import ConversionError, PoisonError
 from cdc_sink.types import (
     PG_TUPLE_CODECS,
     CqlType,
+    InvalidValue,
     converter,
     dump_json,
     from_connect_schema,
@@ -24,6 +26,7 @@ from cdc_sink.types import (
     pg_type,
     to_json_value,
     to_pg,
+    unguarded_converter,
 )
 
 SCALARS = {
@@ -811,3 +814,44 @@ def test_tuple_codecs_read_infinity_as_the_extremes() -> None:
     assert decode_date((-(2**31),)) == date.min
     assert decode_stamp((2**63 - 1,)) == datetime.max.replace(tzinfo=UTC)
     assert decode_stamp((-(2**63),)) == datetime.min.replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("cql", "value"),
+    [
+        ("uuid", "5f0b8f5e-1c8f-4f4e-9a39-3f1c2f4d5e6a"),
+        ("inet", "/10.0.0.1"),
+        ("decimal", "1.50"),
+        ("set<text>", ["a", "b"]),
+        ("map<text, int>", {"a": 1}),
+        ("frozen<tuple<int, text>>", [1, "x"]),
+    ],
+)
+def test_unguarded_converter_gives_what_converter_gives(cql: str, value: Any) -> None:
+    """The hot-loop converter returns the same values as the guarded one."""
+    t = parse_cql_type(cql)
+    assert unguarded_converter(t)(value) == converter(t)(value)
+
+
+def test_unguarded_converter_raises_invalid_value_without_the_type() -> None:
+    """A value that does not fit raises InvalidValue; converter() words the ConversionError."""
+    t = parse_cql_type("smallint")
+    with pytest.raises(InvalidValue):
+        unguarded_converter(t)(70_000)
+    with pytest.raises(ConversionError, match="smallint"):
+        converter(t)(70_000)
+
+
+def test_parsed_uuids_and_addresses_are_remembered_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The text -> UUID / address memo never grows past its bound and keeps no failures."""
+    monkeypatch.setattr(types, "_PARSED_KEPT", 2)
+    monkeypatch.setattr(types, "_UUIDS", {})
+    texts = [str(uuid.UUID(int=n)) for n in range(5)]
+    assert [to_pg(parse_cql_type("uuid"), t) for t in texts] == [uuid.UUID(t) for t in texts]
+    assert len(types._UUIDS) <= 2
+    for _ in range(2):
+        with pytest.raises(ConversionError, match="not a UUID"):
+            to_pg(parse_cql_type("uuid"), "not-a-uuid")
+    assert "not-a-uuid" not in types._UUIDS
