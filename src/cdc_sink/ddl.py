@@ -23,7 +23,7 @@ import asyncpg
 from cdc_sink.errors import EventError
 from cdc_sink.events import ChangeEvent
 from cdc_sink.tables import TableSchema, target_name
-from cdc_sink.types import CqlType, from_connect_schema, parse_cql_type
+from cdc_sink.types import CqlType, from_connect_schema, parse_cql_type, udt_definitions
 from cdc_sink.write import lock_id
 
 
@@ -121,7 +121,8 @@ class Catalog:
     async def _load(self, target: str) -> TableSchema | None:
         row = await self.pool.fetchrow(
             "SELECT version, keyspace_name, source_table, key_columns, partition_columns, "
-            "columns::text AS columns FROM _cdc_schema_metadata WHERE target_table = $1 "
+            "columns::text AS columns, udts::text AS udts FROM _cdc_schema_metadata "
+            "WHERE target_table = $1 "
             "ORDER BY version DESC LIMIT 1",
             target,
         )
@@ -131,7 +132,8 @@ class Catalog:
         stored = json.loads(row["columns"])
         keys = list(row["key_columns"])
         order = keys + sorted(n for n in stored if n not in keys)
-        columns = {n: parse_cql_type(stored[n]) for n in order}
+        udts = json.loads(row["udts"]) if row["udts"] else None
+        columns = {n: parse_cql_type(stored[n], udts) for n in order}
         return TableSchema(
             keyspace=row["keyspace_name"],
             table=row["source_table"],
@@ -169,8 +171,8 @@ class Catalog:
             if current is None or schema.version != current.version:
                 await conn.execute(
                     "INSERT INTO _cdc_schema_metadata (target_table, version, keyspace_name, "
-                    "source_table, key_columns, partition_columns, columns) "
-                    "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) ON CONFLICT DO NOTHING",
+                    "source_table, key_columns, partition_columns, columns, udts) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb) ON CONFLICT DO NOTHING",
                     target,
                     schema.version,
                     schema.keyspace,
@@ -178,6 +180,7 @@ class Catalog:
                     list(schema.key_columns),
                     list(schema.partition_columns) if schema.partition_columns else None,
                     json.dumps({n: str(t) for n, t in schema.columns.items()}),
+                    json.dumps(udt_definitions(schema.columns.values())),
                 )
             return schema
 

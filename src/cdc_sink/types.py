@@ -116,6 +116,22 @@ def _nest(t: CqlType) -> CqlType:
     return replace(t, frozen=True) if t.name not in _PG_SCALAR and not t.frozen else t
 
 
+def udt_definitions(types: Iterable[CqlType]) -> dict[str, list[tuple[str, str]]]:
+    """Every UDT used in `types` (nested ones too) as name -> [(field, type text)]: what
+    `parse_cql_type` needs to rebuild the types from their text."""
+    found: dict[str, list[tuple[str, str]]] = {}
+
+    def visit(t: CqlType) -> None:
+        if t.name == "udt" and t.udt_name and t.udt_name not in found:
+            found[t.udt_name] = [(field, str(inner)) for field, inner in t.fields]
+        for inner in (*t.params, *(f for _, f in t.fields)):
+            visit(inner)
+
+    for t in types:
+        visit(t)
+    return found
+
+
 # --- parsing Cassandra's type text -------------------------------------------------------------
 
 _TOKEN = re.compile(r'\s*(?:([<>,])|"((?:[^"]|"")+)"|([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?))', re.ASCII)

@@ -26,6 +26,7 @@ from cdc_sink.types import (
     pg_type,
     to_json_value,
     to_pg,
+    udt_definitions,
     unguarded_converter,
 )
 
@@ -855,3 +856,17 @@ def test_parsed_uuids_and_addresses_are_remembered_within_a_bound(
         with pytest.raises(ConversionError, match="not a UUID"):
             to_pg(parse_cql_type("uuid"), "not-a-uuid")
     assert "not-a-uuid" not in types._UUIDS
+
+
+def test_udt_definitions_rebuild_the_types_from_their_text() -> None:
+    """udt_definitions lists every UDT used, nested ones too, so that parsing the type texts
+    with it gives back the same types, fields included."""
+    udts = {
+        "address": [("street", "text"), ("geo", "frozen<tuple<double, double>>")],
+        "person": [("name", "text"), ("homes", "frozen<list<frozen<address>>>")],
+    }
+    types = [parse_cql_type("map<text, frozen<person>>", udts), parse_cql_type("int")]
+    definitions = udt_definitions(types)
+    assert set(definitions) == {"person", "address"}
+    assert [parse_cql_type(str(t), definitions) for t in types] == types
+    assert udt_definitions([parse_cql_type("list<int>")]) == {}
