@@ -60,6 +60,9 @@ T = TypeVar("T")
 
 BACKLOG_QUERY_TIMEOUT_S = 2.0
 KAFKA_COMMIT_GRACE_S = 2.0  # at shutdown, for the last offsets to reach Kafka
+# At shutdown, for a Kafka client to leave the group and close: with the broker away, aiokafka
+# may otherwise wait out a coordinator lookup or request timeout (tens of seconds).
+KAFKA_CLOSE_TIMEOUT_S = 5.0
 
 # SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
@@ -215,7 +218,7 @@ class Worker:
                 await self._consume()
             finally:
                 await self.recon.close()
-                await self.dlq.stop()
+                await self._stop_client("dlq_producer", self.dlq.stop())
                 housekeeping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await housekeeping
@@ -502,7 +505,22 @@ class Worker:
                     break
         finally:
             await self._finish_commits()
-            await self.consumer.stop()
+            await self._stop_client("consumer", self.consumer.stop())
+
+    @staticmethod
+    async def _stop_client(name: str, stopping: Awaitable[None]) -> None:
+        """Close a Kafka client, giving up after KAFKA_CLOSE_TIMEOUT_S (nothing is lost: the
+        offsets are in PostgreSQL, and the group notices a member gone at session timeout)."""
+        task = asyncio.ensure_future(stopping)
+        done, _ = await asyncio.wait({task}, timeout=KAFKA_CLOSE_TIMEOUT_S)
+        if done:
+            task.result()
+            return
+        # Not awaited after cancel(): a close that does not yield to cancellation promptly
+        # must not hold the shutdown either.
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        log.warning("kafka_close_timeout", client=name, timeout_s=KAFKA_CLOSE_TIMEOUT_S)
 
     def _caught_up(self) -> bool:
         return (
