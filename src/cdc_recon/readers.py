@@ -642,16 +642,8 @@ class PgReader:
         """The rows with these canonical keys that exist, by key text."""
         if not keys:
             return {}
-        idents = ", ".join(quote_ident(c) for c in table.key_columns)
-        arrays = ", ".join(
-            f"${i + 1}::{pg_type(table.columns[c])}[]" for i, c in enumerate(table.key_columns)
-        )
-        natives = [native_key(table, k) for k in keys]
-        columns = [list(c) for c in zip(*natives, strict=True)]
-        rows = await self.pool.fetch(
-            f"{self._select(table)} WHERE ({idents}) IN (SELECT * FROM unnest({arrays}))",
-            *columns,
-        )
+        where, columns = _keys_in(table, keys)
+        rows = await self.pool.fetch(f"{self._select(table)} WHERE {where}", *columns)
         convert = self._convert(table, writetimes)
         return {row.key_text: row for row in map(convert, rows) if row is not None}
 
@@ -662,15 +654,11 @@ class PgReader:
         if not keys:
             return {}
         idents = ", ".join(quote_ident(c) for c in table.key_columns)
-        arrays = ", ".join(
-            f"${i + 1}::{pg_type(table.columns[c])}[]" for i, c in enumerate(table.key_columns)
-        )
-        natives = [native_key(table, k) for k in keys]
+        where, columns = _keys_in(table, keys)
         rows = await self.pool.fetch(
             f"SELECT {idents}, _cdc_cells::text AS cells, _cdc_marker_ts, _cdc_deleted_ts "
-            f"FROM {qualified(self.schema, table.target)} "
-            f"WHERE ({idents}) IN (SELECT * FROM unnest({arrays}))",
-            *[list(c) for c in zip(*natives, strict=True)],
+            f"FROM {qualified(self.schema, table.target)} WHERE {where}",
+            *columns,
         )
         types = table.key_types()
         found = {}
@@ -694,3 +682,17 @@ class PgReader:
             )
         types = table.key_types()
         return [tuple(canonical_value(t, r[i]) for i, t in enumerate(types)) for r in rows]
+
+
+def _keys_in(table: ReconTable, keys: Sequence[tuple[Canon, ...]]) -> tuple[str, list[list[Any]]]:
+    """A `(key columns) IN (…)` condition for these canonical keys, and its array parameters
+    (one per key column, $1…)."""
+    idents = ", ".join(quote_ident(c) for c in table.key_columns)
+    arrays = ", ".join(
+        f"${i + 1}::{pg_type(table.columns[c])}[]" for i, c in enumerate(table.key_columns)
+    )
+    natives = [native_key(table, k) for k in keys]
+    return (
+        f"({idents}) IN (SELECT * FROM unnest({arrays}))",
+        [list(c) for c in zip(*natives, strict=True)],
+    )
