@@ -87,6 +87,20 @@ def postgres_cpu_s() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def pid_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by one live process."""
+    values = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(values[11]) + int(values[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     cpu = "unknown"
@@ -148,6 +162,9 @@ class Run:
         }
         if self.args.batch_size:
             env["CDC_SINK__BATCH_SIZE"] = str(self.args.batch_size)
+        for setting in self.args.worker_env:  # e.g. CDC_KAFKA__FETCH_MIN_BYTES=1, for an A/B
+            name, _, value = setting.partition("=")
+            env[name] = value
         return env
 
     async def start_worker(
@@ -382,9 +399,11 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
     try:
         await wait_ready(run.port, worker)
         log(f"worker ready; producing {total:,} events at {args.rate:,.0f}/s")
+        cpu_at_start = cpu_sample(worker.pid)
         began = time.monotonic()
         sent = await run.produce(events, rate=args.rate)
         produce_s = time.monotonic() - began
+        cpu = {k: round(v - cpu_at_start[k], 1) for k, v in cpu_sample(worker.pid).items()}
         ends = end_offsets(sent)
         pg = await run.pg()
         deadline = time.monotonic() + 300
@@ -419,6 +438,8 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
         "achieved_produce_rate": round(len(sent) / (sent[-1].sent_at - sent[0].sent_at)),
         "achieved_apply_rate": round(len(sent) / max(last - sent[0].sent_at, 1e-9)),
         "produce_s": round(produce_s, 1),
+        # CPU seconds while producing (the harness includes encoding the events up front)
+        "cpu_s_while_producing": cpu,
         "all_offsets_applied": applied == ends,
         "warmup_s_excluded": args.warmup,
         "latency_ms_per_row": _summary(row_latency),
@@ -434,6 +455,20 @@ async def steady(args: argparse.Namespace) -> dict[str, Any]:
     }
     plot_steady(run, row_latency, record_latency, timeline, summary)
     return run.write(summary)
+
+
+def cpu_sample(worker_pid: int) -> dict[str, float]:
+    """CPU seconds so far: the worker, PostgreSQL, this harness, and the whole machine (busy
+    and available), to see who competes for the cores during a steady run."""
+    busy, available = machine_busy()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "worker": pid_cpu_s(worker_pid),
+        "postgres": postgres_cpu_s(),
+        "harness": own.ru_utime + own.ru_stime,
+        "machine_busy": busy,
+        "machine_available": available,
+    }
 
 
 async def wait_ready(port: int, worker: asyncio.subprocess.Process) -> None:
@@ -588,6 +623,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         mode.add_argument("--format", choices=("avro", "json"), default="avro")
         mode.add_argument("--seed", type=int, default=1)
         mode.add_argument("--batch-size", type=int, help="CDC_SINK__BATCH_SIZE (default 1000)")
+        mode.add_argument(
+            "--worker-env",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="a setting for the worker (repeatable), e.g. CDC_KAFKA__FETCH_MIN_BYTES=1",
+        )
         if name == "drain":
             mode.add_argument("--events", type=int, default=200_000)
             mode.add_argument("--profile", help="run the worker under cProfile, writing here")
