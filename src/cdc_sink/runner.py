@@ -273,9 +273,13 @@ class Worker:
                 server_settings={
                     "search_path": cfg.schema,
                     "application_name": "cdc-sink",
-                    # Batch statements take key arrays of very different sizes: a generic plan
-                    # picked after five executions scans whole tables; plan each one.
+                    # Batch statements take key arrays of very different sizes into tables that
+                    # grow fast: a cached generic plan, made when a table was small, goes on
+                    # scanning it whole; plan each one (with the array's real size).
                     "plan_cache_mode": "force_custom_plan",
+                    # Lookups by key probe an index per key; with the default (4, for spinning
+                    # disks) the planner prefers scanning the whole table long before that pays.
+                    "random_page_cost": "1.1",
                 },
                 init=prepare_connection,
             )

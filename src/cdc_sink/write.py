@@ -286,8 +286,9 @@ class PgWriter:
         keys_json = {k: texts[k] for k in row_keys}
         if row_keys:
             dead = await self.conn.fetch(
-                "SELECT partition_key::text AS k, state FROM _cdc_tombstones "
-                "WHERE target_table = $1 AND kind = 'row' AND partition_key = ANY($2::jsonb[])",
+                "SELECT t.partition_key::text AS k, t.state "
+                "FROM unnest($2::jsonb[]) AS wanted(key) JOIN _cdc_tombstones t "
+                "ON t.target_table = $1 AND t.kind = 'row' AND t.partition_key = wanted.key",
                 schema.target,
                 list(keys_json.values()),
             )
@@ -303,9 +304,10 @@ class PgWriter:
         width = len(state.partition_columns)
         partitions = {texts[k[:width]] for k in row_keys} | {texts[p] for p in deleted_partitions}
         stones = await self.conn.fetch(
-            "SELECT kind, partition_key::text AS p, scope, ts_us FROM _cdc_tombstones "
-            "WHERE target_table = $1 AND kind IN ('partition', 'range') "
-            "AND partition_key = ANY($2::jsonb[])",
+            "SELECT t.kind, t.partition_key::text AS p, t.scope, t.ts_us "
+            "FROM unnest($2::jsonb[]) AS wanted(key) JOIN _cdc_tombstones t "
+            "ON t.target_table = $1 AND t.kind IN ('partition', 'range') "
+            "AND t.partition_key = wanted.key",
             schema.target,
             list(partitions),
         )
@@ -456,8 +458,8 @@ class PgWriter:
         if not keys:
             return
         await self.conn.execute(
-            "DELETE FROM _cdc_tombstones WHERE target_table = $1 AND kind = 'row' "
-            "AND partition_key = ANY($2::jsonb[])",
+            "DELETE FROM _cdc_tombstones t USING unnest($2::jsonb[]) AS gone(key) "
+            "WHERE t.target_table = $1 AND t.kind = 'row' AND t.partition_key = gone.key",
             schema.target,
             keys,
         )
