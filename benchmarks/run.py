@@ -207,6 +207,7 @@ class Run:
             rate=rate,
             topic_prefix=self.prefix,
             on_sent=progress,
+            client="librdkafka",  # its sends take the harness little CPU
         )
 
     async def pg(self) -> asyncpg.Connection:

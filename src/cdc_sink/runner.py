@@ -855,7 +855,7 @@ class Worker:
         per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
         prepared = Prepared(records)
         for index, record in enumerate(records):
-            if index % 64 == 63 and self._in_flight is not None:
+            if index % 8 == 7 and self._in_flight is not None:
                 await asyncio.sleep(0)  # let the chunk in flight go on with PostgreSQL's answers
             tp = TopicPartition(record.topic, record.partition)
             prepared.first.setdefault(tp, record.offset)

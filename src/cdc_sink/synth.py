@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import random
@@ -919,26 +920,19 @@ class Sent:
     sent_at: float
 
 
-async def produce(
+_Encoded = list[tuple[str, bytes | None, bytes | None]]
+
+
+async def _encode_all(
     bootstrap: str,
     events: Iterable[SynthEvent],
     fmt: str,
-    registry_url: str | None = None,
-    rate: float | None = None,
-    *,
-    topic_prefix: str = DEFAULT_TOPIC_PREFIX,
-    on_sent: Callable[[int], None] | None = None,
-) -> list[Sent]:
-    """Send every event (fmt "json" or "avro"; Avro needs `registry_url`) with acks=all and
-    wait for every acknowledgement; return where each landed, in event order.
-
-    Topics are created with 8 partitions if missing. With `rate` (events/s) sends are paced
-    evenly; each record's Kafka timestamp is its send time either way, so end-to-end latency
-    can be measured from it. `on_sent(n)` is called with the running count after each chunk.
-    Raises on the first failed send.
-    """
-    from aiokafka import AIOKafkaProducer
-
+    registry_url: str | None,
+    topic_prefix: str,
+) -> _Encoded:
+    """(topic, key, value) of every event, encoded before any clock starts (with a rate, the
+    sends are what the box should spend its CPU on while the sink is measured: the real
+    connector runs elsewhere); the topics exist on return."""
     encoder: JsonEncoder | AvroEncoder
     if fmt == "json":
         encoder = JsonEncoder()
@@ -950,6 +944,44 @@ async def produce(
         raise ValueError(f"unknown format {fmt!r} (json or avro)")
     topics = {table: topic_for(table, topic_prefix) for table in TABLES}
     await ensure_topics(bootstrap, topics.values())
+    return [(topics[event.table], *encoder.encode(event)) for event in events]
+
+
+async def produce(
+    bootstrap: str,
+    events: Iterable[SynthEvent],
+    fmt: str,
+    registry_url: str | None = None,
+    rate: float | None = None,
+    *,
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX,
+    on_sent: Callable[[int], None] | None = None,
+    client: str = "aiokafka",
+) -> list[Sent]:
+    """Send every event (fmt "json" or "avro"; Avro needs `registry_url`) with acks=all and
+    wait for every acknowledgement; return where each landed, in event order.
+
+    Topics are created with 8 partitions if missing. With `rate` (events/s) sends are paced
+    evenly; each record's Kafka timestamp is its send time either way, so end-to-end latency
+    can be measured from it. `on_sent(n)` is called with the running count after each chunk.
+    Raises on the first failed send. `client` "librdkafka" sends through confluent-kafka: a
+    send then costs the caller a few µs instead of tens, so a benchmark's producer takes
+    little of the CPU the measured worker shares with it (same murmur2 partitioner as Kafka's
+    Java client and aiokafka).
+    """
+    if client not in ("aiokafka", "librdkafka"):
+        raise ValueError(f"unknown client {client!r} (aiokafka or librdkafka)")
+    encoded = await _encode_all(bootstrap, events, fmt, registry_url, topic_prefix)
+    if client == "librdkafka":
+        return await _produce_librdkafka(bootstrap, encoded, rate, on_sent)
+    return await _produce_aiokafka(bootstrap, encoded, rate, on_sent)
+
+
+async def _produce_aiokafka(
+    bootstrap: str, encoded: _Encoded, rate: float | None, on_sent: Callable[[int], None] | None
+) -> list[Sent]:
+    from aiokafka import AIOKafkaProducer
+
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024
     )
@@ -966,11 +998,8 @@ async def produce(
             on_sent(len(results))
 
     try:
-        for topic in topics.values():
+        for topic in {topic for topic, _, _ in encoded}:
             await producer.partitions_for(topic)  # metadata before the clock starts
-        # Encoded before the clock starts: with a rate, the sends are what this box should
-        # spend its CPU on while the sink is measured (the real connector runs elsewhere).
-        encoded = [(topics[event.table], *encoder.encode(event)) for event in events]
         began = time.monotonic()
         for index, (topic, key, value) in enumerate(encoded):
             if rate:
@@ -990,3 +1019,63 @@ async def produce(
     finally:
         await producer.stop()
     return results
+
+
+async def _produce_librdkafka(
+    bootstrap: str, encoded: _Encoded, rate: float | None, on_sent: Callable[[int], None] | None
+) -> list[Sent]:
+    from confluent_kafka import Producer
+
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "acks": "all",
+            "linger.ms": 5,
+            "partitioner": "murmur2_random",
+            "queue.buffering.max.messages": 200_000,
+        }
+    )
+    results: list[Sent | None] = [None] * len(encoded)
+    failures: list[str] = []
+
+    def delivered(index: int, sent_at: float, err: Any, msg: Any) -> None:
+        if err is not None:
+            failures.append(f"{msg.topic()}: {err}")
+            return
+        results[index] = Sent(
+            msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1], sent_at
+        )
+
+    def served() -> None:
+        producer.poll(0)
+        if failures:
+            raise RuntimeError(f"send failed: {failures[0]}")
+
+    producer.list_topics(timeout=10)  # metadata before the clock starts
+    began = time.monotonic()
+    last_report = began
+    for index, (topic, key, value) in enumerate(encoded):
+        if rate:
+            delay = began + index / rate - time.monotonic()
+            if delay > 0.002:  # sleep in >= 2 ms steps; events due meanwhile go together
+                served()
+                await asyncio.sleep(delay)
+        now = time.time()
+        callback = functools.partial(delivered, index, now)
+        while True:
+            try:
+                producer.produce(topic, value, key, timestamp=int(now * 1000), on_delivery=callback)
+                break
+            except BufferError:  # librdkafka's queue is full: wait for acknowledgements
+                await asyncio.to_thread(producer.poll, 0.05)
+        if on_sent is not None and time.monotonic() - last_report >= 1:
+            last_report = time.monotonic()
+            served()
+            on_sent(index + 1)
+    left = await asyncio.to_thread(producer.flush, 60)
+    served()
+    if left or None in results:
+        raise RuntimeError(f"{left} sends not acknowledged within 60 s")
+    if on_sent is not None:
+        on_sent(len(encoded))
+    return [sent for sent in results if sent is not None]

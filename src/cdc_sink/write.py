@@ -491,19 +491,27 @@ class PgWriter:
         )
 
     async def _move_checkpoints(self, moves: list[CheckpointMove]) -> None:
+        """Every partition's compare-and-set in one statement (a batch spans many partitions);
+        FencedError names a partition whose checkpoint or epoch is no longer what we hold."""
+        if not moves:
+            return
+        moved = await self.conn.fetch(
+            "UPDATE _cdc_checkpoints c SET next_offset = m.next_offset, updated_at = now() "
+            "FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[]) "
+            "AS m(topic, kafka_partition, next_offset, epoch, expected) "
+            "WHERE c.consumer_group = $1 AND c.topic = m.topic "
+            "AND c.kafka_partition = m.kafka_partition AND c.epoch = m.epoch "
+            "AND c.next_offset = m.expected RETURNING c.topic, c.kafka_partition",
+            self.group,
+            [m.topic for m in moves],
+            [m.partition for m in moves],
+            [m.next_offset for m in moves],
+            [m.epoch for m in moves],
+            [m.expected for m in moves],
+        )
+        done = {(r["topic"], r["kafka_partition"]) for r in moved}
         for move in moves:
-            status = await self.conn.execute(
-                "UPDATE _cdc_checkpoints SET next_offset = $4, updated_at = now() "
-                "WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3 "
-                "AND epoch = $5 AND next_offset = $6",
-                self.group,
-                move.topic,
-                move.partition,
-                move.next_offset,
-                move.epoch,
-                move.expected,
-            )
-            if status != "UPDATE 1":
+            if (move.topic, move.partition) not in done:
                 raise FencedError(
                     f"{move.topic}[{move.partition}] is no longer ours at offset {move.expected} "
                     f"(epoch {move.epoch}): another worker took it over"
