@@ -162,7 +162,7 @@ class Run:
         }
         if self.args.batch_size:
             env["CDC_SINK__BATCH_SIZE"] = str(self.args.batch_size)
-        for setting in self.args.worker_env:  # e.g. CDC_KAFKA__FETCH_MIN_BYTES=1, for an A/B
+        for setting in getattr(self.args, "worker_env", []):  # e.g. for an A/B of a setting
             name, _, value = setting.partition("=")
             env[name] = value
         return env
