@@ -147,8 +147,10 @@ class Run:
         self.env = endpoints()
         self.port = free_port()
         self.log_path = RESULTS / f"{mode}-{self.stamp}.worker.log"
+        self.log_paths: list[Path] = []  # one per worker started (the first is log_path)
+        self.log_files: list[Any] = []
 
-    def worker_env(self) -> dict[str, str]:
+    def worker_env(self, port: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
         env |= {k: v for k, v in self.env.items() if k.startswith("CDC_")}
         env |= {
@@ -156,7 +158,7 @@ class Run:
             "CDC_KAFKA__TOPIC_PATTERN": f"^{re.escape(self.prefix)}",
             "CDC_POSTGRES__SCHEMA": self.name,
             "CDC_HTTP__HOST": "127.0.0.1",
-            "CDC_HTTP__PORT": str(self.port),
+            "CDC_HTTP__PORT": str(port),
             "CDC_LOG__LEVEL": "info",  # as in production; batch_committed lines time the commits
             "CDC_LOG__JSON": "true",
         }
@@ -177,13 +179,20 @@ class Run:
             spy = str(Path(sys.executable).with_name("py-spy"))
             python = [spy, "record", "-f", "raw", "-r", "200", "-o", py_spy, "--", *python]
         command = [*python, "-m", "cdc_sink", "run", *extra]
-        self.log_file = await asyncio.to_thread(self.log_path.open, "wb")  # see finish_worker
+        # More workers (drain --workers) join the same group, each with its log and port.
+        index = len(self.log_paths)
+        path = self.log_path if index == 0 else self.log_path.with_suffix(f".{index + 1}.log")
+        log_file = await asyncio.to_thread(path.open, "wb")  # see finish_worker
+        self.log_paths.append(path)
+        self.log_files.append(log_file)
+        port = self.port if index == 0 else free_port()
         return await asyncio.create_subprocess_exec(
-            *command, env=self.worker_env(), stdout=self.log_file, stderr=self.log_file
+            *command, env=self.worker_env(port), stdout=log_file, stderr=log_file
         )
 
     def finish_worker(self) -> None:
-        self.log_file.close()
+        for log_file in self.log_files:
+            log_file.close()
 
     async def prepare(self) -> None:
         log(f"run {self.name}: Cassandra tables, topics")
@@ -300,18 +309,20 @@ async def drain(args: argparse.Namespace) -> dict[str, Any]:
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     postgres_before = postgres_cpu_s()
     started = time.time()
-    worker = await run.start_worker(
-        "--stop-when-caught-up", profile=args.profile, py_spy=args.py_spy
-    )
+    workers = [
+        await run.start_worker("--stop-when-caught-up", profile=args.profile, py_spy=args.py_spy)
+        for _ in range(args.workers)
+    ]
     metrics: dict[str, float] = {}
     postgres_s = 0.0  # sampled every 2 s, so the last seconds are missing: a lower bound
-    while worker.returncode is None:
+    while any(w.returncode is None for w in workers):
         try:
-            await asyncio.wait_for(worker.wait(), timeout=2)
+            await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout=2)
         except TimeoutError:
             metrics = await scrape(run.port) or metrics
             postgres_s = postgres_cpu_s() - postgres_before  # its backends vanish at exit
             log(f"worker: {metrics.get('cdc_events_processed_total', 0):,.0f} events applied")
+    worker = workers[0]
     wall_s = time.time() - started
     run.finish_worker()
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -323,7 +334,7 @@ async def drain(args: argparse.Namespace) -> dict[str, Any]:
     applied = await run.applied(pg)
     stats = await run.table_stats(pg)
     await pg.close()
-    batches = commits(run.log_path)
+    batches = sorted(b for path in run.log_paths for b in commits(path))
     first, last = (batches[0][0], batches[-1][0]) if batches else (started, started)
     window_s = max(last - first, 1e-9)
     summary = {
@@ -332,6 +343,8 @@ async def drain(args: argparse.Namespace) -> dict[str, Any]:
         "format": args.format,
         "events": len(sent),
         "worker_exit_code": worker.returncode,
+        "workers": args.workers,
+        "worker_exit_codes": [w.returncode for w in workers],
         "wall_s": round(wall_s, 2),
         "events_per_s": round(len(sent) / wall_s),
         "startup_s": round(first - started, 2),
@@ -376,7 +389,8 @@ def plot_drain(
     axes.set_xlabel("seconds since the worker started")
     axes.set_ylabel("events applied per second")
     axes.set_title(
-        f"drain: {summary['events']:,} {summary['format']} events, one worker — "
+        f"drain: {summary['events']:,} {summary['format']} events, "
+        f"{summary['workers']} worker(s) — "
         f"{summary['events_per_s']:,} events/s"
     )
     axes.legend()
@@ -633,6 +647,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         )
         if name == "drain":
             mode.add_argument("--events", type=int, default=200_000)
+            mode.add_argument(
+                "--workers",
+                type=int,
+                default=1,
+                help="worker processes in the group (the targets are for one); "
+                "worker_cpu_us_per_event is then theirs together",
+            )
             mode.add_argument("--profile", help="run the worker under cProfile, writing here")
             mode.add_argument(
                 "--py-spy",
@@ -654,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = asyncio.run(drain(args) if args.mode == "drain" else steady(args))
     print(json.dumps(summary, indent=2))
     log(f"written {summary['result_file']}")
-    ok = summary["all_offsets_applied"] and summary["worker_exit_code"] == 0
+    codes = summary.get("worker_exit_codes", [summary["worker_exit_code"]])
+    ok = summary["all_offsets_applied"] and all(code == 0 for code in codes)
     return 0 if ok else 1
 
 

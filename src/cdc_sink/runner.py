@@ -341,6 +341,14 @@ class Worker:
         self._writer_conn = await self.pool.acquire()
         self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
 
+    def _writer_usable(self) -> bool:
+        if self.writer is None or self._writer_conn is None:
+            return False
+        try:
+            return not self._writer_conn.is_closed()
+        except asyncpg.InterfaceError:  # lost while idle: asyncpg handed it back to the pool
+            return False
+
     @property
     def group(self) -> str:
         return self.config.kafka.group_id
@@ -945,7 +953,7 @@ class Worker:
 
     async def _apply_with_retry(self, batch: Batch) -> BatchResult:
         async def attempt() -> BatchResult:
-            if self.writer is None:  # the reconnect after the last failure failed too
+            if not self._writer_usable():  # reconnecting failed, or the connection died idle
                 await self._open_writer()
             assert self.writer is not None
             result = await self.writer.apply(batch)
