@@ -544,6 +544,9 @@ async def test_sigterm_while_the_broker_is_down(
     await produce(stack.kafka, topic, stream.records[: total // 2])
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, **RETRIES)
     env["CDC_LOG__LEVEL"] = "info"
+    # Small transactions: one fetch takes many of them, so the broker goes away while the
+    # worker still holds fetched records (with 1,000 a fetch may be applied before it dies).
+    env["CDC_SINK__BATCH_SIZE"] = "50"
     log = tmp_path / "worker.log"
     worker = start_worker_process(env, log, stop_when_caught_up=False)
     try:
@@ -556,7 +559,7 @@ async def test_sigterm_while_the_broker_is_down(
         await asyncio.sleep(3)
         # What was fetched before the broker went away is still applied (committing offsets
         # to Kafka, for lag tooling only, does not hold the writes up).
-        assert await applied(stack.postgres_dsn, schema) > at_stop
+        assert await applied(stack.postgres_dsn, schema) > at_stop, log.read_text()[-6000:]
         shutdown_s = await terminate(worker)
         print(f"SIGTERM with the broker down: exit {worker.returncode} after {shutdown_s:.2f} s")
         assert worker.returncode == 0, log.read_text()[-3000:]
