@@ -72,25 +72,30 @@ def percentile(values: Sequence[float], q: float) -> float:
     return values[low] + (values[high] - values[low]) * (at - low)
 
 
+def _stat_cpu_s(stat: Path) -> tuple[str, float]:
+    """(command name, user + system CPU seconds so far) of one process from its /proc stat."""
+    head, tail = stat.read_text().rsplit(")", 1)
+    values = tail.split()
+    ticks = int(values[11]) + int(values[12])  # utime, stime (clock ticks)
+    return head.partition("(")[2], ticks / os.sysconf("SC_CLK_TCK")
+
+
 def postgres_cpu_s() -> float:
     """CPU seconds used so far by every live PostgreSQL process (server and backends)."""
-    total = 0
+    total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)
-            if not fields[0].endswith("(postgres"):
-                continue
-            values = fields[1].split()
-            total += int(values[11]) + int(values[12])  # utime, stime (clock ticks)
+            name, seconds = _stat_cpu_s(stat)
         except (OSError, IndexError, ValueError):
             continue  # the process ended meanwhile
-    return total / os.sysconf("SC_CLK_TCK")
+        if name == "postgres":
+            total += seconds
+    return total
 
 
 def pid_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by one live process."""
-    values = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(values[11]) + int(values[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))[1]
 
 
 def machine_busy() -> tuple[float, float]:

@@ -291,17 +291,13 @@ _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _sorted_keys = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=str).encode
 
 
-def _sort_key(value: Canon) -> str:
-    return _sorted_keys(value)
-
-
 def _sorted(items: list[Canon]) -> list[Canon]:
     """A set's canonical elements in one order: their own when they compare (all str or all
     int), else by their JSON text."""
     try:
         return sorted(items)
     except TypeError:
-        return sorted(items, key=_sort_key)
+        return sorted(items, key=_sorted_keys)
 
 
 def key_text(key: Sequence[Canon]) -> str:

@@ -26,9 +26,8 @@ from cdc_recon.errors import (
     UnknownTableError,
 )
 from cdc_recon.readers import connect_cassandra
-from cdc_recon.service import Reconciler
+from cdc_recon.service import Reconciler, recon_pool
 from cdc_sink.config import Config
-from cdc_sink.write import prepare_connection
 
 USAGE_ERRORS = (UnknownTableError, UnknownStrategyError, UnknownJobError, InvalidRequestError)
 
@@ -47,20 +46,9 @@ async def reconcile(config: Config, args: argparse.Namespace) -> int:
 
 async def _reconcile(config: Config, args: argparse.Namespace) -> int:
     try:
-        pool = await asyncpg.create_pool(
-            config.postgres.dsn.reveal(),
-            min_size=1,
-            max_size=4,
-            timeout=config.postgres.connect_timeout_s,
-            server_settings={
-                "search_path": config.postgres.schema,
-                "application_name": "cdc-recon",
-            },
-            init=prepare_connection,
-        )
+        pool = await recon_pool(config.postgres)
     except (OSError, asyncpg.PostgresError) as exc:
         raise ReconError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
-    assert pool is not None
     session: Any = None
     try:
         ready = await pool.fetchval(

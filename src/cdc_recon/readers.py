@@ -28,11 +28,9 @@ import asyncpg
 
 from cdc_recon.canonical import (
     Canon,
-    canonical_value,
     driver_exact,
     for_cassandra,
     for_postgres,
-    from_cassandra,
     key_text,
 )
 from cdc_recon.errors import ReconError, UnknownTableError
@@ -491,7 +489,7 @@ class CassandraReader:
             f"{_cql_ident(table.source)} WHERE {where}",
         )
         params = [native_key(table, k) for k in keys]
-        types = table.key_types()
+        key_canons = [for_cassandra(t) for t in table.key_types()]
         width, count = len(table.columns), len(names)
 
         def newest(value: Any) -> int | None:
@@ -522,7 +520,7 @@ class CassandraReader:
                         for n, raw in zip(single, row[width + count :], strict=True)
                         if (t := newest(raw)) is not None
                     }
-                    canon = tuple(from_cassandra(t, row[i]) for i, t in enumerate(types))
+                    canon = tuple(f(row[i]) for i, f in enumerate(key_canons))
                     found[key_text(canon)] = NativeRow(values, stamps, ttls)
             return found
 
@@ -542,7 +540,7 @@ class CassandraReader:
             f"WHERE {self._token(table)} >= ? LIMIT 1",
         )
         tokens = [rng.randint(MIN_TOKEN + 1, MAX_TOKEN) for _ in range(count)]
-        types = table.key_types()
+        key_canons = [for_cassandra(t) for t in table.key_types()]
 
         def run() -> list[tuple[Canon, ...]]:
             from cassandra.concurrent import execute_concurrent_with_args
@@ -554,9 +552,7 @@ class CassandraReader:
                 if not ok:
                     raise ReconError(f"Cassandra read failed: {result}")
                 for row in result:
-                    found.append(
-                        tuple(from_cassandra(t, v) for t, v in zip(types, row, strict=True))
-                    )
+                    found.append(tuple(f(v) for f, v in zip(key_canons, row, strict=True)))
             return found
 
         return list(dict.fromkeys(await asyncio.to_thread(run)))
@@ -660,12 +656,12 @@ class PgReader:
             f"FROM {qualified(self.schema, table.target)} WHERE {where}",
             *columns,
         )
-        types = table.key_types()
+        key_canons = [for_postgres(t) for t in table.key_types()]
         found = {}
         for row in rows:
             cells = {n: int(v[0]) for n, v in json.loads(row["cells"] or "{}").items()}
             stamps = [*cells.values(), row["_cdc_marker_ts"] or 0, row["_cdc_deleted_ts"] or 0]
-            canon = tuple(canonical_value(t, row[i]) for i, t in enumerate(types))
+            canon = tuple(f(row[i]) for i, f in enumerate(key_canons))
             found[key_text(canon)] = RowStamps(cells, max(stamps))
         return found
 
@@ -680,8 +676,8 @@ class PgReader:
                 f"SELECT {keys} FROM {qualified(self.schema, table.target)} "
                 f"ORDER BY random() LIMIT {int(count)}"
             )
-        types = table.key_types()
-        return [tuple(canonical_value(t, r[i]) for i, t in enumerate(types)) for r in rows]
+        key_canons = [for_postgres(t) for t in table.key_types()]
+        return [tuple(f(r[i]) for i, f in enumerate(key_canons)) for r in rows]
 
 
 def _keys_in(table: ReconTable, keys: Sequence[tuple[Canon, ...]]) -> tuple[str, list[list[Any]]]:

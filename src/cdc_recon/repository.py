@@ -31,7 +31,6 @@ MISMATCH_COLUMNS = (
     "id, job_id, target_table, row_key, kind, columns, status, resolution, created_at, "
     "resolved_at, details"
 )
-FINAL_STATUSES = ("succeeded", "failed", "interrupted")
 
 
 def job_lock(schema: str, job_id: int) -> int:

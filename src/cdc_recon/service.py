@@ -55,7 +55,7 @@ from cdc_recon.strategies import (
     sample,
     timestamp_range,
 )
-from cdc_sink.config import Config, ReconciliationConfig
+from cdc_sink.config import Config, PostgresConfig, ReconciliationConfig
 from cdc_sink.errors import ConversionError
 from cdc_sink.write import Batch, PgWriter, prepare_connection
 
@@ -371,6 +371,20 @@ class Reconciler:
         return repaired, unresolved, skipped
 
 
+async def recon_pool(postgres: PostgresConfig) -> asyncpg.Pool:
+    """Connections of reconciliation's own (a long scan never takes the sink's)."""
+    pool = await asyncpg.create_pool(
+        postgres.dsn.reveal(),
+        min_size=1,
+        max_size=4,
+        timeout=postgres.connect_timeout_s,
+        server_settings={"search_path": postgres.schema, "application_name": "cdc-recon"},
+        init=prepare_connection,
+    )
+    assert pool is not None
+    return pool
+
+
 class ReconciliationRuntime:
     """Reconciliation inside the sink process: a Reconciler made on first use (it needs
     Cassandra, and opens its own small PostgreSQL pool), the scheduler loop when enabled, and
@@ -398,18 +412,7 @@ class ReconciliationRuntime:
                     connect_cassandra, self.config.cassandra, settings.consistency
                 )
                 # Jobs get connections of their own, so a long scan never starves the sink.
-                self._pool = await asyncpg.create_pool(
-                    self.config.postgres.dsn.reveal(),
-                    min_size=1,
-                    max_size=4,
-                    timeout=self.config.postgres.connect_timeout_s,
-                    server_settings={
-                        "search_path": self.config.postgres.schema,
-                        "application_name": "cdc-recon",
-                    },
-                    init=prepare_connection,
-                )
-                assert self._pool is not None
+                self._pool = await recon_pool(self.config.postgres)
                 self._reconciler = Reconciler(
                     self._pool,
                     self.config.postgres.schema,
