@@ -87,6 +87,11 @@ def is_transient(exc: BaseException) -> bool:
         # aiokafka marks what a retry can fix; its request timeout and "no broker reachable"
         # are not marked, but are exactly what a broker restart looks like.
         return bool(exc.retriable) or isinstance(exc, KafkaTimeoutError | KafkaUnavailableError)
+    if isinstance(exc, asyncpg.exceptions._base.InternalClientError):
+        # The connection's protocol state is off (seen when the server's admin-shutdown
+        # message lands on an idle connection just as a transaction starts): a retry runs on
+        # a fresh connection.
+        return True
     if isinstance(exc, asyncpg.InterfaceError):
         # client-side connection state (closed, broken, released): reconnect and retry; but
         # not a bad setting, a missing feature, or arguments the driver cannot encode

@@ -24,6 +24,9 @@ from cdc_sink.runner import backoff_delay, is_data_error, is_transient
         ConnectionResetError(),
         TimeoutError(),
         TransientError("broker unavailable"),
+        asyncpg.exceptions._base.InternalClientError(
+            "cannot switch to state 15; another operation (2) is in progress"
+        ),
     ],
 )
 def test_transient_failures_are_retried(exc: BaseException) -> None:
