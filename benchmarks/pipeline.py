@@ -57,12 +57,16 @@ class MemoryRegistry:
 
 
 class NullConnection:
-    """Stands in for an asyncpg connection: every query succeeds and finds nothing."""
+    """Stands in for an asyncpg connection: every query succeeds and finds nothing, except that
+    every checkpoint compare-and-set succeeds (it returns each partition it moved)."""
 
     async def execute(self, sql: str, *args: Any) -> str:
         return "UPDATE 1"
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        if sql.startswith("UPDATE _cdc_checkpoints"):
+            moved = zip(args[1], args[2], strict=True)  # the topics and partitions moved
+            return [{"topic": t, "kafka_partition": p} for t, p in moved]
         return []
 
     async def fetchval(self, sql: str, *args: Any) -> Any:

@@ -48,7 +48,7 @@ parameters, and fields (each with a "field" name) / items / keys / values."""
 RANGE_FIELDS = frozenset({"_range_start", "_range_end"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DecodedRecord:
     """One Kafka record, decoded. Schema dicts are shared between records: never mutate them.
 

@@ -26,7 +26,7 @@ class Op(enum.Enum):
     RANGE = "r"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Position:
     """Where a record sits in Kafka."""
 
@@ -35,7 +35,7 @@ class Position:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cell:
     """One written column: `value` None is an explicit null; `expires_us` is a TTL's expiry."""
 
@@ -51,7 +51,7 @@ class Bound:
     inclusive: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChangeEvent:
     """One Cassandra mutation of one row, partition or clustering range.
 

@@ -59,7 +59,7 @@ class PartitionTombstones:
     ranges: list[RangeTombstone] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Mutation:
     """A ChangeEvent with its key and values already converted to PostgreSQL values."""
 

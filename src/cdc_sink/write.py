@@ -75,10 +75,27 @@ class BatchResult:
 
 
 def json_key(values: tuple[Any, ...]) -> str:
-    """The canonical JSON text of a key's PostgreSQL values (stable across load and event)."""
-    # Cached, as a batch renders each key for its locks, lookups and writes; typed, because
-    # 1, 1.0 and True are equal (and hash alike) but render differently.
-    return _json_key(tuple(zip(map(type, values), values, strict=True)))
+    """The canonical JSON text of a key's PostgreSQL values (stable across load and event):
+    exactly `json.dumps([_jsonable(v) ...], separators=(",", ":"))`, which every worker version
+    must agree on (advisory-lock ids derive from it). Rendered value by value, as a batch
+    renders every key it touches and json.dumps' machinery costs several times more."""
+    return "[" + ",".join(map(_json_value, values)) + "]"
+
+
+_json_str = json.encoder.encode_basestring_ascii  # json.dumps' own str rendering (C)
+
+
+def _json_value(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
+        return _json_str(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    if isinstance(value, uuid.UUID):
+        return f'"{value}"'
+    return json.dumps(_jsonable(value))
 
 
 class _KeyTexts(dict[Key, str]):
@@ -90,11 +107,6 @@ class _KeyTexts(dict[Key, str]):
     def __missing__(self, key: Key) -> str:
         text = self[key] = json_key(key)
         return text
-
-
-@functools.lru_cache(maxsize=65_536)
-def _json_key(typed: tuple[tuple[type, Any], ...]) -> str:
-    return json.dumps([_jsonable(v) for _, v in typed], separators=(",", ":"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -518,10 +530,13 @@ class PgWriter:
                 )
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def _micros_to_datetime(micros: int | None) -> dt.datetime | None:
     if micros is None:
         return None
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
+    return _EPOCH + dt.timedelta(microseconds=micros)
 
 
 def _row_from_record(record: asyncpg.Record, schema: TableSchema) -> RowState:

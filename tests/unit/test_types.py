@@ -12,6 +12,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import pytest
+from asyncpg.pgproto.pgproto import UUID as PgUUID
 
 from cdc_sink import types
 from cdc_sink.errors import ConversionError, PoisonError
@@ -336,12 +337,16 @@ NAN = float("nan")
         ("blob", b"\x00\xff", b"\x00\xff"),
         ("blob", b64(b"\x00\xff"), b"\x00\xff"),
         ("blob", "", b""),
-        ("uuid", U1, uuid.UUID(U1)),
-        ("uuid", U1.upper(), uuid.UUID(U1)),
+        # asyncpg's own UUID type (a uuid.UUID), as it returns for uuid columns.
+        ("uuid", U1, PgUUID(U1)),
+        ("uuid", U1.upper(), PgUUID(U1)),
+        ("uuid", "{" + U1 + "}", PgUUID(U1)),
+        ("uuid", "urn:uuid:" + U1, PgUUID(U1)),
+        ("uuid", uuid.UUID(U1).bytes, PgUUID(U1)),
         (
             "timeuuid",
             "e7d8a6a0-3f1b-11ef-9a4b-0242ac120002",
-            uuid.UUID("e7d8a6a0-3f1b-11ef-9a4b-0242ac120002"),
+            PgUUID("e7d8a6a0-3f1b-11ef-9a4b-0242ac120002"),
         ),
         ("inet", "/10.0.0.1", IPv4Address("10.0.0.1")),
         ("inet", "/::1", IPv6Address("::1")),
