@@ -163,6 +163,7 @@ class Catalog:
                     event.keyspace, event.table, target, key, ordered, partition_columns
                 )
                 await conn.execute(schema.create_sql(self.schema))
+                await conn.execute(schema.expiry_index_sql(self.schema))
             else:
                 schema = current.with_columns(types)
                 for name in schema.columns:

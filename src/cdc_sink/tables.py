@@ -10,6 +10,7 @@ next expiry for operators and reconciliation.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import re
 import uuid
@@ -63,6 +64,13 @@ def target_name(table_format: str, keyspace: str, table: str) -> str:
     return table_format.format(table=table, keyspace=keyspace)
 
 
+def expiry_index_name(target: str) -> str:
+    """Named by a hash of the table name, so any name fits in 63 bytes (sql/004 computes the
+    same name for tables created before the index existed)."""
+    digest = hashlib.md5(target.encode(), usedforsecurity=False).hexdigest()
+    return "_cdc_expiry_" + digest[:16]
+
+
 @dataclass(frozen=True)
 class TableSchema:
     """What the sink knows of one target table: its columns and their Cassandra types."""
@@ -108,6 +116,15 @@ class TableSchema:
         lines.append(f"PRIMARY KEY ({keys})")
         body = ",\n  ".join(lines)
         return f"CREATE TABLE IF NOT EXISTS {qualified(schema, self.target)} (\n  {body}\n)"
+
+    def expiry_index_sql(self, schema: str) -> str:
+        """The index the expiry task reads (`_cdc_expires_at <= now`): partial, so rows without
+        a TTL cost it nothing; without it each pass would scan the whole table."""
+        return (
+            f"CREATE INDEX IF NOT EXISTS {quote_ident(expiry_index_name(self.target))} "
+            f"ON {qualified(schema, self.target)} (_cdc_expires_at) "
+            "WHERE _cdc_expires_at IS NOT NULL"
+        )
 
     def add_column_sql(self, schema: str, name: str) -> str:
         return (

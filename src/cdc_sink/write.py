@@ -444,25 +444,40 @@ class PgWriter:
         remembered: dict[Key, RowState],
         texts: _KeyTexts,
     ) -> None:
-        rows: list[tuple[str, str, str, str | None, int]] = []
+        # One row per (kind, key, scope), at its newest timestamp: the statement below may not
+        # touch a row twice (two range tombstones of one scope can differ only in timestamp).
+        rows: dict[tuple[str, str, str], tuple[str | None, int]] = {}
+
+        def add(kind: str, key: str, scope: str, state: str | None, ts: int) -> None:
+            known = rows.get((kind, key, scope))
+            if known is None or ts > known[1]:
+                rows[kind, key, scope] = (state, ts)
+
         for partition, ts in plan.new_partition_tombstones.items():
-            rows.append(("partition", texts[partition], "[]", None, ts))
+            add("partition", texts[partition], "[]", None, ts)
         for partition, stone in plan.new_range_tombstones:
-            rows.append(("range", texts[partition], _range_scope(stone), None, stone.ts))
+            add("range", texts[partition], _range_scope(stone), None, stone.ts)
         for key, row in remembered.items():
             newest = max(
                 [c.ts for c in row.cells.values()] + [row.deleted_ts or 0, row.marker_ts or 0]
             )
-            rows.append(("row", texts[key], "[]", _row_state_json(row), newest))
+            add("row", texts[key], "[]", _row_state_json(row), newest)
         if not rows:
             return
-        await self.conn.executemany(
+        await self.conn.execute(
             "INSERT INTO _cdc_tombstones (target_table, kind, partition_key, scope, state, ts_us) "
-            "VALUES ($1, $2, $3::jsonb, $4::jsonb, $5::jsonb, $6) "
+            "SELECT $1, s.kind, s.key, s.scope, s.state, s.ts "
+            "FROM unnest($2::text[], $3::jsonb[], $4::jsonb[], $5::jsonb[], $6::bigint[]) "
+            "AS s(kind, key, scope, state, ts) "
             "ON CONFLICT (target_table, kind, partition_key, scope) DO UPDATE SET "
             "state = EXCLUDED.state, ts_us = GREATEST(_cdc_tombstones.ts_us, EXCLUDED.ts_us), "
             "recorded_at = now()",
-            [(schema.target, *row) for row in rows],
+            schema.target,
+            [kind for kind, _, _ in rows],
+            [key for _, key, _ in rows],
+            [scope for _, _, scope in rows],
+            [state for state, _ in rows.values()],
+            [ts for _, ts in rows.values()],
         )
 
     async def _forget_dead(self, schema: TableSchema, keys: list[str]) -> None:

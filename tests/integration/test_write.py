@@ -92,6 +92,24 @@ async def test_range_tombstone_outlives_its_batch(writer: Any) -> None:
     assert await rows(conn) == {outside: {"v1": 2, "v2": None, "v3": None}}
 
 
+async def test_one_batch_storing_a_range_tombstone_twice_keeps_the_newer(writer: Any) -> None:
+    """Replicas of one range delete, and a later delete of the same range, in one batch: the
+    tombstones go in as one row at the newest timestamp (a statement cannot upsert a row
+    twice), and that timestamp shadows writes up to it."""
+    w, conn, _ = writer
+    older = Mutation("delete_range", TS + 5, PARTITION, {}, (1,), True, (2,), True)
+    newer = Mutation("delete_range", TS + 8, PARTITION, {}, (1,), True, (2,), True)
+    batch = [planned(m) for m in (newer, older, newer, older)]
+    await w.apply(Batch(tables=[(SCHEMA, batch)]))
+    stored = await conn.fetch("SELECT ts_us FROM _cdc_tombstones WHERE kind = 'range'")
+    assert [r["ts_us"] for r in stored] == [TS + 8]
+    inside = (1, "a", 2, "x")
+    await apply(w, Mutation("insert", TS + 7, inside, {"v1": (1, None)}))
+    assert await rows(conn) == {}
+    await apply(w, Mutation("insert", TS + 9, inside, {"v1": (2, None)}))
+    assert await rows(conn) == {inside: {"v1": 2, "v2": None, "v3": None}}
+
+
 async def test_dead_row_remembers_its_cell_tombstones(writer: Any) -> None:
     """A row emptied by nulls is gone, and an older replica of its write does not revive it."""
     w, conn, _ = writer
