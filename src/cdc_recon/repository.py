@@ -225,6 +225,20 @@ class Repository:
         )
         return [r for r in map(_record, rows) if r is not None]
 
+    async def resolve_many(self, outcomes: Sequence[tuple[int, str, str]]) -> None:
+        """Record (mismatch id, status, resolution) for many mismatches in one statement."""
+        if not outcomes:
+            return
+        await self.pool.execute(
+            "UPDATE _cdc_reconciliation_mismatches m SET status = o.status, "
+            "resolution = o.resolution, resolved_at = now() "
+            "FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, status, resolution) "
+            "WHERE m.id = o.id",
+            [mismatch_id for mismatch_id, _, _ in outcomes],
+            [status for _, status, _ in outcomes],
+            [resolution for _, _, resolution in outcomes],
+        )
+
     async def resolve(
         self, mismatch_id: int, resolution: str, status: str = "resolved"
     ) -> dict[str, Any] | None:

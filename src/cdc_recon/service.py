@@ -57,11 +57,13 @@ from cdc_recon.strategies import (
 )
 from cdc_sink.config import Config, PostgresConfig, ReconciliationConfig
 from cdc_sink.errors import ConversionError
+from cdc_sink.plan import Mutation
 from cdc_sink.write import Batch, PgWriter, prepare_connection
 
 log = structlog.get_logger(__name__)
 
 REPAIR_CHUNK = 500
+NOT_CONVERGED = "repair did not converge: PostgreSQL keeps a newer timestamp or tombstone"
 CONFIRM_CHUNK = 5000
 
 
@@ -283,17 +285,21 @@ class Reconciler:
         self, table: ReconTable, findings: Sequence[Finding], stamped: Sequence[str] = ()
     ) -> list[Finding]:
         """The findings whose keys still differ when read again on both sides."""
-        confirmed: list[Finding] = []
-        for start in range(0, len(findings), CONFIRM_CHUNK):
-            keys = [f.key for f in findings[start : start + CONFIRM_CHUNK]]
+        return await self.differing(table, [f.key for f in findings], stamped)
+
+    async def differing(
+        self, table: ReconTable, keys: Sequence[tuple[Canon, ...]], stamped: Sequence[str] = ()
+    ) -> list[Finding]:
+        """What differs between the two sides for these keys, read now."""
+        found: list[Finding] = []
+        for start in range(0, len(keys), CONFIRM_CHUNK):
+            chunk = keys[start : start + CONFIRM_CHUNK]
             c_rows, p_rows = await asyncio.gather(
-                self.cassandra.fetch(table, keys, writetimes=bool(stamped)),
-                self.postgres.fetch(table, keys, writetimes=bool(stamped)),
+                self.cassandra.fetch(table, chunk, writetimes=bool(stamped)),
+                self.postgres.fetch(table, chunk, writetimes=bool(stamped)),
             )
-            confirmed += compare_rows(
-                table.value_columns, c_rows, p_rows, writetime_columns=stamped
-            )
-        return confirmed
+            found += compare_rows(table.value_columns, c_rows, p_rows, writetime_columns=stamped)
+        return found
 
     async def repair(self, job_id: int) -> RepairSummary:
         """Repair every open mismatch of a job; record each one's resolution."""
@@ -324,7 +330,9 @@ class Reconciler:
         )
         schema = table.sink_schema()
         now_us = time.time_ns() // 1000
-        mutations, resolutions, skipped = [], {}, 0
+        mutations: list[Mutation] = []
+        resolutions: dict[int, str] = {}
+        outcomes: list[tuple[int, str, str]] = []  # (mismatch id, status, resolution)
         for mismatch, key in zip(chunk, keys, strict=True):
             text = key_text(key)
             action = plan_repair(
@@ -339,10 +347,7 @@ class Reconciler:
             try:
                 mutations += [schema.to_mutation(e) for e in action.events]
             except ConversionError as exc:
-                await self.repository.resolve(
-                    mismatch["id"], f"cannot repair: {exc}", status="open"
-                )
-                skipped += 1
+                outcomes.append((mismatch["id"], "open", f"cannot repair: {exc}"))
                 continue
             resolutions[mismatch["id"]] = action.resolution
         if mutations:
@@ -350,25 +355,18 @@ class Reconciler:
                 writer = PgWriter(conn, self.pg_schema, "cdc-reconciliation")
                 await writer.apply(Batch(tables=[(schema, mutations)]))
         # Verify: a repair counts only if the row now matches.
-        c_rows, p_rows = await asyncio.gather(
-            self.cassandra.fetch(table, keys), self.postgres.fetch(table, keys)
-        )
-        still = {key_text(f.key) for f in compare_rows(table.value_columns, c_rows, p_rows)}
-        repaired = unresolved = 0
+        still = {key_text(f.key) for f in await self.differing(table, keys)}
+        skipped, repaired = len(outcomes), 0
         for mismatch, key in zip(chunk, keys, strict=True):
             if mismatch["id"] not in resolutions:
                 continue
             if key_text(key) in still:
-                await self.repository.resolve(
-                    mismatch["id"],
-                    "repair did not converge: PostgreSQL keeps a newer timestamp or tombstone",
-                    status="open",
-                )
-                unresolved += 1
+                outcomes.append((mismatch["id"], "open", NOT_CONVERGED))
             else:
-                await self.repository.resolve(mismatch["id"], resolutions[mismatch["id"]])
+                outcomes.append((mismatch["id"], "resolved", resolutions[mismatch["id"]]))
                 repaired += 1
-        return repaired, unresolved, skipped
+        await self.repository.resolve_many(outcomes)
+        return repaired, len(outcomes) - skipped - repaired, skipped
 
 
 async def recon_pool(postgres: PostgresConfig) -> asyncpg.Pool:

@@ -7,11 +7,13 @@ import datetime as dt
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
+from cdc_recon.service import NOT_CONVERGED
 from cdc_sink.events import Op
 from tests.support import recon_data as data
 from tests.support.recon_data import Setup, make_setup
@@ -170,6 +172,36 @@ async def test_seeded_drift_is_found_exactly_and_repaired(small: Setup) -> None:
     again = await rec.run(data.TARGET, "checksum")
     assert (again["status"], again["mismatches"]) == ("succeeded", 0)
     assert again["cassandra_rows"] == again["postgres_rows"]
+
+
+async def test_repair_records_what_it_could_not_fix(small: Setup) -> None:
+    """A Cassandra value PostgreSQL cannot hold (text with NUL) is left open as "cannot
+    repair", and a row whose delete PostgreSQL holds at a newer timestamp than Cassandra's
+    write (a zombie row) is left open as "did not converge"; neither counts as repaired, and
+    both rows stay as they were."""
+    rows, later = small.rows, data.TS0 + 10_000_000
+    _update(small, rows[20], later, t_text="nul\x00inside")
+    held = rows[21]
+    table = await data.sink_schema(small.pool, small.schema, None, small.keyspace, held)
+    newer_delete = replace(data.event(small.keyspace, held, Op.DELETE), cells={}, ts_us=later * 9)
+    async with small.pool.acquire() as conn:
+        await data.apply_events(conn, small.schema, table, iter([newer_delete]))
+    rec = small.reconciler
+    job = await rec.run(data.TARGET, "checksum")
+    assert (job["status"], job["mismatches"]) == ("succeeded", 2), job["error"]
+
+    summary = await rec.repair(job["id"])
+    assert (summary.repaired, summary.unresolved, summary.skipped) == (0, 1, 1)
+    outcome = {
+        (m["columns"] or [m["kind"]])[0]: (m["status"], m["resolution"])
+        for m in await rec.repository.mismatches(job=job["id"])
+    }
+    assert outcome["missing_in_postgres"] == ("open", NOT_CONVERGED)
+    assert outcome["t_text"][0] == "open"
+    assert outcome["t_text"][1].startswith("cannot repair:")
+    assert "NUL" in outcome["t_text"][1]
+    again = await rec.run(data.TARGET, "checksum")
+    assert again["mismatches"] == 2
 
 
 def _text(key: list[Any]) -> str:
