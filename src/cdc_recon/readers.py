@@ -34,9 +34,10 @@ from cdc_recon.canonical import (
     key_text,
 )
 from cdc_recon.errors import ReconError, UnknownTableError
+from cdc_sink import cassandra
 from cdc_sink.config import CassandraConfig
 from cdc_sink.tables import TableSchema, qualified, quote_ident
-from cdc_sink.types import CqlType, parse_cql_type, pg_type
+from cdc_sink.types import CqlType, pg_type
 
 MIN_TOKEN, MAX_TOKEN = -(2**63), 2**63 - 1
 Keep = Callable[[dict[str, int]], bool]  # given a row's cell write times: scan it further?
@@ -195,12 +196,13 @@ async def resolve_table(
         raise UnknownTableError(f"table {pg_schema}.{row['target_table']} does not exist")
     keyspace, source = row["keyspace_name"], row["source_table"]
     try:
-        described = await asyncio.to_thread(_describe, session, keyspace, source)
+        described = await asyncio.to_thread(cassandra.describe_table, session, keyspace, source)
     except Exception as exc:
         raise ReconError(f"cannot read Cassandra's schema of {keyspace}.{source}: {exc}") from exc
     if described is None:
         raise UnknownTableError(f"Cassandra has no table {keyspace}.{source}")
-    columns, partition, clustering = described
+    columns, partition = described.columns, described.partition_columns
+    clustering = described.clustering_columns
     keys = (*partition, *clustering)
     ordered = {c: columns[c] for c in keys} | {
         c: t for c, t in columns.items() if c not in keys and c in present
@@ -216,77 +218,29 @@ async def resolve_table(
     )
 
 
-def _describe(
-    session: Any, keyspace: str, table: str
-) -> tuple[dict[str, CqlType], tuple[str, ...], tuple[str, ...]] | None:
-    # The session's rows are plain tuples (tuple_factory): fields by position.
-    udts = {
-        name: list(zip(fields, types, strict=True))
-        for name, fields, types in session.execute(
-            "SELECT type_name, field_names, field_types FROM system_schema.types "
-            "WHERE keyspace_name = %s",
-            [keyspace],
-        )
-    }
-    rows = list(
-        session.execute(
-            "SELECT column_name, type, kind, position FROM system_schema.columns "
-            "WHERE keyspace_name = %s AND table_name = %s",
-            [keyspace, table],
-        )
-    )
-    if not rows:
-        return None
-    columns = {name: parse_cql_type(text, udts) for name, text, _, _ in rows}
-
-    def ordered(kind: str) -> tuple[str, ...]:
-        return tuple(name for _, name in sorted((p, n) for n, _, k, p in rows if k == kind))
-
-    partition, clustering = ordered("partition_key"), ordered("clustering")
-    return columns, partition, clustering
-
-
 # --------------------------------------------------------------------------------------------
 # Cassandra
 
 
 def connect_cassandra(cfg: CassandraConfig, consistency: str, timeout_s: float = 60.0) -> Any:
-    """A cassandra-driver session reading at `consistency` (blocking; call in a thread)."""
-    from cassandra import ConsistencyLevel
-    from cassandra.auth import PlainTextAuthProvider
-    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
-    from cassandra.policies import DCAwareRoundRobinPolicy
-    from cassandra.query import tuple_factory
-
+    """A cassandra-driver session reading at `consistency`, rows as plain tuples (blocking;
+    call in a thread)."""
     if not cfg.contact_points:
         raise ReconError("reconciliation needs Cassandra: set CDC_CASSANDRA__CONTACT_POINTS")
-    auth = (
-        PlainTextAuthProvider(cfg.username, cfg.password.reveal() if cfg.password else "")
-        if cfg.username
-        else None
-    )
-    profile = ExecutionProfile(
-        load_balancing_policy=DCAwareRoundRobinPolicy(cfg.local_dc),
-        consistency_level=ConsistencyLevel.name_to_value[consistency.upper()],
-        request_timeout=timeout_s,
-        row_factory=tuple_factory,
-    )
-    cluster = Cluster(
-        [h.strip() for h in cfg.contact_points.split(",")],
-        port=cfg.port,
-        auth_provider=auth,
-        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-        protocol_version=5,
-    )
     try:
-        return cluster.connect()
+        return cassandra.connect(
+            cfg, consistency=consistency, timeout_s=timeout_s, plain_tuples=True
+        )
     except Exception as exc:
-        cluster.shutdown()
         raise ReconError(f"cannot connect to Cassandra: {exc}") from exc
 
 
 def _cql_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def _cql_table(table: ReconTable) -> str:
+    return f"{_cql_ident(table.keyspace)}.{_cql_ident(table.source)}"
 
 
 def token_ranges(splits: int) -> list[tuple[int, int]]:
@@ -309,9 +263,7 @@ class CassandraReader:
         cols = [_cql_ident(c) for c in table.columns]
         if writetimes:
             cols += [f"WRITETIME({_cql_ident(c)})" for c in table.value_columns]
-        return (
-            f"SELECT {', '.join(cols)} FROM {_cql_ident(table.keyspace)}.{_cql_ident(table.source)}"
-        )
+        return f"SELECT {', '.join(cols)} FROM {_cql_table(table)}"
 
     def _token(self, table: ReconTable) -> str:
         return f"token({', '.join(_cql_ident(c) for c in table.partition_columns)})"
@@ -429,7 +381,7 @@ class CassandraReader:
         """The number of rows, counted per token range."""
         statement = await asyncio.to_thread(
             self.session.prepare,
-            f"SELECT count(*) FROM {_cql_ident(table.keyspace)}.{_cql_ident(table.source)} "
+            f"SELECT count(*) FROM {_cql_table(table)} "
             f"WHERE {self._token(table)} > ? AND {self._token(table)} <= ?",
         )
         total = 0
@@ -485,8 +437,7 @@ class CassandraReader:
         where = " AND ".join(f"{_cql_ident(c)} = ?" for c in table.key_columns)
         statement = await asyncio.to_thread(
             self.session.prepare,
-            f"SELECT {', '.join(cols)} FROM {_cql_ident(table.keyspace)}."
-            f"{_cql_ident(table.source)} WHERE {where}",
+            f"SELECT {', '.join(cols)} FROM {_cql_table(table)} WHERE {where}",
         )
         params = [native_key(table, k) for k in keys]
         key_canons = [for_cassandra(t) for t in table.key_types()]
@@ -536,8 +487,7 @@ class CassandraReader:
         keys = ", ".join(_cql_ident(c) for c in table.key_columns)
         statement = await asyncio.to_thread(
             self.session.prepare,
-            f"SELECT {keys} FROM {_cql_ident(table.keyspace)}.{_cql_ident(table.source)} "
-            f"WHERE {self._token(table)} >= ? LIMIT 1",
+            f"SELECT {keys} FROM {_cql_table(table)} WHERE {self._token(table)} >= ? LIMIT 1",
         )
         tokens = [rng.randint(MIN_TOKEN + 1, MAX_TOKEN) for _ in range(count)]
         key_canons = [for_cassandra(t) for t in table.key_types()]

@@ -239,11 +239,10 @@ async def timestamp_range(
         kept: dict[str, Scanned] = {}
         unstamped = 0
         async for page in source.scan(table, writetimes=True, keep=wanted):
-            for row in page:
-                written = row_write_time(row, stamped)
-                if written is None:
+            for row in page:  # in the window (`wanted` kept only those), or without a write time
+                if row_write_time(row, stamped) is None:
                     unstamped += 1
-                elif start_us <= written < end_us:
+                else:
                     kept[row.key_text] = row
         return kept, unstamped
 

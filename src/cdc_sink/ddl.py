@@ -15,24 +15,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import asyncpg
 
+from cdc_sink.cassandra import CassandraTable, describe_table
 from cdc_sink.errors import EventError
 from cdc_sink.events import ChangeEvent
 from cdc_sink.tables import TableSchema, target_name
 from cdc_sink.types import CqlType, from_connect_schema, parse_cql_type, udt_definitions
 from cdc_sink.write import lock_id
-
-
-@dataclass(frozen=True)
-class CassandraTable:
-    """A table as Cassandra's system_schema describes it."""
-
-    columns: dict[str, CqlType]
-    partition_columns: tuple[str, ...]
 
 
 class CassandraTypes(Protocol):
@@ -204,25 +196,4 @@ class CassandraSystemSchema:
     def _table(self, keyspace: str, table: str) -> CassandraTable | None:
         if self._session is None:
             self._session = self._session_factory()
-        udts = {
-            row.type_name: list(zip(row.field_names, row.field_types, strict=True))
-            for row in self._session.execute(
-                "SELECT type_name, field_names, field_types FROM system_schema.types "
-                "WHERE keyspace_name = %s",
-                [keyspace],
-            )
-        }
-        rows = list(
-            self._session.execute(
-                "SELECT column_name, type, kind, position FROM system_schema.columns "
-                "WHERE keyspace_name = %s AND table_name = %s",
-                [keyspace, table],
-            )
-        )
-        if not rows:
-            return None
-        partition = sorted((r.position, r.column_name) for r in rows if r.kind == "partition_key")
-        return CassandraTable(
-            {row.column_name: parse_cql_type(row.type, udts) for row in rows},
-            tuple(name for _, name in partition),
-        )
+        return describe_table(self._session, keyspace, table)

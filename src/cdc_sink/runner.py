@@ -30,6 +30,7 @@ from aiokafka.errors import (
     KafkaUnavailableError,
 )
 
+from cdc_sink import cassandra
 from cdc_sink.config import Config
 from cdc_sink.ddl import CassandraSystemSchema, Catalog
 from cdc_sink.decode import ConfluentRegistry, Decoder
@@ -310,28 +311,7 @@ class Worker:
         cfg = self.config.cassandra
         if not cfg.contact_points:
             return None
-
-        def session() -> Any:
-            from cassandra.auth import PlainTextAuthProvider
-            from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
-            from cassandra.policies import DCAwareRoundRobinPolicy
-
-            auth = (
-                PlainTextAuthProvider(cfg.username, cfg.password.reveal() if cfg.password else "")
-                if cfg.username
-                else None
-            )
-            profile = ExecutionProfile(load_balancing_policy=DCAwareRoundRobinPolicy(cfg.local_dc))
-            cluster = Cluster(
-                [h.strip() for h in (cfg.contact_points or "").split(",")],
-                port=cfg.port,
-                auth_provider=auth,
-                execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-                protocol_version=5,
-            )
-            return cluster.connect()
-
-        return CassandraSystemSchema(session)
+        return CassandraSystemSchema(functools.partial(cassandra.connect, cfg))
 
     async def _open_writer(self) -> None:
         """Give the writer a fresh pooled connection. If that fails the worker has no writer

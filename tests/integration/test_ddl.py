@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import pytest
 
-from cdc_sink.ddl import CassandraTable, Catalog
+from cdc_sink.cassandra import CassandraTable
+from cdc_sink.ddl import Catalog
 from cdc_sink.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.migrate import migrate
 from cdc_sink.tables import expiry_index_name, qualified, quote_ident

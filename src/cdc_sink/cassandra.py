@@ -1,0 +1,97 @@
+"""Cassandra through cassandra-driver: one way to connect, one way to read a table's schema.
+
+The sink reads column types from `system_schema` (ddl.py); reconciliation reads data and
+schema. Both are blocking calls: run them in a thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cdc_sink.config import CassandraConfig
+from cdc_sink.types import CqlType, parse_cql_type
+
+
+@dataclass(frozen=True)
+class CassandraTable:
+    """A table as Cassandra's system_schema describes it."""
+
+    columns: dict[str, CqlType]
+    partition_columns: tuple[str, ...]
+    clustering_columns: tuple[str, ...] = ()
+
+
+def connect(
+    cfg: CassandraConfig,
+    *,
+    consistency: str | None = None,
+    timeout_s: float | None = None,
+    plain_tuples: bool = False,
+) -> Any:
+    """A session on the configured cluster (protocol v5, the local DC's nodes first);
+    `consistency` and `timeout_s` override the driver's defaults, `plain_tuples` returns rows
+    as tuples (cheaper than named tuples for large reads)."""
+    from cassandra import ConsistencyLevel
+    from cassandra.auth import PlainTextAuthProvider
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+    from cassandra.policies import DCAwareRoundRobinPolicy
+    from cassandra.query import tuple_factory
+
+    if not cfg.contact_points:
+        raise ValueError("no Cassandra configured: set CDC_CASSANDRA__CONTACT_POINTS")
+    auth = (
+        PlainTextAuthProvider(cfg.username, cfg.password.reveal() if cfg.password else "")
+        if cfg.username
+        else None
+    )
+    options: dict[str, Any] = {"load_balancing_policy": DCAwareRoundRobinPolicy(cfg.local_dc)}
+    if consistency is not None:
+        options["consistency_level"] = ConsistencyLevel.name_to_value[consistency.upper()]
+    if timeout_s is not None:
+        options["request_timeout"] = timeout_s
+    if plain_tuples:
+        options["row_factory"] = tuple_factory
+    cluster = Cluster(
+        [h.strip() for h in cfg.contact_points.split(",")],
+        port=cfg.port,
+        auth_provider=auth,
+        execution_profiles={EXEC_PROFILE_DEFAULT: ExecutionProfile(**options)},
+        protocol_version=5,
+    )
+    try:
+        return cluster.connect()
+    except Exception:
+        cluster.shutdown()
+        raise
+
+
+def describe_table(session: Any, keyspace: str, table: str) -> CassandraTable | None:
+    """The table's columns (UDTs with their fields) and key columns; None if there is none."""
+    # Fields by position: works with the driver's named tuples and with plain tuples.
+    udts = {
+        row[0]: list(zip(row[1], row[2], strict=True))
+        for row in session.execute(
+            "SELECT type_name, field_names, field_types FROM system_schema.types "
+            "WHERE keyspace_name = %s",
+            [keyspace],
+        )
+    }
+    rows = list(
+        session.execute(
+            "SELECT column_name, type, kind, position FROM system_schema.columns "
+            "WHERE keyspace_name = %s AND table_name = %s",
+            [keyspace, table],
+        )
+    )
+    if not rows:
+        return None
+
+    def ordered(kind: str) -> tuple[str, ...]:
+        return tuple(name for _, name in sorted((r[3], r[0]) for r in rows if r[2] == kind))
+
+    return CassandraTable(
+        {row[0]: parse_cql_type(row[1], udts) for row in rows},
+        ordered("partition_key"),
+        ordered("clustering"),
+    )
