@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cdc-sink: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log.level, json=config.log.json)
+    configure_logging(
+        config.log.level, json=config.log.json, repeat_window_s=config.log.repeat_window_seconds
+    )
     try:
         if args.command == "migrate":
             return _run(_migrate(config))

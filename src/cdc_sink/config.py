@@ -254,6 +254,11 @@ class ReconciliationConfig:
 class LogConfig:
     level: str = "info"
     json: bool = True
+    repeat_window_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.repeat_window_seconds <= 86_400:
+            raise ConfigError("CDC_LOG__REPEAT_WINDOW_SECONDS must be between 0 and 86400")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """structlog set-up: one JSON object per line on stderr, secrets redacted before rendering.
 
 Records from stdlib loggers (aiokafka, asyncpg, …) go through the same pipeline, so every line
-on stderr has the same shape.
+on stderr has the same shape. aiokafka repeats its connection errors many times a second while
+a broker is away: each of its warnings and errors is shown at most once per `repeat_window_s`,
+with the number held back since (RepeatFilter).
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-__all__ = ["configure_logging", "get_logger", "redact_secrets"]
+__all__ = ["RepeatFilter", "configure_logging", "get_logger", "redact_secrets"]
 
 REDACTED = "***"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -28,6 +32,43 @@ _KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd)\s*=\s*)(?:'[^']*'|\S+
 
 # The handler configure_logging installed, replaced (not duplicated) when it is called again.
 _handler: logging.Handler | None = None
+NOISY_LIBRARIES = ("aiokafka",)
+
+
+class RepeatFilter(logging.Filter):
+    """Lets through the first warning or error of each message (logger, level and message
+    template) of the `libraries`' loggers, then at most one per `window_s`, which says how many
+    were held back since the last one shown. Their info lines (rebalances, for instance) and
+    every record of other loggers always pass."""
+
+    def __init__(
+        self,
+        libraries: tuple[str, ...],
+        window_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.libraries = libraries
+        self.window_s = window_s
+        self.clock = clock
+        self._shown: dict[tuple[str, int, str], tuple[float, int]] = {}  # -> (shown at, held)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not any(
+            record.name == n or record.name.startswith(n + ".") for n in self.libraries
+        ):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        shown = self._shown.get(key)
+        if shown is not None and now - shown[0] < self.window_s:
+            self._shown[key] = (shown[0], shown[1] + 1)
+            return False
+        self._shown[key] = (now, 0)
+        if shown is not None and shown[1]:
+            record.msg = f"{record.getMessage()} ({shown[1]} more like this since the last shown)"
+            record.args = None
+        return True
 
 
 def _scrub(value: Any) -> Any:
@@ -49,10 +90,14 @@ def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     return scrubbed
 
 
-def configure_logging(level: str = "info", json: bool = True) -> None:
+def configure_logging(
+    level: str = "info", json: bool = True, repeat_window_s: float = 30.0
+) -> None:
     """Route structlog and stdlib logging to stderr at `level` (debug, info, warning, error,
-    critical): JSON lines if `json`, else human-readable console lines. Call once at start-up;
-    calling again replaces the previous set-up. Raises ValueError for an unknown level."""
+    critical): JSON lines if `json`, else human-readable console lines; a noisy library's
+    repeated message at most once per `repeat_window_s` (0 shows every one). Call once at
+    start-up; calling again replaces the previous set-up. Raises ValueError for an unknown
+    level."""
     global _handler
     threshold = _LEVELS.get(level.lower())
     if threshold is None:
@@ -78,6 +123,8 @@ def configure_logging(level: str = "info", json: bool = True) -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    if repeat_window_s > 0:
+        handler.addFilter(RepeatFilter(NOISY_LIBRARIES, repeat_window_s))
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)

@@ -53,6 +53,7 @@ def test_the_dsn_is_a_secret() -> None:
             },
             "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES",
         ),
+        ({"CDC_LOG__REPEAT_WINDOW_SECONDS": "-1"}, "CDC_LOG__REPEAT_WINDOW_SECONDS"),
         ({"CDC_BOGUS__X": "1"}, "bogus"),
     ],
 )

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from cdc_sink.logs import configure_logging, get_logger, redact_secrets
+from cdc_sink.logs import RepeatFilter, configure_logging, get_logger, redact_secrets
 
 DSN = "postgresql://cdc_sink:s3cret@127.0.0.1:15432/cdc"
 
@@ -214,3 +214,86 @@ def test_invalid_level_is_a_value_error_naming_it() -> None:
     """An unknown level name raises ValueError that quotes the bad name."""
     with pytest.raises(ValueError, match="'verbose'"):
         configure_logging("verbose")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(name: str, msg: str, *args: Any, level: int = logging.ERROR) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+
+def test_a_noisy_librarys_repeated_message_is_shown_once_per_window() -> None:
+    """aiokafka's "Unable connect" every few ms while a broker is away: the first passes, the
+    rest of the window are held back, and the first one after it says how many were."""
+    clock = Clock()
+    noise = RepeatFilter(("aiokafka",), 30.0, clock)
+
+    def shown(*records: logging.LogRecord) -> list[str]:
+        return [r.getMessage() for r in records if noise.filter(r)]
+
+    joining = "(Re-)joining group %s"
+    assert (
+        shown(*(_record("aiokafka", joining, "g", level=logging.INFO) for _ in range(3)))
+        == ["(Re-)joining group g"] * 3
+    )  # info lines are never held back
+
+    unable = "Unable connect to node with id %s: %s"
+    assert shown(*(_record("aiokafka", unable, 1, f"refused {i}") for i in range(50))) == [
+        "Unable connect to node with id 1: refused 0"
+    ]
+    # Other messages, levels and loggers of the library are counted on their own.
+    assert shown(
+        _record("aiokafka", "Unable to update metadata from %s", [1]),
+        _record("aiokafka", unable, 1, "refused", level=logging.WARNING),
+        _record("aiokafka.consumer.group_coordinator", unable, 1, "refused"),
+    ) == [
+        "Unable to update metadata from [1]",
+        "Unable connect to node with id 1: refused",
+        "Unable connect to node with id 1: refused",
+    ]
+    clock.now += 29.9
+    assert shown(_record("aiokafka", unable, 1, "late")) == []
+    clock.now += 0.2
+    assert shown(_record("aiokafka", unable, 1, "again"), _record("aiokafka", unable, 2, "x")) == [
+        "Unable connect to node with id 1: again (50 more like this since the last shown)"
+    ]
+    clock.now += 31
+    assert shown(_record("aiokafka", unable, 1, "quiet")) == [
+        "Unable connect to node with id 1: quiet (1 more like this since the last shown)"
+    ]
+    clock.now += 31
+    assert shown(_record("aiokafka", unable, 1, "alone")) == [
+        "Unable connect to node with id 1: alone"
+    ]
+
+
+def test_the_sinks_own_lines_and_other_libraries_are_never_held_back(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Only the noisy library's loggers are thinned: every batch_committed line and every
+    line of another library (or one merely named alike) is written."""
+    configure_logging("info")
+    log = get_logger("cdc_sink.runner")
+    for offset in range(5):
+        log.info("batch_committed", next_offset=offset)
+        logging.getLogger("asyncpg").error("connection lost")
+        logging.getLogger("aiokafkaish").error("not aiokafka")
+        logging.getLogger("aiokafka").error("Unable connect to node with id %s", 1)
+    events = [line["event"] for line in lines(capsys)]
+    assert events.count("batch_committed") == 5
+    assert events.count("connection lost") == 5
+    assert events.count("not aiokafka") == 5
+    assert events.count("Unable connect to node with id 1") == 1
+
+
+def test_a_zero_window_shows_every_line(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", repeat_window_s=0)
+    for _ in range(3):
+        logging.getLogger("aiokafka").error("Unable connect to node with id %s", 1)
+    assert [line["event"] for line in lines(capsys)] == ["Unable connect to node with id 1"] * 3
