@@ -78,6 +78,14 @@ class ReconTable:
     def key_types(self) -> list[CqlType]:
         return [self.columns[c] for c in self.key_columns]
 
+    def key_canon(
+        self, side: Callable[[CqlType], Callable[[Any], Canon]]
+    ) -> Callable[[Sequence[Any]], tuple[Canon, ...]]:
+        """A row's leading key fields → canonical key, with one side's converters (for_cassandra
+        or for_postgres) resolved once."""
+        converters = [side(t) for t in self.key_types()]
+        return lambda row: tuple(f(row[i]) for i, f in enumerate(converters))
+
     def sink_schema(self) -> TableSchema:
         """The sink's view of the table (for writing repairs through PgWriter)."""
         return TableSchema(
@@ -440,7 +448,7 @@ class CassandraReader:
             f"SELECT {', '.join(cols)} FROM {_cql_table(table)} WHERE {where}",
         )
         params = [native_key(table, k) for k in keys]
-        key_canons = [for_cassandra(t) for t in table.key_types()]
+        canon_key = table.key_canon(for_cassandra)
         width, count = len(table.columns), len(names)
 
         def newest(value: Any) -> int | None:
@@ -471,8 +479,7 @@ class CassandraReader:
                         for n, raw in zip(single, row[width + count :], strict=True)
                         if (t := newest(raw)) is not None
                     }
-                    canon = tuple(f(row[i]) for i, f in enumerate(key_canons))
-                    found[key_text(canon)] = NativeRow(values, stamps, ttls)
+                    found[key_text(canon_key(row))] = NativeRow(values, stamps, ttls)
             return found
 
         return await asyncio.to_thread(run)
@@ -490,7 +497,7 @@ class CassandraReader:
             f"SELECT {keys} FROM {_cql_table(table)} WHERE {self._token(table)} >= ? LIMIT 1",
         )
         tokens = [rng.randint(MIN_TOKEN + 1, MAX_TOKEN) for _ in range(count)]
-        key_canons = [for_cassandra(t) for t in table.key_types()]
+        canon_key = table.key_canon(for_cassandra)
 
         def run() -> list[tuple[Canon, ...]]:
             from cassandra.concurrent import execute_concurrent_with_args
@@ -502,7 +509,7 @@ class CassandraReader:
                 if not ok:
                     raise ReconError(f"Cassandra read failed: {result}")
                 for row in result:
-                    found.append(tuple(f(v) for f, v in zip(key_canons, row, strict=True)))
+                    found.append(canon_key(row))
             return found
 
         return list(dict.fromkeys(await asyncio.to_thread(run)))
@@ -606,13 +613,12 @@ class PgReader:
             f"FROM {qualified(self.schema, table.target)} WHERE {where}",
             *columns,
         )
-        key_canons = [for_postgres(t) for t in table.key_types()]
+        canon_key = table.key_canon(for_postgres)
         found = {}
         for row in rows:
             cells = {n: int(v[0]) for n, v in json.loads(row["cells"] or "{}").items()}
             stamps = [*cells.values(), row["_cdc_marker_ts"] or 0, row["_cdc_deleted_ts"] or 0]
-            canon = tuple(f(row[i]) for i, f in enumerate(key_canons))
-            found[key_text(canon)] = RowStamps(cells, max(stamps))
+            found[key_text(canon_key(row))] = RowStamps(cells, max(stamps))
         return found
 
     async def random_keys(
@@ -626,8 +632,8 @@ class PgReader:
                 f"SELECT {keys} FROM {qualified(self.schema, table.target)} "
                 f"ORDER BY random() LIMIT {int(count)}"
             )
-        key_canons = [for_postgres(t) for t in table.key_types()]
-        return [tuple(f(r[i]) for i, f in enumerate(key_canons)) for r in rows]
+        canon_key = table.key_canon(for_postgres)
+        return [canon_key(r) for r in rows]
 
 
 def _keys_in(table: ReconTable, keys: Sequence[tuple[Canon, ...]]) -> tuple[str, list[list[Any]]]:
