@@ -109,6 +109,10 @@ def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePl
     touched: dict[Key, RowState] = {}
     new_partitions: dict[Key, int] = {}
     new_ranges: list[tuple[Key, RangeTombstone]] = []
+    # Stored keys by partition, built at the first partition or range delete, so that each
+    # such delete finds its rows without a scan of the whole batch's. Rows written after it
+    # need not be added: writing a row already touches it.
+    by_partition: dict[Key, list[Key]] | None = None
     for mutation in mutations:
         event = mutation.event
         if event.op is Op.RANGE or event.is_partition_delete:
@@ -132,9 +136,12 @@ def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePl
             elif tombstones.partition_ts is None or event.ts_us > tombstones.partition_ts:
                 tombstones.partition_ts = event.ts_us
                 new_partitions[partition] = event.ts_us
-            for key, row in state.rows.items():
-                if state.partition_of(key) == partition:
-                    touched[key] = row
+            if by_partition is None:
+                by_partition = {}
+                for key in state.rows:
+                    by_partition.setdefault(state.partition_of(key), []).append(key)
+            for key in by_partition.get(partition, ()):
+                touched[key] = state.rows[key]
             continue
         row = state.rows.setdefault(mutation.key, RowState())
         touched[mutation.key] = row
