@@ -61,6 +61,9 @@ T = TypeVar("T")
 
 BACKLOG_QUERY_TIMEOUT_S = 2.0
 KAFKA_COMMIT_GRACE_S = 2.0  # at shutdown, for the last offsets to reach Kafka
+# While a chunk is in flight, preparing the next one yields to the loop this often: each of
+# the transaction's round trips to PostgreSQL waits at most about this long to be read.
+PREPARE_YIELD_S = 0.0002
 # At shutdown, for a Kafka client to leave the group and close: with the broker away, aiokafka
 # may otherwise wait out a coordinator lookup or request timeout (tens of seconds).
 KAFKA_CLOSE_TIMEOUT_S = 5.0
@@ -847,9 +850,11 @@ class Worker:
         Checkpoint moves are added when the chunk is applied."""
         per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
         prepared = Prepared(records)
-        for index, record in enumerate(records):
-            if index % 8 == 7 and self._in_flight is not None:
+        next_yield = time.perf_counter() + PREPARE_YIELD_S
+        for record in records:
+            if self._in_flight is not None and time.perf_counter() >= next_yield:
                 await asyncio.sleep(0)  # let the chunk in flight go on with PostgreSQL's answers
+                next_yield = time.perf_counter() + PREPARE_YIELD_S
             tp = TopicPartition(record.topic, record.partition)
             prepared.first.setdefault(tp, record.offset)
             prepared.last[tp] = record.offset
