@@ -30,7 +30,7 @@ AFTER_ALL_TTLS = 2**62
 
 
 @settings(
-    max_examples=25,
+    max_examples=60,
     deadline=None,
     phases=[Phase.generate],
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
