@@ -71,12 +71,29 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+_SECRET_KEYS_KEPT = 1024
+_secret_keys: dict[Any, bool] = {}  # key -> whether its name is a secret's (names repeat)
+
+
+def _is_secret_key(key: Any) -> bool:
+    found = _secret_keys.get(key)
+    if found is None:
+        if len(_secret_keys) >= _SECRET_KEYS_KEPT:
+            _secret_keys.clear()
+        found = _secret_keys[key] = _SECRET_KEY.search(str(key)) is not None
+    return found
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        value = _URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", value)
-        return _KV_PASSWORD.sub(rf"\g<head>{REDACTED}", value)
+        # Each pattern needs its literal ("@", "="): most strings have neither and skip both.
+        if "@" in value:
+            value = _URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", value)
+        if "=" in value:
+            value = _KV_PASSWORD.sub(rf"\g<head>{REDACTED}", value)
+        return value
     if isinstance(value, dict):
-        return {k: REDACTED if _SECRET_KEY.search(str(k)) else _scrub(v) for k, v in value.items()}
+        return {k: REDACTED if _is_secret_key(k) else _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(_scrub(v) for v in value)
     return value
