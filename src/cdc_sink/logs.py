@@ -8,6 +8,7 @@ with the number held back since (RepeatFilter).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -71,17 +72,9 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-_SECRET_KEYS_KEPT = 1024
-_secret_keys: dict[Any, bool] = {}  # key -> whether its name is a secret's (names repeat)
-
-
+@functools.lru_cache(maxsize=1024)  # the same few key names come back on every line
 def _is_secret_key(key: Any) -> bool:
-    found = _secret_keys.get(key)
-    if found is None:
-        if len(_secret_keys) >= _SECRET_KEYS_KEPT:
-            _secret_keys.clear()
-        found = _secret_keys[key] = _SECRET_KEY.search(str(key)) is not None
-    return found
+    return _SECRET_KEY.search(str(key)) is not None
 
 
 def _scrub(value: Any) -> Any:
