@@ -63,7 +63,7 @@ BACKLOG_QUERY_TIMEOUT_S = 2.0
 KAFKA_COMMIT_GRACE_S = 2.0  # at shutdown, for the last offsets to reach Kafka
 # While a chunk is in flight, preparing the next one yields to the loop this often: each of
 # the transaction's round trips to PostgreSQL waits at most about this long to be read.
-PREPARE_YIELD_S = 0.0002
+PREPARE_YIELD_S = 0.0001
 # At shutdown, for a Kafka client to leave the group and close: with the broker away, aiokafka
 # may otherwise wait out a coordinator lookup or request timeout (tens of seconds).
 KAFKA_CLOSE_TIMEOUT_S = 5.0
