@@ -30,6 +30,7 @@ from tests.support.pipeline import (
 from tests.support.stack import Endpoints
 
 EVENTS = 200_000
+KILLS = 10
 COMPARED = "p1, p2, c1, c2, v1, v2, v3, _cdc_cells, _cdc_marker_ts, _cdc_deleted_ts"
 
 
@@ -76,16 +77,21 @@ async def test_kill_9_at_random_moments_changes_nothing(
         kafka__session_timeout_ms="6000",
     )
     rng = random.Random()
+    # Kill points spread over the first 5/6 of the stream, so every kill fits however fast
+    # the worker drains; a short random delay after each puts the kill at a random moment
+    # of a batch (decoding, mid-transaction, committing).
+    kill_points = [int(stream["events"] * (k + rng.random()) / 12) for k in range(KILLS)]
     kills = 0
     log = tmp_path / "worker.log"
     try:
         while True:
             worker = start_worker_process(env, log)
             before = await applied(stack.postgres_dsn, schema)
-            if kills < 10:
-                # wait for progress, then kill at a random moment while work remains
-                await wait_for_applied(stack.postgres_dsn, schema, before, worker)
-                await asyncio.sleep(rng.uniform(0.0, 1.5))
+            if kills < KILLS:
+                await wait_for_applied(
+                    stack.postgres_dsn, schema, max(before, kill_points[kills]), worker
+                )
+                await asyncio.sleep(rng.uniform(0.0, 0.2))
                 if (
                     worker.poll() is None
                     and await applied(stack.postgres_dsn, schema) < stream["events"]
@@ -95,7 +101,7 @@ async def test_kill_9_at_random_moments_changes_nothing(
                     continue
             assert await asyncio.to_thread(worker.wait, 600) == 0, log.read_text()[-3000:]
             break
-        assert kills >= 10
+        assert kills == KILLS
         assert await applied(stack.postgres_dsn, schema) == stream["events"]
         assert await table_state(stack.postgres_dsn, schema) == await table_state(
             stack.postgres_dsn, stream["reference"]
