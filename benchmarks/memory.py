@@ -8,7 +8,8 @@ Preloads the events (cdc_sink.synth, produced like `run.py drain` does), then ru
 below 300 MB whatever the backlog: the consumer must not buffer more than a bounded amount
 when PostgreSQL is slower than Kafka. The JSON summary goes to stdout and to
 benchmarks/results/memory-<timestamp>.json, with a plot of RSS and progress over time beside it
-when matplotlib is installed.
+when matplotlib is installed. The run's topics and schema are removed at the end (`--keep`
+keeps them).
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ async def preload(run: Run, total: int, seed: int) -> tuple[dict[tuple[str, int]
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     run = Run("memory", args)
+    try:
+        return await _measure(run, args)
+    finally:
+        await run.remove()
+
+
+async def _measure(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     await run.prepare()
     ends, preload_s = await preload(run, args.events, args.seed)
     total = sum(ends.values())
@@ -138,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--format", choices=("avro", "json"), default="avro")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the run's topics and PostgreSQL schema"
+    )
     parser.add_argument("--batch-size", type=int, help="CDC_SINK__BATCH_SIZE (default 1000)")
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)

@@ -14,7 +14,8 @@ record's Kafka timestamp (its send time) to its commit, two ways: per live row (
 per record (the worker's `batch_committed` log line, written after COMMIT, minus the record's
 Kafka timestamp).
 
-Each run gets its own topics, consumer group and PostgreSQL schema. The JSON summary goes to
+Each run gets its own topics, consumer group and PostgreSQL schema, and removes the topics and
+the schema when it ends (`--keep` keeps them, to look at afterwards). The JSON summary goes to
 stdout and to benchmarks/results/<mode>-<timestamp>.json, with a PNG plot beside it when
 matplotlib is installed (`pip install -e '.[bench]'`). Progress goes to stderr.
 """
@@ -45,7 +46,7 @@ import httpx2 as httpx
 
 from cdc_sink import synth
 from cdc_sink.demo import create_cassandra_tables, endpoints
-from cdc_sink.tables import qualified
+from cdc_sink.tables import qualified, quote_ident
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -227,6 +228,27 @@ class Run:
     async def pg(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.env["CDC_POSTGRES__DSN"])
 
+    async def remove(self) -> None:
+        """Delete the run's topics and PostgreSQL schema (unless --keep): runs of a million
+        events would otherwise pile up gigabytes in the local stack."""
+        if self.args.keep:
+            log(f"kept topics {self.prefix}* and schema {self.name}")
+            return
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.env["CDC_KAFKA__BOOTSTRAP_SERVERS"])
+        await admin.start()
+        try:
+            await admin.delete_topics([synth.topic_for(t, self.prefix) for t in synth.TABLES])
+        finally:
+            await admin.close()
+        pg = await self.pg()
+        try:
+            await pg.execute(f"DROP SCHEMA IF EXISTS {quote_ident(self.name)} CASCADE")
+        finally:
+            await pg.close()
+        log(f"removed topics {self.prefix}* and schema {self.name}")
+
     async def applied(self, pg: asyncpg.Connection) -> dict[tuple[str, int], int]:
         """next_offset per (topic, partition) stored by the worker; {} before it made the table."""
         try:
@@ -301,6 +323,13 @@ async def scrape(port: int) -> dict[str, float]:
 
 async def drain(args: argparse.Namespace) -> dict[str, Any]:
     run = Run("drain", args)
+    try:
+        return await _drain(run, args)
+    finally:
+        await run.remove()
+
+
+async def _drain(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     await run.prepare()
     generator = synth.Generator(args.seed, start_us=time.time_ns() // 1000)
     log(f"generating {args.events:,} events")
@@ -409,6 +438,13 @@ def plot_drain(
 
 async def steady(args: argparse.Namespace) -> dict[str, Any]:
     run = Run("steady", args)
+    try:
+        return await _steady(run, args)
+    finally:
+        await run.remove()
+
+
+async def _steady(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     await run.prepare()
     total = int(args.rate * args.seconds)
     generator = synth.Generator(
@@ -642,6 +678,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         mode = modes.add_parser(name, help=help_text)
         mode.add_argument("--format", choices=("avro", "json"), default="avro")
         mode.add_argument("--seed", type=int, default=1)
+        mode.add_argument(
+            "--keep", action="store_true", help="keep the run's topics and PostgreSQL schema"
+        )
         mode.add_argument("--batch-size", type=int, help="CDC_SINK__BATCH_SIZE (default 1000)")
         mode.add_argument(
             "--worker-env",
