@@ -236,17 +236,21 @@ class Run:
             return
         from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.env["CDC_KAFKA__BOOTSTRAP_SERVERS"])
-        await admin.start()
         try:
-            await admin.delete_topics([synth.topic_for(t, self.prefix) for t in synth.TABLES])
-        finally:
-            await admin.close()
-        pg = await self.pg()
-        try:
-            await pg.execute(f"DROP SCHEMA IF EXISTS {quote_ident(self.name)} CASCADE")
-        finally:
-            await pg.close()
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.env["CDC_KAFKA__BOOTSTRAP_SERVERS"])
+            await admin.start()
+            try:
+                await admin.delete_topics([synth.topic_for(t, self.prefix) for t in synth.TABLES])
+            finally:
+                await admin.close()
+            pg = await self.pg()
+            try:
+                await pg.execute(f"DROP SCHEMA IF EXISTS {quote_ident(self.name)} CASCADE")
+            finally:
+                await pg.close()
+        except Exception as exc:  # noqa: BLE001 - never hide why the run itself failed
+            log(f"could not remove topics {self.prefix}* / schema {self.name}: {exc!r}")
+            return
         log(f"removed topics {self.prefix}* and schema {self.name}")
 
     async def applied(self, pg: asyncpg.Connection) -> dict[tuple[str, int], int]:
