@@ -43,6 +43,7 @@ from typing import Any
 
 import asyncpg
 import httpx2 as httpx
+from aiokafka.admin import AIOKafkaAdminClient
 
 from cdc_sink import synth
 from cdc_sink.demo import create_cassandra_tables, endpoints
@@ -234,8 +235,6 @@ class Run:
         if self.args.keep:
             log(f"kept topics {self.prefix}* and schema {self.name}")
             return
-        from aiokafka.admin import AIOKafkaAdminClient
-
         try:
             admin = AIOKafkaAdminClient(bootstrap_servers=self.env["CDC_KAFKA__BOOTSTRAP_SERVERS"])
             await admin.start()
@@ -325,15 +324,7 @@ async def scrape(port: int) -> dict[str, float]:
 # --- drain -------------------------------------------------------------------------------------
 
 
-async def drain(args: argparse.Namespace) -> dict[str, Any]:
-    run = Run("drain", args)
-    try:
-        return await _drain(run, args)
-    finally:
-        await run.remove()
-
-
-async def _drain(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+async def drain(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     await run.prepare()
     generator = synth.Generator(args.seed, start_us=time.time_ns() // 1000)
     log(f"generating {args.events:,} events")
@@ -440,15 +431,7 @@ def plot_drain(
 # --- steady ------------------------------------------------------------------------------------
 
 
-async def steady(args: argparse.Namespace) -> dict[str, Any]:
-    run = Run("steady", args)
-    try:
-        return await _steady(run, args)
-    finally:
-        await run.remove()
-
-
-async def _steady(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+async def steady(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     await run.prepare()
     total = int(args.rate * args.seconds)
     generator = synth.Generator(
@@ -717,10 +700,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """One run of the chosen mode; its topics and schema are removed however it ends."""
+    run = Run(args.mode, args)
+    try:
+        return await (drain if args.mode == "drain" else steady)(run, args)
+    finally:
+        await run.remove()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     RESULTS.mkdir(exist_ok=True)
-    summary = asyncio.run(drain(args) if args.mode == "drain" else steady(args))
+    summary = asyncio.run(measure(args))
     print(json.dumps(summary, indent=2))
     log(f"written {summary['result_file']}")
     codes = summary.get("worker_exit_codes", [summary["worker_exit_code"]])
