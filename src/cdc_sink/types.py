@@ -959,7 +959,19 @@ def _decode_date(value: tuple[int]) -> date:
     return date.fromordinal(days + _PG_EPOCH_ORDINAL)
 
 
-def _encode_timestamptz(stamp: datetime) -> tuple[int]:
+_UNIX_TO_PG_EPOCH_US = 946_684_800_000_000
+# The instants a datetime can hold (years 1..9999), as µs since 1970: a row must read back.
+_DATETIME_MIN_US = -62_135_596_800_000_000
+_DATETIME_MAX_US = 253_402_300_799_999_999
+
+
+def _encode_timestamptz(stamp: datetime | int) -> tuple[int]:
+    if isinstance(stamp, int):
+        # µs since 1970: the writer's own stamps, which would otherwise become a datetime
+        # only to be taken apart again here, for every staged row.
+        if not _DATETIME_MIN_US <= stamp <= _DATETIME_MAX_US:
+            raise OverflowError(f"{stamp} µs since 1970 is outside the years 1..9999")
+        return (stamp - _UNIX_TO_PG_EPOCH_US,)
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=UTC)
     return ((stamp - _PG_EPOCH) // _MICROSECOND,)
@@ -980,4 +992,5 @@ PG_TUPLE_CODECS: Mapping[str, tuple[Callable[[Any], tuple[int]], Callable[[tuple
 0001-01-01T00:00Z/9999-12-31T23:59:59.999999Z as -infinity/infinity. On each connection:
 `for name, (enc, dec) in PG_TUPLE_CODECS.items(): await conn.set_type_codec(name,
 schema="pg_catalog", encoder=enc, decoder=dec, format="tuple")` stores them as they are (and
-reads ±infinity back as the extreme date/datetime, naive datetimes are taken as UTC)."""
+reads ±infinity back as the extreme date/datetime, naive datetimes are taken as UTC). A
+timestamptz may also be given as an int, µs since 1970."""

@@ -134,7 +134,8 @@ def lock_id(*parts: str) -> int:
 
 
 class PgWriter:
-    """Applies batches on one connection; one instance per worker."""
+    """Applies batches on one connection set up by `prepare_connection` (its codecs also
+    take the writer's own timestamps as µs since 1970); one instance per worker."""
 
     def __init__(self, conn: asyncpg.Connection, schema: str, consumer_group: str) -> None:
         self.conn = conn
@@ -169,7 +170,7 @@ class PgWriter:
         due = await self.conn.fetch(
             f"SELECT {keys} FROM {qualified(self.schema, schema.target)} "
             "WHERE _cdc_expires_at <= $1 LIMIT $2",
-            _micros_to_datetime(now),
+            _EPOCH + dt.timedelta(microseconds=now),
             limit,
         )
         if due:
@@ -268,6 +269,11 @@ class PgWriter:
     def _columns(self, schema: TableSchema) -> list[str]:
         return [*schema.columns, *META_COLUMNS]
 
+    def _loaded_columns(self, schema: TableSchema) -> list[str]:
+        """What the merge reads of a stored row (not the timestamps kept for people and the
+        expiry task)."""
+        return [*schema.columns, *_MERGED_META]
+
     async def _load(
         self,
         schema: TableSchema,
@@ -277,8 +283,7 @@ class PgWriter:
         touch: Sequence[Key] = (),
     ) -> None:
         target = qualified(self.schema, schema.target)
-        columns = self._columns(schema)
-        select = ", ".join(quote_ident(c) for c in columns)
+        select = ", ".join(quote_ident(c) for c in self._loaded_columns(schema))
         row_keys = {m.key for m in mutations if None not in m.key} | set(touch)
         deleted_partitions: dict[Key, tuple[str, ...]] = {
             tuple(v for v in m.key if v is not None): tuple(
@@ -391,11 +396,12 @@ class PgWriter:
         staging = await self._staging_table(schema)
         columns = self._columns(schema)
         values = schema.value_columns
-        now = dt.datetime.now(dt.UTC)
+        # The timestamptz columns get µs since 1970 (see types.PG_TUPLE_CODECS); updated_at is
+        # the wall clock even when a caller simulates `now_us`.
+        updated_at = time.time_ns() // 1000
         records = []
         for key, row in live.items():
             cells = row.cells
-            stamp, expiry = write_ts(row, now_us), next_expiry(row, now_us)
             records.append(
                 (
                     *key,
@@ -404,9 +410,9 @@ class PgWriter:
                     row.marker_ts,
                     row.marker_expires_us,
                     row.deleted_ts,
-                    _micros_to_datetime(stamp),
-                    _micros_to_datetime(expiry),
-                    now,
+                    write_ts(row, now_us),
+                    next_expiry(row, now_us),
+                    updated_at,
                 )
             )
         order = [*schema.key_columns, *values, *META_COLUMNS]
@@ -546,12 +552,7 @@ class PgWriter:
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def _micros_to_datetime(micros: int | None) -> dt.datetime | None:
-    if micros is None:
-        return None
-    return _EPOCH + dt.timedelta(microseconds=micros)
+_MERGED_META = ("_cdc_cells", "_cdc_marker_ts", "_cdc_marker_expires_us", "_cdc_deleted_ts")
 
 
 def _row_from_record(record: asyncpg.Record, schema: TableSchema) -> RowState:

@@ -110,6 +110,26 @@ async def test_one_batch_storing_a_range_tombstone_twice_keeps_the_newer(writer:
     assert await rows(conn) == {inside: {"v1": 2, "v2": None, "v3": None}}
 
 
+async def test_metadata_columns_hold_the_write_and_expiry_instants(writer: Any) -> None:
+    """_cdc_write_ts is the newest live cell's write time, _cdc_expires_at the soonest expiry
+    and _cdc_updated_at the wall clock of the commit (all from µs, to the microsecond)."""
+    w, conn, _ = writer
+    expires = TS + 86_400_000_000
+    before = dt.datetime.now(dt.UTC)
+    await apply(w, update(TS + 1, v1=1), update(TS + 7, v2="b"))
+    await w.apply(
+        Batch(tables=[(SCHEMA, [planned(Mutation("update", TS + 3, ROW, {"v3": (3, expires)}))])])
+    )
+    after = dt.datetime.now(dt.UTC)
+    stored = await conn.fetchrow(
+        "SELECT _cdc_write_ts, _cdc_expires_at, _cdc_updated_at FROM cdc_model"
+    )
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    assert stored["_cdc_write_ts"] == epoch + dt.timedelta(microseconds=TS + 7)
+    assert stored["_cdc_expires_at"] == epoch + dt.timedelta(microseconds=expires)
+    assert before <= stored["_cdc_updated_at"] <= after
+
+
 async def test_dead_row_remembers_its_cell_tombstones(writer: Any) -> None:
     """A row emptied by nulls is gone, and an older replica of its write does not revive it."""
     w, conn, _ = writer

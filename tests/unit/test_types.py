@@ -805,6 +805,31 @@ def test_timestamptz_tuple_codec_round_trips(stamp: datetime) -> None:
     assert encode(stamp.replace(tzinfo=None)) == encode(stamp)
 
 
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=UTC),
+    ],
+)
+def test_timestamptz_codec_takes_micros_since_1970(stamp: datetime) -> None:
+    """The writer's own stamps go in as µs since 1970 and encode as the same instant."""
+    encode, decode = PG_TUPLE_CODECS["timestamptz"]
+    micros = (stamp - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    assert encode(micros) == encode(stamp)
+    assert decode(encode(micros)) == stamp
+
+
+@pytest.mark.parametrize("micros", [-62_135_596_800_000_001, 253_402_300_800_000_000, 2**63])
+def test_timestamptz_codec_refuses_micros_a_datetime_cannot_hold(micros: int) -> None:
+    """A stamp outside the years 1..9999 is refused (a data error), never stored unreadable."""
+    encode, _ = PG_TUPLE_CODECS["timestamptz"]
+    with pytest.raises(OverflowError, match=r"outside the years 1\.\.9999"):
+        encode(micros)
+
+
 @pytest.mark.parametrize("day", [date(1, 1, 1), date(9999, 12, 31), date(2000, 1, 1)])
 def test_date_tuple_codec_round_trips(day: date) -> None:
     """The date tuple codec keeps every date, the edges included."""
