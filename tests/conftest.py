@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.support.stack import Endpoints, StackUnavailable, find_stack
+from tests.support.topics import remove_this_runs_topics, unique_name
 
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Endpoints]:
-    """The real services. Never skipped: if they cannot be had, every integration test errors."""
+    """The real services. Never skipped: if they cannot be had, every integration test errors.
+    The Kafka topics the run made are deleted at its end."""
     try:
-        yield find_stack()
+        endpoints = find_stack()
     except StackUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
+    yield endpoints
+    remove_this_runs_topics(endpoints.kafka)
 
 
 @pytest.fixture
 def unique() -> Callable[[str], str]:
-    """Make names no other test (or earlier run) uses: unique("topic") -> "topic_3f2a9c1b7d"."""
-
-    def make(prefix: str) -> str:
-        return f"{prefix}_{uuid.uuid4().hex[:10]}"
-
-    return make
+    """Make names no other test (or other run) uses: unique("topic") -> "topic_3f2a9c1b7d40",
+    this run's token and eight random hex digits."""
+    return unique_name
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
