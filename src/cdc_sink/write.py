@@ -233,15 +233,18 @@ class PgWriter:
             # This batch teaches the table's partition key: exclude every other writer.
             await self.conn.execute("SELECT pg_advisory_xact_lock($1)", table_lock)
             return None
-        await self.conn.execute("SELECT pg_advisory_xact_lock_shared($1)", table_lock)
         if partition_columns is None:
+            await self.conn.execute("SELECT pg_advisory_xact_lock_shared($1)", table_lock)
             return None
         width = len(partition_columns)
         partitions = {texts[m.key[:width]] for m in mutations}
         partitions |= {texts[key[:width]] for key in touch}
-        ids = sorted({lock_id(schema.target, p) for p in partitions})
+        ids = ",".join(map(str, sorted({lock_id(schema.target, p) for p in partitions})))
+        # The table's shared lock, then each partition's in id order: two statements in one
+        # round trip (a simple query; the ids are our own integers, safe to write inline).
         await self.conn.execute(
-            "SELECT pg_advisory_xact_lock(id) FROM unnest($1::bigint[]) AS id ORDER BY id", ids
+            f"SELECT pg_advisory_xact_lock_shared({table_lock}); "
+            f"SELECT pg_advisory_xact_lock(id) FROM unnest('{{{ids}}}'::bigint[]) AS id ORDER BY id"
         )
         return partition_columns
 
@@ -301,36 +304,30 @@ class PgWriter:
             key = tuple(record[name] for name in schema.key_columns)
             state.rows[key] = _row_from_record(record, schema)
         keys_json = {k: texts[k] for k in row_keys}
-        if row_keys:
-            dead = await self.conn.fetch(
-                "SELECT t.partition_key::text AS k, t.state "
-                "FROM unnest($2::jsonb[]) AS wanted(key) JOIN _cdc_tombstones t "
-                "ON t.target_table = $1 AND t.kind = 'row' AND t.partition_key = wanted.key",
-                schema.target,
-                list(keys_json.values()),
-            )
-            by_json = {keys_json[k]: k for k in row_keys}
-            for record in dead:
-                found = by_json.get(json.dumps(json.loads(record["k"]), separators=(",", ":")))
-                if found is not None:
-                    state.remembered.add(found)
-                    if found not in state.rows:
-                        state.rows[found] = _row_from_state(json.loads(record["state"]))
-        if state.partition_columns is None:
+        partitions: set[str] = set()
+        if state.partition_columns is not None:
+            width = len(state.partition_columns)
+            partitions = {texts[k[:width]] for k in row_keys}
+            partitions |= {texts[p] for p in deleted_partitions}
+        if not keys_json and not partitions:
             return
-        width = len(state.partition_columns)
-        partitions = {texts[k[:width]] for k in row_keys} | {texts[p] for p in deleted_partitions}
-        stones = await self.conn.fetch(
-            "SELECT t.kind, t.partition_key::text AS p, t.scope, t.ts_us "
-            "FROM unnest($2::jsonb[]) AS wanted(key) JOIN _cdc_tombstones t "
-            "ON t.target_table = $1 AND t.kind IN ('partition', 'range') "
-            "AND t.partition_key = wanted.key",
-            schema.target,
-            list(partitions),
+        found = await self.conn.fetch(
+            _STORED_TOMBSTONES, schema.target, list(keys_json.values()), list(partitions)
         )
+        by_json = {keys_json[k]: k for k in row_keys}
+        stones: list[asyncpg.Record] = []
+        for record in found:
+            if record["kind"] != "row":
+                stones.append(record)
+                continue
+            dead = by_json.get(json.dumps(json.loads(record["k"]), separators=(",", ":")))
+            if dead is not None:
+                state.remembered.add(dead)
+                if dead not in state.rows:
+                    state.rows[dead] = _row_from_state(json.loads(record["state"]))
         parsed: dict[str, Key] = {}  # a partition's stones share its key text
         for stone in stones:
-            text = stone["p"]
+            text = stone["k"]
             if text not in parsed:
                 parsed[text] = self._partition_from_json(schema, state, text)
             entry = state.partitions.setdefault(parsed[text], PartitionTombstones())
@@ -552,6 +549,18 @@ class PgWriter:
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# The dead rows among a batch's keys ($2) and the partition and range tombstones of its
+# partitions ($3), in one round trip.
+_STORED_TOMBSTONES = (
+    "SELECT t.kind, t.partition_key::text AS k, t.state, t.scope, t.ts_us "
+    "FROM unnest($2::jsonb[]) AS wanted(key) JOIN _cdc_tombstones t "
+    "ON t.target_table = $1 AND t.kind = 'row' AND t.partition_key = wanted.key "
+    "UNION ALL "
+    "SELECT t.kind, t.partition_key::text, t.state, t.scope, t.ts_us "
+    "FROM unnest($3::jsonb[]) AS wanted(key) JOIN _cdc_tombstones t "
+    "ON t.target_table = $1 AND t.kind IN ('partition', 'range') "
+    "AND t.partition_key = wanted.key"
+)
 _MERGED_META = ("_cdc_cells", "_cdc_marker_ts", "_cdc_marker_expires_us", "_cdc_deleted_ts")
 
 
