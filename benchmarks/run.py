@@ -43,7 +43,6 @@ from typing import Any
 
 import asyncpg
 import httpx2 as httpx
-from aiokafka.admin import AIOKafkaAdminClient
 
 from cdc_sink import synth
 from cdc_sink.demo import create_cassandra_tables, endpoints
@@ -236,12 +235,8 @@ class Run:
             log(f"kept topics {self.prefix}* and schema {self.name}")
             return
         try:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.env["CDC_KAFKA__BOOTSTRAP_SERVERS"])
-            await admin.start()
-            try:
-                await admin.delete_topics([synth.topic_for(t, self.prefix) for t in synth.TABLES])
-            finally:
-                await admin.close()
+            topics = {synth.topic_for(t, self.prefix) for t in synth.TABLES}
+            await synth.delete_topics(self.env["CDC_KAFKA__BOOTSTRAP_SERVERS"], topics.__contains__)
             pg = await self.pg()
             try:
                 await pg.execute(f"DROP SCHEMA IF EXISTS {quote_ident(self.name)} CASCADE")

@@ -55,6 +55,7 @@ __all__ = [
     "TableSpec",
     "avro_schemas",
     "cql_ddl",
+    "delete_topics",
     "ensure_topics",
     "envelope",
     "expiry_us",
@@ -871,6 +872,21 @@ async def register_schemas(
                 found.append(int(response.json()["id"]))
             ids[table] = (found[0], found[1])
     return ids
+
+
+async def delete_topics(bootstrap: str, wanted: Callable[[str], bool]) -> list[str]:
+    """Delete every topic whose name `wanted` accepts; return their names, sorted."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        names = sorted(name for name in await admin.list_topics() if wanted(name))
+        for start in range(0, len(names), 100):  # a bounded request each
+            await admin.delete_topics(names[start : start + 100])
+        return names
+    finally:
+        await admin.close()
 
 
 async def ensure_topics(

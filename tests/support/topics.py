@@ -14,8 +14,9 @@ import re
 import uuid
 import warnings
 
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+
+from cdc_sink import synth
 
 RUN_TOKEN = uuid.uuid4().hex[:4]
 OURS = re.compile(rf"_{RUN_TOKEN}[0-9a-f]{{8}}")
@@ -30,19 +31,7 @@ def remove_this_runs_topics(bootstrap: str) -> list[str]:
     """Delete the topics this run's tests made; return their names. Other names (another
     run's, the demo's, a benchmark's) are left alone."""
     try:
-        return asyncio.run(_remove(bootstrap))
+        return asyncio.run(synth.delete_topics(bootstrap, lambda name: bool(OURS.search(name))))
     except (KafkaError, OSError, TimeoutError) as exc:  # the run's result stands without it
         warnings.warn(f"could not remove the run's Kafka topics: {exc!r}", stacklevel=2)
         return []
-
-
-async def _remove(bootstrap: str) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
-    await admin.start()
-    try:
-        made = sorted(name for name in await admin.list_topics() if OURS.search(name))
-        for start in range(0, len(made), 100):
-            await admin.delete_topics(made[start : start + 100])
-        return made
-    finally:
-        await admin.close()
