@@ -39,8 +39,7 @@ from cdc_sink.ddl import Catalog
 from cdc_sink.decode import Decoder
 from cdc_sink.events import Position, interpret
 from cdc_sink.plan import Mutation
-from cdc_sink.tables import TableSchema, target_name
-from cdc_sink.types import parse_cql_type
+from cdc_sink.tables import TableSchema
 from cdc_sink.write import Batch, CheckpointMove, PgWriter
 
 TABLE_FORMAT = "cdc_{table}"
@@ -86,18 +85,8 @@ class NullConnection:
 
 def table_schemas() -> dict[str, TableSchema]:
     """The target schema of every synth table, as the catalog builds it from Cassandra."""
-    schemas = {}
-    for name, spec in synth.TABLES.items():
-        target = target_name(TABLE_FORMAT, synth.KEYSPACE, name)
-        schemas[target] = TableSchema(
-            keyspace=synth.KEYSPACE,
-            table=name,
-            target=target,
-            key_columns=spec.key,
-            columns={column: parse_cql_type(cql) for column, cql in spec.columns},
-            partition_columns=spec.partition_key,
-        )
-    return schemas
+    schemas = (synth.target_schema(name, TABLE_FORMAT) for name in synth.TABLES)
+    return {schema.target: schema for schema in schemas}
 
 
 def records(

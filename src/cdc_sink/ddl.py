@@ -98,14 +98,23 @@ class Catalog:
     ) -> dict[str, CqlType]:
         """Every column type the sources know (Cassandra's first): a new table gets all of its
         columns at once. Each column of the event must be among them."""
-        types = {n: from_connect_schema(s) for n, s in {**column_schemas, **key_schemas}.items()}
+        types: dict[str, CqlType] = {}
+        unusable: dict[str, str] = {}  # the record's schema for the column is not understood
+        for name, schema in {**column_schemas, **key_schemas}.items():
+            try:
+                types[name] = from_connect_schema(schema)
+            except ValueError as exc:
+                unusable[name] = str(exc)
         if cassandra is not None:
             types.update(cassandra.columns)
         missing = [n for n in (*event.key, *event.cells) if n not in types]
         if missing:
+            where = f"column(s) {', '.join(map(repr, missing))} of {event.keyspace}.{event.table}"
+            bad = [f"{n!r}: {unusable[n]}" for n in missing if n in unusable]
+            if bad:
+                raise EventError(f"no usable type for {where}: {'; '.join(bad)}")
             raise EventError(
-                f"no type known for column(s) {', '.join(map(repr, missing))} of "
-                f"{event.keyspace}.{event.table}: the record carries no schema and neither "
+                f"no type known for {where}: the record carries no schema and neither "
                 "the target table nor Cassandra's system_schema has them"
             )
         return types

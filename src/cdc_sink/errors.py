@@ -44,6 +44,10 @@ class ConversionError(PoisonError):
         super().__init__(message, stage="convert")
 
 
+class UnexpectedError(PoisonError):
+    """The sink's own code failed on this record in a way it does not foresee (a defect)."""
+
+
 class TransientError(SinkError):
     """A failure expected to pass: retry the same step with backoff."""
 

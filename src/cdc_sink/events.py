@@ -100,10 +100,11 @@ def interpret(
     if not isinstance(keyspace, str) or not isinstance(table, str) or not table:
         raise EventError("source.keyspace / source.table missing")
     ts_us = source.get("ts_us")
-    if ts_us is None and source.get("ts_ms") is not None:
-        ts_us = int(source["ts_ms"]) * 1000  # older connectors: only ms precision
-    if not isinstance(ts_us, int):
-        raise EventError("source.ts_us (the write timestamp) is missing")
+    if type(ts_us) is not int:
+        if ts_us is None and source.get("ts_ms") is not None:
+            ts_us = _whole(source["ts_ms"], "source.ts_ms") * 1000  # older connectors: ms only
+        else:
+            ts_us = _whole(ts_us, "source.ts_us (the write timestamp)")
     if key is None or not key:
         raise EventError("the record has no key: the primary key is unknown")
 
@@ -115,7 +116,9 @@ def interpret(
             if not (type(cell) is dict or isinstance(cell, Mapping)) or "value" not in cell:
                 raise EventError(f"column {name!r} is not a Debezium cell struct")
             expires = cell.get("deletion_ts")
-            cells[name] = Cell(cell["value"], None if expires is None else int(expires))
+            if expires is not None and type(expires) is not int:
+                expires = _whole(expires, f"{name}.deletion_ts")
+            cells[name] = Cell(cell["value"], expires)
     elif op is Op.DELETE and all(v is None for v in key.values()):
         raise EventError("a delete whose key has no value at all")
 
@@ -135,6 +138,17 @@ def interpret(
         range_start=start,
         range_end=end,
     )
+
+
+def _whole(raw: Any, field: str) -> int:
+    """An instant as the connector writes it: an integer (int64), never text, bool or float."""
+    if type(raw) is int:
+        return raw
+    if raw is None:
+        raise EventError(f"{field} is missing")
+    text = repr(raw)
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    raise EventError(f"{field} is {type(raw).__name__} {shown}, not an integer")
 
 
 def _bound(raw: Any) -> Bound:

@@ -41,6 +41,7 @@ from cdc_sink.errors import (
     FencedError,
     PoisonError,
     TransientError,
+    UnexpectedError,
 )
 from cdc_sink.events import Position, interpret
 from cdc_sink.http import HttpServer, add_standard_routes
@@ -891,9 +892,19 @@ class Worker:
         if decoded.value is None:
             return None  # a Kafka tombstone following a delete: nothing to apply
         position = Position(record.topic, record.partition, record.offset)
-        event = interpret(decoded.key, decoded.value, position)
+        try:
+            event = interpret(decoded.key, decoded.value, position)
+        except (PoisonError, MemoryError):
+            raise
+        except Exception as exc:
+            raise _defect(record, exc, "interpret") from exc
         schema = await self.catalog.resolve(event, decoded.key_schema, decoded.column_schemas)
-        return schema.to_mutation(event), schema
+        try:
+            return schema.to_mutation(event), schema
+        except (PoisonError, MemoryError):
+            raise
+        except Exception as exc:
+            raise _defect(record, exc, "convert") from exc
 
     async def _retrying(
         self,
@@ -1067,6 +1078,21 @@ class _NoRegistry:
         raise DecodeError(
             f"Avro record with schema id {schema_id} but no CDC_SCHEMA_REGISTRY__URL configured"
         )
+
+
+def _defect(record: Any, exc: Exception, stage: str) -> UnexpectedError:
+    """A pure stage failed in a way it does not foresee: a defect, logged with its traceback.
+    Only this record is dead-lettered (replay it once fixed); the DLQ limit pauses the
+    partition if every record fails so."""
+    log.error(
+        "unexpected_record_error",
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        stage=stage,
+        exc_info=exc,
+    )
+    return UnexpectedError(f"{type(exc).__name__}: {exc}", stage=stage)
 
 
 def _dead_letter(record: Any, exc: BaseException, stage: str) -> DeadLetter:

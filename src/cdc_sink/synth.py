@@ -43,6 +43,9 @@ from typing import Any
 
 import fastavro
 
+from cdc_sink.tables import TableSchema, target_name
+from cdc_sink.types import parse_cql_type
+
 __all__ = [
     "KEYSPACE",
     "TABLES",
@@ -63,6 +66,7 @@ __all__ = [
     "key_schema",
     "produce",
     "register_schemas",
+    "target_schema",
     "topic_for",
     "value_schema",
 ]
@@ -141,6 +145,19 @@ TABLES: dict[str, TableSpec] = {
     ),
 }
 TABLE_WEIGHTS = {"users": 0.4, "orders": 0.4, "sessions": 0.2}
+
+
+def target_schema(table: str, table_format: str = "cdc_{table}") -> TableSchema:
+    """The PostgreSQL table the sink makes for a synth table, as from Cassandra's schema."""
+    spec = TABLES[table]
+    return TableSchema(
+        keyspace=KEYSPACE,
+        table=table,
+        target=target_name(table_format, KEYSPACE, table),
+        key_columns=spec.key,
+        columns={column: parse_cql_type(cql) for column, cql in spec.columns},
+        partition_columns=spec.partition_key,
+    )
 
 
 def cql_ddl(keyspace: str = KEYSPACE) -> list[str]:

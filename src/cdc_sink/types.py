@@ -285,7 +285,7 @@ def from_connect_schema(schema: Mapping[str, Any]) -> CqlType:
     """
     try:
         return _from_connect(schema, nested=False)
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ValueError(f"invalid Kafka Connect schema: {exc!r}") from exc
 
 

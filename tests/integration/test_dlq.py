@@ -64,6 +64,20 @@ def poison(kind: str, j: int, keyspace: str) -> Record:
         return key, b'{"schema": {"type": "struct", "fields": ['
     if kind == "not_an_event":
         return key, json.dumps({"hello": "world", "n": j}).encode()
+    if kind == "bad_expiry":
+        key, value = poison_insert(j, keyspace, v1=1)
+        envelope = json.loads(value)
+        envelope["after"]["v1"]["deletion_ts"] = f"tomorrow {j}"
+        return key, json.dumps(envelope).encode()
+    if kind == "unusable_schema":
+        # JsonConverter with schemas, for a column the table lacks, of a type nobody knows
+        key, value = poison_insert(j, keyspace, v1=1)
+        payload = json.loads(value)
+        payload["after"]["v9"] = {"value": j, "deletion_ts": None, "set": True}
+        cell = {"type": "struct", "field": "v9", "fields": [{"type": "int65", "field": "value"}]}
+        after = {"type": "struct", "field": "after", "fields": [cell]}
+        envelope = {"schema": {"type": "struct", "fields": [after]}, "payload": payload}
+        return key, json.dumps(envelope).encode()
     if kind == "out_of_range":
         return poison_insert(j, keyspace, v1=3_000_000_000 + j)
     if kind == "type_changed":
@@ -81,6 +95,8 @@ POISON_KINDS = {
     "unknown_schema_id": ("DecodeError", "decode"),
     "invalid_json": ("DecodeError", "decode"),
     "not_an_event": ("EventError", "interpret"),
+    "bad_expiry": ("EventError", "interpret"),
+    "unusable_schema": ("EventError", "interpret"),
     "out_of_range": ("ConversionError", "convert"),
     "type_changed": ("ConversionError", "convert"),
     "nul_in_text": ("ConversionError", "convert"),
@@ -140,7 +156,7 @@ def counter_total(worker: Worker, name: str) -> float:
 async def test_one_percent_poison_of_every_kind_is_dead_lettered_and_nothing_else(
     stack: Endpoints, unique: Callable[[str], str]
 ) -> None:
-    """100,000 records, ~1 % poison of eight kinds: every good event is applied, every poison
+    """100,000 records, ~1 % poison of ten kinds: every good event is applied, every poison
     record is in the DLQ topic (with its context headers and original bytes) and in
     `_cdc_dlq_records` with the right class and stage, and consumed = applied + dead-lettered;
     the worker never stops."""

@@ -1,0 +1,99 @@
+"""A record that makes the sink's own pure code fail unexpectedly is dead-lettered, not fatal.
+
+Without this, one such record would stop the worker, and stop it again after every restart.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from cdc_sink import runner, synth
+from cdc_sink.config import load_config
+from cdc_sink.ddl import Catalog
+from cdc_sink.decode import Decoder
+from cdc_sink.events import ChangeEvent, Position
+from cdc_sink.plan import Mutation
+from cdc_sink.runner import Worker
+from cdc_sink.tables import TableSchema
+
+TOPIC = "cdc-events-users"
+USERS = synth.target_schema("users")
+
+
+class NoRegistry:
+    async def schema_by_id(self, schema_id: int) -> str:
+        raise AssertionError("JSON records need no registry")
+
+
+def records(count: int) -> list[Any]:
+    events = synth.generate(200, seed=3, start_us=time.time_ns() // 1000)
+    encoder = synth.JsonEncoder()
+    users = [encoder.encode(e) for e in events if e.table == "users" and e.op == "i"]
+    return [
+        ConsumerRecord(TOPIC, 0, offset, 0, 0, key, value, None, len(key), len(value), [])
+        for offset, (key, value) in enumerate(users[:count])
+    ]
+
+
+def worker() -> Worker:
+    worker = Worker(load_config({}))
+    worker.decoder = Decoder(NoRegistry())
+    worker.catalog = Catalog(None, "public", "cdc_{table}")  # type: ignore[arg-type]
+    worker.catalog._tables[USERS.target] = USERS  # warm: no PostgreSQL needed
+    return worker
+
+
+def interpret_failing_at(offset: int, error: BaseException) -> Any:
+    real = runner.interpret
+
+    def interpret(key: Any, value: Any, position: Position) -> ChangeEvent:
+        if position.offset == offset:
+            raise error
+        return real(key, value, position)
+
+    return interpret
+
+
+async def test_an_unexpected_failure_in_interpret_dead_letters_only_that_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runner, "interpret", interpret_failing_at(1, KeyError("boom")))
+    sent = records(3)
+    prepared = await worker()._prepare(sent)
+
+    [(_, mutations)] = prepared.batch.tables
+    assert [m.event.position.offset for m in mutations] == [0, 2]
+    [letter] = prepared.batch.dead_letters
+    assert (letter.offset, letter.error_class, letter.stage) == (1, "UnexpectedError", "interpret")
+    assert letter.message == "KeyError: 'boom'"
+    assert letter.value == sent[1].value  # the original bytes, for a replay once fixed
+
+
+async def test_an_unexpected_failure_in_conversion_dead_letters_only_that_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def convert(schema: TableSchema, event: ChangeEvent) -> Mutation:
+        if event.position.offset == 0:
+            raise ZeroDivisionError("division by zero")
+        return real(schema, event)
+
+    real = TableSchema.to_mutation
+    monkeypatch.setattr(TableSchema, "to_mutation", convert)
+    prepared = await worker()._prepare(records(2))
+
+    [letter] = prepared.batch.dead_letters
+    assert (letter.offset, letter.error_class, letter.stage) == (0, "UnexpectedError", "convert")
+    assert "ZeroDivisionError" in letter.message
+    assert [m.event.position.offset for m in prepared.batch.tables[0][1]] == [1]
+
+
+async def test_running_out_of_memory_is_not_blamed_on_the_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runner, "interpret", interpret_failing_at(0, MemoryError()))
+    with pytest.raises(MemoryError):
+        await worker()._prepare(records(1))
