@@ -24,7 +24,15 @@ from cdc_recon.errors import (
     UnknownTableError,
 )
 from cdc_recon.repository import Repository
-from cdc_sink.http import HttpError, HttpServer, Request, Response, json_response
+from cdc_sink.http import (
+    BIGINT_MAX,
+    HttpError,
+    HttpServer,
+    Request,
+    Response,
+    int_param,
+    json_response,
+)
 
 if TYPE_CHECKING:
     from cdc_recon.service import ReconciliationRuntime
@@ -32,14 +40,12 @@ if TYPE_CHECKING:
 KINDS = ("missing_in_postgres", "extra_in_postgres", "value_mismatch")
 
 
-def _int(request: Request, name: str, value: str | None = None) -> int | None:
-    raw = value if value is not None else _text(request, name)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise HttpError(400, f"{name} must be a whole number, not {raw!r}") from None
+MAX_LIMIT = 10_000
+
+
+def _int(request: Request, name: str, high: int = BIGINT_MAX) -> int | None:
+    raw = _text(request, name)
+    return None if raw is None else int_param(raw, name, high=high)
 
 
 def _text(request: Request, name: str) -> str | None:
@@ -64,13 +70,12 @@ def add_reconciliation_routes(server: HttpServer, runtime: ReconciliationRuntime
             table=_text(request, "table"),
             strategy=_text(request, "strategy"),
             status=_text(request, "status"),
-            limit=_int(request, "limit") or 100,
+            limit=_int(request, "limit", MAX_LIMIT) or 100,
         )
         return json_response({"jobs": jobs})
 
     async def get_job(request: Request) -> Response:
-        job_id = _int(request, "id", request.path_params["id"])
-        assert job_id is not None
+        job_id = int_param(request.path_params["id"], "id")
         job = await repository.job(job_id)
         if job is None:
             raise HttpError(404, f"no reconciliation job {job_id}")
@@ -100,13 +105,12 @@ def add_reconciliation_routes(server: HttpServer, runtime: ReconciliationRuntime
             table=_text(request, "table"),
             kind=kind,
             status=_text(request, "status"),
-            limit=_int(request, "limit") or 1000,
+            limit=_int(request, "limit", MAX_LIMIT) or 1000,
         )
         return json_response({"mismatches": found})
 
     async def resolve(request: Request) -> Response:
-        mismatch_id = _int(request, "id", request.path_params["id"])
-        assert mismatch_id is not None
+        mismatch_id = int_param(request.path_params["id"], "id")
         body: Any = request.json()
         if not isinstance(body, dict) or not isinstance(body.get("resolution"), str):
             raise HttpError(400, 'the body must be a JSON object with a "resolution" text')

@@ -37,6 +37,20 @@ class HttpError(Exception):
         self.status = status
 
 
+BIGINT_MAX = 2**63 - 1  # ids are PostgreSQL bigints
+
+
+def int_param(raw: Any, name: str, low: int = 1, high: int = BIGINT_MAX) -> int:
+    """`raw` (query or path text) as an integer in [low, high], or a 400 naming `name`."""
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise HttpError(400, f"{name} must be a whole number, not {raw!r}") from None
+    if not low <= value <= high:
+        raise HttpError(400, f"{name} must be between {low} and {high}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One parsed request. Header names are lower-case; `query` comes from `parse_qs`."""

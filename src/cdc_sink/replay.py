@@ -21,7 +21,15 @@ import asyncpg
 
 from cdc_sink.dlq import DlqProducer, headers_from_json
 from cdc_sink.errors import SinkError
-from cdc_sink.http import HttpError, HttpServer, Request, Response, json_response
+from cdc_sink.http import (
+    BIGINT_MAX,
+    HttpError,
+    HttpServer,
+    Request,
+    Response,
+    int_param,
+    json_response,
+)
 
 STATUSES = ("pending", "replayed")
 LIST_COLUMNS = (
@@ -81,8 +89,11 @@ class DlqFilter:
             ids = ids.split(",")
         since = raw.get("since")
         try:
+            numbers = tuple(int(i) for i in ids)
+            if any(not 1 <= i <= BIGINT_MAX for i in numbers):
+                raise ValueError(f"ids must be between 1 and {BIGINT_MAX}")
             return cls(
-                ids=tuple(int(i) for i in ids),
+                ids=numbers,
                 status=raw.get("status"),
                 topic=raw.get("topic"),
                 error_class=raw.get("error_class"),
@@ -200,23 +211,18 @@ def add_dlq_routes(
 
     async def listing(request: Request) -> Response:
         query = {k: v[-1] for k, v in request.query.items()}
+        limit = int_param(query.pop("limit", 100), "limit", high=1000)
+        after_id = int_param(query.pop("after_id", 0), "after_id", low=0)
         try:
-            limit = int(query.pop("limit", 100))
-            after_id = int(query.pop("after_id", 0))
             where = DlqFilter.from_mapping(query)
         except ValueError as exc:
             raise HttpError(400, str(exc)) from None
-        if not 1 <= limit <= 1000:
-            raise HttpError(400, "limit must be between 1 and 1000")
         async with pool.acquire() as conn:
             records = await list_dead_letters(conn, where, limit=limit, after_id=after_id)
         return json_response({"records": records})
 
     async def show(request: Request) -> Response:
-        try:
-            dlq_id = int(request.path_params["id"])
-        except ValueError:
-            raise HttpError(400, "the id must be an integer") from None
+        dlq_id = int_param(request.path_params["id"], "id")
         async with pool.acquire() as conn:
             shown = await show_dead_letter(conn, dlq_id)
         if shown is None:

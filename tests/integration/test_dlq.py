@@ -390,6 +390,11 @@ async def test_replayed_records_apply_once_the_cause_is_fixed(
         assert (await asyncio.to_thread(cli, env, "replay")).returncode == 2
         assert (await asyncio.to_thread(http, port, "GET", "/dlq/987654321"))[0] == 404
         assert (await asyncio.to_thread(http, port, "GET", "/dlq/abc"))[0] == 400
+        for bad in (f"/dlq/{2**64}", "/dlq?limit=-1", "/dlq?limit=1001", f"/dlq?after_id={2**64}"):
+            status, body = await asyncio.to_thread(http, port, "GET", bad)
+            assert (status, "must be between" in body["error"]) == (400, True), (bad, body)
+        status, body = await asyncio.to_thread(http, port, "POST", "/dlq/replay", {"ids": [2**64]})
+        assert (status, "ids must be between" in body["error"]) == (400, True), body
         assert (await asyncio.to_thread(http, port, "GET", "/dlq?colour=red"))[0] == 400
         assert (await asyncio.to_thread(http, port, "POST", "/dlq/replay", {}))[0] == 400
 

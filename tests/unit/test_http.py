@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from cdc_sink.http import HttpError, HttpServer, Request, Response, add_standard_routes
+from cdc_sink.http import (
+    HttpError,
+    HttpServer,
+    Request,
+    Response,
+    add_standard_routes,
+    int_param,
+)
 from cdc_sink.http import json_response as json_reply
 from cdc_sink.metrics import Metrics
 
@@ -280,3 +287,28 @@ async def test_stop_closes_listener_idle_and_busy_connections() -> None:
     await server.stop()  # a second stop is a no-op
     with pytest.raises(RuntimeError):
         _ = server.port
+
+
+@pytest.mark.parametrize(
+    ("raw", "low", "high", "message"),
+    [
+        ("abc", 1, 10, "n must be a whole number, not 'abc'"),
+        ("1.5", 1, 10, "n must be a whole number, not '1.5'"),
+        (None, 1, 10, "n must be a whole number, not None"),
+        ("0", 1, 10, "n must be between 1 and 10"),
+        ("11", 1, 10, "n must be between 1 and 10"),
+        (str(2**63), 1, 2**63 - 1, "n must be between 1 and 9223372036854775807"),
+    ],
+)
+def test_int_param_answers_400_naming_the_parameter(
+    raw: Any, low: int, high: int, message: str
+) -> None:
+    """Numbers out of range reach no query: PostgreSQL would refuse them (a 500 before)."""
+    with pytest.raises(HttpError) as caught:
+        int_param(raw, "n", low, high)
+    assert (caught.value.status, str(caught.value)) == (400, message)
+
+
+def test_int_param_accepts_the_bounds() -> None:
+    assert int_param("1", "n", 1, 10) == 1
+    assert int_param(10, "n", 1, 10) == 10
