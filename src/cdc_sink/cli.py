@@ -11,16 +11,32 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from cdc_sink import __version__
 from cdc_sink.config import Config, ConfigError, load_config
 from cdc_sink.errors import FatalError, SinkError
+from cdc_sink.http import BIGINT_MAX  # ids and limits go to PostgreSQL as bigints
 from cdc_sink.logs import configure_logging, get_logger
 
 log = get_logger("cdc_sink")
+
+
+def whole_number(low: int, high: int = BIGINT_MAX) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], or a usage error saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}: {text}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     job.add_argument("--window-start", help="timestamp_range: ISO 8601 start (inclusive)")
     job.add_argument("--window-end", help="timestamp_range: ISO 8601 end (exclusive)")
-    job.add_argument("--sample-size", type=int, help="sample: how many keys to compare")
+    job.add_argument("--sample-size", type=whole_number(1), help="sample: how many keys to compare")
     job.add_argument("--seed", type=int, help="sample: random seed (repeatable draws)")
     repair = actions.add_parser("repair", help="repair the open mismatches of a job")
-    repair.add_argument("--job", type=int, required=True, help="the reconciliation job id")
+    repair.add_argument(
+        "--job", type=whole_number(1), required=True, help="the reconciliation job id"
+    )
     return parser
 
 
@@ -81,16 +99,20 @@ def _add_dlq_commands(commands: Any) -> None:
     listing = actions.add_parser("list", help="dead letters, oldest first")
     filters(listing)
     listing.add_argument("--status", choices=("pending", "replayed"), help="only this status")
-    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
-    listing.add_argument("--after-id", type=int, default=0, help="start after this id (paging)")
+    listing.add_argument(
+        "--limit", type=whole_number(1), default=100, help="at most this many (100)"
+    )
+    listing.add_argument(
+        "--after-id", type=whole_number(0), default=0, help="start after this id (paging)"
+    )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     show = actions.add_parser("show", help="one dead letter with its key, value and headers")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=whole_number(1))
     replay = actions.add_parser(
         "replay",
         help="re-produce pending dead letters to their original topic and mark them replayed",
     )
-    replay.add_argument("ids", type=int, nargs="*", help="the dead letters to replay")
+    replay.add_argument("ids", type=whole_number(1), nargs="*", help="the dead letters to replay")
     filters(replay)
     replay.add_argument(
         "--all", action="store_true", help="replay every pending record (when no ids/filters)"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from cdc_sink import __version__
-from cdc_sink.cli import GC_YOUNG_THRESHOLD, main, tune_gc
+from cdc_sink.cli import GC_YOUNG_THRESHOLD, build_parser, main, tune_gc
 
 
 def test_version_command_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,6 +36,31 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main(["frobnicate"])
     assert exited.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dlq", "show", str(2**64)], "argument id: must be between 1 and 9223372036854775807"),
+        (["dlq", "list", "--limit", "-1"], "argument --limit: must be between 1 and"),
+        (["dlq", "list", "--after-id", "x"], "argument --after-id: not a whole number: 'x'"),
+        (["dlq", "replay", "0"], "argument ids: must be between 1 and"),
+        (["reconcile", "repair", "--job", "1.5"], "argument --job: not a whole number: '1.5'"),
+        (
+            ["reconcile", "run", "--table", "t", "--strategy", "sample", "--sample-size", "0"],
+            "argument --sample-size: must be between 1 and",
+        ),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ids and limits are checked before any service is asked (PostgreSQL would refuse them
+    with a traceback)."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> None:
