@@ -163,6 +163,10 @@ class HttpConfig:
     port: int = 8000
     enabled: bool = True
 
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65_535:
+            raise ConfigError("CDC_HTTP__PORT must be between 0 (any free port) and 65535")
+
 
 @dataclass(frozen=True)
 class CassandraConfig:
@@ -171,6 +175,10 @@ class CassandraConfig:
     local_dc: str = "datacenter1"
     username: str | None = None
     password: Secret | None = None
+
+    def validate(self) -> None:
+        if not 1 <= self.port <= 65_535:
+            raise ConfigError("CDC_CASSANDRA__PORT must be between 1 and 65535")
 
 
 @dataclass(frozen=True)
@@ -250,6 +258,9 @@ class ReconciliationConfig:
         self.schedule_entries()
 
 
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
@@ -257,6 +268,8 @@ class LogConfig:
     repeat_window_seconds: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"CDC_LOG__LEVEL must be one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.repeat_window_seconds <= 86_400:
             raise ConfigError("CDC_LOG__REPEAT_WINDOW_SECONDS must be between 0 and 86400")
 

@@ -54,6 +54,10 @@ def test_the_dsn_is_a_secret() -> None:
             "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES",
         ),
         ({"CDC_LOG__REPEAT_WINDOW_SECONDS": "-1"}, "CDC_LOG__REPEAT_WINDOW_SECONDS"),
+        ({"CDC_LOG__LEVEL": "loud"}, "CDC_LOG__LEVEL"),
+        ({"CDC_HTTP__PORT": "70000"}, "CDC_HTTP__PORT"),
+        ({"CDC_HTTP__PORT": "-1"}, "CDC_HTTP__PORT"),
+        ({"CDC_CASSANDRA__PORT": "0"}, "CDC_CASSANDRA__PORT"),
         ({"CDC_BOGUS__X": "1"}, "bogus"),
     ],
 )
