@@ -77,12 +77,20 @@ class KafkaConfig:
                 "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES must be between 1024 and "
                 "CDC_KAFKA__FETCH_MAX_BYTES"
             )
+        if self.session_timeout_ms < 1 or self.max_poll_interval_ms < 1:
+            raise ConfigError(
+                "CDC_KAFKA__SESSION_TIMEOUT_MS and CDC_KAFKA__MAX_POLL_INTERVAL_MS must be >= 1"
+            )
 
 
 @dataclass(frozen=True)
 class SchemaRegistryConfig:
     url: str | None = None
     timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        if not self.timeout_s > 0:
+            raise ConfigError("CDC_SCHEMA_REGISTRY__TIMEOUT_S must be > 0")
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,8 @@ class PostgresConfig:
             raise ConfigError("CDC_POSTGRES__DSN must be a postgresql:// URL")
         if not self.schema or len(self.schema.encode()) > 63:
             raise ConfigError("CDC_POSTGRES__SCHEMA must be 1 to 63 bytes")
+        if not self.connect_timeout_s > 0:
+            raise ConfigError("CDC_POSTGRES__CONNECT_TIMEOUT_S must be > 0")
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,8 @@ class SinkConfig:
             )
         if self.shutdown_timeout_seconds <= 0:
             raise ConfigError("CDC_SINK__SHUTDOWN_TIMEOUT_SECONDS must be > 0")
+        if not self.expiry_interval_seconds > 0:
+            raise ConfigError("CDC_SINK__EXPIRY_INTERVAL_SECONDS must be > 0")
 
 
 @dataclass(frozen=True)
@@ -250,11 +262,13 @@ class ReconciliationConfig:
         for name in ("interval_seconds", "page_size", "concurrency", "buckets", "sample_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CDC_RECONCILIATION__{name.upper()} must be >= 1")
-        if self.window_seconds < 1 or self.settle_seconds < 0 or self.poll_seconds <= 0:
-            raise ConfigError(
-                "CDC_RECONCILIATION__WINDOW_SECONDS must be >= 1, SETTLE_SECONDS >= 0 and "
-                "POLL_SECONDS > 0"
-            )
+        if self.window_seconds < 1:
+            raise ConfigError("CDC_RECONCILIATION__WINDOW_SECONDS must be >= 1")
+        if self.settle_seconds < 0:
+            raise ConfigError("CDC_RECONCILIATION__SETTLE_SECONDS must be >= 0")
+        for name in ("poll_seconds", "push_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"CDC_RECONCILIATION__{name.upper()} must be > 0")
         self.schedule_entries()
 
 
