@@ -314,9 +314,13 @@ def load_config(environ: Mapping[str, str] | None = None, file: Path | None = No
     raw: dict[str, dict[str, Any]] = {}
     if file_name is not None:
         try:
-            raw = {k: dict(v) for k, v in tomllib.loads(file_name.read_text()).items()}
+            document = tomllib.loads(file_name.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {file_name}: {exc}") from None
+        for section, values in document.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {file_name}: {section} must be a [{section}] table")
+            raw[section] = dict(values)
     sections = {f.name: f for f in dataclasses.fields(Config)}
     for name, value in environ.items():
         if not name.startswith("CDC_") or "__" not in name or name == "CDC_CONFIG_FILE":
@@ -366,9 +370,15 @@ def _coerce(hint: Any, value: Any, setting: str) -> Any:
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError("expected true or false")
-        if hint is Secret:
-            return Secret(str(value))
-        if hint in (int, float, str):
+        if hint in (str, Secret):
+            if not isinstance(value, str):  # a TOML number, list or table where text belongs
+                raise ValueError(f"expected text, not {type(value).__name__}")
+            return hint(value)
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"expected a number, not {type(value).__name__}")
+        if hint is int and isinstance(value, float):
+            raise ValueError("expected a whole number")
+        if hint in (int, float):
             return hint(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{setting}={_shown(value, hint)} is invalid: {exc}") from None

@@ -80,3 +80,33 @@ def test_a_broken_file_is_reported(tmp_path: Path) -> None:
     file.write_text("[kafka\n")
     with pytest.raises(ConfigError, match=r"bad\.toml"):
         load_config({}, file)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sink = 5\n", r"settings\.toml: sink must be a \[sink\] table"),
+        ("[sink]\nbatch_size = 1.5\n", r"CDC_SINK__BATCH_SIZE=1\.5 is invalid: expected a whole"),
+        ("[sink]\nbatch_size = true\n", "CDC_SINK__BATCH_SIZE=True is invalid: expected a number"),
+        (
+            "[kafka]\ntopic_pattern = {a = 1}\n",
+            "TOPIC_PATTERN=.* is invalid: expected text, not dict",
+        ),
+        ("[kafka]\ngroup_id = 7\n", "CDC_KAFKA__GROUP_ID=7 is invalid: expected text, not int"),
+        ("[postgres]\ndsn = 5\n", r"CDC_POSTGRES__DSN=\*\*\* is invalid: expected text"),
+    ],
+)
+def test_file_values_of_the_wrong_kind_are_named(tmp_path: Path, text: str, message: str) -> None:
+    """TOML has types: a number where text belongs (or a fraction where a count does) is an
+    error naming the setting, never silently converted."""
+    file = tmp_path / "settings.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config({}, file)
+
+
+def test_file_values_of_the_right_kind_load(tmp_path: Path) -> None:
+    file = tmp_path / "settings.toml"
+    file.write_text('[sink]\nbatch_size = 500\nlinger_ms = "20"\nretry_max_seconds = 30\n')
+    sink = load_config({}, file).sink
+    assert (sink.batch_size, sink.linger_ms, sink.retry_max_seconds) == (500, 20, 30.0)
