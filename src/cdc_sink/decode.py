@@ -423,6 +423,7 @@ class _AvroToConnect:
     def __init__(self) -> None:
         # full name -> (Avro definition, its Connect schema), first definition wins
         self.named: dict[str, tuple[dict[str, Any], ConnectSchema]] = {}
+        self.open: set[str] = set()  # records whose fields are being converted
 
     def convert(self, avro: Any, namespace: str, *, optional: bool) -> ConnectSchema:
         if isinstance(avro, list):
@@ -444,11 +445,13 @@ class _AvroToConnect:
         if kind in ("record", "error"):
             node["type"] = "struct"
             fields: list[ConnectSchema] = []
-            node["fields"] = fields  # filled in place, so recursive references see it
+            node["fields"] = fields
+            self.open.add(full)
             for field in avro.get("fields", []):
                 fields.append(
                     {"field": field["name"], **self.convert(field["type"], inner, optional=False)}
                 )
+            self.open.discard(full)
         elif kind == "enum":
             node["type"] = "string"
             node["parameters"] = {
@@ -499,9 +502,15 @@ class _AvroToConnect:
 
     def _lookup(self, name: str, namespace: str) -> tuple[dict[str, Any], ConnectSchema]:
         qualified = f"{namespace}.{name}" if namespace and "." not in name else name
-        found = self.named.get(qualified) or self.named.get(name)
+        full = qualified if qualified in self.named else name
+        found = self.named.get(full)
         if found is None:
             raise ValueError(f"unknown Avro type {name!r}")
+        if full in self.open:
+            # fastavro reads such a type by recursing in C: a datum nested deeply enough (or a
+            # type with no way out) overflows the stack and kills the process. Debezium's
+            # connector never writes one.
+            raise ValueError(f"Avro type {name!r} contains itself; recursive types are refused")
         return found
 
     def _is_map_entry(self, array: dict[str, Any], namespace: str, items: ConnectSchema) -> bool:

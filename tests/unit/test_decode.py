@@ -419,6 +419,53 @@ async def test_unusable_writer_schemas_are_poison() -> None:
         await decoder.decode(None, b"\x00\x00\x00\x00\x04\x00")
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        # no way out: no finite datum exists
+        {"type": "record", "name": "R", "fields": [{"name": "r", "type": "R"}]},
+        # a linked list: 0.5 MB of 0x02 bytes would nest 500,000 deep
+        {"type": "record", "name": "N", "fields": [{"name": "next", "type": ["null", "N"]}]},
+        # through another record and an array, with a namespace
+        {
+            "type": "record",
+            "name": "a.Tree",
+            "fields": [
+                {
+                    "name": "kids",
+                    "type": {
+                        "type": "array",
+                        "items": {
+                            "type": "record",
+                            "name": "Kid",
+                            "fields": [{"name": "t", "type": "Tree"}],
+                        },
+                    },
+                }
+            ],
+        },
+    ],
+)
+async def test_recursive_writer_schemas_are_poison(schema: dict[str, Any]) -> None:
+    """fastavro reads recursive types by recursing in C, and a deep enough datum kills the
+    process (a segmentation fault, not an exception): such schemas are refused up front."""
+    decoder = Decoder(FakeRegistry({5: schema}))
+    with pytest.raises(DecodeError, match=r"schema id 5 is not a usable Avro schema: .*contains"):
+        await decoder.decode(None, b"\x00\x00\x00\x00\x05" + b"\x02" * 500_000 + b"\x00")
+
+
+async def test_a_named_type_used_twice_side_by_side_is_not_recursion() -> None:
+    point = {"type": "record", "name": "P", "fields": [{"name": "x", "type": "int"}]}
+    schema = {
+        "type": "record",
+        "name": "Line",
+        "fields": [{"name": "a", "type": point}, {"name": "b", "type": "P"}],
+    }
+    decoder = Decoder(FakeRegistry({6: schema}))
+    decoded = await decoder.decode(None, b"\x00\x00\x00\x00\x06\x02\x04")
+    assert decoded.value == {"a": {"x": 1}, "b": {"x": 2}}
+
+
 async def test_registry_is_asked_once_per_schema_id() -> None:
     """Many records of two ids cost two registry calls, and share their column schemas."""
     fake = registry()
