@@ -506,6 +506,15 @@ def test_conversion_error_truncates_huge_values() -> None:
     assert len(str(caught.value)) < 200
 
 
+@pytest.mark.parametrize(("cql", "in_a_list"), [("int", False), ("varint", True)])
+def test_conversion_error_shows_an_int_too_large_for_repr(cql: str, in_a_list: bool) -> None:
+    """Python refuses repr() of ints above 4,300 digits: the message says so instead of the
+    error escaping as a ValueError."""
+    huge = 10**5000
+    with pytest.raises(ConversionError, match="too large to show"):
+        pg(cql, [huge] if in_a_list else huge)
+
+
 # --- to_pg: arrays ------------------------------------------------------------------------------
 
 
