@@ -69,6 +69,12 @@ PREPARE_YIELD_S = 0.0001
 # may otherwise wait out a coordinator lookup or request timeout (tens of seconds).
 KAFKA_CLOSE_TIMEOUT_S = 5.0
 
+# A table or column the sink made and recorded in _cdc_schema_metadata was dropped by hand.
+_GONE = dict.fromkeys(
+    ("42P01", "42703"),
+    ". A table or column the sink made is gone: see the README, 'A target table was dropped'",
+)
+
 # SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
 TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
@@ -762,7 +768,7 @@ class Worker:
                 if isinstance(exc, asyncpg.PostgresError):
                     raise FatalError(
                         f"PostgreSQL refused the batch ({exc.sqlstate} {type(exc).__name__}: "
-                        f"{exc}); nothing was committed"
+                        f"{exc}); nothing was committed{_GONE.get(exc.sqlstate, '')}"
                     ) from exc
                 raise
             if len(records) > 1:

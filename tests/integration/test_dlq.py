@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -26,11 +24,12 @@ from tests.support.pipeline import (
     create_topic,
     drop_schema,
     produce_positions,
+    run_cli,
     run_worker,
     schemaless_record,
     sink_env,
 )
-from tests.support.stack import REPO, Endpoints
+from tests.support.stack import Endpoints
 
 TS = 1_900_000_000_000_000
 Record = tuple[bytes | None, bytes | None]
@@ -329,13 +328,7 @@ async def test_a_partition_past_the_dlq_share_pauses_and_the_others_go_on(
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_sink", "dlq", *args],
-        env={**os.environ, **env, "PYTHONPATH": str(REPO / "src")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(env, "dlq", *args, timeout=120)
 
 
 async def test_replayed_records_apply_once_the_cause_is_fixed(

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,8 +25,9 @@ from cdc_sink.config import load_config
 from cdc_sink.http import HttpServer
 from cdc_sink.write import prepare_connection
 from tests.support import recon_data as data
+from tests.support.pipeline import run_cli
 from tests.support.recon_data import Setup, make_setup
-from tests.support.stack import REPO, Endpoints
+from tests.support.stack import Endpoints
 
 
 @pytest.fixture
@@ -226,15 +225,7 @@ async def test_http_routes(stack: Endpoints, setup: Setup) -> None:
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, **env, "PYTHONPATH": str(REPO / "src"), "CDC_LOG__LEVEL": "warning"}
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_sink", "reconcile", *args],
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_cli({**env, "CDC_LOG__LEVEL": "warning"}, "reconcile", *args)
 
 
 async def test_cli_run_and_repair(stack: Endpoints, setup: Setup) -> None:

@@ -131,6 +131,20 @@ async def run_worker(env: Mapping[str, str]) -> Worker:
     return worker
 
 
+def run_cli(
+    env: Mapping[str, str], *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m cdc_sink ARGS` of this checkout with these settings; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "cdc_sink", *args],
+        env={**os.environ, **env, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def start_worker_process(
     env: Mapping[str, str], log_path: Path, *, stop_when_caught_up: bool = True
 ) -> subprocess.Popen[bytes]:
