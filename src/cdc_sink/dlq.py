@@ -29,7 +29,7 @@ from aiokafka.errors import (
 
 from cdc_sink.errors import FatalError, TransientError
 
-Header = tuple[str, bytes]
+Header = tuple[str, bytes | None]  # Kafka allows a header without a value
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,11 @@ def dlq_headers(letter: DeadLetter, consumer_group: str) -> list[Header]:
 
 def headers_to_json(headers: Sequence[Header]) -> str:
     """Headers as JSON for `_cdc_dlq_records`: text stays readable, other bytes as base64."""
-    out: list[dict[str, str]] = []
+    out: list[dict[str, str | None]] = []
     for key, value in headers:
+        if value is None:
+            out.append({"key": key, "value": None})
+            continue
         try:
             out.append({"key": key, "value": value.decode("utf-8")})
         except UnicodeDecodeError:
@@ -84,7 +87,11 @@ def headers_from_json(stored: Any) -> list[Header]:
     return [
         (
             item["key"],
-            base64.b64decode(item["base64"]) if "base64" in item else item["value"].encode(),
+            base64.b64decode(item["base64"])
+            if "base64" in item
+            else None
+            if item["value"] is None
+            else item["value"].encode(),
         )
         for item in items
     ]

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from cdc_sink.dlq import DlqProducer, headers_from_json
+from cdc_sink.dlq import DlqProducer, Header, headers_from_json
 from cdc_sink.errors import SinkError
 from cdc_sink.http import (
     BIGINT_MAX,
@@ -193,7 +193,7 @@ async def replay_dead_letters(
     return ids
 
 
-def _replay_headers(stored: Any, dlq_id: int) -> list[tuple[str, bytes]]:
+def _replay_headers(stored: Any, dlq_id: int) -> list[Header]:
     """The record's own headers (without an earlier replay's marker) and `cdc.replay.of`."""
     own = [(k, v) for k, v in headers_from_json(stored) if k != "cdc.replay.of"]
     return [*own, ("cdc.replay.of", str(dlq_id).encode())]

@@ -1109,7 +1109,7 @@ def _dead_letter(record: Any, exc: BaseException, stage: str) -> DeadLetter:
         timestamp_ms=record.timestamp,
         key=record.key,
         value=record.value,
-        headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
+        headers=tuple((k, None if v is None else bytes(v)) for k, v in (record.headers or ())),
         error_class=type(exc).__name__,
         message=str(exc)[:2000],
         stage=stage,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from cdc_sink.config import load_config
@@ -323,6 +323,36 @@ async def test_a_partition_past_the_dlq_share_pauses_and_the_others_go_on(
         assert letters[0][0] == 150
         rows = await sql(stack.postgres_dsn, schema, "SELECT count(*) FROM cdc_model")
         assert rows[0][0] == 8 * 50 + 20
+    finally:
+        await drop_schema(stack.postgres_dsn, schema)
+
+
+async def test_headers_without_a_value_reach_the_dlq_as_they_were(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """Kafka allows a header with no value; a poison record carrying one is dead-lettered
+    (this stopped the worker once) with the header kept as such in the topic and the table."""
+    topic, schema, dlq_topic = unique("cdc-events-hdr"), unique("hdr"), unique("dlq-events")
+    await create_topic(stack.kafka, topic, partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka, acks="all")
+    await producer.start()
+    try:
+        headers = [("no-value", None), ("trace", b"t-1")]
+        await producer.send_and_wait(topic, b"\xff\xfe not a record", key=b"k", headers=headers)
+    finally:
+        await producer.stop()
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, dlq__topic=dlq_topic)
+    env["CDC_DLQ__MAX_SHARE"] = "1"  # the only record is poison
+    try:
+        worker = await run_worker(env)
+        assert worker.applied_events == 1
+        [message] = await read_topic(stack.kafka, dlq_topic)
+        assert list(message.headers[:2]) == headers
+        stored = await sql(stack.postgres_dsn, schema, "SELECT headers FROM _cdc_dlq_records")
+        assert json.loads(stored[0][0])[:2] == [
+            {"key": "no-value", "value": None},
+            {"key": "trace", "value": "t-1"},
+        ]
     finally:
         await drop_schema(stack.postgres_dsn, schema)
 

@@ -96,8 +96,14 @@ def test_dlq_headers_keep_the_originals_and_add_the_context() -> None:
 
 
 def test_headers_survive_the_table_as_text_or_base64() -> None:
-    """UTF-8 header values stay readable in `_cdc_dlq_records`; other bytes round-trip."""
-    original = [("text", "é".encode()), ("binary", b"\xff\x00\x01"), ("empty", b"")]
+    """UTF-8 header values stay readable in `_cdc_dlq_records`; other bytes and a missing
+    value round-trip."""
+    original = [
+        ("text", "é".encode()),
+        ("binary", b"\xff\x00\x01"),
+        ("empty", b""),
+        ("null", None),  # a header without a value, which Kafka allows
+    ]
     stored = headers_to_json(original)
     assert '"value": "\\u00e9"' in stored
     assert headers_from_json(stored) == original
