@@ -13,6 +13,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from cdc_sink.config import load_config
 from cdc_sink.runner import Worker
 from tests.support.cassandra_model import Mutation
@@ -22,6 +24,7 @@ from tests.support.pipeline import (
     drop_schema,
     produce,
     read_rows,
+    run_worker,
     schemaless_record,
     sink_env,
 )
@@ -105,6 +108,27 @@ def cdc_sink(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
         timeout=120,
         check=False,
     )
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "snappy", "gzip"])
+async def test_topics_compressed_with_any_kafka_codec_are_read(
+    stack: Endpoints, unique: Callable[[str], str], codec: str
+) -> None:
+    """Producers (Kafka Connect's included) and brokers compress batches; the worker reads
+    every codec Kafka has (it stopped on the first zstd, lz4 or snappy batch once)."""
+    keyspace, topic, schema = unique("ks"), unique(f"cdc-events-{codec}"), unique(codec)
+    create_cassandra_model_table(stack, keyspace)
+    await create_topic(stack.kafka, topic, 2, {"compression.type": codec})
+    rows = [Mutation("insert", 1_000 + i, (0, "a", i, "x"), {"v1": (i, None)}) for i in range(50)]
+    await produce(stack.kafka, topic, [schemaless_record(m, keyspace) for m in rows])
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
+    try:
+        worker = await run_worker(env)
+        assert worker.applied_events == len(rows)
+        stored = await read_rows(stack.postgres_dsn, schema, "cdc_model", ("v1",))
+        assert stored == {m.key: {"v1": m.cells["v1"][0]} for m in rows}
+    finally:
+        await drop_schema(stack.postgres_dsn, schema)
 
 
 async def test_migrate_is_idempotent(stack: Endpoints, unique: Callable[[str], str]) -> None:

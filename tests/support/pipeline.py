@@ -67,11 +67,15 @@ def schemaless_record(m: Mutation, keyspace: str) -> tuple[bytes, bytes]:
     return json.dumps(key).encode(), json.dumps(value).encode()
 
 
-async def create_topic(bootstrap: str, topic: str, partitions: int = 8) -> None:
+async def create_topic(
+    bootstrap: str, topic: str, partitions: int = 8, configs: dict[str, str] | None = None
+) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, partitions, replication_factor=1)])
+        await admin.create_topics(
+            [NewTopic(topic, partitions, replication_factor=1, topic_configs=configs or {})]
+        )
     finally:
         await admin.close()
     await asyncio.sleep(0.5)  # let the new partitions elect their leader
