@@ -65,6 +65,9 @@ BASE_PORTS = {
     # forwards to "kafka-proxied" (the fault-injecting TCP proxy of the chaos tests).
     "kafka-proxied": 19095,
     "kafka-via-proxy": 19096,
+    # A SASL_SSL listener (PLAIN over TLS, a self-signed certificate for 127.0.0.1), as secured
+    # clusters are reached: the sink's CDC_KAFKA__SECURITY_PROTOCOL settings are tested there.
+    "kafka-secured": 19097,
     "cassandra": 19042,
     "cassandra-storage": 17000,
     "cassandra-jmx": 17199,
@@ -83,6 +86,9 @@ PG_PASSWORD = "cdc_sink"  # local development only; the stack binds to loopback
 PG_SUPERUSER_PASSWORD = "postgres"
 OWNER_VARIABLE = "CDC_STACK_OWNER"
 VAULT_TOKEN = "cdc-local-root-token"  # dev-mode root token, local development only
+# The secured Kafka listener's one SASL user and its TLS keystore: local development only.
+KAFKA_SASL_USER, KAFKA_SASL_PASSWORD = "cdcsink", "cdc-local-kafka-password"
+KAFKA_KEYSTORE_PASSWORD = "cdc-local-keystore"
 
 
 # The readiness checks poll services that are still starting; their clients' retry chatter is noise.
@@ -448,7 +454,12 @@ def kafka_install() -> None:
         "CONTROLLER_PORT": str(PORTS["kafka-controller"]),
         "PROXIED_PORT": str(PORTS["kafka-proxied"]),
         "VIA_PROXY_PORT": str(PORTS["kafka-via-proxy"]),
+        "SECURED_PORT": str(PORTS["kafka-secured"]),
+        "SASL_USER": KAFKA_SASL_USER,
+        "SASL_PASSWORD": KAFKA_SASL_PASSWORD,
+        "KEYSTORE_PASSWORD": KAFKA_KEYSTORE_PASSWORD,
     }
+    kafka_tls(run_dir / "tls")
     render(CONF / "kafka" / "server.properties.in", run_dir / "server.properties", values)
     if (run_dir / "data" / "meta.properties").exists():
         return
@@ -481,6 +492,24 @@ def kafka_install() -> None:
         ],
         what="kafka storage format",
     )
+
+
+def kafka_tls(directory: Path) -> None:
+    """A self-signed certificate for 127.0.0.1 (keystore for the broker, PEM for clients)."""
+    if (directory / "ca.pem").exists():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    keytool = str(Path(java17()).parent / "keytool")
+    store = ["-keystore", str(directory / "broker.p12"), "-storepass", KAFKA_KEYSTORE_PASSWORD]
+    key = ["-alias", "kafka", "-keyalg", "RSA", "-keysize", "2048", "-validity", "3650"]
+    subject = ["-dname", f"CN={HOST}", "-ext", f"SAN=IP:{HOST}", "-storetype", "PKCS12"]
+    run([keytool, "-genkeypair", *key, *subject, *store], what="keytool -genkeypair (Kafka TLS)")
+    pem = directory / "ca.pem.part"
+    run(
+        [keytool, "-exportcert", "-rfc", "-alias", "kafka", *store, "-file", str(pem)],
+        what="keytool -exportcert (Kafka TLS)",
+    )
+    pem.rename(directory / "ca.pem")  # last, so that a half-made directory is made again
 
 
 def kafka_command() -> list[str]:
@@ -840,6 +869,10 @@ def endpoints() -> dict[str, str]:
         "CDC_STACK_PORT_OFFSET": str(PORT_OFFSET),
         "CDC_STACK_KAFKA_VIA_PROXY": f"{HOST}:{PORTS['kafka-via-proxy']}",
         "CDC_STACK_KAFKA_PROXIED": f"{HOST}:{PORTS['kafka-proxied']}",
+        "CDC_STACK_KAFKA_SECURED": f"{HOST}:{PORTS['kafka-secured']}",
+        "CDC_STACK_KAFKA_SASL_USERNAME": KAFKA_SASL_USER,
+        "CDC_STACK_KAFKA_SASL_PASSWORD": KAFKA_SASL_PASSWORD,
+        "CDC_STACK_KAFKA_CAFILE": str(RUN / "kafka" / "tls" / "ca.pem"),
     }
 
 

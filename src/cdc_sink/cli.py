@@ -194,8 +194,10 @@ async def _migrate(config: Config) -> int:
 
 async def _dlq(config: Config, args: argparse.Namespace) -> int:
     import asyncpg
+    from aiokafka.errors import KafkaError
 
     from cdc_sink.dlq import DlqProducer
+    from cdc_sink.kafka_security import client_security, unreachable
     from cdc_sink.replay import (
         DlqFilter,
         list_dead_letters,
@@ -255,8 +257,15 @@ async def _dlq(config: Config, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        producer = DlqProducer(config.kafka.bootstrap_servers, config.dlq.topic)
-        await producer.start()
+        producer = DlqProducer(
+            config.kafka.bootstrap_servers,
+            config.dlq.topic,
+            security=client_security(config.kafka),
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            raise unreachable(config.kafka, "replay producer", exc) from exc
         try:
             replayed = await replay_dead_letters(conn, producer, where, actor="cli")
         finally:

@@ -37,6 +37,10 @@ class Secret(str):
         return "***"
 
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -54,6 +58,14 @@ class KafkaConfig:
     fetch_min_bytes: int = 65_536
     fetch_max_wait_ms: int = 50
     auto_offset_reset: str = "earliest"
+    # How the cluster is reached: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL.
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"  # or SCRAM-SHA-256 / SCRAM-SHA-512
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    ssl_cafile: str | None = None  # PEM; None: the system's trusted CAs
+    ssl_certfile: str | None = None  # PEM client certificate (mutual TLS), with ssl_keyfile
+    ssl_keyfile: str | None = None
 
     def validate(self) -> None:
         try:
@@ -81,6 +93,29 @@ class KafkaConfig:
             raise ConfigError(
                 "CDC_KAFKA__SESSION_TIMEOUT_MS and CDC_KAFKA__MAX_POLL_INTERVAL_MS must be >= 1"
             )
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        if self.security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ConfigError(
+                "CDC_KAFKA__SECURITY_PROTOCOL must be one of " + ", ".join(KAFKA_SECURITY_PROTOCOLS)
+            )
+        if self.security_protocol.startswith("SASL_"):
+            if self.sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+                raise ConfigError(
+                    f"CDC_KAFKA__SASL_MECHANISM must be one of {', '.join(KAFKA_SASL_MECHANISMS)}"
+                )
+            if not self.sasl_username or not self.sasl_password:
+                raise ConfigError(
+                    f"CDC_KAFKA__SECURITY_PROTOCOL={self.security_protocol} needs "
+                    "CDC_KAFKA__SASL_USERNAME and CDC_KAFKA__SASL_PASSWORD"
+                )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ConfigError("CDC_KAFKA__SSL_CERTFILE and CDC_KAFKA__SSL_KEYFILE go together")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"CDC_KAFKA__{name.upper()}: no such file {path!r}")
 
 
 @dataclass(frozen=True)

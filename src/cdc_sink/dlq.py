@@ -14,7 +14,7 @@ import collections
 import contextlib
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,26 +151,30 @@ class DlqProducer:
         partitions: int = 1,
         replication_factor: int = 0,
         client_id: str = "cdc-sink-dlq",
+        security: Mapping[str, Any] | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.partitions = partitions
         self.replication_factor = replication_factor
+        self._security = dict(security or {})  # kafka_security.client_security
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap_servers,
             client_id=client_id,
             acks="all",
             enable_idempotence=True,
             request_timeout_ms=30_000,
+            **self._security,
         )
         self._topic_ready = False
 
     async def start(self) -> None:
-        """Connect; raise FatalError if Kafka cannot be reached."""
+        """Connect; raise KafkaError if Kafka cannot be reached (nothing left open)."""
         try:
             await self._producer.start()
-        except KafkaError as exc:
-            raise FatalError(f"cannot reach Kafka for the DLQ producer: {exc}") from exc
+        except KafkaError:
+            await self._producer.stop()
+            raise
 
     async def stop(self) -> None:
         await self._producer.stop()
@@ -214,7 +218,7 @@ class DlqProducer:
         """Create the DLQ topic once if it does not exist (brokers may not auto-create)."""
         if self._topic_ready:
             return
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, **self._security)
         try:
             await admin.start()
             replicas = self.replication_factor

@@ -45,6 +45,7 @@ from cdc_sink.errors import (
 )
 from cdc_sink.events import Position, interpret
 from cdc_sink.http import HttpServer, add_standard_routes
+from cdc_sink.kafka_security import client_security, unreachable
 from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics
 from cdc_sink.migrate import migrate, pending
@@ -248,8 +249,12 @@ class Worker:
                 partitions=cfg.dlq.topic_partitions,
                 replication_factor=cfg.dlq.topic_replication_factor,
                 client_id=f"{cfg.kafka.client_id}-dlq",
+                security=client_security(cfg.kafka),
             )
-            await self.dlq.start()
+            try:
+                await self.dlq.start()
+            except KafkaError as exc:
+                raise unreachable(cfg.kafka, "DLQ producer", exc) from exc
             from cdc_recon.service import ReconciliationRuntime
 
             self.recon = ReconciliationRuntime(
@@ -518,11 +523,13 @@ class Worker:
             fetch_min_bytes=cfg.fetch_min_bytes,
             fetch_max_wait_ms=cfg.fetch_max_wait_ms,
             metadata_max_age_ms=30_000,
+            **client_security(cfg),
         )
         try:
             await self.consumer.start()
         except KafkaError as exc:
-            raise FatalError(f"cannot reach Kafka (CDC_KAFKA__BOOTSTRAP_SERVERS): {exc}") from exc
+            await self.consumer.stop()
+            raise unreachable(cfg, "consumer", exc) from exc
         try:
             self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))
             await self._pipeline()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pytest
 
 from cdc_sink.config import ConfigError, load_config
+from cdc_sink.kafka_security import client_security
 
 
 def test_defaults_match_the_documented_ones() -> None:
@@ -59,6 +61,19 @@ def test_the_dsn_is_a_secret() -> None:
         ({"CDC_HTTP__PORT": "-1"}, "CDC_HTTP__PORT"),
         ({"CDC_CASSANDRA__PORT": "0"}, "CDC_CASSANDRA__PORT"),
         ({"CDC_KAFKA__SESSION_TIMEOUT_MS": "0"}, "CDC_KAFKA__SESSION_TIMEOUT_MS"),
+        ({"CDC_KAFKA__SECURITY_PROTOCOL": "TLS"}, "CDC_KAFKA__SECURITY_PROTOCOL"),
+        ({"CDC_KAFKA__SECURITY_PROTOCOL": "SASL_SSL"}, "CDC_KAFKA__SASL_USERNAME"),
+        (
+            {
+                "CDC_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                "CDC_KAFKA__SASL_MECHANISM": "GSSAPI",
+                "CDC_KAFKA__SASL_USERNAME": "u",
+                "CDC_KAFKA__SASL_PASSWORD": "p",
+            },
+            "CDC_KAFKA__SASL_MECHANISM",
+        ),
+        ({"CDC_KAFKA__SSL_CAFILE": "/no/such/ca.pem"}, "CDC_KAFKA__SSL_CAFILE"),
+        ({"CDC_KAFKA__SSL_CERTFILE": __file__}, "CDC_KAFKA__SSL_KEYFILE"),
         ({"CDC_KAFKA__MAX_POLL_INTERVAL_MS": "-1"}, "CDC_KAFKA__MAX_POLL_INTERVAL_MS"),
         ({"CDC_SCHEMA_REGISTRY__TIMEOUT_S": "0"}, "CDC_SCHEMA_REGISTRY__TIMEOUT_S"),
         ({"CDC_POSTGRES__CONNECT_TIMEOUT_S": "nan"}, "CDC_POSTGRES__CONNECT_TIMEOUT_S"),
@@ -110,3 +125,26 @@ def test_file_values_of_the_right_kind_load(tmp_path: Path) -> None:
     file.write_text('[sink]\nbatch_size = 500\nlinger_ms = "20"\nretry_max_seconds = 30\n')
     sink = load_config({}, file).sink
     assert (sink.batch_size, sink.linger_ms, sink.retry_max_seconds) == (500, 20, 30.0)
+
+
+def test_kafka_security_becomes_aiokafka_arguments() -> None:
+    """PLAINTEXT adds nothing but the protocol; SASL_SSL adds the mechanism, the credentials
+    and a TLS context (the system's CAs when no CA file is given)."""
+    assert client_security(load_config({}).kafka) == {"security_protocol": "PLAINTEXT"}
+    secured = load_config(
+        {
+            "CDC_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+            "CDC_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+            "CDC_KAFKA__SASL_USERNAME": "sink",
+            "CDC_KAFKA__SASL_PASSWORD": "s3cret",
+        }
+    ).kafka
+    options = client_security(secured)
+    assert isinstance(options.pop("ssl_context"), ssl.SSLContext)
+    assert options == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "sink",
+        "sasl_plain_password": "s3cret",
+    }
+    assert "s3cret" not in repr(secured)

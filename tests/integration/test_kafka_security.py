@@ -1,0 +1,91 @@
+"""The worker on a secured Kafka listener (SASL PLAIN over TLS), as managed clusters require."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from cdc_sink.errors import FatalError
+from tests.support.cassandra_model import Mutation
+from tests.support.pipeline import (
+    create_cassandra_model_table,
+    create_topic,
+    drop_schema,
+    produce,
+    read_rows,
+    run_cli,
+    run_worker,
+    schemaless_record,
+    sink_env,
+)
+from tests.support.stack import Endpoints
+
+
+def secured(stack: Endpoints, **changes: str) -> dict[str, str]:
+    """Settings that reach the stack's Kafka only through its SASL_SSL listener."""
+    return {
+        "CDC_KAFKA__BOOTSTRAP_SERVERS": stack["CDC_STACK_KAFKA_SECURED"],
+        "CDC_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        "CDC_KAFKA__SASL_MECHANISM": "PLAIN",
+        "CDC_KAFKA__SASL_USERNAME": stack["CDC_STACK_KAFKA_SASL_USERNAME"],
+        "CDC_KAFKA__SASL_PASSWORD": stack["CDC_STACK_KAFKA_SASL_PASSWORD"],
+        "CDC_KAFKA__SSL_CAFILE": stack["CDC_STACK_KAFKA_CAFILE"],
+        **changes,
+    }
+
+
+async def test_the_worker_consumes_and_dead_letters_over_sasl_ssl(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """Consumer, DLQ topic creation and DLQ producer all go through the secured listener."""
+    keyspace, topic, schema = unique("ks"), unique("cdc-events-secured"), unique("secured")
+    dlq_topic = unique("dlq-events")
+    create_cassandra_model_table(stack, keyspace)
+    await create_topic(stack.kafka, topic, 2)
+    rows = [Mutation("insert", 1_000 + i, (0, "a", i, "x"), {"v1": (i, None)}) for i in range(20)]
+    records = [schemaless_record(m, keyspace) for m in rows]
+    records.insert(7, (b'{"p1": 0}', b"\xff not an event"))
+    await produce(stack.kafka, topic, records)
+    env = {
+        **sink_env(stack, topic=topic, group=unique("g"), schema=schema, dlq__topic=dlq_topic),
+        **secured(stack),
+    }
+    try:
+        worker = await run_worker(env)
+        assert worker.applied_events == len(records)
+        stored = await read_rows(stack.postgres_dsn, schema, "cdc_model", ("v1",))
+        assert stored == {m.key: {"v1": m.cells["v1"][0]} for m in rows}
+        listed = await asyncio.to_thread(run_cli, env, "dlq", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert len(listed.stdout.splitlines()) == 1
+    finally:
+        await drop_schema(stack.postgres_dsn, schema)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"CDC_KAFKA__SASL_PASSWORD": "wrong"}, "Authentication failed"),
+        ({"CDC_KAFKA__SSL_CAFILE": "/etc/ssl/certs/ca-certificates.crt"}, "CERTIFICATE_VERIFY"),
+    ],
+)
+async def test_refused_credentials_stop_the_worker_saying_where_to_look(
+    stack: Endpoints,
+    unique: Callable[[str], str],
+    changes: dict[str, str],
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong password or an untrusted certificate: exit with a message naming the settings,
+    after aiokafka's error line giving the broker's reason."""
+    topic, schema = unique("cdc-events-refused"), unique("refused")
+    env = {**sink_env(stack, topic=topic, group=unique("g"), schema=schema), **secured(stack)}
+    env.update(changes)
+    try:
+        with pytest.raises(FatalError, match=r"SECURITY_PROTOCOL=SASL_SSL and its settings"):
+            await run_worker(env)
+        assert reason in caplog.text
+    finally:
+        await drop_schema(stack.postgres_dsn, schema)
