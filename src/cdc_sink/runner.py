@@ -528,7 +528,7 @@ class Worker:
         try:
             await self.consumer.start()
         except KafkaError as exc:
-            await self.consumer.stop()
+            await self._stop_client("consumer", self.consumer.stop())
             raise unreachable(cfg, "consumer", exc) from exc
         try:
             self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))

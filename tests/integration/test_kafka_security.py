@@ -64,27 +64,41 @@ async def test_the_worker_consumes_and_dead_letters_over_sasl_ssl(
         await drop_schema(stack.postgres_dsn, schema)
 
 
+NOBODY = {
+    "CDC_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1",
+    "CDC_KAFKA__SECURITY_PROTOCOL": "PLAINTEXT",
+}
+
+
 @pytest.mark.parametrize(
-    ("changes", "reason"),
+    ("changes", "settings", "reason"),
     [
-        ({"CDC_KAFKA__SASL_PASSWORD": "wrong"}, "Authentication failed"),
-        ({"CDC_KAFKA__SSL_CAFILE": "/etc/ssl/certs/ca-certificates.crt"}, "CERTIFICATE_VERIFY"),
+        ({"CDC_KAFKA__SASL_PASSWORD": "wrong"}, "SASL_SSL and its settings", "Authentication"),
+        (
+            {"CDC_KAFKA__SSL_CAFILE": "/etc/ssl/certs/ca-certificates.crt"},
+            "SASL_SSL and its settings",
+            "CERTIFICATE_VERIFY_FAILED",
+        ),
+        (NOBODY, r"\(CDC_KAFKA__BOOTSTRAP_SERVERS\)", "Connect call failed"),
     ],
 )
 async def test_refused_credentials_stop_the_worker_saying_where_to_look(
     stack: Endpoints,
     unique: Callable[[str], str],
     changes: dict[str, str],
+    settings: str,
     reason: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A wrong password or an untrusted certificate: exit with a message naming the settings,
-    after aiokafka's error line giving the broker's reason."""
+    """A wrong password, an untrusted certificate or no broker at all: exit with a message
+    naming the settings, after aiokafka's error line giving the reason."""
     topic, schema = unique("cdc-events-refused"), unique("refused")
     env = {**sink_env(stack, topic=topic, group=unique("g"), schema=schema), **secured(stack)}
     env.update(changes)
     try:
-        with pytest.raises(FatalError, match=r"SECURITY_PROTOCOL=SASL_SSL and its settings"):
+        with pytest.raises(
+            FatalError, match=f"cannot reach Kafka for the DLQ producer.*{settings}"
+        ):
             await run_worker(env)
         assert reason in caplog.text
     finally:
