@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class ConfigError(Exception):
@@ -120,12 +121,29 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class SchemaRegistryConfig:
-    url: str | None = None
+    url: str | None = None  # basic auth may be given as https://user:secret@host
     timeout_s: float = 10.0
 
     def validate(self) -> None:
+        check_http_url("CDC_SCHEMA_REGISTRY__URL", self.url)
         if not self.timeout_s > 0:
             raise ConfigError("CDC_SCHEMA_REGISTRY__TIMEOUT_S must be > 0")
+
+
+def check_http_url(setting: str, url: str | None) -> None:
+    """ConfigError unless `url` (if set) is http(s)://host[:port][/path]; the message never
+    shows the user and password a URL may carry."""
+    if url is None:
+        return
+    parts = urlsplit(url)
+    try:
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number or out of range
+        usable = False
+    if not usable:
+        shown = url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
+        shown = shown if "@" in parts.netloc else url
+        raise ConfigError(f"{setting} must be an http(s)://host[:port][/path] URL, not {shown!r}")
 
 
 @dataclass(frozen=True)
@@ -371,10 +389,12 @@ def load_config(environ: Mapping[str, str] | None = None, file: Path | None = No
     if raw:
         raise ConfigError(f"unknown configuration section(s): {', '.join(sorted(raw))}")
     config = Config(**built)
-    for section in built.values():
+    for name, section in built.items():
         validate = getattr(section, "validate", None)
         if validate:
             validate()
+        if isinstance(section, UrlConfig):
+            check_http_url(f"CDC_{name.upper()}__URL", section.url)
     return config
 
 

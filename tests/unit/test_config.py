@@ -148,3 +148,27 @@ def test_kafka_security_becomes_aiokafka_arguments() -> None:
         "sasl_plain_password": "s3cret",
     }
     assert "s3cret" not in repr(secured)
+
+
+@pytest.mark.parametrize(
+    ("setting", "url"),
+    [
+        ("CDC_SCHEMA_REGISTRY__URL", "ftp://sink:s3cret@registry"),
+        ("CDC_SCHEMA_REGISTRY__URL", "http://sink:s3cret@"),
+        ("CDC_SCHEMA_REGISTRY__URL", "registry:8081"),
+        ("CDC_SCHEMA_REGISTRY__URL", "http://registry:99999"),
+        ("CDC_PUSHGATEWAY__URL", "gopher://sink:s3cret@gateway"),
+        ("CDC_ALERTMANAGER__URL", "alertmanager"),
+    ],
+)
+def test_urls_are_checked_without_showing_their_password(setting: str, url: str) -> None:
+    """A URL the worker would fail on later is refused at start-up, naming the setting; basic
+    auth in it (user:password@) is masked in the message."""
+    with pytest.raises(ConfigError, match=f"{setting} must be an http") as caught:
+        load_config({setting: url})
+    assert "s3cret" not in str(caught.value)
+
+
+def test_a_url_with_basic_auth_is_accepted() -> None:
+    url = "https://sink:s3cret@registry.example:8081/apis/ccompat/v7"
+    assert load_config({"CDC_SCHEMA_REGISTRY__URL": url}).schema_registry.url == url
