@@ -47,7 +47,7 @@ async def reconcile(config: Config, args: argparse.Namespace) -> int:
 async def _reconcile(config: Config, args: argparse.Namespace) -> int:
     try:
         pool = await recon_pool(config.postgres)
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ReconError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
     session: Any = None
     try:

@@ -182,7 +182,7 @@ async def _migrate(config: Config) -> int:
 
     try:
         conn = await asyncpg.connect(config.postgres.dsn.reveal())
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
     try:
         applied = await migrate(conn, config.postgres.schema)
@@ -227,7 +227,7 @@ async def _dlq(config: Config, args: argparse.Namespace) -> int:
         conn = await asyncpg.connect(
             config.postgres.dsn.reveal(), server_settings={"search_path": config.postgres.schema}
         )
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
     try:
         if args.dlq_command == "list":

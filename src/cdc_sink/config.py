@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 
 class ConfigError(Exception):
@@ -146,6 +146,9 @@ def check_http_url(setting: str, url: str | None) -> None:
         raise ConfigError(f"{setting} must be an http(s)://host[:port][/path] URL, not {shown!r}")
 
 
+PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 @dataclass(frozen=True)
 class PostgresConfig:
     dsn: Secret = field(default_factory=lambda: Secret("postgresql://cdc_sink@127.0.0.1:5432/cdc"))
@@ -153,8 +156,17 @@ class PostgresConfig:
     connect_timeout_s: float = 10.0
 
     def validate(self) -> None:
-        if not self.dsn.reveal().startswith(("postgresql://", "postgres://")):
+        dsn = self.dsn.reveal()
+        if not dsn.startswith(("postgresql://", "postgres://")):
             raise ConfigError("CDC_POSTGRES__DSN must be a postgresql:// URL")
+        try:  # what asyncpg would otherwise raise as a bare ValueError when connecting
+            parts = urlsplit(dsn)
+            _ = parts.port
+        except ValueError as exc:  # the messages name a part, never the password
+            raise ConfigError(f"CDC_POSTGRES__DSN is not a valid URL: {exc}") from None
+        sslmode = parse_qs(parts.query).get("sslmode", ["prefer"])[-1]
+        if sslmode not in PG_SSLMODES:
+            raise ConfigError(f"CDC_POSTGRES__DSN: sslmode must be one of {', '.join(PG_SSLMODES)}")
         if not self.schema or len(self.schema.encode()) > 63:
             raise ConfigError("CDC_POSTGRES__SCHEMA must be 1 to 63 bytes")
         if not self.connect_timeout_s > 0:

@@ -304,7 +304,7 @@ class Worker:
                 },
                 init=prepare_connection,
             )
-        except (OSError, asyncpg.PostgresError) as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
         assert pool is not None
         return pool

@@ -177,6 +177,17 @@ def test_invalid_setting_stops_start_up_naming_it() -> None:
     assert "CDC_KAFKA__GROUPID is not a known setting" in typo.stderr
 
 
+def test_a_dsn_the_driver_refuses_stops_start_up_without_a_traceback() -> None:
+    """A DSN parameter asyncpg rejects (a client-side error, before any connection) ends with
+    the usual message and exit 1; the password in the DSN is not shown."""
+    dsn = "postgresql://cdc_sink:S3CRET@127.0.0.1:1/cdc?target_session_attrs=bogus"
+    done = cdc_sink("migrate", env={"CDC_POSTGRES__DSN": dsn})
+    assert done.returncode == 1
+    assert "cannot connect to PostgreSQL (CDC_POSTGRES__DSN)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "S3CRET" not in done.stderr + done.stdout
+
+
 async def test_sigterm_stops_the_worker_cleanly(
     stack: Endpoints, unique: Callable[[str], str], tmp_path: Path
 ) -> None:

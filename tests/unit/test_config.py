@@ -46,6 +46,9 @@ def test_the_dsn_is_a_secret() -> None:
         ({"CDC_SINK__TABLE_NAME_FORMAT": "cdc_{nope}"}, "CDC_SINK__TABLE_NAME_FORMAT"),
         ({"CDC_SINK__BATCH_SIZE": "0"}, "CDC_SINK__BATCH_SIZE"),
         ({"CDC_POSTGRES__DSN": "mysql://x"}, "CDC_POSTGRES__DSN"),
+        ({"CDC_POSTGRES__DSN": "postgresql://u:pw@h:notaport/db"}, "CDC_POSTGRES__DSN is not a"),
+        ({"CDC_POSTGRES__DSN": "postgresql://u:pw@[::1/db"}, "CDC_POSTGRES__DSN is not a valid"),
+        ({"CDC_POSTGRES__DSN": "postgresql://h/db?sslmode=bogus"}, "sslmode must be one of"),
         ({"CDC_HTTP__ENABLED": "perhaps"}, "CDC_HTTP__ENABLED"),
         ({"CDC_KAFKA__MAX_PARTITION_FETCH_BYTES": "10"}, "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES"),
         (
