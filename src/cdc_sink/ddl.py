@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from cdc_sink.cassandra import CassandraTable, describe_table
-from cdc_sink.errors import EventError
+from cdc_sink.errors import EventError, TransientError
 from cdc_sink.events import ChangeEvent
 from cdc_sink.tables import TableSchema, target_name
 from cdc_sink.types import CqlType, from_connect_schema, parse_cql_type, udt_definitions
@@ -195,7 +195,18 @@ class CassandraSystemSchema:
         self._session: Any = None
 
     async def table(self, keyspace: str, table: str) -> CassandraTable | None:
-        return await asyncio.to_thread(self._table, keyspace, table)
+        """The table's schema, None if Cassandra has no such table; TransientError while
+        Cassandra cannot answer (the caller retries with backoff, then stops)."""
+        from cassandra import OperationTimedOut, RequestExecutionException
+        from cassandra.cluster import NoHostAvailable
+
+        try:
+            return await asyncio.to_thread(self._table, keyspace, table)
+        except (NoHostAvailable, OperationTimedOut, RequestExecutionException) as exc:
+            raise TransientError(
+                f"Cassandra (CDC_CASSANDRA__*) cannot tell the columns of {keyspace}.{table}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     async def close(self) -> None:
         if self._session is not None:

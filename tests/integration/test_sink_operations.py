@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cdc_sink.config import load_config
+from cdc_sink.errors import FatalError
 from cdc_sink.runner import Worker
 from tests.support.cassandra_model import Mutation
 from tests.support.pipeline import (
@@ -175,6 +176,31 @@ def test_invalid_setting_stops_start_up_naming_it() -> None:
     typo = cdc_sink("run", env={"CDC_KAFKA__GROUPID": "x"})
     assert typo.returncode == 2
     assert "CDC_KAFKA__GROUPID is not a known setting" in typo.stderr
+
+
+async def test_cassandra_away_when_a_new_table_needs_its_schema_is_waited_for(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """Reading a new table's column types from an unreachable Cassandra is retried with
+    backoff like any transient failure, then stops the worker saying so (it was an unhandled
+    driver exception at the first attempt); nothing is committed or dead-lettered."""
+    keyspace, topic, schema = unique("ks"), unique("cdc-events-nocass"), unique("nocass")
+    await create_topic(stack.kafka, topic, 1)
+    m = Mutation("insert", 1_000, (0, "a", 1, "x"), {"v1": (1, None)})
+    await produce(stack.kafka, topic, [schemaless_record(m, keyspace)])
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
+    env |= {
+        "CDC_CASSANDRA__PORT": "1",
+        "CDC_SINK__RETRY_ATTEMPTS": "3",
+        "CDC_SINK__RETRY_BASE_SECONDS": "0.05",
+        "CDC_SINK__RETRY_MAX_SECONDS": "0.1",
+    }
+    try:
+        with pytest.raises(FatalError, match=r"gave up after 3 attempts.*Cassandra"):
+            await run_worker(env)
+        assert await read_rows(stack.postgres_dsn, schema, "cdc_model", ("v1",)) == {}
+    finally:
+        await drop_schema(stack.postgres_dsn, schema)
 
 
 def test_a_dsn_the_driver_refuses_stops_start_up_without_a_traceback() -> None:
