@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from cdc_sink.cassandra import CassandraTable, describe_table
-from cdc_sink.errors import EventError, TransientError
+from cdc_sink.errors import EventError, FatalError, TransientError
 from cdc_sink.events import ChangeEvent
 from cdc_sink.tables import TableSchema, target_name
 from cdc_sink.types import CqlType, from_connect_schema, parse_cql_type, udt_definitions
@@ -146,6 +146,25 @@ class Catalog:
         )
 
     async def _evolve(
+        self,
+        target: str,
+        event: ChangeEvent,
+        types: dict[str, CqlType],
+        partition_columns: tuple[str, ...] | None,
+    ) -> TableSchema:
+        try:
+            return await self._evolve_locked(target, event, types, partition_columns)
+        except asyncpg.PostgresError as exc:
+            if not (exc.sqlstate or "").startswith("42"):  # connection, lock, …: retried
+                raise
+            # Access rule or definition refused (no CREATE on the schema, a column of the
+            # same name made by hand, …): no record can fix it, and skipping would lose data.
+            raise FatalError(
+                f"PostgreSQL refused to create or change table {target!r} in schema "
+                f"{self.schema!r} ({exc.sqlstate} {type(exc).__name__}: {exc})"
+            ) from exc
+
+    async def _evolve_locked(
         self,
         target: str,
         event: ChangeEvent,

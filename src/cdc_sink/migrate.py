@@ -7,6 +7,7 @@ from pathlib import Path
 
 import asyncpg
 
+from cdc_sink.errors import FatalError
 from cdc_sink.tables import quote_ident
 
 MIGRATION_LOCK = 0x63646373696E6B  # "cdcsink": one migrator at a time across workers
@@ -38,17 +39,39 @@ async def pending(conn: asyncpg.Connection, schema: str) -> list[str]:
 
 
 async def migrate(conn: asyncpg.Connection, schema: str) -> list[str]:
-    """Apply every pending migration in `schema`; return the versions applied now."""
+    """Apply every pending migration in `schema`; return the versions applied now.
+    FatalError (naming the schema and PostgreSQL's reason) if PostgreSQL refuses."""
+    try:
+        return await _migrate(conn, schema)
+    except asyncpg.PostgresError as exc:
+        hint = ""
+        if exc.sqlstate == "42501":
+            hint = (
+                "; the role needs CREATE on the schema (and on the database too if the schema "
+                "does not exist yet)"
+            )
+        raise FatalError(
+            f"cannot apply the migrations in schema {schema!r} "
+            f"({exc.sqlstate} {type(exc).__name__}: {exc}){hint}"
+        ) from exc
+
+
+async def _migrate(conn: asyncpg.Connection, schema: str) -> list[str]:
     quoted = quote_ident(schema)
     applied_now: list[str] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+        # Up to date: no DDL at all, so a role without CREATE (migrations applied by a DBA's
+        # role) starts too. PostgreSQL checks CREATE even for IF NOT EXISTS on what exists.
+        todo = set(await pending(conn, schema))
+        if not todo:
+            return []
+        if not await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1", schema):
+            await conn.execute(f"CREATE SCHEMA {quoted}")
         await conn.execute(
             f"CREATE TABLE IF NOT EXISTS {quoted}._cdc_migrations "
             "(version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        todo = set(await pending(conn, schema))
         await conn.execute(f"SET LOCAL search_path TO {quoted}")
         for version, sql in migrations():
             if version in todo:

@@ -12,7 +12,9 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from cdc_sink.config import load_config
@@ -25,6 +27,7 @@ from tests.support.pipeline import (
     drop_schema,
     produce,
     read_rows,
+    run_cli,
     run_worker,
     schemaless_record,
     sink_env,
@@ -100,15 +103,7 @@ async def test_ttl_rows_expire_and_the_http_api_reports(
 
 
 def cdc_sink(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, **env, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_sink", *args],
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cli(env, *args, timeout=120)
 
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "snappy", "gzip"])
@@ -166,6 +161,83 @@ async def test_migrate_is_idempotent(stack: Endpoints, unique: Callable[[str], s
         } <= tables
     finally:
         await drop_schema(stack.postgres_dsn, schema)
+
+
+async def test_a_role_given_only_its_schema_migrates_and_one_without_is_told_why(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """A locked-down role: CREATE on a schema a DBA made, nothing on the database. `migrate`
+    works there (it used to ask for CREATE on the database); without CREATE on the schema it
+    exits 1 naming the schema and the privilege, not with a traceback."""
+    role, schema, bare = unique("role"), unique("granted"), unique("bare")
+    admin = await asyncpg.connect(stack["CDC_STACK_POSTGRES_ADMIN_DSN"])
+    parts = urlsplit(stack.postgres_dsn)
+    dsn = urlunsplit(parts._replace(netloc=f"{role}:pw-{role}@{parts.hostname}:{parts.port}"))
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'")
+        await admin.execute(
+            f"CREATE SCHEMA {schema}; GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}"
+        )
+        await admin.execute(f"CREATE SCHEMA {bare}; GRANT USAGE ON SCHEMA {bare} TO {role}")
+        granted = await asyncio.to_thread(
+            cdc_sink, "migrate", env={"CDC_POSTGRES__DSN": dsn, "CDC_POSTGRES__SCHEMA": schema}
+        )
+        assert granted.returncode == 0, granted.stderr
+        assert "applied: 001_control_tables" in granted.stdout
+        refused = await asyncio.to_thread(
+            cdc_sink, "migrate", env={"CDC_POSTGRES__DSN": dsn, "CDC_POSTGRES__SCHEMA": bare}
+        )
+        assert refused.returncode == 1
+        assert f"cannot apply the migrations in schema '{bare}' (42501" in refused.stderr
+        assert "needs CREATE on the schema" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await admin.execute(f"DROP SCHEMA IF EXISTS {bare} CASCADE")
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
+
+
+async def test_a_role_that_may_write_but_not_create_stops_at_a_new_table_saying_so(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """Migrations applied by the owner; the worker's role may read and write the control
+    tables but not create tables. It starts (no DDL when up to date), and a new table's
+    first event stops it with PostgreSQL's reason and the table's name, nothing committed."""
+    role, schema, topic = unique("writer"), unique("dmlonly"), unique("cdc-events-dml")
+    keyspace = unique("ks")
+    create_cassandra_model_table(stack, keyspace)
+    await create_topic(stack.kafka, topic, 1)
+    m = Mutation("insert", 1_000, (0, "a", 1, "x"), {"v1": (1, None)})
+    await produce(stack.kafka, topic, [schemaless_record(m, keyspace)])
+    owner_env = {"CDC_POSTGRES__DSN": stack.postgres_dsn, "CDC_POSTGRES__SCHEMA": schema}
+    assert (await asyncio.to_thread(cdc_sink, "migrate", env=owner_env)).returncode == 0
+    admin = await asyncpg.connect(stack["CDC_STACK_POSTGRES_ADMIN_DSN"])
+    owner = await asyncpg.connect(stack.postgres_dsn)
+    parts = urlsplit(stack.postgres_dsn)
+    dsn = urlunsplit(parts._replace(netloc=f"{role}:pw-{role}@{parts.hostname}:{parts.port}"))
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'")
+        await owner.execute(
+            f"GRANT USAGE ON SCHEMA {schema} TO {role}; "
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}; "
+            f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role}"
+        )
+        env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
+        env["CDC_POSTGRES__DSN"] = dsn
+        with pytest.raises(
+            FatalError, match=r"refused to create or change table 'cdc_model'.*42501"
+        ):
+            await run_worker(env)
+        committed = await owner.fetchval(
+            f"SELECT coalesce(sum(next_offset), 0) FROM {schema}._cdc_checkpoints"
+        )
+        assert committed == 0  # the claim made the partition's row; no offset moved
+    finally:
+        await owner.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await owner.close()
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
 
 
 def test_invalid_setting_stops_start_up_naming_it() -> None:
