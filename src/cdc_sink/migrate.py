@@ -47,8 +47,8 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[str]:
         hint = ""
         if exc.sqlstate == "42501":
             hint = (
-                "; the role needs CREATE on the schema (and on the database too if the schema "
-                "does not exist yet)"
+                "; the role needs USAGE and CREATE on the schema (and CREATE on the database "
+                "if the schema does not exist yet)"
             )
         raise FatalError(
             f"cannot apply the migrations in schema {schema!r} "

@@ -316,11 +316,20 @@ class Worker:
                 applied = await migrate(conn, self.config.postgres.schema)
                 if applied:
                     log.info("migrations_applied", versions=applied)
-            elif todo := await pending(conn, self.config.postgres.schema):
+            elif todo := await self._pending(conn):
                 raise FatalError(
                     f"migrations {', '.join(todo)} are not applied: run `python -m cdc_sink "
                     "migrate` or set CDC_SINK__MIGRATE_ON_START=true"
                 )
+
+    async def _pending(self, conn: asyncpg.Connection) -> list[str]:
+        try:
+            return await pending(conn, self.config.postgres.schema)
+        except asyncpg.PostgresError as exc:
+            raise FatalError(
+                f"cannot read the applied migrations in schema {self.config.postgres.schema!r} "
+                f"({exc.sqlstate} {type(exc).__name__}: {exc})"
+            ) from exc
 
     def _cassandra(self) -> CassandraSystemSchema | None:
         cfg = self.config.cassandra

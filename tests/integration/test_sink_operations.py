@@ -189,7 +189,7 @@ async def test_a_role_given_only_its_schema_migrates_and_one_without_is_told_why
         )
         assert refused.returncode == 1
         assert f"cannot apply the migrations in schema '{bare}' (42501" in refused.stderr
-        assert "needs CREATE on the schema" in refused.stderr
+        assert "needs USAGE and CREATE on the schema" in refused.stderr
         assert "Traceback" not in refused.stderr
     finally:
         await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
