@@ -6,7 +6,7 @@ schema. Both are blocking calls: run them in a thread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cdc_sink.config import CassandraConfig
@@ -15,11 +15,13 @@ from cdc_sink.types import CqlType, parse_cql_type
 
 @dataclass(frozen=True)
 class CassandraTable:
-    """A table as Cassandra's system_schema describes it."""
+    """A table as Cassandra's system_schema describes it. `unsupported` holds the value
+    columns whose type the sink cannot map (name -> Cassandra's type text, e.g. a vector)."""
 
     columns: dict[str, CqlType]
     partition_columns: tuple[str, ...]
     clustering_columns: tuple[str, ...] = ()
+    unsupported: dict[str, str] = field(default_factory=dict)
 
 
 def connect(
@@ -90,8 +92,14 @@ def describe_table(session: Any, keyspace: str, table: str) -> CassandraTable | 
     def ordered(kind: str) -> tuple[str, ...]:
         return tuple(name for _, name in sorted((r[3], r[0]) for r in rows if r[2] == kind))
 
-    return CassandraTable(
-        {row[0]: parse_cql_type(row[1], udts) for row in rows},
-        ordered("partition_key"),
-        ordered("clustering"),
-    )
+    partition, clustering = ordered("partition_key"), ordered("clustering")
+    columns: dict[str, CqlType] = {}
+    unsupported: dict[str, str] = {}
+    for name, type_text, *_ in rows:
+        try:
+            columns[name] = parse_cql_type(type_text, udts)
+        except ValueError:
+            if name in partition or name in clustering:
+                raise
+            unsupported[name] = type_text  # a type newer than the sink (vector, …)
+    return CassandraTable(columns, partition, clustering, unsupported)

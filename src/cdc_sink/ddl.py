@@ -111,6 +111,12 @@ class Catalog:
         if missing:
             where = f"column(s) {', '.join(map(repr, missing))} of {event.keyspace}.{event.table}"
             bad = [f"{n!r}: {unusable[n]}" for n in missing if n in unusable]
+            if cassandra is not None:
+                bad += [
+                    f"{n!r}: Cassandra's type {cassandra.unsupported[n]!r} is not supported"
+                    for n in missing
+                    if n in cassandra.unsupported and n not in unusable
+                ]
             if bad:
                 raise EventError(f"no usable type for {where}: {'; '.join(bad)}")
             raise EventError(
@@ -221,6 +227,8 @@ class CassandraSystemSchema:
 
         try:
             return await asyncio.to_thread(self._table, keyspace, table)
+        except ValueError as exc:  # a key column of a type the sink cannot map
+            raise EventError(f"cannot use Cassandra's schema of {keyspace}.{table}: {exc}") from exc
         except (NoHostAvailable, OperationTimedOut, RequestExecutionException) as exc:
             raise TransientError(
                 f"Cassandra (CDC_CASSANDRA__*) cannot tell the columns of {keyspace}.{table}: "

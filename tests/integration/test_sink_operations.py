@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -32,6 +33,7 @@ from tests.support.pipeline import (
     schemaless_record,
     sink_env,
 )
+from tests.support.recon_data import cassandra_session
 from tests.support.stack import REPO, Endpoints
 
 
@@ -238,6 +240,57 @@ async def test_a_role_that_may_write_but_not_create_stops_at_a_new_table_saying_
         await owner.close()
         await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+def emb_record(keyspace: str, i: int, **cells: Any) -> tuple[bytes, bytes]:
+    """A schemaless JSON insert into keyspace.emb, as the connector writes one."""
+    source = {"keyspace": keyspace, "table": "emb", "ts_us": 1_000 + i, "snapshot": "false"}
+    after = {name: {"value": v, "deletion_ts": None, "set": True} for name, v in cells.items()}
+    value = {"op": "i", "source": source, "after": {"id": after.pop("id"), **after}}
+    return json.dumps({"id": i}).encode(), json.dumps(value).encode()
+
+
+async def test_a_cassandra_type_the_sink_cannot_map_stops_only_the_records_that_write_it(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """Cassandra 5.0's vector type has no mapping yet. A table with such a column is made
+    without it; events that do not write it apply; one that does is dead-lettered naming the
+    type. (Reading the table's schema used to fail, and stop the worker at every event.)"""
+    keyspace, topic, schema = unique("ks"), unique("cdc-events-vector"), unique("vector")
+    session = cassandra_session(stack)
+    try:
+        session.execute(
+            f"CREATE KEYSPACE {keyspace} WITH replication = "
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+        )
+        session.execute(
+            f"CREATE TABLE {keyspace}.emb (id int PRIMARY KEY, name text, "
+            "embedding vector<float, 3>) WITH cdc = true"
+        )
+    finally:
+        session.cluster.shutdown()
+    await create_topic(stack.kafka, topic, 1)
+    records = [emb_record(keyspace, i, id=i, name=f"n{i}") for i in range(5)]
+    records.insert(2, emb_record(keyspace, 9, id=9, name="v", embedding=[0.5, 1.0, 1.5]))
+    await produce(stack.kafka, topic, records)
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, dlq__max_share="1")
+    try:
+        worker = await run_worker(env)
+        assert worker.applied_events == len(records)
+        conn = await asyncpg.connect(stack.postgres_dsn)
+        try:
+            rows = await conn.fetch(f"SELECT id, name FROM {schema}.cdc_emb ORDER BY id")
+            letters = await conn.fetch(
+                f"SELECT error_class, error_message FROM {schema}._cdc_dlq_records"
+            )
+        finally:
+            await conn.close()
+        assert [tuple(r) for r in rows] == [(i, f"n{i}") for i in range(5)]
+        [(error_class, message)] = [tuple(r) for r in letters]
+        assert error_class == "EventError"
+        assert "'embedding': Cassandra's type 'vector<float, 3>' is not supported" in message
+    finally:
+        await drop_schema(stack.postgres_dsn, schema)
 
 
 def test_invalid_setting_stops_start_up_naming_it() -> None:
