@@ -141,8 +141,8 @@ def check_http_url(setting: str, url: str | None) -> None:
     except ValueError:  # a port that is not a number or out of range
         usable = False
     if not usable:
-        shown = url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
-        shown = shown if "@" in parts.netloc else url
+        _, at, host = parts.netloc.rpartition("@")
+        shown = url.replace(parts.netloc, f"***@{host}", 1) if at else url
         raise ConfigError(f"{setting} must be an http(s)://host[:port][/path] URL, not {shown!r}")
 
 

@@ -84,17 +84,14 @@ def headers_to_json(headers: Sequence[Header]) -> str:
 def headers_from_json(stored: Any) -> list[Header]:
     """The inverse of `headers_to_json` (accepts the decoded JSON or its text)."""
     items = json.loads(stored) if isinstance(stored, str) else stored
-    return [
-        (
-            item["key"],
-            base64.b64decode(item["base64"])
-            if "base64" in item
-            else None
-            if item["value"] is None
-            else item["value"].encode(),
-        )
-        for item in items
-    ]
+    return [(item["key"], _header_value(item)) for item in items]
+
+
+def _header_value(item: dict[str, Any]) -> bytes | None:
+    if "base64" in item:
+        return base64.b64decode(item["base64"])
+    text = item["value"]
+    return None if text is None else text.encode()
 
 
 class DlqLimiter:
