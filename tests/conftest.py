@@ -30,10 +30,13 @@ def unique() -> Callable[[str], str]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests under tests/unit are `unit`, under tests/integration are `integration`."""
+    """Tests under tests/unit are `unit`, under tests/integration `integration`, under
+    tests/e2e `e2e` (Debezium's own connector in front of the sink)."""
     for item in items:
         path = str(item.path)
         if "/tests/unit/" in path:
             item.add_marker(pytest.mark.unit)
         elif "/tests/integration/" in path:
             item.add_marker(pytest.mark.integration)
+        elif "/tests/e2e/" in path:
+            item.add_marker(pytest.mark.e2e)

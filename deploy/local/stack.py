@@ -54,6 +54,9 @@ PORT_OFFSET = int(os.environ.get("CDC_STACK_PORT_OFFSET", "0") or "0")
 KAFKA_VERSION = "4.1.1"
 CASSANDRA_VERSION = "5.0.6"
 APICURIO_VERSION = "3.3.3"
+# The local Debezium agent names its topics <prefix>.<keyspace>.<table>. The prefix is not the
+# sink's default `cdc-events-`, so that workers on the default pattern never read them by chance.
+DEBEZIUM_TOPIC_PREFIX = "debezium"
 
 BASE_PORTS = {
     "postgres": 15432,
@@ -77,6 +80,7 @@ BASE_PORTS = {
     "pushgateway": 19091,
     "alertmanager": 19094,
     "sink-metrics": 18000,
+    "debezium": 18083,  # the Debezium agent's /health
 }
 PORTS = {name: port + PORT_OFFSET for name, port in BASE_PORTS.items()}
 
@@ -272,6 +276,7 @@ class Service:
     # `down --immediate`: no clean shutdown (a crash, as far as clients can tell)
     immediate_signal: int = signal.SIGKILL
     user: str | None = None  # run as this OS user (PostgreSQL refuses to run as root)
+    needs: tuple[str, ...] = ()  # services that must be ready before this one starts
 
     @property
     def run_dir(self) -> Path:
@@ -669,6 +674,63 @@ def cassandra_ready() -> None:
         cluster.shutdown()
 
 
+def debezium_home() -> Path:
+    return CACHE / "debezium-cassandra-5"
+
+
+def debezium_install() -> None:
+    maven_copy_dependencies(MAVEN / "debezium.pom.xml", debezium_home())
+    run_dir = RUN / "debezium"
+    values = {
+        "RUN_DIR": str(run_dir),
+        "TOPIC_PREFIX": DEBEZIUM_TOPIC_PREFIX,
+        "CASSANDRA_YAML": str(RUN / "cassandra" / "conf" / "cassandra.yaml"),
+        "CASSANDRA": f"{HOST}:{PORTS['cassandra']}",
+        "KAFKA": f"{HOST}:{PORTS['kafka']}",
+        "HTTP_PORT": str(PORTS["debezium"]),
+    }
+    for name in ("connector.properties", "application.conf"):
+        render(CONF / "debezium" / f"{name}.in", run_dir / name, values)
+    shutil.copy(CONF / "debezium" / "logback.xml", run_dir / "logback.xml")
+    for folder in ("offsets", "relocation"):
+        (run_dir / folder).mkdir(exist_ok=True)
+    source, shim = REPO / "deploy" / "local" / "loopback_bind.c", loopback_shim()
+    if not shim.exists() or shim.stat().st_mtime < source.stat().st_mtime:
+        if not shutil.which("cc"):
+            raise StackError(
+                "a C compiler (cc) is needed for the Debezium agent: apt-get install gcc"
+            )
+        run(["cc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(source), "-ldl"], what="cc")
+
+
+def loopback_shim() -> Path:
+    return debezium_home() / "loopback_bind.so"
+
+
+def debezium_command() -> list[str]:
+    run_dir = RUN / "debezium"
+    # The agent loads Cassandra's own classes to read commit log segments: same JVM flags.
+    return [
+        "env",
+        f"LD_PRELOAD={loopback_shim()}",  # its HTTP server listens on loopback only
+        java17(),
+        "-Xmx384m",
+        "-Djava.net.preferIPv4Stack=true",
+        *(option for option in cassandra_jvm_options() if option.startswith("--add-")),
+        f"-Dlogback.configurationFile={run_dir / 'logback.xml'}",
+        "-cp",
+        f"{debezium_home() / 'lib'}/*",
+        "io.debezium.connector.cassandra.CassandraConnectorTask",
+        str(run_dir / "connector.properties"),
+    ]
+
+
+def debezium_ready() -> None:
+    health = json.loads(http_get(f"http://{HOST}:{PORTS['debezium']}/health"))
+    if not all(check.get("healthy") for check in health.values()):
+        raise StackError(f"the Debezium agent reports itself unhealthy: {health}")
+
+
 def apicurio_home() -> Path:
     return CACHE / f"apicurio-registry-{APICURIO_VERSION}"
 
@@ -843,6 +905,14 @@ SERVICES = [
         alertmanager_command,
         http_ready("alertmanager", "/-/ready"),
     ),
+    Service(
+        "debezium",
+        PORTS["debezium"],
+        debezium_install,
+        debezium_command,
+        debezium_ready,
+        needs=("kafka", "cassandra"),
+    ),
 ]
 BY_NAME = {service.name: service for service in SERVICES}
 
@@ -857,6 +927,7 @@ def endpoints() -> dict[str, str]:
         "CDC_CASSANDRA__PORT": str(PORTS["cassandra"]),
         "CDC_CASSANDRA__LOCAL_DC": "datacenter1",
         "CDC_STACK_CASSANDRA_CDC_RAW": str(RUN / "cassandra" / "cdc_raw"),
+        "CDC_STACK_DEBEZIUM_TOPIC_PREFIX": DEBEZIUM_TOPIC_PREFIX,
         "CDC_SCHEMA_REGISTRY__URL": schema_registry_url(),
         "CDC_VAULT__ADDR": f"http://{HOST}:{PORTS['openbao']}",
         "CDC_VAULT__TOKEN": VAULT_TOKEN,
@@ -988,6 +1059,30 @@ def _group_rss_kib(pgid: int) -> int:
     return total
 
 
+def start_and_wait(services: list[Service]) -> list[tuple[Service, StackError]]:
+    """Launch the services, then wait for all of them at once; the ones that failed, and why."""
+    failures: list[tuple[Service, StackError]] = []
+    for service in services:
+        try:
+            if start(service):
+                log(f"{service.name}: started (pid {service.pid()}), log {service.log_file}")
+        except StackError as exc:
+            failures.append((service, exc))
+    waiting = [service for service in services if service not in (f[0] for f in failures)]
+    if not waiting:
+        return failures
+    with concurrent.futures.ThreadPoolExecutor(len(waiting)) as pool:
+        futures = {pool.submit(wait_ready, service): service for service in waiting}
+        for future in concurrent.futures.as_completed(futures):
+            service = futures[future]
+            try:
+                took = future.result()
+                log(f"{service.name}: ready at {service.address} ({took:.1f}s)")
+            except StackError as exc:
+                failures.append((service, exc))
+    return failures
+
+
 def cmd_up(names: list[str]) -> int:
     chosen = [BY_NAME[name] for name in names] if names else SERVICES
     began = time.monotonic()
@@ -997,28 +1092,20 @@ def cmd_up(names: list[str]) -> int:
     except StackError as exc:
         log(f"install failed: {exc}")
         return 1
-    launched: list[Service] = []
-    failures: list[tuple[Service, StackError]] = []
-    for service in chosen:
-        try:
-            if start(service):
-                launched.append(service)
-                log(f"{service.name}: started (pid {service.pid()}), log {service.log_file}")
-        except StackError as exc:
-            failures.append((service, exc))
-    with concurrent.futures.ThreadPoolExecutor(len(chosen)) as pool:
-        futures = {
-            pool.submit(wait_ready, service): service
-            for service in chosen
-            if service not in (f[0] for f in failures)
-        }
-        for future in concurrent.futures.as_completed(futures):
-            service = futures[future]
-            try:
-                took = future.result()
-                log(f"{service.name}: ready at {service.address} ({took:.1f}s)")
-            except StackError as exc:
-                failures.append((service, exc))
+    # A service that needs others (the Debezium agent connects to Cassandra and Kafka as it
+    # starts) is launched once they are ready.
+    failures = start_and_wait([service for service in chosen if not service.needs])
+    failed = {service.name for service, _ in failures}
+    dependents = []
+    for service in (service for service in chosen if service.needs):
+        missing = [n for n in service.needs if n in failed or BY_NAME[n].pid() is None]
+        if missing:
+            failures.append(
+                (service, StackError(f"{service.name} needs {', '.join(missing)}: not running"))
+            )
+        else:
+            dependents.append(service)
+    failures += start_and_wait(dependents)
     for service, exc in failures:
         log(f"FAILED {exc}")
         print(

@@ -13,8 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from cdc_sink.config import load_config
 from cdc_sink.runner import Worker
@@ -24,6 +23,7 @@ from tests.support.pipeline import (
     create_topic,
     drop_schema,
     produce_positions,
+    read_topic,
     run_cli,
     run_worker,
     schemaless_record,
@@ -116,31 +116,6 @@ async def add_constraint(dsn: str, schema: str) -> None:
     await sql(
         dsn, schema, "ALTER TABLE cdc_model ADD CONSTRAINT no_13 CHECK (v3 IS DISTINCT FROM 13)"
     )
-
-
-async def read_topic(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of `topic`, from the beginning to the end offsets seen now."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        records: list[Any] = []
-        async with asyncio.timeout(60):
-            while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
-                for batch in (await consumer.getmany(timeout_ms=500)).values():
-                    records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 def counter_total(worker: Worker, name: str) -> float:

@@ -33,6 +33,7 @@ from tests.support.pipeline import (
     applied,
     create_cassandra_model_table,
     create_topic,
+    dead_letters,
     drop_schema,
     kill,
     produce,
@@ -200,14 +201,6 @@ async def kafka_committed(bootstrap: str, group: str) -> int:
     finally:
         await admin.close()
     return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
-
-
-async def dead_letters(dsn: str, schema: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval(f'SELECT count(*) FROM "{schema}"._cdc_dlq_records'))
-    finally:
-        await conn.close()
 
 
 def json_lines(log: str) -> list[dict[str, Any]]:

@@ -291,6 +291,13 @@ async def test_a_cassandra_type_the_sink_cannot_map_stops_only_the_records_that_
         assert "'embedding': Cassandra's type 'vector<float, 3>' is not supported" in message
     finally:
         await drop_schema(stack.postgres_dsn, schema)
+        # Debezium's agent on the stack cannot parse a vector type: while one exists anywhere
+        # in the cluster it no longer hears of new tables (tests/e2e).
+        session = cassandra_session(stack)
+        try:
+            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        finally:
+            session.cluster.shutdown()
 
 
 def test_invalid_setting_stops_start_up_naming_it() -> None:

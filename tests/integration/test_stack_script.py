@@ -58,6 +58,7 @@ def test_status_reports_every_service_up(stack: Endpoints) -> None:
         "prometheus",
         "pushgateway",
         "alertmanager",
+        "debezium",
     ):
         assert re.search(rf"^{name}\s+up\s+127\.0\.0\.1:\d+", done.stdout, re.MULTILINE), name
 
@@ -66,7 +67,7 @@ def test_services_listen_on_loopback_only(stack: Endpoints) -> None:
     """No socket of any service the stack started listens beyond 127.0.0.1."""
     home = Path(stack["CDC_STACK_HOME"])
     pids = set(service_pids(home).values())
-    assert len(pids) == 8
+    assert len(pids) == 9
     listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True)
     seen = 0
     for line in listening.stdout.splitlines():
@@ -76,7 +77,7 @@ def test_services_listen_on_loopback_only(stack: Endpoints) -> None:
         seen += 1
         local = line.split()[3]
         assert local.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), line
-    assert seen >= 8
+    assert seen >= 9
 
 
 def _in_groups(pid: int, group_leaders: set[int]) -> bool:
