@@ -98,6 +98,24 @@ async def wait_for_events(stack: Endpoints, topic: str, writes: int) -> None:
     )
 
 
+async def create_table(session: Session, keyspace: str, cql: str) -> None:
+    session.execute(
+        f"CREATE KEYSPACE {keyspace} WITH replication = "
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    )
+    # The agent misses a table created within the driver's schema-event window (1 s) of its
+    # keyspace: it hears of the keyspace only, and the table's changes are never emitted.
+    await asyncio.sleep(2)
+    await alter(session, cql)
+
+
+async def alter(session: Session, cql: str) -> None:
+    session.execute(cql)
+    # The agent learns of schema changes through those events too, and skips (for good) the
+    # writes it reads before then.
+    await asyncio.sleep(5)
+
+
 def reconcile(env: dict[str, str], *args: str) -> str:
     done = run_cli({**env, "CDC_LOG__LEVEL": "warning"}, "reconcile", *args)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -128,16 +146,7 @@ async def test_cassandra_writes_reach_postgres_through_the_real_connector(
         schema=schema,
         pushgateway__url="",
     )
-    cassandra.execute(
-        f"CREATE KEYSPACE {keyspace} WITH replication = "
-        "{'class': 'SimpleStrategy', 'replication_factor': 1}"
-    )
-    # The agent misses a table created within the driver's schema-event window (1 s) of its
-    # keyspace: it hears of the keyspace only, and the table's changes are never emitted.
-    await asyncio.sleep(2)
-    cassandra.execute(TABLE_CQL.format(ks=keyspace))
-    # It learns of the table the same way, and skips (for good) writes it reads before then.
-    await asyncio.sleep(5)
+    await create_table(cassandra, keyspace, TABLE_CQL.format(ks=keyspace))
     # Rows i and i + 1000k share a partition (id = i % 1000): partitions 10 and 11 get more
     # than one row, for the partition and range deletes.
     numbers = [*range(300), 1010, 1011, 2011, 3011]
@@ -167,6 +176,61 @@ async def test_cassandra_writes_reach_postgres_through_the_real_connector(
         job = checksum(env, rows=299, mismatches=1)
         assert "repaired 1" in reconcile(env, "repair", "--job", str(job))
         checksum(env, rows=299, mismatches=0)
+    finally:
+        cassandra.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        await drop_schema(stack.postgres_dsn, schema)
+
+
+async def test_a_column_added_in_cassandra_is_added_in_postgres(
+    stack: Endpoints, connector: str, cassandra: Session, unique: Callable[[str], str]
+) -> None:
+    """ALTER TABLE … ADD in Cassandra: the agent's events gain the column, the sink adds it
+    to the target table, and rows written before and after match Cassandra's."""
+    keyspace, schema = unique("dbz"), unique("dbz")
+    table = f"{keyspace}.{data.TABLE}"
+    topic = f"{connector}.{table}"
+    env = sink_env(
+        stack, topic=re.escape(topic), group=unique("g"), schema=schema, pushgateway__url=""
+    )
+    await create_table(
+        cassandra,
+        keyspace,
+        f"CREATE TABLE {table} (id int, region text, seq timeuuid, t_text text, "
+        "PRIMARY KEY ((id, region), seq)) WITH cdc = true",
+    )
+    insert = f"INSERT INTO {table} (id, region, seq, t_text) VALUES (%s, 'r', now(), %s)"
+    try:
+        for i in range(3):
+            cassandra.execute(insert, [i, f"before {i}"])
+        await wait_for_events(stack, topic, 3)
+        await run_worker(env)
+        await alter(cassandra, f"ALTER TABLE {table} ADD (t_new map<text, int>, t_num varint)")
+        # a row made by UPDATE with only the new columns, and an INSERT with one of them
+        cassandra.execute(
+            f"UPDATE {table} SET t_new = {{'a': 1}}, t_num = %s "
+            "WHERE id = 0 AND region = 'r' AND seq = now()",
+            [10**22],
+        )
+        cassandra.execute(
+            f"INSERT INTO {table} (id, region, seq, t_text, t_new) "
+            "VALUES (3, 'r', now(), 'after', {'b': 2})"
+        )
+        await wait_for_events(stack, topic, 5)
+        await run_worker(env)
+        assert await dead_letters(stack.postgres_dsn, schema) == 0
+        conn = await asyncpg.connect(stack.postgres_dsn)
+        try:
+            added = await conn.fetch(
+                f'SELECT t_new, t_num FROM "{schema}".{data.TARGET} '
+                "WHERE t_new IS NOT NULL ORDER BY id"
+            )
+        finally:
+            await conn.close()
+        assert [(json.loads(r["t_new"]), r["t_num"]) for r in added] == [
+            ({"a": 1}, 10**22),
+            ({"b": 2}, None),
+        ]
+        checksum(env, rows=5, mismatches=0)
     finally:
         cassandra.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
         await drop_schema(stack.postgres_dsn, schema)
