@@ -76,6 +76,16 @@ _GONE = dict.fromkeys(
     ". A table or column the sink made is gone: see the README, 'A target table was dropped'",
 )
 
+
+def _refused(what: str, exc: asyncpg.PostgresError) -> FatalError:
+    """PostgreSQL refused something no retry will change (a missing privilege, a dropped table):
+    stop, saying what and why."""
+    return FatalError(
+        f"PostgreSQL refused {what} ({exc.sqlstate} {type(exc).__name__}: {exc}); "
+        f"nothing was committed{_GONE.get(exc.sqlstate, '')}"
+    )
+
+
 # SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
 TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
@@ -782,10 +792,7 @@ class Worker:
         except Exception as exc:  # transient ones were retried: what is left is data or fatal
             if not is_data_error(exc):
                 if isinstance(exc, asyncpg.PostgresError):
-                    raise FatalError(
-                        f"PostgreSQL refused the batch ({exc.sqlstate} {type(exc).__name__}: "
-                        f"{exc}); nothing was committed{_GONE.get(exc.sqlstate, '')}"
-                    ) from exc
+                    raise _refused("the batch", exc) from exc
                 raise
             if len(records) > 1:
                 middle = len(records) // 2
@@ -896,6 +903,8 @@ class Worker:
                 prepared.batch.dead_letters.append(_dead_letter(record, exc, exc.stage))
                 self.metrics.errors.labels(exc.stage, "poison").inc()
                 continue
+            except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
+                raise _refused("reading or recording a table's schema", exc) from exc
             if mutation is None:
                 continue
             converted, schema = mutation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -200,13 +201,21 @@ async def test_a_role_given_only_its_schema_migrates_and_one_without_is_told_why
         await admin.close()
 
 
-async def test_a_role_that_may_write_but_not_create_stops_at_a_new_table_saying_so(
-    stack: Endpoints, unique: Callable[[str], str]
-) -> None:
-    """Migrations applied by the owner; the worker's role may read and write the control
-    tables but not create tables. It starts (no DDL when up to date), and a new table's
-    first event stops it with PostgreSQL's reason and the table's name, nothing committed."""
-    role, schema, topic = unique("writer"), unique("dmlonly"), unique("cdc-events-dml")
+DML_GRANTS = (
+    "GRANT USAGE ON SCHEMA {schema} TO {role}; "
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}; "
+    "GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role}"
+)
+
+
+@contextlib.asynccontextmanager
+async def limited_worker(
+    stack: Endpoints, unique: Callable[[str], str], grants: str
+) -> AsyncIterator[tuple[dict[str, str], Callable[[], Awaitable[int]]]]:
+    """Migrations applied by the schema's owner, one event of a new table waiting, and the
+    settings of a worker logging in as a new role the owner gave `grants` ({schema} and
+    {role} filled in); with them, how many offsets the worker has committed."""
+    role, schema, topic = unique("role"), unique("limited"), unique("cdc-events-limited")
     keyspace = unique("ks")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic, 1)
@@ -218,28 +227,57 @@ async def test_a_role_that_may_write_but_not_create_stops_at_a_new_table_saying_
     owner = await asyncpg.connect(stack.postgres_dsn)
     parts = urlsplit(stack.postgres_dsn)
     dsn = urlunsplit(parts._replace(netloc=f"{role}:pw-{role}@{parts.hostname}:{parts.port}"))
+
+    async def committed() -> int:
+        return int(
+            await owner.fetchval(
+                f"SELECT coalesce(sum(next_offset), 0) FROM {schema}._cdc_checkpoints"
+            )
+        )
+
     try:
         await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'")
-        await owner.execute(
-            f"GRANT USAGE ON SCHEMA {schema} TO {role}; "
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}; "
-            f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role}"
-        )
+        await owner.execute(grants.format(schema=schema, role=role))
         env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
-        env["CDC_POSTGRES__DSN"] = dsn
-        with pytest.raises(
-            FatalError, match=r"refused to create or change table 'cdc_model'.*42501"
-        ):
-            await run_worker(env)
-        committed = await owner.fetchval(
-            f"SELECT coalesce(sum(next_offset), 0) FROM {schema}._cdc_checkpoints"
-        )
-        assert committed == 0  # the claim made the partition's row; no offset moved
+        yield {**env, "CDC_POSTGRES__DSN": dsn}, committed
     finally:
         await owner.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await owner.close()
         await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+async def test_a_role_that_may_write_but_not_create_stops_at_a_new_table_saying_so(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """Migrations applied by the owner; the worker's role may read and write the control
+    tables but not create tables. It starts (no DDL when up to date), and a new table's
+    first event stops it with PostgreSQL's reason and the table's name, nothing committed."""
+    async with limited_worker(stack, unique, DML_GRANTS) as (env, committed):
+        with pytest.raises(
+            FatalError, match=r"refused to create or change table 'cdc_model'.*42501"
+        ):
+            await run_worker(env)
+        assert await committed() == 0  # the claim made the partition's row; no offset moved
+
+
+async def test_a_control_table_the_role_may_not_read_stops_the_worker_saying_so(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """A grant missing on a control table the worker reads while preparing a batch (the
+    recorded table schemas): the worker stops with PostgreSQL's reason, not a traceback,
+    and nothing is committed."""
+    grants = (
+        DML_GRANTS
+        + "; GRANT CREATE ON SCHEMA {schema} TO {role}"
+        + "; REVOKE SELECT ON {schema}._cdc_schema_metadata FROM {role}"
+    )
+    async with limited_worker(stack, unique, grants) as (env, committed):
+        with pytest.raises(
+            FatalError, match=r"42501.*permission denied for table _cdc_schema_metadata"
+        ):
+            await run_worker(env)
+        assert await committed() == 0
 
 
 def emb_record(keyspace: str, i: int, **cells: Any) -> tuple[bytes, bytes]:
