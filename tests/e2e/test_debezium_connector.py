@@ -15,6 +15,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -98,22 +99,36 @@ async def wait_for_events(stack: Endpoints, topic: str, writes: int) -> None:
     )
 
 
-async def create_table(session: Session, keyspace: str, cql: str) -> None:
-    session.execute(
-        f"CREATE KEYSPACE {keyspace} WITH replication = "
-        "{'class': 'SimpleStrategy', 'replication_factor': 1}"
-    )
-    # The agent misses a table created within the driver's schema-event window (1 s) of its
-    # keyspace: it hears of the keyspace only, and the table's changes are never emitted.
-    await asyncio.sleep(2)
-    await alter(session, cql)
-
-
-async def alter(session: Session, cql: str) -> None:
+async def agent_hears(stack: Endpoints, cql: str, session: Session, logged: str) -> None:
+    """Run a schema change and wait until the agent's log says it has applied it. It learns
+    of schema changes from the driver's events, and for good skips the writes it reads
+    before then (nothing else tells when that is)."""
+    log = Path(stack["CDC_STACK_HOME"]) / "run" / "debezium" / "service.log"
+    start = log.stat().st_size
     session.execute(cql)
-    # The agent learns of schema changes through those events too, and skips (for good) the
-    # writes it reads before then.
-    await asyncio.sleep(5)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with log.open("rb") as lines:
+            lines.seek(start)
+            if logged.encode() in lines.read():
+                return
+        await asyncio.sleep(0.2)
+    pytest.fail(f"the agent's log ({log}) has no {logged!r} 60 s after: {cql}")
+
+
+async def create_table(stack: Endpoints, session: Session, keyspace: str, cql: str) -> None:
+    # Created within the driver's schema-event window (1 s) of its keyspace, the table would
+    # be missed: the agent hears of the keyspace only, and never emits the table's changes.
+    await agent_hears(
+        stack,
+        f"CREATE KEYSPACE {keyspace} WITH replication = "
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+        session,
+        f"Added keyspace [CREATE KEYSPACE {keyspace} ",
+    )
+    table = re.search(r"CREATE TABLE (\S+) \(", cql)
+    assert table
+    await agent_hears(stack, cql, session, f"Added table [CREATE TABLE {table[1]} (")
 
 
 def reconcile(env: dict[str, str], *args: str) -> str:
@@ -146,7 +161,7 @@ async def test_cassandra_writes_reach_postgres_through_the_real_connector(
         schema=schema,
         pushgateway__url="",
     )
-    await create_table(cassandra, keyspace, TABLE_CQL.format(ks=keyspace))
+    await create_table(stack, cassandra, keyspace, TABLE_CQL.format(ks=keyspace))
     # Rows i and i + 1000k share a partition (id = i % 1000): partitions 10 and 11 get more
     # than one row, for the partition and range deletes.
     numbers = [*range(300), 1010, 1011, 2011, 3011]
@@ -193,6 +208,7 @@ async def test_a_column_added_in_cassandra_is_added_in_postgres(
         stack, topic=re.escape(topic), group=unique("g"), schema=schema, pushgateway__url=""
     )
     await create_table(
+        stack,
         cassandra,
         keyspace,
         f"CREATE TABLE {table} (id int, region text, seq timeuuid, t_text text, "
@@ -204,7 +220,12 @@ async def test_a_column_added_in_cassandra_is_added_in_postgres(
             cassandra.execute(insert, [i, f"before {i}"])
         await wait_for_events(stack, topic, 3)
         await run_worker(env)
-        await alter(cassandra, f"ALTER TABLE {table} ADD (t_new map<text, int>, t_num varint)")
+        await agent_hears(
+            stack,
+            f"ALTER TABLE {table} ADD (t_new map<text, int>, t_num varint)",
+            cassandra,
+            f"Updated table [CREATE TABLE {table} (",
+        )
         # a row made by UPDATE with only the new columns, and an INSERT with one of them
         cassandra.execute(
             f"UPDATE {table} SET t_new = {{'a': 1}}, t_num = %s "
