@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
@@ -43,7 +42,7 @@ from tests.support.pipeline import (
     sink_env,
     start_worker_process,
 )
-from tests.support.stack import STACK, Endpoints
+from tests.support.stack import Endpoints, stack_command
 from tests.support.tcp_proxy import TcpProxy
 
 MUTATIONS = 4_000  # x 3 replica copies = 12,000 events per test
@@ -92,21 +91,6 @@ def stream(stack: Endpoints) -> Stream:
     create_cassandra_model_table(stack, keyspace)
     records = [schemaless_record(m, keyspace) for m in deliveries]
     return Stream(keyspace, records, expected_rows(history))
-
-
-def stack_command(stack: Endpoints, *args: str) -> None:
-    """Run deploy/local/stack on the stack the tests use (its home and port offset)."""
-    if not stack.get("CDC_STACK_HOME"):
-        pytest.fail("chaos tests need a stack deploy/local/stack controls (CDC_STACK_HOME)")
-    env = {
-        **os.environ,
-        "CDC_STACK_HOME": stack["CDC_STACK_HOME"],
-        "CDC_STACK_PORT_OFFSET": stack.get("CDC_STACK_PORT_OFFSET") or "0",
-    }
-    done = subprocess.run(
-        [str(STACK), *args], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert done.returncode == 0, f"stack {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
 
 
 def service_pid(stack: Endpoints, service: str) -> int:

@@ -118,3 +118,20 @@ def find_stack() -> Endpoints:
 
         return docker_stack()
     raise StackUnavailable(f"CDC_TEST_STACK={backend!r}: choose local, external or docker")
+
+
+def stack_command(stack: Endpoints, *args: str) -> None:
+    """Run deploy/local/stack on the stack the tests use (its home and port offset)."""
+    if not stack.get("CDC_STACK_HOME"):
+        raise StackUnavailable(
+            "this test needs a stack deploy/local/stack controls (CDC_STACK_HOME)"
+        )
+    env = {
+        **os.environ,
+        "CDC_STACK_HOME": stack["CDC_STACK_HOME"],
+        "CDC_STACK_PORT_OFFSET": stack.get("CDC_STACK_PORT_OFFSET") or "0",
+    }
+    done = subprocess.run(
+        [str(STACK), *args], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, f"stack {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
