@@ -305,14 +305,11 @@ async def test_a_cassandra_type_the_sink_cannot_map_stops_only_the_records_that_
             f"CREATE TABLE {keyspace}.emb (id int PRIMARY KEY, name text, "
             "embedding vector<float, 3>) WITH cdc = true"
         )
-    finally:
-        session.cluster.shutdown()
-    await create_topic(stack.kafka, topic, 1)
-    records = [emb_record(keyspace, i, id=i, name=f"n{i}") for i in range(5)]
-    records.insert(2, emb_record(keyspace, 9, id=9, name="v", embedding=[0.5, 1.0, 1.5]))
-    await produce(stack.kafka, topic, records)
-    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, dlq__max_share="1")
-    try:
+        await create_topic(stack.kafka, topic, 1)
+        records = [emb_record(keyspace, i, id=i, name=f"n{i}") for i in range(5)]
+        records.insert(2, emb_record(keyspace, 9, id=9, name="v", embedding=[0.5, 1.0, 1.5]))
+        await produce(stack.kafka, topic, records)
+        env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, dlq__max_share="1")
         worker = await run_worker(env)
         assert worker.applied_events == len(records)
         conn = await asyncpg.connect(stack.postgres_dsn)
@@ -331,11 +328,8 @@ async def test_a_cassandra_type_the_sink_cannot_map_stops_only_the_records_that_
         await drop_schema(stack.postgres_dsn, schema)
         # Debezium's agent on the stack cannot parse a vector type: while one exists anywhere
         # in the cluster it no longer hears of new tables (tests/e2e).
-        session = cassandra_session(stack)
-        try:
-            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
-        finally:
-            session.cluster.shutdown()
+        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        session.cluster.shutdown()
 
 
 def test_invalid_setting_stops_start_up_naming_it() -> None:
