@@ -23,6 +23,8 @@ from typing import Any
 
 import asyncpg
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from prometheus_client import CollectorRegistry
 
 from cdc_recon.alerting import JobReport, ReconMetrics
@@ -61,6 +63,7 @@ from cdc_sink.plan import Mutation
 from cdc_sink.write import Batch, PgWriter, prepare_connection
 
 log = structlog.get_logger(__name__)
+tracer = trace.get_tracer("cdc_recon")  # a no-op unless the process installed a provider
 
 REPAIR_CHUNK = 500
 NOT_CONVERGED = "repair did not converge: PostgreSQL keeps a newer timestamp or tombstone"
@@ -205,7 +208,14 @@ class Reconciler:
     async def _execute(self, job_id: int) -> None:
         job = await self.repository.job(job_id)
         assert job is not None
-        began, table, strategy = time.monotonic(), job["target_table"], job["strategy"]
+        table, strategy = job["target_table"], job["strategy"]
+        attributes = {"cdc.job": job_id, "cdc.table": table, "cdc.strategy": strategy}
+        with tracer.start_as_current_span("cdc.reconciliation", attributes=attributes) as span:
+            await self._execute_job(job, span)
+
+    async def _execute_job(self, job: Mapping[str, Any], span: trace.Span) -> None:
+        job_id, table, strategy = job["id"], job["target_table"], job["strategy"]
+        began = time.monotonic()
         log.info("reconciliation_started", job=job_id, table=table, strategy=strategy)
         try:
             outcome = await self._outcome(job)
@@ -218,6 +228,7 @@ class Reconciler:
         except Exception as exc:  # noqa: BLE001 - whatever went wrong ends the job as failed
             error = str(exc) if isinstance(exc, ReconError) else f"{type(exc).__name__}: {exc}"
             await self.repository.end(job_id, "failed", error)
+            span.set_status(Status(StatusCode.ERROR, error))
             log.error("reconciliation_failed", job=job_id, table=table, error=error)
             await self._report(
                 JobReport(
@@ -226,6 +237,9 @@ class Reconciler:
             )
             return
         await self.repository.finish(job_id, table, outcome)
+        span.set_attributes(
+            {"cdc.mismatches": outcome.mismatch_count, "cdc.drift": outcome.drift_percentage}
+        )
         log.info(
             "reconciliation_finished",
             job=job_id,

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -20,6 +21,7 @@ from cdc_sink.config import Config, ConfigError, load_config
 from cdc_sink.errors import FatalError, SinkError
 from cdc_sink.http import BIGINT_MAX  # ids and limits go to PostgreSQL as bigints
 from cdc_sink.logs import configure_logging, get_logger
+from cdc_sink.tracing import start_tracing
 
 log = get_logger("cdc_sink")
 
@@ -133,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(
         config.log.level, json=config.log.json, repeat_window_s=config.log.repeat_window_seconds
     )
+    tracing = start_tracing(config.tracing, f"{socket.gethostname()}-{os.getpid()}")
+    try:
+        return _command(config, args)
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # exports what is queued, within the export timeout
+
+
+def _command(config: Config, args: argparse.Namespace) -> int:
     try:
         if args.command == "migrate":
             return _run(_migrate(config))

@@ -337,6 +337,23 @@ class ReconciliationConfig:
         self.schedule_entries()
 
 
+@dataclass(frozen=True)
+class TracingConfig:
+    endpoint: str | None = None  # OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces
+    sample_ratio: float = 0.1
+    service_name: str = "cdc-sink"
+    export_timeout_seconds: float = 10.0
+
+    def validate(self) -> None:
+        check_http_url("CDC_TRACING__ENDPOINT", self.endpoint)
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError("CDC_TRACING__SAMPLE_RATIO must be between 0 and 1")
+        if not self.service_name.strip():
+            raise ConfigError("CDC_TRACING__SERVICE_NAME must not be empty")
+        if not 0 < self.export_timeout_seconds <= 300:
+            raise ConfigError("CDC_TRACING__EXPORT_TIMEOUT_SECONDS must be > 0 and <= 300")
+
+
 LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 
 
@@ -367,6 +384,7 @@ class Config:
     prometheus: UrlConfig = field(default_factory=UrlConfig)
     alertmanager: UrlConfig = field(default_factory=UrlConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     reconciliation: ReconciliationConfig = field(default_factory=ReconciliationConfig)
 
 

@@ -2,8 +2,9 @@
 
 Records from stdlib loggers (aiokafka, asyncpg, …) go through the same pipeline, so every line
 on stderr has the same shape. aiokafka repeats its connection errors many times a second while
-a broker is away: each of its warnings and errors is shown at most once per `repeat_window_s`,
-with the number held back since (RepeatFilter).
+a broker is away, and OpenTelemetry's exporter its own while the trace collector is: each of
+their warnings and errors is shown at most once per `repeat_window_s`, with the number held
+back since (RepeatFilter). Lines written inside a sampled trace span carry its ids.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-__all__ = ["RepeatFilter", "configure_logging", "get_logger", "redact_secrets"]
+__all__ = ["RepeatFilter", "add_trace_ids", "configure_logging", "get_logger", "redact_secrets"]
 
 REDACTED = "***"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -33,7 +35,8 @@ _KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd)\s*=\s*)(?:'[^']*'|\S+
 
 # The handler configure_logging installed, replaced (not duplicated) when it is called again.
 _handler: logging.Handler | None = None
-NOISY_LIBRARIES = ("aiokafka",)
+# aiokafka while a broker is away; OpenTelemetry's exporter while the trace collector is.
+NOISY_LIBRARIES = ("aiokafka", "opentelemetry")
 
 
 class RepeatFilter(logging.Filter):
@@ -100,6 +103,17 @@ def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     return scrubbed
 
 
+def add_trace_ids(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Processor: a line written inside a sampled span (cdc_sink.tracing) carries its
+    `trace_id` and `span_id`, in the hex form trace back ends search for. Unsampled spans add
+    nothing: their ids lead nowhere."""
+    context = trace.get_current_span().get_span_context()
+    if context.trace_flags.sampled:
+        event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(context.span_id, "016x"))
+    return event_dict
+
+
 def configure_logging(
     level: str = "info", json: bool = True, repeat_window_s: float = 30.0
 ) -> None:
@@ -116,6 +130,7 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
+        add_trace_ids,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Processor = (

@@ -29,6 +29,7 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     KafkaUnavailableError,
 )
+from opentelemetry import trace
 
 from cdc_sink import cassandra
 from cdc_sink.config import Config
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from cdc_recon.service import ReconciliationRuntime
 
 log = get_logger("cdc_sink.runner")
+tracer = trace.get_tracer("cdc_sink")  # a no-op until cdc_sink.tracing installs a provider
 
 T = TypeVar("T")
 
@@ -154,6 +156,8 @@ class Prepared:
     stamps: dict[str, list[int]] = field(default_factory=dict)  # table -> Kafka timestamps
     first: dict[TopicPartition, int] = field(default_factory=dict)
     last: dict[TopicPartition, int] = field(default_factory=dict)
+    began_ns: int = 0  # when preparing its first record began (epoch ns, for its trace span)
+    ready_ns: int = 0  # when its last record was prepared
 
     def extend(self, later: Prepared) -> None:
         """Append a chunk prepared after this one (its records follow ours per partition)."""
@@ -173,6 +177,22 @@ class Prepared:
         for tp, offset in later.first.items():
             self.first.setdefault(tp, offset)
         self.last.update(later.last)
+        self.ready_ns = later.ready_ns
+
+    def trace_attributes(self) -> dict[str, Any]:
+        """What a `cdc.batch` span records of this chunk."""
+        return {
+            "messaging.system": "kafka",
+            "cdc.records": len(self.records),
+            "cdc.rows": sum(self.counts.values()),
+            "cdc.dead_letters": len(self.batch.dead_letters),
+            "cdc.tables": [schema.target for schema, _ in self.batch.tables],
+            # topic[partition]:first..last, offsets inclusive
+            "cdc.offsets": [
+                f"{tp.topic}[{tp.partition}]:{first}..{self.last[tp]}"
+                for tp, first in self.first.items()
+            ],
+        }
 
 
 class Stopping(Exception):
@@ -756,7 +776,19 @@ class Worker:
             await self._apply(await self._prepare(active))
 
     async def _apply(self, prepared: Prepared) -> None:
-        """One transaction; bad data is isolated by halves down to the record at fault."""
+        """Apply a chunk, traced as one `cdc.batch` span from its preparing to its commit."""
+        began = prepared.began_ns or None
+        with tracer.start_as_current_span("cdc.batch", start_time=began) as span:
+            if span.is_recording():
+                span.set_attributes(prepared.trace_attributes())
+            if span.is_recording() and began:
+                preparing = tracer.start_span("cdc.prepare", start_time=began)
+                preparing.end(end_time=prepared.ready_ns)
+            span.set_attribute("cdc.outcome", await self._apply_chunk(prepared))
+
+    async def _apply_chunk(self, prepared: Prepared) -> str:
+        """One transaction; bad data is isolated by halves down to the record at fault.
+        Returns what became of the chunk (for its trace span)."""
         if over := self._over_dlq_limit(prepared):
             # Apply what precedes each such partition's first dead letter, then pause it.
             await self._apply_records(
@@ -768,7 +800,7 @@ class Worker:
             )
             for tp in over:
                 self._pause(tp)
-            return
+            return "paused"
         batch = prepared.batch
         batch.checkpoints = [
             CheckpointMove(
@@ -788,7 +820,7 @@ class Worker:
             log.warning("fenced", error=str(exc))
             self.metrics.errors.labels("write", "fenced").inc()
             await self._resync()
-            return
+            return "fenced"
         except Exception as exc:  # transient ones were retried: what is left is data or fatal
             if not is_data_error(exc):
                 if isinstance(exc, asyncpg.PostgresError):
@@ -798,11 +830,11 @@ class Worker:
                 middle = len(records) // 2
                 await self._apply_records(records[:middle])
                 await self._apply_records(records[middle:])
-                return
-            await self._apply_dead_letter(records[0], exc)
-            return
+                return "split"
+            return await self._apply_dead_letter(records[0], exc)
         self._acknowledge(batch, result, prepared.counts, prepared.stamps)
         await self._commit_kafka(batch)
+        return "committed"
 
     def _over_dlq_limit(self, prepared: Prepared) -> dict[TopicPartition, int]:
         """The partitions whose dead letters in this chunk would pass the DLQ limit, each with
@@ -879,7 +911,7 @@ class Worker:
         """Decode, interpret and convert records (DDL as needed); poison becomes dead letters.
         Checkpoint moves are added when the chunk is applied."""
         per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
-        prepared = Prepared(records)
+        prepared = Prepared(records, began_ns=time.time_ns())
         next_yield = time.perf_counter() + PREPARE_YIELD_S
         for record in records:
             if self._in_flight is not None and time.perf_counter() >= next_yield:
@@ -916,6 +948,7 @@ class Worker:
             key = (record.topic, schema.target)
             prepared.counts[key] = prepared.counts.get(key, 0) + 1
         prepared.batch.tables = list(per_table.values())
+        prepared.ready_ns = time.time_ns()
         return prepared
 
     async def _to_mutation(self, record: Any) -> tuple[Mutation, TableSchema] | None:
@@ -985,12 +1018,21 @@ class Worker:
 
     async def _apply_with_retry(self, batch: Batch) -> BatchResult:
         async def attempt() -> BatchResult:
-            if not self._writer_usable():  # reconnecting failed, or the connection died idle
-                await self._open_writer()
-            assert self.writer is not None
-            result = await self.writer.apply(batch)
-            self.metrics.transaction_duration.observe(result.duration_s)
-            return result
+            with tracer.start_as_current_span("cdc.transaction") as span:
+                if span.is_recording():
+                    span.set_attributes(
+                        {
+                            "db.system.name": "postgresql",
+                            "cdc.rows": sum(len(m) for _, m in batch.tables),
+                            "cdc.dead_letters": len(batch.dead_letters),
+                        }
+                    )
+                if not self._writer_usable():  # reconnecting failed, or the connection died
+                    await self._open_writer()
+                assert self.writer is not None
+                result = await self.writer.apply(batch)
+                self.metrics.transaction_duration.observe(result.duration_s)
+                return result
 
         return await self._retrying("write", attempt, on_retry=self._open_writer)
 
@@ -1001,14 +1043,17 @@ class Worker:
         todo = [d for d in letters if (d.topic, d.partition, d.offset) not in self._dlq_sent]
         if not todo:
             return
-        await self._retrying("dlq", functools.partial(dlq.send_letters, todo, self.group))
+        with tracer.start_as_current_span("cdc.dlq.produce", attributes={"cdc.letters": len(todo)}):
+            await self._retrying("dlq", functools.partial(dlq.send_letters, todo, self.group))
         self._dlq_sent.update((d.topic, d.partition, d.offset) for d in todo)
 
-    async def _apply_dead_letter(self, record: Any, exc: BaseException) -> None:
+    async def _apply_dead_letter(self, record: Any, exc: BaseException) -> str:
+        """Dead-letter the one record PostgreSQL refuses, or pause its partition if that would
+        pass the DLQ limit; returns which (for the trace)."""
         tp = TopicPartition(record.topic, record.partition)
         if not self.limiter.admits(tp.topic, tp.partition, [record.offset], record.offset):
             self._pause(tp)
-            return
+            return "paused"
         owned = self.owned[tp]
         letter = _dead_letter(record, exc, "write")
         batch = Batch(
@@ -1022,6 +1067,7 @@ class Worker:
         self.metrics.errors.labels("write", "poison").inc()
         await self._send_dead_letters(batch.dead_letters)
         self._acknowledge(batch, await self._apply_with_retry(batch), {})
+        return "dead_lettered"
 
     def _acknowledge(
         self,

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import structlog
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from cdc_sink.logs import RepeatFilter, configure_logging, get_logger, redact_secrets
 
@@ -67,6 +69,28 @@ def test_context_bound_in_contextvars_is_included(capsys: pytest.CaptureFixture[
         get_logger("cdc_sink.write").info("flushed")
     (line,) = lines(capsys)
     assert (line["trace_id"], line["partition"]) == ("4bf92f35", 1)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_lines_inside_a_sampled_span_carry_its_ids(
+    capsys: pytest.CaptureFixture[str], ratio: float
+) -> None:
+    """Inside a span that is sampled (exported), a line carries its trace and span ids as
+    hex; inside one that is not, and outside any span, it carries none."""
+    configure_logging()
+    tracer = TracerProvider(sampler=TraceIdRatioBased(ratio)).get_tracer("test")
+    with tracer.start_as_current_span("cdc.batch") as span:
+        get_logger("cdc_sink.runner").info("batch_committed")
+    get_logger("cdc_sink.runner").info("caught_up")
+    inside, outside = lines(capsys)
+    context = span.get_span_context()
+    if ratio:
+        assert inside["trace_id"] == format(context.trace_id, "032x")
+        assert inside["span_id"] == format(context.span_id, "016x")
+    else:
+        assert "trace_id" not in inside
+        assert "span_id" not in inside
+    assert "trace_id" not in outside
 
 
 def test_exception_is_rendered_as_text_traceback(capsys: pytest.CaptureFixture[str]) -> None:

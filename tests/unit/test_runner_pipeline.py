@@ -45,6 +45,7 @@ def _chunk(offsets: list[int], schema: TableSchema, letters: list[int]) -> Prepa
     prepared.stamps = {"cdc_t": [o * 10 for o in offsets if o not in letters]}
     prepared.first = {tp: offsets[0]}
     prepared.last = {tp: offsets[-1]}
+    prepared.began_ns, prepared.ready_ns = offsets[0] * 1000, offsets[-1] * 1000 + 1
     return prepared
 
 
@@ -63,6 +64,10 @@ def test_a_later_chunk_extends_the_next_one_in_offset_order() -> None:
     assert first.stamps == {"cdc_t": [100, 120, 130, 140]}
     assert first.first == {tp: 10}
     assert first.last == {tp: 14}
+    assert (first.began_ns, first.ready_ns) == (10_000, 14_001)  # its trace span's bounds
+    assert first.trace_attributes()["cdc.offsets"] == ["cdc-events-t[0]:10..14"]
+    assert first.trace_attributes()["cdc.rows"] == 4
+    assert first.trace_attributes()["cdc.dead_letters"] == 1
 
 
 def test_a_table_first_seen_in_the_later_chunk_is_added() -> None:

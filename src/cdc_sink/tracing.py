@@ -1,0 +1,52 @@
+"""OpenTelemetry traces: a span per batch, exported over OTLP/HTTP, and the trace id in logs.
+
+Each chunk the worker applies is one `cdc.batch` span (its topics, partitions, offsets, rows
+and outcome) with children for preparing it (`cdc.prepare`), producing its dead letters
+(`cdc.dlq.produce`) and each transaction attempt (`cdc.transaction`, failed attempts marked
+with their error); a chunk split to isolate a bad record holds the halves as child batches.
+Reconciliation jobs are `cdc.reconciliation` spans. Tracing is off unless an endpoint is set;
+then a share of the batches (a fixed fraction of trace ids) is sampled and exported in a
+background thread, which never blocks or fails a batch: if the collector is away, spans are
+dropped and the exporter's warnings are logged.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from cdc_sink import __version__
+from cdc_sink.config import TracingConfig
+
+__all__ = ["start_tracing"]
+
+
+def start_tracing(config: TracingConfig, instance: str) -> TracerProvider | None:
+    """Install the process's tracer provider exporting to `config.endpoint`, or nothing if no
+    endpoint is set (every tracer stays a no-op). Call once at start-up; call `shutdown()` on
+    the result at exit to flush what is queued (bounded by the export timeout)."""
+    if not config.endpoint:
+        return None
+    # Imported here: the exporter pulls in protobuf and requests, which a worker without
+    # tracing does not need to load.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    provider = TracerProvider(
+        resource=Resource.create(
+            {
+                "service.name": config.service_name,
+                "service.version": __version__,
+                "service.instance.id": instance,
+            }
+        ),
+        sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+    )
+    exporter = OTLPSpanExporter(endpoint=config.endpoint, timeout=config.export_timeout_seconds)
+    provider.add_span_processor(
+        BatchSpanProcessor(exporter, export_timeout_millis=config.export_timeout_seconds * 1000)
+    )
+    trace.set_tracer_provider(provider)
+    return provider
