@@ -28,6 +28,7 @@ from cdc_recon.errors import (
 from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler, recon_pool
 from cdc_sink.config import Config
+from cdc_sink.secrets import PostgresLogin, secrets_for
 
 USAGE_ERRORS = (UnknownTableError, UnknownStrategyError, UnknownJobError, InvalidRequestError)
 
@@ -35,7 +36,8 @@ USAGE_ERRORS = (UnknownTableError, UnknownStrategyError, UnknownJobError, Invali
 async def reconcile(config: Config, args: argparse.Namespace) -> int:
     """Run `reconcile run` or `reconcile repair`; print the outcome; return the exit code."""
     try:
-        return await _reconcile(config, args)
+        async with secrets_for(config) as (config, login):
+            return await _reconcile(config, login, args)
     except USAGE_ERRORS as exc:
         print(f"cdc-sink reconcile: {exc}", file=sys.stderr)
         return 2
@@ -44,9 +46,9 @@ async def reconcile(config: Config, args: argparse.Namespace) -> int:
         return 1
 
 
-async def _reconcile(config: Config, args: argparse.Namespace) -> int:
+async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namespace) -> int:
     try:
-        pool = await recon_pool(config.postgres)
+        pool = await recon_pool(config.postgres, login)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ReconError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
     session: Any = None

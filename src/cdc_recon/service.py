@@ -60,6 +60,7 @@ from cdc_recon.strategies import (
 from cdc_sink.config import Config, PostgresConfig, ReconciliationConfig
 from cdc_sink.errors import ConversionError
 from cdc_sink.plan import Mutation
+from cdc_sink.secrets import PostgresLogin
 from cdc_sink.write import Batch, PgWriter, prepare_connection
 
 log = structlog.get_logger(__name__)
@@ -383,10 +384,10 @@ class Reconciler:
         return repaired, len(outcomes) - skipped - repaired, skipped
 
 
-async def recon_pool(postgres: PostgresConfig) -> asyncpg.Pool:
+async def recon_pool(postgres: PostgresConfig, login: PostgresLogin) -> asyncpg.Pool:
     """Connections of reconciliation's own (a long scan never takes the sink's)."""
     pool = await asyncpg.create_pool(
-        postgres.dsn.reveal(),
+        connect=login.connect,
         min_size=1,
         max_size=4,
         timeout=postgres.connect_timeout_s,
@@ -394,7 +395,7 @@ async def recon_pool(postgres: PostgresConfig) -> asyncpg.Pool:
         init=prepare_connection,
     )
     assert pool is not None
-    return pool
+    return login.watch(pool)
 
 
 class ReconciliationRuntime:
@@ -403,10 +404,16 @@ class ReconciliationRuntime:
     background runs of manual triggers. `pool` (the worker's) serves the HTTP listings."""
 
     def __init__(
-        self, config: Config, pool: asyncpg.Pool, registry: CollectorRegistry, owner: str
+        self,
+        config: Config,
+        pool: asyncpg.Pool,
+        registry: CollectorRegistry,
+        owner: str,
+        login: PostgresLogin | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
+        self.login = login or PostgresLogin(config)
         self.metrics = ReconMetrics(registry)
         self.owner = owner
         self._reconciler: Reconciler | None = None
@@ -424,7 +431,7 @@ class ReconciliationRuntime:
                     connect_cassandra, self.config.cassandra, settings.consistency
                 )
                 # Jobs get connections of their own, so a long scan never starves the sink.
-                self._pool = await recon_pool(self.config.postgres)
+                self._pool = await recon_pool(self.config.postgres, self.login)
                 self._reconciler = Reconciler(
                     self._pool,
                     self.config.postgres.schema,

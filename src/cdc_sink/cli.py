@@ -14,14 +14,20 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdc_sink import __version__
 from cdc_sink.config import Config, ConfigError, load_config
 from cdc_sink.errors import FatalError, SinkError
 from cdc_sink.http import BIGINT_MAX  # ids and limits go to PostgreSQL as bigints
 from cdc_sink.logs import configure_logging, get_logger
+from cdc_sink.secrets import secrets_for
 from cdc_sink.tracing import start_tracing
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from cdc_sink.replay import DlqFilter
 
 log = get_logger("cdc_sink")
 
@@ -191,30 +197,23 @@ async def _migrate(config: Config) -> int:
 
     from cdc_sink.migrate import migrate
 
-    try:
-        conn = await asyncpg.connect(config.postgres.dsn.reveal())
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
-    try:
-        applied = await migrate(conn, config.postgres.schema)
-    finally:
-        await conn.close()
+    async with secrets_for(config) as (config, login):
+        try:
+            conn = await login.connect()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
+        try:
+            applied = await migrate(conn, config.postgres.schema)
+        finally:
+            await conn.close()
     print(f"applied: {', '.join(applied)}" if applied else "nothing to apply: up to date")
     return 0
 
 
 async def _dlq(config: Config, args: argparse.Namespace) -> int:
     import asyncpg
-    from aiokafka.errors import KafkaError
 
-    from cdc_sink.dlq import DlqProducer
-    from cdc_sink.kafka_security import client_security, unreachable
-    from cdc_sink.replay import (
-        DlqFilter,
-        list_dead_letters,
-        replay_dead_letters,
-        show_dead_letter,
-    )
+    from cdc_sink.replay import DlqFilter
 
     try:
         where = DlqFilter.from_mapping(
@@ -234,57 +233,69 @@ async def _dlq(config: Config, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"cdc-sink: {exc}", file=sys.stderr)
         return 2
-    try:
-        conn = await asyncpg.connect(
-            config.postgres.dsn.reveal(), server_settings={"search_path": config.postgres.schema}
-        )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
-    try:
-        if args.dlq_command == "list":
-            rows = await list_dead_letters(conn, where, limit=args.limit, after_id=args.after_id)
-            for row in rows:
-                if args.json:
-                    print(json.dumps(row, default=str))
-                else:
-                    print(
-                        f"{row['id']:>8}  {row['status']:<8}  {row['failed_at']:%Y-%m-%d %H:%M:%S}"
-                        f"  {row['source_topic']}[{row['source_partition']}]@"
-                        f"{row['source_offset']}  {row['stage']}/{row['error_class']}: "
-                        f"{row['error_message'][:120]}"
-                    )
-            return 0
-        if args.dlq_command == "show":
-            shown = await show_dead_letter(conn, args.id)
-            if shown is None:
-                print(f"cdc-sink: no dead letter {args.id}", file=sys.stderr)
-                return 1
-            print(json.dumps(shown, default=str, indent=2, ensure_ascii=False))
-            return 0
-        if where.is_empty and not args.all:
-            print(
-                "cdc-sink: say which records to replay: ids, --topic/--error-class/--stage/"
-                "--since, or --all",
-                file=sys.stderr,
-            )
-            return 2
-        producer = DlqProducer(
-            config.kafka.bootstrap_servers,
-            config.dlq.topic,
-            security=client_security(config.kafka),
-        )
+    async with secrets_for(config) as (config, login):
         try:
-            await producer.start()
-        except KafkaError as exc:
-            raise unreachable(config.kafka, "replay producer", exc) from exc
+            conn = await login.connect(server_settings={"search_path": config.postgres.schema})
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
         try:
-            replayed = await replay_dead_letters(conn, producer, where, actor="cli")
+            return await _dlq_command(conn, config, args, where)
         finally:
-            await producer.stop()
-        print(f"replayed {len(replayed)} record(s): {', '.join(map(str, replayed)) or '-'}")
+            await conn.close()
+
+
+async def _dlq_command(
+    conn: asyncpg.Connection, config: Config, args: argparse.Namespace, where: DlqFilter
+) -> int:
+    """`dlq list|show|replay` on an open connection."""
+    from aiokafka.errors import KafkaError
+
+    from cdc_sink.dlq import DlqProducer
+    from cdc_sink.kafka_security import client_security, unreachable
+    from cdc_sink.replay import list_dead_letters, replay_dead_letters, show_dead_letter
+
+    if args.dlq_command == "list":
+        rows = await list_dead_letters(conn, where, limit=args.limit, after_id=args.after_id)
+        for row in rows:
+            if args.json:
+                print(json.dumps(row, default=str))
+            else:
+                print(
+                    f"{row['id']:>8}  {row['status']:<8}  {row['failed_at']:%Y-%m-%d %H:%M:%S}"
+                    f"  {row['source_topic']}[{row['source_partition']}]@"
+                    f"{row['source_offset']}  {row['stage']}/{row['error_class']}: "
+                    f"{row['error_message'][:120]}"
+                )
         return 0
+    if args.dlq_command == "show":
+        shown = await show_dead_letter(conn, args.id)
+        if shown is None:
+            print(f"cdc-sink: no dead letter {args.id}", file=sys.stderr)
+            return 1
+        print(json.dumps(shown, default=str, indent=2, ensure_ascii=False))
+        return 0
+    if where.is_empty and not args.all:
+        print(
+            "cdc-sink: say which records to replay: ids, --topic/--error-class/--stage/"
+            "--since, or --all",
+            file=sys.stderr,
+        )
+        return 2
+    producer = DlqProducer(
+        config.kafka.bootstrap_servers,
+        config.dlq.topic,
+        security=client_security(config.kafka),
+    )
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        raise unreachable(config.kafka, "replay producer", exc) from exc
+    try:
+        replayed = await replay_dead_letters(conn, producer, where, actor="cli")
     finally:
-        await conn.close()
+        await producer.stop()
+    print(f"replayed {len(replayed)} record(s): {', '.join(map(str, replayed)) or '-'}")
+    return 0
 
 
 async def _serve(config: Config, *, stop_when_caught_up: bool) -> int:

@@ -154,6 +154,7 @@ class PostgresConfig:
     dsn: Secret = field(default_factory=lambda: Secret("postgresql://cdc_sink@127.0.0.1:5432/cdc"))
     schema: str = "public"
     connect_timeout_s: float = 10.0
+    role: str | None = None  # SET ROLE after login: the owner of what the sink creates
 
     def validate(self) -> None:
         dsn = self.dsn.reveal()
@@ -262,6 +263,31 @@ class CassandraConfig:
 class VaultConfig:
     addr: str | None = None
     token: Secret | None = None
+    role_id: str | None = None  # AppRole login instead of a token
+    secret_id: Secret | None = None
+    approle_mount: str = "approle"
+    postgres_role: str | None = None  # database secrets engine role: leased PostgreSQL logins
+    database_mount: str = "database"
+    cassandra_secret: str | None = None  # KV v2 path holding Cassandra's username and password
+    kv_mount: str = "secret"
+    timeout_seconds: float = 10.0
+
+    def validate(self) -> None:
+        check_http_url("CDC_VAULT__ADDR", self.addr)
+        if not 0 < self.timeout_seconds <= 300:
+            raise ConfigError("CDC_VAULT__TIMEOUT_SECONDS must be > 0 and <= 300")
+        if bool(self.role_id) != bool(self.secret_id):
+            raise ConfigError("CDC_VAULT__ROLE_ID and CDC_VAULT__SECRET_ID go together (AppRole)")
+        if not (self.postgres_role or self.cassandra_secret):
+            return  # Vault is not used
+        wanted = "CDC_VAULT__POSTGRES_ROLE" if self.postgres_role else "CDC_VAULT__CASSANDRA_SECRET"
+        if not self.addr:
+            raise ConfigError(f"{wanted} needs CDC_VAULT__ADDR")
+        if not (self.token or self.role_id):
+            raise ConfigError(
+                f"{wanted} needs a Vault login: CDC_VAULT__TOKEN, or CDC_VAULT__ROLE_ID and "
+                "CDC_VAULT__SECRET_ID"
+            )
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from cdc_sink.metrics import Metrics
 from cdc_sink.migrate import migrate, pending
 from cdc_sink.plan import Mutation
 from cdc_sink.replay import add_dlq_routes
+from cdc_sink.secrets import PostgresLogin, open_secrets
 from cdc_sink.tables import TableSchema
 from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, prepare_connection
 
@@ -247,6 +248,8 @@ class Worker:
         self.applied_events = 0
         self._backlog_at = 0.0  # when cdc_backlog_depth was last refreshed (monotonic)
         self.pool: asyncpg.Pool | None = None
+        self.login: PostgresLogin | None = None
+        self._writer_generation = 0  # the login's generation the writer's connection has
         self.consumer: AIOKafkaConsumer | None = None
         self.writer: PgWriter | None = None
         self.http: HttpServer | None = None
@@ -258,8 +261,14 @@ class Worker:
 
     async def run(self) -> int:
         """Consume and apply until stopped (or caught up); return the process exit code."""
+        self.config, self.login = await open_secrets(self.config)
         cfg = self.config
-        self.pool = await self._connect_pool()
+        try:
+            self.pool = await self._connect_pool()
+        except BaseException:
+            await self.login.close()  # a leased user would otherwise wait out its TTL
+            raise
+        keep_login = asyncio.create_task(self.login.keep_valid())
         try:
             await self._prepare_schema()
             registry = (
@@ -288,7 +297,7 @@ class Worker:
             from cdc_recon.service import ReconciliationRuntime
 
             self.recon = ReconciliationRuntime(
-                cfg, self.pool, self.metrics.registry, self.worker_id
+                cfg, self.pool, self.metrics.registry, self.worker_id, self.login
             )
             http = await self._start_http()
             self.recon.start()  # the reconciliation scheduler, if CDC_RECONCILIATION__ENABLED
@@ -308,16 +317,21 @@ class Worker:
                 if cassandra is not None:
                     await cassandra.close()
         finally:
+            keep_login.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep_login
             if self._writer_conn is not None:
                 await self.pool.release(self._writer_conn)
             await self.pool.close()
+            await self.login.close()
         return 0
 
     async def _connect_pool(self) -> asyncpg.Pool:
         cfg = self.config.postgres
+        assert self.login is not None
         try:
             pool = await asyncpg.create_pool(
-                cfg.dsn.reveal(),
+                connect=self.login.connect,
                 min_size=2,
                 max_size=4,
                 timeout=cfg.connect_timeout_s,
@@ -337,7 +351,7 @@ class Worker:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
         assert pool is not None
-        return pool
+        return self.login.watch(pool)
 
     async def _prepare_schema(self) -> None:
         assert self.pool is not None
@@ -377,12 +391,30 @@ class Worker:
                 await self.pool.release(old)
             except Exception as exc:  # noqa: BLE001 - a broken connection is dropped anyway
                 log.warning("writer_release_failed", error=f"{type(exc).__name__}: {exc}")
+        assert self.login is not None
+        generation = self.login.generation
         self._writer_conn = await self.pool.acquire()
+        self._writer_generation = generation
         self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
+
+    async def _follow_login(self) -> None:
+        """Between transactions: once a new PostgreSQL user is leased, move the writer to a
+        connection of it now, not at the next batch (a quiet topic would otherwise keep the
+        old user's session open after its lease ends)."""
+        if self.login is None or self._writer_conn is None:
+            return
+        if self._writer_generation == self.login.generation:
+            return
+        try:
+            await self._open_writer()
+        except Exception as exc:  # noqa: BLE001 - the next transaction opens one, or retries
+            log.warning("writer_reconnect_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _writer_usable(self) -> bool:
         if self.writer is None or self._writer_conn is None:
             return False
+        if self.login is not None and self._writer_generation != self.login.generation:
+            return False  # a new PostgreSQL user was leased: move to a connection of it
         try:
             return not self._writer_conn.is_closed()
         except asyncpg.InterfaceError:  # lost while idle: asyncpg handed it back to the pool
@@ -589,6 +621,13 @@ class Worker:
         assert self.consumer is not None
         linger = self.config.sink.linger_ms
         while not self.stopping.is_set():
+            if self.login is not None and self.login.expired():
+                raise FatalError(
+                    "the PostgreSQL login leased from Vault has expired: Vault could not be "
+                    "reached to renew or replace it (see the vault_renewal_failed lines)"
+                )
+            if self._in_flight is None:
+                await self._follow_login()
             if self._unclaimed:
                 await self._claim_unclaimed()
             if self._rewind:

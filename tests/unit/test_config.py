@@ -88,6 +88,14 @@ def test_the_dsn_is_a_secret() -> None:
         ({"CDC_TRACING__SAMPLE_RATIO": "nan"}, "CDC_TRACING__SAMPLE_RATIO"),
         ({"CDC_TRACING__SERVICE_NAME": " "}, "CDC_TRACING__SERVICE_NAME"),
         ({"CDC_TRACING__EXPORT_TIMEOUT_SECONDS": "0"}, "CDC_TRACING__EXPORT_TIMEOUT_SECONDS"),
+        ({"CDC_VAULT__ADDR": "bao:8200"}, "CDC_VAULT__ADDR"),
+        ({"CDC_VAULT__ROLE_ID": "r"}, "CDC_VAULT__ROLE_ID and CDC_VAULT__SECRET_ID go together"),
+        ({"CDC_VAULT__POSTGRES_ROLE": "sink"}, "CDC_VAULT__POSTGRES_ROLE needs CDC_VAULT__ADDR"),
+        (
+            {"CDC_VAULT__CASSANDRA_SECRET": "c", "CDC_VAULT__ADDR": "http://127.0.0.1:8200"},
+            "CDC_VAULT__CASSANDRA_SECRET needs a Vault login",
+        ),
+        ({"CDC_VAULT__TIMEOUT_SECONDS": "0"}, "CDC_VAULT__TIMEOUT_SECONDS"),
         ({"CDC_BOGUS__X": "1"}, "bogus"),
     ],
 )

@@ -1,0 +1,306 @@
+"""Secrets from Vault (or OpenBao, which speaks its API) through hvac.
+
+- The login: a token (CDC_VAULT__TOKEN) or AppRole (CDC_VAULT__ROLE_ID and __SECRET_ID); an
+  AppRole token is renewed before it expires, and logged in again when it cannot be.
+- PostgreSQL: with CDC_VAULT__POSTGRES_ROLE, every connection logs in with a user and password
+  leased from the database secrets engine instead of those of CDC_POSTGRES__DSN (which still
+  gives host, port, database and options). The lease is renewed at two thirds of its time.
+  Once Vault grants less than asked (its max TTL is near; the old user then has at least a
+  third of a lease left) a new user is leased: the pools reconnect their idle connections and
+  replace busy ones as they are handed back, and the writer moves between two transactions,
+  so no batch fails for it and no session outlives its user (PostgreSQL keeps a session whose
+  role is dropped). The old lease ends on its own; the last one is revoked at exit.
+- Cassandra: with CDC_VAULT__CASSANDRA_SECRET, the username and password are read from KV v2
+  at start.
+
+hvac is blocking: every call runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from cdc_sink.config import Config, Secret, VaultConfig
+from cdc_sink.errors import FatalError
+from cdc_sink.logs import get_logger
+from cdc_sink.tables import quote_ident
+
+log = get_logger("cdc_sink.secrets")
+
+RENEW_AT = 2 / 3  # of a lease's or token's time
+RETRY_S = (1.0, 30.0)  # backoff bounds while Vault does not answer
+
+
+class VaultError(FatalError):
+    """Vault refused or could not be reached when a secret was needed to start."""
+
+
+@dataclass
+class Lease:
+    id: str  # "" for a token
+    duration_s: float  # as first granted
+    renewable: bool
+    expires_at: float  # time.monotonic()
+
+    @classmethod
+    def granted(cls, lease_id: str, duration_s: float, renewable: bool) -> Lease:
+        return cls(lease_id, duration_s, renewable, time.monotonic() + duration_s)
+
+    def renew_at(self) -> float:
+        return self.expires_at - self.duration_s * (1 - RENEW_AT)
+
+
+class Vault:
+    """A client logged in to Vault; every method raises hvac's or requests' errors."""
+
+    def __init__(self, config: VaultConfig) -> None:
+        import hvac
+
+        self.config = config
+        self.client = hvac.Client(url=config.addr, timeout=config.timeout_seconds)
+        self.token: Lease | None = None  # None: a token that does not expire
+
+    async def login(self) -> None:
+        cfg = self.config
+        if cfg.role_id:
+            secret_id = cfg.secret_id.reveal() if cfg.secret_id else None
+            answer = await asyncio.to_thread(
+                self.client.auth.approle.login,
+                role_id=cfg.role_id,
+                secret_id=secret_id,
+                mount_point=cfg.approle_mount,
+            )
+            auth = answer["auth"]
+            ttl, renewable = auth["lease_duration"], auth["renewable"]
+        else:
+            assert cfg.token is not None  # VaultConfig.validate
+            self.client.token = cfg.token.reveal()
+            data = (await asyncio.to_thread(self.client.auth.token.lookup_self))["data"]
+            ttl, renewable = data["ttl"], data["renewable"]
+        self.token = Lease.granted("", ttl, renewable) if ttl else None
+
+    async def keep_token(self) -> None:
+        """Renew the token if it is due (log in again if Vault will not renew it)."""
+        token = self.token
+        if token is None or time.monotonic() < token.renew_at():
+            return
+        if token.renewable:
+            answer = await asyncio.to_thread(self.client.auth.token.renew_self)
+            ttl = answer["auth"]["lease_duration"]
+            if ttl >= token.duration_s:
+                token.expires_at = time.monotonic() + ttl
+                return
+        if not self.config.role_id:
+            raise VaultError("CDC_VAULT__TOKEN expires and cannot be renewed: use AppRole")
+        await self.login()
+
+    async def kv(self, path: str) -> dict[str, Any]:
+        answer = await asyncio.to_thread(
+            self.client.secrets.kv.v2.read_secret_version,
+            path,
+            mount_point=self.config.kv_mount,
+            raise_on_deleted_version=True,
+        )
+        data: dict[str, Any] = answer["data"]["data"]
+        return data
+
+    async def database_login(self) -> tuple[str, Secret, Lease]:
+        assert self.config.postgres_role is not None
+        answer = await asyncio.to_thread(
+            self.client.secrets.database.generate_credentials,
+            name=self.config.postgres_role,
+            mount_point=self.config.database_mount,
+        )
+        data = answer["data"]
+        lease = Lease.granted(answer["lease_id"], answer["lease_duration"], answer["renewable"])
+        return data["username"], Secret(data["password"]), lease
+
+    async def renew(self, lease: Lease) -> float:
+        """Ask for the lease's first duration again; return what Vault granted."""
+        answer = await asyncio.to_thread(
+            self.client.sys.renew_lease, lease.id, increment=int(lease.duration_s)
+        )
+        granted = float(answer["lease_duration"])
+        lease.expires_at = time.monotonic() + granted
+        return granted
+
+    async def revoke(self, lease: Lease) -> None:
+        await asyncio.to_thread(self.client.sys.revoke_lease, lease.id)
+
+
+class PostgresLogin:
+    """How every PostgreSQL connection of the process logs in: as CDC_POSTGRES__DSN says, or
+    as a user leased from Vault (kept valid by `keep_valid`); then, if CDC_POSTGRES__ROLE is
+    set, as that role (SET ROLE), so what the sink creates belongs to it and not to a login
+    that comes and goes."""
+
+    def __init__(self, config: Config, vault: Vault | None = None) -> None:
+        self.dsn = config.postgres.dsn.reveal()
+        self.role = config.postgres.role
+        self.vault = vault
+        self.user: str | None = None
+        self.password: Secret | None = None
+        self.lease: Lease | None = None
+        self.generation = 0  # goes up with each new user: connections of older ones are stale
+        self._pools: list[asyncpg.Pool] = []
+
+    async def lease_user(self) -> None:
+        assert self.vault is not None
+        self.user, self.password, self.lease = await self.vault.database_login()
+        self.generation += 1
+
+    async def connect(self, *_: Any, **kwargs: Any) -> asyncpg.Connection:
+        """asyncpg.connect with the current user and role; a pool's `connect=`."""
+        if self.user is not None and self.password is not None:
+            kwargs.update(user=self.user, password=self.password.reveal())
+        conn = await asyncpg.connect(self.dsn, **kwargs)
+        if self.role:
+            try:
+                await conn.execute(f"SET ROLE {quote_ident(self.role)}")
+            except BaseException:
+                await conn.close()
+                raise
+        return conn
+
+    def expired(self) -> bool:
+        """The leased user's time is up (Vault drops it): nothing more can be committed."""
+        return self.lease is not None and time.monotonic() >= self.lease.expires_at
+
+    def watch(self, pool: asyncpg.Pool) -> asyncpg.Pool:
+        """Replace this pool's connections whenever a new user is leased."""
+        self._pools.append(pool)
+        return pool
+
+    async def keep_valid(self) -> None:
+        """Until cancelled: renew the lease (and the Vault token) before they expire, and
+        lease a new user when Vault will not extend the lease for long."""
+        if self.vault is None or self.lease is None:
+            return
+        failures = 0
+        while True:
+            token = self.vault.token
+            due = min(self.lease.renew_at(), token.renew_at() if token else float("inf"))
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            try:
+                await self.vault.keep_token()
+                if time.monotonic() >= self.lease.renew_at():
+                    await self._renew_or_replace()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Vault away: try again before expiry
+                failures += 1
+                delay = min(RETRY_S[1], RETRY_S[0] * 2 ** (failures - 1))
+                left = self.lease.expires_at - time.monotonic()
+                log.warning(
+                    "vault_renewal_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    lease_left_s=round(left, 1),
+                    retry_in_s=delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _renew_or_replace(self) -> None:
+        assert self.vault is not None
+        assert self.lease is not None
+        if self.lease.renewable:
+            granted = await self.vault.renew(self.lease)
+            if granted >= self.lease.duration_s:
+                log.info("postgres_lease_renewed", user=self.user, ttl_s=granted)
+                return
+        old = self.user
+        await self.lease_user()
+        for pool in self._pools:
+            await reconnect_idle(pool)
+        log.info("postgres_login_replaced", old_user=old, user=self.user)
+
+    async def close(self) -> None:
+        """Revoke the current lease (its user is dropped); the sink's connections must be
+        closed first."""
+        if self.vault is None or self.lease is None:
+            return
+        try:
+            await self.vault.revoke(self.lease)
+        except Exception as exc:  # noqa: BLE001 - it ends at its TTL anyway
+            log.warning("vault_revoke_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+async def reconnect_idle(pool: asyncpg.Pool) -> None:
+    """Busy connections are replaced when handed back; idle ones only when next taken, which
+    may be long after their user is gone: take each one now (the pool reconnects it as the
+    new user) and hand it back."""
+    await pool.expire_connections()
+    taken = []
+    try:
+        for _ in range(pool.get_idle_size()):
+            try:
+                taken.append(await pool.acquire(timeout=5))
+            except TimeoutError:
+                break
+    finally:
+        for conn in taken:
+            await pool.release(conn)
+
+
+@contextlib.asynccontextmanager
+async def secrets_for(config: Config) -> AsyncIterator[tuple[Config, PostgresLogin]]:
+    """open_secrets for a short command: the leased user (if any) is revoked at the end."""
+    config, login = await open_secrets(config)
+    try:
+        yield config, login
+    finally:
+        await login.close()
+
+
+async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
+    """Log in to Vault if the settings ask for a secret from it. Returns the configuration
+    with Cassandra's credentials filled in, and how to log in to PostgreSQL. VaultError (a
+    clear message, no traceback) if Vault cannot be reached or refuses."""
+    cfg = config.vault
+    if not (cfg.postgres_role or cfg.cassandra_secret):
+        return config, PostgresLogin(config)
+    vault = Vault(cfg)
+    step = f"logging in to Vault at {cfg.addr}" + (
+        f" with AppRole (CDC_VAULT__ROLE_ID, mount {cfg.approle_mount!r})"
+        if cfg.role_id
+        else " with CDC_VAULT__TOKEN"
+    )
+    try:
+        await vault.login()
+        if cfg.cassandra_secret:
+            step = (
+                f"reading CDC_VAULT__CASSANDRA_SECRET {cfg.cassandra_secret!r} from KV v2 mount "
+                f"{cfg.kv_mount!r}"
+            )
+            secret = await vault.kv(cfg.cassandra_secret)
+            if not isinstance(secret.get("username"), str) or not secret.get("password"):
+                raise ValueError("the secret must hold a username and a password")
+            cassandra = dataclasses.replace(
+                config.cassandra,
+                username=secret["username"],
+                password=Secret(str(secret["password"])),
+            )
+            config = dataclasses.replace(config, cassandra=cassandra)
+        login = PostgresLogin(config, vault)
+        if cfg.postgres_role:
+            step = (
+                f"leasing PostgreSQL credentials for CDC_VAULT__POSTGRES_ROLE "
+                f"{cfg.postgres_role!r} from mount {cfg.database_mount!r}"
+            )
+            await login.lease_user()
+            assert login.lease is not None
+            log.info("postgres_login_leased", user=login.user, ttl_s=login.lease.duration_s)
+    except VaultError:
+        raise
+    except Exception as exc:  # hvac's errors, requests' connection errors, a bad answer
+        said = " ".join(str(exc).split())  # hvac's messages run over several lines
+        raise VaultError(f"{step}: {type(exc).__name__}: {said}") from exc
+    return config, login
