@@ -57,8 +57,10 @@ def docker_stack() -> Endpoints:
     prometheus_yml.parent.chmod(0o755)
 
     kafka = KafkaContainer("confluentinc/cp-kafka:7.8.0").with_kraft()
-    postgres = PostgresContainer(
-        "postgres:15", username="cdc_sink", password="cdc_sink", dbname="cdc"
+    postgres = (
+        PostgresContainer("postgres:15", username="cdc_sink", password="cdc_sink", dbname="cdc")
+        .with_network(network)
+        .with_network_aliases("postgres")  # Vault's database engine connects to it there
     )
     cassandra = (
         CassandraContainer("cassandra:5.0")
@@ -72,7 +74,7 @@ def docker_stack() -> Endpoints:
             ]
         )
     )
-    vault = VaultContainer("openbao/openbao:2.4.1", root_token=VAULT_TOKEN)
+    vault = VaultContainer("openbao/openbao:2.4.1", root_token=VAULT_TOKEN).with_network(network)
     registry = DockerContainer("apicurio/apicurio-registry:3.3.3").with_exposed_ports(8080)
     pushgateway = (
         DockerContainer("prom/pushgateway:v1.11.0")
@@ -104,6 +106,9 @@ def docker_stack() -> Endpoints:
         {
             "CDC_KAFKA__BOOTSTRAP_SERVERS": kafka.get_bootstrap_server(),
             "CDC_POSTGRES__DSN": postgres.get_connection_url(driver=None),
+            # the image's user is a superuser
+            "CDC_STACK_POSTGRES_ADMIN_DSN": postgres.get_connection_url(driver=None),
+            "CDC_STACK_POSTGRES_FROM_VAULT": "postgres:5432",
             "CDC_CASSANDRA__CONTACT_POINTS": host,
             "CDC_CASSANDRA__PORT": str(port),
             "CDC_CASSANDRA__LOCAL_DC": cassandra.get_local_datacenter(),

@@ -41,6 +41,10 @@ async def leased_postgres(
     cassandra_secret = unique("cassandra")
     admin_dsn = stack["CDC_STACK_POSTGRES_ADMIN_DSN"]
     admin_url = urlsplit(admin_dsn)
+    # Where Vault reaches PostgreSQL: the same address, unless both run in containers.
+    postgres_from_vault = stack.values.get(
+        "CDC_STACK_POSTGRES_FROM_VAULT", f"{admin_url.hostname}:{admin_url.port}"
+    )
     admin = await asyncpg.connect(admin_dsn)
     try:
         await admin.execute(
@@ -53,8 +57,8 @@ async def leased_postgres(
                 name="pg",
                 plugin_name="postgresql-database-plugin",
                 connection_url=(
-                    "postgresql://{{username}}:{{password}}@"
-                    f"{admin_url.hostname}:{admin_url.port}{admin_url.path}"
+                    f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres_from_vault}"
+                    f"{admin_url.path}"
                 ),
                 username=admin_url.username,
                 password=admin_url.password,
