@@ -83,6 +83,17 @@ class Metrics:
         self.assigned_partitions = Gauge(
             "cdc_assigned_partitions", "Partitions currently assigned to this worker.", registry=r
         )
+        # Only with PostgreSQL logins leased from Vault (CDC_VAULT__POSTGRES_ROLE).
+        self.postgres_login_expiry = Gauge(
+            "cdc_postgres_login_expiry_timestamp_seconds",
+            "Unix time the leased PostgreSQL login ends unless renewed or replaced.",
+            registry=r,
+        )
+        self.postgres_login_lease = Gauge(
+            "cdc_postgres_login_lease_seconds",
+            "Duration Vault first granted the current PostgreSQL login.",
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body of this registry and its content type, for GET /metrics."""

@@ -52,7 +52,7 @@ from cdc_sink.metrics import Metrics
 from cdc_sink.migrate import migrate, pending
 from cdc_sink.plan import Mutation
 from cdc_sink.replay import add_dlq_routes
-from cdc_sink.secrets import PostgresLogin, open_secrets
+from cdc_sink.secrets import Lease, PostgresLogin, open_secrets
 from cdc_sink.tables import TableSchema
 from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, prepare_connection
 
@@ -268,6 +268,7 @@ class Worker:
         except BaseException:
             await self.login.close()  # a leased user would otherwise wait out its TTL
             raise
+        self.login.observe(self._lease_metrics)
         keep_login = asyncio.create_task(self.login.keep_valid())
         try:
             await self._prepare_schema()
@@ -396,6 +397,10 @@ class Worker:
         self._writer_conn = await self.pool.acquire()
         self._writer_generation = generation
         self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
+
+    def _lease_metrics(self, lease: Lease) -> None:
+        self.metrics.postgres_login_expiry.set(lease.expires_at_unix())
+        self.metrics.postgres_login_lease.set(lease.duration_s)
 
     async def _follow_login(self) -> None:
         """Between transactions: once a new PostgreSQL user is leased, move the writer to a

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,9 @@ class Lease:
     duration_s: float  # as first granted
     renewable: bool
     expires_at: float  # time.monotonic()
+
+    def expires_at_unix(self) -> float:
+        return time.time() + (self.expires_at - time.monotonic())
 
     @classmethod
     def granted(cls, lease_id: str, duration_s: float, renewable: bool) -> Lease:
@@ -151,11 +154,24 @@ class PostgresLogin:
         self.lease: Lease | None = None
         self.generation = 0  # goes up with each new user: connections of older ones are stale
         self._pools: list[asyncpg.Pool] = []
+        self._observers: list[Callable[[Lease], None]] = []
+
+    def observe(self, observer: Callable[[Lease], None]) -> None:
+        """Call `observer` with the lease now and whenever it is renewed or replaced."""
+        self._observers.append(observer)
+        if self.lease is not None:
+            observer(self.lease)
+
+    def _lease_changed(self) -> None:
+        assert self.lease is not None
+        for observer in self._observers:
+            observer(self.lease)
 
     async def lease_user(self) -> None:
         assert self.vault is not None
         self.user, self.password, self.lease = await self.vault.database_login()
         self.generation += 1
+        self._lease_changed()
 
     async def connect(self, *_: Any, **kwargs: Any) -> asyncpg.Connection:
         """asyncpg.connect with the current user and role; a pool's `connect=`."""
@@ -213,6 +229,7 @@ class PostgresLogin:
         assert self.lease is not None
         if self.lease.renewable:
             granted = await self.vault.renew(self.lease)
+            self._lease_changed()
             if granted >= self.lease.duration_s:
                 log.info("postgres_lease_renewed", user=self.user, ttl_s=granted)
                 return

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,11 @@ TS = 1_900_000_000_000_000
 def insert(i: int, keyspace: str) -> tuple[bytes, bytes]:
     cells = {"v1": (i, None), "v2": (f"s{i}", None), "v3": (i % 7, None)}
     return schemaless_record(Mutation("insert", TS + i, (i % 2, "p", i, "x"), cells), keyspace)
+
+
+def http_get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+        return str(answer.read().decode())
 
 
 def log_lines(path: Path) -> list[dict[str, Any]]:
@@ -106,10 +112,22 @@ async def test_leased_postgres_users_are_replaced_before_they_expire_and_no_batc
             async with asyncio.timeout(60):
                 while await applied(admin_dsn, leased.schema) < total:
                     await asyncio.sleep(0.2)
+            [port] = [
+                line["port"] for line in log_lines(log_path) if line["event"] == "http_listening"
+            ]
+            metrics = await asyncio.to_thread(http_get, port, "/metrics")
+            scraped_at = time.time()
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             exit_code = await asyncio.to_thread(worker.wait, 60)
             stop_sampling.set()
+        assert "cdc_postgres_login_lease_seconds 6.0" in metrics
+        [expiry] = [
+            float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("cdc_postgres_login_expiry_timestamp_seconds ")
+        ]
+        assert scraped_at - 1 < expiry <= scraped_at + 6  # renewed in time: never expired
         assert await orphans == 0
         lines = log_lines(log_path)
         assert exit_code == 0, log_path.read_text()[-3000:]
