@@ -90,20 +90,24 @@ class Vault:
             ttl, renewable = data["ttl"], data["renewable"]
         self.token = Lease.granted("", ttl, renewable) if ttl else None
 
-    async def keep_token(self) -> None:
-        """Renew the token if it is due (log in again if Vault will not renew it)."""
+    async def keep_token(self) -> bool:
+        """Renew the token if it is due, or log in again if Vault will not renew it in full;
+        True after a new login (leases made with the old token end with it)."""
         token = self.token
         if token is None or time.monotonic() < token.renew_at():
-            return
+            return False
         if token.renewable:
             answer = await asyncio.to_thread(self.client.auth.token.renew_self)
-            ttl = answer["auth"]["lease_duration"]
-            if ttl >= token.duration_s:
-                token.expires_at = time.monotonic() + ttl
-                return
-        if not self.config.role_id:
-            raise VaultError("CDC_VAULT__TOKEN expires and cannot be renewed: use AppRole")
-        await self.login()
+            token.expires_at = time.monotonic() + answer["auth"]["lease_duration"]
+            if answer["auth"]["lease_duration"] >= token.duration_s:
+                log.info("vault_token_renewed", ttl_s=answer["auth"]["lease_duration"])
+                return False
+        if self.config.role_id:
+            await self.login()
+            log.info("vault_logged_in_again", method="approle")
+            return True
+        left = round(token.expires_at - time.monotonic())
+        raise VaultError(f"CDC_VAULT__TOKEN cannot be renewed in full and ends in {left} s")
 
     async def kv(self, path: str) -> dict[str, Any]:
         answer = await asyncio.to_thread(
@@ -206,8 +210,11 @@ class PostgresLogin:
             due = min(self.lease.renew_at(), token.renew_at() if token else float("inf"))
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             try:
-                await self.vault.keep_token()
-                if time.monotonic() >= self.lease.renew_at():
+                if await self.vault.keep_token():
+                    # Vault revokes a token's leases when the token ends: move to a user
+                    # leased with the new one while the old token still lasts.
+                    await self._replace()
+                elif time.monotonic() >= self.lease.renew_at():
                     await self._renew_or_replace()
                 failures = 0
             except asyncio.CancelledError:
@@ -233,6 +240,9 @@ class PostgresLogin:
             if granted >= self.lease.duration_s:
                 log.info("postgres_lease_renewed", user=self.user, ttl_s=granted)
                 return
+        await self._replace()
+
+    async def _replace(self) -> None:
         old = self.user
         await self.lease_user()
         for pool in self._pools:

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import pytest
 
 from cdc_sink.config import Secret, load_config
 from cdc_sink.secrets import PostgresLogin, reconnect_idle
@@ -79,20 +80,30 @@ async def count_orphan_sessions(dsn: str, stop: asyncio.Event) -> int:
     return most
 
 
+# What ends first: the lease (6 s, renewed up to 12 s; tokens last an hour), or the AppRole
+# token (6 s, renewed up to 12 s; Vault then revokes the leases it made, renewable for 60 s).
+ENDINGS = {
+    "lease": ({"max_ttl_s": 12}, "postgres_lease_renewed"),
+    "token": ({"max_ttl_s": 60, "token_ttl_s": 6, "token_max_ttl_s": 12}, "vault_logged_in_again"),
+}
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
 async def test_leased_postgres_users_are_replaced_before_they_expire_and_no_batch_fails(
-    stack: Endpoints, unique: Callable[[str], str], tmp_path: Path
+    stack: Endpoints, unique: Callable[[str], str], tmp_path: Path, ending: str
 ) -> None:
-    """Leases of 6 s (at most 12 s): a worker logging in with AppRole applies a stream of
-    35 s while its PostgreSQL user is renewed and replaced several times. Every record is
-    applied, no transaction is retried, no session of the worker outlives its user (the
-    stream pauses for 12 s, so the writer must move while idle too), what the sink created
-    belongs to the group role (not to a user that goes away), and once the worker has exited
-    no leased user is left."""
+    """A worker logging in with AppRole applies a stream of 35 s while its PostgreSQL user
+    is renewed and replaced several times, because its lease or its Vault token reaches its
+    max TTL. Every record is applied, no transaction is retried, no session of the worker
+    outlives its user (the stream pauses for 12 s, so the writer must move while idle too),
+    what the sink created belongs to the group role (not to a user that goes away), and once
+    the worker has exited no leased user is left."""
+    ttls, renewal_event = ENDINGS[ending]
     keyspace, topic = unique("ks"), unique("cdc-events-vault")
     admin_dsn = stack["CDC_STACK_POSTGRES_ADMIN_DSN"]
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic, 2)
-    async with leased_postgres(stack, unique, ttl_s=6, max_ttl_s=12) as leased:
+    async with leased_postgres(stack, unique, ttl_s=6, **ttls) as leased:
         env = sink_env(stack, topic=topic, group=unique("g"), schema=leased.schema)
         env.update(leased.settings, CDC_LOG__LEVEL="info", CDC_SINK__LINGER_MS="50")
         log_path = tmp_path / "worker.log"
@@ -136,7 +147,7 @@ async def test_leased_postgres_users_are_replaced_before_they_expire_and_no_batc
         assert len(replaced) >= 2, [line["event"] for line in lines]
         users = [first, *(line["user"] for line in replaced)]
         assert len(set(users)) == len(users)
-        assert any(line["event"] == "postgres_lease_renewed" for line in lines)
+        assert any(line["event"] == renewal_event for line in lines)
         troubles = [
             line
             for line in lines

@@ -30,11 +30,18 @@ def root_client(stack: Endpoints) -> hvac.Client:
 
 @asynccontextmanager
 async def leased_postgres(
-    stack: Endpoints, unique: Callable[[str], str], *, ttl_s: int, max_ttl_s: int
+    stack: Endpoints,
+    unique: Callable[[str], str],
+    *,
+    ttl_s: int,
+    max_ttl_s: int,
+    token_ttl_s: int = 3600,
+    token_max_ttl_s: int = 7200,
 ) -> AsyncIterator[LeasedPostgres]:
     """A database secrets engine leasing PostgreSQL users (ttl_s, at most max_ttl_s), an
-    AppRole allowed to lease and renew them, and a schema those users' group role owns.
-    Everything is removed at the end (disabling the engine revokes its leases)."""
+    AppRole allowed to lease and renew them (its tokens last token_ttl_s, renewable up to
+    token_max_ttl_s), and a schema those users' group role owns. Everything is removed at the
+    end (disabling the engine revokes its leases)."""
     client = root_client(stack)
     mount, approle, role = unique("db"), unique("approle"), unique("sink")
     owner, schema, policy = unique("owner"), unique("vault"), unique("cdc-sink")
@@ -86,7 +93,11 @@ async def leased_postgres(
             )
             client.sys.enable_auth_method("approle", path=approle)
             client.auth.approle.create_or_update_approle(
-                role, token_policies=[policy], token_ttl="1h", mount_point=approle
+                role,
+                token_policies=[policy],
+                token_ttl=f"{token_ttl_s}s",
+                token_max_ttl=f"{token_max_ttl_s}s",
+                mount_point=approle,
             )
             role_id = client.auth.approle.read_role_id(role, mount_point=approle)["data"]
             secret = client.auth.approle.generate_secret_id(role, mount_point=approle)["data"]

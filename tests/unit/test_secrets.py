@@ -24,8 +24,8 @@ class StandInVault:
         self.leased = 0
         self.calls: list[str] = []
 
-    async def keep_token(self) -> None:
-        return
+    async def keep_token(self) -> bool:
+        return False  # a token that does not expire
 
     async def database_login(self) -> tuple[str, Secret, Lease]:
         self.leased += 1
