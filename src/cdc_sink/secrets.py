@@ -1,7 +1,8 @@
 """Secrets from Vault (or OpenBao, which speaks its API) through hvac.
 
 - The login: a token (CDC_VAULT__TOKEN) or AppRole (CDC_VAULT__ROLE_ID and __SECRET_ID); an
-  AppRole token is renewed before it expires, and logged in again when it cannot be.
+  AppRole token is renewed before it expires, and logged in again when it cannot be (then a
+  new PostgreSQL user is leased at once: Vault revokes a token's leases when it ends).
 - PostgreSQL: with CDC_VAULT__POSTGRES_ROLE, every connection logs in with a user and password
   leased from the database secrets engine instead of those of CDC_POSTGRES__DSN (which still
   gives host, port, database and options). The lease is renewed at two thirds of its time.
