@@ -60,9 +60,9 @@ async def pg_value(dsn: str, query: str, *args: Any) -> Any:
         await conn.close()
 
 
-# Sessions whose role is gone: PostgreSQL keeps them when a leased user is dropped.
+# A worker's sessions whose role is gone: PostgreSQL keeps them when a leased user is dropped.
 ORPHAN_SESSIONS = (
-    "SELECT count(*) FROM pg_stat_activity a WHERE a.backend_type = 'client backend' "
+    "SELECT count(*) FROM pg_stat_activity a WHERE a.application_name = 'cdc-sink' "
     "AND a.usesysid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = a.usesysid)"
 )
 
