@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from tests.support.pipeline import (
     create_cassandra_model_table,
     create_topic,
     drop_schema,
+    http_get,
     produce,
     read_rows,
     run_cli,
@@ -36,14 +36,6 @@ from tests.support.pipeline import (
 )
 from tests.support.recon_data import cassandra_session
 from tests.support.stack import REPO, Endpoints
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 async def test_ttl_rows_expire_and_the_http_api_reports(

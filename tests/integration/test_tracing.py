@@ -4,11 +4,7 @@ a batch not sampled never holds the pipeline back."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from typing import Any
-
-import asyncpg
 
 from tests.support.cassandra_model import Mutation
 from tests.support.otlp import Collector, Span, otlp_collector
@@ -16,6 +12,8 @@ from tests.support.pipeline import (
     create_cassandra_model_table,
     create_topic,
     drop_schema,
+    fetch_value,
+    json_lines,
     produce,
     run_cli,
     run_worker,
@@ -31,10 +29,6 @@ TS = 1_900_000_000_000_000
 def insert(i: int, keyspace: str, v3: int = 1) -> tuple[bytes, bytes]:
     cells = {"v1": (i, None), "v2": (f"s{i}", None), "v3": (v3, None)}
     return schemaless_record(Mutation("insert", TS + i, (0, "p", i, "x"), cells), keyspace)
-
-
-def log_lines(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
 def offsets(span: Span) -> set[int]:
@@ -64,14 +58,6 @@ async def drop_test_data(stack: Endpoints, schema: str, keyspace: str) -> None:
 
 async def rows_in(dsn: str, schema: str) -> int:
     return int(await fetch_value(dsn, f"SELECT count(*) FROM {schema}.cdc_model"))
-
-
-async def fetch_value(dsn: str, query: str) -> Any:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(query)
-    finally:
-        await conn.close()
 
 
 async def test_each_batch_is_a_trace_of_its_transactions_dead_letters_and_splits(
@@ -147,7 +133,7 @@ async def test_each_batch_is_a_trace_of_its_transactions_dead_letters_and_splits
                     assert attempts
                     assert not attempts[-1].failed
 
-            lines = log_lines(run.stderr)
+            lines = json_lines(run.stderr)
             committed = [line for line in lines if line["event"] == "batch_committed"]
             assert committed
             span_ids = {s.span_id for s in collector.named("cdc.batch")}
@@ -187,7 +173,7 @@ async def test_a_collector_away_or_batches_not_sampled_hold_nothing_back(
         }
         run = run_cli(away, "run", "--stop-when-caught-up", timeout=120)
         assert run.returncode == 0, run.stderr[-3000:]
-        lines = log_lines(run.stderr)
+        lines = json_lines(run.stderr)
         assert any(line["event"] == "caught_up" for line in lines)
         exporter = [line for line in lines if line.get("logger", "").startswith("opentelemetry")]
         assert exporter, run.stderr[-3000:]
@@ -200,7 +186,7 @@ async def test_a_collector_away_or_batches_not_sampled_hold_nothing_back(
             run = run_cli(unsampled, "run", "--stop-when-caught-up")
             assert run.returncode == 0, run.stderr[-3000:]
             assert collector.spans == []
-        committed = [line for line in log_lines(run.stderr) if line["event"] == "batch_committed"]
+        committed = [line for line in json_lines(run.stderr) if line["event"] == "batch_committed"]
         assert committed
         assert not any("trace_id" in line for line in committed)
         assert await rows_in(stack.postgres_dsn, schema) == 80

@@ -5,14 +5,11 @@ login, Cassandra's credentials from KV, and clear errors when Vault refuses or i
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -25,6 +22,9 @@ from tests.support.pipeline import (
     applied,
     create_cassandra_model_table,
     create_topic,
+    fetch_value,
+    http_get,
+    json_lines,
     produce,
     run_cli,
     schemaless_record,
@@ -41,23 +41,6 @@ TS = 1_900_000_000_000_000
 def insert(i: int, keyspace: str) -> tuple[bytes, bytes]:
     cells = {"v1": (i, None), "v2": (f"s{i}", None), "v3": (i % 7, None)}
     return schemaless_record(Mutation("insert", TS + i, (i % 2, "p", i, "x"), cells), keyspace)
-
-
-def http_get(port: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
-        return str(answer.read().decode())
-
-
-def log_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
-
-
-async def pg_value(dsn: str, query: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(query, *args)
-    finally:
-        await conn.close()
 
 
 # A worker's sessions whose role is gone: PostgreSQL keeps them when a leased user is dropped.
@@ -124,9 +107,11 @@ async def test_leased_postgres_users_are_replaced_before_they_expire_and_no_batc
                 while await applied(admin_dsn, leased.schema) < total:
                     await asyncio.sleep(0.2)
             [port] = [
-                line["port"] for line in log_lines(log_path) if line["event"] == "http_listening"
+                line["port"]
+                for line in json_lines(log_path.read_text())
+                if line["event"] == "http_listening"
             ]
-            metrics = await asyncio.to_thread(http_get, port, "/metrics")
+            _, metrics = await asyncio.to_thread(http_get, port, "/metrics")
             scraped_at = time.time()
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
@@ -140,7 +125,7 @@ async def test_leased_postgres_users_are_replaced_before_they_expire_and_no_batc
         ]
         assert scraped_at - 1 < expiry <= scraped_at + 6  # renewed in time: never expired
         assert await orphans == 0
-        lines = log_lines(log_path)
+        lines = json_lines(log_path.read_text())
         assert exit_code == 0, log_path.read_text()[-3000:]
         [first] = [line["user"] for line in lines if line["event"] == "postgres_login_leased"]
         replaced = [line for line in lines if line["event"] == "postgres_login_replaced"]
@@ -155,9 +140,9 @@ async def test_leased_postgres_users_are_replaced_before_they_expire_and_no_batc
         ]
         assert troubles == [], troubles
 
-        rows = await pg_value(admin_dsn, f'SELECT count(*) FROM "{leased.schema}".cdc_model')
+        rows = await fetch_value(admin_dsn, f'SELECT count(*) FROM "{leased.schema}".cdc_model')
         assert rows == total
-        owners = await pg_value(
+        owners = await fetch_value(
             admin_dsn,
             "SELECT array_agg(DISTINCT tableowner::text) FROM pg_tables WHERE schemaname = $1",
             leased.schema,
@@ -165,7 +150,7 @@ async def test_leased_postgres_users_are_replaced_before_they_expire_and_no_batc
         assert owners == [leased.owner]
         # The last user was revoked at exit; the others ended with their leases.
         async with asyncio.timeout(30):
-            while await pg_value(
+            while await fetch_value(
                 admin_dsn, "SELECT count(*) FROM pg_roles WHERE rolname = ANY($1)", users
             ):
                 await asyncio.sleep(0.5)
@@ -248,13 +233,13 @@ async def test_vault_away_until_the_lease_ends_stops_the_worker_saying_why(
             if worker.poll() is None:
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait()
-        lines = log_lines(log_path)
+        lines = json_lines(log_path.read_text())
         assert worker.returncode == 1, log_path.read_text()[-3000:]
         assert any(line["event"] == "vault_renewal_failed" for line in lines)
         [fatal] = [line for line in lines if line["event"] == "fatal"]
         assert "the PostgreSQL login leased from Vault has expired" in fatal["error"]
         committed = await applied(admin_dsn, leased.schema)
-        rows = await pg_value(admin_dsn, f'SELECT count(*) FROM "{leased.schema}".cdc_model')
+        rows = await fetch_value(admin_dsn, f'SELECT count(*) FROM "{leased.schema}".cdc_model')
         assert rows == committed >= 100
 
 
@@ -266,18 +251,18 @@ async def test_a_new_login_reconnects_the_idle_pooled_connections_at_once(
     admin_dsn = stack["CDC_STACK_POSTGRES_ADMIN_DSN"]
     old, new = unique("old"), unique("new")
     for role in (old, new):
-        await pg_value(admin_dsn, f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'")
+        await fetch_value(admin_dsn, f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'")
     login = PostgresLogin(load_config({"CDC_POSTGRES__DSN": admin_dsn}))
     login.user, login.password = old, Secret(f"pw-{old}")
     pool = login.watch(await asyncpg.create_pool(connect=login.connect, min_size=3, max_size=3))
     try:
         sessions = "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}'"
-        assert await pg_value(admin_dsn, sessions.format(old)) == 3
+        assert await fetch_value(admin_dsn, sessions.format(old)) == 3
         login.user, login.password = new, Secret(f"pw-{new}")
         await reconnect_idle(pool)
-        assert await pg_value(admin_dsn, sessions.format(old)) == 0
-        assert await pg_value(admin_dsn, sessions.format(new)) == 3
+        assert await fetch_value(admin_dsn, sessions.format(old)) == 0
+        assert await fetch_value(admin_dsn, sessions.format(new)) == 3
     finally:
         await pool.close()
         for role in (old, new):
-            await pg_value(admin_dsn, f"DROP ROLE {role}")
+            await fetch_value(admin_dsn, f"DROP ROLE {role}")

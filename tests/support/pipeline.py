@@ -9,6 +9,8 @@ import random
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -210,6 +212,29 @@ async def wait_for_applied(
         if await applied(dsn, schema) > more_than or (worker and worker.poll() is not None):
             return
         await asyncio.sleep(0.05)
+
+
+async def fetch_value(dsn: str, query: str, *args: Any) -> Any:
+    """The first column of the first row of `query`, on a connection of its own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines in a worker's output (other lines skipped)."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET a worker's HTTP API on loopback: status and body (errors included)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 async def dead_letters(dsn: str, schema: str) -> int:
