@@ -21,7 +21,7 @@ from cdc_sink.config import Config, ConfigError, load_config
 from cdc_sink.errors import FatalError, SinkError
 from cdc_sink.http import BIGINT_MAX  # ids and limits go to PostgreSQL as bigints
 from cdc_sink.logs import configure_logging, get_logger
-from cdc_sink.secrets import secrets_for
+from cdc_sink.secrets import PostgresLogin, secrets_for
 from cdc_sink.tracing import start_tracing
 
 if TYPE_CHECKING:
@@ -192,16 +192,21 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
-async def _migrate(config: Config) -> int:
+async def _connect(login: PostgresLogin, **kwargs: Any) -> asyncpg.Connection:
+    """One connection for a short command; FatalError naming the setting if it fails."""
     import asyncpg
 
+    try:
+        return await login.connect(**kwargs)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
+
+
+async def _migrate(config: Config) -> int:
     from cdc_sink.migrate import migrate
 
     async with secrets_for(config) as (config, login):
-        try:
-            conn = await login.connect()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
+        conn = await _connect(login)
         try:
             applied = await migrate(conn, config.postgres.schema)
         finally:
@@ -211,8 +216,6 @@ async def _migrate(config: Config) -> int:
 
 
 async def _dlq(config: Config, args: argparse.Namespace) -> int:
-    import asyncpg
-
     from cdc_sink.replay import DlqFilter
 
     try:
@@ -234,10 +237,7 @@ async def _dlq(config: Config, args: argparse.Namespace) -> int:
         print(f"cdc-sink: {exc}", file=sys.stderr)
         return 2
     async with secrets_for(config) as (config, login):
-        try:
-            conn = await login.connect(server_settings={"search_path": config.postgres.schema})
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
+        conn = await _connect(login, server_settings={"search_path": config.postgres.schema})
         try:
             return await _dlq_command(conn, config, args, where)
         finally:

@@ -406,19 +406,21 @@ class Worker:
         """Between transactions: once a new PostgreSQL user is leased, move the writer to a
         connection of it now, not at the next batch (a quiet topic would otherwise keep the
         old user's session open after its lease ends)."""
-        if self.login is None or self._writer_conn is None:
-            return
-        if self._writer_generation == self.login.generation:
+        if self._writer_conn is None or not self._writer_stale():
             return
         try:
             await self._open_writer()
         except Exception as exc:  # noqa: BLE001 - the next transaction opens one, or retries
             log.warning("writer_reconnect_failed", error=f"{type(exc).__name__}: {exc}")
 
+    def _writer_stale(self) -> bool:
+        """The writer's connection is of a PostgreSQL user since replaced."""
+        return self.login is not None and self._writer_generation != self.login.generation
+
     def _writer_usable(self) -> bool:
         if self.writer is None or self._writer_conn is None:
             return False
-        if self.login is not None and self._writer_generation != self.login.generation:
+        if self._writer_stale():
             return False  # a new PostgreSQL user was leased: move to a connection of it
         try:
             return not self._writer_conn.is_closed()
