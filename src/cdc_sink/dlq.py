@@ -4,6 +4,11 @@ A dead letter is produced to the DLQ topic (acks=all, awaited) before the transa
 records it in `_cdc_dlq_records` and moves the checkpoint past it, so the offset never moves
 past a record that is in neither PostgreSQL nor the DLQ. `DlqLimiter` stops a bad deploy from
 quietly dead-lettering a whole table: past its share the partition pauses instead.
+
+Any record Kafka delivered can be dead-lettered, however large: each message is checked against
+its destination topic's `max.message.bytes` (the sink makes the DLQ topic as large as its
+sources allow). A dead letter too large for the DLQ topic is produced without its record,
+with headers naming the `_cdc_dlq_records` row that keeps it whole.
 """
 
 from __future__ import annotations
@@ -12,24 +17,44 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+    for_code,
 )
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from cdc_sink.errors import FatalError, TransientError
+from cdc_sink.logs import get_logger
+
+log = get_logger("cdc_sink.dlq")
 
 Header = tuple[str, bytes | None]  # Kafka allows a header without a value
+Message = tuple[bytes | None, bytes | None, list[Header]]  # key, value, headers
+
+# Kafka's default `max.message.bytes`: assumed for a topic whose settings may not be read.
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+# Room a DLQ topic the sink makes leaves above its sources' limit for the error context.
+CONTEXT_HEADROOM_BYTES = 64 * 1024
+# aiokafka checks every record against one limit for all topics; the sink checks each against
+# its own topic's `max.message.bytes` before sending (`message_bytes`), so the client's is moot.
+PRODUCER_MAX_REQUEST_BYTES = 2**31 - 1
+_DENIED = (TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno)
 
 
 @dataclass(frozen=True)
@@ -48,10 +73,17 @@ class DeadLetter:
     stage: str
     schema_id: int | None
     failed_at: dt.datetime
+    dlq_id: int | None = None  # its `_cdc_dlq_records` row, reserved before it is produced
+    payload_in_topic: bool = True  # False: too large, its DLQ message carries the context only
 
 
 def dlq_headers(letter: DeadLetter, consumer_group: str) -> list[Header]:
     """The record's own headers followed by the error context (all values UTF-8 text)."""
+    return [*letter.headers, *context_headers(letter, consumer_group)]
+
+
+def context_headers(letter: DeadLetter, consumer_group: str) -> list[Header]:
+    """Why and where the record failed; `cdc.dlq.id` once its row is reserved."""
     context = {
         "cdc.error.class": letter.error_class,
         "cdc.error.message": letter.message,
@@ -64,7 +96,40 @@ def dlq_headers(letter: DeadLetter, consumer_group: str) -> list[Header]:
         "cdc.failed.at": letter.failed_at.isoformat(),
         "cdc.consumer.group": consumer_group,
     }
-    return [*letter.headers, *((k, v.encode()) for k, v in context.items())]
+    if letter.dlq_id is not None:
+        context["cdc.dlq.id"] = str(letter.dlq_id)
+    return [(k, v.encode()) for k, v in context.items()]
+
+
+def message_bytes(key: bytes | None, value: bytes | None, headers: Sequence[Header]) -> int:
+    """The most a message takes in a record batch of its own: what the broker compares with
+    the topic's `max.message.bytes` (the sink sends uncompressed)."""
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers)))
+
+
+def dlq_message(letter: DeadLetter, consumer_group: str, max_bytes: int) -> tuple[Message, bool]:
+    """What the DLQ topic receives for `letter`, and whether it carries the record.
+
+    The record (key, value, own headers) with the error context if that fits `max_bytes`, the
+    topic's `max.message.bytes`; else no key, an empty value (Kafka wants one of the two) and
+    the context plus `cdc.payload.stored: postgres` and `cdc.payload.bytes` (the size that did
+    not fit): the record is then only in its `_cdc_dlq_records` row (`cdc.dlq.id`). Raises
+    FatalError if not even the context fits."""
+    whole = dlq_headers(letter, consumer_group)
+    size = message_bytes(letter.key, letter.value, whole)
+    if size <= max_bytes:
+        return (letter.key, letter.value, whole), True
+    context = [
+        *context_headers(letter, consumer_group),
+        ("cdc.payload.stored", b"postgres"),
+        ("cdc.payload.bytes", str(size).encode()),
+    ]
+    if message_bytes(None, b"", context) > max_bytes:
+        raise FatalError(
+            f"the DLQ topic's max.message.bytes ({max_bytes}) is too small even for a dead "
+            "letter's error context; raise it (64 KiB or more)"
+        )
+    return (None, b"", context), False
 
 
 def headers_to_json(headers: Sequence[Header]) -> str:
@@ -161,9 +226,10 @@ class DlqProducer:
             acks="all",
             enable_idempotence=True,
             request_timeout_ms=30_000,
+            max_request_size=PRODUCER_MAX_REQUEST_BYTES,
             **self._security,
         )
-        self._topic_ready = False
+        self._topic_limit: int | None = None  # the DLQ topic's max.message.bytes, once known
 
     async def start(self) -> None:
         """Connect; raise KafkaError if Kafka cannot be reached (nothing left open)."""
@@ -176,24 +242,47 @@ class DlqProducer:
     async def stop(self) -> None:
         await self._producer.stop()
 
-    async def send_letters(self, letters: Sequence[DeadLetter], consumer_group: str) -> None:
+    async def send_letters(
+        self, letters: Sequence[DeadLetter], consumer_group: str
+    ) -> list[DeadLetter]:
         """Produce every letter to the DLQ topic and wait until each is acknowledged by all
-        in-sync replicas. Raises TransientError or FatalError; may be called again with the
-        same letters (the table side is idempotent, the topic may then hold a duplicate)."""
+        in-sync replicas; return the letters as sent (`payload_in_topic` False for those too
+        large for the topic: see `dlq_message`). Raises TransientError or FatalError; may be
+        called again with the same letters (the table side is idempotent, the topic may then
+        hold a duplicate)."""
         if not letters:
-            return
-        await self._ensure_topic()
-        records = [
-            (self.topic, None, letter.key, letter.value, dlq_headers(letter, consumer_group))
-            for letter in letters
+            return []
+        limit = await self._ensure_topic({letter.topic for letter in letters})
+        messages = [dlq_message(letter, consumer_group, limit) for letter in letters]
+        await self._send_all(
+            [(self.topic, None, *message) for message, _ in messages],
+            f"producing to the DLQ topic {self.topic!r}",
+        )
+        return [
+            letter if whole else dataclasses.replace(letter, payload_in_topic=False)
+            for letter, (_, whole) in zip(letters, messages, strict=True)
         ]
-        await self._send_all(records, f"producing to the DLQ topic {self.topic!r}")
 
     async def send_replays(
         self, records: Sequence[tuple[str, int, bytes | None, bytes | None, list[Header]]]
     ) -> None:
-        """Produce (topic, partition, key, value, headers) records and await every ack."""
-        await self._send_all(records, "replaying dead letters")
+        """Produce (topic, partition, key, value, headers) records and await every ack.
+        Raises FatalError, sending nothing, if one is larger than its topic's
+        `max.message.bytes` (lowered since, or the record came compressed)."""
+        if not records:
+            return
+        doing = "replaying dead letters"
+        async with self._admin(doing) as admin:
+            limits = await topic_limits(admin, {topic for topic, *_ in records})
+        for topic, _, key, value, headers in records:
+            size = message_bytes(key, value, headers)
+            limit = limits.get(topic, KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+            if size > limit:
+                raise FatalError(
+                    f"{doing}: a record of {size} bytes is larger than {topic!r} takes "
+                    f"(max.message.bytes {limit}); nothing was sent"
+                )
+        await self._send_all(records, doing)
 
     async def _send_all(
         self,
@@ -211,20 +300,92 @@ class DlqProducer:
         except KafkaError as exc:
             raise kafka_failure(exc, doing) from exc
 
-    async def _ensure_topic(self) -> None:
-        """Create the DLQ topic once if it does not exist (brokers may not auto-create)."""
-        if self._topic_ready:
-            return
+    async def _ensure_topic(self, sources: set[str]) -> int:
+        """The DLQ topic's `max.message.bytes`, read once. A missing topic is created (brokers
+        may not auto-create) taking as much as the largest of `sources`, the dead letters'
+        topics, plus room for the error context."""
+        if self._topic_limit is not None:
+            return self._topic_limit
+        doing = f"reading or creating the DLQ topic {self.topic!r}"
+        async with self._admin(doing) as admin:
+            known = await topic_limits(admin, {self.topic, *sources})
+            limit = known.get(self.topic) or await self._create_topic(admin, known, sources)
+        self._topic_limit = limit
+        return limit
+
+    async def _create_topic(
+        self, admin: AIOKafkaAdminClient, known: Mapping[str, int], sources: set[str]
+    ) -> int:
+        """Create the DLQ topic taking what the broker and `sources` take, plus the context;
+        return its `max.message.bytes`."""
+        brokers = (await admin.describe_cluster())["brokers"]
+        broker = str(brokers[0]["node_id"])
+        resource = ConfigResource(ConfigResourceType.BROKER, broker, {"message.max.bytes": None})
+        default = (await config_limits(admin, [resource])).get(broker)
+        limit = CONTEXT_HEADROOM_BYTES + max(
+            default or KAFKA_DEFAULT_MAX_MESSAGE_BYTES, *(known.get(s, 0) for s in sources)
+        )
+        replicas = self.replication_factor
+        if replicas <= 0:  # as many copies as the cluster allows, up to three
+            replicas = min(3, len(brokers))
+        config = {"max.message.bytes": str(limit)}
+        response = await admin.create_topics(
+            [NewTopic(self.topic, self.partitions, replicas, topic_configs=config)]
+        )
+        [(_, code, *_)] = response.topic_errors
+        if code == TopicAlreadyExistsError.errno:  # made meanwhile, by another worker
+            return (await topic_limits(admin, {self.topic})).get(
+                self.topic, KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+            )
+        if code in _DENIED:  # it may exist all the same: producing will tell
+            log.warning("dlq_topic_not_created", topic=self.topic, error=for_code(code).__name__)
+            return KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+        if code:
+            raise for_code(code)(f"cannot create the DLQ topic {self.topic!r}")
+        log.info("dlq_topic_created", topic=self.topic, max_message_bytes=limit)
+        return limit
+
+    @contextlib.asynccontextmanager
+    async def _admin(self, doing: str) -> AsyncIterator[AIOKafkaAdminClient]:
+        """An admin client for one task; its Kafka errors are raised as the sink's kind."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, **self._security)
         try:
             await admin.start()
-            replicas = self.replication_factor
-            if replicas <= 0:  # as many copies as the cluster allows, up to three
-                replicas = min(3, len((await admin.describe_cluster())["brokers"]))
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([NewTopic(self.topic, self.partitions, replicas)])
+            yield admin
         except KafkaError as exc:
-            raise kafka_failure(exc, f"creating the DLQ topic {self.topic!r}") from exc
+            raise kafka_failure(exc, doing) from exc
         finally:
             await admin.close()
-        self._topic_ready = True
+
+
+async def topic_limits(admin: AIOKafkaAdminClient, topics: set[str]) -> dict[str, int]:
+    """The `max.message.bytes` of each of `topics` that exists."""
+    return await config_limits(
+        admin,
+        [
+            ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})
+            for topic in sorted(topics)
+        ],
+    )
+
+
+async def config_limits(
+    admin: AIOKafkaAdminClient, resources: Sequence[ConfigResource]
+) -> dict[str, int]:
+    """The one size setting each resource (topic or broker) is asked for, by its name; an
+    unknown topic is left out, one whose settings this client may not read counts as Kafka's
+    default (logged). Other errors are raised."""
+    limits: dict[str, int] = {}
+    for response in await admin.describe_configs(list(resources)):
+        for code, _, _, name, entries in response.resources:
+            if code == UnknownTopicOrPartitionError.errno:
+                continue
+            if code in _DENIED:
+                log.warning("kafka_config_unreadable", resource=name, error=for_code(code).__name__)
+                limits[name] = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+                continue
+            if code:
+                raise for_code(code)(f"cannot read the settings of {name!r}")
+            [(_, value, *_)] = entries
+            limits[name] = int(value)
+    return limits

@@ -68,6 +68,13 @@ class Metrics:
             ["topic", "reason"],
             registry=r,
         )
+        self.dlq_oversized_records = Counter(
+            "cdc_dlq_oversized_records_total",
+            "Dead letters too large for the DLQ topic: produced without their record, which "
+            "_cdc_dlq_records keeps whole.",
+            ["topic"],
+            registry=r,
+        )
         self.dlq_partition_paused = Gauge(
             "cdc_dlq_partition_paused",
             "1 while the partition is paused because its dead-letter share passed the limit.",

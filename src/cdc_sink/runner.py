@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import os
@@ -54,7 +55,14 @@ from cdc_sink.plan import Mutation
 from cdc_sink.replay import add_dlq_routes
 from cdc_sink.secrets import Lease, PostgresLogin, open_secrets
 from cdc_sink.tables import TableSchema
-from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, prepare_connection
+from cdc_sink.write import (
+    Batch,
+    BatchResult,
+    CheckpointMove,
+    PgWriter,
+    prepare_connection,
+    reserve_dlq_ids,
+)
 
 if TYPE_CHECKING:
     from cdc_recon.service import ReconciliationRuntime
@@ -229,7 +237,8 @@ class Worker:
         self._claim_retry_at = 0.0  # monotonic
         self.paused: set[TopicPartition] = set()  # over the DLQ limit, until resumed
         self.limiter = DlqLimiter(config.dlq.max_share, config.dlq.window_records)
-        self._dlq_sent: set[tuple[str, int, int]] = set()  # produced, not yet committed
+        # Produced, not yet committed, by (topic, partition, offset).
+        self._dlq_sent: dict[tuple[str, int, int], DeadLetter] = {}
         self._to_commit: dict[TopicPartition, int] = {}  # offsets Kafka has not been told yet
         self._committer: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
@@ -580,6 +589,8 @@ class Worker:
                 self.metrics.backlog_depth.remove(tp.topic, str(tp.partition))
                 self.metrics.last_commit_timestamp.remove(tp.topic, str(tp.partition))
             self._unclaimed.difference_update(revoked)
+            gone = {(tp.topic, tp.partition) for tp in revoked}  # a letter holds its record
+            self._dlq_sent = {k: v for k, v in self._dlq_sent.items() if k[:2] not in gone}
             self._rewind = True
         self.metrics.assigned_partitions.set(len(self.owned))
         log.info("partitions_revoked", partitions=[f"{t.topic}[{t.partition}]" for t in revoked])
@@ -860,7 +871,7 @@ class Worker:
         ]
         records = prepared.records
         try:
-            await self._send_dead_letters(batch.dead_letters)
+            batch.dead_letters = await self._send_dead_letters(batch.dead_letters)
             result = await self._apply_with_retry(batch)
         except FencedError as exc:
             log.warning("fenced", error=str(exc))
@@ -1082,16 +1093,30 @@ class Worker:
 
         return await self._retrying("write", attempt, on_retry=self._open_writer)
 
-    async def _send_dead_letters(self, letters: list[DeadLetter]) -> None:
-        """Produce dead letters to the DLQ topic (acks=all) before their offsets can move."""
+    async def _send_dead_letters(self, letters: list[DeadLetter]) -> list[DeadLetter]:
+        """Produce dead letters to the DLQ topic (acks=all) before their offsets can move;
+        return them as sent, each with the `_cdc_dlq_records` id its DLQ message names (a
+        letter sent before, for a batch being retried or split, as it was sent then)."""
         assert self.dlq is not None
-        dlq = self.dlq
-        todo = [d for d in letters if (d.topic, d.partition, d.offset) not in self._dlq_sent]
-        if not todo:
-            return
-        with tracer.start_as_current_span("cdc.dlq.produce", attributes={"cdc.letters": len(todo)}):
-            await self._retrying("dlq", functools.partial(dlq.send_letters, todo, self.group))
-        self._dlq_sent.update((d.topic, d.partition, d.offset) for d in todo)
+        assert self.pool is not None
+        dlq, pool = self.dlq, self.pool
+        todo = [d for d in letters if _position(d) not in self._dlq_sent]
+        if todo:
+            try:
+                ids = await self._retrying(
+                    "dlq", functools.partial(reserve_dlq_ids, pool, len(todo))
+                )
+            except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
+                raise _refused("reserving dead-letter ids", exc) from exc
+            todo = [dataclasses.replace(d, dlq_id=i) for d, i in zip(todo, ids, strict=True)]
+            with tracer.start_as_current_span(
+                "cdc.dlq.produce", attributes={"cdc.letters": len(todo)}
+            ):
+                sent = await self._retrying(
+                    "dlq", functools.partial(dlq.send_letters, todo, self.group)
+                )
+            self._dlq_sent.update((_position(d), d) for d in sent)
+        return [self._dlq_sent[_position(d)] for d in letters]
 
     async def _apply_dead_letter(self, record: Any, exc: BaseException) -> str:
         """Dead-letter the one record PostgreSQL refuses, or pause its partition if that would
@@ -1111,7 +1136,7 @@ class Worker:
             ],
         )
         self.metrics.errors.labels("write", "poison").inc()
-        await self._send_dead_letters(batch.dead_letters)
+        batch.dead_letters = await self._send_dead_letters(batch.dead_letters)
         self._acknowledge(batch, await self._apply_with_retry(batch), {})
         return "dead_lettered"
 
@@ -1130,9 +1155,11 @@ class Worker:
                 self.owned[tp].next_offset = move.next_offset
             self.metrics.last_commit_timestamp.labels(move.topic, str(move.partition)).set(now)
         for letter in batch.dead_letters:
-            self._dlq_sent.discard((letter.topic, letter.partition, letter.offset))
+            self._dlq_sent.pop(_position(letter), None)
             self.limiter.record(letter.topic, letter.partition, [letter.offset])
             self.metrics.dlq_records.labels(letter.topic, letter.error_class).inc()
+            if not letter.payload_in_topic:
+                self.metrics.dlq_oversized_records.labels(letter.topic).inc()
             log.warning(
                 "dead_lettered",
                 topic=letter.topic,
@@ -1142,6 +1169,9 @@ class Worker:
                 error_class=letter.error_class,
                 error=letter.message,
                 schema_id=letter.schema_id,
+                dlq_id=letter.dlq_id,
+                # False: too large for the DLQ topic, the record is in _cdc_dlq_records only
+                payload_in_topic=letter.payload_in_topic,
             )
         rows = sum(counts.values())
         self.applied_events += rows + len(batch.dead_letters)
@@ -1233,6 +1263,10 @@ def _dead_letter(record: Any, exc: BaseException, stage: str) -> DeadLetter:
         schema_id=_schema_id(record.value),
         failed_at=dt.datetime.now(dt.UTC),
     )
+
+
+def _position(letter: DeadLetter) -> tuple[str, int, int]:
+    return letter.topic, letter.partition, letter.offset
 
 
 def _schema_id(value: bytes | None) -> int | None:

@@ -45,6 +45,7 @@ from cdc_sink.types import PG_TUPLE_CODECS, pg_type
 
 Key = tuple[Any, ...]
 _SCOPES_KEPT = 65_536
+_NEXT_DLQ_ID = "nextval(pg_get_serial_sequence('_cdc_dlq_records', 'id'))"
 
 
 @dataclass(frozen=True)
@@ -498,12 +499,14 @@ class PgWriter:
         if not letters:
             return
         await self.conn.executemany(
-            "INSERT INTO _cdc_dlq_records (source_topic, source_partition, source_offset, "
+            "INSERT INTO _cdc_dlq_records (id, source_topic, source_partition, source_offset, "
             "record_key, record_value, headers, error_class, error_message, stage, schema_id, "
-            "failed_at) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11) "
+            f"failed_at) VALUES (coalesce($1, {_NEXT_DLQ_ID}), $2, $3, $4, $5, $6, $7::jsonb, "
+            "$8, $9, $10, $11, $12) "
             "ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING",
             [
                 (
+                    d.dlq_id,
                     d.topic,
                     d.partition,
                     d.offset,
@@ -546,6 +549,14 @@ class PgWriter:
                     f"{move.topic}[{move.partition}] is no longer ours at offset {move.expected} "
                     f"(epoch {move.epoch}): another worker took it over"
                 )
+
+
+async def reserve_dlq_ids(pool: asyncpg.Pool, count: int) -> list[int]:
+    """`count` fresh `_cdc_dlq_records` ids, for dead letters whose DLQ message must name
+    their row before the transaction that inserts it (an id whose transaction never commits
+    stays unused)."""
+    rows = await pool.fetch(f"SELECT {_NEXT_DLQ_ID} FROM generate_series(1, $1)", count)
+    return [row[0] for row in rows]
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
