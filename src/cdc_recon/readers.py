@@ -36,7 +36,7 @@ from cdc_recon.canonical import (
 from cdc_recon.errors import ReconError, UnknownTableError
 from cdc_sink import cassandra
 from cdc_sink.config import CassandraConfig
-from cdc_sink.tables import TableSchema, qualified, quote_ident
+from cdc_sink.tables import RESERVED_COLUMNS, TableSchema, qualified, quote_ident
 from cdc_sink.types import CqlType, pg_type
 
 MIN_TOKEN, MAX_TOKEN = -(2**63), 2**63 - 1
@@ -212,8 +212,11 @@ async def resolve_table(
     columns, partition = described.columns, described.partition_columns
     clustering = described.clustering_columns
     keys = (*partition, *clustering)
+    # A Cassandra column of a reserved name is not in the target, even where the target has
+    # a column of that name (the sink's own): it is Cassandra's alone, like a missing one.
+    mirrored = present - RESERVED_COLUMNS
     ordered = {c: columns[c] for c in keys} | {
-        c: t for c, t in columns.items() if c not in keys and c in present
+        c: t for c, t in columns.items() if c not in keys and c in mirrored
     }
     return ReconTable(
         target=row["target_table"],
@@ -222,7 +225,7 @@ async def resolve_table(
         key_columns=keys,
         partition_columns=partition,
         columns=ordered,
-        cassandra_only=tuple(c for c in columns if c not in present),
+        cassandra_only=tuple(c for c in columns if c not in mirrored),
     )
 
 

@@ -8,6 +8,9 @@ knows is rejected (dead-lettered) with a message saying so.
 
 DDL runs in its own short transaction under an advisory lock per table, with IF NOT EXISTS
 everywhere, so several workers seeing the same new table or column at once all succeed.
+
+Columns named like the sink's own or PostgreSQL's system columns (`RESERVED_COLUMNS`) are
+never made; events writing one are refused (dead-lettered).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import asyncpg
 from cdc_sink.cassandra import CassandraTable, describe_table
 from cdc_sink.errors import EventError, FatalError, TransientError
 from cdc_sink.events import ChangeEvent
-from cdc_sink.tables import TableSchema, target_name
+from cdc_sink.tables import RESERVED_COLUMNS, TableSchema, refuse_reserved, target_name
 from cdc_sink.types import CqlType, from_connect_schema, parse_cql_type, udt_definitions
 from cdc_sink.write import lock_id
 
@@ -61,10 +64,14 @@ class Catalog:
         key_schemas: Mapping[str, Mapping[str, Any]],
         column_schemas: Mapping[str, Mapping[str, Any]],
     ) -> TableSchema:
-        """The schema that holds this event's columns, evolving the table first if needed."""
+        """The schema that holds this event's columns, evolving the table first if needed.
+
+        Poison (the record is dead-lettered, nothing is made): ReservedColumnError if the event
+        writes a column the target cannot take, EventError if a column's type is unknown."""
         known = self._by_source.get((event.keyspace, event.table))
         if known is not None and event.cells.keys() <= known.columns.keys():
             return known  # the per-record path: no name formatting, no await
+        refuse_reserved(event.keyspace, event.table, (*event.key, *event.cells))
         target = target_name(self.table_format, event.keyspace, event.table)
         known = self._tables.get(target)
         if known is not None and all(c in known.columns for c in event.cells):
@@ -97,7 +104,8 @@ class Catalog:
         column_schemas: Mapping[str, Mapping[str, Any]],
     ) -> dict[str, CqlType]:
         """Every column type the sources know (Cassandra's first): a new table gets all of its
-        columns at once. Each column of the event must be among them."""
+        columns at once, except those of a reserved name (the caller refused events writing
+        one). Each column of the event must be among them."""
         types: dict[str, CqlType] = {}
         unusable: dict[str, str] = {}  # the record's schema for the column is not understood
         for name, schema in {**column_schemas, **key_schemas}.items():
@@ -107,6 +115,8 @@ class Catalog:
                 unusable[name] = str(exc)
         if cassandra is not None:
             types.update(cassandra.columns)
+        for name in RESERVED_COLUMNS.intersection(types):
+            del types[name]
         missing = [n for n in (*event.key, *event.cells) if n not in types]
         if missing:
             where = f"column(s) {', '.join(map(repr, missing))} of {event.keyspace}.{event.table}"
@@ -138,7 +148,9 @@ class Catalog:
         # jsonb does not keep key order: put the key columns first again, as at creation.
         stored = json.loads(row["columns"])
         keys = list(row["key_columns"])
-        order = keys + sorted(n for n in stored if n not in keys)
+        # An earlier release recorded a reserved name it had "added" (ADD COLUMN IF NOT EXISTS
+        # passed over the sink's own column): that column is the sink's, not the source's.
+        order = keys + sorted(n for n in stored if n not in keys and n not in RESERVED_COLUMNS)
         udts = json.loads(row["udts"]) if row["udts"] else None
         columns = {n: parse_cql_type(stored[n], udts) for n in order}
         return TableSchema(

@@ -14,7 +14,7 @@ import hashlib
 import ipaddress
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -34,10 +34,36 @@ META_COLUMNS: dict[str, str] = {
     "_cdc_expires_at": "timestamptz",
     "_cdc_updated_at": "timestamptz NOT NULL DEFAULT now()",
 }
+# Columns every PostgreSQL table has already: no column of another kind may take their names.
+PG_SYSTEM_COLUMNS = frozenset(("tableoid", "xmin", "cmin", "xmax", "cmax", "ctid"))
+# Names a target table cannot give to a Cassandra column. Identifiers are quoted, so only an
+# exact match clashes: `_CDC_CELLS` or `Xmin` are ordinary columns.
+RESERVED_COLUMNS = frozenset(META_COLUMNS) | PG_SYSTEM_COLUMNS
 
 
 class IdentifierError(EventError):
     """A keyspace, table or column name PostgreSQL cannot hold faithfully."""
+
+
+class ReservedColumnError(IdentifierError):
+    """A Cassandra column whose name the target table cannot take (RESERVED_COLUMNS)."""
+
+
+def refuse_reserved(keyspace: str, table: str, columns: Iterable[str]) -> None:
+    """Raise ReservedColumnError naming the first of `columns` (of keyspace.table) that is
+    reserved; the sink never makes such a column, so a record writing one cannot be applied."""
+    for name in columns:
+        if name in RESERVED_COLUMNS:
+            kind = (
+                "a PostgreSQL system column"
+                if name in PG_SYSTEM_COLUMNS
+                else "one of the columns the sink keeps its own bookkeeping in"
+            )
+            raise ReservedColumnError(
+                f"column {name!r} of {keyspace}.{table} has a name the target table cannot "
+                f"take ({kind}): the sink never makes it, and records that write it are "
+                "dead-lettered"
+            )
 
 
 def quote_ident(name: str) -> str:
@@ -88,6 +114,7 @@ class TableSchema:
     def __post_init__(self) -> None:
         for name in (self.target, *self.columns):
             quote_ident(name)
+        refuse_reserved(self.keyspace, self.table, self.columns)
         for name, cql in self.columns.items():
             self.converters[name] = converter(cql)
             self.unguarded[name] = unguarded_converter(cql)

@@ -42,6 +42,16 @@ MODEL_CQL = (
 
 def create_cassandra_model_table(stack: Endpoints, keyspace: str) -> None:
     """The Cassandra table the events come from, so the sink can read its real column types."""
+    execute_cql(
+        stack,
+        f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+        MODEL_CQL.format(ks=keyspace),
+    )
+
+
+def execute_cql(stack: Endpoints, *statements: str) -> None:
+    """Run CQL statements in order on the stack's Cassandra node (DDL waits for agreement)."""
     profile = ExecutionProfile(
         load_balancing_policy=WhiteListRoundRobinPolicy([stack.cassandra_host])
     )
@@ -53,11 +63,8 @@ def create_cassandra_model_table(stack: Endpoints, keyspace: str) -> None:
     )
     try:
         session = cluster.connect()
-        session.execute(
-            f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
-            "{'class': 'SimpleStrategy', 'replication_factor': 1}"
-        )
-        session.execute(MODEL_CQL.format(ks=keyspace))
+        for statement in statements:
+            session.execute(statement)
     finally:
         cluster.shutdown()
 

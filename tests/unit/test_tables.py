@@ -8,8 +8,17 @@ import pytest
 
 from cdc_sink.errors import ConversionError, EventError
 from cdc_sink.events import ChangeEvent, Op, Position, interpret
-from cdc_sink.tables import IdentifierError, TableSchema, quote_ident, target_name
+from cdc_sink.tables import (
+    IdentifierError,
+    ReservedColumnError,
+    TableSchema,
+    quote_ident,
+    refuse_reserved,
+    target_name,
+)
 from cdc_sink.types import parse_cql_type
+
+INT = parse_cql_type("int")
 
 
 @pytest.mark.parametrize(
@@ -129,3 +138,21 @@ def test_to_mutation_refuses_a_key_without_every_primary_key_column() -> None:
     schema, event = _users_event({"other": 1}, {"ip": "/10.0.0.1"})
     with pytest.raises(EventError, match=r"lacks primary-key column.*id"):
         schema.to_mutation(event)
+
+
+@pytest.mark.parametrize("name", ["_cdc_cells", "_cdc_updated_at", "xmin", "ctid", "tableoid"])
+def test_reserved_column_names_are_refused_naming_the_column(name: str) -> None:
+    """A column named like one of the sink's own or a PostgreSQL system column is refused, and
+    so is a table schema planned with one."""
+    with pytest.raises(ReservedColumnError, match=f"column '{name}' of ks.t has a name"):
+        refuse_reserved("ks", "t", ["id", name])
+    with pytest.raises(ReservedColumnError):
+        TableSchema("ks", "t", "cdc_t", ("id",), {"id": INT, name: INT})
+
+
+@pytest.mark.parametrize("name", ["_CDC_CELLS", "_cdc_Cells", "Xmin", "ctid ", "_cdc_cells2"])
+def test_only_exact_reserved_names_clash(name: str) -> None:
+    """Identifiers are quoted, so a name differing in case or by a character is an ordinary
+    column."""
+    refuse_reserved("ks", "t", [name])
+    assert name in TableSchema("ks", "t", "cdc_t", ("id",), {"id": INT, name: INT}).columns
