@@ -9,8 +9,11 @@ knows is rejected (dead-lettered) with a message saying so.
 DDL runs in its own short transaction under an advisory lock per table, with IF NOT EXISTS
 everywhere, so several workers seeing the same new table or column at once all succeed.
 
-Columns named like the sink's own or PostgreSQL's system columns (`RESERVED_COLUMNS`) are
-never made; events writing one are refused (dead-lettered).
+A target table belongs to the Cassandra table (keyspace and table) it was made for, as every
+version in `_cdc_schema_metadata` records: the first version is written under that same lock,
+so of workers racing to make one target for two sources exactly one makes it, and the other's
+events are refused (TableOwnerError, dead-lettered). Columns named like the sink's own or
+PostgreSQL's system columns (`RESERVED_COLUMNS`) are never made; events writing one are refused.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ import asyncpg
 from cdc_sink.cassandra import CassandraTable, describe_table
 from cdc_sink.errors import EventError, FatalError, TransientError
 from cdc_sink.events import ChangeEvent
-from cdc_sink.tables import RESERVED_COLUMNS, TableSchema, refuse_reserved, target_name
+from cdc_sink.tables import (
+    RESERVED_COLUMNS,
+    TableSchema,
+    refuse_reserved,
+    require_owner,
+    target_name,
+)
 from cdc_sink.types import CqlType, from_connect_schema, parse_cql_type, udt_definitions
 from cdc_sink.write import lock_id
 
@@ -67,19 +76,24 @@ class Catalog:
         """The schema that holds this event's columns, evolving the table first if needed.
 
         Poison (the record is dead-lettered, nothing is made): ReservedColumnError if the event
-        writes a column the target cannot take, EventError if a column's type is unknown."""
+        writes a column the target cannot take, TableOwnerError if its target table belongs to
+        another Cassandra table, EventError if a column's type is unknown."""
         known = self._by_source.get((event.keyspace, event.table))
         if known is not None and event.cells.keys() <= known.columns.keys():
             return known  # the per-record path: no name formatting, no await
         refuse_reserved(event.keyspace, event.table, (*event.key, *event.cells))
         target = target_name(self.table_format, event.keyspace, event.table)
         known = self._tables.get(target)
-        if known is not None and all(c in known.columns for c in event.cells):
-            self._by_source[event.keyspace, event.table] = known
-            return known
+        if known is not None:
+            require_owner(known, event.keyspace, event.table, self.table_format)
+            if all(c in known.columns for c in event.cells):
+                self._by_source[event.keyspace, event.table] = known
+                return known
         lock = self._locks.setdefault(target, asyncio.Lock())
         async with lock:
             known = self._tables.get(target) or await self._load(target)
+            if known is not None:
+                require_owner(known, event.keyspace, event.table, self.table_format)
             if known is not None and all(c in known.columns for c in event.cells):
                 self._tables[target] = self._by_source[event.keyspace, event.table] = known
                 return known
@@ -192,6 +206,8 @@ class Catalog:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id("ddl", target))
             current = await self._load(target)  # another worker may have evolved it meanwhile
+            if current is not None:  # or made it, for a source of the same target name
+                require_owner(current, event.keyspace, event.table, self.table_format)
             if current is None:
                 key = tuple(event.key)
                 ordered = {n: types[n] for n in key} | {

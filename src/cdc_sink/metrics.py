@@ -90,6 +90,12 @@ class Metrics:
         self.assigned_partitions = Gauge(
             "cdc_assigned_partitions", "Partitions currently assigned to this worker.", registry=r
         )
+        self.table_name_collisions = Gauge(
+            "cdc_table_name_collisions",
+            "Target table names that tables of several keyspaces map to, as the topics "
+            "matching the pattern showed at start-up (CDC_SINK__TABLE_NAME_FORMAT).",
+            registry=r,
+        )
         # Only with PostgreSQL logins leased from Vault (CDC_VAULT__POSTGRES_ROLE).
         self.postgres_login_expiry = Gauge(
             "cdc_postgres_login_expiry_timestamp_seconds",

@@ -15,6 +15,7 @@ import datetime as dt
 import functools
 import os
 import random
+import re
 import socket
 import time
 import uuid
@@ -54,7 +55,7 @@ from cdc_sink.migrate import migrate, pending
 from cdc_sink.plan import Mutation
 from cdc_sink.replay import add_dlq_routes
 from cdc_sink.secrets import Lease, PostgresLogin, open_secrets
-from cdc_sink.tables import TableSchema
+from cdc_sink.tables import TableSchema, name_collisions
 from cdc_sink.write import (
     Batch,
     BatchResult,
@@ -620,6 +621,7 @@ class Worker:
             await self._stop_client("consumer", self.consumer.stop())
             raise unreachable(cfg, "consumer", exc) from exc
         try:
+            await self._warn_of_name_collisions()
             self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))
             await self._pipeline()
         except Stopping as exc:
@@ -628,6 +630,36 @@ class Worker:
             await self._drain_pipeline()
             await self._finish_commits()
             await self._stop_client("consumer", self.consumer.stop())
+
+    async def _warn_of_name_collisions(self) -> None:
+        """At start-up: if the topics the pattern matches show tables of several keyspaces
+        that map to one target name, say so (and set cdc_table_name_collisions). The worker
+        goes on: the target's owner is applied, the others' events are dead-lettered
+        (TableOwnerError), and the other tables are not held up by a guess from topic names."""
+        assert self.consumer is not None
+        cfg = self.config
+        try:
+            topics = await asyncio.wait_for(self.consumer.topics(), BACKLOG_QUERY_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("topic_listing_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        pattern = re.compile(cfg.kafka.topic_pattern)
+        matched = [topic for topic in topics if pattern.match(topic)]
+        collisions = name_collisions(matched, cfg.sink.table_name_format)
+        self.metrics.table_name_collisions.set(len(collisions))
+        for target, sources in sorted(collisions.items()):
+            log.error(
+                "table_name_collision",
+                target=target,
+                sources=sources,
+                table_name_format=cfg.sink.table_name_format,
+                action=(
+                    "the table is applied for the one that made (or makes) it, the others' "
+                    "events are dead-lettered: put {keyspace} in CDC_SINK__TABLE_NAME_FORMAT "
+                    "(e.g. cdc_{keyspace}_{table}); see the README, 'One target table, one "
+                    "Cassandra table'"
+                ),
+            )
 
     async def _pipeline(self) -> None:
         """Fetch, prepare and apply until stopped (or caught up).

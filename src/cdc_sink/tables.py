@@ -39,6 +39,9 @@ PG_SYSTEM_COLUMNS = frozenset(("tableoid", "xmin", "cmin", "xmax", "cmax", "ctid
 # Names a target table cannot give to a Cassandra column. Identifiers are quoted, so only an
 # exact match clashes: `_CDC_CELLS` or `Xmin` are ordinary columns.
 RESERVED_COLUMNS = frozenset(META_COLUMNS) | PG_SYSTEM_COLUMNS
+# `<prefix><delimiter><keyspace><delimiter><table>`, Debezium's topic name: Cassandra allows
+# only word characters in keyspace and table names, so any other delimiter sets them apart.
+_DEBEZIUM_TOPIC = re.compile(r"(\W)(\w+)\1(\w+)$")
 
 
 class IdentifierError(EventError):
@@ -47,6 +50,10 @@ class IdentifierError(EventError):
 
 class ReservedColumnError(IdentifierError):
     """A Cassandra column whose name the target table cannot take (RESERVED_COLUMNS)."""
+
+
+class TableOwnerError(EventError):
+    """The event's Cassandra table maps to a target table made for another Cassandra table."""
 
 
 def refuse_reserved(keyspace: str, table: str, columns: Iterable[str]) -> None:
@@ -64,6 +71,24 @@ def refuse_reserved(keyspace: str, table: str, columns: Iterable[str]) -> None:
                 f"take ({kind}): the sink never makes it, and records that write it are "
                 "dead-lettered"
             )
+
+
+def require_owner(schema: TableSchema, keyspace: str, table: str, table_format: str) -> None:
+    """Raise TableOwnerError unless `schema` was made for keyspace.table: a target table holds
+    the rows of one Cassandra table, never of two whose names map to the same target."""
+    if (schema.keyspace, schema.table) == (keyspace, table):
+        return
+    fix = (
+        "put {keyspace} in it (e.g. 'cdc_{keyspace}_{table}') so that each keyspace gets a "
+        "table of its own"
+        if "{keyspace}" not in table_format
+        else "separate {keyspace} and {table} so that the two names differ"
+    )
+    raise TableOwnerError(
+        f"target table {schema.target!r} is owned by {schema.keyspace}.{schema.table} "
+        f"(recorded in _cdc_schema_metadata), and {keyspace}.{table} maps to the same name "
+        f"under CDC_SINK__TABLE_NAME_FORMAT={table_format!r}: {fix}, then replay these records"
+    )
 
 
 def quote_ident(name: str) -> str:
@@ -88,6 +113,26 @@ def qualified(schema: str, table: str) -> str:
 def target_name(table_format: str, keyspace: str, table: str) -> str:
     """The PostgreSQL table name for a Cassandra table ({table} and {keyspace} fill in)."""
     return table_format.format(table=table, keyspace=keyspace)
+
+
+def topic_source(topic: str) -> tuple[str, str] | None:
+    """(keyspace, table) of a topic named as Debezium names them, None if the name does not
+    end in `<delimiter><keyspace><delimiter><table>` with a delimiter that is not a word
+    character."""
+    found = _DEBEZIUM_TOPIC.search(topic)
+    return (found[2], found[3]) if found else None
+
+
+def name_collisions(topics: Iterable[str], table_format: str) -> dict[str, list[str]]:
+    """The target names that tables of more than one keyspace map to, as far as the topics'
+    names tell, each with those tables (`keyspace.table`, sorted)."""
+    sources: dict[str, set[str]] = {}
+    for topic in topics:
+        source = topic_source(topic)
+        if source is not None:
+            target = target_name(table_format, *source)
+            sources.setdefault(target, set()).add(".".join(source))
+    return {target: sorted(found) for target, found in sources.items() if len(found) > 1}
 
 
 def expiry_index_name(target: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -11,10 +12,14 @@ from cdc_sink.events import ChangeEvent, Op, Position, interpret
 from cdc_sink.tables import (
     IdentifierError,
     ReservedColumnError,
+    TableOwnerError,
     TableSchema,
+    name_collisions,
     quote_ident,
     refuse_reserved,
+    require_owner,
     target_name,
+    topic_source,
 )
 from cdc_sink.types import parse_cql_type
 
@@ -156,3 +161,45 @@ def test_only_exact_reserved_names_clash(name: str) -> None:
     column."""
     refuse_reserved("ks", "t", [name])
     assert name in TableSchema("ks", "t", "cdc_t", ("id",), {"id": INT, name: INT}).columns
+
+
+def test_a_target_table_refuses_events_of_another_source_saying_what_to_change() -> None:
+    """The owner passes; another keyspace's table of the same name is told both sources and
+    the setting, with `{keyspace}` to add, or a separator when it is already there."""
+    users = TableSchema("shop", "users", "cdc_users", ("id",), {"id": INT})
+    require_owner(users, "shop", "users", "cdc_{table}")
+    with pytest.raises(TableOwnerError) as refused:
+        require_owner(users, "crm", "users", "cdc_{table}")
+    assert str(refused.value).startswith(
+        "target table 'cdc_users' is owned by shop.users (recorded in _cdc_schema_metadata), "
+        "and crm.users maps to the same name under CDC_SINK__TABLE_NAME_FORMAT='cdc_{table}': "
+        "put {keyspace} in it (e.g. 'cdc_{keyspace}_{table}')"
+    )
+    joined = TableSchema("a_b", "c", "a_b_c", ("id",), {"id": INT})
+    with pytest.raises(TableOwnerError, match=re.escape("separate {keyspace} and {table}")):
+        require_owner(joined, "a", "b_c", "{keyspace}_{table}")
+
+
+@pytest.mark.parametrize(
+    ("topic", "source"),
+    [
+        ("debezium.shop.users", ("shop", "users")),
+        ("cdc-events-shop-users", ("shop", "users")),
+        ("cdc-events-owner_ab12-Shop_2-user_list", ("Shop_2", "user_list")),
+        ("cdc-events-users", ("events", "users")),
+        ("users", None),
+        ("prefix_shop_users", None),  # `_` is part of Cassandra's names: no telling
+        ("a.shop-users", None),  # two different delimiters
+    ],
+)
+def test_topic_source_reads_debezium_topic_names(topic: str, source: tuple[str, str]) -> None:
+    """`<prefix><delimiter><keyspace><delimiter><table>` with a non-word delimiter."""
+    assert topic_source(topic) == source
+
+
+def test_name_collisions_are_targets_that_tables_of_several_keyspaces_map_to() -> None:
+    """Two keyspaces' `users` meet in `cdc_users`, not with {keyspace} in the format; topics
+    whose names tell no source are left out."""
+    topics = ["cdc.shop.users", "cdc.crm.users", "cdc.shop.orders", "cdc.crm.users", "other"]
+    assert name_collisions(topics, "cdc_{table}") == {"cdc_users": ["crm.users", "shop.users"]}
+    assert name_collisions(topics, "cdc_{keyspace}_{table}") == {}
