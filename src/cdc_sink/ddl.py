@@ -13,7 +13,8 @@ A target table belongs to the Cassandra table (keyspace and table) it was made f
 version in `_cdc_schema_metadata` records: the first version is written under that same lock,
 so of workers racing to make one target for two sources exactly one makes it, and the other's
 events are refused (TableOwnerError, dead-lettered). Columns named like the sink's own or
-PostgreSQL's system columns (`RESERVED_COLUMNS`) are never made; events writing one are refused.
+PostgreSQL's system columns (`RESERVED_COLUMNS`) are never made: a Cassandra table seen to have
+one is refused whole (every later event of it too), so no row of it is ever half applied.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cdc_sink.errors import EventError, FatalError, TransientError
 from cdc_sink.events import ChangeEvent
 from cdc_sink.tables import (
     RESERVED_COLUMNS,
+    ReservedColumnError,
     TableSchema,
     refuse_reserved,
     require_owner,
@@ -62,6 +64,8 @@ class Catalog:
         self._tables: dict[str, TableSchema] = {}
         self._by_source: dict[tuple[str, str], TableSchema] = {}  # (keyspace, table) -> latest
         self._locks: dict[str, asyncio.Lock] = {}
+        # (keyspace, table) seen to have a reserved column name -> why its events are refused
+        self._refused: dict[tuple[str, str], str] = {}
 
     def tables(self) -> list[TableSchema]:
         """The tables resolved so far by this process."""
@@ -75,13 +79,34 @@ class Catalog:
     ) -> TableSchema:
         """The schema that holds this event's columns, evolving the table first if needed.
 
-        Poison (the record is dead-lettered, nothing is made): ReservedColumnError if the event
-        writes a column the target cannot take, TableOwnerError if its target table belongs to
-        another Cassandra table, EventError if a column's type is unknown."""
-        known = self._by_source.get((event.keyspace, event.table))
+        Poison (the record is dead-lettered, nothing is made): ReservedColumnError if the
+        event's Cassandra table has a column the target cannot take (from then on for every
+        event of that table), TableOwnerError if its target table belongs to another Cassandra
+        table, EventError if a column's type is unknown."""
+        source = (event.keyspace, event.table)
+        known = self._by_source.get(source)
         if known is not None and event.cells.keys() <= known.columns.keys():
             return known  # the per-record path: no name formatting, no await
-        refuse_reserved(event.keyspace, event.table, (*event.key, *event.cells))
+        refused = self._refused.get(source)
+        if refused is not None:
+            raise ReservedColumnError(refused)
+        try:
+            return await self._resolve(event, key_schemas, column_schemas)
+        except ReservedColumnError as exc:
+            self._refused[source] = str(exc)
+            self._by_source.pop(source, None)
+            raise
+
+    async def _resolve(
+        self,
+        event: ChangeEvent,
+        key_schemas: Mapping[str, Mapping[str, Any]],
+        column_schemas: Mapping[str, Mapping[str, Any]],
+    ) -> TableSchema:
+        # The record's own schemas list every column of the table: a reserved name among them
+        # refuses the table at first sight, without asking Cassandra.
+        columns = (*event.key, *event.cells, *key_schemas, *column_schemas)
+        refuse_reserved(event.keyspace, event.table, columns)
         target = target_name(self.table_format, event.keyspace, event.table)
         known = self._tables.get(target)
         if known is not None:
@@ -118,8 +143,8 @@ class Catalog:
         column_schemas: Mapping[str, Mapping[str, Any]],
     ) -> dict[str, CqlType]:
         """Every column type the sources know (Cassandra's first): a new table gets all of its
-        columns at once, except those of a reserved name (the caller refused events writing
-        one). Each column of the event must be among them."""
+        columns at once. Each column of the event must be among them. Raises
+        ReservedColumnError if Cassandra's table has a column of a reserved name."""
         types: dict[str, CqlType] = {}
         unusable: dict[str, str] = {}  # the record's schema for the column is not understood
         for name, schema in {**column_schemas, **key_schemas}.items():
@@ -129,8 +154,7 @@ class Catalog:
                 unusable[name] = str(exc)
         if cassandra is not None:
             types.update(cassandra.columns)
-        for name in RESERVED_COLUMNS.intersection(types):
-            del types[name]
+        refuse_reserved(event.keyspace, event.table, types)
         missing = [n for n in (*event.key, *event.cells) if n not in types]
         if missing:
             where = f"column(s) {', '.join(map(repr, missing))} of {event.keyspace}.{event.table}"

@@ -58,7 +58,8 @@ class TableOwnerError(EventError):
 
 def refuse_reserved(keyspace: str, table: str, columns: Iterable[str]) -> None:
     """Raise ReservedColumnError naming the first of `columns` (of keyspace.table) that is
-    reserved; the sink never makes such a column, so a record writing one cannot be applied."""
+    reserved. The sink never makes such a column, and refuses the whole table rather than
+    apply its rows without it."""
     for name in columns:
         if name in RESERVED_COLUMNS:
             kind = (
@@ -68,8 +69,8 @@ def refuse_reserved(keyspace: str, table: str, columns: Iterable[str]) -> None:
             )
             raise ReservedColumnError(
                 f"column {name!r} of {keyspace}.{table} has a name the target table cannot "
-                f"take ({kind}): the sink never makes it, and records that write it are "
-                "dead-lettered"
+                f"take ({kind}): every record of the table is dead-lettered until the "
+                "column is dropped or renamed in Cassandra"
             )
 
 

@@ -1,5 +1,6 @@
-"""Cassandra columns named like the sink's own columns (or PostgreSQL's system columns) are
-never made in PostgreSQL: the records that write them are dead-lettered, nothing else stops."""
+"""Cassandra tables with a column named like the sink's own columns (or PostgreSQL's system
+columns) are refused whole: their records are dead-lettered naming the column, so no row is ever
+half applied, and nothing else stops."""
 
 from __future__ import annotations
 
@@ -77,19 +78,19 @@ async def letters(dsn: str, schema: str) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in rows]
 
 
-async def test_a_new_table_with_reserved_column_names_is_made_without_them(
+async def test_a_new_table_with_a_reserved_column_name_is_refused_whole(
     stack: Endpoints, unique: Callable[[str], str]
 ) -> None:
-    """`notes` has a column `_cdc_cells` (and `_CDC_CELLS`, which is no clash), `boxes` a key
-    column `ctid`: the worker never stops; `cdc_notes` is made without `_cdc_cells`, the
-    records writing it and every `boxes` record are dead-lettered naming the column, and the
-    other records of both tables' topic are applied."""
+    """`notes` has a column `_cdc_cells`, `boxes` a key column `ctid`, `upper` a column
+    `_CDC_CELLS` (no clash): the worker never stops; every record of `notes` and `boxes` is
+    dead-lettered naming the column, whether it writes it or not, neither table is made, and
+    the records of `upper` and `other` on the same topic are applied."""
     keyspace, topic, schema = unique("ks"), unique("cdc-events-reserved"), unique("reserved")
     execute_cql(
         stack,
         keyspace_cql(keyspace),
-        f'CREATE TABLE {keyspace}.notes (id int PRIMARY KEY, body text, "_cdc_cells" text, '
-        '"_CDC_CELLS" text)',
+        f'CREATE TABLE {keyspace}.notes (id int PRIMARY KEY, body text, "_cdc_cells" text)',
+        f'CREATE TABLE {keyspace}.upper (id int PRIMARY KEY, "_CDC_CELLS" text)',
         f"CREATE TABLE {keyspace}.boxes (ctid int PRIMARY KEY, v int)",
         f"CREATE TABLE {keyspace}.other (id int PRIMARY KEY, v int)",
     )
@@ -101,7 +102,7 @@ async def test_a_new_table_with_reserved_column_names_is_made_without_them(
             record(keyspace, "notes", {"id": 1}, {"body": "a"}),
             record(keyspace, "notes", {"id": 2}, {"body": "b", "_cdc_cells": "x"}),
             record(keyspace, "boxes", {"ctid": 1}, {"v": 1}),
-            record(keyspace, "notes", {"id": 3}, {"_CDC_CELLS": "upper"}),
+            record(keyspace, "upper", {"id": 3}, {"_CDC_CELLS": "upper"}),
             record(keyspace, "other", {"id": 1}, {"v": 1}),
             record(keyspace, "boxes", {"ctid": 2}, {}, op="d"),
             record(keyspace, "notes", {"id": 1}, {"body": "a2"}, op="u"),
@@ -112,36 +113,25 @@ async def test_a_new_table_with_reserved_column_names_is_made_without_them(
     try:
         worker = await run_worker(env)
         assert worker.applied_events == 7
-        assert await user_columns(stack.postgres_dsn, schema, "cdc_notes") == [
-            "_CDC_CELLS",
-            "body",
-            "id",
-        ]
-        rows = await fetch(
-            stack.postgres_dsn, schema, 'SELECT id, body, "_CDC_CELLS" FROM cdc_notes ORDER BY id'
+        tables = await fetch(
+            stack.postgres_dsn,
+            schema,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 "
+            "AND table_name LIKE 'cdc\\_%' ORDER BY 1",
+            schema,
         )
-        assert [tuple(r) for r in rows] == [(1, "a2", None), (3, None, "upper")]
+        assert [r[0] for r in tables] == ["cdc_other", "cdc_upper"]
+        upper = await fetch(stack.postgres_dsn, schema, 'SELECT id, "_CDC_CELLS" FROM cdc_upper')
+        assert [tuple(r) for r in upper] == [(3, "upper")]
         other = await fetch(stack.postgres_dsn, schema, "SELECT id, v FROM cdc_other")
         assert [tuple(r) for r in other] == [(1, 1)]
-        assert await user_columns(stack.postgres_dsn, schema, "cdc_boxes") == []
         dead = await letters(stack.postgres_dsn, schema)
-        assert [c for c, _ in dead] == ["ReservedColumnError"] * 3
-        assert f"'_cdc_cells' of {keyspace}.notes" in dead[0][1]
-        assert f"'ctid' of {keyspace}.boxes" in dead[1][1]
-        assert "system column" in dead[1][1]
-        assert f"'ctid' of {keyspace}.boxes" in dead[2][1]
-
-        # Reconciliation leaves the column out too (the target's `_cdc_cells` is the sink's).
-        session = await asyncio.to_thread(connect_cassandra, load_config(env).cassandra, "ONE")
-        conn = await asyncpg.connect(stack.postgres_dsn, server_settings={"search_path": schema})
-        try:
-            notes = await resolve_table(conn, schema, session, "cdc_notes")
-        finally:
-            await conn.close()
-            await asyncio.to_thread(session.cluster.shutdown)
-        assert list(notes.columns) == ["id", "_CDC_CELLS", "body"]
-        assert notes.cassandra_only == ("_cdc_cells",)
-        assert list(notes.sink_schema().columns) == ["id", "_CDC_CELLS", "body"]
+        assert [c for c, _ in dead] == ["ReservedColumnError"] * 5
+        for _, message in (dead[0], dead[1], dead[4]):
+            assert f"'_cdc_cells' of {keyspace}.notes" in message
+        for _, message in (dead[2], dead[3]):
+            assert f"'ctid' of {keyspace}.boxes" in message
+            assert "system column" in message
     finally:
         await drop_schema(stack.postgres_dsn, schema)
 
@@ -181,13 +171,14 @@ async def ledger(stack: Endpoints, unique: Callable[[str], str]) -> AsyncIterato
         await drop_schema(stack.postgres_dsn, schema)
 
 
-async def test_a_reserved_column_added_later_is_not_added_and_the_table_flows(
+async def test_a_reserved_column_added_later_refuses_the_table_from_then_on(
     stack: Endpoints, ledger: Ledger
 ) -> None:
-    """`ALTER TABLE ledger ADD` of `xmin`, `_cdc_marker_ts` and `extra` in Cassandra: the
-    target gets `extra` only; records writing a reserved column are dead-lettered naming it,
-    the others (on the same table, before and after them) are applied, and a later worker
-    starts and goes on."""
+    """`ALTER TABLE ledger ADD` of `xmin`, `_cdc_marker_ts` and `extra` in Cassandra: from the
+    first record that shows the clash, every record of the table is dead-lettered naming a
+    reserved column (also in a later worker, which finds it in Cassandra's schema); the row
+    applied before stays, nothing is added to the target, and reconciliation compares only the
+    columns the target mirrors."""
     keyspace, schema = ledger.keyspace, ledger.schema
     execute_cql(
         stack,
@@ -207,15 +198,25 @@ async def test_a_reserved_column_added_later_is_not_added_and_the_table_flows(
     assert worker.applied_events == 4
     await produce(stack.kafka, ledger.topic, [ledger.record({"id": 3}, {"extra": "g"})])
     await run_worker(ledger.env)
-    assert await user_columns(stack.postgres_dsn, schema, "cdc_ledger") == ["amount", "extra", "id"]
-    rows = await fetch(
-        stack.postgres_dsn, schema, "SELECT id, amount, extra FROM cdc_ledger ORDER BY id"
-    )
-    assert [tuple(r) for r in rows] == [(1, 6, None), (2, 7, "f"), (3, None, "g")]
+    assert await user_columns(stack.postgres_dsn, schema, "cdc_ledger") == ["amount", "id"]
+    rows = await fetch(stack.postgres_dsn, schema, "SELECT id, amount FROM cdc_ledger ORDER BY id")
+    assert [tuple(r) for r in rows] == [(1, 5)]
     dead = await letters(stack.postgres_dsn, schema)
-    assert [c for c, _ in dead] == ["ReservedColumnError"] * 2
-    assert f"'xmin' of {keyspace}.ledger" in dead[0][1]
-    assert f"'_cdc_marker_ts' of {keyspace}.ledger" in dead[1][1]
+    assert [c for c, _ in dead] == ["ReservedColumnError"] * 5
+    assert all(f"'xmin' of {keyspace}.ledger" in message for _, message in dead[:4])
+    assert f"of {keyspace}.ledger has a name the target table cannot take" in dead[4][1]
+
+    # Reconciliation leaves the reserved columns out (the target's `_cdc_marker_ts` is the
+    # sink's own), like the column the target never got.
+    session = await asyncio.to_thread(connect_cassandra, load_config(ledger.env).cassandra, "ONE")
+    conn = await asyncpg.connect(stack.postgres_dsn, server_settings={"search_path": schema})
+    try:
+        table = await resolve_table(conn, schema, session, "cdc_ledger")
+    finally:
+        await conn.close()
+        await asyncio.to_thread(session.cluster.shutdown)
+    assert list(table.columns) == ["id", "amount"]
+    assert sorted(table.cassandra_only) == ["_cdc_marker_ts", "extra", "xmin"]
 
 
 async def test_a_reserved_column_an_earlier_release_recorded_does_not_stop_the_table(
