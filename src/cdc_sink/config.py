@@ -58,6 +58,9 @@ class KafkaConfig:
     # larger fetches under load (each costs the worker CPU), still prompt at low traffic.
     fetch_min_bytes: int = 65_536
     fetch_max_wait_ms: int = 50
+    # The most a compressed record batch may inflate to (beyond it the batch is dead-lettered
+    # unread); a fetch stops taking batches once those it inflated reach it.
+    max_inflated_batch_bytes: int = 67_108_864
     auto_offset_reset: str = "earliest"
     # How the cluster is reached: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL.
     security_protocol: str = "PLAINTEXT"
@@ -90,6 +93,8 @@ class KafkaConfig:
                 "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES must be between 1024 and "
                 "CDC_KAFKA__FETCH_MAX_BYTES"
             )
+        if self.max_inflated_batch_bytes < 1_048_576:
+            raise ConfigError("CDC_KAFKA__MAX_INFLATED_BATCH_BYTES must be >= 1048576 (1 MiB)")
         if self.session_timeout_ms < 1 or self.max_poll_interval_ms < 1:
             raise ConfigError(
                 "CDC_KAFKA__SESSION_TIMEOUT_MS and CDC_KAFKA__MAX_POLL_INTERVAL_MS must be >= 1"

@@ -75,6 +75,14 @@ class DeadLetter:
     failed_at: dt.datetime
     dlq_id: int | None = None  # its `_cdc_dlq_records` row, reserved before it is produced
     payload_in_topic: bool = True  # False: too large, its DLQ message carries the context only
+    # A letter for a whole record batch that could not be read: its first offset (`offset` is
+    # its last).
+    first_offset: int | None = None
+
+    def offsets(self, window: int) -> range:
+        """The offsets this letter stands for, at most the last `window` of them."""
+        first = self.offset if self.first_offset is None else self.first_offset
+        return range(max(first, self.offset - window + 1), self.offset + 1)
 
 
 def dlq_headers(letter: DeadLetter, consumer_group: str) -> list[Header]:

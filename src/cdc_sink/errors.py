@@ -44,6 +44,14 @@ class ConversionError(PoisonError):
         super().__init__(message, stage="convert")
 
 
+class BatchInflateError(PoisonError):
+    """A compressed record batch inflates beyond the limit (or is not valid for its codec):
+    none of its records can be read, so the batch is dead-lettered as one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, stage="fetch")
+
+
 class UnexpectedError(PoisonError):
     """The sink's own code failed on this record in a way it does not foresee (a defect)."""
 

@@ -33,7 +33,8 @@ from aiokafka.errors import (
 )
 from opentelemetry import trace
 
-from cdc_sink import cassandra
+from cdc_sink import cassandra, compression
+from cdc_sink.compression import UninflatedBatch
 from cdc_sink.config import Config
 from cdc_sink.ddl import CassandraSystemSchema, Catalog
 from cdc_sink.decode import ConfluentRegistry, Decoder
@@ -600,6 +601,7 @@ class Worker:
 
     async def _consume(self) -> None:
         cfg = self.config.kafka
+        compression.install(cfg.max_inflated_batch_bytes)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers,
             group_id=cfg.group_id,
@@ -685,7 +687,9 @@ class Worker:
             if self._fetching is None:
                 # No max_records: with it, aiokafka serves one partition's buffer at a time
                 # and waits a fetch round trip between calls. Chunks are cut in `_take`.
-                self._fetching = asyncio.ensure_future(self.consumer.getmany(timeout_ms=linger))
+                self._fetching = asyncio.ensure_future(
+                    compression.within_fetch_budget(self.consumer.getmany(timeout_ms=linger))
+                )
             waiting: set[asyncio.Future[Any]] = {self._fetching}
             if self._in_flight is not None:
                 waiting.add(self._in_flight)
@@ -930,8 +934,8 @@ class Worker:
         the offset of its first dead letter."""
         offsets: dict[TopicPartition, list[int]] = {}
         for letter in prepared.batch.dead_letters:
-            offsets.setdefault(TopicPartition(letter.topic, letter.partition), []).append(
-                letter.offset
+            offsets.setdefault(TopicPartition(letter.topic, letter.partition), []).extend(
+                letter.offsets(self.limiter.window)
             )
         return {
             tp: dead[0]
@@ -1041,6 +1045,8 @@ class Worker:
         return prepared
 
     async def _to_mutation(self, record: Any) -> tuple[Mutation, TableSchema] | None:
+        if isinstance(record.value, UninflatedBatch):
+            raise record.value.error()
         decoded = await self.decoder.decode(record.key, record.value)
         if decoded.value is None:
             return None  # a Kafka tombstone following a delete: nothing to apply
@@ -1188,7 +1194,7 @@ class Worker:
             self.metrics.last_commit_timestamp.labels(move.topic, str(move.partition)).set(now)
         for letter in batch.dead_letters:
             self._dlq_sent.pop(_position(letter), None)
-            self.limiter.record(letter.topic, letter.partition, [letter.offset])
+            self.limiter.record(letter.topic, letter.partition, letter.offsets(self.limiter.window))
             self.metrics.dlq_records.labels(letter.topic, letter.error_class).inc()
             if not letter.payload_in_topic:
                 self.metrics.dlq_oversized_records.labels(letter.topic).inc()
@@ -1281,19 +1287,22 @@ def _defect(record: Any, exc: Exception, stage: str) -> UnexpectedError:
 
 
 def _dead_letter(record: Any, exc: BaseException, stage: str) -> DeadLetter:
+    unread = record.value if isinstance(record.value, UninflatedBatch) else None
     return DeadLetter(
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
         timestamp_ms=record.timestamp,
         key=record.key,
-        value=record.value,
+        # None of its bytes were read (and Kafka takes no record without a key or a value).
+        value=b"" if unread is not None else record.value,
         headers=tuple((k, None if v is None else bytes(v)) for k, v in (record.headers or ())),
         error_class=type(exc).__name__,
         message=str(exc)[:2000],
         stage=stage,
-        schema_id=_schema_id(record.value),
+        schema_id=None if unread is not None else _schema_id(record.value),
         failed_at=dt.datetime.now(dt.UTC),
+        first_offset=None if unread is None else unread.first_offset,
     )
 
 

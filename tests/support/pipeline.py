@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -159,11 +160,21 @@ def run_cli(
 
 
 def start_worker_process(
-    env: Mapping[str, str], log_path: Path, *, stop_when_caught_up: bool = True
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    stop_when_caught_up: bool = True,
+    address_space: int | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`python -m cdc_sink run` as a separate process (so it can be killed with SIGKILL)."""
+    """`python -m cdc_sink run` as a separate process (so it can be killed with SIGKILL);
+    `address_space` caps its virtual memory (bytes), so a runaway allocation fails there."""
     full = {**os.environ, **env, "PYTHONPATH": str(REPO / "src")}
     until = ["--stop-when-caught-up"] if stop_when_caught_up else []
+
+    def cap() -> None:
+        if address_space is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "cdc_sink", "run", *until],
@@ -171,6 +182,7 @@ def start_worker_process(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=cap,  # only setrlimit: safe between fork and exec
         )
 
 
