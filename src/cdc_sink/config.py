@@ -128,11 +128,14 @@ class KafkaConfig:
 class SchemaRegistryConfig:
     url: str | None = None  # basic auth may be given as https://user:secret@host
     timeout_s: float = 10.0
+    max_unknown_ids: int = 10_000  # schema ids remembered as refused (least recently used go)
 
     def validate(self) -> None:
         check_http_url("CDC_SCHEMA_REGISTRY__URL", self.url)
         if not self.timeout_s > 0:
             raise ConfigError("CDC_SCHEMA_REGISTRY__TIMEOUT_S must be > 0")
+        if self.max_unknown_ids < 1:
+            raise ConfigError("CDC_SCHEMA_REGISTRY__MAX_UNKNOWN_IDS must be >= 1")
 
 
 def check_http_url(setting: str, url: str | None) -> None:

@@ -16,12 +16,13 @@ lists of `[key, value]` pairs. The column schemas say which is which.
 
 from __future__ import annotations
 
+import asyncio
 import decimal
 import io
 import json
 import math
 import struct
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import fastavro
 
 from cdc_sink.errors import DecodeError
-from cdc_sink.registry import ConfluentRegistry, OnceCache, SchemaRegistry
+from cdc_sink.registry import ConfluentRegistry, OnceCache, Refusals, SchemaRegistry
 
 __all__ = [
     "ConfluentRegistry",
@@ -92,7 +93,6 @@ _PAYLOAD_SEP = b',"payload":'
 _WHITESPACE = b" \t\r\n"
 _JSON_OPENERS = (b"{", b"[")  # "[" only to say "not an object" rather than "not JSON"
 _JSON_SCHEMA_CACHE_SIZE = 256
-_REFUSED_IDS_KEPT = 4096
 
 
 class Decoder:
@@ -100,14 +100,20 @@ class Decoder:
 
     Writer schemas are fetched once per id (concurrent records of a new id share the fetch) and
     parsed once. An id the registry refused is refused again without asking for
-    `unknown_id_ttl` seconds, so a flood of bad records does not become a flood of requests.
+    `unknown_id_ttl` seconds (at most `max_refused_ids` of them are remembered), so a flood of
+    bad records does not become a flood of requests.
     """
 
-    def __init__(self, registry: SchemaRegistry, *, unknown_id_ttl: float = 30.0) -> None:
+    def __init__(
+        self,
+        registry: SchemaRegistry,
+        *,
+        unknown_id_ttl: float = 30.0,
+        max_refused_ids: int = 10_000,
+    ) -> None:
         self._registry = registry
-        self._unknown_id_ttl = unknown_id_ttl
         self._avro: OnceCache[int, _AvroWriter] = OnceCache()
-        self._refused: dict[int, tuple[float, str]] = {}
+        self._refused: Refusals[int] = Refusals(unknown_id_ttl, max_refused_ids)
         # Derived schemas of schemaful JSON, keyed by the schema's raw bytes.
         self._json: dict[bytes, _Schemas] = {}
 
@@ -125,6 +131,24 @@ class Decoder:
             schema_id=None if v is None else v[2],
             format=fmt,
         )
+
+    @property
+    def refused_ids(self) -> int:
+        """How many refused schema ids are remembered."""
+        return len(self._refused)
+
+    async def prefetch(self, parts: Iterable[object]) -> None:
+        """Look up at once, concurrently, the writer schemas of these keys and values (records
+        about to be decoded) not known yet, so that their records do not each wait for the
+        registry in turn. Never raises: decoding a record reports what went wrong for it."""
+        wanted = set()
+        for data in parts:
+            if isinstance(data, bytes) and len(data) >= 5 and data[0] == 0:
+                (schema_id,) = _SCHEMA_ID.unpack_from(data, 1)
+                if schema_id not in self._avro.values and self._refused.get(schema_id) is None:
+                    wanted.add(schema_id)
+        if wanted:
+            await asyncio.gather(*(self._load_avro(i) for i in wanted), return_exceptions=True)
 
     async def _part(self, data: bytes, what: str) -> _Part:
         head = data[:1]
@@ -172,19 +196,11 @@ class Decoder:
             raise DecodeError(f"invalid schema id {schema_id} in the Confluent header")
         refused = self._refused.get(schema_id)
         if refused is not None:
-            until, message = refused
-            if time.monotonic() < until:
-                raise DecodeError(message)
-            del self._refused[schema_id]
+            raise DecodeError(refused)
         try:
             return await self._avro.get(schema_id, partial(self._fetch_avro, schema_id))
         except DecodeError as exc:
-            now = time.monotonic()
-            if len(self._refused) >= _REFUSED_IDS_KEPT:  # garbage headers carry random ids
-                self._refused = {i: r for i, r in self._refused.items() if r[0] > now}
-                if len(self._refused) >= _REFUSED_IDS_KEPT:
-                    self._refused.clear()
-            self._refused[schema_id] = (now + self._unknown_id_ttl, str(exc))
+            self._refused.add(schema_id, str(exc))
             raise
 
     async def _fetch_avro(self, schema_id: int) -> _AvroWriter:

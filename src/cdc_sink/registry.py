@@ -4,12 +4,15 @@ The client speaks only `GET /schemas/ids/{id}`, which Confluent Schema Registry,
 ccompat API, Karapace and Redpanda all serve. Schema ids are immutable, so every answer is kept
 for the life of the process. An id the registry does not know is asked again after short delays
 (a schema registered a moment ago may not have reached every registry node yet), then
-remembered as unknown for a while so that a run of such records fails fast.
+remembered as unknown for a while so that a run of such records fails fast. While many ids
+prove unknown (garbage or hostile headers carry random ids), new ones are refused at the first
+answer: waiting for each would hold every batch that carries one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable, Coroutine, Hashable
 from functools import partial
@@ -19,6 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2 as httpx
 
 from cdc_sink.errors import DecodeError, FatalError, TransientError
+from cdc_sink.logs import get_logger
+
+log = get_logger("cdc_sink.registry")
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -66,6 +72,36 @@ class OnceCache(Generic[K, V]):
             self.values[key] = task.result()
 
 
+class Refusals(Generic[K]):
+    """Why keys were refused, each remembered for `ttl` seconds; at most `size` are kept, the
+    least recently used dropped first (garbage headers carry endless random ids)."""
+
+    def __init__(self, ttl: float, size: int) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._why: collections.OrderedDict[K, tuple[float, str]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._why)
+
+    def get(self, key: K) -> str | None:
+        """Why `key` was refused, if that is still remembered."""
+        found = self._why.get(key)
+        if found is None:
+            return None
+        if time.monotonic() >= found[0]:
+            del self._why[key]
+            return None
+        self._why.move_to_end(key)
+        return found[1]
+
+    def add(self, key: K, why: str) -> None:
+        self._why[key] = (time.monotonic() + self.ttl, why)
+        self._why.move_to_end(key)
+        while len(self._why) > self.size:
+            self._why.popitem(last=False)
+
+
 class ConfluentRegistry:
     """SchemaRegistry over the Confluent REST API, with one HTTP call per schema id.
 
@@ -73,8 +109,10 @@ class ConfluentRegistry:
     -> DecodeError; connection failures, timeouts, 408, 429 and 5xx -> TransientError; 401, 403,
     407 and answers that are not a schema -> FatalError. A 404 is asked again after each of
     `unknown_id_retries` (seconds) before it counts, and is then remembered for
-    `unknown_id_ttl` seconds. Basic auth may be given in the URL (`https://user:secret@host/`);
-    it never appears in error messages. Call `close()` when done.
+    `unknown_id_ttl` seconds (at most `max_unknown_ids` of them). Once `flood_ids` ids have
+    proved unknown within `unknown_id_ttl`, a 404 counts at once, without the delays. Basic
+    auth may be given in the URL (`https://user:secret@host/`); it never appears in error
+    messages. Call `close()` when done.
     """
 
     def __init__(
@@ -85,6 +123,8 @@ class ConfluentRegistry:
         transport: httpx.AsyncBaseTransport | None = None,
         unknown_id_retries: tuple[float, ...] = (0.25, 1.0),
         unknown_id_ttl: float = 60.0,
+        max_unknown_ids: int = 10_000,
+        flood_ids: int = 4,
     ) -> None:
         """`transport` replaces the network, for tests."""
         parts = urlsplit(url)
@@ -100,17 +140,24 @@ class ConfluentRegistry:
         )
         self._texts: OnceCache[int, str] = OnceCache()
         self._unknown_retries = unknown_id_retries
-        self._unknown_ttl = unknown_id_ttl
-        self._unknown: dict[int, tuple[float, str]] = {}  # id -> (until, why), monotonic time
+        self._unknown: Refusals[int] = Refusals(unknown_id_ttl, max_unknown_ids)
+        # When the last `flood_ids` ids proved unknown (monotonic time)
+        self._proved_unknown: collections.deque[float] = collections.deque(maxlen=flood_ids)
+        self.waited_ids = 0  # ids asked again after the delays
 
     async def schema_by_id(self, schema_id: int) -> str:
         text = self._texts.values.get(schema_id)
         if text is None:
             unknown = self._unknown.get(schema_id)
-            if unknown is not None and time.monotonic() < unknown[0]:
-                raise DecodeError(unknown[1])
+            if unknown is not None:
+                raise DecodeError(unknown)
             text = await self._texts.get(schema_id, partial(self._fetch, schema_id))
         return text
+
+    @property
+    def unknown_ids(self) -> int:
+        """How many ids are remembered as unknown."""
+        return len(self._unknown)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -123,7 +170,7 @@ class ConfluentRegistry:
 
     async def _fetch(self, schema_id: int) -> str:
         where = f"schema registry {self._shown}"
-        for delay in (*self._unknown_retries, None):
+        for attempt, delay in enumerate((*self._unknown_retries, None)):
             try:
                 response = await self._http.get(f"{self._url}/schemas/ids/{schema_id}")
             except httpx.HTTPError as exc:
@@ -132,6 +179,10 @@ class ConfluentRegistry:
                 ) from exc
             if response.status_code != 404 or delay is None:
                 break
+            if attempt == 0:
+                if self._flooded():
+                    break
+                self.waited_ids += 1
             await asyncio.sleep(delay)
         status = response.status_code
         if status == 200:
@@ -143,10 +194,24 @@ class ConfluentRegistry:
             raise FatalError(said)
         if status == 404:
             why = f"unknown schema id {schema_id} ({said})"
-            self._unknown[schema_id] = (time.monotonic() + self._unknown_ttl, why)
+            self._unknown.add(schema_id, why)
+            flooded = self._flooded()
+            self._proved_unknown.append(time.monotonic())
+            if not flooded and self._flooded():
+                log.warning(
+                    "schema_ids_unknown_flood",
+                    unknown_ids=len(self._proved_unknown),
+                    within_s=self._unknown.ttl,
+                    action="ids the registry does not know are refused without waiting for it",
+                )
             raise DecodeError(why)
         # Any other refusal (400, 422, ...) is about this id, which came from the record.
         raise DecodeError(said)
+
+    def _flooded(self) -> bool:
+        """Whether the last `flood_ids` ids proved unknown within the TTL."""
+        proved = self._proved_unknown
+        return len(proved) == proved.maxlen and proved[0] > time.monotonic() - self._unknown.ttl
 
     @staticmethod
     def _schema_text(response: httpx.Response, schema_id: int, where: str) -> str:

@@ -283,12 +283,18 @@ class Worker:
         keep_login = asyncio.create_task(self.login.keep_valid())
         try:
             await self._prepare_schema()
+            kept = cfg.schema_registry.max_unknown_ids
             registry = (
-                ConfluentRegistry(cfg.schema_registry.url, timeout=cfg.schema_registry.timeout_s)
+                ConfluentRegistry(
+                    cfg.schema_registry.url,
+                    timeout=cfg.schema_registry.timeout_s,
+                    max_unknown_ids=kept,
+                )
                 if cfg.schema_registry.url
                 else None
             )
-            self.decoder = Decoder(registry or _NoRegistry())
+            self.registry = registry
+            self.decoder = Decoder(registry or _NoRegistry(), max_refused_ids=kept)
             cassandra = self._cassandra()
             self.catalog = Catalog(
                 self.pool, cfg.postgres.schema, cfg.sink.table_name_format, cassandra
@@ -1005,6 +1011,9 @@ class Worker:
         Checkpoint moves are added when the chunk is applied."""
         per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
         prepared = Prepared(records, began_ns=time.time_ns())
+        # Schemas new to this worker are asked for together: an id the registry does not know
+        # yet then holds the chunk once, not once for each record that carries one.
+        await self.decoder.prefetch(part for r in records for part in (r.key, r.value))
         next_yield = time.perf_counter() + PREPARE_YIELD_S
         for record in records:
             if self._in_flight is not None and time.perf_counter() >= next_yield:

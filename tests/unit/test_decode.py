@@ -363,6 +363,42 @@ async def test_unknown_id_is_asked_again_after_the_ttl() -> None:
     assert fake.calls == [99, 99]
 
 
+async def test_prefetch_asks_for_every_new_id_of_a_chunk_at_once() -> None:
+    """The schemas of a chunk's new ids are asked for concurrently, each once; known and
+    refused ids, JSON and stand-ins that are not bytes are not asked for; nothing is raised."""
+    in_flight, most = 0, 0
+
+    class SlowRegistry(FakeRegistry):
+        async def schema_by_id(self, schema_id: int) -> str:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            await asyncio.sleep(0.05)
+            in_flight -= 1
+            return await super().schema_by_id(schema_id)
+
+    fake = SlowRegistry({1: KEY_SCHEMA, 2: envelope(COLUMNS)})
+    decoder = Decoder(fake)
+    key, value = avro_record()
+    unknown = [wire(1000 + i, KEY_SCHEMA, {"pk": 1}) for i in range(10)]
+    await decoder.prefetch([key, value, *unknown, *unknown, b'{"a": 1}', None, object()])
+    assert sorted(fake.calls) == [1, 2, *range(1000, 1010)]
+    assert most == 12
+    assert decoder.refused_ids == 10
+    await decoder.prefetch([key, value, *unknown])
+    assert len(fake.calls) == 12
+    assert (await decoder.decode(key, value)).key == {"pk": 7}
+
+
+async def test_refused_ids_remembered_are_bounded() -> None:
+    """At most `max_refused_ids` refused ids are remembered (random ids never repeat)."""
+    decoder = Decoder(registry(), max_refused_ids=4)
+    for schema_id in range(100, 120):
+        with pytest.raises(DecodeError):
+            await decoder.decode(None, wire(schema_id, KEY_SCHEMA, {"pk": 1}))
+    assert decoder.refused_ids == 4
+
+
 async def test_registry_down_is_transient_and_not_cached() -> None:
     """An unreachable registry raises TransientError; once it is back the same record decodes."""
     fake = registry()

@@ -13,7 +13,7 @@ import httpx2 as httpx
 import pytest
 
 from cdc_sink.errors import DecodeError, FatalError, TransientError
-from cdc_sink.registry import ConfluentRegistry, OnceCache
+from cdc_sink.registry import ConfluentRegistry, OnceCache, Refusals
 
 SCHEMA = '{"type": "record", "name": "R", "fields": []}'
 
@@ -169,3 +169,54 @@ async def test_once_cache_survives_a_cancelled_waiter() -> None:
     assert loads == 1
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+def test_refusals_keep_at_most_their_size_dropping_the_least_recently_used() -> None:
+    """A bounded refusal cache forgets the key used longest ago, and forgets keys past the TTL."""
+    refusals: Refusals[int] = Refusals(ttl=60, size=3)
+    for key in (1, 2, 3):
+        refusals.add(key, f"no {key}")
+    assert refusals.get(1) == "no 1"  # 1 is now the most recently used
+    refusals.add(4, "no 4")
+    assert len(refusals) == 3
+    assert [refusals.get(k) for k in (1, 2, 3, 4)] == ["no 1", None, "no 3", "no 4"]
+    expiring: Refusals[int] = Refusals(ttl=0, size=3)
+    expiring.add(1, "no")
+    assert expiring.get(1) is None
+
+
+async def test_ids_unknown_in_a_flood_are_refused_without_waiting() -> None:
+    """Once `flood_ids` ids proved unknown within the TTL, a new unknown id is refused at the
+    first answer (no delays, one request); the unknown ids remembered stay bounded."""
+    registry, paths = serving(
+        lambda _: registry_error(404, 40403, "not found"),
+        unknown_id_retries=(0.01, 0.01),
+        flood_ids=3,
+        max_unknown_ids=5,
+    )
+    async with registry:
+        for schema_id in range(20):
+            with pytest.raises(DecodeError, match=f"unknown schema id {schema_id} "):
+                await registry.schema_by_id(schema_id)
+        assert registry.waited_ids == 3
+        assert len(paths) == 3 * 3 + 17
+        assert registry.unknown_ids == 5
+
+
+async def test_a_flood_ends_once_its_ids_are_older_than_the_ttl() -> None:
+    """After the TTL without new unknown ids, an unknown id is waited for again."""
+    registry, _ = serving(
+        lambda _: registry_error(404, 40403, "not found"),
+        unknown_id_retries=(0.01,),
+        unknown_id_ttl=0.2,
+        flood_ids=2,
+    )
+    async with registry:
+        for schema_id in (1, 2, 3):
+            with pytest.raises(DecodeError):
+                await registry.schema_by_id(schema_id)
+        assert registry.waited_ids == 2
+        await asyncio.sleep(0.25)
+        with pytest.raises(DecodeError):
+            await registry.schema_by_id(4)
+        assert registry.waited_ids == 3
