@@ -52,63 +52,59 @@ async def produce_random_ids(
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     run = Run("unknown_ids", args)
     try:
-        return await _measure(run, args)
+        await run.prepare()
+        generator = synth.Generator(args.seed, start_us=time.time_ns() // 1000)
+        rng = random.Random(args.seed)  # noqa: S311 - benchmark data, not security
+        count = round(args.events * args.share)
+        ids = rng.sample(range(1_500_000_000, 2_000_000_000), count)
+        topics = [synth.topic_for(t, run.prefix) for t in synth.TABLES]
+        bootstrap = run.env["CDC_KAFKA__BOOTSTRAP_SERVERS"]
+        sent: list[synth.Sent] = []
+        for part in range(SLICES):
+            sent += await run.produce(generator.take(args.events // SLICES), rate=None)
+            sent += await produce_random_ids(bootstrap, topics, ids[part::SLICES], rng)
+        log(f"preloaded {args.events:,} good events and {count:,} with random schema ids")
+        ends = end_offsets(sent)
+        started = time.time()
+        worker = await run.start_worker("--stop-when-caught-up")
+        await worker.wait()
+        wall_s = time.time() - started
+        run.finish_worker()
+        pg = await run.pg()
+        applied = await run.applied(pg)
+        stats = await run.table_stats(pg)
+        await pg.close()
+        batches = sorted(commits(run.log_path))
+        window_s = max(batches[-1][0] - batches[0][0], 1e-9) if batches else wall_s
+        flood_at = flood_detected(run.log_path)
+        after_flood = [b for b in batches if flood_at is not None and b[0] > flood_at]
+        good = args.events // SLICES * SLICES
+        summary = {
+            "mode": "unknown_ids",
+            "run": run.name,
+            "good_events": good,
+            "random_id_records": count,
+            "worker_exit_code": worker.returncode,
+            "wall_s": round(wall_s, 2),
+            "good_events_per_s": round(good / wall_s),
+            "commit_window_s": round(window_s, 2),
+            "good_events_per_s_commit_window": round(good / window_s),
+            # Records (good and random-id) committed from the worker's schema_ids_unknown_flood
+            # line on, when unknown ids stop being waited for (only a worker that logs it counts).
+            "records_per_s_after_flood_detected": (
+                round(sum(b[4] - b[3] for b in after_flood) / (after_flood[-1][0] - flood_at))
+                if after_flood and flood_at is not None
+                else None
+            ),
+            "dead_letters": stats["dead_letters"],
+            "all_random_ids_dead_lettered": stats["dead_letters"] == count,
+            "all_offsets_applied": applied == ends,
+            "rows_as_expected": stats["rows"] == generator.live_rows(),
+            "machine": machine(),
+        }
+        return run.write(summary)
     finally:
         await run.remove()
-
-
-async def _measure(run: Run, args: argparse.Namespace) -> dict[str, Any]:
-    await run.prepare()
-    generator = synth.Generator(args.seed, start_us=time.time_ns() // 1000)
-    rng = random.Random(args.seed)  # noqa: S311 - benchmark data, not security
-    count = round(args.events * args.share)
-    ids = rng.sample(range(1_500_000_000, 2_000_000_000), count)
-    topics = [synth.topic_for(t, run.prefix) for t in synth.TABLES]
-    bootstrap = run.env["CDC_KAFKA__BOOTSTRAP_SERVERS"]
-    sent: list[synth.Sent] = []
-    for part in range(SLICES):
-        sent += await run.produce(generator.take(args.events // SLICES), rate=None)
-        sent += await produce_random_ids(bootstrap, topics, ids[part::SLICES], rng)
-    log(f"preloaded {args.events:,} good events and {count:,} with random schema ids")
-    ends = end_offsets(sent)
-    started = time.time()
-    worker = await run.start_worker("--stop-when-caught-up")
-    await worker.wait()
-    wall_s = time.time() - started
-    run.finish_worker()
-    pg = await run.pg()
-    applied = await run.applied(pg)
-    stats = await run.table_stats(pg)
-    await pg.close()
-    batches = sorted(commits(run.log_path))
-    window_s = max(batches[-1][0] - batches[0][0], 1e-9) if batches else wall_s
-    flood_at = flood_detected(run.log_path)
-    after_flood = [b for b in batches if flood_at is not None and b[0] > flood_at]
-    good = args.events // SLICES * SLICES
-    summary = {
-        "mode": "unknown_ids",
-        "run": run.name,
-        "good_events": good,
-        "random_id_records": count,
-        "worker_exit_code": worker.returncode,
-        "wall_s": round(wall_s, 2),
-        "good_events_per_s": round(good / wall_s),
-        "commit_window_s": round(window_s, 2),
-        "good_events_per_s_commit_window": round(good / window_s),
-        # Records (good and random-id) committed from the worker's schema_ids_unknown_flood
-        # line on, when unknown ids stop being waited for (only a worker that logs it counts).
-        "records_per_s_after_flood_detected": (
-            round(sum(b[4] - b[3] for b in after_flood) / (after_flood[-1][0] - flood_at))
-            if after_flood and flood_at is not None
-            else None
-        ),
-        "dead_letters": stats["dead_letters"],
-        "all_random_ids_dead_lettered": stats["dead_letters"] == count,
-        "all_offsets_applied": applied == ends,
-        "rows_as_expected": stats["rows"] == generator.live_rows(),
-        "machine": machine(),
-    }
-    return run.write(summary)
 
 
 def flood_detected(log_path: Path) -> float | None:
