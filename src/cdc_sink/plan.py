@@ -69,6 +69,8 @@ class Mutation:
     range_start: tuple[Any, ...] = ()
     range_end: tuple[Any, ...] = ()
     descending: tuple[bool, ...] = ()
+    # Non-frozen collections the event sent empty: deletions of their elements (values None).
+    emptied: tuple[str, ...] = ()
 
 
 @dataclass
@@ -149,7 +151,7 @@ def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePl
             if row.deleted_ts is None or event.ts_us > row.deleted_ts:
                 row.deleted_ts = event.ts_us
             continue
-        _write_cells(row, event, mutation.values)
+        _write_cells(row, event, mutation.values, mutation.emptied)
     return TablePlan(touched, new_partitions, new_ranges, state.partition_columns)
 
 
@@ -163,25 +165,46 @@ def _inclusive(bound: Bound | None) -> bool:
     return True if bound is None else bound.inclusive
 
 
-def _write_cells(row: RowState, event: ChangeEvent, values: Mapping[str, Any]) -> None:
+def _write_cells(
+    row: RowState, event: ChangeEvent, values: Mapping[str, Any], emptied: tuple[str, ...]
+) -> None:
     ts = event.ts_us
+    marks = event.op is Op.INSERT or event.snapshot
+    emptied_ts = _emptied_ts(ts, marks, values) if emptied else ts
     cells = row.cells
     for name, cell in event.cells.items():
+        at = emptied_ts if name in emptied else ts
         current = cells.get(name)
         # A newer write wins outright; only a tie needs the full reconciliation.
-        if current is None or ts > current.ts:
-            cells[name] = CellState(values.get(name), ts, cell.expires_us)
-        elif ts == current.ts:
-            incoming = CellState(values.get(name), ts, cell.expires_us)
+        if current is None or at > current.ts:
+            cells[name] = CellState(values.get(name), at, cell.expires_us)
+        elif at == current.ts:
+            incoming = CellState(values.get(name), at, cell.expires_us)
             if _wins(incoming, current):
                 cells[name] = incoming
-    if event.op is Op.INSERT or event.snapshot:
-        expiry = _insert_expiry(event)
+    if marks:
+        expiry = _insert_expiry(event, values)
         if row.marker_ts is None or ts > row.marker_ts:
             row.marker_ts, row.marker_expires_us = ts, expiry
         elif ts == row.marker_ts and row.marker_expires_us is not None:
             # The same marker seen twice: the longer-lived copy wins, as for Cassandra's cells.
             row.marker_expires_us = None if expiry is None else max(expiry, row.marker_expires_us)
+
+
+def _emptied_ts(ts: int, marks: bool, values: Mapping[str, Any]) -> int:
+    """When an emptied non-frozen collection's elements were deleted (they are cells of their
+    own, so the deletion is a null that newer elements outlive).
+
+    Cassandra's INSERT and `SET c = …` (null, {} and [] too) delete them one microsecond below
+    the statement's timestamp, `DELETE c` at it. Debezium's ts_us is the newest thing the
+    statement wrote: its own timestamp when it wrote the row marker or a live cell, so the
+    deletion lies one below; else the deletion's own. `SET c = null, x = null` looks exactly
+    like `DELETE c, x` and is taken for it: one microsecond late, which only a write of c at
+    that very microsecond could tell.
+    """
+    if marks or any(value is not None for value in values.values()):
+        return ts - 1
+    return ts
 
 
 def _wins(incoming: CellState, current: CellState) -> bool:
@@ -209,16 +232,17 @@ def _expiry_rank(expires_us: int | None) -> float:
     return float("inf") if expires_us is None else float(expires_us)
 
 
-def _insert_expiry(event: ChangeEvent) -> int | None:
+def _insert_expiry(event: ChangeEvent, values: Mapping[str, Any]) -> int | None:
     """The row marker's TTL: Debezium does not send it, so infer it from an INSERT's cells.
 
     `INSERT … USING TTL` gives every non-null cell the same expiry, and the marker expires
-    with them; nulls carry none. If a non-null cell has no expiry, the INSERT had no TTL.
+    with them; nulls (emptied collections too) carry none. If a non-null cell has no expiry,
+    the INSERT had no TTL.
     """
     expiry: int | None = None
     seen = False
-    for cell in event.cells.values():
-        if cell.value is None:
+    for name, cell in event.cells.items():
+        if values.get(name) is None:
             continue
         if not seen:
             expiry, seen = cell.expires_us, True

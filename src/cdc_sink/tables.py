@@ -22,7 +22,14 @@ from typing import Any
 from cdc_sink.errors import ConversionError, EventError
 from cdc_sink.events import Bound, ChangeEvent, Op
 from cdc_sink.plan import Mutation
-from cdc_sink.types import CqlType, InvalidValue, converter, pg_type, unguarded_converter
+from cdc_sink.types import (
+    CqlType,
+    InvalidValue,
+    converter,
+    is_multi_cell,
+    pg_type,
+    unguarded_converter,
+)
 
 PG_IDENTIFIER_BYTES = 63
 META_COLUMNS: dict[str, str] = {
@@ -156,6 +163,7 @@ class TableSchema:
     version: int = 1
     converters: dict[str, Callable[[Any], Any]] = field(default_factory=dict, compare=False)
     unguarded: dict[str, Callable[[Any], Any]] = field(default_factory=dict, compare=False)
+    multi_cell: tuple[str, ...] = field(init=False, compare=False)  # non-frozen collections
 
     def __post_init__(self) -> None:
         for name in (self.target, *self.columns):
@@ -164,6 +172,8 @@ class TableSchema:
         for name, cql in self.columns.items():
             self.converters[name] = converter(cql)
             self.unguarded[name] = unguarded_converter(cql)
+        multi_cell = tuple(n for n, t in self.columns.items() if is_multi_cell(t))
+        object.__setattr__(self, "multi_cell", multi_cell)
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -221,7 +231,8 @@ class TableSchema:
         if event.op is Op.DELETE and not event.is_partition_delete:
             return Mutation(event, key, {})
         if event.op is not Op.RANGE:
-            return Mutation(event, key, values)
+            emptied = self._emptied(event, values) if self.multi_cell else ()
+            return Mutation(event, key, values, emptied=emptied)
         start, end = self._bound(event.range_start), self._bound(event.range_end)
         marshal = {n: m for b in (event.range_start, event.range_end) if b for n, _, m in b.values}
         descending = tuple(
@@ -230,6 +241,23 @@ class TableSchema:
             if event.key.get(name) is None
         )
         return Mutation(event, key, values, start, end, descending)
+
+    def _emptied(self, event: ChangeEvent, values: dict[str, Any]) -> tuple[str, ...]:
+        """The non-frozen collections the event sends empty, their values set to None.
+
+        Cassandra has no empty non-frozen collection: `c = null`, `c = {}`, `c = []` and
+        `DELETE c` delete its elements, and Debezium sends each as an empty collection. That
+        is a null and no live cell (it keeps no row alive), whereas an empty frozen collection
+        is a value.
+        """
+        emptied = tuple(
+            name
+            for name in self.multi_cell
+            if values.get(name) is not None and not event.cells[name].value
+        )
+        for name in emptied:
+            values[name] = None
+        return emptied
 
     def _checked_values(self, event: ChangeEvent) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """(key, values) of the event, or the EventError / ConversionError saying why not."""

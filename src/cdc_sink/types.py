@@ -107,6 +107,11 @@ _PG_SCALAR = {
 _ARITY = {"list": 1, "set": 1, "map": 2}
 
 
+def is_multi_cell(t: CqlType) -> bool:
+    """A non-frozen collection: Cassandra stores each element as a cell of its own."""
+    return t.name in _ARITY and not t.frozen
+
+
 def _quote_name(name: str) -> str:
     if re.fullmatch(r"[a-z_][a-z0-9_]*", name):
         return name

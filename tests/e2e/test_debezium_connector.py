@@ -14,7 +14,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +308,116 @@ async def test_what_the_agent_loses_when_killed_is_found_and_repaired_by_reconci
         if lost:
             assert f"repaired {lost}" in reconcile(env, "repair", "--job", str(job))
         checksum(env, rows=len(rows), mismatches=0)
+    finally:
+        cassandra.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        await drop_schema(stack.postgres_dsn, schema)
+
+
+COLLECTIONS_CQL = (
+    "CREATE TABLE {table} (k int PRIMARY KEY, v int, l list<int>, s set<text>, "
+    "m map<text, int>, fl frozen<list<int>>, fs frozen<set<text>>) WITH cdc = true"
+)
+# key -> statements, each {t} (the table) and USING TIMESTAMP {ts} plus an offset in µs
+EMPTYING: dict[int, list[tuple[str, int]]] = {
+    # rows with no other live cell: Cassandra returns none of them
+    1: [("UPDATE {t} USING TIMESTAMP {ts} SET l = null WHERE k = 1", 0)],
+    2: [("UPDATE {t} USING TIMESTAMP {ts} SET s = {{}} WHERE k = 2", 0)],
+    3: [("UPDATE {t} USING TIMESTAMP {ts} SET l = [] WHERE k = 3", 0)],
+    4: [("UPDATE {t} USING TIMESTAMP {ts} SET m = {{}} WHERE k = 4", 0)],
+    5: [("DELETE l FROM {t} USING TIMESTAMP {ts} WHERE k = 5", 0)],
+    6: [
+        ("UPDATE {t} USING TIMESTAMP {ts} SET l = [1], s = {{'a'}}, m = {{'a': 1}} WHERE k = 6", 0),
+        ("UPDATE {t} USING TIMESTAMP {ts} SET l = null, s = {{}}, m = {{}} WHERE k = 6", 1),
+    ],
+    12: [("UPDATE {t} USING TIMESTAMP {ts} SET fl = null WHERE k = 12", 0)],
+    # the same microsecond: `DELETE l` deletes what was written at it
+    14: [
+        ("UPDATE {t} USING TIMESTAMP {ts} SET l = [6] WHERE k = 14", 0),
+        ("DELETE l FROM {t} USING TIMESTAMP {ts} WHERE k = 14", 0),
+    ],
+    # the older write reaches Cassandra (and the agent) after the deletion
+    15: [
+        ("UPDATE {t} USING TIMESTAMP {ts} SET s = null WHERE k = 15", 5),
+        ("UPDATE {t} USING TIMESTAMP {ts} SET s = {{'old'}} WHERE k = 15", 0),
+    ],
+    # rows a row marker or another cell keeps
+    7: [
+        ("INSERT INTO {t} (k, l) VALUES (7, [1]) USING TIMESTAMP {ts}", 0),
+        ("UPDATE {t} USING TIMESTAMP {ts} SET l = null WHERE k = 7", 1),
+    ],
+    8: [("INSERT INTO {t} (k, v, l) VALUES (8, 1, []) USING TIMESTAMP {ts}", 0)],
+    9: [("UPDATE {t} USING TIMESTAMP {ts} SET v = 1, m = {{}} WHERE k = 9", 0)],
+    # `SET l = null` beside another cell deletes one microsecond below its timestamp
+    13: [
+        ("UPDATE {t} USING TIMESTAMP {ts} SET v = 1, l = null WHERE k = 13", 0),
+        ("UPDATE {t} USING TIMESTAMP {ts} SET l = l + [5] WHERE k = 13", 0),
+    ],
+    # empty frozen collections are values
+    10: [("UPDATE {t} USING TIMESTAMP {ts} SET fl = [] WHERE k = 10", 0)],
+    11: [("UPDATE {t} USING TIMESTAMP {ts} SET fs = {{}}, fl = null WHERE k = 11", 0)],
+}
+NONE = {"v": None, "l": None, "s": None, "m": None, "fl": None, "fs": None}
+KEPT = {
+    7: NONE,
+    8: {**NONE, "v": 1},
+    9: {**NONE, "v": 1},
+    10: {**NONE, "fl": []},
+    11: {**NONE, "fs": []},
+    13: {**NONE, "v": 1, "l": [5]},
+}
+
+
+def comparable(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row of either side in plain values: sets sorted, maps as dicts (jsonb parsed)."""
+
+    def plain(name: str, value: Any) -> Any:
+        if value is None or name == "v":
+            return value
+        if name == "m":
+            return json.loads(value) if isinstance(value, str) else dict(value)
+        return sorted(value) if name in ("s", "fs") else list(value)
+
+    return {name: plain(name, row[name]) for name in NONE}
+
+
+async def test_emptied_collections_leave_the_rows_cassandra_returns(
+    stack: Endpoints, connector: str, cassandra: Session, unique: Callable[[str], str]
+) -> None:
+    """`SET c = null`, `= {}`, `= []` and `DELETE c` on non-frozen collections reach the sink
+    as empty collections: a row with no other live cell is absent from PostgreSQL as from
+    Cassandra's SELECT (also when an older write comes after, or one at the same
+    microsecond), a row kept by its marker or another cell has the column null, and empty
+    frozen collections are values. Applied a second time, nothing changes."""
+    keyspace, schema = unique("dbz"), unique("dbz")
+    table = f"{keyspace}.colls"
+    topic = f"{connector}.{table}"
+    env = sink_env(
+        stack, topic=re.escape(topic), group=unique("g"), schema=schema, pushgateway__url=""
+    )
+    await create_table(stack, cassandra, keyspace, COLLECTIONS_CQL.format(table=table))
+    ts = time.time_ns() // 1000
+    statements = [
+        cql.format(t=table, ts=ts + offset)
+        for writes in EMPTYING.values()
+        for cql, offset in writes
+    ]
+    try:
+        for cql in statements:
+            cassandra.execute(cql)
+        found = cassandra.execute(f"SELECT * FROM {table}")
+        selected = {r.k: comparable(r._asdict()) for r in found}
+        assert selected == KEPT
+        await wait_for_events(stack, topic, len(statements))
+
+        for group in ("g1", "g2"):  # the second group applies every event once more
+            await run_worker({**env, "CDC_KAFKA__GROUP_ID": unique(group)})
+            assert await dead_letters(stack.postgres_dsn, schema) == 0
+            conn = await asyncpg.connect(stack.postgres_dsn)
+            try:
+                stored = await conn.fetch(f'SELECT * FROM "{schema}".cdc_colls')
+            finally:
+                await conn.close()
+            assert {r["k"]: comparable(r) for r in stored} == selected
     finally:
         cassandra.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
         await drop_schema(stack.postgres_dsn, schema)

@@ -15,7 +15,7 @@ from cdc_sink.events import Position, interpret
 from cdc_sink.migrate import migrate
 from cdc_sink.plan import Mutation as PlannedMutation
 from cdc_sink.write import Batch, CheckpointMove, PgWriter, prepare_connection
-from tests.support.cassandra_model import COLUMNS, KEY, Mutation, to_envelope
+from tests.support.cassandra_model import COLUMNS, KEY, SCALARS, Mutation, to_envelope
 from tests.support.stack import Endpoints
 from tests.unit.test_plan_model import SCHEMA
 
@@ -57,9 +57,11 @@ async def apply(writer: PgWriter, *mutations: Mutation) -> None:
         await writer.apply(Batch(tables=[(SCHEMA, [planned(m)])]))
 
 
-async def rows(conn: asyncpg.Connection) -> dict[tuple[Any, ...], dict[str, Any]]:
-    found = await conn.fetch(f"SELECT {', '.join(KEY + COLUMNS)} FROM cdc_model")
-    return {tuple(r[k] for k in KEY): {c: r[c] for c in COLUMNS} for r in found}
+async def rows(
+    conn: asyncpg.Connection, columns: tuple[str, ...] = SCALARS
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    found = await conn.fetch(f"SELECT {', '.join(KEY + columns)} FROM cdc_model")
+    return {tuple(r[k] for k in KEY): {c: r[c] for c in columns} for r in found}
 
 
 def update(ts: int, **values: Any) -> Mutation:
@@ -143,6 +145,29 @@ async def test_dead_row_remembers_its_cell_tombstones(writer: Any) -> None:
     assert await rows(conn) == {ROW: {"v1": None, "v2": None, "v3": 7}}
     gone = await conn.fetchval("SELECT count(*) FROM _cdc_tombstones WHERE kind = 'row'")
     assert gone == 0
+
+
+async def test_an_emptied_collection_is_a_deletion_not_a_live_cell(writer: Any) -> None:
+    """`SET v4 = null` (Debezium: an empty set) on a row with no other live cell stores no row,
+    and its deletion, remembered, keeps an older element write of a later batch deleted; a
+    newer one revives the row. With a row marker the row stays with v4 NULL; an empty frozen
+    list is a value that keeps its row."""
+    w, conn, _ = writer
+    everything = {column: None for column in COLUMNS}
+    await apply(w, update(TS + 5, v4=None))
+    assert await rows(conn, COLUMNS) == {}
+    await apply(w, update(TS + 1, v4=(1, 2)))
+    assert await rows(conn, COLUMNS) == {}
+    await apply(w, update(TS + 9, v4=(3,)))
+    assert await rows(conn, COLUMNS) == {ROW: {**everything, "v4": [3]}}
+    await apply(w, update(TS + 11, v4=None))
+    assert await rows(conn, COLUMNS) == {}
+
+    await apply(w, insert(TS + 20, v4=(1,)), update(TS + 21, v4=None))
+    assert await rows(conn, COLUMNS) == {ROW: everything}
+    other = (1, "a", 1, "x")
+    await apply(w, Mutation("update", TS + 1, other, {"v5": ((), None)}))
+    assert (await rows(conn, COLUMNS))[other] == {**everything, "v5": []}
 
 
 async def test_row_delete_then_older_insert(writer: Any) -> None:

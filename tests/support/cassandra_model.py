@@ -4,6 +4,13 @@ The model keeps every mutation and answers a read by scanning the whole history,
 depend on arrival order at all: it is the oracle the sink's incremental merge must agree with.
 Histories are produced as Debezium Cassandra envelopes (JSON form), so the sink's own
 interpret step is exercised too.
+
+Besides scalars the table has a non-frozen set (one cell per element) and a frozen list (one
+cell). Writing a non-frozen collection (INSERT, `SET c = …`, `= null`, `= {}`) first deletes
+its older elements one microsecond below the statement's timestamp; `DELETE c` deletes them
+at it. Debezium sends both as an empty collection, at the newest timestamp the statement
+wrote, so histories leave out the one shape whose deletion time it hides: `SET c = null`
+with nothing live beside it but null cells, which looks exactly like `DELETE c, …`.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ from typing import Any
 PARTITION = ("p1", "p2")
 CLUSTERING = ("c1", "c2")
 KEY = PARTITION + CLUSTERING
-COLUMNS = ("v1", "v2", "v3")
+SCALARS = ("v1", "v2", "v3")
+MULTI_CELL = ("v4",)  # set<int>: a non-frozen collection; None in a write means = null/{}
+FROZEN = ("v5",)  # frozen<list<int>>: a single cell; () is a value, not null
+COLUMNS = SCALARS + MULTI_CELL + FROZEN
 P1, P2, C1, C2 = (0, 1), ("a", "b"), (0, 1, 2), ("x", "y")
 ALL_KEYS = list(itertools.product(P1, P2, C1, C2))
 
@@ -27,7 +37,7 @@ Row = dict[str, Any]
 class Mutation:
     """One generated Cassandra statement, already timestamped."""
 
-    kind: str  # insert | update | delete_row | delete_partition | delete_range
+    kind: str  # insert | update | delete_columns | delete_row | delete_partition | delete_range
     ts: int
     key: tuple[Any, ...]  # full key, or the partition for partition/range deletes
     cells: dict[str, tuple[Any, int | None]] = field(default_factory=dict)  # col -> (value, exp)
@@ -77,10 +87,13 @@ class CassandraModel:
 
     def _row(self, key: tuple[Any, ...], now_us: int) -> Row | None:
         tombstone = self._tombstone(key)
-        writes = [m for m in self.history if m.kind in ("insert", "update") and m.key == key]
+        writes = [m for m in self.history if m.kind in _WRITES and m.key == key]
         values: Row = {}
         live = False
-        for column in COLUMNS:
+        for column in MULTI_CELL:
+            values[column] = _elements(writes, column, tombstone)
+            live = live or values[column] is not None
+        for column in SCALARS + FROZEN:
             candidates = [(m.ts, m.cells[column]) for m in writes if column in m.cells]
             if not candidates:
                 values[column] = None
@@ -98,7 +111,7 @@ class CassandraModel:
             if ts <= tombstone or value is None or (expires is not None and expires <= now_us):
                 values[column] = None
             else:
-                values[column] = value
+                values[column] = list(value) if isinstance(value, tuple) else value
                 live = True
         # The row marker is one liveness record: the newest INSERT's (a TTL'd re-insert
         # replaces an immortal marker, exactly like a cell).
@@ -117,16 +130,43 @@ class CassandraModel:
         return values if live else None
 
 
+_WRITES = ("insert", "update", "delete_columns")
+
+
+def _elements(writes: list[Mutation], column: str, tombstone: int) -> list[Any] | None:
+    """The live elements of a non-frozen collection, sorted (as SELECT returns a set), or None
+    when it has none. Collection writes carry no TTL (Debezium does not send theirs)."""
+    deleted = tombstone
+    newest: dict[Any, int] = {}
+    for m in writes:
+        if column not in m.cells:
+            continue
+        deleted = max(deleted, m.ts if m.kind == "delete_columns" else m.ts - 1)
+        for element in m.cells[column][0] or ():
+            newest[element] = max(newest.get(element, m.ts), m.ts)
+    return sorted(e for e, ts in newest.items() if ts > deleted) or None
+
+
+def debezium_ts(m: Mutation) -> int:
+    """`source.ts_us` as the agent sets it: the newest timestamp in the mutation. A statement
+    that only empties non-frozen collections wrote nothing but their deletions, one
+    microsecond below its own timestamp."""
+    if m.kind == "update" and all(c in MULTI_CELL and v is None for c, (v, _) in m.cells.items()):
+        return m.ts - 1
+    return m.ts
+
+
 def to_envelope(m: Mutation, topic_prefix: str = "ks") -> tuple[dict[str, Any], dict[str, Any]]:
     """The (key, value) Debezium's Cassandra connector would emit for this mutation."""
+    ts = debezium_ts(m)
     source = {
         "version": "3.6.1.Final",
         "connector": "cassandra",
         "name": topic_prefix,
-        "ts_ms": m.ts // 1000,
+        "ts_ms": ts // 1000,
         "snapshot": "false",
         "db": "NULL",
-        "ts_us": m.ts,
+        "ts_us": ts,
         "cluster": "test",
         "file": "CommitLog-7-1.log",
         "pos": 1,
@@ -136,11 +176,12 @@ def to_envelope(m: Mutation, topic_prefix: str = "ks") -> tuple[dict[str, Any], 
     op = {
         "insert": "i",
         "update": "u",
+        "delete_columns": "u",
         "delete_row": "d",
         "delete_partition": "d",
         "delete_range": "r",
     }[m.kind]
-    if m.kind in ("insert", "update", "delete_row"):
+    if m.kind in (*_WRITES, "delete_row"):
         key = dict(zip(KEY, m.key, strict=True))
     else:
         key = {**dict(zip(PARTITION, m.key, strict=True)), "c1": None, "c2": None}
@@ -151,8 +192,12 @@ def to_envelope(m: Mutation, topic_prefix: str = "ks") -> tuple[dict[str, Any], 
     }
     for column in COLUMNS:
         after[column] = None
-    if m.kind in ("insert", "update"):
+    if m.kind in _WRITES:
         for column, (value, expires) in m.cells.items():
+            if isinstance(value, tuple):
+                value = list(value)
+            elif value is None and column in MULTI_CELL:
+                value = []  # how the agent sends a non-frozen collection's deletion
             after[column] = {"value": value, "deletion_ts": expires, "set": True}
     elif m.kind in ("delete_row", "delete_partition"):
         for column in COLUMNS:
@@ -161,7 +206,7 @@ def to_envelope(m: Mutation, topic_prefix: str = "ks") -> tuple[dict[str, Any], 
     if m.kind == "delete_range":
         after["_range_start"] = _bound(m.start, m.start_inclusive, "START")
         after["_range_end"] = _bound(m.end, m.end_inclusive, "END")
-    return key, {"ts_ms": m.ts // 1000 + 5, "op": op, "source": source, "after": after}
+    return key, {"ts_ms": ts // 1000 + 5, "op": op, "source": source, "after": after}
 
 
 def _bound(values: tuple[Any, ...], inclusive: bool, side: str) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from cdc_sink.runner import Worker
 from tests.support.cassandra_model import (
     C1,
     C2,
-    COLUMNS,
     KEY,
     P1,
+    SCALARS,
     Mutation,
     to_envelope,
 )
@@ -37,6 +37,7 @@ from tests.support.stack import REPO, Endpoints
 
 MODEL_CQL = (
     "CREATE TABLE {ks}.model (p1 int, p2 text, c1 int, c2 text, v1 int, v2 text, v3 int, "
+    "v4 set<int>, v5 frozen<list<int>>, "
     "PRIMARY KEY ((p1, p2), c1, c2)) WITH cdc = true"
 )
 
@@ -319,12 +320,12 @@ def random_history(rng: random.Random, count: int, keys: int, base_ts: int) -> l
         key = (*partition, rng.choice(C1), rng.choice(C2))
         roll = rng.random()
         if roll < 0.5:
-            cells = {c: (value(c), None) for c in rng.sample(COLUMNS, rng.randint(1, 3))}
+            cells = {c: (value(c), None) for c in rng.sample(SCALARS, rng.randint(1, 3))}
             mutations.append(Mutation("insert", ts, key, cells))
         elif roll < 0.85:
             cells = {
                 c: (rng.choice([None, value(c)]), None)
-                for c in rng.sample(COLUMNS, rng.randint(1, 3))
+                for c in rng.sample(SCALARS, rng.randint(1, 3))
             }
             mutations.append(Mutation("update", ts, key, cells))
         elif roll < 0.95:

@@ -203,3 +203,38 @@ def test_name_collisions_are_targets_that_tables_of_several_keyspaces_map_to() -
     topics = ["cdc.shop.users", "cdc.crm.users", "cdc.shop.orders", "cdc.crm.users", "other"]
     assert name_collisions(topics, "cdc_{table}") == {"cdc_users": ["crm.users", "shop.users"]}
     assert name_collisions(topics, "cdc_{keyspace}_{table}") == {}
+
+
+def test_to_mutation_takes_an_empty_non_frozen_collection_for_the_deletion_it_is() -> None:
+    """Debezium's empty list, set and map ({} or JsonConverter's [] of pairs) on a non-frozen
+    column become null and are named as emptied; empty frozen collections stay values."""
+    types = {
+        "id": "int",
+        "l": "list<int>",
+        "s": "set<text>",
+        "m": "map<text, int>",
+        "pairs": "map<int, text>",
+        "fl": "frozen<list<int>>",
+        "fm": "frozen<map<text, int>>",
+        "full": "set<int>",
+    }
+    schema = TableSchema(
+        "ks", "t", "cdc_t", ("id",), {n: parse_cql_type(t) for n, t in types.items()}
+    )
+    cells = {"l": [], "s": [], "m": {}, "pairs": [], "fl": [], "fm": {}, "full": [1]}
+    value = {
+        "op": "u",
+        "source": {"keyspace": "ks", "table": "t", "ts_us": 1},
+        "after": {n: {"value": v, "deletion_ts": None, "set": True} for n, v in cells.items()},
+    }
+    mutation = schema.to_mutation(interpret({"id": 1}, value, Position("t", 0, 0)))
+    assert mutation.emptied == ("l", "s", "m", "pairs")
+    assert dict(mutation.values) == {
+        "l": None,
+        "s": None,
+        "m": None,
+        "pairs": None,
+        "fl": [],
+        "fm": "{}",
+        "full": [1],
+    }
