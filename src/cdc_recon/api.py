@@ -9,7 +9,8 @@ GET  /reconciliation/mismatches                ?job=&table=&kind=&status=&limit=
 POST /reconciliation/mismatches/{id}/resolve   {"resolution": "...", "status"?: "resolved"}
 
 Errors answer JSON {"error": message}: 400 for a bad request or unknown strategy, 404 for an
-unknown table, job or mismatch, 503 when Cassandra cannot be reached.
+unknown table, job or mismatch, 503 when Cassandra cannot be reached or no connection of the
+API's pool comes free in time.
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ def add_reconciliation_routes(server: HttpServer, runtime: ReconciliationRuntime
         options = {k: v for k, v in body.items() if k not in ("table", "strategy")}
         try:
             reconciler = await runtime.reconciler()
-            job_id = await reconciler.submit(body["table"], body["strategy"], options)
+            # Recorded with the API's connections: reconciliation's may all be busy with jobs.
+            job_id = await reconciler.submit(
+                body["table"], body["strategy"], options, pool=runtime.pool
+            )
         except ReconError as exc:
             raise _http_error(exc) from exc
         runtime.spawn(reconciler.execute(job_id))

@@ -36,6 +36,7 @@ from cdc_recon.canonical import (
 from cdc_recon.errors import ReconError, UnknownTableError
 from cdc_sink import cassandra
 from cdc_sink.config import CassandraConfig
+from cdc_sink.pools import BoundedPool
 from cdc_sink.tables import RESERVED_COLUMNS, TableSchema, qualified, quote_ident
 from cdc_sink.types import CqlType, pg_type
 
@@ -171,7 +172,7 @@ def native_key(table: ReconTable, key: Sequence[Canon]) -> tuple[Any, ...]:
 
 
 async def resolve_table(
-    conn: asyncpg.Connection | asyncpg.Pool, pg_schema: str, session: Any, name: str
+    conn: asyncpg.Connection | asyncpg.Pool | BoundedPool, pg_schema: str, session: Any, name: str
 ) -> ReconTable:
     """Find `name` (a target table, or a Cassandra table name if exactly one target has it)
     in `_cdc_schema_metadata`, then read Cassandra's system_schema for its exact types.

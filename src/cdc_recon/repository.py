@@ -20,6 +20,7 @@ import asyncpg
 
 from cdc_recon.canonical import key_text
 from cdc_recon.strategies import Finding, Outcome
+from cdc_sink.pools import BoundedPool
 from cdc_sink.write import lock_id
 
 JOB_COLUMNS = (
@@ -71,7 +72,7 @@ def _record(row: asyncpg.Record | None) -> dict[str, Any] | None:
 class Repository:
     """Jobs and mismatches; every method is one short transaction on the pool."""
 
-    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+    def __init__(self, pool: asyncpg.Pool | BoundedPool, schema: str) -> None:
         self.pool = pool
         self.schema = schema
 

@@ -73,13 +73,10 @@ class Scheduler:
         if target is None:
             target = self._targets[name] = (await reconciler.resolve(name)).target
         lock = schedule_lock(reconciler.pg_schema, target, strategy)
-        async with reconciler.pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", lock)
-            try:
-                last = await reconciler.repository.last_created(conn, target, strategy)
-                moment = now or dt.datetime.now(dt.UTC)
-                if last is not None and moment - last < dt.timedelta(seconds=interval):
-                    return None
-                return await reconciler.submit(target, strategy, trigger="schedule")
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+        async with reconciler.holding(lock, wait=True) as conn:
+            assert conn is not None  # waited for the lock
+            last = await reconciler.repository.last_created(conn, target, strategy)
+            moment = now or dt.datetime.now(dt.UTC)
+            if last is not None and moment - last < dt.timedelta(seconds=interval):
+                return None
+            return await reconciler.submit(target, strategy, trigger="schedule")

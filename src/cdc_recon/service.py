@@ -1,10 +1,13 @@
 """The reconciliation engine: runs one job end to end, repairs a job's mismatches, and the
 runtime the sink process hosts (lazy Cassandra session, scheduler task, manual triggers).
 
-A job runs under two guards: a session advisory lock on the job (held by the connection that
-runs it, released by PostgreSQL if the process dies) and the pending → running claim. Either
-alone would do for a single job; together they also let `mark_interrupted` tell a running job
-from an orphaned one.
+A job runs under two guards: a session advisory lock on the job (held by a connection of its
+own for as long as the job runs, released by PostgreSQL if the process dies) and the pending →
+running claim. Either alone would do for a single job; together they also let
+`mark_interrupted` tell a running job from an orphaned one. A job thus needs two connections
+at once, the lock's and one for its statements: at most half the pool's connections hold a
+lock at a time, so the statements of every job holding one always find a connection (more
+jobs wait for their turn, pending, holding none).
 
 Findings are confirmed before they are recorded: every differing key is read again on both
 sides and kept only if it still differs, so a row the sink was applying while the scan passed
@@ -17,7 +20,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +63,9 @@ from cdc_recon.strategies import (
 from cdc_sink.config import Config, PostgresConfig, ReconciliationConfig
 from cdc_sink.errors import ConversionError
 from cdc_sink.plan import Mutation
+from cdc_sink.pools import BoundedPool, open_pool
 from cdc_sink.secrets import PostgresLogin
-from cdc_sink.write import Batch, PgWriter, prepare_connection
+from cdc_sink.write import Batch, PgWriter
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("cdc_recon")  # a no-op unless the process installed a provider
@@ -105,7 +109,8 @@ class RepairSummary:
 
 
 class Reconciler:
-    """Runs reconciliation jobs against one PostgreSQL pool and one Cassandra session."""
+    """Runs reconciliation jobs against one PostgreSQL pool (of at least two connections) and
+    one Cassandra session."""
 
     def __init__(
         self,
@@ -130,9 +135,30 @@ class Reconciler:
             session, page_size=settings.page_size, concurrency=settings.concurrency
         )
         self.postgres = PgReader(pool, pg_schema, page_size=settings.page_size)
+        self._lock_holders = asyncio.Semaphore(max(1, pool.get_max_size() // 2))
 
-    async def resolve(self, name: str) -> ReconTable:
-        return await resolve_table(self.pool, self.pg_schema, self.session, name)
+    async def resolve(
+        self, name: str, pool: asyncpg.Pool | BoundedPool | None = None
+    ) -> ReconTable:
+        return await resolve_table(pool or self.pool, self.pg_schema, self.session, name)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, lock: int, *, wait: bool) -> AsyncIterator[asyncpg.Connection | None]:
+        """A connection of the pool holding session advisory lock `lock` until the block ends:
+        waiting for the lock if `wait`, else None at once if another session holds it. The
+        block may use the pool besides (one connection at a time): at most half the pool holds
+        a lock, so that never waits on another holder."""
+        async with self._lock_holders, self.pool.acquire() as conn:
+            if wait:
+                await conn.execute("SELECT pg_advisory_lock($1)", lock)
+            elif not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
+                yield None
+                return
+            try:
+                yield conn
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", lock)
 
     async def submit(
         self,
@@ -141,16 +167,18 @@ class Reconciler:
         options: Mapping[str, Any] | None = None,
         *,
         trigger: str = "manual",
+        pool: asyncpg.Pool | BoundedPool | None = None,
     ) -> int:
-        """Validate, resolve the table and record a pending job; return its id.
-        UnknownStrategyError, UnknownTableError or InvalidRequestError if it cannot run."""
+        """Validate, resolve the table and record a pending job; return its id. `pool` is where
+        that reads and writes (default: the reconciler's own). UnknownStrategyError,
+        UnknownTableError or InvalidRequestError if it cannot run."""
         chosen = parse_strategy(strategy)
         options = dict(options or {})
         known = {"window_start", "window_end", "sample_size", "seed"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise InvalidRequestError(f"unknown option(s): {', '.join(unknown)}")
-        resolved = await self.resolve(table)
+        resolved = await self.resolve(table, pool)
         start = _instant(options.pop("window_start", None), "window_start")
         end = _instant(options.pop("window_end", None), "window_end")
         if chosen is Strategy.TIMESTAMP_RANGE:
@@ -168,7 +196,8 @@ class Reconciler:
             options.setdefault("seed", time.time_ns() % 2**31)
         elif "sample_size" in options:
             raise InvalidRequestError("sample_size applies to the sample strategy only")
-        return await self.repository.create_job(
+        repository = self.repository if pool is None else Repository(pool, self.pg_schema)
+        return await repository.create_job(
             JobRequest(resolved.target, chosen.value, start, end, options, trigger)
         )
 
@@ -190,21 +219,11 @@ class Reconciler:
     async def execute(self, job_id: int) -> bool:
         """Run a pending job unless another runner has it; True if it ran here (whatever its
         outcome: failures are recorded on the job, not raised)."""
-        async with self.pool.acquire() as conn:
-            if not await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1)", job_lock(self.pg_schema, job_id)
-            ):
+        async with self.holding(job_lock(self.pg_schema, job_id), wait=False) as locked:
+            if locked is None or not await self.repository.claim(job_id, self.owner):
                 return False
-            try:
-                if not await self.repository.claim(job_id, self.owner):
-                    return False
-                await self._execute(job_id)
-                return True
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.execute(
-                        "SELECT pg_advisory_unlock($1)", job_lock(self.pg_schema, job_id)
-                    )
+            await self._execute(job_id)
+            return True
 
     async def _execute(self, job_id: int) -> None:
         job = await self.repository.job(job_id)
@@ -385,28 +404,23 @@ class Reconciler:
 
 
 async def recon_pool(postgres: PostgresConfig, login: PostgresLogin) -> asyncpg.Pool:
-    """Connections of reconciliation's own (a long scan never takes the sink's)."""
-    pool = await asyncpg.create_pool(
-        connect=login.connect,
-        min_size=1,
-        max_size=4,
-        timeout=postgres.connect_timeout_s,
-        server_settings={"search_path": postgres.schema, "application_name": "cdc-recon"},
-        init=prepare_connection,
+    """Connections of reconciliation's own (a long scan never takes the sink's), as many as
+    CDC_POSTGRES__RECONCILIATION_POOL_SIZE."""
+    return await open_pool(
+        postgres, login, size=postgres.reconciliation_pool_size, application_name="cdc-recon"
     )
-    assert pool is not None
-    return login.watch(pool)
 
 
 class ReconciliationRuntime:
     """Reconciliation inside the sink process: a Reconciler made on first use (it needs
-    Cassandra, and opens its own small PostgreSQL pool), the scheduler loop when enabled, and
-    background runs of manual triggers. `pool` (the worker's) serves the HTTP listings."""
+    Cassandra, and opens its own PostgreSQL pool), the scheduler loop when enabled, and
+    background runs of manual triggers. `pool` (the HTTP API's) serves the routes: listings,
+    and recording the jobs they create."""
 
     def __init__(
         self,
         config: Config,
-        pool: asyncpg.Pool,
+        pool: asyncpg.Pool | BoundedPool,
         registry: CollectorRegistry,
         owner: str,
         login: PostgresLogin | None = None,

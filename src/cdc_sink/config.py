@@ -163,6 +163,11 @@ class PostgresConfig:
     schema: str = "public"
     connect_timeout_s: float = 10.0
     role: str | None = None  # SET ROLE after login: the owner of what the sink creates
+    # Connections per pod: the writer's own one, plus these pools (see the README's "Sizing").
+    pool_size: int = 2  # claims, table look-ups and DDL, housekeeping, readiness
+    api_pool_size: int = 2  # the HTTP API's requests
+    api_acquire_timeout_s: float = 5.0  # then the request answers 503
+    reconciliation_pool_size: int = 4  # jobs: half hold their lock, half run their queries
 
     def validate(self) -> None:
         dsn = self.dsn.reveal()
@@ -180,6 +185,11 @@ class PostgresConfig:
             raise ConfigError("CDC_POSTGRES__SCHEMA must be 1 to 63 bytes")
         if not self.connect_timeout_s > 0:
             raise ConfigError("CDC_POSTGRES__CONNECT_TIMEOUT_S must be > 0")
+        for name, low in (("pool_size", 1), ("api_pool_size", 1), ("reconciliation_pool_size", 2)):
+            if not low <= getattr(self, name) <= 100:
+                raise ConfigError(f"CDC_POSTGRES__{name.upper()} must be between {low} and 100")
+        if not self.api_acquire_timeout_s > 0:
+            raise ConfigError("CDC_POSTGRES__API_ACQUIRE_TIMEOUT_S must be > 0")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import structlog
 
+from cdc_sink.errors import TransientError
 from cdc_sink.metrics import Metrics
 
 __all__ = ["HttpError", "HttpServer", "Request", "Response", "add_standard_routes", "json_response"]
@@ -203,6 +204,8 @@ class HttpServer:
                 return await handler(replace(request, path_params=params))
             except HttpError as exc:
                 return _error(exc.status, str(exc))
+            except TransientError as exc:  # e.g. no connection came free in time
+                return replace(_error(503, str(exc)), headers={"Retry-After": "1"})
             except Exception:
                 log.exception("http_handler_failed", method=request.method, path=request.path)
                 return _error(500, "internal server error")

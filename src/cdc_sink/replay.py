@@ -30,6 +30,7 @@ from cdc_sink.http import (
     int_param,
     json_response,
 )
+from cdc_sink.pools import BoundedPool
 
 STATUSES = ("pending", "replayed")
 LIST_COLUMNS = (
@@ -201,7 +202,7 @@ def _replay_headers(stored: Any, dlq_id: int) -> list[Header]:
 
 def add_dlq_routes(
     server: HttpServer,
-    pool: asyncpg.Pool,
+    pool: BoundedPool,
     producer: Callable[[], DlqProducer | None],
     resume: Callable[[str | None, int | None], Awaitable[Sequence[Any]]],
 ) -> None:

@@ -54,17 +54,11 @@ from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics
 from cdc_sink.migrate import migrate, pending
 from cdc_sink.plan import Mutation
+from cdc_sink.pools import BoundedPool, open_pool
 from cdc_sink.replay import add_dlq_routes
 from cdc_sink.secrets import Lease, PostgresLogin, open_secrets
 from cdc_sink.tables import TableSchema, name_collisions
-from cdc_sink.write import (
-    Batch,
-    BatchResult,
-    CheckpointMove,
-    PgWriter,
-    prepare_connection,
-    reserve_dlq_ids,
-)
+from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, reserve_dlq_ids
 
 if TYPE_CHECKING:
     from cdc_recon.service import ReconciliationRuntime
@@ -258,7 +252,9 @@ class Worker:
         self._end_at_start: dict[TopicPartition, int] = {}
         self.applied_events = 0
         self._backlog_at = 0.0  # when cdc_backlog_depth was last refreshed (monotonic)
-        self.pool: asyncpg.Pool | None = None
+        self.pool: asyncpg.Pool | None = None  # claims, catalog, housekeeping, readiness
+        self.writer_pool: asyncpg.Pool | None = None  # the writer's one connection
+        self.api_pool: BoundedPool | None = None
         self.login: PostgresLogin | None = None
         self._writer_generation = 0  # the login's generation the writer's connection has
         self.consumer: AIOKafkaConsumer | None = None
@@ -275,10 +271,13 @@ class Worker:
         self.config, self.login = await open_secrets(self.config)
         cfg = self.config
         try:
-            self.pool = await self._connect_pool()
+            await self._connect_pools()
         except BaseException:
+            await self._close_pools()
             await self.login.close()  # a leased user would otherwise wait out its TTL
             raise
+        assert self.pool is not None
+        assert self.api_pool is not None
         self.login.observe(self._lease_metrics)
         keep_login = asyncio.create_task(self.login.keep_valid())
         try:
@@ -315,7 +314,7 @@ class Worker:
             from cdc_recon.service import ReconciliationRuntime
 
             self.recon = ReconciliationRuntime(
-                cfg, self.pool, self.metrics.registry, self.worker_id, self.login
+                cfg, self.api_pool, self.metrics.registry, self.worker_id, self.login
             )
             http = await self._start_http()
             self.recon.start()  # the reconciliation scheduler, if CDC_RECONCILIATION__ENABLED
@@ -338,38 +337,33 @@ class Worker:
             keep_login.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keep_login
-            if self._writer_conn is not None:
-                await self.pool.release(self._writer_conn)
-            await self.pool.close()
+            if self._writer_conn is not None and self.writer_pool is not None:
+                await self.writer_pool.release(self._writer_conn)
+            await self._close_pools()
             await self.login.close()
         return 0
 
-    async def _connect_pool(self) -> asyncpg.Pool:
+    async def _connect_pools(self) -> None:
+        """The writer's connection, the worker's pool and the API's, each its own: a burst of
+        API requests or a long housekeeping round never holds up a batch (nor the reverse)."""
         cfg = self.config.postgres
         assert self.login is not None
         try:
-            pool = await asyncpg.create_pool(
-                connect=self.login.connect,
-                min_size=2,
-                max_size=4,
-                timeout=cfg.connect_timeout_s,
-                server_settings={
-                    "search_path": cfg.schema,
-                    "application_name": "cdc-sink",
-                    # Batch statements take key arrays of very different sizes into tables that
-                    # grow fast: a cached generic plan, made when a table was small, goes on
-                    # scanning it whole; plan each one (with the array's real size).
-                    "plan_cache_mode": "force_custom_plan",
-                    # Lookups by key probe an index per key; with the default (4, for spinning
-                    # disks) the planner prefers scanning the whole table long before that pays.
-                    "random_page_cost": "1.1",
-                },
-                init=prepare_connection,
+            self.writer_pool = await open_pool(cfg, self.login, size=1, application_name="cdc-sink")
+            self.pool = await open_pool(
+                cfg, self.login, size=cfg.pool_size, application_name="cdc-sink"
+            )
+            api = await open_pool(
+                cfg, self.login, size=cfg.api_pool_size, application_name="cdc-sink-api"
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
-        assert pool is not None
-        return self.login.watch(pool)
+        self.api_pool = BoundedPool(api, cfg.api_acquire_timeout_s, "HTTP API")
+
+    async def _close_pools(self) -> None:
+        for pool in (self.writer_pool, self.pool, self.api_pool):
+            if pool is not None:
+                await pool.close()
 
     async def _prepare_schema(self) -> None:
         assert self.pool is not None
@@ -400,18 +394,18 @@ class Worker:
         return CassandraSystemSchema(functools.partial(cassandra.connect, cfg))
 
     async def _open_writer(self) -> None:
-        """Give the writer a fresh pooled connection. If that fails the worker has no writer
-        (never one on a connection already handed back), and the next attempt opens one."""
-        assert self.pool is not None
+        """Give the writer a fresh connection of its pool. If that fails the worker has no
+        writer (never one on a connection already handed back), and the next attempt opens one."""
+        assert self.writer_pool is not None
         old, self._writer_conn, self.writer = self._writer_conn, None, None
         if old is not None:
             try:
-                await self.pool.release(old)
+                await self.writer_pool.release(old)
             except Exception as exc:  # noqa: BLE001 - a broken connection is dropped anyway
                 log.warning("writer_release_failed", error=f"{type(exc).__name__}: {exc}")
         assert self.login is not None
         generation = self.login.generation
-        self._writer_conn = await self.pool.acquire()
+        self._writer_conn = await self.writer_pool.acquire()
         self._writer_generation = generation
         self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
 
@@ -453,8 +447,8 @@ class Worker:
             return None
         server = self.http = HttpServer()
         add_standard_routes(server, self.metrics, self.readiness)
-        assert self.pool is not None
-        add_dlq_routes(server, self.pool, lambda: self.dlq, self.resume)
+        assert self.api_pool is not None
+        add_dlq_routes(server, self.api_pool, lambda: self.dlq, self.resume)
         if self.recon is not None:
             from cdc_recon.api import add_reconciliation_routes
 

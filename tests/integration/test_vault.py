@@ -43,9 +43,11 @@ def insert(i: int, keyspace: str) -> tuple[bytes, bytes]:
     return schemaless_record(Mutation("insert", TS + i, (i % 2, "p", i, "x"), cells), keyspace)
 
 
-# A worker's sessions whose role is gone: PostgreSQL keeps them when a leased user is dropped.
+# A worker's sessions (its writer's, its pool's, its API's) whose role is gone: PostgreSQL
+# keeps them when a leased user is dropped.
 ORPHAN_SESSIONS = (
-    "SELECT count(*) FROM pg_stat_activity a WHERE a.application_name = 'cdc-sink' "
+    "SELECT count(*) FROM pg_stat_activity a "
+    "WHERE a.application_name IN ('cdc-sink', 'cdc-sink-api') "
     "AND a.usesysid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = a.usesysid)"
 )
 

@@ -49,6 +49,10 @@ def test_the_dsn_is_a_secret() -> None:
         ({"CDC_POSTGRES__DSN": "postgresql://u:pw@h:notaport/db"}, "CDC_POSTGRES__DSN is not a"),
         ({"CDC_POSTGRES__DSN": "postgresql://u:pw@[::1/db"}, "CDC_POSTGRES__DSN is not a valid"),
         ({"CDC_POSTGRES__DSN": "postgresql://h/db?sslmode=bogus"}, "sslmode must be one of"),
+        ({"CDC_POSTGRES__API_POOL_SIZE": "0"}, "CDC_POSTGRES__API_POOL_SIZE"),
+        # one connection holds a job's lock: its statements need another
+        ({"CDC_POSTGRES__RECONCILIATION_POOL_SIZE": "1"}, "RECONCILIATION_POOL_SIZE must be betw"),
+        ({"CDC_POSTGRES__API_ACQUIRE_TIMEOUT_S": "0"}, "CDC_POSTGRES__API_ACQUIRE_TIMEOUT_S"),
         ({"CDC_HTTP__ENABLED": "perhaps"}, "CDC_HTTP__ENABLED"),
         ({"CDC_KAFKA__MAX_PARTITION_FETCH_BYTES": "10"}, "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES"),
         (

@@ -1,0 +1,219 @@
+"""The worker's PostgreSQL connections under a burst of API calls: the writer, the API and
+reconciliation each have their own, so the requests all answer, jobs never wait on each other
+for a connection, and a backlog keeps draining."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx2 as httpx
+
+from cdc_sink.config import load_config
+from cdc_sink.runner import Worker
+from tests.support.cassandra_model import Mutation
+from tests.support.pipeline import (
+    applied,
+    create_cassandra_model_table,
+    create_topic,
+    drop_schema,
+    json_lines,
+    produce,
+    schemaless_record,
+    sink_env,
+    start_worker_process,
+)
+from tests.support.stack import Endpoints
+
+BACKLOG = 100_000
+JOB_REQUESTS = 20
+LIST_REQUESTS = 200
+TS = 1_900_000_000_000_000
+
+
+def backlog(keyspace: str) -> list[tuple[bytes, bytes]]:
+    """BACKLOG inserts of distinct rows."""
+    return [
+        schemaless_record(
+            Mutation("insert", TS + i, (i % 2, f"p{i % 97}", i, "x"), {"v1": (i, None)}), keyspace
+        )
+        for i in range(BACKLOG)
+    ]
+
+
+async def drain_rate(dsn: str, schema: str, worker: Any, until: int) -> float:
+    """Events per second from the first committed batch until `until` records are applied
+    (start-up left out)."""
+    async with asyncio.timeout(600):
+        while (first := await applied(dsn, schema)) == 0:
+            assert worker.poll() is None
+            await asyncio.sleep(0.05)
+        began = time.monotonic()
+        while (done := await applied(dsn, schema)) < until:
+            assert worker.poll() is None
+            await asyncio.sleep(0.05)
+    return (done - first) / (time.monotonic() - began)
+
+
+def listening_port(log_path: Path) -> int | None:
+    ports = [
+        line["port"]
+        for line in json_lines(log_path.read_text())
+        if line["event"] == "http_listening"
+    ]
+    return ports[0] if ports else None
+
+
+async def stop(worker: Any) -> int:
+    os.killpg(worker.pid, signal.SIGTERM)
+    return int(await asyncio.to_thread(worker.wait, 60))
+
+
+async def test_bursts_of_jobs_and_listings_all_answer_while_a_backlog_drains(
+    stack: Endpoints, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """20 concurrent reconciliation job requests and 200 concurrent list requests at a worker
+    draining a backlog of 100,000 events: every request answers, every job accepted runs to
+    its end, and the whole backlog is applied. The drain's rate is printed next to that of a
+    quiet run over the same backlog."""
+    keyspace, topic = unique("ks"), unique("cdc-events-pools")
+    quiet_schema, busy_schema = unique("quiet"), unique("busy")
+    dsn = stack.postgres_dsn
+    create_cassandra_model_table(stack, keyspace)
+    await create_topic(stack.kafka, topic)
+    await produce(stack.kafka, topic, backlog(keyspace))
+
+    def env(schema: str) -> dict[str, str]:
+        return sink_env(
+            stack,
+            topic=topic,
+            group=unique("g"),
+            schema=schema,
+            http__host="127.0.0.1",
+            log__level="info",
+            pushgateway__url="",
+        )
+
+    try:
+        quiet = start_worker_process(env(quiet_schema), tmp_path / "quiet.log")
+        try:
+            quiet_rate = await drain_rate(dsn, quiet_schema, quiet, BACKLOG)
+        finally:
+            assert await stop(quiet) == 0
+
+        log_path = tmp_path / "busy.log"
+        busy = start_worker_process(env(busy_schema), log_path, stop_when_caught_up=False)
+        try:
+            measuring = asyncio.create_task(drain_rate(dsn, busy_schema, busy, BACKLOG))
+            async with asyncio.timeout(120):
+                while (port := listening_port(log_path)) is None or await applied(
+                    dsn, busy_schema
+                ) < BACKLOG // 10:
+                    assert busy.poll() is None, log_path.read_text()[-3000:]
+                    await asyncio.sleep(0.05)
+            fired_at = await applied(dsn, busy_schema)
+            answers, jobs = await burst(f"http://127.0.0.1:{port}")
+            answered_at = await applied(dsn, busy_schema)
+            busy_rate = await measuring
+            print(
+                f"\ndrain of {BACKLOG:,} events: quiet {quiet_rate:,.0f}/s, under "
+                f"{JOB_REQUESTS} job and {LIST_REQUESTS} list requests {busy_rate:,.0f}/s "
+                f"({busy_rate / quiet_rate - 1:+.0%}); requests fired at {fired_at:,} applied, "
+                f"all answered at {answered_at:,}; answers {sorted(answers.items())}"
+            )
+            assert fired_at < BACKLOG  # the requests met a draining worker
+            assert sum(answers.values()) == JOB_REQUESTS + LIST_REQUESTS
+            assert set(answers) <= {200, 202, 503}, answers
+            assert jobs, "no job request was accepted"
+            async with httpx.AsyncClient(timeout=30) as client:
+                async with asyncio.timeout(240):
+                    for job in jobs:
+                        while (
+                            status := (
+                                await client.get(
+                                    f"http://127.0.0.1:{port}/reconciliation/jobs/{job}"
+                                )
+                            ).json()["status"]
+                        ) in ("pending", "running"):
+                            await asyncio.sleep(0.2)
+                        assert status == "succeeded", job
+        finally:
+            assert await stop(busy) == 0, log_path.read_text()[-3000:]
+        assert await applied(dsn, busy_schema) == BACKLOG
+    finally:
+        for schema in (quiet_schema, busy_schema):
+            await drop_schema(dsn, schema)
+
+
+async def burst(base: str) -> tuple[dict[int, int], list[int]]:
+    """Fire the job and list requests at once; each must answer within a minute. Returns how
+    many answered each status, and the ids of the jobs accepted."""
+    async with httpx.AsyncClient(
+        timeout=60, limits=httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    ) as client:
+        job = {"table": "model", "strategy": "row_count"}
+        requests = [
+            client.post(f"{base}/reconciliation/jobs", json=job) for _ in range(JOB_REQUESTS)
+        ]
+        requests += [
+            client.get(f"{base}/reconciliation/jobs?limit=50" if i % 2 else f"{base}/dlq?limit=100")
+            for i in range(LIST_REQUESTS)
+        ]
+        responses = await asyncio.gather(*requests)
+    answers: dict[int, int] = {}
+    for response in responses:
+        answers[response.status_code] = answers.get(response.status_code, 0) + 1
+    jobs = [r.json()["id"] for r in responses if r.status_code == 202]
+    return answers, jobs
+
+
+async def test_an_api_request_that_gets_no_connection_in_time_answers_503(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """While every connection the API may use is stuck behind a lock, further API requests
+    answer 503 with a clear error after a bounded wait (instead of queueing until the lock
+    goes), /ready still answers from the worker's own connections, and once the lock goes the
+    stuck requests answer too."""
+    topic, schema = unique("cdc-events-busy-api"), unique("busyapi")
+    await create_topic(stack.kafka, topic)
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, http__host="127.0.0.1")
+    worker = Worker(load_config(env))
+    running = asyncio.create_task(worker.run())
+    locker = await asyncpg.connect(stack.postgres_dsn)
+    try:
+        async with asyncio.timeout(60):
+            while worker.http is None or not worker.owned:
+                assert not running.done()
+                await asyncio.sleep(0.05)
+        base = f"http://127.0.0.1:{worker.http.port}"
+        async with httpx.AsyncClient(
+            timeout=60, limits=httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        ) as client:
+            lock = locker.transaction()
+            await lock.start()
+            await locker.execute(f'LOCK TABLE "{schema}"._cdc_dlq_records IN ACCESS EXCLUSIVE MODE')
+            listings = [asyncio.create_task(client.get(f"{base}/dlq")) for _ in range(6)]
+            done, _ = await asyncio.wait(listings, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+            assert done, "no request answered while the API's connections were stuck"
+            refused = [task.result() for task in done]
+            assert {r.status_code for r in refused} == {503}
+            assert "no PostgreSQL connection of the HTTP API" in refused[0].json()["error"]
+            assert refused[0].headers["retry-after"] == "1"
+            ready = await client.get(f"{base}/ready")
+            assert ready.status_code == 200, ready.text
+            await lock.rollback()
+            async with asyncio.timeout(30):
+                statuses = [(await task).status_code for task in listings]
+        assert statuses.count(200) >= 1
+        assert set(statuses) <= {200, 503}
+    finally:
+        await locker.close()
+        worker.stop()
+        await asyncio.wait_for(running, 30)
+        await drop_schema(stack.postgres_dsn, schema)
