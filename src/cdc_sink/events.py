@@ -77,6 +77,25 @@ class ChangeEvent:
 
 
 _OPS = {op.value: op for op in Op}
+_OP_NAMES = {
+    Op.INSERT: "insert",
+    Op.UPDATE: "update",
+    Op.DELETE: "delete",
+    Op.RANGE: "range_delete",
+}
+
+
+def op_name(event: ChangeEvent) -> str:
+    """What the event did, as cdc_events_processed_total{op} names it: insert, update, delete
+    (a row), partition_delete, range_delete, or snapshot (a row the connector's initial
+    snapshot read, whatever its op)."""
+    if event.snapshot:
+        return "snapshot"
+    if event.op is Op.DELETE and event.is_partition_delete:
+        return "partition_delete"
+    return _OP_NAMES[event.op]
+
+
 _WRITES = (Op.INSERT, Op.UPDATE)
 _SNAPSHOT_TRUE = frozenset({"true", "last"})
 

@@ -24,7 +24,8 @@ class Metrics:
         r = self.registry
         self.events_processed = Counter(
             "cdc_events_processed_total",
-            "Change events applied to PostgreSQL.",
+            "Change events committed to PostgreSQL, by operation (insert, update, delete, "
+            "partition_delete, range_delete, snapshot).",
             ["topic", "table", "op"],
             registry=r,
         )

@@ -47,7 +47,7 @@ from cdc_sink.errors import (
     TransientError,
     UnexpectedError,
 )
-from cdc_sink.events import Position, interpret
+from cdc_sink.events import Position, interpret, op_name
 from cdc_sink.http import HttpServer, add_standard_routes
 from cdc_sink.kafka_security import client_security, unreachable
 from cdc_sink.logs import get_logger
@@ -157,7 +157,8 @@ class Prepared:
 
     records: list[Any]
     batch: Batch = field(default_factory=Batch)
-    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, table) -> rows
+    # (topic, table, op name) -> events, counted once committed
+    counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
     stamps: dict[str, list[int]] = field(default_factory=dict)  # table -> Kafka timestamps
     first: dict[TopicPartition, int] = field(default_factory=dict)
     last: dict[TopicPartition, int] = field(default_factory=dict)
@@ -1041,7 +1042,7 @@ class Worker:
             if entry[0].version != schema.version:  # the table grew a column mid-batch
                 entry = per_table[schema.target] = (schema, entry[1])
             entry[1].append(converted)
-            key = (record.topic, schema.target)
+            key = (record.topic, schema.target, op_name(converted.event))
             prepared.counts[key] = prepared.counts.get(key, 0) + 1
         prepared.batch.tables = list(per_table.values())
         prepared.ready_ns = time.time_ns()
@@ -1185,7 +1186,7 @@ class Worker:
         self,
         batch: Batch,
         result: BatchResult,
-        counts: dict[tuple[str, str], int],
+        counts: dict[tuple[str, str, str], int],
         stamps: dict[str, list[int]] | None = None,
     ) -> None:
         """After COMMIT: move our offsets, count, observe latency (Kafka timestamp → now)."""
@@ -1216,8 +1217,8 @@ class Worker:
             )
         rows = sum(counts.values())
         self.applied_events += rows + len(batch.dead_letters)
-        for (topic, table), n in counts.items():
-            self.metrics.events_processed.labels(topic, table, "apply").inc(n)
+        for (topic, table, op), n in counts.items():  # one increment per op, not per event
+            self.metrics.events_processed.labels(topic, table, op).inc(n)
         self.metrics.batch_size.observe(rows)
         for table, kafka_ms in (stamps or {}).items():
             histogram = self.metrics.processing_latency.labels(table)

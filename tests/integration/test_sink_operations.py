@@ -17,17 +17,20 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cdc_sink.config import load_config
 from cdc_sink.errors import FatalError
 from cdc_sink.runner import Worker
 from tests.support.cassandra_model import Mutation
 from tests.support.pipeline import (
+    applied,
     create_cassandra_model_table,
     create_topic,
     drop_schema,
     http_get,
     produce,
+    produce_positions,
     read_rows,
     run_cli,
     run_worker,
@@ -81,7 +84,7 @@ async def test_ttl_rows_expire_and_the_http_api_reports(
         ):
             assert name in metrics, name
         assert (
-            f'cdc_events_processed_total{{op="apply",table="cdc_model",topic="{topic}"}} 2.0'
+            f'cdc_events_processed_total{{op="insert",table="cdc_model",topic="{topic}"}} 2.0'
             in (metrics)
         )
         async with asyncio.timeout(30):
@@ -94,6 +97,69 @@ async def test_ttl_rows_expire_and_the_http_api_reports(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)
+        await drop_schema(stack.postgres_dsn, schema)
+
+
+async def test_events_are_counted_by_their_operation(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """After a stream mixing every kind of change, a dead letter and a Kafka tombstone,
+    /metrics counts each committed event under its operation, exactly; the dead letter and the
+    tombstone are counted under none."""
+    keyspace, topic, schema = unique("ks"), unique("cdc-events-ops"), unique("ops")
+    create_cassandra_model_table(stack, keyspace)
+    await create_topic(stack.kafka, topic)
+    ts = 1_700_000_000_000_000
+    changes = {
+        "insert": [
+            Mutation("insert", ts + i, (i % 2, "a", i, "x"), {"v1": (i, None)}) for i in range(7)
+        ],
+        "update": [
+            Mutation("update", ts + 10 + i, (0, "a", i, "y"), {"v2": (f"u{i}", None)})
+            for i in range(5)
+        ],
+        "delete": [Mutation("delete_row", ts + 20 + i, (1, "a", i, "x")) for i in range(3)],
+        "partition_delete": [Mutation("delete_partition", ts + 30, (p, "b")) for p in (0, 1)],
+        "range_delete": [
+            Mutation("delete_range", ts + 40 + p, (p, "a"), {}, (5,), True, (), True)
+            for p in (0, 1)
+        ],
+        "snapshot": [
+            Mutation("insert", ts + 50 + i, (1, "b", i, "z"), {"v3": (i, None)}) for i in range(4)
+        ],
+    }
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for name, mutations in changes.items():
+        for m in mutations:
+            key, value = schemaless_record(m, keyspace)
+            if name == "snapshot":
+                envelope = json.loads(value)
+                envelope["source"]["snapshot"] = "true"
+                value = json.dumps(envelope).encode()
+            records.append((key, value))
+    records.append((b'{"p1": 0}', b"not json"))  # dead-lettered
+    records.append((records[0][0], None))  # the Kafka tombstone after a delete
+    await produce_positions(stack.kafka, topic, records)
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, http__host="127.0.0.1")
+    worker = Worker(load_config(env))
+    running = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(60):
+            while worker.http is None or await applied(stack.postgres_dsn, schema) < len(records):
+                assert not running.done()
+                await asyncio.sleep(0.1)
+        status, metrics = await asyncio.to_thread(http_get, worker.http.port, "/metrics")
+        assert status == 200
+        counted = {
+            sample.labels["op"]: sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "cdc_events_processed_total"
+        }
+        assert counted == {name: len(mutations) for name, mutations in changes.items()}
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 30)
         await drop_schema(stack.postgres_dsn, schema)
 
 

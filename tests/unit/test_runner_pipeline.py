@@ -41,7 +41,7 @@ def _chunk(offsets: list[int], schema: TableSchema, letters: list[int]) -> Prepa
     prepared = Prepared(records)
     prepared.batch.tables = [(schema, [f"mutation {o}" for o in offsets if o not in letters])]  # type: ignore[list-item]
     prepared.batch.dead_letters = [_letter(o) for o in letters]
-    prepared.counts = {("cdc-events-t", "cdc_t"): len(offsets) - len(letters)}
+    prepared.counts = {("cdc-events-t", "cdc_t", "insert"): len(offsets) - len(letters)}
     prepared.stamps = {"cdc_t": [o * 10 for o in offsets if o not in letters]}
     prepared.first = {tp: offsets[0]}
     prepared.last = {tp: offsets[-1]}
@@ -60,7 +60,7 @@ def test_a_later_chunk_extends_the_next_one_in_offset_order() -> None:
     assert schema.version == 2  # the table grew a column meanwhile: the newer schema applies
     assert mutations == ["mutation 10", "mutation 12", "mutation 13", "mutation 14"]
     assert [d.offset for d in first.batch.dead_letters] == [11]
-    assert first.counts == {("cdc-events-t", "cdc_t"): 4}
+    assert first.counts == {("cdc-events-t", "cdc_t", "insert"): 4}
     assert first.stamps == {"cdc_t": [100, 120, 130, 140]}
     assert first.first == {tp: 10}
     assert first.last == {tp: 14}
