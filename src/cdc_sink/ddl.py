@@ -217,7 +217,8 @@ class Catalog:
             # same name made by hand, …): no record can fix it, and skipping would lose data.
             raise FatalError(
                 f"PostgreSQL refused to create or change table {target!r} in schema "
-                f"{self.schema!r} ({exc.sqlstate} {type(exc).__name__}: {exc})"
+                f"{self.schema!r} ({exc.sqlstate} {type(exc).__name__}: {exc})",
+                stage="catalog",
             ) from exc
 
     async def _evolve_locked(

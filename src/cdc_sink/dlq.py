@@ -206,7 +206,7 @@ def kafka_failure(exc: KafkaError, doing: str) -> Exception:
     the rest (authorization, message too large, …) fatal."""
     if isinstance(exc, KafkaTimeoutError | KafkaConnectionError) or exc.retriable:
         return TransientError(f"{doing}: {type(exc).__name__}: {exc}")
-    return FatalError(f"{doing}: {type(exc).__name__}: {exc}; nothing was committed")
+    return FatalError(f"{doing}: {type(exc).__name__}: {exc}; nothing was committed", stage="dlq")
 
 
 class DlqProducer:

@@ -61,7 +61,12 @@ class TransientError(SinkError):
 
 
 class FatalError(SinkError):
-    """A failure retrying cannot fix and skipping would lose data: stop without committing."""
+    """A failure retrying cannot fix and skipping would lose data: stop without committing.
+    `stage` names where it happened (the label of cdc_errors_total{kind="fatal"})."""
+
+    def __init__(self, message: str, *, stage: str = "run") -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class FencedError(SinkError):

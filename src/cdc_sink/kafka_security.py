@@ -37,5 +37,6 @@ def unreachable(kafka: KafkaConfig, client: str, exc: BaseException) -> FatalErr
         settings += f", CDC_KAFKA__SECURITY_PROTOCOL={kafka.security_protocol} and its settings"
     return FatalError(
         f"cannot reach Kafka for the {client} ({settings}): {exc}; "
-        "the reason is in aiokafka's error just before"
+        "the reason is in aiokafka's error just before",
+        stage="kafka",
     )

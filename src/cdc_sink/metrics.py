@@ -2,14 +2,19 @@
 
 No metric touches prometheus_client's global default registry, so several workers (or tests)
 in one process never collide on names.
+
+A worker that stops on a fatal error is gone before any scrape could see it counted, so it also
+pushes the time of its exit to the Pushgateway (`push_fatal_exit`), where it stays.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, pushadd_to_gateway
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "push_fatal_exit"]
+
+FATAL_EXIT_JOB = "cdc-sink"  # the pushed group's job label, as the workers' scrape job
 
 # 1 ms … 60 s: a healthy pipeline sits in the low milliseconds, a stalled one in tens of seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -112,3 +117,25 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition body of this registry and its content type, for GET /metrics."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def push_fatal_exit(
+    url: str, stage: str, *, instance: str, consumer_group: str, timeout_s: float
+) -> None:
+    """Push `cdc_fatal_exit_timestamp_seconds{stage}` = now to the Pushgateway at `url`, in the
+    group job="cdc-sink", `instance`, `consumer_group` (replacing that group's earlier exit).
+    Blocking; raises what the HTTP request raises."""
+    registry = CollectorRegistry()
+    Gauge(
+        "cdc_fatal_exit_timestamp_seconds",
+        "Unix time the worker last stopped on a fatal error, by stage.",
+        ["stage"],
+        registry=registry,
+    ).labels(stage).set_to_current_time()
+    pushadd_to_gateway(
+        url,
+        job=FATAL_EXIT_JOB,
+        registry=registry,
+        grouping_key={"instance": instance, "consumer_group": consumer_group},
+        timeout=timeout_s,
+    )

@@ -52,7 +52,8 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[str]:
             )
         raise FatalError(
             f"cannot apply the migrations in schema {schema!r} "
-            f"({exc.sqlstate} {type(exc).__name__}: {exc}){hint}"
+            f"({exc.sqlstate} {type(exc).__name__}: {exc}){hint}",
+            stage="migrate",
         ) from exc
 
 

@@ -191,7 +191,7 @@ class ConfluentRegistry:
         if status in (408, 429) or status >= 500:
             raise TransientError(said)
         if status in (401, 403, 407):
-            raise FatalError(said)
+            raise FatalError(said, stage="decode")
         if status == 404:
             why = f"unknown schema id {schema_id} ({said})"
             self._unknown.add(schema_id, why)
@@ -222,7 +222,8 @@ class ConfluentRegistry:
         if not isinstance(body, dict) or not isinstance(body.get("schema"), str):
             raise FatalError(
                 f"{where} answered schema id {schema_id} without a schema: "
-                f"{response.text[:200]!r}; is the URL the registry's API root?"
+                f"{response.text[:200]!r}; is the URL the registry's API root?",
+                stage="decode",
             )
         kind = body.get("schemaType") or "AVRO"
         if kind != "AVRO":

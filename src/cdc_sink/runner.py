@@ -51,7 +51,7 @@ from cdc_sink.events import Position, interpret, op_name
 from cdc_sink.http import HttpServer, add_standard_routes
 from cdc_sink.kafka_security import client_security, unreachable
 from cdc_sink.logs import get_logger
-from cdc_sink.metrics import Metrics
+from cdc_sink.metrics import Metrics, push_fatal_exit
 from cdc_sink.migrate import migrate, pending
 from cdc_sink.plan import Mutation
 from cdc_sink.pools import BoundedPool, open_pool
@@ -76,6 +76,7 @@ PREPARE_YIELD_S = 0.0001
 # At shutdown, for a Kafka client to leave the group and close: with the broker away, aiokafka
 # may otherwise wait out a coordinator lookup or request timeout (tens of seconds).
 KAFKA_CLOSE_TIMEOUT_S = 5.0
+FATAL_PUSH_TIMEOUT_S = 5.0  # the exit waits this long at most for the Pushgateway
 
 # A table or column the sink made and recorded in _cdc_schema_metadata was dropped by hand.
 _GONE = dict.fromkeys(
@@ -84,12 +85,13 @@ _GONE = dict.fromkeys(
 )
 
 
-def _refused(what: str, exc: asyncpg.PostgresError) -> FatalError:
+def _refused(what: str, exc: asyncpg.PostgresError, stage: str) -> FatalError:
     """PostgreSQL refused something no retry will change (a missing privilege, a dropped table):
     stop, saying what and why."""
     return FatalError(
         f"PostgreSQL refused {what} ({exc.sqlstate} {type(exc).__name__}: {exc}); "
-        f"nothing was committed{_GONE.get(exc.sqlstate, '')}"
+        f"nothing was committed{_GONE.get(exc.sqlstate, '')}",
+        stage=stage,
     )
 
 
@@ -268,7 +270,37 @@ class Worker:
     # lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Consume and apply until stopped (or caught up); return the process exit code."""
+        """Consume and apply until stopped (or caught up); return the process exit code.
+
+        A failure that ends the run (FatalError, or anything unforeseen) is counted in
+        cdc_errors_total{kind="fatal"} and, with CDC_PUSHGATEWAY__URL, pushed as the time of
+        this exit before it is raised: the process leaves next, before any scrape."""
+        try:
+            return await self._run()
+        except Exception as exc:
+            await self._report_fatal(exc)
+            raise
+
+    async def _report_fatal(self, exc: Exception) -> None:
+        stage = getattr(exc, "stage", None) or "unexpected"
+        self.metrics.errors.labels(stage, "fatal").inc()
+        url = self.config.pushgateway.url
+        if not url:
+            return
+        push = functools.partial(
+            push_fatal_exit,
+            url,
+            stage,
+            instance=socket.gethostname(),
+            consumer_group=self.group,
+            timeout_s=FATAL_PUSH_TIMEOUT_S,
+        )
+        try:
+            await asyncio.wait_for(asyncio.to_thread(push), FATAL_PUSH_TIMEOUT_S + 1)
+        except Exception as failed:  # noqa: BLE001 - the exit goes on; its log line remains
+            log.warning("fatal_push_failed", url=url, error=f"{type(failed).__name__}: {failed}")
+
+    async def _run(self) -> int:
         self.config, self.login = await open_secrets(self.config)
         cfg = self.config
         try:
@@ -358,7 +390,9 @@ class Worker:
                 cfg, self.login, size=cfg.api_pool_size, application_name="cdc-sink-api"
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
+            raise FatalError(
+                f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}", stage="postgres"
+            ) from exc
         self.api_pool = BoundedPool(api, cfg.api_acquire_timeout_s, "HTTP API")
 
     async def _close_pools(self) -> None:
@@ -376,7 +410,8 @@ class Worker:
             elif todo := await self._pending(conn):
                 raise FatalError(
                     f"migrations {', '.join(todo)} are not applied: run `python -m cdc_sink "
-                    "migrate` or set CDC_SINK__MIGRATE_ON_START=true"
+                    "migrate` or set CDC_SINK__MIGRATE_ON_START=true",
+                    stage="migrate",
                 )
 
     async def _pending(self, conn: asyncpg.Connection) -> list[str]:
@@ -385,7 +420,8 @@ class Worker:
         except asyncpg.PostgresError as exc:
             raise FatalError(
                 f"cannot read the applied migrations in schema {self.config.postgres.schema!r} "
-                f"({exc.sqlstate} {type(exc).__name__}: {exc})"
+                f"({exc.sqlstate} {type(exc).__name__}: {exc})",
+                stage="migrate",
             ) from exc
 
     def _cassandra(self) -> CassandraSystemSchema | None:
@@ -533,7 +569,8 @@ class Worker:
             self._claim_failures += 1
             if not is_transient(exc) or self._claim_failures >= sink.retry_attempts:
                 raise FatalError(
-                    f"cannot claim partitions ({type(exc).__name__}: {exc}); nothing committed"
+                    f"cannot claim partitions ({type(exc).__name__}: {exc}); nothing committed",
+                    stage="claim",
                 ) from exc
             delay = backoff_delay(
                 self._claim_failures - 1, sink.retry_base_seconds, sink.retry_max_seconds, self._rng
@@ -677,7 +714,8 @@ class Worker:
             if self.login is not None and self.login.expired():
                 raise FatalError(
                     "the PostgreSQL login leased from Vault has expired: Vault could not be "
-                    "reached to renew or replace it (see the vault_renewal_failed lines)"
+                    "reached to renew or replace it (see the vault_renewal_failed lines)",
+                    stage="vault",
                 )
             if self._in_flight is None:
                 await self._follow_login()
@@ -918,7 +956,7 @@ class Worker:
         except Exception as exc:  # transient ones were retried: what is left is data or fatal
             if not is_data_error(exc):
                 if isinstance(exc, asyncpg.PostgresError):
-                    raise _refused("the batch", exc) from exc
+                    raise _refused("the batch", exc, "write") from exc
                 raise
             if len(records) > 1:
                 middle = len(records) // 2
@@ -1033,7 +1071,7 @@ class Worker:
                 self.metrics.errors.labels(exc.stage, "poison").inc()
                 continue
             except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
-                raise _refused("reading or recording a table's schema", exc) from exc
+                raise _refused("reading or recording a table's schema", exc, "catalog") from exc
             if mutation is None:
                 continue
             converted, schema = mutation
@@ -1091,7 +1129,8 @@ class Worker:
                 if attempt == attempts - 1:
                     raise FatalError(
                         f"{stage}: gave up after {attempts} attempts ({type(exc).__name__}: "
-                        f"{exc}); nothing was committed, the batch will be re-read on restart"
+                        f"{exc}); nothing was committed, the batch will be re-read on restart",
+                        stage=stage,
                     ) from exc
                 delay = backoff_delay(
                     attempt, sink.retry_base_seconds, sink.retry_max_seconds, self._rng

@@ -43,6 +43,9 @@ RETRY_S = (1.0, 30.0)  # backoff bounds while Vault does not answer
 class VaultError(FatalError):
     """Vault refused or could not be reached when a secret was needed to start."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, stage="vault")
+
 
 @dataclass
 class Lease:

@@ -1,10 +1,13 @@
 """The stack's Prometheus evaluates the repository's rules and alerts through its Alertmanager,
-which applies the inhibitions of deploy/local/conf/prometheus/alertmanager.yml."""
+which applies the inhibitions of deploy/local/conf/prometheus/alertmanager.yml; a worker's fatal
+exit reaches it through the Pushgateway."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import socket
 import time
 import urllib.parse
 import urllib.request
@@ -14,8 +17,14 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import delete_from_gateway, generate_latest
 
+from cdc_sink.config import load_config
+from cdc_sink.errors import FatalError
+from cdc_sink.runner import Worker
 from tests.support.alerting import ALERTMANAGER_CONFIG, rule_groups
+from tests.support.alerting import alerts as alerting_rules
+from tests.support.pipeline import run_cli, sink_env
 from tests.support.stack import Endpoints
 
 WAIT_SECONDS = 60  # a few evaluation intervals (5 s in the stack), on a busy machine
@@ -185,3 +194,75 @@ def test_alertmanager_inhibits_warnings_behind_their_critical_alert(
         for alert in alerts:
             alert["endsAt"] = datetime.now(UTC).isoformat()
         _post(f"{alertmanager}/api/v2/alerts", alerts)
+
+
+def _expanded(alert: str) -> str:
+    """The alert's expression with each recording rule it uses replaced by that rule's own
+    expression: the stack's Prometheus evaluates it whatever rule files it has loaded."""
+    recorded = {
+        rule["record"]: rule["expr"] for g in rule_groups() for rule in g.rules if "record" in rule
+    }
+    expression = str(alerting_rules()[alert]["expr"])
+    while True:
+        used = [
+            name
+            for name in recorded
+            if re.search(rf"(?<![\w:]){re.escape(name)}(?![\w:])", expression)
+        ]
+        if not used:
+            return expression
+        for name in used:
+            expression = re.sub(
+                rf"(?<![\w:]){re.escape(name)}(?![\w:])", f"({recorded[name]})", expression
+            )
+
+
+def _query(prometheus: str, expression: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = _get(
+        f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expression})}"
+    )["data"]["result"]
+    return found
+
+
+def test_a_worker_that_stops_on_a_fatal_error_fires_cdc_fatal_error(
+    stack: Endpoints, unique: Callable[[str], str]
+) -> None:
+    """A worker that stops on a fatal error (here: migrations not applied, and it may not apply
+    them) counts it, pushes the time of its exit to the Pushgateway before the process leaves,
+    and CdcFatalError's expression, evaluated by the stack's Prometheus, fires for its stage."""
+    group = unique("g")
+    env = sink_env(
+        stack,
+        topic=unique("cdc-events-fatal"),
+        group=group,
+        schema=unique("fatal"),
+        sink__migrate_on_start="false",
+        pushgateway__url=stack.pushgateway_url,
+    )
+    began = time.time()
+    worker = Worker(load_config(env))
+    with pytest.raises(FatalError, match="are not applied"):
+        asyncio.run(worker.run())
+    counted = generate_latest(worker.metrics.registry).decode()
+    assert 'cdc_errors_total{kind="fatal",stage="migrate"} 1.0' in counted
+    done = run_cli(env, "run")  # the same, as the process a pod runs: it exits
+    assert done.returncode == 1, done.stderr
+    pushed = f'cdc_fatal_exit_timestamp_seconds{{job="cdc-sink",consumer_group="{group}"}}'
+    try:
+
+        def check() -> str | None:
+            exits = _query(stack.prometheus_url, pushed)
+            if not exits or float(exits[0]["value"][1]) < began:
+                return f"Prometheus has no exit of this run: {exits}"
+            firing = _query(stack.prometheus_url, _expanded("CdcFatalError"))
+            if not any(series["metric"].get("stage") == "migrate" for series in firing):
+                return f"CdcFatalError's expression gives {firing}"
+            return None
+
+        _until(check)
+    finally:
+        delete_from_gateway(
+            stack.pushgateway_url,
+            job="cdc-sink",
+            grouping_key={"instance": socket.gethostname(), "consumer_group": group},
+        )
