@@ -1188,7 +1188,7 @@ class Worker:
                     "dlq", functools.partial(reserve_dlq_ids, pool, len(todo))
                 )
             except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
-                raise _refused("reserving dead-letter ids", exc) from exc
+                raise _refused("reserving dead-letter ids", exc, "dlq") from exc
             todo = [dataclasses.replace(d, dlq_id=i) for d, i in zip(todo, ids, strict=True)]
             with tracer.start_as_current_span(
                 "cdc.dlq.produce", attributes={"cdc.letters": len(todo)}
