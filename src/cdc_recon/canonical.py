@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
 from typing import Any
@@ -244,8 +245,17 @@ _SCALAR: dict[str, Callable[[Any], Canon]] = {
 
 def _json_column(t: CqlType, value: Any) -> Canon:
     # Numbers as Decimal: a float would round away digits of decimals nested in the JSON.
-    parsed = json.loads(value, parse_float=Decimal) if isinstance(value, str | bytes) else value
-    return _json_finish(t, parsed)
+    if isinstance(value, str | bytes):
+        value = json.loads(value, parse_float=Decimal, parse_int=_json_int)
+    return _json_finish(t, value)
+
+
+def _json_int(text: str) -> int | Decimal:
+    """A JSON integer as int, or as Decimal when it has more digits than Python turns into an
+    int (sys.get_int_max_str_digits): jsonb numbers are numerics of up to 131072 digits, and
+    only a varint's can be that long, which compares as a Decimal anyway."""
+    limit = sys.get_int_max_str_digits()
+    return Decimal(text) if limit and len(text) > limit else int(text)
 
 
 def _json_finish(t: CqlType, parsed: Any) -> Canon:

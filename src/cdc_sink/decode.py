@@ -8,8 +8,10 @@ The format is detected per record, for key and value independently:
   schemas.
 
 Values come out as the converter wrote them. Avro: records are dicts, `bytes` are bytes, Connect
-Decimals are exact `decimal.Decimal`s, Connect Date/Time/Timestamp stay ints, Connect maps stored
-as arrays of MapEntry records stay lists of `{"key", "value"}` dicts (native Avro maps are dicts).
+Decimals are exact `decimal.Decimal`s (`OversizedDecimal`s, unconverted, when their size alone
+shows that PostgreSQL's numeric cannot hold them), Connect Date/Time/Timestamp stay ints, Connect
+maps stored as arrays of MapEntry records stay lists of `{"key", "value"}` dicts (native Avro
+maps are dicts).
 JSON: bytes and Decimals are base64 strings, maps with string keys are objects, other maps are
 lists of `[key, value]` pairs. The column schemas say which is which.
 """
@@ -17,10 +19,8 @@ lists of `[key, value]` pairs. The column schemas say which is which.
 from __future__ import annotations
 
 import asyncio
-import decimal
 import io
 import json
-import math
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,9 +28,11 @@ from functools import partial
 from typing import Any
 
 import fastavro
+import fastavro.read
 
 from cdc_sink.errors import DecodeError
 from cdc_sink.registry import ConfluentRegistry, OnceCache, Refusals, SchemaRegistry
+from cdc_sink.types import decimal_from_bytes
 
 __all__ = [
     "ConfluentRegistry",
@@ -397,9 +399,9 @@ def _short_names(node: Any) -> set[str]:
 
 def _reader_form(node: Any) -> Any:
     """Copy of a schema without what fastavro would reject or convert lossily but reading does
-    not need: field defaults and logical types other than decimal. Decimal precision is widened
-    so fastavro's Decimal context never rounds (AvroData declares 64 digits; varints can exceed
-    it)."""
+    not need: field defaults and logical types other than decimal. Decimals are read by
+    `_read_decimal` rather than fastavro's reader, which rounds to the declared precision and
+    converts a value of any size, in time quadratic in its length."""
     if isinstance(node, list):
         return [_reader_form(member) for member in node]
     if not isinstance(node, dict):
@@ -413,15 +415,29 @@ def _reader_form(node: Any) -> Any:
             for f in node["fields"]
         ]
     logical = node.get("logicalType")
-    if logical == "decimal" and node.get("type") == "bytes":
-        node["precision"] = decimal.MAX_PREC
-    elif logical == "decimal" and node.get("type") == "fixed" and isinstance(node.get("size"), int):
-        widest = math.floor(math.log10(2) * (8 * node["size"] - 1))
-        if widest >= max(1, node.get("scale") or 0):
-            node["precision"] = widest
+    if logical == "decimal" and node.get("type") in ("bytes", "fixed"):
+        scale = node.get("scale", 0)
+        if type(scale) is not int or scale < 0:
+            raise ValueError(f"decimal scale {scale!r} is not a whole number")
+        node["logicalType"] = _DECIMAL_READER
     elif logical is not None:
         del node["logicalType"]
     return node
+
+
+_DECIMAL_READER = "cdc-sink-decimal"
+
+
+def _read_decimal(data: Any, writer_schema: dict[Any, Any] | None, _: Any = None) -> Any:
+    """fastavro's logical reader for `_DECIMAL_READER`: a Connect Decimal's bytes, converted
+    only if their size allows a PostgreSQL numeric (else an OversizedDecimal)."""
+    return decimal_from_bytes(data, (writer_schema or {}).get("scale", 0))
+
+
+# fastavro looks logical readers up by "<type>-<logicalType>" in this dict. The name is the
+# sink's own: fastavro's standard decimal reader stays as it is for any other user.
+for _kind in ("bytes", "fixed"):
+    fastavro.read.LOGICAL_READERS[f"{_kind}-{_DECIMAL_READER}"] = _read_decimal
 
 
 def avro_to_connect(schema: Any) -> ConnectSchema:

@@ -48,11 +48,27 @@ def range_bound(name: str) -> dict[str, Any]:
     return {"name": name, "type": ["null", bound], "default": None}
 
 
+SOURCE_FIELDS = [
+    {"name": "connector", "type": "string"},
+    {"name": "ts_us", "type": ["null", "long"], "default": None},
+]
+WHOLE_SOURCE_FIELDS = [  # what the sink reads of `source` to apply an event
+    {"name": name, "type": kind}
+    for name, kind in (("ts_us", "long"), ("keyspace", "string"), ("table", "string"))
+]
+
+
 def envelope(
-    columns: list[tuple[str, Any]], *, namespace: str = NS, distinct_names: bool = False
+    columns: list[tuple[str, Any]],
+    *,
+    namespace: str = NS,
+    distinct_names: bool = False,
+    source_fields: list[dict[str, Any]] = SOURCE_FIELDS,
 ) -> dict[str, Any]:
     """A Debezium Cassandra envelope schema. Every cell struct is named `cell_value`, as the
-    connector does, unless distinct_names (a valid schema with the same binary encoding)."""
+    connector does, unless distinct_names (a valid schema with the same binary encoding).
+    `source_fields` are those of its `source` struct (WHOLE_SOURCE_FIELDS for events the sink
+    can apply)."""
     after_fields = [
         {"name": column, "type": cell(t, f"cell_{column}" if distinct_names else "cell_value")}
         for column, t in columns
@@ -67,10 +83,7 @@ def envelope(
         "type": "record",
         "name": "Source",
         "namespace": "io.debezium.connector.cassandra",
-        "fields": [
-            {"name": "connector", "type": "string"},
-            {"name": "ts_us", "type": ["null", "long"], "default": None},
-        ],
+        "fields": source_fields,
     }
     return {
         "type": "record",

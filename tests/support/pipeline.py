@@ -44,11 +44,17 @@ MODEL_CQL = (
 
 def create_cassandra_model_table(stack: Endpoints, keyspace: str) -> None:
     """The Cassandra table the events come from, so the sink can read its real column types."""
+    create_cassandra_table(stack, keyspace, MODEL_CQL.format(ks=keyspace))
+
+
+def create_cassandra_table(stack: Endpoints, keyspace: str, cql: str) -> None:
+    """Create `keyspace` (if need be) and run `cql` (a CREATE TABLE in it) on the stack's
+    Cassandra."""
     execute_cql(
         stack,
         f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
         "{'class': 'SimpleStrategy', 'replication_factor': 1}",
-        MODEL_CQL.format(ks=keyspace),
+        cql,
     )
 
 
@@ -234,6 +240,15 @@ async def wait_for_applied(
         await asyncio.sleep(0.05)
 
 
+async def fetch_rows(dsn: str, schema: str, query: str) -> list[asyncpg.Record]:
+    """The rows of `query`, run in `schema` on a connection of its own."""
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+    try:
+        return await conn.fetch(query)
+    finally:
+        await conn.close()
+
+
 async def fetch_value(dsn: str, query: str, *args: Any) -> Any:
     """The first column of the first row of `query`, on a connection of its own."""
     conn = await asyncpg.connect(dsn)
@@ -255,6 +270,38 @@ def http_get(port: int, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+Record = tuple[bytes | None, bytes | None]
+Expected = tuple[Record, str, str, tuple[str, ...]]
+"""A record expected in the DLQ: its bytes, error class, stage, and words its message holds."""
+
+
+async def assert_outcome(
+    dsn: str,
+    schema: str,
+    positions: Mapping[Any, tuple[int, int]],
+    dead: Mapping[Any, Expected],
+) -> None:
+    """Every produced record (`positions`: its partition and offset, by any name) is past the
+    checkpoints, and exactly the `dead` ones are in `_cdc_dlq_records`, each with its original
+    key and value, its error class and stage, and a message holding each expected fragment."""
+    [applied] = await fetch_rows(dsn, schema, "SELECT sum(next_offset) FROM _cdc_checkpoints")
+    letters = await fetch_rows(
+        dsn,
+        schema,
+        "SELECT source_partition, source_offset, error_class, stage, error_message, "
+        "record_key, record_value FROM _cdc_dlq_records",
+    )
+    assert applied[0] == len(positions)
+    at = {(r["source_partition"], r["source_offset"]): r for r in letters}
+    assert sorted(at) == sorted(positions[name] for name in dead)
+    for name, (sent, error_class, stage, fragments) in dead.items():
+        letter = at[positions[name]]
+        assert (letter["record_key"], letter["record_value"]) == sent, name
+        assert (letter["error_class"], letter["stage"]) == (error_class, stage), name
+        for fragment in fragments:
+            assert fragment in letter["error_message"], (name, letter["error_message"])
 
 
 async def dead_letters(dsn: str, schema: str) -> int:

@@ -11,6 +11,7 @@ applied by PgWriter. Nothing converts a Cassandra value into a PostgreSQL value 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import ipaddress
@@ -299,6 +300,39 @@ class Setup:
     rows: list[Row]
 
 
+@contextlib.asynccontextmanager
+async def reconciler_on(
+    stack: Endpoints, schema: str, pushgateway_url: str | None = None, **settings: Any
+) -> AsyncIterator[Reconciler]:
+    """A Reconciler over PostgreSQL schema `schema` and the stack's Cassandra, with a pool and
+    a Cassandra session of its own (closed on leaving)."""
+    recon_session = connect_cassandra(
+        CassandraConfig(contact_points=stack.cassandra_host, port=stack.cassandra_port),
+        "LOCAL_QUORUM",
+    )
+    pool = await asyncpg.create_pool(
+        stack.postgres_dsn,
+        min_size=1,
+        max_size=6,
+        server_settings={"search_path": schema},
+        init=prepare_connection,
+    )
+    assert pool is not None
+    try:
+        yield Reconciler(
+            pool,
+            schema,
+            recon_session,
+            ReconciliationConfig(**settings),
+            metrics=ReconMetrics(),
+            pushgateway_url=pushgateway_url,
+            owner="test",
+        )
+    finally:
+        await pool.close()
+        recon_session.cluster.shutdown()
+
+
 async def make_setup(
     stack: Endpoints,
     unique: Callable[[str], str],
@@ -309,41 +343,22 @@ async def make_setup(
     """Create both sides with `count` identical rows; drop both afterwards."""
     keyspace, schema = unique("recon"), unique("recon")
     session = cassandra_session(stack)
-    recon_session = connect_cassandra(
-        CassandraConfig(contact_points=stack.cassandra_host, port=stack.cassandra_port),
-        "LOCAL_QUORUM",
-    )
     conn = await sink_connection(stack.postgres_dsn, schema)
-    pool = await asyncpg.create_pool(
-        stack.postgres_dsn,
-        min_size=1,
-        max_size=6,
-        server_settings={"search_path": schema},
-        init=prepare_connection,
-    )
-    assert pool is not None
     try:
-        create_keyspace(session, keyspace)
-        rows = [make_row(i) for i in range(count)]
-        load_cassandra(session, keyspace, rows)
-        table = await sink_schema(pool, schema, lambda: cassandra_session(stack), keyspace, rows[0])
-        await apply_in_parallel(
-            stack.postgres_dsn, schema, table, [event(keyspace, r) for r in rows]
-        )
-        reconciler = Reconciler(
-            pool,
-            schema,
-            recon_session,
-            ReconciliationConfig(**settings),
-            metrics=ReconMetrics(),
-            pushgateway_url=pushgateway_url,
-            owner="test",
-        )
-        yield Setup(keyspace, schema, session, pool, reconciler, rows)
+        async with reconciler_on(stack, schema, pushgateway_url, **settings) as reconciler:
+            pool = reconciler.pool
+            create_keyspace(session, keyspace)
+            rows = [make_row(i) for i in range(count)]
+            load_cassandra(session, keyspace, rows)
+            table = await sink_schema(
+                pool, schema, lambda: cassandra_session(stack), keyspace, rows[0]
+            )
+            await apply_in_parallel(
+                stack.postgres_dsn, schema, table, [event(keyspace, r) for r in rows]
+            )
+            yield Setup(keyspace, schema, session, pool, reconciler, rows)
     finally:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
-        await pool.close()
         session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
         session.cluster.shutdown()
-        recon_session.cluster.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from cdc_sink.decode import Decoder, avro_to_connect, rename_redefined_types
 from cdc_sink.errors import DecodeError, TransientError
+from cdc_sink.types import OversizedDecimal
 from tests.support.debezium_avro import (
     COLUMNS,
     KEY_SCHEMA,
@@ -488,6 +490,59 @@ async def test_recursive_writer_schemas_are_poison(schema: dict[str, Any]) -> No
     decoder = Decoder(FakeRegistry({5: schema}))
     with pytest.raises(DecodeError, match=r"schema id 5 is not a usable Avro schema: .*contains"):
         await decoder.decode(None, b"\x00\x00\x00\x00\x05" + b"\x02" * 500_000 + b"\x00")
+
+
+async def test_avro_decimals_convert_only_when_a_numeric_can_hold_them() -> None:
+    """Connect Decimals (bytes and fixed) read as exact Decimals; one whose size alone rules out
+    PostgreSQL's numeric stays unconverted, an OversizedDecimal, and costs no conversion."""
+    schema = {
+        "type": "record",
+        "name": "R",
+        "fields": [
+            {
+                "name": "b",
+                "type": {"type": "bytes", "logicalType": "decimal", "precision": 4, "scale": 2},
+            },
+            {
+                "name": "f",
+                "type": {
+                    "type": "fixed",
+                    "name": "F",
+                    "size": 3,
+                    "logicalType": "decimal",
+                    "precision": 6,
+                    "scale": 1,
+                },
+            },
+        ],
+    }
+    plain = {
+        "type": "record",
+        "name": "R",
+        "fields": [
+            {"name": "b", "type": "bytes"},
+            {"name": "f", "type": {"type": "fixed", "name": "F", "size": 3}},
+        ],
+    }
+    decoder = Decoder(FakeRegistry({5: schema}))
+    exact = (12_345_678_901).to_bytes(5, "big", signed=True)  # more digits than declared
+    record = await decoder.decode(None, wire(5, plain, {"b": exact, "f": b"\xff\xff\xfe"}))
+    assert record.value == {"b": Decimal("123456789.01"), "f": Decimal("-0.2")}
+    huge = b"\x11" * 1_000_000
+    began = time.perf_counter()
+    record = await decoder.decode(None, wire(5, plain, {"b": huge, "f": b"\x00\x00\x01"}))
+    assert time.perf_counter() - began < 2.0
+    assert record.value == {"b": OversizedDecimal(1_000_000, 2), "f": Decimal("0.1")}
+
+
+@pytest.mark.parametrize("scale", [-1, "2", 1.5])
+async def test_an_avro_decimal_of_an_invalid_scale_is_poison(scale: Any) -> None:
+    """A decimal whose scale is not a whole number makes the writer schema unusable."""
+    decimal = {"type": "bytes", "logicalType": "decimal", "precision": 4, "scale": scale}
+    schema = {"type": "record", "name": "R", "fields": [{"name": "b", "type": decimal}]}
+    decoder = Decoder(FakeRegistry({5: schema}))
+    with pytest.raises(DecodeError, match=r"not a usable Avro schema: .*scale"):
+        await decoder.decode(None, b"\x00\x00\x00\x00\x05\x02\x01")
 
 
 async def test_a_named_type_used_twice_side_by_side_is_not_recursion() -> None:

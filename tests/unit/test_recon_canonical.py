@@ -127,6 +127,17 @@ def test_a_value_the_sink_cannot_store_is_a_difference() -> None:
     assert canon.startswith(UNCONVERTIBLE)
 
 
+def test_varints_longer_than_python_parses_compare_in_jsonb() -> None:
+    """A varint of 5,000 digits in a map (jsonb: PostgreSQL keeps every digit, Python parses
+    no int past 4,300) has the same canonical form on both sides; past numeric's 131072
+    digits, Cassandra's value is a difference, found without converting it."""
+    cql, digits = t("map<text, varint>"), "7" * 5_000
+    postgres = '{"a": ' + digits + ', "b": 5}'
+    cassandra = {"a": int(Decimal(digits)), "b": 5}
+    assert canonical_value(cql, postgres) == from_cassandra(cql, cassandra)
+    assert from_cassandra(cql, {"a": 1 << 8_000_000}).startswith(UNCONVERTIBLE)
+
+
 def test_digests_and_buckets() -> None:
     """Row digests change with any value; buckets are stable and in range."""
     row = ((1, "a"), ("x", None))

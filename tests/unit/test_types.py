@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import math
+import random
 import uuid
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from ipaddress import IPv4Address, IPv6Address
+from time import perf_counter
 from typing import Any
 
 import pytest
@@ -481,6 +483,7 @@ def test_none_stays_none_for_every_type() -> None:
         ("decimal", Decimal("sNaN"), "signaling"),
         ("decimal", "1E+131072", "numeric range"),
         ("decimal", "1E-16384", "numeric range"),
+        ("decimal", "1e" + "9" * 30, "numeric range"),  # past even decimal's exponents
         ("decimal", {"scale": 16384, "value": twos(1)}, "numeric range"),
         ("decimal", {"scale": "2", "value": twos(1)}, "scale"),
         ("decimal", {"scale": 2, "value": b""}, "two's complement"),
@@ -513,6 +516,115 @@ def test_conversion_error_shows_an_int_too_large_for_repr(cql: str, in_a_list: b
     huge = 10**5000
     with pytest.raises(ConversionError, match="too large to show"):
         pg(cql, [huge] if in_a_list else huge)
+
+
+# --- numeric's limits ----------------------------------------------------------------------------
+
+NUMERIC_LIMIT = "131072 digits before the decimal point and 16383 after"
+BIG = 1_000_000  # bytes of an unscaled value: naively, a minute or more to convert
+
+
+@pytest.mark.parametrize(
+    ("cql", "value"),
+    [
+        ("varint", b"\x5a" * BIG),
+        ("varint", b64(b"\x5a" * BIG)),
+        ("varint", 1 << (8 * BIG)),
+        ("decimal", {"scale": 10, "value": b"\xa5" * BIG}),
+        ("decimal", {"scale": 10, "value": b64(b"\xa5" * BIG)}),
+        ("decimal", -(1 << (8 * BIG))),
+        ("decimal", types.decimal_from_bytes(b"\x5a" * BIG, 0)),
+        ("varint", types.decimal_from_bytes(b"\x5a" * BIG, 0)),
+        ("list<varint>", [b"\x5a" * BIG]),
+        ("frozen<list<frozen<list<decimal>>>>", [[{"scale": 0, "value": b"\x5a" * BIG}]]),
+    ],
+    ids=[
+        "varint-bytes",
+        "varint-base64",
+        "varint-int",
+        "decimal-bytes",
+        "decimal-base64",
+        "decimal-int",
+        "decimal-unconverted",
+        "varint-unconverted",
+        "array",
+        "jsonb",
+    ],
+)
+def test_numbers_past_numeric_are_refused_by_their_size_before_converting(
+    cql: str, value: Any
+) -> None:
+    """A decimal or varint whose size alone puts it past PostgreSQL's numeric is refused at
+    once, naming the limit, in every shape it arrives in (converting a megabyte to Decimal
+    first would hold the worker for minutes)."""
+    began = perf_counter()
+    with pytest.raises(ConversionError, match=NUMERIC_LIMIT):
+        pg(cql, value)
+    assert perf_counter() - began < 2.0
+
+
+def test_decimal_from_bytes_leaves_what_numeric_cannot_hold_unconverted() -> None:
+    """decimal_from_bytes gives the exact Decimal of what may fit, an OversizedDecimal (its
+    size and scale, shown as such in messages) of what cannot."""
+    assert types.decimal_from_bytes(twos(-12345), 3) == Decimal("-12.345")
+    assert types.decimal_from_bytes(b"", 2) == 0
+    oversized = types.decimal_from_bytes(b"\x01" + b"\x00" * 60_000, 0)
+    assert oversized == types.OversizedDecimal(60_001, 0)
+    assert repr(oversized) == "<60001-byte unscaled value, scale 0>"
+    assert isinstance(types.decimal_from_bytes(twos(1), 16_384), types.OversizedDecimal)
+
+
+@pytest.mark.parametrize(
+    ("unscaled", "scale", "fits"),
+    [
+        (10**131_072 - 1, 0, True),  # 131072 digits before the point
+        (10**131_072, 0, False),
+        (-(10**131_072 - 1), 0, True),
+        (10**147_455 - 1, 16_383, True),  # and 16383 after
+        (10**147_455, 16_383, False),
+        (1, 16_383, True),
+        (1, 16_384, False),
+        (1, -131_071, True),  # 1E+131071: 131072 digits
+        (10, -131_071, False),
+        (0, -131_071, True),
+        (0, -131_072, False),
+    ],
+    ids=lambda v: f"{v.bit_length()}bits" if isinstance(v, int) and v.bit_length() > 64 else None,
+)
+def test_numbers_at_numeric_limits(unscaled: int, scale: int, fits: bool) -> None:
+    """Exactly what PostgreSQL's numeric holds converts, as bytes and as an int, and one
+    digit more does not."""
+    shapes: list[Any] = [{"scale": scale, "value": twos(unscaled)}]
+    if scale == 0:
+        shapes += [unscaled, twos(unscaled)]
+    for value in shapes:
+        cql = "decimal" if isinstance(value, dict) else "varint"
+        if fits:
+            assert pg(cql, value) == Decimal(f"{Decimal(unscaled)}E{-scale}")
+        else:
+            with pytest.raises(ConversionError, match=NUMERIC_LIMIT):
+                pg(cql, value)
+
+
+def test_long_integers_convert_exactly() -> None:
+    """Integers of every length up to numeric's, both signs, convert to the same Decimal as
+    CPython's own (slower) conversion, from int and from two's complement bytes."""
+    rng = random.Random(7)
+    for bits in [*range(0, 70), 4095, 4096, 4097, 8192, 8193, 65_536, 100_000, 400_000]:
+        for n in (rng.getrandbits(bits), -rng.getrandbits(bits), 1 << bits, -(1 << bits)):
+            if n.bit_length() > 435_000:  # past 131072 digits
+                continue
+            assert pg("varint", n) == Decimal(n)
+            assert pg("varint", twos(n)) == Decimal(n)
+
+
+def test_a_long_malformed_decimal_is_refused_in_linear_time() -> None:
+    """A long run of digits that fails at its end is refused at once (a backtracking pattern
+    took quadratic time: 16 s for 40,000 characters)."""
+    began = perf_counter()
+    with pytest.raises(ConversionError, match="not a decimal number"):
+        pg("decimal", "1" * 200_000 + "x")
+    assert perf_counter() - began < 2.0
 
 
 # --- to_pg: arrays ------------------------------------------------------------------------------
