@@ -31,6 +31,7 @@ import fastavro
 import fastavro.read
 
 from cdc_sink.errors import DecodeError
+from cdc_sink.nesting import MAX_NESTING, deeper_than
 from cdc_sink.registry import ConfluentRegistry, OnceCache, Refusals, SchemaRegistry
 from cdc_sink.types import decimal_from_bytes
 
@@ -207,10 +208,15 @@ class Decoder:
 
     async def _fetch_avro(self, schema_id: int) -> _AvroWriter:
         text = await self._registry.schema_by_id(schema_id)
+        too_deep = f"writer schema id {schema_id} nests deeper than {MAX_NESTING} levels"
         try:
             schema = json.loads(text)
         except ValueError as exc:
             raise DecodeError(f"writer schema id {schema_id} is not JSON: {exc}") from exc
+        except RecursionError:  # far deeper: the parser ran out of stack
+            raise DecodeError(too_deep) from None
+        if deeper_than(schema):  # everything below walks the schema recursively
+            raise DecodeError(too_deep)
         try:
             parsed = fastavro.parse_schema(_reader_form(rename_redefined_types(schema)))
             connect = avro_to_connect(schema)
@@ -228,10 +234,13 @@ class Decoder:
                 return hit
         try:
             obj = json.loads(data)
-        except (ValueError, RecursionError) as exc:
+        except ValueError as exc:
             raise DecodeError(f"{what} is not valid JSON: {exc}; {_preview(data)}") from exc
+        except RecursionError:  # the parser ran out of stack
+            raise DecodeError(f"{what} nests deeper than {MAX_NESTING} levels") from None
         if isinstance(obj, dict) and len(obj) == 2 and "schema" in obj and "payload" in obj:
-            payload, schemas, fmt = obj["payload"], self._json_schemas(data, obj["schema"]), "json"
+            payload, fmt = obj["payload"], "json"
+            schemas = self._json_schemas(data, obj["schema"], what)
         else:
             payload, schemas, fmt = obj, _Schemas({}, {}), "json-schemaless"
         if payload is not None and not isinstance(payload, dict):
@@ -266,7 +275,9 @@ class Decoder:
             return None
         return payload, schemas, None, "json"
 
-    def _json_schemas(self, data: bytes, schema: Any) -> _Schemas:
+    def _json_schemas(self, data: bytes, schema: Any, what: str) -> _Schemas:
+        if deeper_than(schema):  # comparing it below and deriving types later recurse
+            raise DecodeError(f"{what} schema nests deeper than {MAX_NESTING} levels")
         schemas = _Schemas.of(schema)
         sep = data.find(_PAYLOAD_SEP, len(_ENVELOPE_HEAD))
         if isinstance(schema, dict) and data.startswith(_ENVELOPE_HEAD) and sep > 0:

@@ -20,6 +20,7 @@ import structlog
 
 from cdc_sink.errors import TransientError
 from cdc_sink.metrics import Metrics
+from cdc_sink.nesting import MAX_NESTING, deeper_than
 
 __all__ = ["HttpError", "HttpServer", "Request", "Response", "add_standard_routes", "json_response"]
 
@@ -64,11 +65,18 @@ class Request:
     body: bytes
 
     def json(self) -> Any:
-        """The body parsed as JSON; raises HttpError(400) if it is not valid JSON."""
+        """The body parsed as JSON; raises HttpError(400) if it is not valid JSON or nests
+        deeper than MAX_NESTING levels (handlers may walk it)."""
+        too_deep = f"JSON body nests deeper than {MAX_NESTING} levels"
         try:
-            return json.loads(self.body)
+            body = json.loads(self.body)
         except ValueError as exc:
             raise HttpError(400, f"invalid JSON body: {exc}") from exc
+        except RecursionError:  # far deeper: the parser ran out of stack
+            raise HttpError(400, too_deep) from None
+        if deeper_than(body):
+            raise HttpError(400, too_deep)
+        return body
 
 
 @dataclass(frozen=True, slots=True)

@@ -217,7 +217,7 @@ class ConfluentRegistry:
     def _schema_text(response: httpx.Response, schema_id: int, where: str) -> str:
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         if not isinstance(body, dict) or not isinstance(body.get("schema"), str):
             raise FatalError(
@@ -236,7 +236,7 @@ def _message(response: httpx.Response) -> str:
     """The registry's own error message, or the start of the body."""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return repr(response.text[:200])
     if isinstance(body, dict) and "message" in body:
         return f"{body['message']} (error code {body.get('error_code')})"

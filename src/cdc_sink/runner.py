@@ -37,10 +37,12 @@ from cdc_sink import cassandra, compression
 from cdc_sink.compression import UninflatedBatch
 from cdc_sink.config import Config
 from cdc_sink.ddl import CassandraSystemSchema, Catalog
-from cdc_sink.decode import ConfluentRegistry, Decoder
+from cdc_sink.decode import ConfluentRegistry, DecodedRecord, Decoder
 from cdc_sink.dlq import DeadLetter, DlqLimiter, DlqProducer
 from cdc_sink.errors import (
+    ConversionError,
     DecodeError,
+    EventError,
     FatalError,
     FencedError,
     PoisonError,
@@ -53,6 +55,7 @@ from cdc_sink.kafka_security import client_security, unreachable
 from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics, push_fatal_exit
 from cdc_sink.migrate import migrate, pending
+from cdc_sink.nesting import MAX_NESTING, deeper_than
 from cdc_sink.plan import Mutation
 from cdc_sink.pools import BoundedPool, open_pool
 from cdc_sink.replay import add_dlq_routes
@@ -1098,14 +1101,14 @@ class Worker:
         except (PoisonError, MemoryError):
             raise
         except Exception as exc:
-            raise _defect(record, exc, "interpret") from exc
+            raise _unforeseen(record, decoded, exc, "interpret") from exc
         schema = await self.catalog.resolve(event, decoded.key_schema, decoded.column_schemas)
         try:
             return schema.to_mutation(event), schema
         except (PoisonError, MemoryError):
             raise
         except Exception as exc:
-            raise _defect(record, exc, "convert") from exc
+            raise _unforeseen(record, decoded, exc, "convert") from exc
 
     async def _retrying(
         self,
@@ -1312,6 +1315,18 @@ class _NoRegistry:
         raise DecodeError(
             f"Avro record with schema id {schema_id} but no CDC_SCHEMA_REGISTRY__URL configured"
         )
+
+
+_STAGE_POISON = {"interpret": EventError, "convert": ConversionError}
+
+
+def _unforeseen(record: Any, decoded: DecodedRecord, exc: Exception, stage: str) -> PoisonError:
+    """What a pure stage's unforeseen failure on a record is: the record's own fault when the
+    stage ran out of stack on values nesting deeper than MAX_NESTING (JSON parses up to about
+    the stack's depth, and printing or walking such values recurses), a defect otherwise."""
+    if isinstance(exc, RecursionError) and (deeper_than(decoded.key) or deeper_than(decoded.value)):
+        return _STAGE_POISON[stage](f"the record nests deeper than {MAX_NESTING} levels")
+    return _defect(record, exc, stage)
 
 
 def _defect(record: Any, exc: Exception, stage: str) -> UnexpectedError:

@@ -42,6 +42,7 @@ from asyncpg.pgproto import pgproto
 from cdc_sink.errors import ConversionError
 
 __all__ = [
+    "MAX_TYPE_DEPTH",
     "PG_TUPLE_CODECS",
     "CqlType",
     "OversizedDecimal",
@@ -56,6 +57,10 @@ __all__ = [
 ]
 
 Converter = Callable[[Any], Any]
+
+MAX_TYPE_DEPTH = 32
+"""How deeply types may nest (list<int> is two levels). Far beyond any real schema, and it
+bounds every recursion over a type or a value of unknown type, so none can exhaust the stack."""
 
 
 @dataclass(frozen=True)
@@ -153,9 +158,9 @@ def parse_cql_type(
 
     `udts` maps UDT name -> [(field, type text)] for the keyspace. When it is given, a name not
     in it is an error; when it is None, UDTs come back with empty `fields`. ValueError on
-    anything that is not a supported type.
+    anything that is not a supported type, or one nested deeper than MAX_TYPE_DEPTH.
     """
-    return _parse(text, udts, nested=False, seen=())
+    return _parse(text, udts, nested=False, seen=(), depth=0)
 
 
 def _bad_type(text: str, reason: str) -> ValueError:
@@ -167,6 +172,7 @@ def _parse(
     udts: Mapping[str, Sequence[tuple[str, str]]] | None,
     nested: bool,
     seen: tuple[str, ...],
+    depth: int,
 ) -> CqlType:
     tokens: list[tuple[str, str]] = []
     pos, stripped = 0, text.strip()
@@ -182,7 +188,7 @@ def _parse(
         else:
             tokens.append(("word", word))
         pos = m.end()
-    parser = _Parser(text, tokens, udts)
+    parser = _Parser(text, tokens, udts, depth)
     result = parser.parse_type(nested, seen)
     if parser.pos != len(tokens):
         raise _bad_type(text, "text follows the type")
@@ -197,8 +203,10 @@ class _Parser:
         text: str,
         tokens: list[tuple[str, str]],
         udts: Mapping[str, Sequence[tuple[str, str]]] | None,
+        depth: int,
     ) -> None:
         self.text, self.tokens, self.udts, self.pos = text, tokens, udts, 0
+        self.depth = depth  # types enclosing the one being parsed (UDTs included)
 
     def _next(self) -> tuple[str, str]:
         if self.pos >= len(self.tokens):
@@ -209,15 +217,26 @@ class _Parser:
     def _peek_open(self) -> bool:
         return self.pos < len(self.tokens) and self.tokens[self.pos] == ("sym", "<")
 
-    def _params(self, seen: tuple[str, ...]) -> tuple[CqlType, ...]:
+    def _params(self, seen: tuple[str, ...], *, inner: bool = True) -> tuple[CqlType, ...]:
+        """The types between < and >: one level deeper, unless they are frozen<>'s."""
         if self._next() != ("sym", "<"):
             raise _bad_type(self.text, "'<' expected")
+        if inner:
+            self._enter()
         params = [self.parse_type(True, seen)]
         while (token := self._next()) == ("sym", ","):
             params.append(self.parse_type(True, seen))
         if token != ("sym", ">"):
             raise _bad_type(self.text, "'>' or ',' expected")
+        if inner:
+            self.depth -= 1
         return tuple(params)
+
+    def _enter(self) -> None:
+        """One level deeper (the caller steps back once done): ValueError past the limit."""
+        self.depth += 1
+        if self.depth >= MAX_TYPE_DEPTH:
+            raise _bad_type(self.text, f"nested deeper than {MAX_TYPE_DEPTH} levels")
 
     def parse_type(self, nested: bool, seen: tuple[str, ...]) -> CqlType:
         kind, word = self._next()
@@ -227,7 +246,7 @@ class _Parser:
             return self._udt(word, nested, seen)
         low = word.lower()
         if low == "frozen":
-            params = self._params(seen)
+            params = self._params(seen, inner=False)
             if len(params) != 1 or params[0].name in _PG_SCALAR:
                 raise _bad_type(self.text, "frozen<> takes one collection, tuple or UDT")
             return replace(params[0], frozen=True)
@@ -251,10 +270,12 @@ class _Parser:
             raise _bad_type(self.text, f"no type or UDT is named {name!r}")
         if name in seen:
             raise _bad_type(self.text, f"UDT {name!r} contains itself")
+        self._enter()
         fields = tuple(
-            (field, _nest(_parse(type_text, self.udts, True, (*seen, name))))
+            (field, _nest(_parse(type_text, self.udts, True, (*seen, name), self.depth)))
             for field, type_text in self.udts[name]
         )
+        self.depth -= 1
         return CqlType("udt", fields=fields, frozen=frozen, udt_name=name)
 
 
@@ -288,15 +309,19 @@ def from_connect_schema(schema: Mapping[str, Any]) -> CqlType:
     writes it. Debezium sends time as plain int64, inet and string-mode decimals as plain
     strings: these come back as bigint/text (prefer parse_cql_type when system_schema is at
     hand). Frozenness is unknown at the top level (False; tuples are always frozen).
-    ValueError if the schema is not understood.
+    ValueError if the schema is not understood or nests types deeper than MAX_TYPE_DEPTH.
     """
     try:
-        return _from_connect(schema, nested=False)
-    except (KeyError, TypeError, AttributeError, RecursionError) as exc:
+        return _from_connect(schema, nested=False, depth=1)
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"invalid Kafka Connect schema: {exc!r}") from exc
 
 
-def _from_connect(schema: Mapping[str, Any], nested: bool) -> CqlType:
+def _from_connect(schema: Mapping[str, Any], nested: bool, depth: int) -> CqlType:
+    if depth > MAX_TYPE_DEPTH:
+        raise ValueError(
+            f"invalid Kafka Connect schema: nested deeper than {MAX_TYPE_DEPTH} levels"
+        )
     kind, name = schema.get("type"), schema.get("name")
     if name in _CONNECT_LOGICAL:
         return CqlType(_CONNECT_LOGICAL[name])
@@ -306,12 +331,16 @@ def _from_connect(schema: Mapping[str, Any], nested: bool) -> CqlType:
     if kind in _CONNECT_PLAIN:
         return CqlType(_CONNECT_PLAIN[kind])
     if kind == "array":
-        return CqlType("list", (_nest(_from_connect(schema["items"], True)),), frozen=nested)
+        return CqlType(
+            "list", (_nest(_from_connect(schema["items"], True, depth + 1)),), frozen=nested
+        )
     if kind == "map":
-        key, value = (_nest(_from_connect(schema[k], True)) for k in ("keys", "values"))
+        key, value = (_nest(_from_connect(schema[k], True, depth + 1)) for k in ("keys", "values"))
         return CqlType("map", (key, value), frozen=nested)
     if kind == "struct":
-        fields = [(f["field"], _nest(_from_connect(f, True))) for f in schema.get("fields", [])]
+        fields = [
+            (f["field"], _nest(_from_connect(f, True, depth + 1))) for f in schema.get("fields", [])
+        ]
         names = [f for f, _ in fields]
         if (
             str(name or "").endswith("Tuple")
@@ -358,6 +387,8 @@ def _preview(value: Any) -> str:
         text = repr(value)
     except ValueError:  # an int of more than 4,300 digits has no repr (sys.int_info)
         text = f"<{type(value).__name__} too large to show>"
+    except RecursionError:  # containers nested about as deep as the interpreter's stack
+        text = f"<{type(value).__name__} nested too deeply to show>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -851,8 +882,9 @@ def _key_text(key: Any) -> str:
     return key if isinstance(key, str) else dump_json(key)
 
 
-def _json_any(v: Any) -> Any:
-    """A value of unknown type (a UDT whose fields are unknown), made safe for jsonb."""
+def _json_any(v: Any, depth: int = 1) -> Any:
+    """A value of unknown type (a UDT whose fields are unknown), made safe for jsonb. Its
+    nesting is the value's own, not a type's: bounded like a type's."""
     if v is None or isinstance(v, bool | int | Decimal):
         return _decimal_json(v) if isinstance(v, Decimal) else v
     if isinstance(v, str):
@@ -861,10 +893,12 @@ def _json_any(v: Any) -> Any:
         return _float_json(v)
     if isinstance(v, bytes | bytearray):
         return base64.b64encode(v).decode("ascii")
+    if isinstance(v, Mapping | list | tuple) and depth > MAX_TYPE_DEPTH:
+        raise InvalidValue(f"nested deeper than {MAX_TYPE_DEPTH} levels", v)
     if isinstance(v, Mapping):
-        return {_key_text(_json_any(k)): _json_any(x) for k, x in v.items()}
+        return {_key_text(_json_any(k, depth + 1)): _json_any(x, depth + 1) for k, x in v.items()}
     if isinstance(v, list | tuple):
-        return [_json_any(x) for x in v]
+        return [_json_any(x, depth + 1) for x in v]
     if isinstance(v, OversizedDecimal):
         raise InvalidValue(_BEYOND_NUMERIC, v)
     raise InvalidValue("cannot render as JSON", v)

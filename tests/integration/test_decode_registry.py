@@ -6,7 +6,6 @@ import json
 import struct
 from collections.abc import Callable
 
-import httpx2 as httpx
 import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
@@ -14,6 +13,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from cdc_sink.decode import ConfluentRegistry, Decoder
 from cdc_sink.errors import DecodeError
 from tests.support.debezium_avro import COLUMNS, a_cell, envelope, event, key_schema, wire
+from tests.support.registry import store_without_validation
 from tests.support.stack import Endpoints
 
 
@@ -75,21 +75,3 @@ async def test_an_id_unknown_to_the_real_registry_is_poison(stack: Endpoints) ->
     async with ConfluentRegistry(stack.schema_registry_url) as registry:
         with pytest.raises(DecodeError, match="unknown schema id 2000000000"):
             await Decoder(registry).decode(None, value)
-
-
-def store_without_validation(ccompat_url: str, artifact_id: str, text: str) -> int:
-    """Store Avro text through Apicurio's v3 API, which parses nothing without a validity
-    rule, and return the id its Confluent-compatible API serves it under (the content id)."""
-    base, found, _ = ccompat_url.partition("/apis/ccompat/")
-    if not found:
-        pytest.skip("only Apicurio's native API can store a schema its Avro parser rejects")
-    body = {
-        "artifactId": artifact_id,
-        "artifactType": "AVRO",
-        "firstVersion": {"content": {"content": text, "contentType": "application/json"}},
-    }
-    with httpx.Client(timeout=30) as http:
-        created = http.post(f"{base}/apis/registry/v3/groups/default/artifacts", json=body)
-    created.raise_for_status()
-    content_id: int = created.json()["version"]["contentId"]
-    return content_id

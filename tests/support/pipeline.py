@@ -390,7 +390,7 @@ def random_history(rng: random.Random, count: int, keys: int, base_ts: int) -> l
 def json_with_schema(
     keyspace: str,
     table: str,
-    columns: Mapping[str, str],
+    columns: Mapping[str, str | Mapping[str, Any]],
     key: Mapping[str, Any],
     cells: Mapping[str, Any],
     *,
@@ -398,18 +398,22 @@ def json_with_schema(
     ts_us: int = 1_900_000_000_000_000,
 ) -> tuple[bytes, bytes]:
     """A record as JsonConverter writes it with schemas.enable=true; `columns` maps each
-    column to its Connect type name (int32, string, …) and lists key columns first."""
+    column to its Connect type name (int32, string, …) or whole Connect schema, and lists key
+    columns first."""
 
     def field(name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
         return {"field": name, **schema}
 
-    def cell_schema(kind: str) -> dict[str, Any]:
+    def optional(kind: str | Mapping[str, Any]) -> dict[str, Any]:
+        return {**({"type": kind} if isinstance(kind, str) else kind), "optional": True}
+
+    def cell_schema(kind: str | Mapping[str, Any]) -> dict[str, Any]:
         return {
             "type": "struct",
             "name": "cell_value",
             "optional": True,
             "fields": [
-                field("value", {"type": kind, "optional": True}),
+                field("value", optional(kind)),
                 field("deletion_ts", {"type": "int64", "optional": True}),
                 field("set", {"type": "boolean", "optional": False}),
             ],
@@ -419,7 +423,7 @@ def json_with_schema(
         "type": "struct",
         "name": f"{keyspace}.{table}.Key",
         "optional": False,
-        "fields": [field(n, {"type": columns[n], "optional": True}) for n in key],
+        "fields": [field(n, optional(columns[n])) for n in key],
     }
     source = {
         "type": "struct",

@@ -14,6 +14,7 @@ import pytest
 
 from cdc_sink.decode import Decoder, avro_to_connect, rename_redefined_types
 from cdc_sink.errors import DecodeError, TransientError
+from cdc_sink.nesting import MAX_NESTING, deeper_than
 from cdc_sink.types import OversizedDecimal
 from tests.support.debezium_avro import (
     COLUMNS,
@@ -424,6 +425,7 @@ async def test_registry_down_is_transient_and_not_cached() -> None:
         (b"[1, 2]", "JSON is an array, not an object"),
         (b'{"schema": null, "payload": "text"}', "JSON is a string, not an object"),
         (b'{"a": "\xff"}', "not valid JSON"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "value nests deeper than 100 levels"),
     ],
 )
 async def test_undecodable_bytes_are_poison(data: bytes, message: str) -> None:
@@ -490,6 +492,61 @@ async def test_recursive_writer_schemas_are_poison(schema: dict[str, Any]) -> No
     decoder = Decoder(FakeRegistry({5: schema}))
     with pytest.raises(DecodeError, match=r"schema id 5 is not a usable Avro schema: .*contains"):
         await decoder.decode(None, b"\x00\x00\x00\x00\x05" + b"\x02" * 500_000 + b"\x00")
+
+
+def nested_arrays(levels: int) -> dict[str, Any]:
+    """A record schema whose one field is `levels` arrays deep."""
+    inner: Any = "int"
+    for _ in range(levels):
+        inner = {"type": "array", "items": inner}
+    return {"type": "record", "name": "Deep", "fields": [{"name": "f", "type": inner}]}
+
+
+def nested_datum(levels: int) -> Any:
+    value: Any = 5
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+async def test_a_writer_schema_nesting_up_to_the_limit_decodes() -> None:
+    """A writer schema of exactly MAX_NESTING levels (97 arrays in a record) is read."""
+    schema = nested_arrays(MAX_NESTING - 3)
+    assert not deeper_than(schema)
+    decoder = Decoder(FakeRegistry({5: schema}))
+    datum = {"f": nested_datum(MAX_NESTING - 3)}
+    assert (await decoder.decode(None, wire(5, schema, datum))).value == datum
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps(nested_arrays(MAX_NESTING - 2)),
+        '{"type": "record", "name": "R", "fields": [{"name": "f", "type": '
+        + '{"type": "array", "items": ' * 5_000
+        + '"int"'
+        + "}" * 5_000
+        + "}]}",  # parsing it alone runs out of stack
+        '{"type": "record", "name": "R", "x": ' + "[" * 200_000 + "]" * 200_000 + "}",
+    ],
+    ids=["one-level-too-many", "five-thousand", "two-hundred-thousand"],
+)
+async def test_writer_schemas_nesting_too_deeply_are_poison(text: str) -> None:
+    """A writer schema nesting past MAX_NESTING levels, however deep, is a DecodeError saying
+    so; parsing, renaming, converting and reading it all recurse."""
+    decoder = Decoder(FakeRegistry({5: text}))
+    with pytest.raises(DecodeError, match="schema id 5 nests deeper than 100 levels"):
+        await decoder.decode(None, b"\x00\x00\x00\x00\x05\x00")
+
+
+async def test_a_json_records_schema_nesting_too_deeply_is_poison() -> None:
+    """JsonConverter's embedded schema is held to MAX_NESTING levels too."""
+    schema: dict[str, Any] = {"type": "int32"}
+    for _ in range(MAX_NESTING):
+        schema = {"type": "array", "items": schema}
+    data = compact({"schema": schema, "payload": {"op": "c"}})
+    with pytest.raises(DecodeError, match="value schema nests deeper than 100 levels"):
+        await Decoder(registry()).decode(None, data)
 
 
 async def test_avro_decimals_convert_only_when_a_numeric_can_hold_them() -> None:

@@ -158,6 +158,16 @@ async def test_invalid_json_body_is_a_400(served: Served) -> None:
     assert "invalid JSON" in reply.json()["error"]
 
 
+@pytest.mark.parametrize("levels", [101, 200_000])
+async def test_a_json_body_nested_too_deeply_is_a_400(served: Served, levels: int) -> None:
+    """A JSON body nesting deeper than MAX_NESTING levels is a 400 naming the limit, however
+    deep (200,000 levels would exhaust the parser's stack), not a 500."""
+    body = b"[" * levels + b"]" * levels
+    reply = await call(served.port, "POST", "/reconciliation/jobs", body)
+    assert reply.status == 400
+    assert "nest" in reply.json()["error"]
+
+
 async def test_http_error_from_a_handler_sets_the_status(served: Served) -> None:
     """A handler raising HttpError(404, …) answers 404 with its message."""
     reply = await call(served.port, "DELETE", "/reconciliation/jobs/7")

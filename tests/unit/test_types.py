@@ -627,6 +627,74 @@ def test_a_long_malformed_decimal_is_refused_in_linear_time() -> None:
     assert perf_counter() - began < 2.0
 
 
+# --- nesting ------------------------------------------------------------------------------------
+
+
+def nested_list(levels: int, leaf: str = "int") -> str:
+    return "list<" * (levels - 1) + leaf + ">" * (levels - 1)
+
+
+def nested_array_schema(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "int32"}
+    for _ in range(levels - 1):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def test_types_nest_at_most_max_type_depth_levels() -> None:
+    """Types nesting MAX_TYPE_DEPTH levels parse, from CQL text and from Connect schemas; one
+    more level, or a hundred thousand, is a ValueError (never a RecursionError)."""
+    limit = types.MAX_TYPE_DEPTH
+    assert parse_cql_type(nested_list(limit)).name == "list"
+    assert from_connect_schema(nested_array_schema(limit)).name == "list"
+    for levels in (limit + 1, 100_000):
+        with pytest.raises(ValueError, match=f"nested deeper than {limit} levels"):
+            parse_cql_type(nested_list(levels))
+    with pytest.raises(ValueError, match=f"nested deeper than {limit} levels"):
+        from_connect_schema(nested_array_schema(limit + 1))
+
+
+def test_frozen_adds_no_level_and_udt_fields_add_one() -> None:
+    """frozen<> is not a level of its own; a UDT's fields are one level below the UDT."""
+    limit = types.MAX_TYPE_DEPTH
+    inner = "frozen<list<frozen<list<int>>>>"  # three levels
+    assert parse_cql_type("list<" * (limit - 3) + inner + ">" * (limit - 3)).frozen is False
+    chain = {f"u{i}": [("f", f"frozen<u{i + 1}>")] for i in range(1, limit - 1)}
+    chain[f"u{limit - 1}"] = [("f", "int")]
+    assert parse_cql_type("u1", chain).udt_name == "u1"  # u1 .. u31, then int
+    assert parse_cql_type("map<frozen<u2>, frozen<u2>>", chain).name == "map"  # side by side
+    with pytest.raises(ValueError, match="nested deeper"):
+        parse_cql_type("u0", {**chain, "u0": [("f", "frozen<u1>")]})
+
+
+def test_values_of_unknown_shape_nest_at_most_max_type_depth_levels() -> None:
+    """A UDT whose fields are unknown takes any JSON-like value up to MAX_TYPE_DEPTH levels;
+    deeper ones, however deep, are a ConversionError saying so."""
+    udt = CqlType("udt", udt_name="anything")
+
+    def nested(levels: int) -> Any:
+        value: Any = 1
+        for _ in range(levels):
+            value = [value]
+        return value
+
+    assert json.loads(to_pg(udt, {"a": nested(types.MAX_TYPE_DEPTH - 1)})) == {
+        "a": nested(types.MAX_TYPE_DEPTH - 1)
+    }
+    for levels in (types.MAX_TYPE_DEPTH, 200_000):
+        with pytest.raises(ConversionError, match="nested deeper than 32 levels"):
+            to_pg(udt, {"a": nested(levels)})
+
+
+def test_a_value_too_deep_to_print_is_named_so() -> None:
+    """A refused value nested past what repr() can print is described, not printed."""
+    value: Any = 1
+    for _ in range(200_000):
+        value = [value]
+    with pytest.raises(ConversionError, match="list nested too deeply to show"):
+        pg("int", value)
+
+
 # --- to_pg: arrays ------------------------------------------------------------------------------
 
 

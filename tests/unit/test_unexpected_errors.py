@@ -5,6 +5,8 @@ Without this, one such record would stop the worker, and stop it again after eve
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ from cdc_sink.config import load_config
 from cdc_sink.ddl import Catalog
 from cdc_sink.decode import Decoder
 from cdc_sink.events import ChangeEvent, Position
+from cdc_sink.nesting import MAX_NESTING
 from cdc_sink.plan import Mutation
 from cdc_sink.runner import Worker
 from cdc_sink.tables import TableSchema
@@ -97,3 +100,40 @@ async def test_running_out_of_memory_is_not_blamed_on_the_record(
     monkeypatch.setattr(runner, "interpret", interpret_failing_at(0, MemoryError()))
     with pytest.raises(MemoryError):
         await worker()._prepare(records(1))
+
+
+def nested_deeper_than_the_limit(record: Any) -> Any:
+    """The record with a field nesting MAX_NESTING arrays deep added to its value."""
+    envelope = json.loads(record.value)
+    extra: Any = 1
+    for _ in range(MAX_NESTING):
+        extra = [extra]
+    envelope.get("payload", envelope)["extra"] = extra
+    data = json.dumps(envelope).encode()
+    return dataclasses.replace(record, value=data, serialized_value_size=len(data))
+
+
+@pytest.mark.parametrize(
+    ("stage", "poison"), [("interpret", "EventError"), ("convert", "ConversionError")]
+)
+async def test_running_out_of_stack_on_a_deeply_nested_record_is_that_records_fault(
+    monkeypatch: pytest.MonkeyPatch, stage: str, poison: str
+) -> None:
+    """A RecursionError from a pure stage on a record nesting deeper than MAX_NESTING is that
+    record's poison, saying so; on a shallow record it stays a defect."""
+
+    def out_of_stack(*_: Any) -> Any:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    if stage == "interpret":
+        monkeypatch.setattr(runner, "interpret", out_of_stack)
+    else:
+        monkeypatch.setattr(TableSchema, "to_mutation", out_of_stack)
+    sent = records(2)
+    sent[0] = nested_deeper_than_the_limit(sent[0])
+    prepared = await worker()._prepare(sent)
+
+    deep, shallow = prepared.batch.dead_letters
+    assert (deep.offset, deep.error_class, deep.stage) == (0, poison, stage)
+    assert deep.message == f"the record nests deeper than {MAX_NESTING} levels"
+    assert (shallow.offset, shallow.error_class, shallow.stage) == (1, "UnexpectedError", stage)
