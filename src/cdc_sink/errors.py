@@ -44,12 +44,16 @@ class ConversionError(PoisonError):
         super().__init__(message, stage="convert")
 
 
+# The stage of a dead letter standing for a whole record batch none of whose records was read.
+UNREAD_BATCH_STAGE = "fetch"
+
+
 class BatchInflateError(PoisonError):
     """A compressed record batch inflates beyond the limit (or is not valid for its codec):
     none of its records can be read, so the batch is dead-lettered as one."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, stage="fetch")
+        super().__init__(message, stage=UNREAD_BATCH_STAGE)
 
 
 class UnexpectedError(PoisonError):

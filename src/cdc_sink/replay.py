@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from cdc_sink.dlq import DlqProducer, Header, headers_from_json
-from cdc_sink.errors import SinkError
+from cdc_sink.errors import UNREAD_BATCH_STAGE, SinkError
 from cdc_sink.http import (
     BIGINT_MAX,
     HttpError,
@@ -154,14 +154,16 @@ async def replay_dead_letters(
     to their original topic and partition, mark them replayed, audit; return their ids.
 
     Rows are locked while they are replayed, so two concurrent replays never send one record
-    twice. Raises TransientError/FatalError if Kafka refuses (nothing is marked then)."""
+    twice. A letter standing for a whole record batch (stage `fetch`) holds no record: it is
+    passed over. Raises TransientError/FatalError if Kafka refuses (nothing is marked then)."""
     if where.status is None:
         where = dataclasses.replace(where, status="pending")
     condition, values = where.where()
     async with conn.transaction():
         rows = await conn.fetch(
             "SELECT id, source_topic, source_partition, record_key, record_value, headers "
-            f"FROM _cdc_dlq_records WHERE {condition} ORDER BY id "
+            f"FROM _cdc_dlq_records WHERE {condition} AND stage <> '{UNREAD_BATCH_STAGE}' "
+            "ORDER BY id "
             f"LIMIT ${len(values) + 1} FOR UPDATE SKIP LOCKED",
             *values,
             limit,

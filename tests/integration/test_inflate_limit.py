@@ -19,6 +19,7 @@ from tests.support.pipeline import (
     kill,
     produce_positions,
     read_rows,
+    run_cli,
     schemaless_record,
     sink_env,
     start_worker_process,
@@ -105,6 +106,16 @@ async def test_a_batch_inflating_far_beyond_the_limit_is_dead_lettered_in_bounde
         assert letter["error_message"].startswith(f"record batch at offsets {first}..{last} (zstd")
         assert f"CDC_KAFKA__MAX_INFLATED_BATCH_BYTES ({LIMIT} bytes)" in letter["error_message"]
         assert checkpoints == {0: after[-1][1] + 1, 1: other[-1][1] + 1}
+
+        # The letter holds no record: a replay of everything passes over it.
+        replay = await asyncio.to_thread(run_cli, env, "dlq", "replay", "--all", timeout=120)
+        assert replay.returncode == 0, replay.stderr
+        conn = await asyncpg.connect(stack.postgres_dsn)
+        try:
+            status = await conn.fetchval(f'SELECT status FROM "{schema}"._cdc_dlq_records')
+        finally:
+            await conn.close()
+        assert status == "pending"
     finally:
         kill(worker)
         await drop_schema(stack.postgres_dsn, schema)
