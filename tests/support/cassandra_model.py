@@ -16,7 +16,7 @@ with nothing live beside it but null cells, which looks exactly like `DELETE c, 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,9 +65,12 @@ class CassandraModel:
     def __init__(self, history: list[Mutation]) -> None:
         self.history = history
 
-    def select(self, now_us: int) -> dict[tuple[Any, ...], Row]:
+    def select(
+        self, now_us: int, keys: Iterable[tuple[Any, ...]] = ALL_KEYS
+    ) -> dict[tuple[Any, ...], Row]:
+        """The live rows among `keys` (by default every key the generated histories use)."""
         result = {}
-        for key in ALL_KEYS:
+        for key in keys:
             row = self._row(key, now_us)
             if row is not None:
                 result[key] = row

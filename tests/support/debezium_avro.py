@@ -99,13 +99,17 @@ def envelope(
     }
 
 
-def key_schema(namespace: str = NS) -> dict[str, Any]:
-    """The Kafka key: the primary-key columns, each optional, as the connector builds it."""
+def key_schema(namespace: str = NS, columns: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
+    """The Kafka key: the primary-key columns (default: `pk int`), each optional, as the
+    connector builds it."""
     return {
         "type": "record",
         "name": "Key",
         "namespace": namespace,
-        "fields": [{"name": "pk", "type": ["null", "int"], "default": None}],
+        "fields": [
+            {"name": name, "type": ["null", kind], "default": None}
+            for name, kind in columns or [("pk", "int")]
+        ],
     }
 
 

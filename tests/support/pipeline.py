@@ -77,10 +77,10 @@ def execute_cql(stack: Endpoints, *statements: str) -> None:
         cluster.shutdown()
 
 
-def schemaless_record(m: Mutation, keyspace: str) -> tuple[bytes, bytes]:
+def schemaless_record(m: Mutation, keyspace: str, table: str = "model") -> tuple[bytes, bytes]:
     """The mutation as JsonConverter writes it with schemas.enable=false."""
     key, value = to_envelope(m)
-    value["source"]["keyspace"] = keyspace
+    value["source"].update(keyspace=keyspace, table=table)
     return json.dumps(key).encode(), json.dumps(value).encode()
 
 
@@ -111,14 +111,31 @@ async def produce_positions(
 ) -> list[tuple[int, int]]:
     """Produce every record (acks=all, to `partition` or by key) and return each one's
     (partition, offset), in order."""
+    return await produce_placed(bootstrap, topic, ((partition, k, v) for k, v in records))
+
+
+async def produce_placed(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[int | None, bytes | None, bytes | None]],
+    *,
+    max_request_size: int = 1_048_576,
+) -> list[tuple[int, int]]:
+    """Produce every (partition or None for by key, key, value) record (acks=all) and return
+    each one's (partition, offset), in order. Records above 1 MiB need a larger
+    `max_request_size` and a topic whose max.message.bytes allows them."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=256 * 1024
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=20,
+        max_batch_size=256 * 1024,
+        max_request_size=max_request_size,
     )
     await producer.start()
     try:
         pending = [
             await producer.send(topic, value, key=key, partition=partition)
-            for key, value in records
+            for partition, key, value in records
         ]
         sent = await asyncio.gather(*pending)
     finally:
@@ -323,8 +340,11 @@ async def topic_partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
 
 
-async def read_topic(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of `topic`, from the beginning to the end offsets seen now."""
+async def read_topic(
+    bootstrap: str, topic: str, since: Mapping[int, int] | None = None
+) -> list[Any]:
+    """Every record of `topic` up to the end offsets seen now, from the offset `since` gives
+    a partition (by its number), else from the beginning."""
     partitions = await topic_partitions(bootstrap, topic)
     if not partitions:
         return []
@@ -333,6 +353,9 @@ async def read_topic(bootstrap: str, topic: str) -> list[Any]:
     try:
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
+        for tp in partitions:
+            if since and tp.partition in since:
+                consumer.seek(tp, since[tp.partition])
         ends = await consumer.end_offsets(partitions)
         records: list[Any] = []
         async with asyncio.timeout(60):
