@@ -275,13 +275,15 @@ class CassandraSystemSchema:
     async def table(self, keyspace: str, table: str) -> CassandraTable | None:
         """The table's schema, None if Cassandra has no such table; TransientError while
         Cassandra cannot answer (the caller retries with backoff, then stops)."""
-        from cassandra import OperationTimedOut, RequestExecutionException
+        from cassandra import InvalidRequest, OperationTimedOut, RequestExecutionException
         from cassandra.cluster import NoHostAvailable
 
         try:
             return await asyncio.to_thread(self._table, keyspace, table)
         except ValueError as exc:  # a key column of a type the sink cannot map
             raise EventError(f"cannot use Cassandra's schema of {keyspace}.{table}: {exc}") from exc
+        except InvalidRequest as exc:  # the names the record gave make no valid query
+            raise EventError(f"Cassandra refused to look up the record's table: {exc}") from exc
         except (NoHostAvailable, OperationTimedOut, RequestExecutionException) as exc:
             raise TransientError(
                 f"Cassandra (CDC_CASSANDRA__*) cannot tell the columns of {keyspace}.{table}: "

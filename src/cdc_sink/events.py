@@ -8,6 +8,7 @@ write timestamp in `source.ts_us`, and every touched column of `after` as a cell
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,17 @@ def op_name(event: ChangeEvent) -> str:
 
 
 _WRITES = (Op.INSERT, Op.UPDATE)
+# What Cassandra accepts as a keyspace or table name (its table names may be longer than its
+# keyspace names: the wider bound serves both). Anything else cannot come from Cassandra, and
+# looking it up in system_schema could only fail.
+CASSANDRA_NAME_MAX = 222
+_CASSANDRA_NAME = re.compile(rf"[A-Za-z0-9_]{{1,{CASSANDRA_NAME_MAX}}}")
+
+
+def _preview(name: str) -> str:
+    return repr(name) if len(name) <= 60 else f"{name[:40]!r}… ({len(name)} characters)"
+
+
 _SNAPSHOT_TRUE = frozenset({"true", "last"})
 
 
@@ -118,6 +130,11 @@ def interpret(
     keyspace, table = source.get("keyspace"), source.get("table")
     if not isinstance(keyspace, str) or not isinstance(table, str) or not table:
         raise EventError("source.keyspace / source.table missing")
+    if _CASSANDRA_NAME.fullmatch(keyspace) is None or _CASSANDRA_NAME.fullmatch(table) is None:
+        raise EventError(
+            f"source.keyspace / source.table {_preview(keyspace)}.{_preview(table)} is no "
+            f"Cassandra name (letters, digits and _, at most {CASSANDRA_NAME_MAX} characters)"
+        )
     ts_us = source.get("ts_us")
     if type(ts_us) is not int:
         if ts_us is None and source.get("ts_ms") is not None:

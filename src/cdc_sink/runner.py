@@ -1369,6 +1369,8 @@ def _position(letter: DeadLetter) -> tuple[str, int, int]:
 
 
 def _schema_id(value: bytes | None) -> int | None:
+    """The Confluent header's schema id, read as the decoder reads it: a signed 32-bit int, as
+    `_cdc_dlq_records.schema_id` stores it."""
     if value and len(value) >= 5 and value[0] == 0:
-        return int.from_bytes(value[1:5], "big")
+        return int.from_bytes(value[1:5], "big", signed=True)
     return None
