@@ -714,7 +714,9 @@ def debezium_command() -> list[str]:
         "env",
         f"LD_PRELOAD={loopback_shim()}",  # its HTTP server listens on loopback only
         java17(),
-        "-Xmx384m",
+        # It holds the schema of every table in the cluster, and a test run creates hundreds:
+        # at 384 MiB it ran out of heap after about 1,400 tables and stopped capturing.
+        "-Xmx1g",
         "-Djava.net.preferIPv4Stack=true",
         *(option for option in cassandra_jvm_options() if option.startswith("--add-")),
         f"-Dlogback.configurationFile={run_dir / 'logback.xml'}",
