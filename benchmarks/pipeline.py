@@ -34,10 +34,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cdc_sink import cli, synth, types
+from cdc_sink import cli, synth
 from cdc_sink.ddl import Catalog
 from cdc_sink.decode import Decoder
-from cdc_sink.events import Position, interpret
+from cdc_sink.model import scalars
+from cdc_sink.model.events import Position, interpret
 from cdc_sink.plan import Mutation
 from cdc_sink.tables import TableSchema
 from cdc_sink.write import Batch, CheckpointMove, PgWriter
@@ -110,7 +111,7 @@ async def one_run(
     raw: list[tuple[bytes, bytes]], texts: dict[int, str], batch_size: int
 ) -> dict[str, float]:
     for cache in ("_UUIDS", "_INETS"):  # start each run as a fresh worker would
-        getattr(types, cache, {}).clear()
+        getattr(scalars, cache, {}).clear()
     decoder = Decoder(MemoryRegistry(texts))
     for key, value in raw[:100]:  # fetch and parse every schema before timing
         await decoder.decode(key, value)

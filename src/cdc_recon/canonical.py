@@ -1,8 +1,8 @@
 """Canonical form of a row, the same for both sides, and its digests. Pure, no I/O.
 
 A Cassandra value (as cassandra-driver returns it) is first converted with the sink's own
-converter (`cdc_sink.types.converter`), so it becomes exactly what the sink would have written
-to PostgreSQL; a PostgreSQL value (as asyncpg returns it) is taken as it is. Both then go
+converter (`cdc_sink.model.values.converter`), so it becomes exactly what the sink would have
+written to PostgreSQL; a PostgreSQL value (as asyncpg returns it) is taken as it is. Both then go
 through `canonical_value`, which turns every type into one plain representation:
 
 - integers stay ints, booleans bools, text str;
@@ -32,7 +32,9 @@ from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOpera
 from typing import Any
 
 from cdc_sink.errors import ConversionError
-from cdc_sink.types import CqlType, converter, pg_type, to_json_value
+from cdc_sink.model.cql import CqlType, pg_type
+from cdc_sink.model.jsonb import to_json_value
+from cdc_sink.model.values import converter
 
 __all__ = [
     "CanonRow",

@@ -25,7 +25,7 @@ from typing import Any
 
 from cdc_recon.readers import NativeRow, ReconTable, RowStamps
 from cdc_recon.strategies import Kind
-from cdc_sink.events import Cell, ChangeEvent, Op, Position
+from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
 
 REPAIR_POSITION = Position("cdc-reconciliation-repair", 0, 0)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdc_sink.config import CassandraConfig
-from cdc_sink.types import CqlType, parse_cql_type
+from cdc_sink.model.cql import CqlType, parse_cql_type
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ import asyncpg
 
 from cdc_sink.cassandra import CassandraTable, describe_table
 from cdc_sink.errors import EventError, FatalError, TransientError
-from cdc_sink.events import ChangeEvent
+from cdc_sink.model.cql import CqlType, from_connect_schema, parse_cql_type, udt_definitions
+from cdc_sink.model.events import ChangeEvent
 from cdc_sink.tables import (
     RESERVED_COLUMNS,
     ReservedColumnError,
@@ -37,7 +38,6 @@ from cdc_sink.tables import (
     require_owner,
     target_name,
 )
-from cdc_sink.types import CqlType, from_connect_schema, parse_cql_type, udt_definitions
 from cdc_sink.write import lock_id
 
 

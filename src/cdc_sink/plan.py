@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdc_sink.events import Bound, ChangeEvent, Op
+from cdc_sink.model.events import Bound, ChangeEvent, Op
 
 Key = tuple[Any, ...]
 

@@ -49,12 +49,12 @@ from cdc_sink.errors import (
     TransientError,
     UnexpectedError,
 )
-from cdc_sink.events import Position, interpret, op_name
 from cdc_sink.http import HttpServer, add_standard_routes
 from cdc_sink.kafka_security import client_security, unreachable
 from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics, push_fatal_exit
 from cdc_sink.migrate import migrate, pending
+from cdc_sink.model.events import Position, interpret, op_name
 from cdc_sink.nesting import MAX_NESTING, deeper_than
 from cdc_sink.plan import Mutation
 from cdc_sink.pools import BoundedPool, open_pool

@@ -43,8 +43,8 @@ from typing import Any
 
 import fastavro
 
+from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.tables import TableSchema, target_name
-from cdc_sink.types import parse_cql_type
 
 __all__ = [
     "KEYSPACE",

@@ -26,7 +26,9 @@ import asyncpg
 
 from cdc_sink.dlq import DeadLetter, headers_to_json
 from cdc_sink.errors import FencedError
-from cdc_sink.events import Op
+from cdc_sink.model.cql import pg_type
+from cdc_sink.model.events import Op
+from cdc_sink.pgcodecs import PG_TUPLE_CODECS
 from cdc_sink.plan import (
     CellState,
     Mutation,
@@ -41,7 +43,6 @@ from cdc_sink.plan import (
     write_ts,
 )
 from cdc_sink.tables import META_COLUMNS, TableSchema, qualified, quote_ident
-from cdc_sink.types import PG_TUPLE_CODECS, pg_type
 
 Key = tuple[Any, ...]
 _SCOPES_KEPT = 65_536
@@ -394,7 +395,7 @@ class PgWriter:
         staging = await self._staging_table(schema)
         columns = self._columns(schema)
         values = schema.value_columns
-        # The timestamptz columns get µs since 1970 (see types.PG_TUPLE_CODECS); updated_at is
+        # The timestamptz columns get µs since 1970 (see pgcodecs.PG_TUPLE_CODECS); updated_at is
         # the wall clock even when a caller simulates `now_us`.
         updated_at = time.time_ns() // 1000
         records = []

@@ -9,10 +9,10 @@ import pytest
 
 from cdc_sink.cassandra import CassandraTable
 from cdc_sink.ddl import Catalog
-from cdc_sink.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.migrate import migrate
+from cdc_sink.model.cql import parse_cql_type
+from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.tables import expiry_index_name, qualified, quote_ident
-from cdc_sink.types import parse_cql_type
 from cdc_sink.write import PgWriter
 from tests.support.stack import Endpoints
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cdc_recon.service import NOT_CONVERGED
-from cdc_sink.events import Op
+from cdc_sink.model.events import Op
 from tests.support import recon_data as data
 from tests.support.recon_data import Setup, make_setup
 from tests.support.stack import Endpoints

@@ -14,9 +14,9 @@ import pytest
 from cdc_sink.cassandra import CassandraTable
 from cdc_sink.ddl import Catalog
 from cdc_sink.errors import PoisonError
-from cdc_sink.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.migrate import migrate
-from cdc_sink.types import parse_cql_type
+from cdc_sink.model.cql import parse_cql_type
+from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
 from tests.support.pipeline import (
     create_topic,
     drop_schema,

@@ -1,4 +1,4 @@
-"""Every Cassandra type, converted by cdc_sink.types, round-trips through real PostgreSQL.
+"""Every Cassandra type, converted by cdc_sink.model, round-trips through real PostgreSQL.
 
 Each case creates a table with one column of pg_type(t), writes to_pg(t, value) with asyncpg's
 binary COPY (as the sink does) and reads it back; jsonb comes back as text and is compared
@@ -21,7 +21,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from cdc_sink.types import PG_TUPLE_CODECS, parse_cql_type, pg_type, to_pg
+from cdc_sink.model.cql import parse_cql_type, pg_type
+from cdc_sink.model.values import to_pg
+from cdc_sink.pgcodecs import PG_TUPLE_CODECS
 from tests.support.stack import Endpoints
 
 U1 = "5f0b8f5e-1c8f-4a8b-9b1c-2d3e4f5a6b7c"

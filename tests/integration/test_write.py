@@ -11,8 +11,8 @@ import pytest
 
 from cdc_sink.dlq import DeadLetter
 from cdc_sink.errors import FencedError
-from cdc_sink.events import Position, interpret
 from cdc_sink.migrate import migrate
+from cdc_sink.model.events import Position, interpret
 from cdc_sink.plan import Mutation as PlannedMutation
 from cdc_sink.write import Batch, CheckpointMove, PgWriter, prepare_connection
 from tests.support.cassandra_model import COLUMNS, KEY, SCALARS, Mutation, to_envelope

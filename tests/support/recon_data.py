@@ -35,8 +35,8 @@ from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler
 from cdc_sink.config import CassandraConfig, ReconciliationConfig
 from cdc_sink.ddl import CassandraSystemSchema, Catalog
-from cdc_sink.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.migrate import migrate
+from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.tables import TableSchema
 from cdc_sink.write import Batch, PgWriter, prepare_connection
 from tests.support.stack import Endpoints

@@ -14,8 +14,8 @@ import pytest
 
 from cdc_sink.decode import Decoder, avro_to_connect, rename_redefined_types
 from cdc_sink.errors import DecodeError, TransientError
+from cdc_sink.model.scalars import OversizedDecimal
 from cdc_sink.nesting import MAX_NESTING, deeper_than
-from cdc_sink.types import OversizedDecimal
 from tests.support.debezium_avro import (
     COLUMNS,
     KEY_SCHEMA,

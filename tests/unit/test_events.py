@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cdc_sink.errors import EventError
-from cdc_sink.events import Position, interpret, op_name
+from cdc_sink.model.events import Position, interpret, op_name
 from tests.support.cassandra_model import Mutation, to_envelope
 
 TS = 1_700_000_000_000_000

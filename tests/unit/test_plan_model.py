@@ -9,7 +9,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc_sink.events import Position, interpret
+from cdc_sink.model.cql import parse_cql_type
+from cdc_sink.model.events import Position, interpret
 from cdc_sink.plan import (
     TableState,
     apply_mutations,
@@ -19,7 +20,6 @@ from cdc_sink.plan import (
     visible_values,
 )
 from cdc_sink.tables import TableSchema
-from cdc_sink.types import parse_cql_type
 from tests.support.cassandra_model import (
     C1,
     C2,

@@ -23,7 +23,7 @@ from cdc_recon.canonical import (
     key_text,
     row_digest,
 )
-from cdc_sink.types import CqlType, parse_cql_type
+from cdc_sink.model.cql import CqlType, parse_cql_type
 
 UDTS = {"address": [("street", "text"), ("zip", "varint"), ("at", "timestamp")]}
 Address = namedtuple("Address", ["street", "zip", "at"])

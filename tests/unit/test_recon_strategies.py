@@ -22,8 +22,8 @@ from cdc_recon.strategies import (
     timestamp_range,
 )
 from cdc_sink.config import ConfigError, ReconciliationConfig
-from cdc_sink.events import Op
-from cdc_sink.types import parse_cql_type
+from cdc_sink.model.cql import parse_cql_type
+from cdc_sink.model.events import Op
 
 TABLE = ReconTable(
     target="cdc_t",

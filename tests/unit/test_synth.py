@@ -13,9 +13,9 @@ import pytest
 
 from cdc_sink import synth
 from cdc_sink.decode import Decoder
-from cdc_sink.events import ChangeEvent, Op, Position, interpret
+from cdc_sink.model.cql import from_connect_schema
+from cdc_sink.model.events import ChangeEvent, Op, Position, interpret
 from cdc_sink.tables import parse_clustering_text
-from cdc_sink.types import from_connect_schema
 
 START_US = 1_760_000_000_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from cdc_sink.errors import ConversionError, EventError
-from cdc_sink.events import ChangeEvent, Op, Position, interpret
+from cdc_sink.model.cql import parse_cql_type
+from cdc_sink.model.events import ChangeEvent, Op, Position, interpret
 from cdc_sink.tables import (
     IdentifierError,
     ReservedColumnError,
@@ -21,7 +22,6 @@ from cdc_sink.tables import (
     target_name,
     topic_source,
 )
-from cdc_sink.types import parse_cql_type
 
 INT = parse_cql_type("int")
 

@@ -1,4 +1,5 @@
-"""Cassandra types: parsing, PostgreSQL column types and value conversion (no services)."""
+"""The Cassandra type system of cdc_sink.model: parsing, PostgreSQL column types and value
+conversion (no services)."""
 
 from __future__ import annotations
 
@@ -16,22 +17,20 @@ from typing import Any
 import pytest
 from asyncpg.pgproto.pgproto import UUID as PgUUID
 
-from cdc_sink import types
 from cdc_sink.errors import ConversionError, PoisonError
-from cdc_sink.types import (
-    PG_TUPLE_CODECS,
+from cdc_sink.model import scalars
+from cdc_sink.model.cql import (
+    MAX_TYPE_DEPTH,
     CqlType,
-    InvalidValue,
-    converter,
-    dump_json,
     from_connect_schema,
     parse_cql_type,
     pg_type,
-    to_json_value,
-    to_pg,
     udt_definitions,
-    unguarded_converter,
 )
+from cdc_sink.model.jsonb import dump_json, to_json_value
+from cdc_sink.model.scalars import InvalidValue
+from cdc_sink.model.values import converter, to_pg, unguarded_converter
+from cdc_sink.pgcodecs import PG_TUPLE_CODECS
 
 SCALARS = {
     "ascii": "text",
@@ -533,8 +532,8 @@ BIG = 1_000_000  # bytes of an unscaled value: naively, a minute or more to conv
         ("decimal", {"scale": 10, "value": b"\xa5" * BIG}),
         ("decimal", {"scale": 10, "value": b64(b"\xa5" * BIG)}),
         ("decimal", -(1 << (8 * BIG))),
-        ("decimal", types.decimal_from_bytes(b"\x5a" * BIG, 0)),
-        ("varint", types.decimal_from_bytes(b"\x5a" * BIG, 0)),
+        ("decimal", scalars.decimal_from_bytes(b"\x5a" * BIG, 0)),
+        ("varint", scalars.decimal_from_bytes(b"\x5a" * BIG, 0)),
         ("list<varint>", [b"\x5a" * BIG]),
         ("frozen<list<frozen<list<decimal>>>>", [[{"scale": 0, "value": b"\x5a" * BIG}]]),
     ],
@@ -566,12 +565,12 @@ def test_numbers_past_numeric_are_refused_by_their_size_before_converting(
 def test_decimal_from_bytes_leaves_what_numeric_cannot_hold_unconverted() -> None:
     """decimal_from_bytes gives the exact Decimal of what may fit, an OversizedDecimal (its
     size and scale, shown as such in messages) of what cannot."""
-    assert types.decimal_from_bytes(twos(-12345), 3) == Decimal("-12.345")
-    assert types.decimal_from_bytes(b"", 2) == 0
-    oversized = types.decimal_from_bytes(b"\x01" + b"\x00" * 60_000, 0)
-    assert oversized == types.OversizedDecimal(60_001, 0)
+    assert scalars.decimal_from_bytes(twos(-12345), 3) == Decimal("-12.345")
+    assert scalars.decimal_from_bytes(b"", 2) == 0
+    oversized = scalars.decimal_from_bytes(b"\x01" + b"\x00" * 60_000, 0)
+    assert oversized == scalars.OversizedDecimal(60_001, 0)
     assert repr(oversized) == "<60001-byte unscaled value, scale 0>"
-    assert isinstance(types.decimal_from_bytes(twos(1), 16_384), types.OversizedDecimal)
+    assert isinstance(scalars.decimal_from_bytes(twos(1), 16_384), scalars.OversizedDecimal)
 
 
 @pytest.mark.parametrize(
@@ -644,7 +643,7 @@ def nested_array_schema(levels: int) -> dict[str, Any]:
 def test_types_nest_at_most_max_type_depth_levels() -> None:
     """Types nesting MAX_TYPE_DEPTH levels parse, from CQL text and from Connect schemas; one
     more level, or a hundred thousand, is a ValueError (never a RecursionError)."""
-    limit = types.MAX_TYPE_DEPTH
+    limit = MAX_TYPE_DEPTH
     assert parse_cql_type(nested_list(limit)).name == "list"
     assert from_connect_schema(nested_array_schema(limit)).name == "list"
     for levels in (limit + 1, 100_000):
@@ -656,7 +655,7 @@ def test_types_nest_at_most_max_type_depth_levels() -> None:
 
 def test_frozen_adds_no_level_and_udt_fields_add_one() -> None:
     """frozen<> is not a level of its own; a UDT's fields are one level below the UDT."""
-    limit = types.MAX_TYPE_DEPTH
+    limit = MAX_TYPE_DEPTH
     inner = "frozen<list<frozen<list<int>>>>"  # three levels
     assert parse_cql_type("list<" * (limit - 3) + inner + ">" * (limit - 3)).frozen is False
     chain = {f"u{i}": [("f", f"frozen<u{i + 1}>")] for i in range(1, limit - 1)}
@@ -678,10 +677,10 @@ def test_values_of_unknown_shape_nest_at_most_max_type_depth_levels() -> None:
             value = [value]
         return value
 
-    assert json.loads(to_pg(udt, {"a": nested(types.MAX_TYPE_DEPTH - 1)})) == {
-        "a": nested(types.MAX_TYPE_DEPTH - 1)
+    assert json.loads(to_pg(udt, {"a": nested(MAX_TYPE_DEPTH - 1)})) == {
+        "a": nested(MAX_TYPE_DEPTH - 1)
     }
-    for levels in (types.MAX_TYPE_DEPTH, 200_000):
+    for levels in (MAX_TYPE_DEPTH, 200_000):
         with pytest.raises(ConversionError, match="nested deeper than 32 levels"):
             to_pg(udt, {"a": nested(levels)})
 
@@ -1066,15 +1065,15 @@ def test_parsed_uuids_and_addresses_are_remembered_within_a_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The text -> UUID / address memo never grows past its bound and keeps no failures."""
-    monkeypatch.setattr(types, "_PARSED_KEPT", 2)
-    monkeypatch.setattr(types, "_UUIDS", {})
+    monkeypatch.setattr(scalars, "_PARSED_KEPT", 2)
+    monkeypatch.setattr(scalars, "_UUIDS", {})
     texts = [str(uuid.UUID(int=n)) for n in range(5)]
     assert [to_pg(parse_cql_type("uuid"), t) for t in texts] == [uuid.UUID(t) for t in texts]
-    assert len(types._UUIDS) <= 2
+    assert len(scalars._UUIDS) <= 2
     for _ in range(2):
         with pytest.raises(ConversionError, match="not a UUID"):
             to_pg(parse_cql_type("uuid"), "not-a-uuid")
-    assert "not-a-uuid" not in types._UUIDS
+    assert "not-a-uuid" not in scalars._UUIDS
 
 
 def test_udt_definitions_rebuild_the_types_from_their_text() -> None:

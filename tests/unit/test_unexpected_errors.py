@@ -17,7 +17,7 @@ from cdc_sink import runner, synth
 from cdc_sink.config import load_config
 from cdc_sink.ddl import Catalog
 from cdc_sink.decode import Decoder
-from cdc_sink.events import ChangeEvent, Position
+from cdc_sink.model.events import ChangeEvent, Position
 from cdc_sink.nesting import MAX_NESTING
 from cdc_sink.plan import Mutation
 from cdc_sink.runner import Worker
