@@ -33,7 +33,7 @@ stack-up: system-deps venv ## start the local stack (Kafka, PostgreSQL, Cassandr
 .PHONY: demo
 demo: system-deps venv ## start the stack and stream 30,000 synthetic change events through the sink
 	@$(STACK) up
-	@$(BIN)/python -m cdc_sink.demo
+	@$(BIN)/python -m cdc_synth.demo
 
 .PHONY: stack-down
 stack-down: ## stop the local stack

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/memory.py [--events 1000000] [--format avro|json] [--seed 1]
 
-Preloads the events (cdc_sink.synth, produced like `run.py drain` does), then runs
+Preloads the events (cdc_synth.synth, produced like `run.py drain` does), then runs
 `python -m cdc_sink run --stop-when-caught-up` as a subprocess and samples its VmRSS and VmHWM
 (peak resident set) from /proc/<pid>/status every 0.2 s until it exits. The target is a peak
 below 300 MB whatever the backlog: the consumer must not buffer more than a bounded amount
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdc_sink import synth
+from cdc_synth import synth
 from run import RESULTS, Run, _pyplot, end_offsets, log, machine
 
 TARGET_MB = 300

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/pipeline.py [--events 100000] [--batch-size 1000] [--repeat 3]
                                             [--format avro|json] [--profile FILE]
 
-The events come from `cdc_sink.synth` (the same mix as benchmarks/run.py) and are encoded as the
+The events come from `cdc_synth.synth` (the same mix as benchmarks/run.py) and are encoded as the
 connector writes them. As in the worker, one batch of `--batch-size` records at a time goes
 through every stage; each stage is timed with `time.process_time()` (CPU of this process only;
 other load on the machine still inflates it, so compare runs made side by side):
@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cdc_sink import cli, synth
+from cdc_sink import cli
 from cdc_sink.ddl import Catalog
 from cdc_sink.decode import Decoder
 from cdc_sink.model import scalars
@@ -42,6 +42,7 @@ from cdc_sink.model.events import Position, interpret
 from cdc_sink.plan import Mutation
 from cdc_sink.tables import TableSchema
 from cdc_sink.write import Batch, CheckpointMove, PgWriter
+from cdc_synth import synth
 
 TABLE_FORMAT = "cdc_{table}"
 

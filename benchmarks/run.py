@@ -44,9 +44,9 @@ from typing import Any
 import asyncpg
 import httpx2 as httpx
 
-from cdc_sink import synth
-from cdc_sink.demo import create_cassandra_tables, endpoints
 from cdc_sink.tables import qualified, quote_ident
+from cdc_synth import synth
+from cdc_synth.demo import create_cassandra_tables, endpoints
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/unknown_ids.py [--events 10000] [--share 0.01] [--seed 1]
 
-Preloads `--events` good Avro events (cdc_sink.synth, as `run.py drain` does) and, spread among
+Preloads `--events` good Avro events (cdc_synth.synth, as `run.py drain` does) and, spread among
 them in ten slices, `share * events` records whose Confluent header names a schema id no
 registry issued; then runs `python -m cdc_sink run --stop-when-caught-up` and reports the good
 events applied per second, over the whole run and over its commit window, and checks that every
@@ -26,7 +26,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from cdc_sink import synth
+from cdc_synth import synth
 from run import Run, commits, end_offsets, log, machine
 
 SLICES = 10

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cdc_sink import synth
+from cdc_synth import synth
 from tests.support.stack import Endpoints
 
 

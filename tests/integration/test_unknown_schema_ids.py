@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import asyncpg
 
-from cdc_sink import synth
-from cdc_sink.demo import create_cassandra_tables
+from cdc_synth import synth
+from cdc_synth.demo import create_cassandra_tables
 from tests.support.pipeline import drop_schema, produce_positions, run_worker, sink_env
 from tests.support.stack import Endpoints
 

@@ -16,7 +16,7 @@ import warnings
 
 from aiokafka.errors import KafkaError
 
-from cdc_sink import synth
+from cdc_synth import synth
 
 RUN_TOKEN = uuid.uuid4().hex[:4]
 OURS = re.compile(rf"_{RUN_TOKEN}[0-9a-f]{{8}}")

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc_sink import synth
 from cdc_sink.decode import Decoder
 from cdc_sink.errors import DecodeError, EventError, PoisonError
 from cdc_sink.model.events import Position, interpret
+from cdc_synth import synth
 
 EVENTS = synth.generate(300, seed=7, start_us=time.time_ns() // 1000)
 SCHEMAS = {(synth.KEYSPACE, table): synth.target_schema(table) for table in synth.TABLES}

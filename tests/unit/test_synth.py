@@ -1,4 +1,4 @@
-"""The synthetic Debezium Cassandra event generator (cdc_sink.synth)."""
+"""The synthetic Debezium Cassandra event generator (cdc_synth.synth)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from cdc_sink import synth
 from cdc_sink.decode import Decoder
 from cdc_sink.model.cql import from_connect_schema
 from cdc_sink.model.events import ChangeEvent, Op, Position, interpret
 from cdc_sink.tables import parse_clustering_text
+from cdc_synth import synth
 
 START_US = 1_760_000_000_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

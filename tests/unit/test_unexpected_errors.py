@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from cdc_sink import runner, synth
+from cdc_sink import runner
 from cdc_sink.config import load_config
 from cdc_sink.ddl import Catalog
 from cdc_sink.decode import Decoder
@@ -22,6 +22,7 @@ from cdc_sink.nesting import MAX_NESTING
 from cdc_sink.plan import Mutation
 from cdc_sink.runner import Worker
 from cdc_sink.tables import TableSchema
+from cdc_synth import synth
 
 TOPIC = "cdc-events-users"
 USERS = synth.target_schema("users")

@@ -2,14 +2,16 @@
 
 Produces 30,000 synthetic Debezium Cassandra events (Avro through the schema registry) at a few
 thousand per second, runs a sink worker in this process, prints progress once a second and a
-summary, and exits 0 once every event is applied (1 if the sink fails or stalls). Each run uses
-its own topics, consumer group and PostgreSQL schema (named after the start time); leftovers of
+summary, and exits 0 once every event is applied (1 if the sink fails or stalls). With `--json`
+the summary is also printed as one JSON object on the last line, for programs. Each run uses its
+own topics, consumer group and PostgreSQL schema (named after the start time); leftovers of
 earlier demo runs are removed first. Endpoints come from the CDC_* environment or from
 `deploy/local/stack env --json`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -24,7 +26,6 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from cdc_sink import synth
 from cdc_sink.config import (
     CassandraConfig,
     Config,
@@ -38,6 +39,7 @@ from cdc_sink.config import (
 from cdc_sink.logs import configure_logging
 from cdc_sink.runner import Worker
 from cdc_sink.tables import qualified, quote_ident
+from cdc_synth import synth
 
 EVENTS = 30_000
 RATE = 4_000.0  # events/s offered by the producer
@@ -96,7 +98,8 @@ async def count(pg: asyncpg.Connection, sql: str, *args: object) -> int:
         return 0
 
 
-async def main() -> int:
+async def main(*, json_summary: bool = False) -> int:
+    """One demo run; 0 when every table holds what Cassandra would return, else 1."""
     env = endpoints()
     run = time.strftime(f"{RUN_PREFIX}%Y%m%d_%H%M%S")
     prefix = f"cdc-events-{run}-"
@@ -201,6 +204,17 @@ async def main() -> int:
         verdict = "as in Cassandra" if n == expected[table] else f"MISMATCH: {expected[table]:,}"
         print(f"  rows {table:<12} {n:>10,}   {tables[table]} ({verdict})")
     print(f"  dead letters      {dead:>10,}")
+    if json_summary:
+        summary = {
+            "run": run,
+            "events_produced": sent[0],
+            "events_applied": worker.applied_events,
+            "elapsed_s": round(elapsed, 3),
+            "rows": rows,
+            "expected_rows": expected,
+            "dead_letters": dead,
+        }
+        print(json.dumps(summary))
     if rows != expected:
         print("the sink's tables differ from what Cassandra would return", file=sys.stderr)
         status = 1
@@ -208,7 +222,12 @@ async def main() -> int:
 
 
 def run() -> None:
-    sys.exit(asyncio.run(main()))
+    parser = argparse.ArgumentParser(
+        prog="python -m cdc_synth.demo",
+        description="Stream synthetic change events through a sink worker on the local stack.",
+    )
+    parser.add_argument("--json", action="store_true", help="end with the summary as JSON")
+    sys.exit(asyncio.run(main(json_summary=parser.parse_args().json)))
 
 
 if __name__ == "__main__":
