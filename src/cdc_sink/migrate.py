@@ -1,8 +1,15 @@
-"""Migrations: the versioned SQL files in sql/ applied once each, in order, idempotently."""
+"""Migrations: the versioned SQL files in sql/ applied once each, in order, idempotently.
+
+The package reads them as its resource `migrations`: a link to sql/ in the source tree, copies in
+the wheel, so every kind of install migrates.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import asyncpg
@@ -11,19 +18,22 @@ from cdc_sink.errors import FatalError
 from cdc_sink.tables import quote_ident
 
 MIGRATION_LOCK = 0x63646373696E6B  # "cdcsink": one migrator at a time across workers
+MIGRATION_FILE = re.compile(r"[0-9]{3}_.*\.sql")
 
 
-def sql_dir() -> Path:
-    """sql/ of the source tree (or CDC_SQL_DIR, for installs that ship it elsewhere)."""
-    return Path(os.environ.get("CDC_SQL_DIR") or Path(__file__).resolve().parents[2] / "sql")
+def sql_dir() -> Traversable:
+    """The migrations shipped with the package (or CDC_SQL_DIR, to apply another set)."""
+    override = os.environ.get("CDC_SQL_DIR")
+    return Path(override) if override else files("cdc_sink") / "migrations"
 
 
-def migrations(folder: Path | None = None) -> list[tuple[str, str]]:
+def migrations(folder: Traversable | None = None) -> list[tuple[str, str]]:
     """(version, sql) for every `NNN_name.sql`, in version order."""
-    files = sorted((folder or sql_dir()).glob("[0-9][0-9][0-9]_*.sql"))
-    if not files:
-        raise FileNotFoundError(f"no migrations found in {folder or sql_dir()}")
-    return [(path.stem, path.read_text()) for path in files]
+    found = folder or sql_dir()
+    names = sorted(item.name for item in found.iterdir() if MIGRATION_FILE.fullmatch(item.name))
+    if not names:
+        raise FileNotFoundError(f"no migrations found in {found}")
+    return [(name.removesuffix(".sql"), found.joinpath(name).read_text("utf-8")) for name in names]
 
 
 async def pending(conn: asyncpg.Connection, schema: str) -> list[str]:
