@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.support.names import Unique
 from tests.support.stack import Endpoints, StackUnavailable, find_stack
-from tests.support.topics import remove_this_runs_topics, unique_name
+from tests.support.topics import remove_this_runs_topics
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +24,13 @@ def stack() -> Iterator[Endpoints]:
 
 
 @pytest.fixture
-def unique() -> Callable[[str], str]:
-    """Make names no other test (or other run) uses: unique("topic") -> "topic_3f2a9c1b7d40",
-    this run's token and eight random hex digits."""
-    return unique_name
+async def unique(stack: Endpoints) -> AsyncIterator[Unique]:
+    """Names no other test (or other run) uses. The schemas and keyspaces named with
+    unique.schema and unique.keyspace are dropped when the test ends, passed or failed, after
+    the test's own clean-up and that of the fixtures set up after this one."""
+    names = Unique(stack)
+    yield names
+    await names.drop()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

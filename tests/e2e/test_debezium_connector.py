@@ -14,7 +14,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ import pytest
 from cassandra.cluster import Session
 
 from tests.support import recon_data as data
+from tests.support.names import Unique
 from tests.support.pipeline import (
     dead_letters,
-    drop_schema,
     read_topic,
     run_cli,
     run_worker,
@@ -171,12 +171,12 @@ def checksum(env: dict[str, str], rows: int, mismatches: int) -> int:
 
 
 async def test_cassandra_writes_reach_postgres_through_the_real_connector(
-    stack: Endpoints, connector: str, cassandra: Session, unique: Callable[[str], str]
+    stack: Endpoints, connector: str, cassandra: Session, unique: Unique
 ) -> None:
     """Inserts of every type (edge values included), partial updates, nulls, a TTL, row,
     partition and range deletes and a whole-collection overwrite, written with CQL: after the
     sink has applied what the agent produced, a checksum job finds no difference."""
-    keyspace, schema = unique("dbz"), unique("dbz")
+    keyspace, schema = unique.keyspace("dbz"), unique.schema("dbz")
     topic = f"{connector}.{keyspace}.{data.TABLE}"
     env = sink_env(
         stack,
@@ -190,42 +190,38 @@ async def test_cassandra_writes_reach_postgres_through_the_real_connector(
     # than one row, for the partition and range deletes.
     numbers = [*range(300), 1010, 1011, 2011, 3011]
     rows = [without_udts(data.make_row(i)) for i in numbers]
-    try:
-        data.load_cassandra(cassandra, keyspace, rows)
-        writes = len(rows) + apply_changes(cassandra, keyspace, rows)
-        await wait_for_events(stack, topic, writes)
+    data.load_cassandra(cassandra, keyspace, rows)
+    writes = len(rows) + apply_changes(cassandra, keyspace, rows)
+    await wait_for_events(stack, topic, writes)
 
-        worker = await run_worker(env)
-        assert worker.applied_events >= writes
-        assert await dead_letters(stack.postgres_dsn, schema) == 0
-        # 304 rows, less one row delete, a partition delete of 2 and a range delete of 2
-        checksum(env, rows=299, mismatches=0)
-        await check_ttl(stack.postgres_dsn, schema, rows[5].key)
+    worker = await run_worker(env)
+    assert worker.applied_events >= writes
+    assert await dead_letters(stack.postgres_dsn, schema) == 0
+    # 304 rows, less one row delete, a partition delete of 2 and a range delete of 2
+    checksum(env, rows=299, mismatches=0)
+    await check_ttl(stack.postgres_dsn, schema, rows[5].key)
 
-        # An element added to a non-frozen set arrives as that element alone: the column then
-        # holds it only (README, "Collections"); reconciliation finds the row and repairs it.
-        table = f"{keyspace}.{data.TABLE}"
-        cassandra.execute(
-            f"UPDATE {table} SET s_text = s_text + {{'added'}} "
-            "WHERE id = %s AND region = %s AND seq = %s",
-            list(rows[7].key.values()),
-        )
-        await wait_for_events(stack, topic, writes + 1)
-        await run_worker(env)
-        job = checksum(env, rows=299, mismatches=1)
-        assert "repaired 1" in reconcile(env, "repair", "--job", str(job))
-        checksum(env, rows=299, mismatches=0)
-    finally:
-        cassandra.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
-        await drop_schema(stack.postgres_dsn, schema)
+    # An element added to a non-frozen set arrives as that element alone: the column then
+    # holds it only (README, "Collections"); reconciliation finds the row and repairs it.
+    table = f"{keyspace}.{data.TABLE}"
+    cassandra.execute(
+        f"UPDATE {table} SET s_text = s_text + {{'added'}} "
+        "WHERE id = %s AND region = %s AND seq = %s",
+        list(rows[7].key.values()),
+    )
+    await wait_for_events(stack, topic, writes + 1)
+    await run_worker(env)
+    job = checksum(env, rows=299, mismatches=1)
+    assert "repaired 1" in reconcile(env, "repair", "--job", str(job))
+    checksum(env, rows=299, mismatches=0)
 
 
 async def test_a_column_added_in_cassandra_is_added_in_postgres(
-    stack: Endpoints, connector: str, cassandra: Session, unique: Callable[[str], str]
+    stack: Endpoints, connector: str, cassandra: Session, unique: Unique
 ) -> None:
     """ALTER TABLE … ADD in Cassandra: the agent's events gain the column, the sink adds it
     to the target table, and rows written before and after match Cassandra's."""
-    keyspace, schema = unique("dbz"), unique("dbz")
+    keyspace, schema = unique.keyspace("dbz"), unique.schema("dbz")
     table = f"{keyspace}.{data.TABLE}"
     topic = f"{connector}.{table}"
     env = sink_env(
@@ -239,84 +235,73 @@ async def test_a_column_added_in_cassandra_is_added_in_postgres(
         "PRIMARY KEY ((id, region), seq)) WITH cdc = true",
     )
     insert = f"INSERT INTO {table} (id, region, seq, t_text) VALUES (%s, 'r', now(), %s)"
+    for i in range(3):
+        cassandra.execute(insert, [i, f"before {i}"])
+    await wait_for_events(stack, topic, 3)
+    await run_worker(env)
+    await agent_hears(
+        stack,
+        f"ALTER TABLE {table} ADD (t_new map<text, int>, t_num varint)",
+        cassandra,
+        f"Updated table [CREATE TABLE {table} (",
+    )
+    # a row made by UPDATE with only the new columns, and an INSERT with one of them
+    cassandra.execute(
+        f"UPDATE {table} SET t_new = {{'a': 1}}, t_num = %s "
+        "WHERE id = 0 AND region = 'r' AND seq = now()",
+        [10**22],
+    )
+    cassandra.execute(
+        f"INSERT INTO {table} (id, region, seq, t_text, t_new) "
+        "VALUES (3, 'r', now(), 'after', {'b': 2})"
+    )
+    await wait_for_events(stack, topic, 5)
+    await run_worker(env)
+    assert await dead_letters(stack.postgres_dsn, schema) == 0
+    conn = await asyncpg.connect(stack.postgres_dsn)
     try:
-        for i in range(3):
-            cassandra.execute(insert, [i, f"before {i}"])
-        await wait_for_events(stack, topic, 3)
-        await run_worker(env)
-        await agent_hears(
-            stack,
-            f"ALTER TABLE {table} ADD (t_new map<text, int>, t_num varint)",
-            cassandra,
-            f"Updated table [CREATE TABLE {table} (",
+        added = await conn.fetch(
+            f'SELECT t_new, t_num FROM "{schema}".{data.TARGET} WHERE t_new IS NOT NULL ORDER BY id'
         )
-        # a row made by UPDATE with only the new columns, and an INSERT with one of them
-        cassandra.execute(
-            f"UPDATE {table} SET t_new = {{'a': 1}}, t_num = %s "
-            "WHERE id = 0 AND region = 'r' AND seq = now()",
-            [10**22],
-        )
-        cassandra.execute(
-            f"INSERT INTO {table} (id, region, seq, t_text, t_new) "
-            "VALUES (3, 'r', now(), 'after', {'b': 2})"
-        )
-        await wait_for_events(stack, topic, 5)
-        await run_worker(env)
-        assert await dead_letters(stack.postgres_dsn, schema) == 0
-        conn = await asyncpg.connect(stack.postgres_dsn)
-        try:
-            added = await conn.fetch(
-                f'SELECT t_new, t_num FROM "{schema}".{data.TARGET} '
-                "WHERE t_new IS NOT NULL ORDER BY id"
-            )
-        finally:
-            await conn.close()
-        assert [(json.loads(r["t_new"]), r["t_num"]) for r in added] == [
-            ({"a": 1}, 10**22),
-            ({"b": 2}, None),
-        ]
-        checksum(env, rows=5, mismatches=0)
     finally:
-        cassandra.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
-        await drop_schema(stack.postgres_dsn, schema)
+        await conn.close()
+    assert [(json.loads(r["t_new"]), r["t_num"]) for r in added] == [
+        ({"a": 1}, 10**22),
+        ({"b": 2}, None),
+    ]
+    checksum(env, rows=5, mismatches=0)
 
 
 async def test_what_the_agent_loses_when_killed_is_found_and_repaired_by_reconciliation(
-    stack: Endpoints, connector: str, cassandra: Session, unique: Callable[[str], str]
+    stack: Endpoints, connector: str, cassandra: Session, unique: Unique
 ) -> None:
     """The agent killed (SIGKILL) while it streams 3,000 inserts, and started again. It may
     send events twice, and it may lose some for good (4, 148 and 370 of 3,000 in three trials
     that killed it 2-3 s into the load; none in most runs of this test). The sink applies what
     arrives; a checksum job finds exactly the rows whose events never came, repair copies
     them from Cassandra, and the next job finds no difference."""
-    keyspace, schema = unique("dbz"), unique("dbz")
+    keyspace, schema = unique.keyspace("dbz"), unique.schema("dbz")
     topic = f"{connector}.{keyspace}.{data.TABLE}"
     env = sink_env(
         stack, topic=re.escape(topic), group=unique("g"), schema=schema, pushgateway__url=""
     )
     await create_table(stack, cassandra, keyspace, TABLE_CQL.format(ks=keyspace))
     rows = [without_udts(data.make_row(i)) for i in range(3000)]
-    try:
-        loading = asyncio.create_task(
-            asyncio.to_thread(data.load_cassandra, cassandra, keyspace, rows)
-        )
-        await asyncio.sleep(2.5)  # the agent is streaming them
-        await asyncio.to_thread(stack_command, stack, "restart", "--immediate", "debezium")
-        await loading
-        await wait_for_events(stack, topic, len(rows), settle=20)
+    loading = asyncio.create_task(asyncio.to_thread(data.load_cassandra, cassandra, keyspace, rows))
+    await asyncio.sleep(2.5)  # the agent is streaming them
+    await asyncio.to_thread(stack_command, stack, "restart", "--immediate", "debezium")
+    await loading
+    await wait_for_events(stack, topic, len(rows), settle=20)
 
-        await run_worker(env)
-        assert await dead_letters(stack.postgres_dsn, schema) == 0
-        job, counts = checksum_job(env)
-        lost = len(rows) - counts["postgres"]
-        # every difference is a row whose event never came; none holds a wrong value
-        assert counts == {"cassandra": len(rows), "postgres": len(rows) - lost, "mismatches": lost}
-        if lost:
-            assert f"repaired {lost}" in reconcile(env, "repair", "--job", str(job))
-        checksum(env, rows=len(rows), mismatches=0)
-    finally:
-        cassandra.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
-        await drop_schema(stack.postgres_dsn, schema)
+    await run_worker(env)
+    assert await dead_letters(stack.postgres_dsn, schema) == 0
+    job, counts = checksum_job(env)
+    lost = len(rows) - counts["postgres"]
+    # every difference is a row whose event never came; none holds a wrong value
+    assert counts == {"cassandra": len(rows), "postgres": len(rows) - lost, "mismatches": lost}
+    if lost:
+        assert f"repaired {lost}" in reconcile(env, "repair", "--job", str(job))
+    checksum(env, rows=len(rows), mismatches=0)
 
 
 COLLECTIONS_CQL = (
@@ -387,14 +372,14 @@ def comparable(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def test_emptied_collections_leave_the_rows_cassandra_returns(
-    stack: Endpoints, connector: str, cassandra: Session, unique: Callable[[str], str]
+    stack: Endpoints, connector: str, cassandra: Session, unique: Unique
 ) -> None:
     """`SET c = null`, `= {}`, `= []` and `DELETE c` on non-frozen collections reach the sink
     as empty collections: a row with no other live cell is absent from PostgreSQL as from
     Cassandra's SELECT (also when an older write comes after, or one at the same
     microsecond), a row kept by its marker or another cell has the column null, and empty
     frozen collections are values. Applied a second time, nothing changes."""
-    keyspace, schema = unique("dbz"), unique("dbz")
+    keyspace, schema = unique.keyspace("dbz"), unique.schema("dbz")
     table = f"{keyspace}.colls"
     topic = f"{connector}.{table}"
     env = sink_env(
@@ -407,26 +392,22 @@ async def test_emptied_collections_leave_the_rows_cassandra_returns(
         for writes in EMPTYING.values()
         for cql, offset in writes
     ]
-    try:
-        for cql in statements:
-            cassandra.execute(cql)
-        found = cassandra.execute(f"SELECT * FROM {table}")
-        selected = {r.k: comparable(r._asdict()) for r in found}
-        assert selected == KEPT
-        await wait_for_events(stack, topic, len(statements))
+    for cql in statements:
+        cassandra.execute(cql)
+    found = cassandra.execute(f"SELECT * FROM {table}")
+    selected = {r.k: comparable(r._asdict()) for r in found}
+    assert selected == KEPT
+    await wait_for_events(stack, topic, len(statements))
 
-        for group in ("g1", "g2"):  # the second group applies every event once more
-            await run_worker({**env, "CDC_KAFKA__GROUP_ID": unique(group)})
-            assert await dead_letters(stack.postgres_dsn, schema) == 0
-            conn = await asyncpg.connect(stack.postgres_dsn)
-            try:
-                stored = await conn.fetch(f'SELECT * FROM "{schema}".cdc_colls')
-            finally:
-                await conn.close()
-            assert {r["k"]: comparable(r) for r in stored} == selected
-    finally:
-        cassandra.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
-        await drop_schema(stack.postgres_dsn, schema)
+    for group in ("g1", "g2"):  # the second group applies every event once more
+        await run_worker({**env, "CDC_KAFKA__GROUP_ID": unique(group)})
+        assert await dead_letters(stack.postgres_dsn, schema) == 0
+        conn = await asyncpg.connect(stack.postgres_dsn)
+        try:
+            stored = await conn.fetch(f'SELECT * FROM "{schema}".cdc_colls')
+        finally:
+            await conn.close()
+        assert {r["k"]: comparable(r) for r in stored} == selected
 
 
 def apply_changes(session: Session, keyspace: str, rows: list[data.Row]) -> int:

@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,11 @@ import httpx2 as httpx
 from cdc_sink.config import load_config
 from cdc_sink.runner import Worker
 from tests.support.cassandra_model import Mutation
+from tests.support.names import Unique
 from tests.support.pipeline import (
     applied,
     create_cassandra_model_table,
     create_topic,
-    drop_schema,
     json_lines,
     produce,
     schemaless_record,
@@ -76,14 +75,14 @@ async def stop(worker: Any) -> int:
 
 
 async def test_bursts_of_jobs_and_listings_all_answer_while_a_backlog_drains(
-    stack: Endpoints, unique: Callable[[str], str], tmp_path: Path
+    stack: Endpoints, unique: Unique, tmp_path: Path
 ) -> None:
     """20 concurrent reconciliation job requests and 200 concurrent list requests at a worker
     draining a backlog of 100,000 events: every request answers, every job accepted runs to
     its end, and the whole backlog is applied. The drain's rate is printed next to that of a
     quiet run over the same backlog."""
-    keyspace, topic = unique("ks"), unique("cdc-events-pools")
-    quiet_schema, busy_schema = unique("quiet"), unique("busy")
+    keyspace, topic = unique.keyspace("ks"), unique("cdc-events-pools")
+    quiet_schema, busy_schema = unique.schema("quiet"), unique.schema("busy")
     dsn = stack.postgres_dsn
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic)
@@ -100,55 +99,49 @@ async def test_bursts_of_jobs_and_listings_all_answer_while_a_backlog_drains(
             pushgateway__url="",
         )
 
+    quiet = start_worker_process(env(quiet_schema), tmp_path / "quiet.log")
     try:
-        quiet = start_worker_process(env(quiet_schema), tmp_path / "quiet.log")
-        try:
-            quiet_rate = await drain_rate(dsn, quiet_schema, quiet, BACKLOG)
-        finally:
-            assert await stop(quiet) == 0
-
-        log_path = tmp_path / "busy.log"
-        busy = start_worker_process(env(busy_schema), log_path, stop_when_caught_up=False)
-        try:
-            measuring = asyncio.create_task(drain_rate(dsn, busy_schema, busy, BACKLOG))
-            async with asyncio.timeout(120):
-                while (port := listening_port(log_path)) is None or await applied(
-                    dsn, busy_schema
-                ) < BACKLOG // 10:
-                    assert busy.poll() is None, log_path.read_text()[-3000:]
-                    await asyncio.sleep(0.05)
-            fired_at = await applied(dsn, busy_schema)
-            answers, jobs = await burst(f"http://127.0.0.1:{port}")
-            answered_at = await applied(dsn, busy_schema)
-            busy_rate = await measuring
-            print(
-                f"\ndrain of {BACKLOG:,} events: quiet {quiet_rate:,.0f}/s, under "
-                f"{JOB_REQUESTS} job and {LIST_REQUESTS} list requests {busy_rate:,.0f}/s "
-                f"({busy_rate / quiet_rate - 1:+.0%}); requests fired at {fired_at:,} applied, "
-                f"all answered at {answered_at:,}; answers {sorted(answers.items())}"
-            )
-            assert fired_at < BACKLOG  # the requests met a draining worker
-            assert sum(answers.values()) == JOB_REQUESTS + LIST_REQUESTS
-            assert set(answers) <= {200, 202, 503}, answers
-            assert jobs, "no job request was accepted"
-            async with httpx.AsyncClient(timeout=30) as client:
-                async with asyncio.timeout(240):
-                    for job in jobs:
-                        while (
-                            status := (
-                                await client.get(
-                                    f"http://127.0.0.1:{port}/reconciliation/jobs/{job}"
-                                )
-                            ).json()["status"]
-                        ) in ("pending", "running"):
-                            await asyncio.sleep(0.2)
-                        assert status == "succeeded", job
-        finally:
-            assert await stop(busy) == 0, log_path.read_text()[-3000:]
-        assert await applied(dsn, busy_schema) == BACKLOG
+        quiet_rate = await drain_rate(dsn, quiet_schema, quiet, BACKLOG)
     finally:
-        for schema in (quiet_schema, busy_schema):
-            await drop_schema(dsn, schema)
+        assert await stop(quiet) == 0
+
+    log_path = tmp_path / "busy.log"
+    busy = start_worker_process(env(busy_schema), log_path, stop_when_caught_up=False)
+    try:
+        measuring = asyncio.create_task(drain_rate(dsn, busy_schema, busy, BACKLOG))
+        async with asyncio.timeout(120):
+            while (port := listening_port(log_path)) is None or await applied(
+                dsn, busy_schema
+            ) < BACKLOG // 10:
+                assert busy.poll() is None, log_path.read_text()[-3000:]
+                await asyncio.sleep(0.05)
+        fired_at = await applied(dsn, busy_schema)
+        answers, jobs = await burst(f"http://127.0.0.1:{port}")
+        answered_at = await applied(dsn, busy_schema)
+        busy_rate = await measuring
+        print(
+            f"\ndrain of {BACKLOG:,} events: quiet {quiet_rate:,.0f}/s, under "
+            f"{JOB_REQUESTS} job and {LIST_REQUESTS} list requests {busy_rate:,.0f}/s "
+            f"({busy_rate / quiet_rate - 1:+.0%}); requests fired at {fired_at:,} applied, "
+            f"all answered at {answered_at:,}; answers {sorted(answers.items())}"
+        )
+        assert fired_at < BACKLOG  # the requests met a draining worker
+        assert sum(answers.values()) == JOB_REQUESTS + LIST_REQUESTS
+        assert set(answers) <= {200, 202, 503}, answers
+        assert jobs, "no job request was accepted"
+        async with httpx.AsyncClient(timeout=30) as client:
+            async with asyncio.timeout(240):
+                for job in jobs:
+                    while (
+                        status := (
+                            await client.get(f"http://127.0.0.1:{port}/reconciliation/jobs/{job}")
+                        ).json()["status"]
+                    ) in ("pending", "running"):
+                        await asyncio.sleep(0.2)
+                    assert status == "succeeded", job
+    finally:
+        assert await stop(busy) == 0, log_path.read_text()[-3000:]
+    assert await applied(dsn, busy_schema) == BACKLOG
 
 
 async def burst(base: str) -> tuple[dict[int, int], list[int]]:
@@ -174,13 +167,13 @@ async def burst(base: str) -> tuple[dict[int, int], list[int]]:
 
 
 async def test_an_api_request_that_gets_no_connection_in_time_answers_503(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """While every connection the API may use is stuck behind a lock, further API requests
     answer 503 with a clear error after a bounded wait (instead of queueing until the lock
     goes), /ready still answers from the worker's own connections, and once the lock goes the
     stuck requests answer too."""
-    topic, schema = unique("cdc-events-busy-api"), unique("busyapi")
+    topic, schema = unique("cdc-events-busy-api"), unique.schema("busyapi")
     await create_topic(stack.kafka, topic)
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, http__host="127.0.0.1")
     worker = Worker(load_config(env))
@@ -216,4 +209,3 @@ async def test_an_api_request_that_gets_no_connection_in_time_answers_503(
         await locker.close()
         worker.stop()
         await asyncio.wait_for(running, 30)
-        await drop_schema(stack.postgres_dsn, schema)

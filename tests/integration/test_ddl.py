@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -14,6 +14,7 @@ from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.tables import expiry_index_name, qualified, quote_ident
 from cdc_sink.write import PgWriter
+from tests.support.names import Unique
 from tests.support.stack import Endpoints
 
 UDTS = {
@@ -36,11 +37,9 @@ class FixedCassandra:
 
 
 @pytest.fixture
-async def migrated(
-    stack: Endpoints, unique: Callable[[str], str]
-) -> AsyncIterator[tuple[asyncpg.Pool, str]]:
-    """A pool on a fresh, migrated schema of its own."""
-    schema = unique("ddl")
+async def migrated(stack: Endpoints, unique: Unique) -> AsyncIterator[tuple[asyncpg.Pool, str]]:
+    """A pool on a fresh, migrated schema of its own (dropped after the test)."""
+    schema = unique.schema("ddl")
     pool = await asyncpg.create_pool(stack.postgres_dsn, server_settings={"search_path": schema})
     try:
         async with pool.acquire() as conn:
@@ -48,8 +47,6 @@ async def migrated(
             await migrate(conn, schema)
         yield pool, schema
     finally:
-        async with pool.acquire() as conn:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await pool.close()
 
 

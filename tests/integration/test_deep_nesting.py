@@ -9,7 +9,6 @@ import json
 import struct
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
@@ -17,12 +16,12 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from cdc_sink.config import load_config
 from cdc_sink.runner import Worker
 from tests.support.debezium_avro import wire
+from tests.support.names import Unique
 from tests.support.pipeline import (
     Expected,
     Record,
     assert_outcome,
     create_topic,
-    drop_schema,
     fetch_rows,
     json_with_schema,
     produce_positions,
@@ -83,7 +82,7 @@ def avro_value(schema_id: int) -> bytes:
 
 
 async def test_deeply_nested_records_and_schemas_are_dead_lettered_and_the_rest_applied(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """Among good JSON records: a value and a key nested 100,000 levels (past the parser's
     stack), a value nested 600 levels in a column of unknown shape (past the converter's), a
@@ -91,7 +90,7 @@ async def test_deeply_nested_records_and_schemas_are_dead_lettered_and_the_rest_
     parser's stack), and a recursive Avro schema are each dead-lettered (DLQ topic and
     `_cdc_dlq_records`) with a message saying so; every good record is applied exactly and the
     worker drains the topic."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-nest"), unique("nest")
+    keyspace, topic, schema = unique("ks"), unique("cdc-events-nest"), unique.schema("nest")
     dlq_topic = unique("dlq-events")
     await create_topic(stack.kafka, topic)
     with SchemaRegistryClient({"url": stack.schema_registry_url}) as client:
@@ -157,22 +156,17 @@ async def test_deeply_nested_records_and_schemas_are_dead_lettered_and_the_rest_
     records |= {pk: r for pk, (r, *_) in bad.items()}
     records |= {pk: r for pk, (r, _) in good.items() if pk >= 5}
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, dlq__topic=dlq_topic)
-    try:
-        produced = await produce_positions(stack.kafka, topic, records.values())
-        position = dict(zip(records, produced, strict=True))
-        worker = await run_worker(env)
+    produced = await produce_positions(stack.kafka, topic, records.values())
+    position = dict(zip(records, produced, strict=True))
+    worker = await run_worker(env)
 
-        await assert_outcome(stack.postgres_dsn, schema, position, bad)
-        rows = await fetch_rows(
-            stack.postgres_dsn, schema, "SELECT id, v, u::text, l FROM cdc_nest"
-        )
-        assert sorted((r["id"], r["v"], json.loads(r["u"]), r["l"]) for r in rows) == [
-            (pk, pk, {"a": [pk, {"b": nested(3)}]}, [pk, None]) for pk in sorted(good)
-        ]
-        assert len(await read_topic(stack.kafka, dlq_topic)) == len(bad)
-        assert worker.applied_events == len(records)
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    await assert_outcome(stack.postgres_dsn, schema, position, bad)
+    rows = await fetch_rows(stack.postgres_dsn, schema, "SELECT id, v, u::text, l FROM cdc_nest")
+    assert sorted((r["id"], r["v"], json.loads(r["u"]), r["l"]) for r in rows) == [
+        (pk, pk, {"a": [pk, {"b": nested(3)}]}, [pk, None]) for pk in sorted(good)
+    ]
+    assert len(await read_topic(stack.kafka, dlq_topic)) == len(bad)
+    assert worker.applied_events == len(records)
 
 
 def post(port: int, path: str, body: bytes) -> tuple[int, Any]:
@@ -185,12 +179,12 @@ def post(port: int, path: str, body: bytes) -> tuple[int, Any]:
 
 
 async def test_a_deeply_nested_body_to_a_running_workers_api_is_a_400(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """POST /dlq/replay and /dlq/resume with bodies nested 200,000 levels (past the parser's
     stack) or 101 (past MAX_NESTING) answer 400 saying so, not 500; the API still answers
     a sound body afterwards."""
-    topic, schema = unique("cdc-events-api"), unique("api")
+    topic, schema = unique("cdc-events-api"), unique.schema("api")
     await create_topic(stack.kafka, topic)
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
     worker = Worker(load_config(env))
@@ -214,4 +208,3 @@ async def test_a_deeply_nested_body_to_a_running_workers_api_is_a_400(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 60)
-        await drop_schema(stack.postgres_dsn, schema)

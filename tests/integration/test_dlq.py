@@ -18,10 +18,10 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from cdc_sink.config import load_config
 from cdc_sink.runner import Worker
 from tests.support.cassandra_model import Mutation
+from tests.support.names import Unique
 from tests.support.pipeline import (
     create_cassandra_model_table,
     create_topic,
-    drop_schema,
     produce_positions,
     read_topic,
     run_cli,
@@ -128,13 +128,14 @@ def counter_total(worker: Worker, name: str) -> float:
 
 
 async def test_one_percent_poison_of_every_kind_is_dead_lettered_and_nothing_else(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """100,000 records, ~1 % poison of ten kinds: every good event is applied, every poison
     record is in the DLQ topic (with its context headers and original bytes) and in
     `_cdc_dlq_records` with the right class and stage, and consumed = applied + dead-lettered;
     the worker never stops."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-poison"), unique("poison")
+    keyspace, schema = unique.keyspace("ks"), unique.schema("poison")
+    topic = unique("cdc-events-poison")
     dlq_topic = unique("dlq-events")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic)
@@ -149,64 +150,57 @@ async def test_one_percent_poison_of_every_kind_is_dead_lettered_and_nothing_els
             poisoned[len(records)] = (kind, poison(kind, len(poisoned), keyspace))
             records.append(poisoned[len(records)][1])
         records.append(schemaless_record(m, keyspace))
-    try:
-        # the first event creates the table; then a constraint the poison will break
-        first = await produce_positions(stack.kafka, topic, [schemaless_record(good[0], keyspace)])
-        workers = [await run_worker(env)]
-        await add_constraint(stack.postgres_dsn, schema)
-        positions = await produce_positions(stack.kafka, topic, records)
-        workers.append(await run_worker(env))
+    # the first event creates the table; then a constraint the poison will break
+    first = await produce_positions(stack.kafka, topic, [schemaless_record(good[0], keyspace)])
+    workers = [await run_worker(env)]
+    await add_constraint(stack.postgres_dsn, schema)
+    positions = await produce_positions(stack.kafka, topic, records)
+    workers.append(await run_worker(env))
 
-        total = len(first) + len(positions)
-        assert total == 100_000
-        assert len(poisoned) == 1_000
-        where = {positions[i]: kind for i, (kind, _) in poisoned.items()}
-        sent = {positions[i]: record for i, (_, record) in poisoned.items()}
+    total = len(first) + len(positions)
+    assert total == 100_000
+    assert len(poisoned) == 1_000
+    where = {positions[i]: kind for i, (kind, _) in poisoned.items()}
+    sent = {positions[i]: record for i, (_, record) in poisoned.items()}
 
-        stored = await sql(
-            stack.postgres_dsn, schema, "SELECT sum(next_offset) FROM _cdc_checkpoints"
-        )
-        assert stored[0][0] == total
-        rows = await sql(
-            stack.postgres_dsn, schema, "SELECT p1, p2, c1, c2, v1, v2, v3 FROM cdc_model"
-        )
-        assert sorted(tuple(r) for r in rows) == sorted(expected_row(m) for m in good)
+    stored = await sql(stack.postgres_dsn, schema, "SELECT sum(next_offset) FROM _cdc_checkpoints")
+    assert stored[0][0] == total
+    rows = await sql(stack.postgres_dsn, schema, "SELECT p1, p2, c1, c2, v1, v2, v3 FROM cdc_model")
+    assert sorted(tuple(r) for r in rows) == sorted(expected_row(m) for m in good)
 
-        letters = await sql(
-            stack.postgres_dsn,
-            schema,
-            "SELECT source_topic, source_partition, source_offset, error_class, stage, "
-            "record_key, record_value, status FROM _cdc_dlq_records",
-        )
-        assert {(r["source_partition"], r["source_offset"]) for r in letters} == set(where)
-        assert len(letters) == len(where)
-        for r in letters:
-            position = (r["source_partition"], r["source_offset"])
-            assert (r["error_class"], r["stage"]) == POISON_KINDS[where[position]], r
-            assert (r["record_key"], r["record_value"]) == sent[position]
-            assert (r["source_topic"], r["status"]) == (topic, "pending")
+    letters = await sql(
+        stack.postgres_dsn,
+        schema,
+        "SELECT source_topic, source_partition, source_offset, error_class, stage, "
+        "record_key, record_value, status FROM _cdc_dlq_records",
+    )
+    assert {(r["source_partition"], r["source_offset"]) for r in letters} == set(where)
+    assert len(letters) == len(where)
+    for r in letters:
+        position = (r["source_partition"], r["source_offset"])
+        assert (r["error_class"], r["stage"]) == POISON_KINDS[where[position]], r
+        assert (r["record_key"], r["record_value"]) == sent[position]
+        assert (r["source_topic"], r["status"]) == (topic, "pending")
 
-        in_topic = await read_topic(stack.kafka, dlq_topic)
-        seen = set()
-        for message in in_topic:
-            headers = {k: v.decode() for k, v in message.headers}
-            position = (int(headers["cdc.source.partition"]), int(headers["cdc.source.offset"]))
-            seen.add(position)
-            assert headers["cdc.source.topic"] == topic
-            assert (headers["cdc.error.class"], headers["cdc.error.stage"]) == POISON_KINDS[
-                where[position]
-            ]
-            assert headers["cdc.error.message"]
-            assert headers["cdc.failed.at"]
-            assert (message.key, message.value) == sent[position]
-        assert seen == set(where)
+    in_topic = await read_topic(stack.kafka, dlq_topic)
+    seen = set()
+    for message in in_topic:
+        headers = {k: v.decode() for k, v in message.headers}
+        position = (int(headers["cdc.source.partition"]), int(headers["cdc.source.offset"]))
+        seen.add(position)
+        assert headers["cdc.source.topic"] == topic
+        assert (headers["cdc.error.class"], headers["cdc.error.stage"]) == POISON_KINDS[
+            where[position]
+        ]
+        assert headers["cdc.error.message"]
+        assert headers["cdc.failed.at"]
+        assert (message.key, message.value) == sent[position]
+    assert seen == set(where)
 
-        applied = sum(counter_total(w, "cdc_events_processed_total") for w in workers)
-        dead = sum(counter_total(w, "cdc_dlq_records_total") for w in workers)
-        assert (applied, dead) == (len(good), len(poisoned))
-        assert sum(w.applied_events for w in workers) == total == applied + dead
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    applied = sum(counter_total(w, "cdc_events_processed_total") for w in workers)
+    dead = sum(counter_total(w, "cdc_dlq_records_total") for w in workers)
+    assert (applied, dead) == (len(good), len(poisoned))
+    assert sum(w.applied_events for w in workers) == total == applied + dead
 
 
 async def wait_until(check: Callable[[], Any]) -> None:
@@ -235,13 +229,14 @@ async def checkpoints(dsn: str, schema: str) -> dict[int, int]:
 
 
 async def test_a_partition_past_the_dlq_share_pauses_and_the_others_go_on(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """150 bad records in a row on one partition (limit: 10 % of 1000) pause that partition
     after its good prefix, dead-letter none of them, raise the metrics, and leave the other
     partitions running; resuming re-checks from the checkpoint (and pauses again); a worker
     allowed a larger share then dead-letters them and applies the rest."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-limit"), unique("limit")
+    keyspace, schema = unique.keyspace("ks"), unique.schema("limit")
+    topic = unique("cdc-events-limit")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic)
     settings = {"dlq__topic": unique("dlq-events"), "dlq__max_share": "0.1"}
@@ -290,24 +285,21 @@ async def test_a_partition_past_the_dlq_share_pauses_and_the_others_go_on(
         worker.stop()
         await asyncio.wait_for(task, 60)
 
-    try:
-        lenient = {**env, "CDC_DLQ__MAX_SHARE": "1"}
-        await run_worker(lenient)
-        assert (await checkpoints(stack.postgres_dsn, schema))[0] == 220
-        letters = await sql(stack.postgres_dsn, schema, "SELECT count(*) FROM _cdc_dlq_records")
-        assert letters[0][0] == 150
-        rows = await sql(stack.postgres_dsn, schema, "SELECT count(*) FROM cdc_model")
-        assert rows[0][0] == 8 * 50 + 20
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    lenient = {**env, "CDC_DLQ__MAX_SHARE": "1"}
+    await run_worker(lenient)
+    assert (await checkpoints(stack.postgres_dsn, schema))[0] == 220
+    letters = await sql(stack.postgres_dsn, schema, "SELECT count(*) FROM _cdc_dlq_records")
+    assert letters[0][0] == 150
+    rows = await sql(stack.postgres_dsn, schema, "SELECT count(*) FROM cdc_model")
+    assert rows[0][0] == 8 * 50 + 20
 
 
 async def test_headers_without_a_value_reach_the_dlq_as_they_were(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """Kafka allows a header with no value; a poison record carrying one is dead-lettered
     (this stopped the worker once) with the header kept as such in the topic and the table."""
-    topic, schema, dlq_topic = unique("cdc-events-hdr"), unique("hdr"), unique("dlq-events")
+    topic, schema, dlq_topic = unique("cdc-events-hdr"), unique.schema("hdr"), unique("dlq-events")
     await create_topic(stack.kafka, topic, partitions=1)
     producer = AIOKafkaProducer(bootstrap_servers=stack.kafka, acks="all")
     await producer.start()
@@ -318,18 +310,15 @@ async def test_headers_without_a_value_reach_the_dlq_as_they_were(
         await producer.stop()
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, dlq__topic=dlq_topic)
     env["CDC_DLQ__MAX_SHARE"] = "1"  # the only record is poison
-    try:
-        worker = await run_worker(env)
-        assert worker.applied_events == 1
-        [message] = await read_topic(stack.kafka, dlq_topic)
-        assert list(message.headers[:2]) == headers
-        stored = await sql(stack.postgres_dsn, schema, "SELECT headers FROM _cdc_dlq_records")
-        assert json.loads(stored[0][0])[:2] == [
-            {"key": "no-value", "value": None},
-            {"key": "trace", "value": "t-1"},
-        ]
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    worker = await run_worker(env)
+    assert worker.applied_events == 1
+    [message] = await read_topic(stack.kafka, dlq_topic)
+    assert list(message.headers[:2]) == headers
+    stored = await sql(stack.postgres_dsn, schema, "SELECT headers FROM _cdc_dlq_records")
+    assert json.loads(stored[0][0])[:2] == [
+        {"key": "no-value", "value": None},
+        {"key": "trace", "value": "t-1"},
+    ]
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -337,12 +326,13 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_replayed_records_apply_once_the_cause_is_fixed(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """Records refused by a constraint are dead-lettered; `dlq list/show` and GET /dlq show
     them; after the constraint is dropped, `dlq replay ID` and POST /dlq/replay send them back
     and the running worker applies them; they are marked replayed and audited."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-replay"), unique("replay")
+    keyspace, schema = unique.keyspace("ks"), unique.schema("replay")
+    topic = unique("cdc-events-replay")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic)
     env = sink_env(
@@ -436,4 +426,3 @@ async def test_replayed_records_apply_once_the_cause_is_fixed(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 60)
-        await drop_schema(stack.postgres_dsn, schema)

@@ -230,6 +230,7 @@ def hostile_sink(
                 process.wait(40)
             except subprocess.TimeoutExpired:
                 kill(process)
+        cassandra.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
         cassandra.cluster.shutdown()
         loop.run_until_complete(drop_schema(stack.postgres_dsn, schema))
         loop.close()

@@ -6,16 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 
 from tests.support.cassandra_model import Mutation
+from tests.support.names import Unique
 from tests.support.pipeline import (
     create_cassandra_model_table,
     create_topic,
-    drop_schema,
     kill,
     produce_positions,
     read_rows,
@@ -42,12 +41,13 @@ def good(i: int, keyspace: str) -> tuple[bytes, bytes]:
 
 
 async def test_a_batch_inflating_far_beyond_the_limit_is_dead_lettered_in_bounded_memory(
-    stack: Endpoints, unique: Callable[[str], str], tmp_path: Path
+    stack: Endpoints, unique: Unique, tmp_path: Path
 ) -> None:
     """A zstd batch of ~34 KiB that inflates to 1 GiB (limit 16 MiB): the worker's peak RSS stays
     far below it, the batch becomes one dead letter naming the setting and its offsets, and
     every good record before and after it, on its partition and the other, is applied."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-inflate"), unique("inflate")
+    keyspace, schema = unique.keyspace("ks"), unique.schema("inflate")
+    topic = unique("cdc-events-inflate")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic, 2)
     before = await produce_positions(
@@ -118,4 +118,3 @@ async def test_a_batch_inflating_far_beyond_the_limit_is_dead_lettered_in_bounde
         assert status == "pending"
     finally:
         kill(worker)
-        await drop_schema(stack.postgres_dsn, schema)

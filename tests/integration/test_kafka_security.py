@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 
 from cdc_sink.errors import FatalError
 from tests.support.cassandra_model import Mutation
+from tests.support.names import Unique
 from tests.support.pipeline import (
     create_cassandra_model_table,
     create_topic,
-    drop_schema,
     produce,
     read_rows,
     run_cli,
@@ -37,10 +36,11 @@ def secured(stack: Endpoints, **changes: str) -> dict[str, str]:
 
 
 async def test_the_worker_consumes_and_dead_letters_over_sasl_ssl(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """Consumer, DLQ topic creation and DLQ producer all go through the secured listener."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-secured"), unique("secured")
+    keyspace, schema = unique.keyspace("ks"), unique.schema("secured")
+    topic = unique("cdc-events-secured")
     dlq_topic = unique("dlq-events")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic, 2)
@@ -52,16 +52,13 @@ async def test_the_worker_consumes_and_dead_letters_over_sasl_ssl(
         **sink_env(stack, topic=topic, group=unique("g"), schema=schema, dlq__topic=dlq_topic),
         **secured(stack),
     }
-    try:
-        worker = await run_worker(env)
-        assert worker.applied_events == len(records)
-        stored = await read_rows(stack.postgres_dsn, schema, "cdc_model", ("v1",))
-        assert stored == {m.key: {"v1": m.cells["v1"][0]} for m in rows}
-        listed = await asyncio.to_thread(run_cli, env, "dlq", "list", "--json")
-        assert listed.returncode == 0, listed.stderr
-        assert len(listed.stdout.splitlines()) == 1
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    worker = await run_worker(env)
+    assert worker.applied_events == len(records)
+    stored = await read_rows(stack.postgres_dsn, schema, "cdc_model", ("v1",))
+    assert stored == {m.key: {"v1": m.cells["v1"][0]} for m in rows}
+    listed = await asyncio.to_thread(run_cli, env, "dlq", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert len(listed.stdout.splitlines()) == 1
 
 
 NOBODY = {
@@ -84,7 +81,7 @@ NOBODY = {
 )
 async def test_refused_credentials_stop_the_worker_saying_where_to_look(
     stack: Endpoints,
-    unique: Callable[[str], str],
+    unique: Unique,
     changes: dict[str, str],
     settings: str,
     reason: str,
@@ -92,14 +89,9 @@ async def test_refused_credentials_stop_the_worker_saying_where_to_look(
 ) -> None:
     """A wrong password, an untrusted certificate or no broker at all: exit with a message
     naming the settings, after aiokafka's error line giving the reason."""
-    topic, schema = unique("cdc-events-refused"), unique("refused")
+    topic, schema = unique("cdc-events-refused"), unique.schema("refused")
     env = {**sink_env(stack, topic=topic, group=unique("g"), schema=schema), **secured(stack)}
     env.update(changes)
-    try:
-        with pytest.raises(
-            FatalError, match=f"cannot reach Kafka for the DLQ producer.*{settings}"
-        ):
-            await run_worker(env)
-        assert reason in caplog.text
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    with pytest.raises(FatalError, match=f"cannot reach Kafka for the DLQ producer.*{settings}"):
+        await run_worker(env)
+    assert reason in caplog.text

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -17,13 +16,13 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from cdc_sink.config import load_config
 from cdc_sink.runner import Worker
 from tests.support.debezium_avro import WHOLE_SOURCE_FIELDS, envelope, key_schema, wire
+from tests.support.names import Unique
 from tests.support.pipeline import (
     Expected,
     Record,
     assert_outcome,
     create_cassandra_table,
     create_topic,
-    drop_schema,
     fetch_rows,
     produce_positions,
     read_topic,
@@ -153,7 +152,7 @@ async def run_watching_the_loop(env: dict[str, str]) -> tuple[Worker, float]:
 
 
 async def test_numbers_beyond_postgresql_are_dead_lettered_at_once_and_the_others_applied_exactly(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """Decimals and varints as Debezium writes them (string mode, precise mode in JSON and in
     Avro, long mode), among them values of 120,000 digits and at the very limit, are applied
@@ -161,7 +160,8 @@ async def test_numbers_beyond_postgresql_are_dead_lettered_at_once_and_the_other
     exponent beyond decimal's), a 40,000-character malformed one and a JSON integer longer
     than Python parses are dead-lettered (topic and table) with the column and the limit named,
     without ever holding up the event loop; the worker drains the topic and stops normally."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-numbers"), unique("numbers")
+    keyspace, schema = unique.keyspace("ks"), unique.schema("numbers")
+    topic = unique("cdc-events-numbers")
     dlq_topic = unique("dlq-events")
     create_cassandra_table(
         stack,
@@ -235,41 +235,39 @@ async def test_numbers_beyond_postgresql_are_dead_lettered_at_once_and_the_other
     records = {1: good[1], 2: good[2], **{pk: b[0] for pk, b in bad.items()}, 3: good[3]}
     records[4] = good[4]
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, dlq__topic=dlq_topic)
-    try:
-        produced = await produce_positions(stack.kafka, topic, records.values())
-        position = dict(zip(records, produced, strict=True))
-        worker, stalled = await run_watching_the_loop(env)
-        assert stalled < STALL_LIMIT_S, f"the event loop stood still for {stalled:.1f} s"
+    produced = await produce_positions(stack.kafka, topic, records.values())
+    position = dict(zip(records, produced, strict=True))
+    worker, stalled = await run_watching_the_loop(env)
+    assert stalled < STALL_LIMIT_S, f"the event loop stood still for {stalled:.1f} s"
 
-        await assert_outcome(stack.postgres_dsn, schema, position, bad)
-        selected = await fetch_rows(
-            stack.postgres_dsn, schema, "SELECT pk, d, v, m::text FROM cdc_numbers"
-        )
-        rows = {r["pk"]: r for r in selected}
-        assert sorted(rows) == sorted(good)
-        assert rows[1]["d"] == Decimal("12" * 2_500 + ".25")
-        assert rows[1]["v"] == Decimal("-" + "9" * 5_000)
-        assert json.loads(rows[1]["m"], parse_int=Decimal) == {"a": Decimal("8" * 5_000)}
-        assert rows[2]["d"] == Decimal(f"{fraction}E-7")
-        assert rows[2]["v"] == wide.copy_negate()
-        assert rows[3]["v"] == Decimal("9" * 131_072)
-        assert rows[3]["d"] == Decimal("0." + "1" * 16_383)
-        assert rows[4]["d"] == Decimal(f"{fraction}E-3")
-        assert rows[4]["v"] == wide
-        assert len(await read_topic(stack.kafka, dlq_topic)) == len(bad)
-        assert worker.applied_events == len(records)
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    await assert_outcome(stack.postgres_dsn, schema, position, bad)
+    selected = await fetch_rows(
+        stack.postgres_dsn, schema, "SELECT pk, d, v, m::text FROM cdc_numbers"
+    )
+    rows = {r["pk"]: r for r in selected}
+    assert sorted(rows) == sorted(good)
+    assert rows[1]["d"] == Decimal("12" * 2_500 + ".25")
+    assert rows[1]["v"] == Decimal("-" + "9" * 5_000)
+    assert json.loads(rows[1]["m"], parse_int=Decimal) == {"a": Decimal("8" * 5_000)}
+    assert rows[2]["d"] == Decimal(f"{fraction}E-7")
+    assert rows[2]["v"] == wide.copy_negate()
+    assert rows[3]["v"] == Decimal("9" * 131_072)
+    assert rows[3]["d"] == Decimal("0." + "1" * 16_383)
+    assert rows[4]["d"] == Decimal(f"{fraction}E-3")
+    assert rows[4]["v"] == wide
+    assert len(await read_topic(stack.kafka, dlq_topic)) == len(bad)
+    assert worker.applied_events == len(records)
 
 
 async def test_reconciliation_compares_varints_of_any_length(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """Varints of 5,000 digits, alone and in a map (jsonb keeps every digit; Python parses no
     int past 4,300), compare equal between Cassandra and what the sink wrote; a 300 KB varint
     only Cassandra holds (PostgreSQL's numeric cannot) is a missing row, found without
     converting it: the checksum job succeeds with exactly that difference."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-numbers"), unique("numbers")
+    keyspace, schema = unique.keyspace("ks"), unique.schema("numbers")
+    topic = unique("cdc-events-numbers")
     create_cassandra_table(
         stack,
         keyspace,
@@ -295,13 +293,10 @@ async def test_reconciliation_compares_varints_of_any_length(
     ]
     await produce_positions(stack.kafka, topic, events)
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
-    try:
-        await run_worker(env)
-        async with reconciler_on(stack, schema) as reconciler:
-            job = await reconciler.run("cdc_numbers", "checksum")
-            found = await reconciler.repository.mismatches(job=job["id"])
-        assert job["status"] == "succeeded", job["error"]
-        assert [(m["kind"], m["row_key"]) for m in found] == [("missing_in_postgres", [3])]
-        assert (job["cassandra_rows"], job["postgres_rows"]) == (3, 2)
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    await run_worker(env)
+    async with reconciler_on(stack, schema) as reconciler:
+        job = await reconciler.run("cdc_numbers", "checksum")
+        found = await reconciler.repository.mismatches(job=job["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert [(m["kind"], m["row_key"]) for m in found] == [("missing_in_postgres", [3])]
+    assert (job["cassandra_rows"], job["postgres_rows"]) == (3, 2)

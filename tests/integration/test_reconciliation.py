@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any
@@ -16,6 +16,7 @@ import pytest
 from cdc_recon.service import NOT_CONVERGED
 from cdc_sink.model.events import Op
 from tests.support import recon_data as data
+from tests.support.names import Unique
 from tests.support.recon_data import Setup, make_setup
 from tests.support.stack import Endpoints
 
@@ -23,13 +24,13 @@ IDENTICAL_ROWS = int(os.environ.get("CDC_TEST_RECON_ROWS", "100000"))
 
 
 @pytest.fixture
-async def identical(stack: Endpoints, unique: Callable[[str], str]) -> AsyncIterator[Setup]:
+async def identical(stack: Endpoints, unique: Unique) -> AsyncIterator[Setup]:
     async for setup in make_setup(stack, unique, IDENTICAL_ROWS, buckets=1024):
         yield setup
 
 
 @pytest.fixture
-async def small(stack: Endpoints, unique: Callable[[str], str]) -> AsyncIterator[Setup]:
+async def small(stack: Endpoints, unique: Unique) -> AsyncIterator[Setup]:
     async for setup in make_setup(stack, unique, 600, buckets=64):
         yield setup
 

@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -25,13 +25,14 @@ from cdc_sink.config import load_config
 from cdc_sink.http import HttpServer
 from cdc_sink.write import prepare_connection
 from tests.support import recon_data as data
+from tests.support.names import Unique
 from tests.support.pipeline import run_cli
 from tests.support.recon_data import Setup, make_setup
 from tests.support.stack import Endpoints
 
 
 @pytest.fixture
-async def setup(stack: Endpoints, unique: Callable[[str], str]) -> AsyncIterator[Setup]:
+async def setup(stack: Endpoints, unique: Unique) -> AsyncIterator[Setup]:
     async for made in make_setup(stack, unique, 60, stack.pushgateway_url, buckets=16):
         yield made
 
@@ -333,7 +334,7 @@ async def test_metrics_are_pushed_and_exposed(stack: Endpoints, setup: Setup) ->
 
 
 async def test_the_worker_runs_scheduled_jobs_and_serves_them(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """A sink worker with reconciliation enabled streams Debezium events into PostgreSQL,
     runs the scheduled checksum against Cassandra (zero drift), and serves the job on
@@ -344,13 +345,13 @@ async def test_the_worker_runs_scheduled_jobs_and_serves_them(
     from tests.support.pipeline import (
         create_cassandra_model_table,
         create_topic,
-        drop_schema,
         produce,
         schemaless_record,
         sink_env,
     )
 
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-recon"), unique("recon")
+    keyspace, schema = unique.keyspace("ks"), unique.schema("recon")
+    topic = unique("cdc-events-recon")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic)
     writes = [
@@ -408,6 +409,4 @@ async def test_the_worker_runs_scheduled_jobs_and_serves_them(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 60)
-        await drop_schema(stack.postgres_dsn, schema)
-        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
         session.cluster.shutdown()

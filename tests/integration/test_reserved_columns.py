@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +14,9 @@ import pytest
 
 from cdc_recon.readers import connect_cassandra, resolve_table
 from cdc_sink.config import load_config
+from tests.support.names import Unique
 from tests.support.pipeline import (
     create_topic,
-    drop_schema,
     execute_cql,
     json_with_schema,
     produce,
@@ -79,13 +78,14 @@ async def letters(dsn: str, schema: str) -> list[tuple[str, str]]:
 
 
 async def test_a_new_table_with_a_reserved_column_name_is_refused_whole(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """`notes` has a column `_cdc_cells`, `boxes` a key column `ctid`, `upper` a column
     `_CDC_CELLS` (no clash): the worker never stops; every record of `notes` and `boxes` is
     dead-lettered naming the column, whether it writes it or not, neither table is made, and
     the records of `upper` and `other` on the same topic are applied."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-reserved"), unique("reserved")
+    keyspace, schema = unique.keyspace("ks"), unique.schema("reserved")
+    topic = unique("cdc-events-reserved")
     execute_cql(
         stack,
         keyspace_cql(keyspace),
@@ -110,30 +110,27 @@ async def test_a_new_table_with_a_reserved_column_name_is_refused_whole(
     )
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
     env["CDC_DLQ__MAX_SHARE"] = "1"  # three of seven records are refused, by design
-    try:
-        worker = await run_worker(env)
-        assert worker.applied_events == 7
-        tables = await fetch(
-            stack.postgres_dsn,
-            schema,
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 "
-            "AND table_name LIKE 'cdc\\_%' ORDER BY 1",
-            schema,
-        )
-        assert [r[0] for r in tables] == ["cdc_other", "cdc_upper"]
-        upper = await fetch(stack.postgres_dsn, schema, 'SELECT id, "_CDC_CELLS" FROM cdc_upper')
-        assert [tuple(r) for r in upper] == [(3, "upper")]
-        other = await fetch(stack.postgres_dsn, schema, "SELECT id, v FROM cdc_other")
-        assert [tuple(r) for r in other] == [(1, 1)]
-        dead = await letters(stack.postgres_dsn, schema)
-        assert [c for c, _ in dead] == ["ReservedColumnError"] * 5
-        for _, message in (dead[0], dead[1], dead[4]):
-            assert f"'_cdc_cells' of {keyspace}.notes" in message
-        for _, message in (dead[2], dead[3]):
-            assert f"'ctid' of {keyspace}.boxes" in message
-            assert "system column" in message
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    worker = await run_worker(env)
+    assert worker.applied_events == 7
+    tables = await fetch(
+        stack.postgres_dsn,
+        schema,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 "
+        "AND table_name LIKE 'cdc\\_%' ORDER BY 1",
+        schema,
+    )
+    assert [r[0] for r in tables] == ["cdc_other", "cdc_upper"]
+    upper = await fetch(stack.postgres_dsn, schema, 'SELECT id, "_CDC_CELLS" FROM cdc_upper')
+    assert [tuple(r) for r in upper] == [(3, "upper")]
+    other = await fetch(stack.postgres_dsn, schema, "SELECT id, v FROM cdc_other")
+    assert [tuple(r) for r in other] == [(1, 1)]
+    dead = await letters(stack.postgres_dsn, schema)
+    assert [c for c, _ in dead] == ["ReservedColumnError"] * 5
+    for _, message in (dead[0], dead[1], dead[4]):
+        assert f"'_cdc_cells' of {keyspace}.notes" in message
+    for _, message in (dead[2], dead[3]):
+        assert f"'ctid' of {keyspace}.boxes" in message
+        assert "system column" in message
 
 
 @dataclass
@@ -151,9 +148,10 @@ class Ledger:
 
 
 @pytest.fixture
-async def ledger(stack: Endpoints, unique: Callable[[str], str]) -> AsyncIterator[Ledger]:
-    """The Ledger, its schema dropped afterwards."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-ledger"), unique("ledger")
+async def ledger(stack: Endpoints, unique: Unique) -> Ledger:
+    """The Ledger; its schema and keyspace go when the test ends."""
+    keyspace, schema = unique.keyspace("ks"), unique.schema("ledger")
+    topic = unique("cdc-events-ledger")
     execute_cql(
         stack,
         keyspace_cql(keyspace),
@@ -163,12 +161,9 @@ async def ledger(stack: Endpoints, unique: Callable[[str], str]) -> AsyncIterato
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
     made = Ledger(keyspace, topic, schema, env)
     made.env["CDC_DLQ__MAX_SHARE"] = "1"  # some records are refused, by design
-    try:
-        await produce(stack.kafka, topic, [made.record({"id": 1}, {"amount": 5})])
-        await run_worker(made.env)
-        yield made
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    await produce(stack.kafka, topic, [made.record({"id": 1}, {"amount": 5})])
+    await run_worker(made.env)
+    return made
 
 
 async def test_a_reserved_column_added_later_refuses_the_table_from_then_on(

@@ -28,12 +28,12 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.support.cassandra_model import COLUMNS, CassandraModel, Mutation, replica_streams
+from tests.support.names import Unique
 from tests.support.pipeline import (
     applied,
     create_cassandra_model_table,
     create_topic,
     dead_letters,
-    drop_schema,
     kill,
     produce,
     random_history,
@@ -98,8 +98,9 @@ def service_pid(stack: Endpoints, service: str) -> int:
 
 
 @pytest.fixture
-def services_restored(stack: Endpoints) -> Iterator[None]:
-    """Whatever happens in the test, PostgreSQL and Kafka are up again afterwards."""
+def services_restored(stack: Endpoints, unique: Unique) -> Iterator[None]:
+    """Whatever happens in the test, PostgreSQL and Kafka are up again afterwards, before the
+    test's schemas are dropped (this fixture asks for `unique` so that it ends first)."""
     try:
         yield
     finally:
@@ -118,7 +119,7 @@ class Outcome:
 async def stream_through_fault(
     stack: Endpoints,
     stream: Stream,
-    unique: Callable[[str], str],
+    unique: Unique,
     tmp_path: Path,
     fault: Callable[[], Awaitable[None]],
     *,
@@ -129,7 +130,7 @@ async def stream_through_fault(
     produce the rest, wait until every offset is stored, stop the worker with SIGTERM, and
     check: the worker never exited before, exact rows, every offset once, nothing dead-lettered.
     `kafka` / `postgres_dsn` are the addresses the worker uses (a proxy), if not the stack's."""
-    topic, schema = unique("cdc-events-chaos"), unique("chaos")
+    topic, schema = unique("cdc-events-chaos"), unique.schema("chaos")
     total = len(stream.records)
     first = total * 2 // 3
     await create_topic(stack.kafka, topic)
@@ -165,7 +166,6 @@ async def stream_through_fault(
         return Outcome(at_fault, shutdown_s, log.read_text())
     finally:
         kill(worker)
-        await drop_schema(stack.postgres_dsn, schema)
 
 
 async def terminate(worker: subprocess.Popen[bytes]) -> float:
@@ -317,12 +317,12 @@ async def test_kafka_connections_cut_and_delayed(
 
 
 async def test_sigterm_mid_stream_then_restart(
-    stack: Endpoints, stream: Stream, unique: Callable[[str], str], tmp_path: Path
+    stack: Endpoints, stream: Stream, unique: Unique, tmp_path: Path
 ) -> None:
     """SIGTERM while a backlog is being applied: the worker exits 0 within the shutdown
     timeout with part of the stream applied; a restarted worker applies the rest, and the
     tables and offsets equal one uninterrupted run (nothing lost, nothing applied twice)."""
-    topic, schema, group = unique("cdc-events-term"), unique("term"), unique("g")
+    topic, schema, group = unique("cdc-events-term"), unique.schema("term"), unique("g")
     total = len(stream.records)
     await create_topic(stack.kafka, topic)
     await produce(stack.kafka, topic, stream.records)
@@ -350,20 +350,15 @@ async def test_sigterm_mid_stream_then_restart(
         assert await dead_letters(stack.postgres_dsn, schema) == 0
     finally:
         kill(worker)
-        await drop_schema(stack.postgres_dsn, schema)
 
 
 async def test_sigterm_while_retrying_a_stopped_postgres(
-    stack: Endpoints,
-    stream: Stream,
-    unique: Callable[[str], str],
-    tmp_path: Path,
-    services_restored: None,
+    stack: Endpoints, stream: Stream, unique: Unique, tmp_path: Path, services_restored: None
 ) -> None:
     """SIGTERM while the worker waits out a retry backoff (PostgreSQL down, steps of up to a
     minute): the wait is interrupted, the batch abandoned uncommitted, exit 0 within the
     shutdown timeout; after PostgreSQL is back a new worker finishes with exact tables."""
-    topic, schema = unique("cdc-events-termretry"), unique("termretry")
+    topic, schema = unique("cdc-events-termretry"), unique.schema("termretry")
     total = len(stream.records)
     await create_topic(stack.kafka, topic)
     await produce(stack.kafka, topic, stream.records)
@@ -395,7 +390,6 @@ async def test_sigterm_while_retrying_a_stopped_postgres(
     finally:
         kill(worker)
         await asyncio.to_thread(stack_command, stack, "up", "postgres")
-        await drop_schema(stack.postgres_dsn, schema)
 
 
 async def claimed_twice(dsn: str, schema: str) -> int:
@@ -410,12 +404,12 @@ async def claimed_twice(dsn: str, schema: str) -> int:
 
 
 async def test_rebalance_while_postgres_is_unreachable(
-    stack: Endpoints, stream: Stream, unique: Callable[[str], str], tmp_path: Path
+    stack: Endpoints, stream: Stream, unique: Unique, tmp_path: Path
 ) -> None:
     """A worker whose PostgreSQL is unreachable when a rebalance hands it partitions cannot
     claim them then; it claims them once PostgreSQL is back (it does not sit on them unapplied
     for ever), and the two workers finish with exact tables and offsets."""
-    topic, schema, group = unique("cdc-events-claim"), unique("claim"), unique("g")
+    topic, schema, group = unique("cdc-events-claim"), unique.schema("claim"), unique("g")
     total = len(stream.records)
     first = total * 2 // 3
     await create_topic(stack.kafka, topic)
@@ -463,20 +457,15 @@ async def test_rebalance_while_postgres_is_unreachable(
         finally:
             for worker in workers:
                 kill(worker)
-            await drop_schema(dsn, schema)
 
 
 async def test_postgres_down_when_a_new_table_first_appears(
-    stack: Endpoints,
-    stream: Stream,
-    unique: Callable[[str], str],
-    tmp_path: Path,
-    services_restored: None,
+    stack: Endpoints, stream: Stream, unique: Unique, tmp_path: Path, services_restored: None
 ) -> None:
     """The first events of a table arrive while PostgreSQL is stopped (the table must be
     looked up and created before anything can be written): the same worker process waits
     for PostgreSQL, creates the table, and finishes with exact tables and offsets."""
-    topic, schema = unique("cdc-events-newtable"), unique("newtable")
+    topic, schema = unique("cdc-events-newtable"), unique.schema("newtable")
     total = len(stream.records)
     await create_topic(stack.kafka, topic)
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, **RETRIES)
@@ -504,21 +493,16 @@ async def test_postgres_down_when_a_new_table_first_appears(
         assert await dead_letters(stack.postgres_dsn, schema) == 0
     finally:
         kill(worker)
-        await drop_schema(stack.postgres_dsn, schema)
 
 
 async def test_sigterm_while_the_broker_is_down(
-    stack: Endpoints,
-    stream: Stream,
-    unique: Callable[[str], str],
-    tmp_path: Path,
-    services_restored: None,
+    stack: Endpoints, stream: Stream, unique: Unique, tmp_path: Path, services_restored: None
 ) -> None:
     """Kafka stopped mid-stream: what was already fetched is still applied; SIGTERM then: the
     worker's loop is not held up by requests waiting for the broker, so it winds down by
     itself (nothing to cancel) and exits 0 within the shutdown timeout; a new worker then
     finishes with exact tables."""
-    topic, schema = unique("cdc-events-termkafka"), unique("termkafka")
+    topic, schema = unique("cdc-events-termkafka"), unique.schema("termkafka")
     total = len(stream.records)
     await create_topic(stack.kafka, topic)
     await produce(stack.kafka, topic, stream.records[: total // 2])
@@ -565,4 +549,3 @@ async def test_sigterm_while_the_broker_is_down(
         assert rows == stream.expected
     finally:
         kill(worker)
-        await drop_schema(stack.postgres_dsn, schema)

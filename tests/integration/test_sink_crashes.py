@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,13 @@ import asyncpg
 import pytest
 
 from tests.support.cassandra_model import replica_streams
+from tests.support.names import Unique
 from tests.support.pipeline import (
     applied,
     create_cassandra_model_table,
     create_topic,
     drop_schema,
+    execute_cql,
     kill,
     produce,
     random_history,
@@ -52,6 +53,7 @@ async def stream(stack: Endpoints) -> dict[str, Any]:
     await run_worker(sink_env(stack, topic=topic, group=f"ref{tag}", schema=reference))
     yield {"topic": topic, "events": produced, "reference": reference, "tag": tag}
     await drop_schema(stack.postgres_dsn, reference)
+    execute_cql(stack, f"DROP KEYSPACE IF EXISTS {keyspace}")
 
 
 async def table_state(dsn: str, schema: str) -> list[tuple[Any, ...]]:
@@ -64,11 +66,11 @@ async def table_state(dsn: str, schema: str) -> list[tuple[Any, ...]]:
 
 
 async def test_kill_9_at_random_moments_changes_nothing(
-    stack: Endpoints, stream: dict[str, Any], unique: Callable[[str], str], tmp_path: Path
+    stack: Endpoints, stream: dict[str, Any], unique: Unique, tmp_path: Path
 ) -> None:
     """A worker killed with SIGKILL ten times mid-stream and restarted each time ends with
     exactly the tables of an uninterrupted run, and every offset applied once."""
-    schema = unique("killed")
+    schema = unique.schema("killed")
     env = sink_env(
         stack,
         topic=stream["topic"],
@@ -108,15 +110,14 @@ async def test_kill_9_at_random_moments_changes_nothing(
         )
     finally:
         kill(worker)
-        await drop_schema(stack.postgres_dsn, schema)
 
 
 async def test_workers_joining_and_dying_share_the_partitions(
-    stack: Endpoints, stream: dict[str, Any], unique: Callable[[str], str], tmp_path: Path
+    stack: Endpoints, stream: dict[str, Any], unique: Unique, tmp_path: Path
 ) -> None:
     """Three workers in one group, one killed and one added mid-stream: the tables equal an
     uninterrupted single worker's, and every offset is applied once."""
-    schema = unique("group")
+    schema = unique.schema("group")
     env = sink_env(
         stack,
         topic=stream["topic"],
@@ -140,4 +141,3 @@ async def test_workers_joining_and_dying_share_the_partitions(
     finally:
         for worker in workers:
             kill(worker)
-        await drop_schema(stack.postgres_dsn, schema)

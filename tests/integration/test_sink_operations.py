@@ -23,11 +23,11 @@ from cdc_sink.config import load_config
 from cdc_sink.errors import FatalError
 from cdc_sink.runner import Worker
 from tests.support.cassandra_model import Mutation
+from tests.support.names import Unique
 from tests.support.pipeline import (
     applied,
     create_cassandra_model_table,
     create_topic,
-    drop_schema,
     http_get,
     produce,
     produce_positions,
@@ -41,12 +41,10 @@ from tests.support.recon_data import cassandra_session
 from tests.support.stack import REPO, Endpoints
 
 
-async def test_ttl_rows_expire_and_the_http_api_reports(
-    stack: Endpoints, unique: Callable[[str], str]
-) -> None:
+async def test_ttl_rows_expire_and_the_http_api_reports(stack: Endpoints, unique: Unique) -> None:
     """A row inserted with a TTL disappears once it expires, without any further event, while
     /health, /ready and /metrics report on the running worker."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-ttl"), unique("ttl")
+    keyspace, topic, schema = unique.keyspace("ks"), unique("cdc-events-ttl"), unique.schema("ttl")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic)
     now = time.time_ns() // 1000
@@ -97,16 +95,13 @@ async def test_ttl_rows_expire_and_the_http_api_reports(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)
-        await drop_schema(stack.postgres_dsn, schema)
 
 
-async def test_events_are_counted_by_their_operation(
-    stack: Endpoints, unique: Callable[[str], str]
-) -> None:
+async def test_events_are_counted_by_their_operation(stack: Endpoints, unique: Unique) -> None:
     """After a stream mixing every kind of change, a dead letter and a Kafka tombstone,
     /metrics counts each committed event under its operation, exactly; the dead letter and the
     tombstone are counted under none."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-ops"), unique("ops")
+    keyspace, topic, schema = unique.keyspace("ks"), unique("cdc-events-ops"), unique.schema("ops")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic)
     ts = 1_700_000_000_000_000
@@ -160,7 +155,6 @@ async def test_events_are_counted_by_their_operation(
     finally:
         worker.stop()
         await asyncio.wait_for(running, 30)
-        await drop_schema(stack.postgres_dsn, schema)
 
 
 def cdc_sink(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -169,59 +163,54 @@ def cdc_sink(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "snappy", "gzip"])
 async def test_topics_compressed_with_any_kafka_codec_are_read(
-    stack: Endpoints, unique: Callable[[str], str], codec: str
+    stack: Endpoints, unique: Unique, codec: str
 ) -> None:
     """Producers (Kafka Connect's included) and brokers compress batches; the worker reads
     every codec Kafka has (it stopped on the first zstd, lz4 or snappy batch once)."""
-    keyspace, topic, schema = unique("ks"), unique(f"cdc-events-{codec}"), unique(codec)
+    keyspace, schema = unique.keyspace("ks"), unique.schema(codec)
+    topic = unique(f"cdc-events-{codec}")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic, 2, {"compression.type": codec})
     rows = [Mutation("insert", 1_000 + i, (0, "a", i, "x"), {"v1": (i, None)}) for i in range(50)]
     await produce(stack.kafka, topic, [schemaless_record(m, keyspace) for m in rows])
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
-    try:
-        worker = await run_worker(env)
-        assert worker.applied_events == len(rows)
-        stored = await read_rows(stack.postgres_dsn, schema, "cdc_model", ("v1",))
-        assert stored == {m.key: {"v1": m.cells["v1"][0]} for m in rows}
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    worker = await run_worker(env)
+    assert worker.applied_events == len(rows)
+    stored = await read_rows(stack.postgres_dsn, schema, "cdc_model", ("v1",))
+    assert stored == {m.key: {"v1": m.cells["v1"][0]} for m in rows}
 
 
-async def test_migrate_is_idempotent(stack: Endpoints, unique: Callable[[str], str]) -> None:
+async def test_migrate_is_idempotent(stack: Endpoints, unique: Unique) -> None:
     """`migrate` creates every control table once; a second run has nothing to apply."""
-    schema = unique("migrate")
+    schema = unique.schema("migrate")
     env = {"CDC_POSTGRES__DSN": stack.postgres_dsn, "CDC_POSTGRES__SCHEMA": schema}
-    try:
-        first = await asyncio.to_thread(cdc_sink, "migrate", env=env)
-        assert first.returncode == 0, first.stderr
-        assert "applied: 001_control_tables" in first.stdout
-        second = await asyncio.to_thread(cdc_sink, "migrate", env=env)
-        assert second.returncode == 0
-        assert "nothing to apply" in second.stdout
-        import asyncpg
+    first = await asyncio.to_thread(cdc_sink, "migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "applied: 001_control_tables" in first.stdout
+    second = await asyncio.to_thread(cdc_sink, "migrate", env=env)
+    assert second.returncode == 0
+    assert "nothing to apply" in second.stdout
+    import asyncpg
 
-        conn = await asyncpg.connect(stack.postgres_dsn)
-        try:
-            tables = {
-                r["tablename"]
-                for r in await conn.fetch(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema
-                )
-            }
-        finally:
-            await conn.close()
-        assert {
-            "_cdc_checkpoints",
-            "_cdc_schema_metadata",
-            "_cdc_dlq_records",
-            "_cdc_reconciliation_jobs",
-            "_cdc_reconciliation_mismatches",
-            "_cdc_audit_log",
-            "_cdc_migrations",
-        } <= tables
+    conn = await asyncpg.connect(stack.postgres_dsn)
+    try:
+        tables = {
+            r["tablename"]
+            for r in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema
+            )
+        }
     finally:
-        await drop_schema(stack.postgres_dsn, schema)
+        await conn.close()
+    assert {
+        "_cdc_checkpoints",
+        "_cdc_schema_metadata",
+        "_cdc_dlq_records",
+        "_cdc_reconciliation_jobs",
+        "_cdc_reconciliation_mismatches",
+        "_cdc_audit_log",
+        "_cdc_migrations",
+    } <= tables
 
 
 async def test_a_role_given_only_its_schema_migrates_and_one_without_is_told_why(
@@ -347,12 +336,15 @@ def emb_record(keyspace: str, i: int, **cells: Any) -> tuple[bytes, bytes]:
 
 
 async def test_a_cassandra_type_the_sink_cannot_map_stops_only_the_records_that_write_it(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """Cassandra 5.0's vector type has no mapping yet. A table with such a column is made
     without it; events that do not write it apply; one that does is dead-lettered naming the
     type. (Reading the table's schema used to fail, and stop the worker at every event.)"""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-vector"), unique("vector")
+    # The keyspace goes when the test ends: Debezium's agent on the stack cannot parse a vector
+    # type, and while one exists anywhere in the cluster it no longer hears of new tables.
+    keyspace, schema = unique.keyspace("ks"), unique.schema("vector")
+    topic = unique("cdc-events-vector")
     session = cassandra_session(stack)
     try:
         session.execute(
@@ -383,10 +375,6 @@ async def test_a_cassandra_type_the_sink_cannot_map_stops_only_the_records_that_
         assert error_class == "EventError"
         assert "'embedding': Cassandra's type 'vector<float, 3>' is not supported" in message
     finally:
-        await drop_schema(stack.postgres_dsn, schema)
-        # Debezium's agent on the stack cannot parse a vector type: while one exists anywhere
-        # in the cluster it no longer hears of new tables (tests/e2e).
-        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
         session.cluster.shutdown()
 
 
@@ -401,12 +389,12 @@ def test_invalid_setting_stops_start_up_naming_it() -> None:
 
 
 async def test_cassandra_away_when_a_new_table_needs_its_schema_is_waited_for(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """Reading a new table's column types from an unreachable Cassandra is retried with
     backoff like any transient failure, then stops the worker saying so (it was an unhandled
     driver exception at the first attempt); nothing is committed or dead-lettered."""
-    keyspace, topic, schema = unique("ks"), unique("cdc-events-nocass"), unique("nocass")
+    keyspace, topic, schema = unique("ks"), unique("cdc-events-nocass"), unique.schema("nocass")
     await create_topic(stack.kafka, topic, 1)
     m = Mutation("insert", 1_000, (0, "a", 1, "x"), {"v1": (1, None)})
     await produce(stack.kafka, topic, [schemaless_record(m, keyspace)])
@@ -417,12 +405,9 @@ async def test_cassandra_away_when_a_new_table_needs_its_schema_is_waited_for(
         "CDC_SINK__RETRY_BASE_SECONDS": "0.05",
         "CDC_SINK__RETRY_MAX_SECONDS": "0.1",
     }
-    try:
-        with pytest.raises(FatalError, match=r"gave up after 3 attempts.*Cassandra"):
-            await run_worker(env)
-        assert await read_rows(stack.postgres_dsn, schema, "cdc_model", ("v1",)) == {}
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    with pytest.raises(FatalError, match=r"gave up after 3 attempts.*Cassandra"):
+        await run_worker(env)
+    assert await read_rows(stack.postgres_dsn, schema, "cdc_model", ("v1",)) == {}
 
 
 def test_a_dsn_the_driver_refuses_stops_start_up_without_a_traceback() -> None:
@@ -437,10 +422,10 @@ def test_a_dsn_the_driver_refuses_stops_start_up_without_a_traceback() -> None:
 
 
 async def test_sigterm_stops_the_worker_cleanly(
-    stack: Endpoints, unique: Callable[[str], str], tmp_path: Path
+    stack: Endpoints, unique: Unique, tmp_path: Path
 ) -> None:
     """SIGTERM to a running worker: it leaves the group and exits 0 within seconds."""
-    topic, schema = unique("cdc-events-term"), unique("term")
+    topic, schema = unique("cdc-events-term"), unique.schema("term")
     await create_topic(stack.kafka, topic)
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
     full = {**os.environ, **env, "PYTHONPATH": str(REPO / "src")}
@@ -460,4 +445,3 @@ async def test_sigterm_stops_the_worker_cleanly(
     finally:
         if worker.poll() is None:
             worker.kill()
-        await drop_schema(stack.postgres_dsn, schema)

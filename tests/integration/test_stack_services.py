@@ -16,11 +16,11 @@ import asyncpg
 import hvac
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
-from cassandra.policies import WhiteListRoundRobinPolicy
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from prometheus_client import CollectorRegistry, Gauge, delete_from_gateway, push_to_gateway
 
+from tests.support.names import Unique
+from tests.support.pipeline import cassandra_session
 from tests.support.stack import Endpoints
 
 PARTITIONS = 8
@@ -91,9 +91,9 @@ async def test_kafka_round_trip_with_consumer_group(
         await again.stop()
 
 
-async def test_postgres_round_trip(stack: Endpoints, unique: Callable[[str], str]) -> None:
+async def test_postgres_round_trip(stack: Endpoints, unique: Unique) -> None:
     """The cdc_sink role creates a schema and table and reads back the types the sink writes."""
-    schema = unique("smoke")
+    schema = unique.schema("smoke")
     conn = await asyncpg.connect(stack.postgres_dsn)
     try:
         version = await conn.fetchval("SHOW server_version_num")
@@ -114,24 +114,14 @@ async def test_postgres_round_trip(stack: Endpoints, unique: Callable[[str], str
         assert json.loads(row["doc"]) == {"k": [1, 2]}
         assert row["raw"] == b"\x00\xff"
     finally:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
 
 
-def test_cassandra_round_trip_and_cdc_log(stack: Endpoints, unique: Callable[[str], str]) -> None:
+def test_cassandra_round_trip_and_cdc_log(stack: Endpoints, unique: Unique) -> None:
     """A table WITH cdc = true stores rows, and after a flush its mutations are in cdc_raw."""
-    keyspace = unique("smoke")
+    keyspace = unique.keyspace("smoke")
     marker = unique("cdc-marker")
-    profile = ExecutionProfile(
-        load_balancing_policy=WhiteListRoundRobinPolicy([stack.cassandra_host])
-    )
-    cluster = Cluster(
-        [stack.cassandra_host],
-        port=stack.cassandra_port,
-        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-        protocol_version=5,
-    )
-    session = cluster.connect()
+    session = cassandra_session(stack)
     try:
         session.execute(
             f"CREATE KEYSPACE {keyspace} WITH replication = "
@@ -171,8 +161,7 @@ def test_cassandra_round_trip_and_cdc_log(stack: Endpoints, unique: Callable[[st
         assert index.exists()
         assert int(index.read_text().split()[0]) > 0
     finally:
-        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
-        cluster.shutdown()
+        session.cluster.shutdown()
 
 
 def test_openbao_kv_round_trip(stack: Endpoints, unique: Callable[[str], str]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -17,9 +17,9 @@ from cdc_sink.errors import PoisonError
 from cdc_sink.migrate import migrate
 from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
+from tests.support.names import Unique
 from tests.support.pipeline import (
     create_topic,
-    drop_schema,
     json_with_schema,
     produce,
     read_topic,
@@ -46,7 +46,7 @@ async def fetch(dsn: str, schema: str, query: str) -> list[asyncpg.Record]:
 
 
 async def test_a_second_keyspace_is_dead_lettered_and_flows_once_named_apart(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """`shop.users` makes `cdc_users`; then `crm.users` (same target under `cdc_{table}`):
     the worker warns at start-up, crm's inserts and deletes are dead-lettered naming both
@@ -55,71 +55,68 @@ async def test_a_second_keyspace_is_dead_lettered_and_flows_once_named_apart(
     prefix = unique("cdc-events-owner")
     shop, crm = unique("shop"), unique("crm")
     shop_topic, crm_topic = f"{prefix}-{shop}-users", f"{prefix}-{crm}-users"
-    schema, group, dlq_topic = unique("owner"), unique("g"), unique("dlq-events")
+    schema, group, dlq_topic = unique.schema("owner"), unique("g"), unique("dlq-events")
     for topic in (shop_topic, crm_topic):
         await create_topic(stack.kafka, topic)
     env = sink_env(stack, topic=shop_topic, group=group, schema=schema, dlq__topic=dlq_topic)
     env["CDC_CASSANDRA__CONTACT_POINTS"] = ""  # types from the records' own schemas
-    try:
-        # An installation that has run with shop alone: shop made (and owns) cdc_users.
-        await produce(stack.kafka, shop_topic, [user(shop, i, f"shop{i}") for i in range(10)])
-        first = await run_worker(env)
+    # An installation that has run with shop alone: shop made (and owns) cdc_users.
+    await produce(stack.kafka, shop_topic, [user(shop, i, f"shop{i}") for i in range(10)])
+    first = await run_worker(env)
 
-        # crm appears: same ids, other names, a delete of a row shop has.
-        crm_records = [user(crm, i, f"crm{i}") for i in range(5)]
-        crm_records.append(user(crm, 1, "", op="d"))
-        await produce(stack.kafka, crm_topic, crm_records)
-        await produce(stack.kafka, shop_topic, [user(shop, i, f"shop{i}") for i in range(10, 15)])
-        env["CDC_KAFKA__TOPIC_PATTERN"] = f"^{re.escape(prefix)}-.*"
-        second = await run_worker(env)
+    # crm appears: same ids, other names, a delete of a row shop has.
+    crm_records = [user(crm, i, f"crm{i}") for i in range(5)]
+    crm_records.append(user(crm, 1, "", op="d"))
+    await produce(stack.kafka, crm_topic, crm_records)
+    await produce(stack.kafka, shop_topic, [user(shop, i, f"shop{i}") for i in range(10, 15)])
+    env["CDC_KAFKA__TOPIC_PATTERN"] = f"^{re.escape(prefix)}-.*"
+    second = await run_worker(env)
 
-        rows = await fetch(stack.postgres_dsn, schema, "SELECT id, name FROM cdc_users")
-        assert sorted(tuple(r) for r in rows) == [(i, f"shop{i}") for i in range(15)]
-        owners = await fetch(
-            stack.postgres_dsn,
-            schema,
-            "SELECT DISTINCT keyspace_name, source_table FROM _cdc_schema_metadata",
-        )
-        assert [tuple(r) for r in owners] == [(shop, "users")]
-        letters = await fetch(
-            stack.postgres_dsn,
-            schema,
-            "SELECT source_topic, error_class, stage, error_message FROM _cdc_dlq_records",
-        )
-        assert len(letters) == len(crm_records)
-        for letter in letters:
-            assert letter["source_topic"] == crm_topic
-            assert (letter["error_class"], letter["stage"]) == ("TableOwnerError", "interpret")
-            message = letter["error_message"]
-            for part in (f"{shop}.users", f"{crm}.users", "cdc_users"):
-                assert part in message
-            assert "CDC_SINK__TABLE_NAME_FORMAT" in message
-            assert "{keyspace}" in message
-        in_topic = await read_topic(stack.kafka, dlq_topic)
-        assert len(in_topic) == len(crm_records)
-        stored = await fetch(
-            stack.postgres_dsn, schema, "SELECT sum(next_offset) FROM _cdc_checkpoints"
-        )
-        assert stored[0][0] == 15 + len(crm_records)
+    rows = await fetch(stack.postgres_dsn, schema, "SELECT id, name FROM cdc_users")
+    assert sorted(tuple(r) for r in rows) == [(i, f"shop{i}") for i in range(15)]
+    owners = await fetch(
+        stack.postgres_dsn,
+        schema,
+        "SELECT DISTINCT keyspace_name, source_table FROM _cdc_schema_metadata",
+    )
+    assert [tuple(r) for r in owners] == [(shop, "users")]
+    letters = await fetch(
+        stack.postgres_dsn,
+        schema,
+        "SELECT source_topic, error_class, stage, error_message FROM _cdc_dlq_records",
+    )
+    assert len(letters) == len(crm_records)
+    for letter in letters:
+        assert letter["source_topic"] == crm_topic
+        assert (letter["error_class"], letter["stage"]) == ("TableOwnerError", "interpret")
+        message = letter["error_message"]
+        for part in (f"{shop}.users", f"{crm}.users", "cdc_users"):
+            assert part in message
+        assert "CDC_SINK__TABLE_NAME_FORMAT" in message
+        assert "{keyspace}" in message
+    in_topic = await read_topic(stack.kafka, dlq_topic)
+    assert len(in_topic) == len(crm_records)
+    stored = await fetch(
+        stack.postgres_dsn, schema, "SELECT sum(next_offset) FROM _cdc_checkpoints"
+    )
+    assert stored[0][0] == 15 + len(crm_records)
 
-        # The fix the message names: each keyspace its own table, then replay crm's records.
-        env["CDC_SINK__TABLE_NAME_FORMAT"] = "cdc_{keyspace}_{table}"
-        replayed = await asyncio.to_thread(
-            run_cli, env, "dlq", "replay", "--error-class", "TableOwnerError", timeout=120
-        )
-        assert replayed.returncode == 0, replayed.stderr
-        third = await run_worker(env)
-        rows = await fetch(stack.postgres_dsn, schema, f'SELECT id, name FROM "cdc_{crm}_users"')
-        assert sorted(tuple(r) for r in rows) == [(i, f"crm{i}") for i in range(5) if i != 1]
-        rows = await fetch(stack.postgres_dsn, schema, "SELECT count(*) FROM cdc_users")
-        assert rows[0][0] == 15
-        collisions = [
-            w.metrics.registry.get_sample_value("cdc_table_name_collisions")
-            for w in (first, second, third)
-        ]
-        assert collisions == [0, 1, 0]
-    finally:
-        await drop_schema(stack.postgres_dsn, schema)
+    # The fix the message names: each keyspace its own table, then replay crm's records.
+    env["CDC_SINK__TABLE_NAME_FORMAT"] = "cdc_{keyspace}_{table}"
+    replayed = await asyncio.to_thread(
+        run_cli, env, "dlq", "replay", "--error-class", "TableOwnerError", timeout=120
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    third = await run_worker(env)
+    rows = await fetch(stack.postgres_dsn, schema, f'SELECT id, name FROM "cdc_{crm}_users"')
+    assert sorted(tuple(r) for r in rows) == [(i, f"crm{i}") for i in range(5) if i != 1]
+    rows = await fetch(stack.postgres_dsn, schema, "SELECT count(*) FROM cdc_users")
+    assert rows[0][0] == 15
+    collisions = [
+        w.metrics.registry.get_sample_value("cdc_table_name_collisions")
+        for w in (first, second, third)
+    ]
+    assert collisions == [0, 1, 0]
 
 
 class UsersInCassandra:
@@ -146,10 +143,10 @@ def insert(keyspace: str, table: str) -> ChangeEvent:
 
 @pytest.fixture
 async def two_pools(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> AsyncIterator[tuple[asyncpg.Pool, asyncpg.Pool, str]]:
     """Two pools (two workers' connections) on a fresh, migrated schema of their own."""
-    schema = unique("race")
+    schema = unique.schema("race")
     settings = {"search_path": schema}
     pools = [
         await asyncpg.create_pool(stack.postgres_dsn, server_settings=settings) for _ in range(2)
@@ -160,7 +157,6 @@ async def two_pools(
             await migrate(conn, schema)
         yield pools[0], pools[1], schema
     finally:
-        await drop_schema(stack.postgres_dsn, schema)
         for pool in pools:
             await pool.close()
 

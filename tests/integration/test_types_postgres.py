@@ -11,7 +11,7 @@ import base64
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -24,6 +24,7 @@ import pytest
 from cdc_sink.model.cql import parse_cql_type, pg_type
 from cdc_sink.model.values import to_pg
 from cdc_sink.pgcodecs import PG_TUPLE_CODECS
+from tests.support.names import Unique
 from tests.support.stack import Endpoints
 
 U1 = "5f0b8f5e-1c8f-4a8b-9b1c-2d3e4f5a6b7c"
@@ -241,15 +242,14 @@ async def connect(stack: Endpoints, *, tuple_codecs: bool = True) -> Any:
 
 
 @pytest.fixture
-async def scratch(stack: Endpoints, unique: Callable[[str], str]) -> AsyncIterator[tuple[Any, str]]:
-    """A connection and an empty schema of its own, dropped afterwards."""
+async def scratch(stack: Endpoints, unique: Unique) -> AsyncIterator[tuple[Any, str]]:
+    """A connection and an empty schema of its own (dropped after the test)."""
     conn = await connect(stack)
-    schema = unique("types")
+    schema = unique.schema("types")
     await conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
         yield conn, schema
     finally:
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await conn.close()
 
 
@@ -301,11 +301,11 @@ async def test_every_scalar_type_in_one_row(scratch: tuple[Any, str]) -> None:
 
 
 async def test_without_tuple_codecs_asyncpg_stores_edge_dates_as_infinity(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """Why PG_TUPLE_CODECS exists: asyncpg's own codecs turn these edge values into ±infinity."""
     conn = await connect(stack, tuple_codecs=False)
-    schema = unique("types")
+    schema = unique.schema("types")
     await conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
         await conn.execute(f'CREATE TABLE "{schema}".t (id int, d date, ts timestamptz)')
@@ -317,5 +317,4 @@ async def test_without_tuple_codecs_asyncpg_stores_edge_dates_as_infinity(
         rows = await conn.fetch(f'SELECT d::text, ts::text FROM "{schema}".t ORDER BY id')
         assert [tuple(r) for r in rows] == [("infinity", None), (None, "-infinity")]
     finally:
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await conn.close()

@@ -8,26 +8,26 @@ import asyncio
 import random
 import struct
 import time
-from collections.abc import Callable
 
 import asyncpg
 
 from cdc_synth import synth
 from cdc_synth.demo import create_cassandra_tables
-from tests.support.pipeline import drop_schema, produce_positions, run_worker, sink_env
+from tests.support.names import Unique
+from tests.support.pipeline import produce_positions, run_worker, sink_env
 from tests.support.stack import Endpoints
 
 GOOD, RANDOM_IDS, KEPT = 3000, 60, 16
 
 
 async def test_random_schema_ids_are_dead_lettered_without_waiting_for_each(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> None:
     """2 % of the records carry schema ids no registry issued: every one is dead-lettered, every
     good record is applied, at most CDC_SCHEMA_REGISTRY__MAX_UNKNOWN_IDS refused ids are
     remembered, and only the first few ids cost the wait for a registry that lags (the rest are
     refused at its first answer)."""
-    prefix, schema = unique("cdc-events-ids") + "-", unique("ids")
+    prefix, schema = unique("cdc-events-ids") + "-", unique.schema("ids")
     await asyncio.to_thread(create_cassandra_tables, stack.values)
     generator = synth.Generator(11, start_us=time.time_ns() // 1000)
     rng = random.Random(11)
@@ -51,25 +51,22 @@ async def test_random_schema_ids_are_dead_lettered_without_waiting_for_each(
         schema=schema,
         schema_registry__max_unknown_ids=str(KEPT),
     )
+    worker = await run_worker(env)
+    conn = await asyncpg.connect(stack.postgres_dsn)
     try:
-        worker = await run_worker(env)
-        conn = await asyncpg.connect(stack.postgres_dsn)
-        try:
-            letters = await conn.fetch(
-                f'SELECT error_class, stage, schema_id FROM "{schema}"._cdc_dlq_records'
-            )
-            rows = {
-                table: await conn.fetchval(f'SELECT count(*) FROM "{schema}"."cdc_{table}"')
-                for table in synth.TABLES
-            }
-        finally:
-            await conn.close()
-        assert sorted(r["schema_id"] for r in letters) == sorted(random_ids)
-        assert {(r["error_class"], r["stage"]) for r in letters} == {("DecodeError", "decode")}
-        assert rows == generator.live_rows()
-        assert worker.decoder.refused_ids <= KEPT
-        assert worker.registry is not None
-        assert worker.registry.unknown_ids <= KEPT
-        assert worker.registry.waited_ids < RANDOM_IDS // 2
+        letters = await conn.fetch(
+            f'SELECT error_class, stage, schema_id FROM "{schema}"._cdc_dlq_records'
+        )
+        rows = {
+            table: await conn.fetchval(f'SELECT count(*) FROM "{schema}"."cdc_{table}"')
+            for table in synth.TABLES
+        }
     finally:
-        await drop_schema(stack.postgres_dsn, schema)
+        await conn.close()
+    assert sorted(r["schema_id"] for r in letters) == sorted(random_ids)
+    assert {(r["error_class"], r["stage"]) for r in letters} == {("DecodeError", "decode")}
+    assert rows == generator.live_rows()
+    assert worker.decoder.refused_ids <= KEPT
+    assert worker.registry is not None
+    assert worker.registry.unknown_ids <= KEPT
+    assert worker.registry.waited_ids < RANDOM_IDS // 2

@@ -9,14 +9,13 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from tests.support.pipeline import drop_schema
+from tests.support.names import Unique
 from tests.support.stack import REPO, Endpoints
 
 MIGRATIONS = sorted(path.name for path in (REPO / "sql").glob("[0-9][0-9][0-9]_*.sql"))
@@ -110,28 +109,23 @@ def test_every_runtime_module_imports_in_a_fresh_venv(installed: Installed) -> N
 
 
 async def test_installed_wheel_migrates(
-    installed: Installed, stack: Endpoints, unique: Callable[[str], str]
+    installed: Installed, stack: Endpoints, unique: Unique
 ) -> None:
     """`python -m cdc_sink migrate` from the installed wheel creates every control table sql/
     defines in a fresh schema and records every migration."""
-    schema = unique("wheel")
+    schema = unique.schema("wheel")
     env = {"CDC_POSTGRES__DSN": stack.postgres_dsn, "CDC_POSTGRES__SCHEMA": schema}
     argv: list[str | Path] = [installed.python, "-m", "cdc_sink", "migrate"]
+    done = await asyncio.to_thread(_run, argv, installed.home, env)
+    assert "applied: 001_control_tables" in done.stdout
+    conn = await asyncpg.connect(stack.postgres_dsn)
     try:
-        done = await asyncio.to_thread(_run, argv, installed.home, env)
-        assert "applied: 001_control_tables" in done.stdout
-        conn = await asyncpg.connect(stack.postgres_dsn)
-        try:
-            tables = await conn.fetch(
-                "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema
-            )
-            applied = await conn.fetch(
-                f'SELECT version FROM "{schema}"._cdc_migrations ORDER BY version'
-            )
-        finally:
-            await conn.close()
-        assert len(CONTROL_TABLES) >= 6
-        assert {row["tablename"] for row in tables} == {*CONTROL_TABLES, "_cdc_migrations"}
-        assert [f"{row['version']}.sql" for row in applied] == MIGRATIONS
+        tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+        applied = await conn.fetch(
+            f'SELECT version FROM "{schema}"._cdc_migrations ORDER BY version'
+        )
     finally:
-        await drop_schema(stack.postgres_dsn, schema)
+        await conn.close()
+    assert len(CONTROL_TABLES) >= 6
+    assert {row["tablename"] for row in tables} == {*CONTROL_TABLES, "_cdc_migrations"}
+    assert [f"{row['version']}.sql" for row in applied] == MIGRATIONS

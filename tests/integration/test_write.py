@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -16,6 +16,7 @@ from cdc_sink.model.events import Position, interpret
 from cdc_sink.plan import Mutation as PlannedMutation
 from cdc_sink.write import Batch, CheckpointMove, PgWriter, prepare_connection
 from tests.support.cassandra_model import COLUMNS, KEY, SCALARS, Mutation, to_envelope
+from tests.support.names import Unique
 from tests.support.stack import Endpoints
 from tests.unit.test_plan_model import SCHEMA
 
@@ -27,9 +28,9 @@ PARTITION = (1, "a")
 
 @pytest.fixture
 async def writer(
-    stack: Endpoints, unique: Callable[[str], str]
+    stack: Endpoints, unique: Unique
 ) -> AsyncIterator[tuple[PgWriter, asyncpg.Connection, str]]:
-    schema = unique("write")
+    schema = unique.schema("write")
     conn = await asyncpg.connect(stack.postgres_dsn, server_settings={"search_path": schema})
     await prepare_connection(conn)
     await migrate(conn, schema)
@@ -42,7 +43,6 @@ async def writer(
     try:
         yield PgWriter(conn, schema, "group"), conn, schema
     finally:
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await conn.close()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import WhiteListRoundRobinPolicy
 
 from cdc_sink.config import load_config
@@ -58,10 +58,11 @@ def create_cassandra_table(stack: Endpoints, keyspace: str, cql: str) -> None:
     )
 
 
-def execute_cql(stack: Endpoints, *statements: str) -> None:
-    """Run CQL statements in order on the stack's Cassandra node (DDL waits for agreement)."""
+def cassandra_session(stack: Endpoints) -> Session:
+    """A session on the stack's Cassandra node alone (close it with session.cluster.shutdown)."""
     profile = ExecutionProfile(
-        load_balancing_policy=WhiteListRoundRobinPolicy([stack.cassandra_host])
+        load_balancing_policy=WhiteListRoundRobinPolicy([stack.cassandra_host]),
+        request_timeout=120,
     )
     cluster = Cluster(
         [stack.cassandra_host],
@@ -69,12 +70,17 @@ def execute_cql(stack: Endpoints, *statements: str) -> None:
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         protocol_version=5,
     )
+    return cluster.connect()
+
+
+def execute_cql(stack: Endpoints, *statements: str) -> None:
+    """Run CQL statements in order on the stack's Cassandra node (DDL waits for agreement)."""
+    session = cassandra_session(stack)
     try:
-        session = cluster.connect()
         for statement in statements:
             session.execute(statement)
     finally:
-        cluster.shutdown()
+        session.cluster.shutdown()
 
 
 def schemaless_record(m: Mutation, keyspace: str, table: str = "model") -> tuple[bytes, bytes]:

@@ -19,15 +19,14 @@ import math
 import struct
 import uuid
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.cluster import Session
 from cassandra.concurrent import execute_concurrent_with_args
-from cassandra.policies import WhiteListRoundRobinPolicy
 from cassandra.util import Date, Duration, Time
 
 from cdc_recon.alerting import ReconMetrics
@@ -39,6 +38,8 @@ from cdc_sink.migrate import migrate
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.tables import TableSchema
 from cdc_sink.write import Batch, PgWriter, prepare_connection
+from tests.support.names import Unique
+from tests.support.pipeline import cassandra_session
 from tests.support.stack import Endpoints
 
 TABLE = "everything"
@@ -191,20 +192,6 @@ def _values(i: int) -> dict[str, tuple[Any, Any]]:
     return d
 
 
-def cassandra_session(stack: Endpoints) -> Session:
-    profile = ExecutionProfile(
-        load_balancing_policy=WhiteListRoundRobinPolicy([stack.cassandra_host]),
-        request_timeout=120,
-    )
-    cluster = Cluster(
-        [stack.cassandra_host],
-        port=stack.cassandra_port,
-        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-        protocol_version=5,
-    )
-    return cluster.connect()
-
-
 def create_keyspace(session: Session, keyspace: str) -> None:
     session.execute(
         f"CREATE KEYSPACE {keyspace} WITH replication = "
@@ -335,15 +322,16 @@ async def reconciler_on(
 
 async def make_setup(
     stack: Endpoints,
-    unique: Callable[[str], str],
+    unique: Unique,
     count: int,
     pushgateway_url: str | None = None,
     **settings: Any,
 ) -> AsyncIterator[Setup]:
-    """Create both sides with `count` identical rows; drop both afterwards."""
-    keyspace, schema = unique("recon"), unique("recon")
+    """Create both sides with `count` identical rows; `unique` drops both after the test."""
+    keyspace, schema = unique.keyspace("recon"), unique.schema("recon")
     session = cassandra_session(stack)
-    conn = await sink_connection(stack.postgres_dsn, schema)
+    conn = await sink_connection(stack.postgres_dsn, schema)  # makes the control tables
+    await conn.close()
     try:
         async with reconciler_on(stack, schema, pushgateway_url, **settings) as reconciler:
             pool = reconciler.pool
@@ -358,7 +346,4 @@ async def make_setup(
             )
             yield Setup(keyspace, schema, session, pool, reconciler, rows)
     finally:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
-        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
         session.cluster.shutdown()
