@@ -14,28 +14,23 @@ import dataclasses
 import datetime as dt
 import functools
 import os
-import random
 import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import (
-    CommitFailedError,
-    KafkaError,
-    KafkaTimeoutError,
-    KafkaUnavailableError,
-)
+from aiokafka.errors import CommitFailedError, KafkaError
 from opentelemetry import trace
 
 from cdc_sink import cassandra, compression
 from cdc_sink.compression import UninflatedBatch
 from cdc_sink.config import Config
+from cdc_sink.consumer.retry import RetryPolicy, Stopping
 from cdc_sink.ddl import CassandraSystemSchema, Catalog
 from cdc_sink.decode import ConfluentRegistry, DecodedRecord, Decoder
 from cdc_sink.dlq import DeadLetter, DlqLimiter, DlqProducer
@@ -45,9 +40,10 @@ from cdc_sink.errors import (
     EventError,
     FatalError,
     FencedError,
+    Kind,
     PoisonError,
-    TransientError,
     UnexpectedError,
+    classify,
 )
 from cdc_sink.http import HttpServer, add_standard_routes
 from cdc_sink.kafka_security import client_security, unreachable
@@ -68,8 +64,6 @@ if TYPE_CHECKING:
 
 log = get_logger("cdc_sink.runner")
 tracer = trace.get_tracer("cdc_sink")  # a no-op until cdc_sink.tracing installs a provider
-
-T = TypeVar("T")
 
 BACKLOG_QUERY_TIMEOUT_S = 2.0
 KAFKA_COMMIT_GRACE_S = 2.0  # at shutdown, for the last offsets to reach Kafka
@@ -96,56 +90,6 @@ def _refused(what: str, exc: asyncpg.PostgresError, stage: str) -> FatalError:
         f"nothing was committed{_GONE.get(exc.sqlstate, '')}",
         stage=stage,
     )
-
-
-# SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock),
-# 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
-TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
-# 22 data exception, 23 integrity constraint, 42804 datatype mismatch: the data is at fault.
-DATA_SQLSTATE_CLASSES = ("22", "23")
-
-
-NOT_TRANSIENT_INTERFACE_ERRORS = (
-    asyncpg.exceptions.ClientConfigurationError,
-    asyncpg.exceptions.UnsupportedClientFeatureError,
-    asyncpg.exceptions.UnsupportedServerFeatureError,
-    asyncpg.exceptions._base.DataError,  # invalid query input (the public DataError is 22xxx)
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying the same step may succeed (decided by SQLSTATE class, never by text)."""
-    if isinstance(exc, TransientError | ConnectionError | OSError | asyncio.TimeoutError):
-        return True
-    if isinstance(exc, KafkaError):
-        # aiokafka marks what a retry can fix; its request timeout and "no broker reachable"
-        # are not marked, but are exactly what a broker restart looks like.
-        return bool(exc.retriable) or isinstance(exc, KafkaTimeoutError | KafkaUnavailableError)
-    if isinstance(exc, asyncpg.exceptions._base.InternalClientError):
-        # The connection's protocol state is off (seen when the server's admin-shutdown
-        # message lands on an idle connection just as a transaction starts): a retry runs on
-        # a fresh connection.
-        return True
-    if isinstance(exc, asyncpg.InterfaceError):
-        # client-side connection state (closed, broken, released): reconnect and retry; but
-        # not a bad setting, a missing feature, or arguments the driver cannot encode
-        return not isinstance(exc, NOT_TRANSIENT_INTERFACE_ERRORS)
-    state = getattr(exc, "sqlstate", None) or ""
-    return state[:2] in TRANSIENT_SQLSTATE_CLASSES
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """Whether the records are at fault: a data or integrity SQLSTATE, a datatype mismatch, or
-    a value the driver cannot encode for its column (asyncpg raises TypeError/ValueError)."""
-    if isinstance(exc, TypeError | ValueError | OverflowError):
-        return True
-    state = getattr(exc, "sqlstate", None) or ""
-    return state[:2] in DATA_SQLSTATE_CLASSES or state == "42804"
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    return rng.uniform(0, min(cap, base * (2**attempt)))
 
 
 @dataclass
@@ -206,10 +150,6 @@ class Prepared:
         }
 
 
-class Stopping(Exception):
-    """Shutdown was requested while a step waited to retry: abandon it, commit nothing."""
-
-
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -254,7 +194,10 @@ class Worker:
         self._taken: dict[TopicPartition, int] = {}
         self._rewind = False
         self._fetching: asyncio.Future[dict[TopicPartition, list[Any]]] | None = None
-        self._rng = random.Random()  # noqa: S311 - jitter, not security
+        self.retry = RetryPolicy.of(config.sink)
+        self.retrying = functools.partial(
+            self.retry.run, stopping=self.stopping, metrics=self.metrics
+        )
         self._end_at_start: dict[TopicPartition, int] = {}
         self.applied_events = 0
         self._backlog_at = 0.0  # when cdc_backlog_depth was last refreshed (monotonic)
@@ -564,20 +507,17 @@ class Worker:
         self._unclaimed -= self.owned.keys()
         if not self._unclaimed or time.monotonic() < self._claim_retry_at:
             return
-        sink = self.config.sink
         todo = sorted(self._unclaimed)
         try:
             await self._claim(todo)
         except Exception as exc:
             self._claim_failures += 1
-            if not is_transient(exc) or self._claim_failures >= sink.retry_attempts:
+            if classify(exc) is not Kind.TRANSIENT or self.retry.gives_up(self._claim_failures):
                 raise FatalError(
                     f"cannot claim partitions ({type(exc).__name__}: {exc}); nothing committed",
                     stage="claim",
                 ) from exc
-            delay = backoff_delay(
-                self._claim_failures - 1, sink.retry_base_seconds, sink.retry_max_seconds, self._rng
-            )
+            delay = self.retry.delay(self._claim_failures - 1)
             self._claim_retry_at = time.monotonic() + delay
             self.metrics.retries.labels("claim").inc()
             log.warning(
@@ -957,7 +897,7 @@ class Worker:
             await self._resync()
             return "fenced"
         except Exception as exc:  # transient ones were retried: what is left is data or fatal
-            if not is_data_error(exc):
+            if classify(exc) is not Kind.POISON:
                 if isinstance(exc, asyncpg.PostgresError):
                     raise _refused("the batch", exc, "write") from exc
                 raise
@@ -1064,11 +1004,11 @@ class Worker:
                 except PoisonError:
                     raise
                 except Exception as exc:
-                    if not is_transient(exc):
+                    if classify(exc) is not Kind.TRANSIENT:
                         raise
                     # The registry or the catalog is unreachable: wait for it, never DLQ.
                     step = functools.partial(self._to_mutation, record)
-                    mutation = await self._retrying("decode", step)
+                    mutation = await self.retrying("decode", step)
             except PoisonError as exc:
                 prepared.batch.dead_letters.append(_dead_letter(record, exc, exc.stage))
                 self.metrics.errors.labels(exc.stage, "poison").inc()
@@ -1110,53 +1050,6 @@ class Worker:
         except Exception as exc:
             raise _unforeseen(record, decoded, exc, "convert") from exc
 
-    async def _retrying(
-        self,
-        stage: str,
-        step: Callable[[], Awaitable[T]],
-        on_retry: Callable[[], Awaitable[None]] | None = None,
-    ) -> T:
-        """Run `step`; retry transient failures with exponential backoff and full jitter.
-        Raises FatalError after the last attempt (nothing committed), Stopping if shutdown is
-        requested while waiting, and anything that is not transient as it is."""
-        sink = self.config.sink
-        attempts = sink.retry_attempts
-        for attempt in range(attempts):
-            try:
-                return await step()
-            except (FencedError, PoisonError, FatalError):
-                raise
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                if attempt == attempts - 1:
-                    raise FatalError(
-                        f"{stage}: gave up after {attempts} attempts ({type(exc).__name__}: "
-                        f"{exc}); nothing was committed, the batch will be re-read on restart",
-                        stage=stage,
-                    ) from exc
-                delay = backoff_delay(
-                    attempt, sink.retry_base_seconds, sink.retry_max_seconds, self._rng
-                )
-                self.metrics.retries.labels(stage).inc()
-                self.metrics.errors.labels(stage, "transient").inc()
-                log.warning(
-                    f"{stage}_retry",
-                    attempt=attempt + 1,
-                    delay_s=round(delay, 3),
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), delay)
-                if self.stopping.is_set():
-                    raise Stopping(f"shutdown requested while retrying {stage}") from exc
-                if on_retry is not None:
-                    try:
-                        await on_retry()
-                    except Exception as again:  # noqa: BLE001 - the next attempt reports it
-                        log.warning(f"{stage}_reconnect_failed", error=str(again))
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
     async def _apply_with_retry(self, batch: Batch) -> BatchResult:
         async def attempt() -> BatchResult:
             with tracer.start_as_current_span("cdc.transaction") as span:
@@ -1175,7 +1068,7 @@ class Worker:
                 self.metrics.transaction_duration.observe(result.duration_s)
                 return result
 
-        return await self._retrying("write", attempt, on_retry=self._open_writer)
+        return await self.retrying("write", attempt, on_retry=self._open_writer)
 
     async def _send_dead_letters(self, letters: list[DeadLetter]) -> list[DeadLetter]:
         """Produce dead letters to the DLQ topic (acks=all) before their offsets can move;
@@ -1187,7 +1080,7 @@ class Worker:
         todo = [d for d in letters if _position(d) not in self._dlq_sent]
         if todo:
             try:
-                ids = await self._retrying(
+                ids = await self.retrying(
                     "dlq", functools.partial(reserve_dlq_ids, pool, len(todo))
                 )
             except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
@@ -1196,7 +1089,7 @@ class Worker:
             with tracer.start_as_current_span(
                 "cdc.dlq.produce", attributes={"cdc.letters": len(todo)}
             ):
-                sent = await self._retrying(
+                sent = await self.retrying(
                     "dlq", functools.partial(dlq.send_letters, todo, self.group)
                 )
             self._dlq_sent.update((_position(d), d) for d in sent)

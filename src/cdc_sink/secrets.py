@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 
 from cdc_sink.config import Config, Secret, VaultConfig
+from cdc_sink.consumer.retry import RetryPolicy
 from cdc_sink.errors import FatalError
 from cdc_sink.logs import get_logger
 from cdc_sink.tables import quote_ident
@@ -37,7 +38,8 @@ from cdc_sink.tables import quote_ident
 log = get_logger("cdc_sink.secrets")
 
 RENEW_AT = 2 / 3  # of a lease's or token's time
-RETRY_S = (1.0, 30.0)  # backoff bounds while Vault does not answer
+# While Vault does not answer: 1 s doubling up to 30 s, until the lease expires.
+RENEWAL_RETRY = RetryPolicy(attempts=0, base_s=1.0, cap_s=30.0, jitter=False)
 
 
 class VaultError(FatalError):
@@ -225,7 +227,7 @@ class PostgresLogin:
                 raise
             except Exception as exc:  # noqa: BLE001 - Vault away: try again before expiry
                 failures += 1
-                delay = min(RETRY_S[1], RETRY_S[0] * 2 ** (failures - 1))
+                delay = RENEWAL_RETRY.delay(failures - 1)
                 left = self.lease.expires_at - time.monotonic()
                 log.warning(
                     "vault_renewal_failed",

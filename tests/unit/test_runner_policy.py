@@ -7,9 +7,26 @@ import random
 import aiokafka.errors
 import asyncpg
 import pytest
+from cassandra import OperationTimedOut
+from cassandra.cluster import NoHostAvailable
 
-from cdc_sink.errors import TransientError
-from cdc_sink.runner import backoff_delay, is_data_error, is_transient
+from cdc_sink.consumer.retry import backoff_delay
+from cdc_sink.errors import (
+    DecodeError,
+    FatalError,
+    FencedError,
+    Kind,
+    TransientError,
+    classify,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return classify(exc) is Kind.TRANSIENT
+
+
+def is_data_error(exc: BaseException) -> bool:
+    return classify(exc) is Kind.POISON
 
 
 @pytest.mark.parametrize(
@@ -132,3 +149,24 @@ def test_interface_errors_about_settings_or_input_are_not_transient(exc: BaseExc
     """A bad client setting, a missing feature or input the driver cannot encode fails the
     same way on every retry: not transient (the attempts would only delay the outcome)."""
     assert not is_transient(exc)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (asyncpg.exceptions.InsufficientPrivilegeError("x"), Kind.FATAL),  # 42501
+        (asyncpg.exceptions.UndefinedTableError("x"), Kind.FATAL),  # 42P01
+        (asyncpg.exceptions.SerializationError("x"), Kind.TRANSIENT),  # 40001
+        (asyncpg.exceptions.NotNullViolationError("x"), Kind.POISON),  # 23502
+        (DecodeError("bad bytes"), Kind.POISON),
+        (FatalError("stop"), Kind.FATAL),
+        (FencedError("moved"), Kind.FATAL),
+        (NoHostAvailable("down", {}), Kind.TRANSIENT),
+        (OperationTimedOut("slow"), Kind.TRANSIENT),
+        (KeyError("a defect"), Kind.FATAL),
+    ],
+)
+def test_the_classification_table(exc: BaseException, kind: Kind) -> None:
+    """SQLSTATE classes, the sink's own tree and the drivers' public classes each map to one
+    kind; anything unknown is fatal."""
+    assert classify(exc) is kind

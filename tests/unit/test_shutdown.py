@@ -10,7 +10,8 @@ import pytest
 
 from cdc_sink.cli import supervise
 from cdc_sink.config import ConfigError, load_config
-from cdc_sink.runner import Stopping, Worker
+from cdc_sink.consumer.retry import Stopping
+from cdc_sink.runner import Worker
 
 
 async def test_a_worker_that_finishes_gives_its_own_exit_code() -> None:
@@ -89,7 +90,7 @@ async def test_a_stop_during_a_retry_backoff_interrupts_it() -> None:
     delay of up to a minute), raising Stopping so the batch is abandoned uncommitted."""
     settings = {"CDC_SINK__RETRY_BASE_SECONDS": "60", "CDC_SINK__RETRY_MAX_SECONDS": "60"}
     worker = Worker(load_config(settings))
-    worker._rng.seed(1)  # a first delay of many seconds
+    worker.retry.rng.seed(1)  # a first delay of many seconds
 
     async def unreachable() -> None:
         raise ConnectionRefusedError
@@ -97,7 +98,7 @@ async def test_a_stop_during_a_retry_backoff_interrupts_it() -> None:
     asyncio.get_running_loop().call_later(0.05, worker.stop)
     began = time.monotonic()
     with pytest.raises(Stopping):
-        await worker._retrying("write", unreachable)
+        await worker.retrying("write", unreachable)
     assert time.monotonic() - began < 1
 
 
