@@ -27,10 +27,35 @@ from cdc_recon.errors import (
 )
 from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler, recon_pool
+from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config
 from cdc_sink.secrets import PostgresLogin, secrets_for
 
 USAGE_ERRORS = (UnknownTableError, UnknownStrategyError, UnknownJobError, InvalidRequestError)
+
+
+def add_reconcile_command(commands: Any) -> None:
+    """Register `reconcile run|repair` on the sink's command line (argparse subparsers)."""
+    reconcile_ = commands.add_parser(
+        "reconcile", help="compare PostgreSQL with Cassandra (run a job, repair its mismatches)"
+    )
+    reconcile_.set_defaults(handler=reconcile)
+    actions = reconcile_.add_subparsers(dest="action", metavar="ACTION", required=True)
+    job = actions.add_parser("run", help="run one reconciliation job now and print its summary")
+    job.add_argument("--table", required=True, help="target table (or Cassandra table name)")
+    job.add_argument(
+        "--strategy",
+        required=True,
+        help="row_count, checksum, timestamp_range or sample",
+    )
+    job.add_argument("--window-start", help="timestamp_range: ISO 8601 start (inclusive)")
+    job.add_argument("--window-end", help="timestamp_range: ISO 8601 end (exclusive)")
+    job.add_argument("--sample-size", type=whole_number(1), help="sample: how many keys to compare")
+    job.add_argument("--seed", type=int, help="sample: random seed (repeatable draws)")
+    repair = actions.add_parser("repair", help="repair the open mismatches of a job")
+    repair.add_argument(
+        "--job", type=whole_number(1), required=True, help="the reconciliation job id"
+    )
 
 
 async def reconcile(config: Config, args: argparse.Namespace) -> int:

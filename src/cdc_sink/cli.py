@@ -12,14 +12,15 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cdc_recon.cli import add_reconcile_command
 from cdc_sink import __version__
+from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config, ConfigError, load_config
 from cdc_sink.errors import FatalError, SinkError
-from cdc_sink.http import BIGINT_MAX  # ids and limits go to PostgreSQL as bigints
 from cdc_sink.logs import configure_logging, get_logger
 from cdc_sink.secrets import PostgresLogin, secrets_for
 from cdc_sink.tracing import start_tracing
@@ -30,21 +31,6 @@ if TYPE_CHECKING:
     from cdc_sink.replay import DlqFilter
 
 log = get_logger("cdc_sink")
-
-
-def whole_number(low: int, high: int = BIGINT_MAX) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high], or a usage error saying so."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}: {text}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="TOML settings file (default: $CDC_CONFIG_FILE, if set)"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("version", help="print the version of cdc-sink and its runtime")
+    version = commands.add_parser("version", help="print the version of cdc-sink and its runtime")
+    version.set_defaults(handler=_version, configured=False)
     run = commands.add_parser(
         "run", help="consume as a consumer-group member and apply events until stopped"
     )
@@ -70,32 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 once everything up to the end offsets seen at start is applied",
     )
-    commands.add_parser("migrate", help="apply pending sql/ migrations (control tables)")
+    run.set_defaults(handler=_serve)
+    migrate = commands.add_parser("migrate", help="apply pending sql/ migrations (control tables)")
+    migrate.set_defaults(handler=_migrate)
     _add_dlq_commands(commands)
-    reconcile = commands.add_parser(
-        "reconcile", help="compare PostgreSQL with Cassandra (run a job, repair its mismatches)"
-    )
-    actions = reconcile.add_subparsers(dest="action", metavar="ACTION", required=True)
-    job = actions.add_parser("run", help="run one reconciliation job now and print its summary")
-    job.add_argument("--table", required=True, help="target table (or Cassandra table name)")
-    job.add_argument(
-        "--strategy",
-        required=True,
-        help="row_count, checksum, timestamp_range or sample",
-    )
-    job.add_argument("--window-start", help="timestamp_range: ISO 8601 start (inclusive)")
-    job.add_argument("--window-end", help="timestamp_range: ISO 8601 end (exclusive)")
-    job.add_argument("--sample-size", type=whole_number(1), help="sample: how many keys to compare")
-    job.add_argument("--seed", type=int, help="sample: random seed (repeatable draws)")
-    repair = actions.add_parser("repair", help="repair the open mismatches of a job")
-    repair.add_argument(
-        "--job", type=whole_number(1), required=True, help="the reconciliation job id"
-    )
+    add_reconcile_command(commands)
     return parser
 
 
 def _add_dlq_commands(commands: Any) -> None:
     dlq = commands.add_parser("dlq", help="list, show and replay dead-lettered records")
+    dlq.set_defaults(handler=_dlq)
     actions = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
 
     def filters(parser: argparse.ArgumentParser) -> None:
@@ -130,9 +102,8 @@ def _add_dlq_commands(commands: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse argv, run the chosen command and return the process exit code."""
     args = build_parser().parse_args(argv)
-    if args.command == "version":
-        print(f"cdc-sink {__version__} (Python {platform.python_version()}, {sys.platform})")
-        return 0
+    if not getattr(args, "configured", True):
+        return int(args.handler(args))
     try:
         config = load_config(file=args.config)
     except ConfigError as exc:
@@ -151,21 +122,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(config: Config, args: argparse.Namespace) -> int:
     try:
-        if args.command == "migrate":
-            return _run(_migrate(config))
-        if args.command == "run":
-            return _run(_serve(config, stop_when_caught_up=args.stop_when_caught_up))
-        if args.command == "dlq":
-            return _run(_dlq(config, args))
-        if args.command == "reconcile":
-            from cdc_recon.cli import reconcile
-
-            return _run(reconcile(config, args))
+        return _run(args.handler(config, args))
     except SinkError as exc:  # fatal, or transient past its retries
         log.error("fatal", error=str(exc))
         print(f"cdc-sink: {exc}", file=sys.stderr)
         return 1
-    raise AssertionError(f"unhandled command {args.command!r}")  # argparse only allows known ones
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(f"cdc-sink {__version__} (Python {platform.python_version()}, {sys.platform})")
+    return 0
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -202,7 +168,7 @@ async def _connect(login: PostgresLogin, **kwargs: Any) -> asyncpg.Connection:
         raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
 
 
-async def _migrate(config: Config) -> int:
+async def _migrate(config: Config, args: argparse.Namespace) -> int:
     from cdc_sink.migrate import migrate
 
     async with secrets_for(config) as (config, login):
@@ -298,11 +264,11 @@ async def _dlq_command(
     return 0
 
 
-async def _serve(config: Config, *, stop_when_caught_up: bool) -> int:
-    from cdc_sink.runner import Worker
+async def _serve(config: Config, args: argparse.Namespace) -> int:
+    from cdc_sink.app import SinkApp
 
     tune_gc()
-    worker = Worker(config, stop_when_caught_up=stop_when_caught_up)
+    worker = SinkApp(config, stop_when_caught_up=args.stop_when_caught_up)
     running = asyncio.ensure_future(worker.run())
     requested = asyncio.Event()
 

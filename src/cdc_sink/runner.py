@@ -18,25 +18,24 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from opentelemetry import trace
 
-from cdc_sink import cassandra, compression
+from cdc_sink import compression
 from cdc_sink.compression import UninflatedBatch
 from cdc_sink.config import Config
 from cdc_sink.consumer.retry import RetryPolicy, Stopping
-from cdc_sink.ddl import CassandraSystemSchema, Catalog
-from cdc_sink.decode import ConfluentRegistry, DecodedRecord, Decoder
+from cdc_sink.ddl import Catalog
+from cdc_sink.decode import DecodedRecord, Decoder
 from cdc_sink.dlq import DeadLetter, DlqLimiter, DlqProducer
 from cdc_sink.errors import (
     ConversionError,
-    DecodeError,
     EventError,
     FatalError,
     FencedError,
@@ -45,22 +44,15 @@ from cdc_sink.errors import (
     UnexpectedError,
     classify,
 )
-from cdc_sink.http import HttpServer, add_standard_routes
 from cdc_sink.kafka_security import client_security, unreachable
 from cdc_sink.logs import get_logger
-from cdc_sink.metrics import Metrics, push_fatal_exit
-from cdc_sink.migrate import migrate, pending
+from cdc_sink.metrics import Metrics
 from cdc_sink.model.events import Position, interpret, op_name
 from cdc_sink.nesting import MAX_NESTING, deeper_than
 from cdc_sink.plan import Mutation
-from cdc_sink.pools import BoundedPool, open_pool
-from cdc_sink.replay import add_dlq_routes
-from cdc_sink.secrets import Lease, PostgresLogin, open_secrets
+from cdc_sink.secrets import PostgresLogin
 from cdc_sink.tables import TableSchema, name_collisions
 from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, reserve_dlq_ids
-
-if TYPE_CHECKING:
-    from cdc_recon.service import ReconciliationRuntime
 
 log = get_logger("cdc_sink.runner")
 tracer = trace.get_tracer("cdc_sink")  # a no-op until cdc_sink.tracing installs a provider
@@ -73,7 +65,6 @@ PREPARE_YIELD_S = 0.0001
 # At shutdown, for a Kafka client to leave the group and close: with the broker away, aiokafka
 # may otherwise wait out a coordinator lookup or request timeout (tens of seconds).
 KAFKA_CLOSE_TIMEOUT_S = 5.0
-FATAL_PUSH_TIMEOUT_S = 5.0  # the exit waits this long at most for the Pushgateway
 
 # A table or column the sink made and recorded in _cdc_schema_metadata was dropped by hand.
 _GONE = dict.fromkeys(
@@ -203,180 +194,37 @@ class Worker:
         self._backlog_at = 0.0  # when cdc_backlog_depth was last refreshed (monotonic)
         self.pool: asyncpg.Pool | None = None  # claims, catalog, housekeeping, readiness
         self.writer_pool: asyncpg.Pool | None = None  # the writer's one connection
-        self.api_pool: BoundedPool | None = None
         self.login: PostgresLogin | None = None
         self._writer_generation = 0  # the login's generation the writer's connection has
         self.consumer: AIOKafkaConsumer | None = None
         self.writer: PgWriter | None = None
-        self.http: HttpServer | None = None
         self.dlq: DlqProducer | None = None
         self._writer_conn: asyncpg.Connection | None = None
-        self.recon: ReconciliationRuntime | None = None
 
-    # lifecycle ------------------------------------------------------------------------------
+    # resources ------------------------------------------------------------------------------
 
-    async def run(self) -> int:
-        """Consume and apply until stopped (or caught up); return the process exit code.
+    def use(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        writer_pool: asyncpg.Pool,
+        login: PostgresLogin,
+        decoder: Decoder,
+        catalog: Catalog,
+        dlq: DlqProducer,
+    ) -> None:
+        """Hand the worker what the composition root opened (and will close): the pool for
+        claims and readiness, the writer's pool of one, the PostgreSQL login it follows, the
+        decoder, the catalog and the DLQ producer."""
+        self.pool, self.writer_pool, self.login = pool, writer_pool, login
+        self.decoder, self.catalog, self.dlq = decoder, catalog, dlq
 
-        A failure that ends the run (FatalError, or anything unforeseen) is counted in
-        cdc_errors_total{kind="fatal"} and, with CDC_PUSHGATEWAY__URL, pushed as the time of
-        this exit before it is raised: the process leaves next, before any scrape."""
-        try:
-            return await self._run()
-        except Exception as exc:
-            await self._report_fatal(exc)
-            raise
+    async def release_writer(self) -> None:
+        """Hand the writer's connection back to its pool (at the end of the run)."""
+        if self._writer_conn is not None and self.writer_pool is not None:
+            await self.writer_pool.release(self._writer_conn)
 
-    async def _report_fatal(self, exc: Exception) -> None:
-        stage = getattr(exc, "stage", None) or "unexpected"
-        self.metrics.errors.labels(stage, "fatal").inc()
-        url = self.config.pushgateway.url
-        if not url:
-            return
-        push = functools.partial(
-            push_fatal_exit,
-            url,
-            stage,
-            instance=socket.gethostname(),
-            consumer_group=self.group,
-            timeout_s=FATAL_PUSH_TIMEOUT_S,
-        )
-        try:
-            await asyncio.wait_for(asyncio.to_thread(push), FATAL_PUSH_TIMEOUT_S + 1)
-        except Exception as failed:  # noqa: BLE001 - the exit goes on; its log line remains
-            log.warning("fatal_push_failed", url=url, error=f"{type(failed).__name__}: {failed}")
-
-    async def _run(self) -> int:
-        self.config, self.login = await open_secrets(self.config)
-        cfg = self.config
-        try:
-            await self._connect_pools()
-        except BaseException:
-            await self._close_pools()
-            await self.login.close()  # a leased user would otherwise wait out its TTL
-            raise
-        assert self.pool is not None
-        assert self.api_pool is not None
-        self.login.observe(self._lease_metrics)
-        keep_login = asyncio.create_task(self.login.keep_valid())
-        try:
-            await self._prepare_schema()
-            kept = cfg.schema_registry.max_unknown_ids
-            registry = (
-                ConfluentRegistry(
-                    cfg.schema_registry.url,
-                    timeout=cfg.schema_registry.timeout_s,
-                    max_unknown_ids=kept,
-                )
-                if cfg.schema_registry.url
-                else None
-            )
-            self.registry = registry
-            self.decoder = Decoder(registry or _NoRegistry(), max_refused_ids=kept)
-            cassandra = self._cassandra()
-            self.catalog = Catalog(
-                self.pool, cfg.postgres.schema, cfg.sink.table_name_format, cassandra
-            )
-            await self._open_writer()
-            self.dlq = DlqProducer(
-                cfg.kafka.bootstrap_servers,
-                cfg.dlq.topic,
-                partitions=cfg.dlq.topic_partitions,
-                replication_factor=cfg.dlq.topic_replication_factor,
-                client_id=f"{cfg.kafka.client_id}-dlq",
-                security=client_security(cfg.kafka),
-            )
-            try:
-                await self.dlq.start()
-            except KafkaError as exc:
-                raise unreachable(cfg.kafka, "DLQ producer", exc) from exc
-            from cdc_recon.service import ReconciliationRuntime
-
-            self.recon = ReconciliationRuntime(
-                cfg, self.api_pool, self.metrics.registry, self.worker_id, self.login
-            )
-            http = await self._start_http()
-            self.recon.start()  # the reconciliation scheduler, if CDC_RECONCILIATION__ENABLED
-            housekeeping = asyncio.create_task(self._housekeeping())
-            try:
-                await self._consume()
-            finally:
-                await self.recon.close()
-                await self._stop_client("dlq_producer", self.dlq.stop())
-                housekeeping.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await housekeeping
-                if http is not None:
-                    await http.stop()
-                if registry is not None:
-                    await registry.close()
-                if cassandra is not None:
-                    await cassandra.close()
-        finally:
-            keep_login.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keep_login
-            if self._writer_conn is not None and self.writer_pool is not None:
-                await self.writer_pool.release(self._writer_conn)
-            await self._close_pools()
-            await self.login.close()
-        return 0
-
-    async def _connect_pools(self) -> None:
-        """The writer's connection, the worker's pool and the API's, each its own: a burst of
-        API requests or a long housekeeping round never holds up a batch (nor the reverse)."""
-        cfg = self.config.postgres
-        assert self.login is not None
-        try:
-            self.writer_pool = await open_pool(cfg, self.login, size=1, application_name="cdc-sink")
-            self.pool = await open_pool(
-                cfg, self.login, size=cfg.pool_size, application_name="cdc-sink"
-            )
-            api = await open_pool(
-                cfg, self.login, size=cfg.api_pool_size, application_name="cdc-sink-api"
-            )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise FatalError(
-                f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}", stage="postgres"
-            ) from exc
-        self.api_pool = BoundedPool(api, cfg.api_acquire_timeout_s, "HTTP API")
-
-    async def _close_pools(self) -> None:
-        for pool in (self.writer_pool, self.pool, self.api_pool):
-            if pool is not None:
-                await pool.close()
-
-    async def _prepare_schema(self) -> None:
-        assert self.pool is not None
-        async with self.pool.acquire() as conn:
-            if self.config.sink.migrate_on_start:
-                applied = await migrate(conn, self.config.postgres.schema)
-                if applied:
-                    log.info("migrations_applied", versions=applied)
-            elif todo := await self._pending(conn):
-                raise FatalError(
-                    f"migrations {', '.join(todo)} are not applied: run `python -m cdc_sink "
-                    "migrate` or set CDC_SINK__MIGRATE_ON_START=true",
-                    stage="migrate",
-                )
-
-    async def _pending(self, conn: asyncpg.Connection) -> list[str]:
-        try:
-            return await pending(conn, self.config.postgres.schema)
-        except asyncpg.PostgresError as exc:
-            raise FatalError(
-                f"cannot read the applied migrations in schema {self.config.postgres.schema!r} "
-                f"({exc.sqlstate} {type(exc).__name__}: {exc})",
-                stage="migrate",
-            ) from exc
-
-    def _cassandra(self) -> CassandraSystemSchema | None:
-        cfg = self.config.cassandra
-        if not cfg.contact_points:
-            return None
-        return CassandraSystemSchema(functools.partial(cassandra.connect, cfg))
-
-    async def _open_writer(self) -> None:
+    async def open_writer(self) -> None:
         """Give the writer a fresh connection of its pool. If that fails the worker has no
         writer (never one on a connection already handed back), and the next attempt opens one."""
         assert self.writer_pool is not None
@@ -392,10 +240,6 @@ class Worker:
         self._writer_generation = generation
         self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
 
-    def _lease_metrics(self, lease: Lease) -> None:
-        self.metrics.postgres_login_expiry.set(lease.expires_at_unix())
-        self.metrics.postgres_login_lease.set(lease.duration_s)
-
     async def _follow_login(self) -> None:
         """Between transactions: once a new PostgreSQL user is leased, move the writer to a
         connection of it now, not at the next batch (a quiet topic would otherwise keep the
@@ -403,7 +247,7 @@ class Worker:
         if self._writer_conn is None or not self._writer_stale():
             return
         try:
-            await self._open_writer()
+            await self.open_writer()
         except Exception as exc:  # noqa: BLE001 - the next transaction opens one, or retries
             log.warning("writer_reconnect_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -424,43 +268,6 @@ class Worker:
     @property
     def group(self) -> str:
         return self.config.kafka.group_id
-
-    async def _start_http(self) -> HttpServer | None:
-        if not self.config.http.enabled:
-            return None
-        server = self.http = HttpServer()
-        add_standard_routes(server, self.metrics, self.readiness)
-        assert self.api_pool is not None
-        add_dlq_routes(server, self.api_pool, lambda: self.dlq, self.resume)
-        if self.recon is not None:
-            from cdc_recon.api import add_reconciliation_routes
-
-            add_reconciliation_routes(server, self.recon)
-        await server.start(self.config.http.host, self.config.http.port)
-        log.info("http_listening", host=self.config.http.host, port=server.port)
-        return server
-
-    async def _housekeeping(self) -> None:
-        """Expire TTL'd rows when due and prune tombstones past their grace period."""
-        assert self.pool is not None
-        sink = self.config.sink
-        last_prune = 0.0
-        while True:
-            await asyncio.sleep(sink.expiry_interval_seconds)
-            try:
-                async with self.pool.acquire() as conn:
-                    writer = PgWriter(conn, self.config.postgres.schema, self.group)
-                    for schema in list(self.catalog.tables()):
-                        while await writer.expire_due(schema) >= 1000:
-                            pass
-                    if time.monotonic() - last_prune > 60:
-                        pruned = await writer.prune_tombstones(sink.tombstone_grace_seconds)
-                        last_prune = time.monotonic()
-                        if pruned:
-                            log.info("tombstones_pruned", count=pruned)
-            except Exception as exc:  # noqa: BLE001 - the next round tries again
-                self.metrics.errors.labels("housekeeping", "transient").inc()
-                log.warning("housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when partitions are assigned and PostgreSQL answers."""
@@ -580,7 +387,9 @@ class Worker:
 
     # the loop -------------------------------------------------------------------------------
 
-    async def _consume(self) -> None:
+    async def consume(self) -> None:
+        """Join the group and apply its records until stopped (or caught up), then leave it;
+        `use` must have handed the resources over."""
         cfg = self.config.kafka
         compression.install(cfg.max_inflated_batch_bytes)
         self.consumer = AIOKafkaConsumer(
@@ -601,7 +410,7 @@ class Worker:
         try:
             await self.consumer.start()
         except KafkaError as exc:
-            await self._stop_client("consumer", self.consumer.stop())
+            await stop_client("consumer", self.consumer.stop)
             raise unreachable(cfg, "consumer", exc) from exc
         try:
             await self._warn_of_name_collisions()
@@ -612,7 +421,7 @@ class Worker:
         finally:
             await self._drain_pipeline()
             await self._finish_commits()
-            await self._stop_client("consumer", self.consumer.stop())
+            await stop_client("consumer", self.consumer.stop)
 
     async def _warn_of_name_collisions(self) -> None:
         """At start-up: if the topics the pattern matches show tables of several keyspaces
@@ -776,21 +585,6 @@ class Worker:
             log.info("batch_abandoned", reason=str(exc))
         except Exception as exc:  # noqa: BLE001 - the first failure is already on its way up
             log.error("batch_failed_during_shutdown", error=f"{type(exc).__name__}: {exc}")
-
-    @staticmethod
-    async def _stop_client(name: str, stopping: Awaitable[None]) -> None:
-        """Close a Kafka client, giving up after KAFKA_CLOSE_TIMEOUT_S (nothing is lost: the
-        offsets are in PostgreSQL, and the group notices a member gone at session timeout)."""
-        task = asyncio.ensure_future(stopping)
-        done, _ = await asyncio.wait({task}, timeout=KAFKA_CLOSE_TIMEOUT_S)
-        if done:
-            task.result()
-            return
-        # Not awaited after cancel(): a close that does not yield to cancellation promptly
-        # must not hold the shutdown either.
-        task.cancel()
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        log.warning("kafka_close_timeout", client=name, timeout_s=KAFKA_CLOSE_TIMEOUT_S)
 
     def _caught_up(self) -> bool:
         return (
@@ -1062,13 +856,13 @@ class Worker:
                         }
                     )
                 if not self._writer_usable():  # reconnecting failed, or the connection died
-                    await self._open_writer()
+                    await self.open_writer()
                 assert self.writer is not None
                 result = await self.writer.apply(batch)
                 self.metrics.transaction_duration.observe(result.duration_s)
                 return result
 
-        return await self.retrying("write", attempt, on_retry=self._open_writer)
+        return await self.retrying("write", attempt, on_retry=self.open_writer)
 
     async def _send_dead_letters(self, letters: list[DeadLetter]) -> list[DeadLetter]:
         """Produce dead letters to the DLQ topic (acks=all) before their offsets can move;
@@ -1203,11 +997,19 @@ class Worker:
             await asyncio.wait_for(self._committer, KAFKA_COMMIT_GRACE_S)
 
 
-class _NoRegistry:
-    async def schema_by_id(self, schema_id: int) -> str:
-        raise DecodeError(
-            f"Avro record with schema id {schema_id} but no CDC_SCHEMA_REGISTRY__URL configured"
-        )
+async def stop_client(name: str, stop: Callable[[], Awaitable[None]]) -> None:
+    """Close a Kafka client, giving up after KAFKA_CLOSE_TIMEOUT_S (nothing is lost: the
+    offsets are in PostgreSQL, and the group notices a member gone at session timeout)."""
+    task = asyncio.ensure_future(stop())
+    done, _ = await asyncio.wait({task}, timeout=KAFKA_CLOSE_TIMEOUT_S)
+    if done:
+        task.result()
+        return
+    # Not awaited after cancel(): a close that does not yield to cancellation promptly
+    # must not hold the shutdown either.
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    log.warning("kafka_close_timeout", client=name, timeout_s=KAFKA_CLOSE_TIMEOUT_S)
 
 
 _STAGE_POISON = {"interpret": EventError, "convert": ConversionError}

@@ -26,6 +26,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from cdc_sink.app import SinkApp
 from cdc_sink.config import (
     CassandraConfig,
     Config,
@@ -37,7 +38,6 @@ from cdc_sink.config import (
     Secret,
 )
 from cdc_sink.logs import configure_logging
-from cdc_sink.runner import Worker
 from cdc_sink.tables import qualified, quote_ident
 from cdc_synth import synth
 
@@ -128,7 +128,7 @@ async def main(*, json_summary: bool = False) -> int:
     topics = [synth.topic_for(t, prefix) for t in synth.TABLES]
     await synth.ensure_topics(config.kafka.bootstrap_servers, topics)
 
-    worker = Worker(config)
+    worker = SinkApp(config)
     sink = asyncio.create_task(worker.run())
     generator = synth.Generator(seed=42, start_us=time.time_ns() // 1000)
     events = generator.take(EVENTS)

@@ -14,8 +14,8 @@ from typing import Any
 import asyncpg
 import httpx2 as httpx
 
+from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
-from cdc_sink.runner import Worker
 from tests.support.cassandra_model import Mutation
 from tests.support.names import Unique
 from tests.support.pipeline import (
@@ -176,12 +176,12 @@ async def test_an_api_request_that_gets_no_connection_in_time_answers_503(
     topic, schema = unique("cdc-events-busy-api"), unique.schema("busyapi")
     await create_topic(stack.kafka, topic)
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, http__host="127.0.0.1")
-    worker = Worker(load_config(env))
+    worker = SinkApp(load_config(env))
     running = asyncio.create_task(worker.run())
     locker = await asyncpg.connect(stack.postgres_dsn)
     try:
         async with asyncio.timeout(60):
-            while worker.http is None or not worker.owned:
+            while worker.http is None or not worker.worker.owned:
                 assert not running.done()
                 await asyncio.sleep(0.05)
         base = f"http://127.0.0.1:{worker.http.port}"

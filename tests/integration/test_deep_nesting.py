@@ -13,8 +13,8 @@ from typing import Any
 
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
+from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
-from cdc_sink.runner import Worker
 from tests.support.debezium_avro import wire
 from tests.support.names import Unique
 from tests.support.pipeline import (
@@ -187,11 +187,11 @@ async def test_a_deeply_nested_body_to_a_running_workers_api_is_a_400(
     topic, schema = unique("cdc-events-api"), unique.schema("api")
     await create_topic(stack.kafka, topic)
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema)
-    worker = Worker(load_config(env))
+    worker = SinkApp(load_config(env))
     task = asyncio.create_task(worker.run())
     try:
         async with asyncio.timeout(60):
-            while worker.http is None or worker.consumer is None:
+            while worker.http is None or worker.worker.consumer is None:
                 await asyncio.sleep(0.1)
         port = worker.http.port
         for path in ("/dlq/replay", "/dlq/resume"):

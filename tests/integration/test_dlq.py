@@ -15,8 +15,8 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
-from cdc_sink.runner import Worker
 from tests.support.cassandra_model import Mutation
 from tests.support.names import Unique
 from tests.support.pipeline import (
@@ -118,7 +118,7 @@ async def add_constraint(dsn: str, schema: str) -> None:
     )
 
 
-def counter_total(worker: Worker, name: str) -> float:
+def counter_total(worker: SinkApp, name: str) -> float:
     return sum(
         sample.value
         for family in worker.metrics.registry.collect()
@@ -247,19 +247,21 @@ async def test_a_partition_past_the_dlq_share_pauses_and_the_others_go_on(
     bad = [poison("undecodable", j, keyspace) for j in range(150)]
     await produce_positions(stack.kafka, topic, [*bad, *(next(good) for _ in range(20))], 0)
 
-    worker = Worker(load_config(env))
+    worker = SinkApp(load_config(env))
     task = asyncio.create_task(worker.run())
     try:
 
         async def others_done() -> bool:
             done = await checkpoints(stack.postgres_dsn, schema)
             return (
-                len(done) == 8 and all(done[p] == 50 for p in range(1, 8)) and bool(worker.paused)
+                len(done) == 8
+                and all(done[p] == 50 for p in range(1, 8))
+                and bool(worker.worker.paused)
             )
 
         await wait_until(others_done)
         assert (await checkpoints(stack.postgres_dsn, schema))[0] == 50  # the good prefix
-        assert worker.paused == {TopicPartition(topic, 0)}
+        assert worker.worker.paused == {TopicPartition(topic, 0)}
         assert (
             worker.metrics.registry.get_sample_value(
                 "cdc_dlq_partition_paused", {"topic": topic, "partition": "0"}
@@ -338,7 +340,7 @@ async def test_replayed_records_apply_once_the_cause_is_fixed(
     env = sink_env(
         stack, topic=topic, group=unique("g"), schema=schema, dlq__topic=unique("dlq-events")
     )
-    worker = Worker(load_config(env))
+    worker = SinkApp(load_config(env))
     task = asyncio.create_task(worker.run())
 
     async def applied(count: int) -> None:

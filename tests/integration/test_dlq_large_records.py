@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from cdc_sink.runner import Worker
+from cdc_sink.app import SinkApp
 from tests.integration.test_dlq import counter_total, expected_row, good_mutation, sql
 from tests.support.names import Unique
 from tests.support.pipeline import (
@@ -98,7 +98,7 @@ async def scene(stack: Endpoints, unique: Unique) -> Scene:
     return Scene(env, schema, topic, dlq_topic, poison, offsets)
 
 
-async def dead_lettered_whole(stack: Endpoints, scene: Scene, worker: Worker) -> int:
+async def dead_lettered_whole(stack: Endpoints, scene: Scene, worker: SinkApp) -> int:
     """Check the worker got through every record, applied the good ones, and kept the poison
     whole in `_cdc_dlq_records`; return its row id."""
     assert worker.applied_events == len(scene.offsets)

@@ -13,8 +13,8 @@ from typing import Any
 
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
+from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
-from cdc_sink.runner import Worker
 from tests.support.debezium_avro import WHOLE_SOURCE_FIELDS, envelope, key_schema, wire
 from tests.support.names import Unique
 from tests.support.pipeline import (
@@ -125,12 +125,12 @@ class AvroRecords:
         )
 
 
-async def run_watching_the_loop(env: dict[str, str]) -> tuple[Worker, float]:
+async def run_watching_the_loop(env: dict[str, str]) -> tuple[SinkApp, float]:
     """Run a worker until it has applied everything produced so far; return it and the longest
     time its event loop went without running anything else. A stall past STALL_LIMIT_S stops
     the worker right after it (a stalled worker misses its heartbeats, loses its partitions,
     and reads the same records again: it would never catch up)."""
-    worker = Worker(load_config(env), stop_when_caught_up=True)
+    worker = SinkApp(load_config(env), stop_when_caught_up=True)
     longest = 0.0
 
     async def watch() -> None:

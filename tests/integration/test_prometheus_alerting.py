@@ -19,9 +19,9 @@ import pytest
 import yaml
 from prometheus_client import delete_from_gateway, generate_latest
 
+from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
 from cdc_sink.errors import FatalError
-from cdc_sink.runner import Worker
 from tests.support.alerting import ALERTMANAGER_CONFIG, rule_groups
 from tests.support.alerting import alerts as alerting_rules
 from tests.support.pipeline import run_cli, sink_env
@@ -240,7 +240,7 @@ def test_a_worker_that_stops_on_a_fatal_error_fires_cdc_fatal_error(
         pushgateway__url=stack.pushgateway_url,
     )
     began = time.time()
-    worker = Worker(load_config(env))
+    worker = SinkApp(load_config(env))
     with pytest.raises(FatalError, match="are not applied"):
         asyncio.run(worker.run())
     counted = generate_latest(worker.metrics.registry).decode()

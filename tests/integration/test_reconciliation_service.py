@@ -339,7 +339,7 @@ async def test_the_worker_runs_scheduled_jobs_and_serves_them(
     """A sink worker with reconciliation enabled streams Debezium events into PostgreSQL,
     runs the scheduled checksum against Cassandra (zero drift), and serves the job on
     /reconciliation/jobs and its gauges on /metrics."""
-    from cdc_sink.runner import Worker
+    from cdc_sink.app import SinkApp
     from tests.support.cassandra_model import ALL_KEYS
     from tests.support.cassandra_model import Mutation as Write
     from tests.support.pipeline import (
@@ -377,7 +377,7 @@ async def test_the_worker_runs_scheduled_jobs_and_serves_them(
         reconciliation__poll_seconds="0.5",
         pushgateway__url="",
     )
-    worker = Worker(load_config(env))
+    worker = SinkApp(load_config(env))
     task = asyncio.create_task(worker.run())
     try:
         async with asyncio.timeout(120):

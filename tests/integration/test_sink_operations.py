@@ -19,9 +19,9 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
 from cdc_sink.errors import FatalError
-from cdc_sink.runner import Worker
 from tests.support.cassandra_model import Mutation
 from tests.support.names import Unique
 from tests.support.pipeline import (
@@ -56,7 +56,7 @@ async def test_ttl_rows_expire_and_the_http_api_reports(stack: Endpoints, unique
     env = sink_env(
         stack, topic=topic, group=unique("g"), schema=schema, sink__expiry_interval_seconds="0.5"
     )
-    worker = Worker(load_config(env))
+    worker = SinkApp(load_config(env))
     task = asyncio.create_task(worker.run())
     try:
         columns = ("v1",)
@@ -136,7 +136,7 @@ async def test_events_are_counted_by_their_operation(stack: Endpoints, unique: U
     records.append((records[0][0], None))  # the Kafka tombstone after a delete
     await produce_positions(stack.kafka, topic, records)
     env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, http__host="127.0.0.1")
-    worker = Worker(load_config(env))
+    worker = SinkApp(load_config(env))
     running = asyncio.create_task(worker.run())
     try:
         async with asyncio.timeout(60):

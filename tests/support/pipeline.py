@@ -22,8 +22,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import WhiteListRoundRobinPolicy
 
+from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
-from cdc_sink.runner import Worker
 from tests.support.cassandra_model import (
     C1,
     C2,
@@ -167,9 +167,9 @@ def sink_env(
     return env
 
 
-async def run_worker(env: Mapping[str, str]) -> Worker:
+async def run_worker(env: Mapping[str, str]) -> SinkApp:
     """Run one worker in this process until it has applied everything produced so far."""
-    worker = Worker(load_config(env), stop_when_caught_up=True)
+    worker = SinkApp(load_config(env), stop_when_caught_up=True)
     async with asyncio.timeout(300):
         await worker.run()
     return worker

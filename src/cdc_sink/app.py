@@ -1,0 +1,228 @@
+"""The composition root of `python -m cdc_sink run`: opens every resource the worker needs,
+hosts the HTTP server and the reconciliation loop, and closes them all in reverse order.
+
+Vault login → PostgreSQL pools → schema check → registry and Cassandra → HTTP server →
+housekeeping → DLQ producer → reconciliation → the consumer loop (runner.Worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+from collections.abc import Awaitable
+from typing import Any
+
+import asyncpg
+from aiokafka.errors import KafkaError
+
+from cdc_recon.api import add_reconciliation_routes
+from cdc_recon.service import ReconciliationRuntime
+from cdc_sink import cassandra
+from cdc_sink.config import Config
+from cdc_sink.ddl import CassandraSystemSchema, Catalog
+from cdc_sink.decode import ConfluentRegistry, Decoder
+from cdc_sink.dlq import DlqProducer
+from cdc_sink.errors import DecodeError, FatalError
+from cdc_sink.housekeeping import housekeeping
+from cdc_sink.http import HttpServer, add_standard_routes
+from cdc_sink.kafka_security import client_security, unreachable
+from cdc_sink.logs import get_logger
+from cdc_sink.metrics import Metrics, push_fatal_exit
+from cdc_sink.migrate import migrate, pending
+from cdc_sink.pools import BoundedPool, open_pool
+from cdc_sink.replay import add_dlq_routes
+from cdc_sink.runner import Worker, stop_client
+from cdc_sink.secrets import Lease, secrets_for
+
+log = get_logger("cdc_sink.runner")
+
+FATAL_PUSH_TIMEOUT_S = 5.0  # the exit waits this long at most for the Pushgateway
+
+
+class SinkApp:
+    """One sink process: the worker with everything it runs on, until stopped or caught up."""
+
+    def __init__(
+        self, config: Config, *, stop_when_caught_up: bool = False, metrics: Metrics | None = None
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.worker = Worker(config, stop_when_caught_up=stop_when_caught_up, metrics=self.metrics)
+        self.http: HttpServer | None = None
+        self.registry: ConfluentRegistry | None = None
+        self.decoder: Decoder | None = None
+
+    @property
+    def applied_events(self) -> int:
+        """Events committed or dead-lettered so far."""
+        return self.worker.applied_events
+
+    def stop(self) -> None:
+        """Stop the worker (see Worker.stop); `run` then closes everything and returns."""
+        self.worker.stop()
+
+    async def run(self) -> int:
+        """Consume and apply until stopped (or caught up); return the process exit code.
+
+        A failure that ends the run (FatalError, or anything unforeseen) is counted in
+        cdc_errors_total{kind="fatal"} and, with CDC_PUSHGATEWAY__URL, pushed as the time of
+        this exit before it is raised: the process leaves next, before any scrape."""
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                await self._open(stack)
+                await self.worker.consume()
+            return 0
+        except Exception as exc:
+            await self._report_fatal(exc)
+            raise
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        """Open every resource, each one's closing pushed on `stack` as soon as it is open
+        (the stack closes them in reverse: reconciliation, the DLQ producer, housekeeping,
+        HTTP, registry, Cassandra, the Vault lease's renewal, the writer, pools, the login)."""
+        config, login = await stack.enter_async_context(secrets_for(self.config))
+        pg = config.postgres
+
+        async def pool(size: int, name: str) -> asyncpg.Pool:
+            try:
+                opened = await open_pool(pg, login, size=size, application_name=name)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise FatalError(
+                    f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}", stage="postgres"
+                ) from exc
+            stack.push_async_callback(opened.close)
+            return opened
+
+        # The writer's connection, the worker's pool and the API's, each its own: a burst of
+        # API requests or a long housekeeping round never holds up a batch (nor the reverse).
+        api_pool = BoundedPool(
+            await pool(pg.api_pool_size, "cdc-sink-api"), pg.api_acquire_timeout_s, "HTTP API"
+        )
+        worker_pool = await pool(pg.pool_size, "cdc-sink")
+        writer_pool = await pool(1, "cdc-sink")
+        stack.push_async_callback(self.worker.release_writer)
+        login.observe(self._lease_metrics)
+        _background(stack, login.keep_valid())
+        await self._check_migrations(worker_pool)
+
+        kept = config.schema_registry.max_unknown_ids
+        if config.schema_registry.url:
+            self.registry = ConfluentRegistry(
+                config.schema_registry.url,
+                timeout=config.schema_registry.timeout_s,
+                max_unknown_ids=kept,
+            )
+        self.decoder = Decoder(self.registry or _NoRegistry(), max_refused_ids=kept)
+        system_schema = None
+        if config.cassandra.contact_points:
+            system_schema = CassandraSystemSchema(
+                functools.partial(cassandra.connect, config.cassandra)
+            )
+            stack.push_async_callback(system_schema.close)
+        if self.registry is not None:
+            stack.push_async_callback(self.registry.close)
+        catalog = Catalog(worker_pool, pg.schema, config.sink.table_name_format, system_schema)
+        dlq = DlqProducer(
+            config.kafka.bootstrap_servers,
+            config.dlq.topic,
+            partitions=config.dlq.topic_partitions,
+            replication_factor=config.dlq.topic_replication_factor,
+            client_id=f"{config.kafka.client_id}-dlq",
+            security=client_security(config.kafka),
+        )
+        self.worker.use(
+            pool=worker_pool,
+            writer_pool=writer_pool,
+            login=login,
+            decoder=self.decoder,
+            catalog=catalog,
+            dlq=dlq,
+        )
+        await self.worker.open_writer()
+
+        recon = ReconciliationRuntime(
+            config, api_pool, self.metrics.registry, self.worker.worker_id, login
+        )
+        if config.http.enabled:
+            self.http = HttpServer()
+            add_standard_routes(self.http, self.metrics, self.worker.readiness)
+            add_dlq_routes(self.http, api_pool, lambda: dlq, self.worker.resume)
+            add_reconciliation_routes(self.http, recon)
+            await self.http.start(config.http.host, config.http.port)
+            stack.push_async_callback(self.http.stop)
+            log.info("http_listening", host=config.http.host, port=self.http.port)
+        _background(stack, housekeeping(worker_pool, catalog, config, self.metrics))
+        try:
+            await dlq.start()
+        except KafkaError as exc:
+            raise unreachable(config.kafka, "DLQ producer", exc) from exc
+        stack.push_async_callback(stop_client, "dlq_producer", dlq.stop)
+        recon.start()  # the reconciliation scheduler, if CDC_RECONCILIATION__ENABLED
+        stack.push_async_callback(recon.close)
+
+    async def _check_migrations(self, pool: asyncpg.Pool) -> None:
+        schema = self.config.postgres.schema
+        async with pool.acquire() as conn:
+            if self.config.sink.migrate_on_start:
+                applied = await migrate(conn, schema)
+                if applied:
+                    log.info("migrations_applied", versions=applied)
+                return
+            try:
+                todo = await pending(conn, schema)
+            except asyncpg.PostgresError as exc:
+                raise FatalError(
+                    f"cannot read the applied migrations in schema {schema!r} "
+                    f"({exc.sqlstate} {type(exc).__name__}: {exc})",
+                    stage="migrate",
+                ) from exc
+            if todo:
+                raise FatalError(
+                    f"migrations {', '.join(todo)} are not applied: run `python -m cdc_sink "
+                    "migrate` or set CDC_SINK__MIGRATE_ON_START=true",
+                    stage="migrate",
+                )
+
+    def _lease_metrics(self, lease: Lease) -> None:
+        self.metrics.postgres_login_expiry.set(lease.expires_at_unix())
+        self.metrics.postgres_login_lease.set(lease.duration_s)
+
+    async def _report_fatal(self, exc: Exception) -> None:
+        stage = getattr(exc, "stage", None) or "unexpected"
+        self.metrics.errors.labels(stage, "fatal").inc()
+        url = self.config.pushgateway.url
+        if not url:
+            return
+        push = functools.partial(
+            push_fatal_exit,
+            url,
+            stage,
+            instance=socket.gethostname(),
+            consumer_group=self.config.kafka.group_id,
+            timeout_s=FATAL_PUSH_TIMEOUT_S,
+        )
+        try:
+            await asyncio.wait_for(asyncio.to_thread(push), FATAL_PUSH_TIMEOUT_S + 1)
+        except Exception as failed:  # noqa: BLE001 - the exit goes on; its log line remains
+            log.warning("fatal_push_failed", url=url, error=f"{type(failed).__name__}: {failed}")
+
+
+def _background(stack: contextlib.AsyncExitStack, work: Awaitable[Any]) -> None:
+    """Run `work` until the stack closes, then cancel it."""
+    task = asyncio.ensure_future(work)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
+
+
+class _NoRegistry:
+    async def schema_by_id(self, schema_id: int) -> str:
+        raise DecodeError(
+            f"Avro record with schema id {schema_id} but no CDC_SCHEMA_REGISTRY__URL configured"
+        )
