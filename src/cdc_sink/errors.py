@@ -141,3 +141,20 @@ def classify(exc: BaseException) -> Kind:
     if isinstance(exc, KafkaError):
         return Kind.TRANSIENT if exc.retriable else Kind.FATAL
     return Kind.FATAL
+
+
+# A table or column the sink made and recorded in _cdc_schema_metadata was dropped by hand.
+_GONE = dict.fromkeys(
+    ("42P01", "42703"),
+    ". A table or column the sink made is gone: see the README, 'A target table was dropped'",
+)
+
+
+def refused(what: str, exc: asyncpg.PostgresError, stage: str) -> FatalError:
+    """PostgreSQL refused something no retry will change (a missing privilege, a dropped table):
+    stop, saying what and why."""
+    return FatalError(
+        f"PostgreSQL refused {what} ({exc.sqlstate} {type(exc).__name__}: {exc}); "
+        f"nothing was committed{_GONE.get(exc.sqlstate, '')}",
+        stage=stage,
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import functools
 import os
 import re
@@ -19,126 +18,43 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 from opentelemetry import trace
 
 from cdc_sink import compression
-from cdc_sink.compression import UninflatedBatch
 from cdc_sink.config import Config
+from cdc_sink.consumer.offsets import OffsetMirror
+from cdc_sink.consumer.ownership import Ownership
+from cdc_sink.consumer.prepare import Prepared, Preparer, dead_letter
 from cdc_sink.consumer.retry import RetryPolicy, Stopping
 from cdc_sink.ddl import Catalog
-from cdc_sink.decode import DecodedRecord, Decoder
+from cdc_sink.decode import Decoder
 from cdc_sink.dlq import DeadLetter, DlqLimiter, DlqProducer
 from cdc_sink.errors import (
-    ConversionError,
-    EventError,
     FatalError,
     FencedError,
     Kind,
-    PoisonError,
-    UnexpectedError,
     classify,
+    refused,
 )
 from cdc_sink.kafka_security import client_security, unreachable
 from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics
-from cdc_sink.model.events import Position, interpret, op_name
-from cdc_sink.nesting import MAX_NESTING, deeper_than
-from cdc_sink.plan import Mutation
 from cdc_sink.secrets import PostgresLogin
-from cdc_sink.tables import TableSchema, name_collisions
+from cdc_sink.tables import name_collisions
 from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, reserve_dlq_ids
 
 log = get_logger("cdc_sink.runner")
 tracer = trace.get_tracer("cdc_sink")  # a no-op until cdc_sink.tracing installs a provider
 
 BACKLOG_QUERY_TIMEOUT_S = 2.0
-KAFKA_COMMIT_GRACE_S = 2.0  # at shutdown, for the last offsets to reach Kafka
-# While a chunk is in flight, preparing the next one yields to the loop this often: each of
-# the transaction's round trips to PostgreSQL waits at most about this long to be read.
-PREPARE_YIELD_S = 0.0001
 # At shutdown, for a Kafka client to leave the group and close: with the broker away, aiokafka
 # may otherwise wait out a coordinator lookup or request timeout (tens of seconds).
 KAFKA_CLOSE_TIMEOUT_S = 5.0
-
-# A table or column the sink made and recorded in _cdc_schema_metadata was dropped by hand.
-_GONE = dict.fromkeys(
-    ("42P01", "42703"),
-    ". A table or column the sink made is gone: see the README, 'A target table was dropped'",
-)
-
-
-def _refused(what: str, exc: asyncpg.PostgresError, stage: str) -> FatalError:
-    """PostgreSQL refused something no retry will change (a missing privilege, a dropped table):
-    stop, saying what and why."""
-    return FatalError(
-        f"PostgreSQL refused {what} ({exc.sqlstate} {type(exc).__name__}: {exc}); "
-        f"nothing was committed{_GONE.get(exc.sqlstate, '')}",
-        stage=stage,
-    )
-
-
-@dataclass
-class Owned:
-    """A partition this worker holds: its fencing epoch and the next offset to apply."""
-
-    epoch: int
-    next_offset: int
-
-
-@dataclass
-class Prepared:
-    """A chunk of records turned into a Batch (without checkpoint moves yet)."""
-
-    records: list[Any]
-    batch: Batch = field(default_factory=Batch)
-    # (topic, table, op name) -> events, counted once committed
-    counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    stamps: dict[str, list[int]] = field(default_factory=dict)  # table -> Kafka timestamps
-    first: dict[TopicPartition, int] = field(default_factory=dict)
-    last: dict[TopicPartition, int] = field(default_factory=dict)
-    began_ns: int = 0  # when preparing its first record began (epoch ns, for its trace span)
-    ready_ns: int = 0  # when its last record was prepared
-
-    def extend(self, later: Prepared) -> None:
-        """Append a chunk prepared after this one (its records follow ours per partition)."""
-        self.records.extend(later.records)
-        tables = {schema.target: (schema, mutations) for schema, mutations in self.batch.tables}
-        for schema, mutations in later.batch.tables:
-            if schema.target in tables:  # the later chunk's schema is the newer one
-                tables[schema.target] = (schema, tables[schema.target][1] + mutations)
-            else:
-                tables[schema.target] = (schema, mutations)
-        self.batch.tables = list(tables.values())
-        self.batch.dead_letters.extend(later.batch.dead_letters)
-        for key, n in later.counts.items():
-            self.counts[key] = self.counts.get(key, 0) + n
-        for table, stamps in later.stamps.items():
-            self.stamps.setdefault(table, []).extend(stamps)
-        for tp, offset in later.first.items():
-            self.first.setdefault(tp, offset)
-        self.last.update(later.last)
-        self.ready_ns = later.ready_ns
-
-    def trace_attributes(self) -> dict[str, Any]:
-        """What a `cdc.batch` span records of this chunk."""
-        return {
-            "messaging.system": "kafka",
-            "cdc.records": len(self.records),
-            "cdc.rows": sum(self.counts.values()),
-            "cdc.dead_letters": len(self.batch.dead_letters),
-            "cdc.tables": [schema.target for schema, _ in self.batch.tables],
-            # topic[partition]:first..last, offsets inclusive
-            "cdc.offsets": [
-                f"{tp.topic}[{tp.partition}]:{first}..{self.last[tp]}"
-                for tp, first in self.first.items()
-            ],
-        }
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -162,18 +78,11 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.stop_when_caught_up = stop_when_caught_up
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.owned: dict[TopicPartition, Owned] = {}
-        # Assigned to us, but claiming them failed (PostgreSQL or Kafka unreachable during the
-        # rebalance): none of their records is applied until a retry of the claim succeeds.
-        self._unclaimed: set[TopicPartition] = set()
-        self._claim_failures = 0
-        self._claim_retry_at = 0.0  # monotonic
         self.paused: set[TopicPartition] = set()  # over the DLQ limit, until resumed
         self.limiter = DlqLimiter(config.dlq.max_share, config.dlq.window_records)
         # Produced, not yet committed, by (topic, partition, offset).
         self._dlq_sent: dict[tuple[str, int, int], DeadLetter] = {}
-        self._to_commit: dict[TopicPartition, int] = {}  # offsets Kafka has not been told yet
-        self._committer: asyncio.Task[None] | None = None
+        self.offsets: OffsetMirror | None = None
         self.stopping = asyncio.Event()
         self._batch_lock = asyncio.Lock()
         # The pipeline: one chunk applying (`_in_flight`) while the next is fetched and
@@ -189,7 +98,8 @@ class Worker:
         self.retrying = functools.partial(
             self.retry.run, stopping=self.stopping, metrics=self.metrics
         )
-        self._end_at_start: dict[TopicPartition, int] = {}
+        self.ownership = Ownership(config, self.metrics, self.retry, self.worker_id)
+        self.owned = self.ownership.owned  # the partitions held
         self.applied_events = 0
         self._backlog_at = 0.0  # when cdc_backlog_depth was last refreshed (monotonic)
         self.pool: asyncpg.Pool | None = None  # claims, catalog, housekeeping, readiness
@@ -218,6 +128,7 @@ class Worker:
         decoder, the catalog and the DLQ producer."""
         self.pool, self.writer_pool, self.login = pool, writer_pool, login
         self.decoder, self.catalog, self.dlq = decoder, catalog, dlq
+        self.preparer = Preparer(decoder, catalog, self.metrics, self.retry, self.stopping)
 
     async def release_writer(self) -> None:
         """Hand the writer's connection back to its pool (at the end of the run)."""
@@ -288,97 +199,19 @@ class Worker:
     # assignment -----------------------------------------------------------------------------
 
     async def claim(self, assigned: Sequence[TopicPartition]) -> None:
-        """Take over partitions: bump their fencing epoch and seek to the stored offsets.
-        Never raises (aiokafka would swallow it): partitions whose claim failed are claimed
-        again by the loop (`_claim_unclaimed`)."""
-        if not assigned:
-            return
-        try:
-            await self._claim(assigned)
-        except Exception as exc:  # noqa: BLE001 - the loop retries, or stops on a fatal one
-            self._unclaimed.update(assigned)
-            self.metrics.errors.labels("claim", "transient").inc()
-            log.warning(
-                "claim_failed",
-                partitions=[f"{t.topic}[{t.partition}]" for t in assigned],
-                error=f"{type(exc).__name__}: {exc}",
-            )
-
-    async def _claim_unclaimed(self) -> None:
-        """Claim again the partitions still assigned whose claim failed, with the retry
-        policy's backoff; after the last attempt (or on a non-transient error) stop with
-        FatalError, nothing committed."""
+        """Take over partitions (Ownership.claim); read them from their checkpoints."""
         assert self.consumer is not None
-        assignment = self.consumer.assignment()
-        self._unclaimed = {tp for tp in self._unclaimed if tp in assignment}
-        self._unclaimed -= self.owned.keys()
-        if not self._unclaimed or time.monotonic() < self._claim_retry_at:
-            return
-        todo = sorted(self._unclaimed)
-        try:
-            await self._claim(todo)
-        except Exception as exc:
-            self._claim_failures += 1
-            if classify(exc) is not Kind.TRANSIENT or self.retry.gives_up(self._claim_failures):
-                raise FatalError(
-                    f"cannot claim partitions ({type(exc).__name__}: {exc}); nothing committed",
-                    stage="claim",
-                ) from exc
-            delay = self.retry.delay(self._claim_failures - 1)
-            self._claim_retry_at = time.monotonic() + delay
-            self.metrics.retries.labels("claim").inc()
-            log.warning(
-                "claim_retry",
-                attempt=self._claim_failures,
-                delay_s=round(delay, 3),
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            return
-        self._unclaimed.clear()
-        self._claim_failures = 0
-
-    async def _claim(self, assigned: Sequence[TopicPartition]) -> None:
         assert self.pool is not None
-        assert self.consumer is not None
-        starts = await self.consumer.beginning_offsets(list(assigned))
-        ends = await self.consumer.end_offsets(list(assigned))
-        if self.config.kafka.auto_offset_reset == "latest":
-            starts = ends
-        for tp in assigned:  # "caught up" means: up to the end seen when we first got it
-            self._end_at_start.setdefault(tp, ends[tp])
-        claimed: dict[TopicPartition, Owned] = {}
-        async with self.pool.acquire() as conn:
-            for tp in assigned:
-                row = await conn.fetchrow(
-                    "INSERT INTO _cdc_checkpoints (consumer_group, topic, kafka_partition, "
-                    "next_offset, epoch, owner) VALUES ($1, $2, $3, $4, 1, $5) "
-                    "ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE SET "
-                    "epoch = _cdc_checkpoints.epoch + 1, owner = EXCLUDED.owner, "
-                    "updated_at = now() RETURNING next_offset, epoch",
-                    self.group,
-                    tp.topic,
-                    tp.partition,
-                    starts[tp],
-                    self.worker_id,
-                )
-                claimed[tp] = Owned(row["epoch"], row["next_offset"])
-                self.consumer.seek(tp, row["next_offset"])
-        self.owned.update(claimed)
-        self._rewind = True
-        self.metrics.assigned_partitions.set(len(self.owned))
-        log.info("partitions_assigned", partitions=[f"{t.topic}[{t.partition}]" for t in assigned])
+        if await self.ownership.claim(self.consumer, self.pool, assigned):
+            self._rewind = True
 
     async def release(self, revoked: Sequence[TopicPartition]) -> None:
         """Let go of partitions once the batch in flight (if any) is finished."""
         async with self._batch_lock:
+            self.ownership.release(revoked)
             for tp in revoked:
-                self.owned.pop(tp, None)
                 if tp in self.paused:
                     self._unpause(tp)  # whoever gets it next starts afresh
-                # The new owner reports the partition now; stale values here would raise alerts.
-                self.metrics.backlog_depth.remove(tp.topic, str(tp.partition))
-                self.metrics.last_commit_timestamp.remove(tp.topic, str(tp.partition))
-            self._unclaimed.difference_update(revoked)
             gone = {(tp.topic, tp.partition) for tp in revoked}  # a letter holds its record
             self._dlq_sent = {k: v for k, v in self._dlq_sent.items() if k[:2] not in gone}
             self._rewind = True
@@ -412,6 +245,7 @@ class Worker:
         except KafkaError as exc:
             await stop_client("consumer", self.consumer.stop)
             raise unreachable(cfg, "consumer", exc) from exc
+        self.offsets = OffsetMirror(self.consumer, self.owned.keys)
         try:
             await self._warn_of_name_collisions()
             self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))
@@ -420,7 +254,7 @@ class Worker:
             log.info("batch_abandoned", reason=str(exc))
         finally:
             await self._drain_pipeline()
-            await self._finish_commits()
+            await self.offsets.finish()
             await stop_client("consumer", self.consumer.stop)
 
     async def _warn_of_name_collisions(self) -> None:
@@ -471,8 +305,10 @@ class Worker:
                 )
             if self._in_flight is None:
                 await self._follow_login()
-            if self._unclaimed:
-                await self._claim_unclaimed()
+            if self.ownership.unclaimed and await self.ownership.claim_unclaimed(
+                self.consumer, self.pool
+            ):
+                self._rewind = True
             if self._rewind:
                 await self._rewind_to_checkpoints()
             if self._fetching is None:
@@ -495,7 +331,7 @@ class Worker:
                 self._submit(self._next)
                 self._next = None
             await self._report_backlog()
-            if self.stop_when_caught_up and self._in_flight is None and self._caught_up():
+            if self.stop_when_caught_up and self._in_flight is None and self.ownership.caught_up():
                 log.info("caught_up", events=self.applied_events)
                 return
 
@@ -518,7 +354,7 @@ class Worker:
         while records and not self.stopping.is_set() and not self._rewind:
             room = size - (len(self._next.records) if self._next is not None else 0)
             chunk, records = records[:room], records[room:]
-            prepared = await self._prepare(chunk)
+            prepared = await self.preparer.prepare(chunk, self._applying)
             if self._next is None:
                 self._next = prepared
             else:
@@ -529,6 +365,9 @@ class Worker:
                     return
                 self._submit(self._next)
                 self._next = None
+
+    def _applying(self) -> bool:
+        return self._in_flight is not None
 
     def _must_rewind(self) -> bool:
         return self._rewind  # a method, so type checkers do not assume it unchanged by awaits
@@ -586,13 +425,6 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the first failure is already on its way up
             log.error("batch_failed_during_shutdown", error=f"{type(exc).__name__}: {exc}")
 
-    def _caught_up(self) -> bool:
-        return (
-            bool(self.owned)
-            and not self._unclaimed
-            and all(owned.next_offset >= self._end_at_start[tp] for tp, owned in self.owned.items())
-        )
-
     async def _report_backlog(self) -> None:
         """Refresh cdc_backlog_depth from the end offsets, at most once a second."""
         assert self.consumer is not None
@@ -611,38 +443,34 @@ class Worker:
             lag = max(0, ends.get(tp, owned.next_offset) - owned.next_offset)
             self.metrics.backlog_depth.labels(tp.topic, str(tp.partition)).set(lag)
 
-    def _active(self, records: list[Any]) -> list[Any]:
-        """The records of partitions not paused by the DLQ limit."""
-        if not self.paused:
-            return records
-        return [r for r in records if TopicPartition(r.topic, r.partition) not in self.paused]
+    def _active(self, record: Any) -> bool:
+        """Whether the record's partition is not paused by the DLQ limit."""
+        return TopicPartition(record.topic, record.partition) not in self.paused
 
     async def _apply_prepared(self, prepared: Prepared) -> None:
         """Apply a prepared chunk if each partition's records still start at its checkpoint;
-        otherwise (a rebalance, fencing or a pause moved things meanwhile) prepare what is left
-        again."""
+        otherwise (a rebalance, fencing or a pause moved things meanwhile) apply what is left."""
         if all(
             tp in self.owned and tp not in self.paused and self.owned[tp].next_offset == first
             for tp, first in prepared.first.items()
         ):
             await self._apply(prepared)
             return
-        current = [
-            r
-            for r in self._active(prepared.records)
-            if (owned := self.owned.get(TopicPartition(r.topic, r.partition)))
-            and r.offset >= owned.next_offset
-        ]
-        if current:
-            await self._apply_records(current)
 
-    async def _apply_records(self, records: list[Any]) -> None:
-        """Prepare and apply records (each partition's contiguous, in offset order)."""
+        def current(r: Any) -> bool:
+            owned = self.owned.get(TopicPartition(r.topic, r.partition))
+            return owned is not None and r.offset >= owned.next_offset and self._active(r)
+
+        await self._apply_part(prepared.part(current))
+
+    async def _apply_part(self, prepared: Prepared) -> None:
+        """Apply part of a chunk (each partition's records contiguous, in offset order)."""
         # A partition paused meanwhile (by an earlier half of a bisect) must not be applied
         # past its unapplied records.
-        active = self._active(records)
-        if active:
-            await self._apply(await self._prepare(active))
+        if self.paused:
+            prepared = prepared.part(self._active)
+        if prepared.records:
+            await self._apply(prepared)
 
     async def _apply(self, prepared: Prepared) -> None:
         """Apply a chunk, traced as one `cdc.batch` span from its preparing to its commit."""
@@ -660,12 +488,12 @@ class Worker:
         Returns what became of the chunk (for its trace span)."""
         if over := self._over_dlq_limit(prepared):
             # Apply what precedes each such partition's first dead letter, then pause it.
-            await self._apply_records(
-                [
-                    r
-                    for r in prepared.records
-                    if r.offset < over.get(TopicPartition(r.topic, r.partition), r.offset + 1)
-                ]
+            await self._apply_part(
+                prepared.part(
+                    lambda r: (
+                        r.offset < over.get(TopicPartition(r.topic, r.partition), r.offset + 1)
+                    )
+                )
             )
             for tp in over:
                 self._pause(tp)
@@ -693,16 +521,17 @@ class Worker:
         except Exception as exc:  # transient ones were retried: what is left is data or fatal
             if classify(exc) is not Kind.POISON:
                 if isinstance(exc, asyncpg.PostgresError):
-                    raise _refused("the batch", exc, "write") from exc
+                    raise refused("the batch", exc, "write") from exc
                 raise
             if len(records) > 1:
-                middle = len(records) // 2
-                await self._apply_records(records[:middle])
-                await self._apply_records(records[middle:])
+                first, second = prepared.halves()
+                await self._apply_part(first)
+                await self._apply_part(second)
                 return "split"
             return await self._apply_dead_letter(records[0], exc)
         self._acknowledge(batch, result, prepared.counts, prepared.stamps)
-        await self._commit_kafka(batch)
+        assert self.offsets is not None
+        self.offsets.mirror(batch.checkpoints)
         return "committed"
 
     def _over_dlq_limit(self, prepared: Prepared) -> dict[TopicPartition, int]:
@@ -776,74 +605,6 @@ class Worker:
         if assignment:
             await self.claim(assignment)
 
-    async def _prepare(self, records: list[Any]) -> Prepared:
-        """Decode, interpret and convert records (DDL as needed); poison becomes dead letters.
-        Checkpoint moves are added when the chunk is applied."""
-        per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
-        prepared = Prepared(records, began_ns=time.time_ns())
-        # Schemas new to this worker are asked for together: an id the registry does not know
-        # yet then holds the chunk once, not once for each record that carries one.
-        await self.decoder.prefetch(part for r in records for part in (r.key, r.value))
-        next_yield = time.perf_counter() + PREPARE_YIELD_S
-        for record in records:
-            if self._in_flight is not None and time.perf_counter() >= next_yield:
-                await asyncio.sleep(0)  # let the chunk in flight go on with PostgreSQL's answers
-                next_yield = time.perf_counter() + PREPARE_YIELD_S
-            tp = TopicPartition(record.topic, record.partition)
-            prepared.first.setdefault(tp, record.offset)
-            prepared.last[tp] = record.offset
-            try:
-                try:
-                    mutation = await self._to_mutation(record)
-                except PoisonError:
-                    raise
-                except Exception as exc:
-                    if classify(exc) is not Kind.TRANSIENT:
-                        raise
-                    # The registry or the catalog is unreachable: wait for it, never DLQ.
-                    step = functools.partial(self._to_mutation, record)
-                    mutation = await self.retrying("decode", step)
-            except PoisonError as exc:
-                prepared.batch.dead_letters.append(_dead_letter(record, exc, exc.stage))
-                self.metrics.errors.labels(exc.stage, "poison").inc()
-                continue
-            except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
-                raise _refused("reading or recording a table's schema", exc, "catalog") from exc
-            if mutation is None:
-                continue
-            converted, schema = mutation
-            prepared.stamps.setdefault(schema.target, []).append(record.timestamp)
-            entry = per_table.setdefault(schema.target, (schema, []))
-            if entry[0].version != schema.version:  # the table grew a column mid-batch
-                entry = per_table[schema.target] = (schema, entry[1])
-            entry[1].append(converted)
-            key = (record.topic, schema.target, op_name(converted.event))
-            prepared.counts[key] = prepared.counts.get(key, 0) + 1
-        prepared.batch.tables = list(per_table.values())
-        prepared.ready_ns = time.time_ns()
-        return prepared
-
-    async def _to_mutation(self, record: Any) -> tuple[Mutation, TableSchema] | None:
-        if isinstance(record.value, UninflatedBatch):
-            raise record.value.error()
-        decoded = await self.decoder.decode(record.key, record.value)
-        if decoded.value is None:
-            return None  # a Kafka tombstone following a delete: nothing to apply
-        position = Position(record.topic, record.partition, record.offset)
-        try:
-            event = interpret(decoded.key, decoded.value, position)
-        except (PoisonError, MemoryError):
-            raise
-        except Exception as exc:
-            raise _unforeseen(record, decoded, exc, "interpret") from exc
-        schema = await self.catalog.resolve(event, decoded.key_schema, decoded.column_schemas)
-        try:
-            return schema.to_mutation(event), schema
-        except (PoisonError, MemoryError):
-            raise
-        except Exception as exc:
-            raise _unforeseen(record, decoded, exc, "convert") from exc
-
     async def _apply_with_retry(self, batch: Batch) -> BatchResult:
         async def attempt() -> BatchResult:
             with tracer.start_as_current_span("cdc.transaction") as span:
@@ -878,7 +639,7 @@ class Worker:
                     "dlq", functools.partial(reserve_dlq_ids, pool, len(todo))
                 )
             except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
-                raise _refused("reserving dead-letter ids", exc, "dlq") from exc
+                raise refused("reserving dead-letter ids", exc, "dlq") from exc
             todo = [dataclasses.replace(d, dlq_id=i) for d, i in zip(todo, ids, strict=True)]
             with tracer.start_as_current_span(
                 "cdc.dlq.produce", attributes={"cdc.letters": len(todo)}
@@ -897,7 +658,7 @@ class Worker:
             self._pause(tp)
             return "paused"
         owned = self.owned[tp]
-        letter = _dead_letter(record, exc, "write")
+        letter = dead_letter(record, exc, "write")
         batch = Batch(
             dead_letters=[letter],
             checkpoints=[
@@ -965,37 +726,6 @@ class Worker:
                 duration_ms=round(result.duration_s * 1000, 1),
             )
 
-    async def _commit_kafka(self, batch: Batch) -> None:
-        """Hand the batch's offsets to the background committer and return at once.
-
-        PostgreSQL holds the truth; Kafka's copy only feeds lag tooling. aiokafka's commit
-        waits for a group coordinator without a bound, so with the broker away an awaited
-        commit would hold up every write (and a shutdown) until it is back."""
-        for move in batch.checkpoints:
-            self._to_commit[TopicPartition(move.topic, move.partition)] = move.next_offset
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_pending())
-
-    async def _commit_pending(self) -> None:
-        """Commit the newest offsets of the partitions still ours, one commit at a time."""
-        assert self.consumer is not None
-        while self._to_commit:
-            offsets = {tp: o for tp, o in self._to_commit.items() if tp in self.owned}
-            self._to_commit = {}
-            if not offsets:
-                continue
-            try:
-                await self.consumer.commit(offsets)
-            except (CommitFailedError, KafkaError) as exc:
-                log.warning("kafka_commit_failed", error=str(exc))
-
-    async def _finish_commits(self) -> None:
-        """At shutdown: let the committer finish briefly, then drop what it still holds."""
-        if self._committer is None or self._committer.done():
-            return
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(self._committer, KAFKA_COMMIT_GRACE_S)
-
 
 async def stop_client(name: str, stop: Callable[[], Awaitable[None]]) -> None:
     """Close a Kafka client, giving up after KAFKA_CLOSE_TIMEOUT_S (nothing is lost: the
@@ -1012,60 +742,9 @@ async def stop_client(name: str, stop: Callable[[], Awaitable[None]]) -> None:
     log.warning("kafka_close_timeout", client=name, timeout_s=KAFKA_CLOSE_TIMEOUT_S)
 
 
-_STAGE_POISON = {"interpret": EventError, "convert": ConversionError}
-
-
-def _unforeseen(record: Any, decoded: DecodedRecord, exc: Exception, stage: str) -> PoisonError:
-    """What a pure stage's unforeseen failure on a record is: the record's own fault when the
-    stage ran out of stack on values nesting deeper than MAX_NESTING (JSON parses up to about
-    the stack's depth, and printing or walking such values recurses), a defect otherwise."""
-    if isinstance(exc, RecursionError) and (deeper_than(decoded.key) or deeper_than(decoded.value)):
-        return _STAGE_POISON[stage](f"the record nests deeper than {MAX_NESTING} levels")
-    return _defect(record, exc, stage)
-
-
-def _defect(record: Any, exc: Exception, stage: str) -> UnexpectedError:
-    """A pure stage failed in a way it does not foresee: a defect, logged with its traceback.
-    Only this record is dead-lettered (replay it once fixed); the DLQ limit pauses the
-    partition if every record fails so."""
-    log.error(
-        "unexpected_record_error",
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        stage=stage,
-        exc_info=exc,
-    )
-    return UnexpectedError(f"{type(exc).__name__}: {exc}", stage=stage)
-
-
-def _dead_letter(record: Any, exc: BaseException, stage: str) -> DeadLetter:
-    unread = record.value if isinstance(record.value, UninflatedBatch) else None
-    return DeadLetter(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        timestamp_ms=record.timestamp,
-        key=record.key,
-        # None of its bytes were read (and Kafka takes no record without a key or a value).
-        value=b"" if unread is not None else record.value,
-        headers=tuple((k, None if v is None else bytes(v)) for k, v in (record.headers or ())),
-        error_class=type(exc).__name__,
-        message=str(exc)[:2000],
-        stage=stage,
-        schema_id=None if unread is not None else _schema_id(record.value),
-        failed_at=dt.datetime.now(dt.UTC),
-        first_offset=None if unread is None else unread.first_offset,
-    )
-
-
 def _position(letter: DeadLetter) -> tuple[str, int, int]:
     return letter.topic, letter.partition, letter.offset
 
 
-def _schema_id(value: bytes | None) -> int | None:
-    """The Confluent header's schema id, read as the decoder reads it: a signed 32-bit int, as
-    `_cdc_dlq_records.schema_id` stores it."""
-    if value and len(value) >= 5 and value[0] == 0:
-        return int.from_bytes(value[1:5], "big", signed=True)
-    return None
+def _partition(record: Any) -> TopicPartition:
+    return TopicPartition(record.topic, record.partition)

@@ -7,9 +7,9 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from cdc_sink.consumer.prepare import Prepared
 from cdc_sink.dlq import DeadLetter
 from cdc_sink.model.cql import parse_cql_type
-from cdc_sink.runner import Prepared
 from cdc_sink.tables import TableSchema
 
 

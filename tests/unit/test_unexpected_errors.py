@@ -5,27 +5,31 @@ Without this, one such record would stop the worker, and stop it again after eve
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from cdc_sink import runner
 from cdc_sink.config import load_config
-from cdc_sink.ddl import Catalog
+from cdc_sink.consumer import prepare
+from cdc_sink.consumer.prepare import Prepared, Preparer
+from cdc_sink.consumer.retry import RetryPolicy
 from cdc_sink.decode import Decoder
+from cdc_sink.metrics import Metrics
 from cdc_sink.model.events import ChangeEvent, Position
 from cdc_sink.nesting import MAX_NESTING
 from cdc_sink.plan import Mutation
-from cdc_sink.runner import Worker
 from cdc_sink.tables import TableSchema
 from cdc_synth import synth
 
 TOPIC = "cdc-events-users"
 USERS = synth.target_schema("users")
+TP = TopicPartition(TOPIC, 0)
 
 
 class NoRegistry:
@@ -43,16 +47,22 @@ def records(count: int) -> list[Any]:
     ]
 
 
-def worker() -> Worker:
-    worker = Worker(load_config({}))
-    worker.decoder = Decoder(NoRegistry())
-    worker.catalog = Catalog(None, "public", "cdc_{table}")  # type: ignore[arg-type]
-    worker.catalog._tables[USERS.target] = USERS  # warm: no PostgreSQL needed
-    return worker
+class WarmCatalog:
+    """Knows the users table already: no PostgreSQL needed."""
+
+    async def resolve(self, event: ChangeEvent, key_schemas: Any, column_schemas: Any) -> Any:
+        return USERS
+
+
+async def prepare_alone(records: list[Any]) -> Prepared:
+    """The worker's preparing stage on its own."""
+    retry = RetryPolicy.of(load_config({}).sink)
+    preparer = Preparer(Decoder(NoRegistry()), WarmCatalog(), Metrics(), retry, asyncio.Event())
+    return await preparer.prepare(records, busy=lambda: False)
 
 
 def interpret_failing_at(offset: int, error: BaseException) -> Any:
-    real = runner.interpret
+    real = prepare.interpret
 
     def interpret(key: Any, value: Any, position: Position) -> ChangeEvent:
         if position.offset == offset:
@@ -65,9 +75,9 @@ def interpret_failing_at(offset: int, error: BaseException) -> Any:
 async def test_an_unexpected_failure_in_interpret_dead_letters_only_that_record(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(runner, "interpret", interpret_failing_at(1, KeyError("boom")))
+    monkeypatch.setattr(prepare, "interpret", interpret_failing_at(1, KeyError("boom")))
     sent = records(3)
-    prepared = await worker()._prepare(sent)
+    prepared = await prepare_alone(sent)
 
     [(_, mutations)] = prepared.batch.tables
     assert [m.event.position.offset for m in mutations] == [0, 2]
@@ -87,7 +97,7 @@ async def test_an_unexpected_failure_in_conversion_dead_letters_only_that_record
 
     real = TableSchema.to_mutation
     monkeypatch.setattr(TableSchema, "to_mutation", convert)
-    prepared = await worker()._prepare(records(2))
+    prepared = await prepare_alone(records(2))
 
     [letter] = prepared.batch.dead_letters
     assert (letter.offset, letter.error_class, letter.stage) == (0, "UnexpectedError", "convert")
@@ -98,9 +108,9 @@ async def test_an_unexpected_failure_in_conversion_dead_letters_only_that_record
 async def test_running_out_of_memory_is_not_blamed_on_the_record(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(runner, "interpret", interpret_failing_at(0, MemoryError()))
+    monkeypatch.setattr(prepare, "interpret", interpret_failing_at(0, MemoryError()))
     with pytest.raises(MemoryError):
-        await worker()._prepare(records(1))
+        await prepare_alone(records(1))
 
 
 def nested_deeper_than_the_limit(record: Any) -> Any:
@@ -127,14 +137,40 @@ async def test_running_out_of_stack_on_a_deeply_nested_record_is_that_records_fa
         raise RecursionError("maximum recursion depth exceeded")
 
     if stage == "interpret":
-        monkeypatch.setattr(runner, "interpret", out_of_stack)
+        monkeypatch.setattr(prepare, "interpret", out_of_stack)
     else:
         monkeypatch.setattr(TableSchema, "to_mutation", out_of_stack)
     sent = records(2)
     sent[0] = nested_deeper_than_the_limit(sent[0])
-    prepared = await worker()._prepare(sent)
+    prepared = await prepare_alone(sent)
 
     deep, shallow = prepared.batch.dead_letters
     assert (deep.offset, deep.error_class, deep.stage) == (0, poison, stage)
     assert deep.message == f"the record nests deeper than {MAX_NESTING} levels"
     assert (shallow.offset, shallow.error_class, shallow.stage) == (1, "UnexpectedError", stage)
+
+
+async def test_the_parts_of_a_chunk_are_not_decoded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bisecting a prepared chunk, or keeping part of it after a rebalance, regroups what was
+    prepared: no record is decoded twice, and each part holds its records' mutations and
+    dead letters in order."""
+    monkeypatch.setattr(prepare, "interpret", interpret_failing_at(1, KeyError("boom")))
+    decoded: list[bytes] = []
+    real = Decoder.decode
+
+    async def counting(self: Decoder, key: Any, value: Any) -> Any:
+        decoded.append(value)
+        return await real(self, key, value)
+
+    monkeypatch.setattr(Decoder, "decode", counting)
+    chunk = await prepare_alone(records(4))
+    first, second = chunk.halves()
+    kept = chunk.part(lambda r: r.offset != 2)
+
+    assert len(decoded) == 4
+    assert [[m.event.position.offset for m in ms] for _, ms in first.batch.tables] == [[0]]
+    assert [d.offset for d in first.batch.dead_letters] == [1]
+    assert [m.event.position.offset for m in second.batch.tables[0][1]] == [2, 3]
+    assert (second.first, second.last) == ({TP: 2}, {TP: 3})
+    assert [m.event.position.offset for m in kept.batch.tables[0][1]] == [0, 3]
+    assert sum(kept.counts.values()) == 2

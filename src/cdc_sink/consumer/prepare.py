@@ -1,0 +1,283 @@
+"""The record preparer: Kafka records → decode → interpret → resolve the table → convert, into
+a Prepared chunk the applier writes. Each record is decoded once: the parts a chunk is split
+into (bisection, a partition moved by a rebalance) are regrouped from what was prepared."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import asyncpg
+from aiokafka import TopicPartition
+
+from cdc_sink.compression import UninflatedBatch
+from cdc_sink.consumer.retry import RetryPolicy
+from cdc_sink.decode import DecodedRecord, Decoder
+from cdc_sink.dlq import DeadLetter
+from cdc_sink.errors import (
+    ConversionError,
+    EventError,
+    Kind,
+    PoisonError,
+    UnexpectedError,
+    classify,
+    refused,
+)
+from cdc_sink.logs import get_logger
+from cdc_sink.metrics import Metrics
+from cdc_sink.model.events import ChangeEvent, Position, interpret, op_name
+from cdc_sink.nesting import MAX_NESTING, deeper_than
+from cdc_sink.plan import Mutation
+from cdc_sink.tables import TableSchema
+from cdc_sink.write import Batch
+
+log = get_logger("cdc_sink.runner")
+
+# While a chunk is in flight, preparing the next one yields to the loop this often: each of
+# the transaction's round trips to PostgreSQL waits at most about this long to be read.
+PREPARE_YIELD_S = 0.0001
+
+# What became of one record: its mutation and table, its dead letter, or None (a tombstone).
+Outcome = tuple[Mutation, TableSchema] | DeadLetter | None
+
+
+class Tables(Protocol):
+    """Where a change event's target table is found (ddl.Catalog)."""
+
+    async def resolve(
+        self, event: ChangeEvent, key_schemas: Any, column_schemas: Any
+    ) -> TableSchema: ...
+
+
+@dataclass
+class Prepared:
+    """A chunk of records turned into a Batch (without checkpoint moves yet); `outcomes` holds
+    each record's outcome, in the order of `records`."""
+
+    records: list[Any]
+    outcomes: list[Outcome] = field(default_factory=list)
+    batch: Batch = field(default_factory=Batch)
+    # (topic, table, op name) -> events, counted once committed
+    counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    stamps: dict[str, list[int]] = field(default_factory=dict)  # table -> Kafka timestamps
+    first: dict[TopicPartition, int] = field(default_factory=dict)
+    last: dict[TopicPartition, int] = field(default_factory=dict)
+    began_ns: int = 0  # when preparing its first record began (epoch ns, for its trace span)
+    ready_ns: int = 0  # when its last record was prepared
+
+    @classmethod
+    def of(
+        cls, records: list[Any], outcomes: list[Outcome], began_ns: int, ready_ns: int
+    ) -> Prepared:
+        """Group the records' outcomes by table (in record order) into a batch."""
+        prepared = cls(records, outcomes, began_ns=began_ns, ready_ns=ready_ns)
+        per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
+        first, last, counts = prepared.first, prepared.last, prepared.counts
+        for record, outcome in zip(records, outcomes, strict=True):
+            tp = TopicPartition(record.topic, record.partition)
+            first.setdefault(tp, record.offset)
+            last[tp] = record.offset
+            if outcome is None:
+                continue
+            if isinstance(outcome, DeadLetter):
+                prepared.batch.dead_letters.append(outcome)
+                continue
+            converted, schema = outcome
+            prepared.stamps.setdefault(schema.target, []).append(record.timestamp)
+            entry = per_table.setdefault(schema.target, (schema, []))
+            if entry[0].version != schema.version:  # the table grew a column mid-batch
+                entry = per_table[schema.target] = (schema, entry[1])
+            entry[1].append(converted)
+            key = (record.topic, schema.target, op_name(converted.event))
+            counts[key] = counts.get(key, 0) + 1
+        prepared.batch.tables = list(per_table.values())
+        return prepared
+
+    def part(self, keep: Callable[[Any], bool]) -> Prepared:
+        """The records `keep` accepts, regrouped without preparing them again."""
+        kept = [(r, o) for r, o in zip(self.records, self.outcomes, strict=True) if keep(r)]
+        return Prepared.of([r for r, _ in kept], [o for _, o in kept], self.began_ns, self.ready_ns)
+
+    def halves(self) -> tuple[Prepared, Prepared]:
+        """The first and second half of the records (for bisection), each regrouped."""
+        middle = len(self.records) // 2
+        return (
+            Prepared.of(
+                self.records[:middle], self.outcomes[:middle], self.began_ns, self.ready_ns
+            ),
+            Prepared.of(
+                self.records[middle:], self.outcomes[middle:], self.began_ns, self.ready_ns
+            ),
+        )
+
+    def extend(self, later: Prepared) -> None:
+        """Append a chunk prepared after this one (its records follow ours per partition)."""
+        self.records.extend(later.records)
+        self.outcomes.extend(later.outcomes)
+        tables = {schema.target: (schema, mutations) for schema, mutations in self.batch.tables}
+        for schema, mutations in later.batch.tables:
+            if schema.target in tables:  # the later chunk's schema is the newer one
+                tables[schema.target] = (schema, tables[schema.target][1] + mutations)
+            else:
+                tables[schema.target] = (schema, mutations)
+        self.batch.tables = list(tables.values())
+        self.batch.dead_letters.extend(later.batch.dead_letters)
+        for key, n in later.counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+        for table, stamps in later.stamps.items():
+            self.stamps.setdefault(table, []).extend(stamps)
+        for tp, offset in later.first.items():
+            self.first.setdefault(tp, offset)
+        self.last.update(later.last)
+        self.ready_ns = later.ready_ns
+
+    def trace_attributes(self) -> dict[str, Any]:
+        """What a `cdc.batch` span records of this chunk."""
+        return {
+            "messaging.system": "kafka",
+            "cdc.records": len(self.records),
+            "cdc.rows": sum(self.counts.values()),
+            "cdc.dead_letters": len(self.batch.dead_letters),
+            "cdc.tables": [schema.target for schema, _ in self.batch.tables],
+            # topic[partition]:first..last, offsets inclusive
+            "cdc.offsets": [
+                f"{tp.topic}[{tp.partition}]:{first}..{self.last[tp]}"
+                for tp, first in self.first.items()
+            ],
+        }
+
+
+class Preparer:
+    """Prepares chunks of records; poison becomes dead letters (counted in cdc_errors_total),
+    an unreachable registry or catalog is waited for with `retry` (never dead-lettered)."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        catalog: Tables,
+        metrics: Metrics,
+        retry: RetryPolicy,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.decoder = decoder
+        self.catalog = catalog
+        self.metrics = metrics
+        self.retry = retry
+        self.stopping = stopping
+
+    async def prepare(self, records: list[Any], busy: Callable[[], bool]) -> Prepared:
+        """Decode, interpret and convert records (DDL as needed), yielding to the loop now and
+        then while `busy()` (a chunk in flight waits on PostgreSQL's answers). Raises what
+        no record is to blame for: FatalError, Stopping, MemoryError."""
+        began_ns = time.time_ns()
+        outcomes: list[Outcome] = []
+        # Schemas new to this worker are asked for together: an id the registry does not know
+        # yet then holds the chunk once, not once for each record that carries one.
+        await self.decoder.prefetch(part for r in records for part in (r.key, r.value))
+        next_yield = time.perf_counter() + PREPARE_YIELD_S
+        for record in records:
+            if busy() and time.perf_counter() >= next_yield:
+                await asyncio.sleep(0)  # let the chunk in flight go on with PostgreSQL's answers
+                next_yield = time.perf_counter() + PREPARE_YIELD_S
+            try:
+                try:
+                    outcome: Outcome = await self._to_mutation(record)
+                except PoisonError:
+                    raise
+                except Exception as exc:
+                    if classify(exc) is not Kind.TRANSIENT:
+                        raise
+                    # The registry or the catalog is unreachable: wait for it, never DLQ.
+                    step = functools.partial(self._to_mutation, record)
+                    outcome = await self.retry.run(
+                        "decode", step, stopping=self.stopping, metrics=self.metrics
+                    )
+            except PoisonError as exc:
+                outcome = dead_letter(record, exc, exc.stage)
+                self.metrics.errors.labels(exc.stage, "poison").inc()
+            except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
+                raise refused("reading or recording a table's schema", exc, "catalog") from exc
+            outcomes.append(outcome)
+        return Prepared.of(records, outcomes, began_ns, time.time_ns())
+
+    async def _to_mutation(self, record: Any) -> tuple[Mutation, TableSchema] | None:
+        if isinstance(record.value, UninflatedBatch):
+            raise record.value.error()
+        decoded = await self.decoder.decode(record.key, record.value)
+        if decoded.value is None:
+            return None  # a Kafka tombstone following a delete: nothing to apply
+        position = Position(record.topic, record.partition, record.offset)
+        try:
+            event = interpret(decoded.key, decoded.value, position)
+        except (PoisonError, MemoryError):
+            raise
+        except Exception as exc:
+            raise _unforeseen(record, decoded, exc, "interpret") from exc
+        schema = await self.catalog.resolve(event, decoded.key_schema, decoded.column_schemas)
+        try:
+            return schema.to_mutation(event), schema
+        except (PoisonError, MemoryError):
+            raise
+        except Exception as exc:
+            raise _unforeseen(record, decoded, exc, "convert") from exc
+
+
+_STAGE_POISON = {"interpret": EventError, "convert": ConversionError}
+
+
+def _unforeseen(record: Any, decoded: DecodedRecord, exc: Exception, stage: str) -> PoisonError:
+    """What a pure stage's unforeseen failure on a record is: the record's own fault when the
+    stage ran out of stack on values nesting deeper than MAX_NESTING (JSON parses up to about
+    the stack's depth, and printing or walking such values recurses), a defect otherwise."""
+    if isinstance(exc, RecursionError) and (deeper_than(decoded.key) or deeper_than(decoded.value)):
+        return _STAGE_POISON[stage](f"the record nests deeper than {MAX_NESTING} levels")
+    return _defect(record, exc, stage)
+
+
+def _defect(record: Any, exc: Exception, stage: str) -> UnexpectedError:
+    """A pure stage failed in a way it does not foresee: a defect, logged with its traceback.
+    Only this record is dead-lettered (replay it once fixed); the DLQ limit pauses the
+    partition if every record fails so."""
+    log.error(
+        "unexpected_record_error",
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        stage=stage,
+        exc_info=exc,
+    )
+    return UnexpectedError(f"{type(exc).__name__}: {exc}", stage=stage)
+
+
+def dead_letter(record: Any, exc: BaseException, stage: str) -> DeadLetter:
+    """The dead letter of a record: its bytes as read, where and why it failed."""
+    unread = record.value if isinstance(record.value, UninflatedBatch) else None
+    return DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp_ms=record.timestamp,
+        key=record.key,
+        # None of its bytes were read (and Kafka takes no record without a key or a value).
+        value=b"" if unread is not None else record.value,
+        headers=tuple((k, None if v is None else bytes(v)) for k, v in (record.headers or ())),
+        error_class=type(exc).__name__,
+        message=str(exc)[:2000],
+        stage=stage,
+        schema_id=None if unread is not None else _schema_id(record.value),
+        failed_at=dt.datetime.now(dt.UTC),
+        first_offset=None if unread is None else unread.first_offset,
+    )
+
+
+def _schema_id(value: bytes | None) -> int | None:
+    """The Confluent header's schema id, read as the decoder reads it: a signed 32-bit int, as
+    `_cdc_dlq_records.schema_id` stores it."""
+    if value and len(value) >= 5 and value[0] == 0:
+        return int.from_bytes(value[1:5], "big", signed=True)
+    return None
