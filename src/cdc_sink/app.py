@@ -140,7 +140,8 @@ class SinkApp:
             catalog=catalog,
             dlq=dlq,
         )
-        await self.worker.open_writer()
+        assert self.worker.applier is not None
+        await self.worker.applier.open_writer()
 
         recon = ReconciliationRuntime(
             config, api_pool, self.metrics.registry, self.worker.worker_id, login

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import os
 import re
@@ -27,26 +26,22 @@ from opentelemetry import trace
 
 from cdc_sink import compression
 from cdc_sink.config import Config
+from cdc_sink.consumer.apply import BatchApplier, PartitionPaused
 from cdc_sink.consumer.offsets import OffsetMirror
 from cdc_sink.consumer.ownership import Ownership
-from cdc_sink.consumer.prepare import Prepared, Preparer, dead_letter
+from cdc_sink.consumer.prepare import Prepared, Preparer
 from cdc_sink.consumer.retry import RetryPolicy, Stopping
 from cdc_sink.ddl import Catalog
 from cdc_sink.decode import Decoder
-from cdc_sink.dlq import DeadLetter, DlqLimiter, DlqProducer
+from cdc_sink.dlq import DlqLimiter, DlqProducer
 from cdc_sink.errors import (
     FatalError,
-    FencedError,
-    Kind,
-    classify,
-    refused,
 )
 from cdc_sink.kafka_security import client_security, unreachable
 from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics
 from cdc_sink.secrets import PostgresLogin
 from cdc_sink.tables import name_collisions
-from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, reserve_dlq_ids
 
 log = get_logger("cdc_sink.runner")
 tracer = trace.get_tracer("cdc_sink")  # a no-op until cdc_sink.tracing installs a provider
@@ -80,9 +75,8 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.paused: set[TopicPartition] = set()  # over the DLQ limit, until resumed
         self.limiter = DlqLimiter(config.dlq.max_share, config.dlq.window_records)
-        # Produced, not yet committed, by (topic, partition, offset).
-        self._dlq_sent: dict[tuple[str, int, int], DeadLetter] = {}
         self.offsets: OffsetMirror | None = None
+        self.applier: BatchApplier | None = None  # once `use` hands the resources over
         self.stopping = asyncio.Event()
         self._batch_lock = asyncio.Lock()
         # The pipeline: one chunk applying (`_in_flight`) while the next is fetched and
@@ -100,16 +94,11 @@ class Worker:
         )
         self.ownership = Ownership(config, self.metrics, self.retry, self.worker_id)
         self.owned = self.ownership.owned  # the partitions held
-        self.applied_events = 0
         self._backlog_at = 0.0  # when cdc_backlog_depth was last refreshed (monotonic)
         self.pool: asyncpg.Pool | None = None  # claims, catalog, housekeeping, readiness
-        self.writer_pool: asyncpg.Pool | None = None  # the writer's one connection
         self.login: PostgresLogin | None = None
-        self._writer_generation = 0  # the login's generation the writer's connection has
         self.consumer: AIOKafkaConsumer | None = None
-        self.writer: PgWriter | None = None
         self.dlq: DlqProducer | None = None
-        self._writer_conn: asyncpg.Connection | None = None
 
     # resources ------------------------------------------------------------------------------
 
@@ -126,55 +115,32 @@ class Worker:
         """Hand the worker what the composition root opened (and will close): the pool for
         claims and readiness, the writer's pool of one, the PostgreSQL login it follows, the
         decoder, the catalog and the DLQ producer."""
-        self.pool, self.writer_pool, self.login = pool, writer_pool, login
+        self.pool, self.login = pool, login
         self.decoder, self.catalog, self.dlq = decoder, catalog, dlq
         self.preparer = Preparer(decoder, catalog, self.metrics, self.retry, self.stopping)
+        self.applier = BatchApplier(
+            self.config,
+            self.metrics,
+            self.retry,
+            self.stopping,
+            owned=self.owned,
+            paused=self.paused,
+            limiter=self.limiter,
+            pool=pool,
+            writer_pool=writer_pool,
+            login=login,
+            dlq=dlq,
+        )
 
     async def release_writer(self) -> None:
         """Hand the writer's connection back to its pool (at the end of the run)."""
-        if self._writer_conn is not None and self.writer_pool is not None:
-            await self.writer_pool.release(self._writer_conn)
+        if self.applier is not None:
+            await self.applier.release_writer()
 
-    async def open_writer(self) -> None:
-        """Give the writer a fresh connection of its pool. If that fails the worker has no
-        writer (never one on a connection already handed back), and the next attempt opens one."""
-        assert self.writer_pool is not None
-        old, self._writer_conn, self.writer = self._writer_conn, None, None
-        if old is not None:
-            try:
-                await self.writer_pool.release(old)
-            except Exception as exc:  # noqa: BLE001 - a broken connection is dropped anyway
-                log.warning("writer_release_failed", error=f"{type(exc).__name__}: {exc}")
-        assert self.login is not None
-        generation = self.login.generation
-        self._writer_conn = await self.writer_pool.acquire()
-        self._writer_generation = generation
-        self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
-
-    async def _follow_login(self) -> None:
-        """Between transactions: once a new PostgreSQL user is leased, move the writer to a
-        connection of it now, not at the next batch (a quiet topic would otherwise keep the
-        old user's session open after its lease ends)."""
-        if self._writer_conn is None or not self._writer_stale():
-            return
-        try:
-            await self.open_writer()
-        except Exception as exc:  # noqa: BLE001 - the next transaction opens one, or retries
-            log.warning("writer_reconnect_failed", error=f"{type(exc).__name__}: {exc}")
-
-    def _writer_stale(self) -> bool:
-        """The writer's connection is of a PostgreSQL user since replaced."""
-        return self.login is not None and self._writer_generation != self.login.generation
-
-    def _writer_usable(self) -> bool:
-        if self.writer is None or self._writer_conn is None:
-            return False
-        if self._writer_stale():
-            return False  # a new PostgreSQL user was leased: move to a connection of it
-        try:
-            return not self._writer_conn.is_closed()
-        except asyncpg.InterfaceError:  # lost while idle: asyncpg handed it back to the pool
-            return False
+    @property
+    def applied_events(self) -> int:
+        """Events committed or dead-lettered so far."""
+        return self.applier.applied_events if self.applier is not None else 0
 
     @property
     def group(self) -> str:
@@ -212,8 +178,8 @@ class Worker:
             for tp in revoked:
                 if tp in self.paused:
                     self._unpause(tp)  # whoever gets it next starts afresh
-            gone = {(tp.topic, tp.partition) for tp in revoked}  # a letter holds its record
-            self._dlq_sent = {k: v for k, v in self._dlq_sent.items() if k[:2] not in gone}
+            if self.applier is not None:
+                self.applier.forget({(tp.topic, tp.partition) for tp in revoked})
             self._rewind = True
         self.metrics.assigned_partitions.set(len(self.owned))
         log.info("partitions_revoked", partitions=[f"{t.topic}[{t.partition}]" for t in revoked])
@@ -246,6 +212,8 @@ class Worker:
             await stop_client("consumer", self.consumer.stop)
             raise unreachable(cfg, "consumer", exc) from exc
         self.offsets = OffsetMirror(self.consumer, self.owned.keys)
+        assert self.applier is not None
+        self.applier.offsets = self.offsets
         try:
             await self._warn_of_name_collisions()
             self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))
@@ -295,6 +263,7 @@ class Worker:
         PostgreSQL: both cut the time a record waits, and the CPU idle during a transaction
         is used."""
         assert self.consumer is not None
+        assert self.applier is not None
         linger = self.config.sink.linger_ms
         while not self.stopping.is_set():
             if self.login is not None and self.login.expired():
@@ -304,7 +273,7 @@ class Worker:
                     stage="vault",
                 )
             if self._in_flight is None:
-                await self._follow_login()
+                await self.applier.follow_login()
             if self.ownership.unclaimed and await self.ownership.claim_unclaimed(
                 self.consumer, self.pool
             ):
@@ -443,110 +412,26 @@ class Worker:
             lag = max(0, ends.get(tp, owned.next_offset) - owned.next_offset)
             self.metrics.backlog_depth.labels(tp.topic, str(tp.partition)).set(lag)
 
-    def _active(self, record: Any) -> bool:
-        """Whether the record's partition is not paused by the DLQ limit."""
-        return TopicPartition(record.topic, record.partition) not in self.paused
-
     async def _apply_prepared(self, prepared: Prepared) -> None:
         """Apply a prepared chunk if each partition's records still start at its checkpoint;
-        otherwise (a rebalance, fencing or a pause moved things meanwhile) apply what is left."""
-        if all(
+        otherwise (a rebalance, fencing or a pause moved things meanwhile) apply what is left.
+        Then pause what passed the DLQ limit, or re-claim after being fenced."""
+        assert self.applier is not None
+        if not all(
             tp in self.owned and tp not in self.paused and self.owned[tp].next_offset == first
             for tp, first in prepared.first.items()
         ):
-            await self._apply(prepared)
-            return
 
-        def current(r: Any) -> bool:
-            owned = self.owned.get(TopicPartition(r.topic, r.partition))
-            return owned is not None and r.offset >= owned.next_offset and self._active(r)
+            def current(r: Any) -> bool:
+                owned = self.owned.get(TopicPartition(r.topic, r.partition))
+                return owned is not None and r.offset >= owned.next_offset
 
-        await self._apply_part(prepared.part(current))
-
-    async def _apply_part(self, prepared: Prepared) -> None:
-        """Apply part of a chunk (each partition's records contiguous, in offset order)."""
-        # A partition paused meanwhile (by an earlier half of a bisect) must not be applied
-        # past its unapplied records.
-        if self.paused:
-            prepared = prepared.part(self._active)
-        if prepared.records:
-            await self._apply(prepared)
-
-    async def _apply(self, prepared: Prepared) -> None:
-        """Apply a chunk, traced as one `cdc.batch` span from its preparing to its commit."""
-        began = prepared.began_ns or None
-        with tracer.start_as_current_span("cdc.batch", start_time=began) as span:
-            if span.is_recording():
-                span.set_attributes(prepared.trace_attributes())
-            if span.is_recording() and began:
-                preparing = tracer.start_span("cdc.prepare", start_time=began)
-                preparing.end(end_time=prepared.ready_ns)
-            span.set_attribute("cdc.outcome", await self._apply_chunk(prepared))
-
-    async def _apply_chunk(self, prepared: Prepared) -> str:
-        """One transaction; bad data is isolated by halves down to the record at fault.
-        Returns what became of the chunk (for its trace span)."""
-        if over := self._over_dlq_limit(prepared):
-            # Apply what precedes each such partition's first dead letter, then pause it.
-            await self._apply_part(
-                prepared.part(
-                    lambda r: (
-                        r.offset < over.get(TopicPartition(r.topic, r.partition), r.offset + 1)
-                    )
-                )
-            )
-            for tp in over:
-                self._pause(tp)
-            return "paused"
-        batch = prepared.batch
-        batch.checkpoints = [
-            CheckpointMove(
-                tp.topic,
-                tp.partition,
-                self.owned[tp].next_offset,
-                offset + 1,
-                self.owned[tp].epoch,
-            )
-            for tp, offset in prepared.last.items()
-        ]
-        records = prepared.records
-        try:
-            batch.dead_letters = await self._send_dead_letters(batch.dead_letters)
-            result = await self._apply_with_retry(batch)
-        except FencedError as exc:
-            log.warning("fenced", error=str(exc))
-            self.metrics.errors.labels("write", "fenced").inc()
-            await self._resync()
-            return "fenced"
-        except Exception as exc:  # transient ones were retried: what is left is data or fatal
-            if classify(exc) is not Kind.POISON:
-                if isinstance(exc, asyncpg.PostgresError):
-                    raise refused("the batch", exc, "write") from exc
-                raise
-            if len(records) > 1:
-                first, second = prepared.halves()
-                await self._apply_part(first)
-                await self._apply_part(second)
-                return "split"
-            return await self._apply_dead_letter(records[0], exc)
-        self._acknowledge(batch, result, prepared.counts, prepared.stamps)
-        assert self.offsets is not None
-        self.offsets.mirror(batch.checkpoints)
-        return "committed"
-
-    def _over_dlq_limit(self, prepared: Prepared) -> dict[TopicPartition, int]:
-        """The partitions whose dead letters in this chunk would pass the DLQ limit, each with
-        the offset of its first dead letter."""
-        offsets: dict[TopicPartition, list[int]] = {}
-        for letter in prepared.batch.dead_letters:
-            offsets.setdefault(TopicPartition(letter.topic, letter.partition), []).extend(
-                letter.offsets(self.limiter.window)
-            )
-        return {
-            tp: dead[0]
-            for tp, dead in offsets.items()
-            if not self.limiter.admits(tp.topic, tp.partition, dead, prepared.last[tp])
-        }
+            prepared = prepared.part(current)
+        for outcome in await self.applier.apply(prepared):
+            if isinstance(outcome, PartitionPaused):
+                self._pause(outcome.partition)
+            else:
+                await self._resync()
 
     def _pause(self, tp: TopicPartition) -> None:
         """Stop a partition whose dead-letter share passed the limit: nothing of it is applied
@@ -605,127 +490,6 @@ class Worker:
         if assignment:
             await self.claim(assignment)
 
-    async def _apply_with_retry(self, batch: Batch) -> BatchResult:
-        async def attempt() -> BatchResult:
-            with tracer.start_as_current_span("cdc.transaction") as span:
-                if span.is_recording():
-                    span.set_attributes(
-                        {
-                            "db.system.name": "postgresql",
-                            "cdc.rows": sum(len(m) for _, m in batch.tables),
-                            "cdc.dead_letters": len(batch.dead_letters),
-                        }
-                    )
-                if not self._writer_usable():  # reconnecting failed, or the connection died
-                    await self.open_writer()
-                assert self.writer is not None
-                result = await self.writer.apply(batch)
-                self.metrics.transaction_duration.observe(result.duration_s)
-                return result
-
-        return await self.retrying("write", attempt, on_retry=self.open_writer)
-
-    async def _send_dead_letters(self, letters: list[DeadLetter]) -> list[DeadLetter]:
-        """Produce dead letters to the DLQ topic (acks=all) before their offsets can move;
-        return them as sent, each with the `_cdc_dlq_records` id its DLQ message names (a
-        letter sent before, for a batch being retried or split, as it was sent then)."""
-        assert self.dlq is not None
-        assert self.pool is not None
-        dlq, pool = self.dlq, self.pool
-        todo = [d for d in letters if _position(d) not in self._dlq_sent]
-        if todo:
-            try:
-                ids = await self.retrying(
-                    "dlq", functools.partial(reserve_dlq_ids, pool, len(todo))
-                )
-            except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
-                raise refused("reserving dead-letter ids", exc, "dlq") from exc
-            todo = [dataclasses.replace(d, dlq_id=i) for d, i in zip(todo, ids, strict=True)]
-            with tracer.start_as_current_span(
-                "cdc.dlq.produce", attributes={"cdc.letters": len(todo)}
-            ):
-                sent = await self.retrying(
-                    "dlq", functools.partial(dlq.send_letters, todo, self.group)
-                )
-            self._dlq_sent.update((_position(d), d) for d in sent)
-        return [self._dlq_sent[_position(d)] for d in letters]
-
-    async def _apply_dead_letter(self, record: Any, exc: BaseException) -> str:
-        """Dead-letter the one record PostgreSQL refuses, or pause its partition if that would
-        pass the DLQ limit; returns which (for the trace)."""
-        tp = TopicPartition(record.topic, record.partition)
-        if not self.limiter.admits(tp.topic, tp.partition, [record.offset], record.offset):
-            self._pause(tp)
-            return "paused"
-        owned = self.owned[tp]
-        letter = dead_letter(record, exc, "write")
-        batch = Batch(
-            dead_letters=[letter],
-            checkpoints=[
-                CheckpointMove(
-                    tp.topic, tp.partition, owned.next_offset, record.offset + 1, owned.epoch
-                )
-            ],
-        )
-        self.metrics.errors.labels("write", "poison").inc()
-        batch.dead_letters = await self._send_dead_letters(batch.dead_letters)
-        self._acknowledge(batch, await self._apply_with_retry(batch), {})
-        return "dead_lettered"
-
-    def _acknowledge(
-        self,
-        batch: Batch,
-        result: BatchResult,
-        counts: dict[tuple[str, str, str], int],
-        stamps: dict[str, list[int]] | None = None,
-    ) -> None:
-        """After COMMIT: move our offsets, count, observe latency (Kafka timestamp → now)."""
-        now = time.time()
-        for move in batch.checkpoints:
-            tp = TopicPartition(move.topic, move.partition)
-            if tp in self.owned:
-                self.owned[tp].next_offset = move.next_offset
-            self.metrics.last_commit_timestamp.labels(move.topic, str(move.partition)).set(now)
-        for letter in batch.dead_letters:
-            self._dlq_sent.pop(_position(letter), None)
-            self.limiter.record(letter.topic, letter.partition, letter.offsets(self.limiter.window))
-            self.metrics.dlq_records.labels(letter.topic, letter.error_class).inc()
-            if not letter.payload_in_topic:
-                self.metrics.dlq_oversized_records.labels(letter.topic).inc()
-            log.warning(
-                "dead_lettered",
-                topic=letter.topic,
-                partition=letter.partition,
-                offset=letter.offset,
-                stage=letter.stage,
-                error_class=letter.error_class,
-                error=letter.message,
-                schema_id=letter.schema_id,
-                dlq_id=letter.dlq_id,
-                # False: too large for the DLQ topic, the record is in _cdc_dlq_records only
-                payload_in_topic=letter.payload_in_topic,
-            )
-        rows = sum(counts.values())
-        self.applied_events += rows + len(batch.dead_letters)
-        for (topic, table, op), n in counts.items():  # one increment per op, not per event
-            self.metrics.events_processed.labels(topic, table, op).inc(n)
-        self.metrics.batch_size.observe(rows)
-        for table, kafka_ms in (stamps or {}).items():
-            histogram = self.metrics.processing_latency.labels(table)
-            for stamp in kafka_ms:
-                histogram.observe(max(0.0, now - stamp / 1000))
-        for move in batch.checkpoints:
-            log.info(
-                "batch_committed",
-                topic=move.topic,
-                partition=move.partition,
-                first_offset=move.expected,
-                next_offset=move.next_offset,
-                rows=rows,
-                dead_letters=len(batch.dead_letters),
-                duration_ms=round(result.duration_s * 1000, 1),
-            )
-
 
 async def stop_client(name: str, stop: Callable[[], Awaitable[None]]) -> None:
     """Close a Kafka client, giving up after KAFKA_CLOSE_TIMEOUT_S (nothing is lost: the
@@ -740,11 +504,3 @@ async def stop_client(name: str, stop: Callable[[], Awaitable[None]]) -> None:
     task.cancel()
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     log.warning("kafka_close_timeout", client=name, timeout_s=KAFKA_CLOSE_TIMEOUT_S)
-
-
-def _position(letter: DeadLetter) -> tuple[str, int, int]:
-    return letter.topic, letter.partition, letter.offset
-
-
-def _partition(record: Any) -> TopicPartition:
-    return TopicPartition(record.topic, record.partition)

@@ -1,0 +1,380 @@
+"""The batch applier: one PostgreSQL transaction per prepared chunk, data errors isolated by
+halves down to the record at fault, and the DLQ guard. It never touches the consumer: what
+the consumer must do (pause a partition, re-claim after being fenced) it returns."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import time
+from collections.abc import Set
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiokafka import TopicPartition
+from opentelemetry import trace
+
+from cdc_sink.config import Config
+from cdc_sink.consumer.offsets import OffsetMirror
+from cdc_sink.consumer.ownership import Owned
+from cdc_sink.consumer.prepare import Prepared, dead_letter
+from cdc_sink.consumer.retry import RetryPolicy
+from cdc_sink.dlq import DeadLetter, DlqLimiter, DlqProducer
+from cdc_sink.errors import FencedError, Kind, classify, refused
+from cdc_sink.logs import get_logger
+from cdc_sink.metrics import Metrics
+from cdc_sink.secrets import PostgresLogin
+from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, reserve_dlq_ids
+
+log = get_logger("cdc_sink.runner")
+tracer = trace.get_tracer("cdc_sink")
+
+
+@dataclass(frozen=True)
+class PartitionPaused:
+    """The partition's dead letters would pass the DLQ limit: pause it; nothing of it past
+    its checkpoint was applied."""
+
+    partition: TopicPartition
+
+
+@dataclass(frozen=True)
+class Fenced:
+    """Another worker claimed a partition meanwhile: nothing of the rest was applied;
+    re-claim what is still assigned."""
+
+    error: str
+
+
+Outcome = PartitionPaused | Fenced
+
+
+@dataclass
+class _Round:
+    """What one `apply` call has to report so far."""
+
+    paused: set[TopicPartition] = field(default_factory=set)
+    fenced: Fenced | None = None
+
+
+class BatchApplier:
+    """Applies prepared chunks of the partitions in `owned` through the writer's connection
+    (which follows the PostgreSQL login), produces their dead letters first, and after each
+    COMMIT moves the partitions' offsets, counts and mirrors them to Kafka."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        retry: RetryPolicy,
+        stopping: asyncio.Event,
+        *,
+        owned: dict[TopicPartition, Owned],
+        paused: Set[TopicPartition],
+        limiter: DlqLimiter,
+        pool: asyncpg.Pool,
+        writer_pool: asyncpg.Pool,
+        login: PostgresLogin,
+        dlq: DlqProducer,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.retrying = functools.partial(retry.run, stopping=stopping, metrics=metrics)
+        self.owned = owned
+        self.paused = paused
+        self.limiter = limiter
+        self.pool = pool
+        self.writer_pool = writer_pool
+        self.login = login
+        self.dlq = dlq
+        self.group = config.kafka.group_id
+        self.offsets: OffsetMirror | None = None  # once the consumer is open
+        self.applied_events = 0
+        # Produced, not yet committed, by (topic, partition, offset).
+        self._dlq_sent: dict[tuple[str, int, int], DeadLetter] = {}
+        self.writer: PgWriter | None = None
+        self._writer_conn: asyncpg.Connection | None = None
+        self._writer_generation = 0  # the login's generation the writer's connection has
+
+    async def apply(self, prepared: Prepared) -> list[Outcome]:
+        """Apply a chunk whose partitions are owned and start at their checkpoints; return
+        what the consumer must do (nothing when every record was committed or dead-lettered).
+        Raises FatalError (nothing committed) and Stopping."""
+        done = _Round()
+        await self._apply_part(prepared, done)
+        outcomes: list[Outcome] = [PartitionPaused(tp) for tp in done.paused]
+        if done.fenced is not None:
+            outcomes.append(done.fenced)
+        return outcomes
+
+    def forget(self, revoked: set[tuple[str, int]]) -> None:
+        """Drop the dead letters sent for partitions let go (a letter holds its record)."""
+        self._dlq_sent = {k: v for k, v in self._dlq_sent.items() if k[:2] not in revoked}
+
+    async def release_writer(self) -> None:
+        """Hand the writer's connection back to its pool (at the end of the run)."""
+        if self._writer_conn is not None and self.writer_pool is not None:
+            await self.writer_pool.release(self._writer_conn)
+
+    async def open_writer(self) -> None:
+        """Give the writer a fresh connection of its pool. If that fails the worker has no
+        writer (never one on a connection already handed back), and the next attempt opens one."""
+        assert self.writer_pool is not None
+        old, self._writer_conn, self.writer = self._writer_conn, None, None
+        if old is not None:
+            try:
+                # Closed when handed back, not kept idle: the pool may not have been told of
+                # a new login yet, and would hand the same connection (the old user's) back.
+                await self.writer_pool.expire_connections()
+                await self.writer_pool.release(old)
+            except Exception as exc:  # noqa: BLE001 - a broken connection is dropped anyway
+                log.warning("writer_release_failed", error=f"{type(exc).__name__}: {exc}")
+        assert self.login is not None
+        generation = self.login.generation
+        self._writer_conn = await self.writer_pool.acquire()
+        self._writer_generation = generation
+        self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
+
+    async def follow_login(self) -> None:
+        """Between transactions: once a new PostgreSQL user is leased, move the writer to a
+        connection of it now, not at the next batch (a quiet topic would otherwise keep the
+        old user's session open after its lease ends)."""
+        if self._writer_conn is None or not self._writer_stale():
+            return
+        try:
+            await self.open_writer()
+        except Exception as exc:  # noqa: BLE001 - the next transaction opens one, or retries
+            log.warning("writer_reconnect_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _writer_stale(self) -> bool:
+        """The writer's connection is of a PostgreSQL user since replaced."""
+        return self.login is not None and self._writer_generation != self.login.generation
+
+    def _writer_usable(self) -> bool:
+        if self.writer is None or self._writer_conn is None:
+            return False
+        if self._writer_stale():
+            return False  # a new PostgreSQL user was leased: move to a connection of it
+        try:
+            return not self._writer_conn.is_closed()
+        except asyncpg.InterfaceError:  # lost while idle: asyncpg handed it back to the pool
+            return False
+
+    async def _apply_part(self, prepared: Prepared, done: _Round) -> None:
+        """Apply part of a chunk (each partition's records contiguous, in offset order)."""
+        if done.fenced is not None:
+            return  # the checkpoints it would start from are no longer ours
+        # A partition paused meanwhile (by an earlier half of a bisect) must not be applied
+        # past its unapplied records.
+        if self.paused or done.paused:
+            prepared = prepared.part(
+                lambda r: (
+                    (tp := TopicPartition(r.topic, r.partition)) not in self.paused
+                    and tp not in done.paused
+                )
+            )
+        if prepared.records:
+            await self._apply(prepared, done)
+
+    async def _apply(self, prepared: Prepared, done: _Round) -> None:
+        """Apply a chunk, traced as one `cdc.batch` span from its preparing to its commit."""
+        began = prepared.began_ns or None
+        with tracer.start_as_current_span("cdc.batch", start_time=began) as span:
+            if span.is_recording():
+                span.set_attributes(prepared.trace_attributes())
+            if span.is_recording() and began:
+                preparing = tracer.start_span("cdc.prepare", start_time=began)
+                preparing.end(end_time=prepared.ready_ns)
+            span.set_attribute("cdc.outcome", await self._apply_chunk(prepared, done))
+
+    async def _apply_chunk(self, prepared: Prepared, done: _Round) -> str:
+        """One transaction; bad data is isolated by halves down to the record at fault.
+        Returns what became of the chunk (for its trace span)."""
+        if over := self._over_dlq_limit(prepared):
+            # Apply what precedes each such partition's first dead letter, then pause it.
+            await self._apply_part(
+                done=done,
+                prepared=prepared.part(
+                    lambda r: (
+                        r.offset < over.get(TopicPartition(r.topic, r.partition), r.offset + 1)
+                    )
+                ),
+            )
+            done.paused.update(over)
+            return "paused"
+        batch = prepared.batch
+        batch.checkpoints = [
+            CheckpointMove(
+                tp.topic,
+                tp.partition,
+                self.owned[tp].next_offset,
+                offset + 1,
+                self.owned[tp].epoch,
+            )
+            for tp, offset in prepared.last.items()
+        ]
+        records = prepared.records
+        try:
+            batch.dead_letters = await self._send_dead_letters(batch.dead_letters)
+            result = await self._apply_with_retry(batch)
+        except FencedError as exc:
+            log.warning("fenced", error=str(exc))
+            self.metrics.errors.labels("write", "fenced").inc()
+            done.fenced = Fenced(str(exc))
+            return "fenced"
+        except Exception as exc:  # transient ones were retried: what is left is data or fatal
+            if classify(exc) is not Kind.POISON:
+                if isinstance(exc, asyncpg.PostgresError):
+                    raise refused("the batch", exc, "write") from exc
+                raise
+            if len(records) > 1:
+                first, second = prepared.halves()
+                await self._apply_part(first, done)
+                await self._apply_part(second, done)
+                return "split"
+            return await self._apply_dead_letter(records[0], exc, done)
+        self._acknowledge(batch, result, prepared.counts, prepared.stamps)
+        assert self.offsets is not None
+        self.offsets.mirror(batch.checkpoints)
+        return "committed"
+
+    def _over_dlq_limit(self, prepared: Prepared) -> dict[TopicPartition, int]:
+        """The partitions whose dead letters in this chunk would pass the DLQ limit, each with
+        the offset of its first dead letter."""
+        offsets: dict[TopicPartition, list[int]] = {}
+        for letter in prepared.batch.dead_letters:
+            offsets.setdefault(TopicPartition(letter.topic, letter.partition), []).extend(
+                letter.offsets(self.limiter.window)
+            )
+        return {
+            tp: dead[0]
+            for tp, dead in offsets.items()
+            if not self.limiter.admits(tp.topic, tp.partition, dead, prepared.last[tp])
+        }
+
+    async def _apply_with_retry(self, batch: Batch) -> BatchResult:
+        async def attempt() -> BatchResult:
+            with tracer.start_as_current_span("cdc.transaction") as span:
+                if span.is_recording():
+                    span.set_attributes(
+                        {
+                            "db.system.name": "postgresql",
+                            "cdc.rows": sum(len(m) for _, m in batch.tables),
+                            "cdc.dead_letters": len(batch.dead_letters),
+                        }
+                    )
+                if not self._writer_usable():  # reconnecting failed, or the connection died
+                    await self.open_writer()
+                assert self.writer is not None
+                result = await self.writer.apply(batch)
+                self.metrics.transaction_duration.observe(result.duration_s)
+                return result
+
+        return await self.retrying("write", attempt, on_retry=self.open_writer)
+
+    async def _send_dead_letters(self, letters: list[DeadLetter]) -> list[DeadLetter]:
+        """Produce dead letters to the DLQ topic (acks=all) before their offsets can move;
+        return them as sent, each with the `_cdc_dlq_records` id its DLQ message names (a
+        letter sent before, for a batch being retried or split, as it was sent then)."""
+        assert self.dlq is not None
+        assert self.pool is not None
+        dlq, pool = self.dlq, self.pool
+        todo = [d for d in letters if _position(d) not in self._dlq_sent]
+        if todo:
+            try:
+                ids = await self.retrying(
+                    "dlq", functools.partial(reserve_dlq_ids, pool, len(todo))
+                )
+            except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
+                raise refused("reserving dead-letter ids", exc, "dlq") from exc
+            todo = [dataclasses.replace(d, dlq_id=i) for d, i in zip(todo, ids, strict=True)]
+            with tracer.start_as_current_span(
+                "cdc.dlq.produce", attributes={"cdc.letters": len(todo)}
+            ):
+                sent = await self.retrying(
+                    "dlq", functools.partial(dlq.send_letters, todo, self.group)
+                )
+            self._dlq_sent.update((_position(d), d) for d in sent)
+        return [self._dlq_sent[_position(d)] for d in letters]
+
+    async def _apply_dead_letter(self, record: Any, exc: BaseException, done: _Round) -> str:
+        """Dead-letter the one record PostgreSQL refuses, or pause its partition if that would
+        pass the DLQ limit; returns which (for the trace)."""
+        tp = TopicPartition(record.topic, record.partition)
+        if not self.limiter.admits(tp.topic, tp.partition, [record.offset], record.offset):
+            done.paused.add(tp)
+            return "paused"
+        owned = self.owned[tp]
+        letter = dead_letter(record, exc, "write")
+        batch = Batch(
+            dead_letters=[letter],
+            checkpoints=[
+                CheckpointMove(
+                    tp.topic, tp.partition, owned.next_offset, record.offset + 1, owned.epoch
+                )
+            ],
+        )
+        self.metrics.errors.labels("write", "poison").inc()
+        batch.dead_letters = await self._send_dead_letters(batch.dead_letters)
+        self._acknowledge(batch, await self._apply_with_retry(batch), {})
+        return "dead_lettered"
+
+    def _acknowledge(
+        self,
+        batch: Batch,
+        result: BatchResult,
+        counts: dict[tuple[str, str, str], int],
+        stamps: dict[str, list[int]] | None = None,
+    ) -> None:
+        """After COMMIT: move our offsets, count, observe latency (Kafka timestamp → now)."""
+        now = time.time()
+        for move in batch.checkpoints:
+            tp = TopicPartition(move.topic, move.partition)
+            if tp in self.owned:
+                self.owned[tp].next_offset = move.next_offset
+            self.metrics.last_commit_timestamp.labels(move.topic, str(move.partition)).set(now)
+        for letter in batch.dead_letters:
+            self._dlq_sent.pop(_position(letter), None)
+            self.limiter.record(letter.topic, letter.partition, letter.offsets(self.limiter.window))
+            self.metrics.dlq_records.labels(letter.topic, letter.error_class).inc()
+            if not letter.payload_in_topic:
+                self.metrics.dlq_oversized_records.labels(letter.topic).inc()
+            log.warning(
+                "dead_lettered",
+                topic=letter.topic,
+                partition=letter.partition,
+                offset=letter.offset,
+                stage=letter.stage,
+                error_class=letter.error_class,
+                error=letter.message,
+                schema_id=letter.schema_id,
+                dlq_id=letter.dlq_id,
+                # False: too large for the DLQ topic, the record is in _cdc_dlq_records only
+                payload_in_topic=letter.payload_in_topic,
+            )
+        rows = sum(counts.values())
+        self.applied_events += rows + len(batch.dead_letters)
+        for (topic, table, op), n in counts.items():  # one increment per op, not per event
+            self.metrics.events_processed.labels(topic, table, op).inc(n)
+        self.metrics.batch_size.observe(rows)
+        for table, kafka_ms in (stamps or {}).items():
+            histogram = self.metrics.processing_latency.labels(table)
+            for stamp in kafka_ms:
+                histogram.observe(max(0.0, now - stamp / 1000))
+        for move in batch.checkpoints:
+            log.info(
+                "batch_committed",
+                topic=move.topic,
+                partition=move.partition,
+                first_offset=move.expected,
+                next_offset=move.next_offset,
+                rows=rows,
+                dead_letters=len(batch.dead_letters),
+                duration_ms=round(result.duration_s * 1000, 1),
+            )
+
+
+def _position(letter: DeadLetter) -> tuple[str, int, int]:
+    return letter.topic, letter.partition, letter.offset
