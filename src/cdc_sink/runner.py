@@ -34,9 +34,7 @@ from cdc_sink.consumer.retry import RetryPolicy, Stopping
 from cdc_sink.ddl import Catalog
 from cdc_sink.decode import Decoder
 from cdc_sink.dlq import DlqLimiter, DlqProducer
-from cdc_sink.errors import (
-    FatalError,
-)
+from cdc_sink.errors import FatalError
 from cdc_sink.kafka_security import client_security, unreachable
 from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics

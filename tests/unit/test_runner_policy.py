@@ -11,14 +11,8 @@ from cassandra import OperationTimedOut
 from cassandra.cluster import NoHostAvailable
 
 from cdc_sink.consumer.retry import backoff_delay
-from cdc_sink.errors import (
-    DecodeError,
-    FatalError,
-    FencedError,
-    Kind,
-    TransientError,
-    classify,
-)
+from cdc_sink.errors import DecodeError, FatalError, FencedError, TransientError
+from cdc_sink.failures import Kind, classify
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -22,7 +22,8 @@ from cdc_sink.consumer.ownership import Owned
 from cdc_sink.consumer.prepare import Prepared, dead_letter
 from cdc_sink.consumer.retry import RetryPolicy
 from cdc_sink.dlq import DeadLetter, DlqLimiter, DlqProducer
-from cdc_sink.errors import FencedError, Kind, classify, refused
+from cdc_sink.errors import FencedError
+from cdc_sink.failures import Kind, classify, refused
 from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics
 from cdc_sink.secrets import PostgresLogin

@@ -19,15 +19,8 @@ from cdc_sink.compression import UninflatedBatch
 from cdc_sink.consumer.retry import RetryPolicy
 from cdc_sink.decode import DecodedRecord, Decoder
 from cdc_sink.dlq import DeadLetter
-from cdc_sink.errors import (
-    ConversionError,
-    EventError,
-    Kind,
-    PoisonError,
-    UnexpectedError,
-    classify,
-    refused,
-)
+from cdc_sink.errors import ConversionError, EventError, PoisonError, UnexpectedError
+from cdc_sink.failures import Kind, classify, refused
 from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics
 from cdc_sink.model.events import ChangeEvent, Position, interpret, op_name

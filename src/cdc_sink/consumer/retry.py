@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from cdc_sink.errors import FatalError, Kind, classify
+from cdc_sink.errors import FatalError
+from cdc_sink.failures import Kind, classify
 from cdc_sink.logs import get_logger
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class RetryPolicy:
         metrics: Metrics,
         on_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
-        """Run `step`; retry transient failures (errors.classify), counting each retry in
+        """Run `step`; retry transient failures (failures.classify), counting each retry in
         cdc_retries_total{stage}. Raises FatalError after the last attempt (nothing committed),
         Stopping if `stopping` is set while waiting, and anything not transient as it is."""
         attempt = 0
