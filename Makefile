@@ -44,10 +44,11 @@ stack-status: ## show each service of the local stack
 	@$(STACK) status
 
 .PHONY: lint
-lint: venv ## ruff (lint + format check) and mypy --strict on src
+lint: venv ## ruff (lint + format check), mypy --strict on src, and the import contracts
 	@$(BIN)/ruff check .
 	@$(BIN)/ruff format --check .
 	@$(BIN)/mypy
+	@$(BIN)/lint-imports
 
 .PHONY: format
 format: venv ## apply ruff's formatting and safe fixes

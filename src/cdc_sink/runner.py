@@ -30,7 +30,6 @@ from cdc_sink.consumer.apply import BatchApplier, PartitionPaused
 from cdc_sink.consumer.offsets import OffsetMirror
 from cdc_sink.consumer.ownership import Ownership
 from cdc_sink.consumer.prepare import Prepared, Preparer
-from cdc_sink.consumer.retry import RetryPolicy, Stopping
 from cdc_sink.ddl import Catalog
 from cdc_sink.decode import Decoder
 from cdc_sink.dlq import DlqLimiter, DlqProducer
@@ -38,6 +37,7 @@ from cdc_sink.errors import FatalError
 from cdc_sink.kafka_security import client_security, unreachable
 from cdc_sink.logs import get_logger
 from cdc_sink.metrics import Metrics
+from cdc_sink.retry import RetryPolicy, Stopping
 from cdc_sink.secrets import PostgresLogin
 from cdc_sink.tables import name_collisions
 

@@ -32,7 +32,7 @@ from cassandra.cluster import Session
 from hypothesis import HealthCheck, Phase, given, settings
 from prometheus_client.parser import text_string_to_metric_families
 
-from cdc_sink.consumer.retry import backoff_delay
+from cdc_sink.retry import backoff_delay
 from tests.support.hostile import (
     DAMAGE_KINDS,
     PARTITIONS,

@@ -10,9 +10,9 @@ import pytest
 from cassandra import OperationTimedOut
 from cassandra.cluster import NoHostAvailable
 
-from cdc_sink.consumer.retry import backoff_delay
 from cdc_sink.errors import DecodeError, FatalError, FencedError, TransientError
 from cdc_sink.failures import Kind, classify
+from cdc_sink.retry import backoff_delay
 
 
 def is_transient(exc: BaseException) -> bool:

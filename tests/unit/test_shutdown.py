@@ -10,7 +10,7 @@ import pytest
 
 from cdc_sink.cli import supervise
 from cdc_sink.config import ConfigError, load_config
-from cdc_sink.consumer.retry import Stopping
+from cdc_sink.retry import Stopping
 from cdc_sink.runner import Worker
 
 

@@ -16,7 +16,6 @@ import asyncpg
 from aiokafka import TopicPartition
 
 from cdc_sink.compression import UninflatedBatch
-from cdc_sink.consumer.retry import RetryPolicy
 from cdc_sink.decode import DecodedRecord, Decoder
 from cdc_sink.dlq import DeadLetter
 from cdc_sink.errors import ConversionError, EventError, PoisonError, UnexpectedError
@@ -26,6 +25,7 @@ from cdc_sink.metrics import Metrics
 from cdc_sink.model.events import ChangeEvent, Position, interpret, op_name
 from cdc_sink.nesting import MAX_NESTING, deeper_than
 from cdc_sink.plan import Mutation
+from cdc_sink.retry import RetryPolicy
 from cdc_sink.tables import TableSchema
 from cdc_sink.write import Batch
 
