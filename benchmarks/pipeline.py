@@ -35,13 +35,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cdc_sink import cli
-from cdc_sink.ddl import Catalog
-from cdc_sink.decode import Decoder
+from cdc_sink.apply.plan import Mutation
+from cdc_sink.apply.writer import Batch, CheckpointMove, PgWriter
+from cdc_sink.decode.decoder import Decoder
 from cdc_sink.model import scalars
 from cdc_sink.model.events import Position, interpret
-from cdc_sink.plan import Mutation
-from cdc_sink.tables import TableSchema
-from cdc_sink.write import Batch, CheckpointMove, PgWriter
+from cdc_sink.schema.catalog import Catalog
+from cdc_sink.schema.tables import TableSchema
 from cdc_synth import synth
 
 TABLE_FORMAT = "cdc_{table}"

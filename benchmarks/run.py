@@ -44,7 +44,7 @@ from typing import Any
 import asyncpg
 import httpx2 as httpx
 
-from cdc_sink.tables import qualified, quote_ident
+from cdc_sink.schema.tables import qualified, quote_ident
 from cdc_synth import synth
 from cdc_synth.demo import create_cassandra_tables, endpoints
 

@@ -25,7 +25,7 @@ from cdc_recon.errors import (
     UnknownTableError,
 )
 from cdc_recon.repository import Repository
-from cdc_sink.http import (
+from cdc_sink.ops.http import (
     BIGINT_MAX,
     HttpError,
     HttpServer,

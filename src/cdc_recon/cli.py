@@ -29,7 +29,7 @@ from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler, recon_pool
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config
-from cdc_sink.secrets import PostgresLogin, secrets_for
+from cdc_sink.ops.secrets import PostgresLogin, secrets_for
 
 USAGE_ERRORS = (UnknownTableError, UnknownStrategyError, UnknownJobError, InvalidRequestError)
 

@@ -34,11 +34,11 @@ from cdc_recon.canonical import (
     key_text,
 )
 from cdc_recon.errors import ReconError, UnknownTableError
-from cdc_sink import cassandra
 from cdc_sink.config import CassandraConfig
 from cdc_sink.model.cql import CqlType, pg_type
-from cdc_sink.pools import BoundedPool
-from cdc_sink.tables import RESERVED_COLUMNS, TableSchema, qualified, quote_ident
+from cdc_sink.ops.pools import BoundedPool
+from cdc_sink.schema import cassandra
+from cdc_sink.schema.tables import RESERVED_COLUMNS, TableSchema, qualified, quote_ident
 
 MIN_TOKEN, MAX_TOKEN = -(2**63), 2**63 - 1
 Keep = Callable[[dict[str, int]], bool]  # given a row's cell write times: scan it further?

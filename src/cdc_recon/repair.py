@@ -1,7 +1,7 @@
 """Repair: make PostgreSQL rows match Cassandra again, with the sink's own semantics.
 
 Repairs go through the shared core the sink writes with: each fix becomes `ChangeEvent`s,
-converted by `TableSchema.to_mutation` and applied by `cdc_sink.write.PgWriter` (merge with
+converted by `TableSchema.to_mutation` and applied by `cdc_sink.apply.writer.PgWriter` (merge with
 per-cell last-write-wins, `_cdc_cells`, TTL expiry, tombstones), in batches with no
 checkpoint moves. Nothing here writes a target table with its own SQL.
 

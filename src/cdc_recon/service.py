@@ -60,12 +60,12 @@ from cdc_recon.strategies import (
     sample,
     timestamp_range,
 )
+from cdc_sink.apply.plan import Mutation
+from cdc_sink.apply.writer import Batch, PgWriter
 from cdc_sink.config import Config, PostgresConfig, ReconciliationConfig
 from cdc_sink.errors import ConversionError
-from cdc_sink.plan import Mutation
-from cdc_sink.pools import BoundedPool, open_pool
-from cdc_sink.secrets import PostgresLogin
-from cdc_sink.write import Batch, PgWriter
+from cdc_sink.ops.pools import BoundedPool, open_pool
+from cdc_sink.ops.secrets import PostgresLogin
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("cdc_recon")  # a no-op unless the process installed a provider

@@ -19,22 +19,22 @@ from aiokafka.errors import KafkaError
 
 from cdc_recon.api import add_reconciliation_routes
 from cdc_recon.service import ReconciliationRuntime
-from cdc_sink import cassandra
 from cdc_sink.config import Config
-from cdc_sink.ddl import CassandraSystemSchema, Catalog
-from cdc_sink.decode import ConfluentRegistry, Decoder
-from cdc_sink.dlq import DlqProducer
+from cdc_sink.consumer.worker import Worker, stop_client
+from cdc_sink.decode.decoder import ConfluentRegistry, Decoder
+from cdc_sink.dlq.letters import DlqProducer
+from cdc_sink.dlq.replay import add_dlq_routes
 from cdc_sink.errors import DecodeError, FatalError
-from cdc_sink.housekeeping import housekeeping
-from cdc_sink.http import HttpServer, add_standard_routes
-from cdc_sink.kafka_security import client_security, unreachable
-from cdc_sink.logs import get_logger
-from cdc_sink.metrics import Metrics, push_fatal_exit
-from cdc_sink.migrate import migrate, pending
-from cdc_sink.pools import BoundedPool, open_pool
-from cdc_sink.replay import add_dlq_routes
-from cdc_sink.runner import Worker, stop_client
-from cdc_sink.secrets import Lease, secrets_for
+from cdc_sink.ops.housekeeping import housekeeping
+from cdc_sink.ops.http import HttpServer, add_standard_routes
+from cdc_sink.ops.kafka_security import client_security, unreachable
+from cdc_sink.ops.logs import get_logger
+from cdc_sink.ops.metrics import Metrics, push_fatal_exit
+from cdc_sink.ops.migrate import migrate, pending
+from cdc_sink.ops.pools import BoundedPool, open_pool
+from cdc_sink.ops.secrets import Lease, secrets_for
+from cdc_sink.schema import cassandra
+from cdc_sink.schema.catalog import CassandraSystemSchema, Catalog
 
 log = get_logger("cdc_sink.runner")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from cdc_sink.http import BIGINT_MAX  # ids and limits go to PostgreSQL as bigints
+from cdc_sink.ops.http import BIGINT_MAX  # ids and limits go to PostgreSQL as bigints
 
 
 def whole_number(low: int, high: int = BIGINT_MAX) -> Callable[[str], int]:

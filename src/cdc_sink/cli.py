@@ -21,14 +21,14 @@ from cdc_sink import __version__
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config, ConfigError, load_config
 from cdc_sink.errors import FatalError, SinkError
-from cdc_sink.logs import configure_logging, get_logger
-from cdc_sink.secrets import PostgresLogin, secrets_for
-from cdc_sink.tracing import start_tracing
+from cdc_sink.ops.logs import configure_logging, get_logger
+from cdc_sink.ops.secrets import PostgresLogin, secrets_for
+from cdc_sink.ops.tracing import start_tracing
 
 if TYPE_CHECKING:
     import asyncpg
 
-    from cdc_sink.replay import DlqFilter
+    from cdc_sink.dlq.replay import DlqFilter
 
 log = get_logger("cdc_sink")
 
@@ -169,7 +169,7 @@ async def _connect(login: PostgresLogin, **kwargs: Any) -> asyncpg.Connection:
 
 
 async def _migrate(config: Config, args: argparse.Namespace) -> int:
-    from cdc_sink.migrate import migrate
+    from cdc_sink.ops.migrate import migrate
 
     async with secrets_for(config) as (config, login):
         conn = await _connect(login)
@@ -182,7 +182,7 @@ async def _migrate(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _dlq(config: Config, args: argparse.Namespace) -> int:
-    from cdc_sink.replay import DlqFilter
+    from cdc_sink.dlq.replay import DlqFilter
 
     try:
         where = DlqFilter.from_mapping(
@@ -216,9 +216,9 @@ async def _dlq_command(
     """`dlq list|show|replay` on an open connection."""
     from aiokafka.errors import KafkaError
 
-    from cdc_sink.dlq import DlqProducer
-    from cdc_sink.kafka_security import client_security, unreachable
-    from cdc_sink.replay import list_dead_letters, replay_dead_letters, show_dead_letter
+    from cdc_sink.dlq.letters import DlqProducer
+    from cdc_sink.dlq.replay import list_dead_letters, replay_dead_letters, show_dead_letter
+    from cdc_sink.ops.kafka_security import client_security, unreachable
 
     if args.dlq_command == "list":
         rows = await list_dead_letters(conn, where, limit=args.limit, after_id=args.after_id)

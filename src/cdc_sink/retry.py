@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 from cdc_sink.errors import FatalError
 from cdc_sink.failures import Kind, classify
-from cdc_sink.logs import get_logger
+from cdc_sink.ops.logs import get_logger
 
 if TYPE_CHECKING:
     from cdc_sink.config import SinkConfig
-    from cdc_sink.metrics import Metrics
+    from cdc_sink.ops.metrics import Metrics
 
 log = get_logger("cdc_sink.runner")
 

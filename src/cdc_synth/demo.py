@@ -37,8 +37,8 @@ from cdc_sink.config import (
     SchemaRegistryConfig,
     Secret,
 )
-from cdc_sink.logs import configure_logging
-from cdc_sink.tables import qualified, quote_ident
+from cdc_sink.ops.logs import configure_logging
+from cdc_sink.schema.tables import qualified, quote_ident
 from cdc_synth import synth
 
 EVENTS = 30_000

@@ -44,7 +44,7 @@ from typing import Any
 import fastavro
 
 from cdc_sink.model.cql import parse_cql_type
-from cdc_sink.tables import TableSchema, target_name
+from cdc_sink.schema.tables import TableSchema, target_name
 
 __all__ = [
     "KEYSPACE",

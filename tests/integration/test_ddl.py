@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from cdc_sink.cassandra import CassandraTable
-from cdc_sink.ddl import Catalog
-from cdc_sink.migrate import migrate
+from cdc_sink.apply.writer import PgWriter
 from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
-from cdc_sink.tables import expiry_index_name, qualified, quote_ident
-from cdc_sink.write import PgWriter
+from cdc_sink.ops.migrate import migrate
+from cdc_sink.schema.cassandra import CassandraTable
+from cdc_sink.schema.catalog import Catalog
+from cdc_sink.schema.tables import expiry_index_name, qualified, quote_ident
 from tests.support.names import Unique
 from tests.support.stack import Endpoints
 

@@ -21,9 +21,9 @@ from cdc_recon.api import add_reconciliation_routes
 from cdc_recon.repository import JobRequest, job_lock
 from cdc_recon.scheduler import Scheduler
 from cdc_recon.service import Reconciler, ReconciliationRuntime
+from cdc_sink.apply.writer import prepare_connection
 from cdc_sink.config import load_config
-from cdc_sink.http import HttpServer
-from cdc_sink.write import prepare_connection
+from cdc_sink.ops.http import HttpServer
 from tests.support import recon_data as data
 from tests.support.names import Unique
 from tests.support.pipeline import run_cli

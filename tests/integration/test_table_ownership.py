@@ -11,12 +11,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from cdc_sink.cassandra import CassandraTable
-from cdc_sink.ddl import Catalog
 from cdc_sink.errors import PoisonError
-from cdc_sink.migrate import migrate
 from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
+from cdc_sink.ops.migrate import migrate
+from cdc_sink.schema.cassandra import CassandraTable
+from cdc_sink.schema.catalog import Catalog
 from tests.support.names import Unique
 from tests.support.pipeline import (
     create_topic,

@@ -21,9 +21,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from cdc_sink.apply.codecs import PG_TUPLE_CODECS
 from cdc_sink.model.cql import parse_cql_type, pg_type
 from cdc_sink.model.values import to_pg
-from cdc_sink.pgcodecs import PG_TUPLE_CODECS
 from tests.support.names import Unique
 from tests.support.stack import Endpoints
 

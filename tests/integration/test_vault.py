@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from cdc_sink.config import Secret, load_config
-from cdc_sink.secrets import PostgresLogin, reconnect_idle
+from cdc_sink.ops.secrets import PostgresLogin, reconnect_idle
 from tests.support.cassandra_model import Mutation
 from tests.support.pipeline import (
     applied,

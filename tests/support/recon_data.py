@@ -32,12 +32,12 @@ from cassandra.util import Date, Duration, Time
 from cdc_recon.alerting import ReconMetrics
 from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler
+from cdc_sink.apply.writer import Batch, PgWriter, prepare_connection
 from cdc_sink.config import CassandraConfig, ReconciliationConfig
-from cdc_sink.ddl import CassandraSystemSchema, Catalog
-from cdc_sink.migrate import migrate
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
-from cdc_sink.tables import TableSchema
-from cdc_sink.write import Batch, PgWriter, prepare_connection
+from cdc_sink.ops.migrate import migrate
+from cdc_sink.schema.catalog import CassandraSystemSchema, Catalog
+from cdc_sink.schema.tables import TableSchema
 from tests.support.names import Unique
 from tests.support.pipeline import cassandra_session
 from tests.support.stack import Endpoints

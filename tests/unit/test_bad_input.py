@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc_sink.decode import Decoder
+from cdc_sink.decode.decoder import Decoder
 from cdc_sink.errors import DecodeError, EventError, PoisonError
 from cdc_sink.model.events import Position, interpret
 from cdc_synth import synth

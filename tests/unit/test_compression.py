@@ -16,10 +16,10 @@ from aiokafka import codec as aiokafka_codec
 from aiokafka.consumer import fetcher
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from cdc_sink import compression
-from cdc_sink.compression import InflateRefused, UninflatedBatch
 from cdc_sink.config import KafkaConfig
-from cdc_sink.dlq import DeadLetter
+from cdc_sink.consumer import compression
+from cdc_sink.consumer.compression import InflateRefused, UninflatedBatch
+from cdc_sink.dlq.letters import DeadLetter
 
 LIMIT = 2 * 1024 * 1024
 CODECS = {"gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
@@ -128,7 +128,7 @@ def partition_records(data: bytes, fetch_offset: int = 0) -> fetcher.PartitionRe
 
 def test_aiokafka_reads_record_batches_through_the_bounded_decoders() -> None:
     """aiokafka still looks up its decoders and MemoryRecords where `install` replaced them
-    (fails when a new aiokafka version moves them; see cdc_sink.compression)."""
+    (fails when a new aiokafka version moves them; see cdc_sink.consumer.compression)."""
     for name, decoders in compression._RECORD_MODULES.items():
         try:
             module = importlib.import_module(name)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cdc_sink.config import ConfigError, load_config
-from cdc_sink.kafka_security import client_security
+from cdc_sink.ops.kafka_security import client_security
 
 
 def test_defaults_match_the_documented_ones() -> None:

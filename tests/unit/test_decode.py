@@ -12,10 +12,10 @@ from typing import Any
 import fastavro
 import pytest
 
-from cdc_sink.decode import Decoder, avro_to_connect, rename_redefined_types
+from cdc_sink.decode.decoder import Decoder, avro_to_connect, rename_redefined_types
+from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 from cdc_sink.errors import DecodeError, TransientError
 from cdc_sink.model.scalars import OversizedDecimal
-from cdc_sink.nesting import MAX_NESTING, deeper_than
 from tests.support.debezium_avro import (
     COLUMNS,
     KEY_SCHEMA,

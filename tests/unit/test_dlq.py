@@ -14,7 +14,7 @@ from aiokafka.errors import (
 )
 
 from cdc_sink.config import ConfigError, load_config
-from cdc_sink.dlq import (
+from cdc_sink.dlq.letters import (
     DeadLetter,
     DlqLimiter,
     dlq_headers,
@@ -22,8 +22,8 @@ from cdc_sink.dlq import (
     headers_to_json,
     kafka_failure,
 )
+from cdc_sink.dlq.replay import DlqFilter
 from cdc_sink.errors import FatalError, TransientError
-from cdc_sink.replay import DlqFilter
 
 FAILED_AT = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 

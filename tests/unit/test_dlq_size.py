@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdc_sink.dlq import dlq_headers, dlq_message, message_bytes
+from cdc_sink.dlq.letters import dlq_headers, dlq_message, message_bytes
 from cdc_sink.errors import FatalError
 from tests.unit.test_dlq import letter
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from cdc_sink.http import (
+from cdc_sink.ops.http import (
     HttpError,
     HttpServer,
     Request,
@@ -19,8 +19,8 @@ from cdc_sink.http import (
     add_standard_routes,
     int_param,
 )
-from cdc_sink.http import json_response as json_reply
-from cdc_sink.metrics import Metrics
+from cdc_sink.ops.http import json_response as json_reply
+from cdc_sink.ops.metrics import Metrics
 
 HOST = "127.0.0.1"
 

@@ -13,7 +13,7 @@ import structlog
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
-from cdc_sink.logs import RepeatFilter, configure_logging, get_logger, redact_secrets
+from cdc_sink.ops.logs import RepeatFilter, configure_logging, get_logger, redact_secrets
 
 DSN = "postgresql://cdc_sink:s3cret@127.0.0.1:15432/cdc"
 

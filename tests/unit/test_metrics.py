@@ -9,8 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cdc_sink.config import load_config
 from cdc_sink.consumer.ownership import Owned
-from cdc_sink.metrics import Metrics
-from cdc_sink.runner import Worker
+from cdc_sink.consumer.worker import Worker
+from cdc_sink.ops.metrics import Metrics
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -8,7 +8,7 @@ import sys
 
 PROBE = """
 import json, sys, uuid
-import cdc_sink.model.events, cdc_sink.plan, cdc_sink.tables
+import cdc_sink.model.events, cdc_sink.apply.plan, cdc_sink.schema.tables
 from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.model.values import to_pg
 u = "12345678-1234-5678-1234-567812345678"
@@ -16,7 +16,7 @@ forms = [u, u.upper(), "{" + u + "}", "urn:uuid:" + u, uuid.UUID(u).bytes]
 converted = [to_pg(parse_cql_type("uuid"), form) for form in forms]
 io = {"asyncpg", "aiokafka", "httpx", "cassandra", "hvac"} & {m.split(".")[0] for m in sys.modules}
 before = [type(c).__module__ + "." + type(c).__name__ for c in converted]
-import cdc_sink.pgcodecs
+import cdc_sink.apply.codecs
 after = type(to_pg(parse_cql_type("uuid"), u))
 print(json.dumps({"io": sorted(io), "equal": all(c == uuid.UUID(u) for c in converted),
                   "before": sorted(set(before)), "after": after.__module__}))

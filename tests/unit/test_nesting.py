@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from cdc_sink.nesting import MAX_NESTING, deeper_than
+from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 
 
 def nested(levels: int) -> Any:

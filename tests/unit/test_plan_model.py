@@ -9,9 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc_sink.model.cql import parse_cql_type
-from cdc_sink.model.events import Position, interpret
-from cdc_sink.plan import (
+from cdc_sink.apply.plan import (
     TableState,
     apply_mutations,
     is_live,
@@ -19,7 +17,9 @@ from cdc_sink.plan import (
     settle_plan,
     visible_values,
 )
-from cdc_sink.tables import TableSchema
+from cdc_sink.model.cql import parse_cql_type
+from cdc_sink.model.events import Position, interpret
+from cdc_sink.schema.tables import TableSchema
 from tests.support.cassandra_model import (
     C1,
     C2,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from cdc_sink.plan import RangeTombstone, covers
+from cdc_sink.apply.plan import RangeTombstone, covers
 
 # time_low wraps between these two: as 128-bit integers the later one is smaller.
 EARLIER = uuid.UUID("f8a0de59-e915-11ef-8000-000000000000")

@@ -12,8 +12,8 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from cdc_sink.decode.registry import ConfluentRegistry, OnceCache, Refusals
 from cdc_sink.errors import DecodeError, FatalError, TransientError
-from cdc_sink.registry import ConfluentRegistry, OnceCache, Refusals
 
 SCHEMA = '{"type": "record", "name": "R", "fields": []}'
 

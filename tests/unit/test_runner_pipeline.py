@@ -8,9 +8,9 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from cdc_sink.consumer.prepare import Prepared
-from cdc_sink.dlq import DeadLetter
+from cdc_sink.dlq.letters import DeadLetter
 from cdc_sink.model.cql import parse_cql_type
-from cdc_sink.tables import TableSchema
+from cdc_sink.schema.tables import TableSchema
 
 
 def _schema(version: int, *extra: str) -> TableSchema:

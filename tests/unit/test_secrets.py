@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cdc_sink.config import Secret, load_config
-from cdc_sink.secrets import Lease, PostgresLogin
+from cdc_sink.ops.secrets import Lease, PostgresLogin
 
 
 class StandInVault:

@@ -10,8 +10,8 @@ import pytest
 
 from cdc_sink.cli import supervise
 from cdc_sink.config import ConfigError, load_config
+from cdc_sink.consumer.worker import Worker
 from cdc_sink.retry import Stopping
-from cdc_sink.runner import Worker
 
 
 async def test_a_worker_that_finishes_gives_its_own_exit_code() -> None:

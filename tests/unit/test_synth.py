@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from cdc_sink.decode import Decoder
+from cdc_sink.decode.decoder import Decoder
 from cdc_sink.model.cql import from_connect_schema
 from cdc_sink.model.events import ChangeEvent, Op, Position, interpret
-from cdc_sink.tables import parse_clustering_text
+from cdc_sink.schema.tables import parse_clustering_text
 from cdc_synth import synth
 
 START_US = 1_760_000_000_000_000

@@ -10,7 +10,7 @@ import pytest
 from cdc_sink.errors import ConversionError, EventError
 from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.model.events import ChangeEvent, Op, Position, interpret
-from cdc_sink.tables import (
+from cdc_sink.schema.tables import (
     IdentifierError,
     ReservedColumnError,
     TableOwnerError,

@@ -15,7 +15,7 @@ from asyncpg.pgproto.pgproto import UUID as PgUUID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_sink.write import _jsonable, json_key
+from cdc_sink.apply.writer import _jsonable, json_key
 
 
 def _reference(values: tuple[Any, ...]) -> str:

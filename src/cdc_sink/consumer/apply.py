@@ -16,18 +16,18 @@ import asyncpg
 from aiokafka import TopicPartition
 from opentelemetry import trace
 
+from cdc_sink.apply.writer import Batch, BatchResult, CheckpointMove, PgWriter, reserve_dlq_ids
 from cdc_sink.config import Config
 from cdc_sink.consumer.offsets import OffsetMirror
 from cdc_sink.consumer.ownership import Owned
 from cdc_sink.consumer.prepare import Prepared, dead_letter
-from cdc_sink.dlq import DeadLetter, DlqLimiter, DlqProducer
+from cdc_sink.dlq.letters import DeadLetter, DlqLimiter, DlqProducer
 from cdc_sink.errors import FencedError
 from cdc_sink.failures import Kind, classify, refused
-from cdc_sink.logs import get_logger
-from cdc_sink.metrics import Metrics
+from cdc_sink.ops.logs import get_logger
+from cdc_sink.ops.metrics import Metrics
+from cdc_sink.ops.secrets import PostgresLogin
 from cdc_sink.retry import RetryPolicy
-from cdc_sink.secrets import PostgresLogin
-from cdc_sink.write import Batch, BatchResult, CheckpointMove, PgWriter, reserve_dlq_ids
 
 log = get_logger("cdc_sink.runner")
 tracer = trace.get_tracer("cdc_sink")

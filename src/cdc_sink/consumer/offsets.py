@@ -9,8 +9,8 @@ from collections.abc import Callable, Collection
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from cdc_sink.logs import get_logger
-from cdc_sink.write import CheckpointMove
+from cdc_sink.apply.writer import CheckpointMove
+from cdc_sink.ops.logs import get_logger
 
 log = get_logger("cdc_sink.runner")
 

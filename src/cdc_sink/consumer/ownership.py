@@ -14,8 +14,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from cdc_sink.config import Config
 from cdc_sink.errors import FatalError
 from cdc_sink.failures import Kind, classify
-from cdc_sink.logs import get_logger
-from cdc_sink.metrics import Metrics
+from cdc_sink.ops.logs import get_logger
+from cdc_sink.ops.metrics import Metrics
 from cdc_sink.retry import RetryPolicy
 
 log = get_logger("cdc_sink.runner")

@@ -15,19 +15,19 @@ from typing import Any, Protocol
 import asyncpg
 from aiokafka import TopicPartition
 
-from cdc_sink.compression import UninflatedBatch
-from cdc_sink.decode import DecodedRecord, Decoder
-from cdc_sink.dlq import DeadLetter
+from cdc_sink.apply.plan import Mutation
+from cdc_sink.apply.writer import Batch
+from cdc_sink.consumer.compression import UninflatedBatch
+from cdc_sink.decode.decoder import DecodedRecord, Decoder
+from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
+from cdc_sink.dlq.letters import DeadLetter
 from cdc_sink.errors import ConversionError, EventError, PoisonError, UnexpectedError
 from cdc_sink.failures import Kind, classify, refused
-from cdc_sink.logs import get_logger
-from cdc_sink.metrics import Metrics
 from cdc_sink.model.events import ChangeEvent, Position, interpret, op_name
-from cdc_sink.nesting import MAX_NESTING, deeper_than
-from cdc_sink.plan import Mutation
+from cdc_sink.ops.logs import get_logger
+from cdc_sink.ops.metrics import Metrics
 from cdc_sink.retry import RetryPolicy
-from cdc_sink.tables import TableSchema
-from cdc_sink.write import Batch
+from cdc_sink.schema.tables import TableSchema
 
 log = get_logger("cdc_sink.runner")
 

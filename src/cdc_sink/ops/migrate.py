@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 
 from cdc_sink.errors import FatalError
-from cdc_sink.tables import quote_ident
+from cdc_sink.schema.tables import quote_ident
 
 MIGRATION_LOCK = 0x63646373696E6B  # "cdcsink": one migrator at a time across workers
 MIGRATION_FILE = re.compile(r"[0-9]{3}_.*\.sql")

@@ -18,9 +18,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import structlog
 
+from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 from cdc_sink.errors import TransientError
-from cdc_sink.metrics import Metrics
-from cdc_sink.nesting import MAX_NESTING, deeper_than
+from cdc_sink.ops.metrics import Metrics
 
 __all__ = ["HttpError", "HttpServer", "Request", "Response", "add_standard_routes", "json_response"]
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from cdc_sink.apply.plan import Mutation
 from cdc_sink.errors import ConversionError, EventError
 from cdc_sink.model.cql import CqlType, is_multi_cell, pg_type
 from cdc_sink.model.events import Bound, ChangeEvent, Op
 from cdc_sink.model.scalars import InvalidValue
 from cdc_sink.model.values import converter, unguarded_converter
-from cdc_sink.plan import Mutation
 
 PG_IDENTIFIER_BYTES = 63
 META_COLUMNS: dict[str, str] = {

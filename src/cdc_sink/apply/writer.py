@@ -24,12 +24,8 @@ from typing import Any
 
 import asyncpg
 
-from cdc_sink.dlq import DeadLetter, headers_to_json
-from cdc_sink.errors import FencedError
-from cdc_sink.model.cql import pg_type
-from cdc_sink.model.events import Op
-from cdc_sink.pgcodecs import PG_TUPLE_CODECS
-from cdc_sink.plan import (
+from cdc_sink.apply.codecs import PG_TUPLE_CODECS
+from cdc_sink.apply.plan import (
     CellState,
     Mutation,
     PartitionTombstones,
@@ -42,7 +38,11 @@ from cdc_sink.plan import (
     settle_plan,
     write_ts,
 )
-from cdc_sink.tables import META_COLUMNS, TableSchema, qualified, quote_ident
+from cdc_sink.dlq.letters import DeadLetter, headers_to_json
+from cdc_sink.errors import FencedError
+from cdc_sink.model.cql import pg_type
+from cdc_sink.model.events import Op
+from cdc_sink.schema.tables import META_COLUMNS, TableSchema, qualified, quote_ident
 
 Key = tuple[Any, ...]
 _SCOPES_KEPT = 65_536

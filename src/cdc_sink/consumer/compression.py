@@ -277,7 +277,7 @@ def install(max_inflated_bytes: int) -> int:
         if missing:
             raise RuntimeError(
                 f"{module.__name__} has no {', '.join(missing)}: this aiokafka version inflates "
-                "record batches differently; cdc_sink.compression was checked against 0.14"
+                "record batches differently; cdc_sink.consumer.compression was checked against 0.14"
             )
     if not (
         fetcher.MemoryRecords in (MemoryRecords, _BoundedRecords)
@@ -285,7 +285,7 @@ def install(max_inflated_bytes: int) -> int:
     ):
         raise RuntimeError(
             "aiokafka's fetcher no longer reads batches through MemoryRecords: "
-            "cdc_sink.compression was checked against aiokafka 0.14"
+            "cdc_sink.consumer.compression was checked against aiokafka 0.14"
         )
     before, _limit = _limit, max_inflated_bytes
     _scratch = bytearray(min(_SCRATCH_BYTES, max_inflated_bytes))

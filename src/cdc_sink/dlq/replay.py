@@ -19,9 +19,9 @@ from typing import Any
 
 import asyncpg
 
-from cdc_sink.dlq import DlqProducer, Header, headers_from_json
+from cdc_sink.dlq.letters import DlqProducer, Header, headers_from_json
 from cdc_sink.errors import UNREAD_BATCH_STAGE, SinkError
-from cdc_sink.http import (
+from cdc_sink.ops.http import (
     BIGINT_MAX,
     HttpError,
     HttpServer,
@@ -30,7 +30,7 @@ from cdc_sink.http import (
     int_param,
     json_response,
 )
-from cdc_sink.pools import BoundedPool
+from cdc_sink.ops.pools import BoundedPool
 
 STATUSES = ("pending", "replayed")
 LIST_COLUMNS = (

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2 as httpx
 
 from cdc_sink.errors import DecodeError, FatalError, TransientError
-from cdc_sink.logs import get_logger
+from cdc_sink.ops.logs import get_logger
 
 log = get_logger("cdc_sink.registry")
 

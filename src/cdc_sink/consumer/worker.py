@@ -24,25 +24,25 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
 
-from cdc_sink import compression
 from cdc_sink.config import Config
+from cdc_sink.consumer import compression
 from cdc_sink.consumer.apply import BatchApplier, PartitionPaused
 from cdc_sink.consumer.offsets import OffsetMirror
 from cdc_sink.consumer.ownership import Ownership
 from cdc_sink.consumer.prepare import Prepared, Preparer
-from cdc_sink.ddl import Catalog
-from cdc_sink.decode import Decoder
-from cdc_sink.dlq import DlqLimiter, DlqProducer
+from cdc_sink.decode.decoder import Decoder
+from cdc_sink.dlq.letters import DlqLimiter, DlqProducer
 from cdc_sink.errors import FatalError
-from cdc_sink.kafka_security import client_security, unreachable
-from cdc_sink.logs import get_logger
-from cdc_sink.metrics import Metrics
+from cdc_sink.ops.kafka_security import client_security, unreachable
+from cdc_sink.ops.logs import get_logger
+from cdc_sink.ops.metrics import Metrics
+from cdc_sink.ops.secrets import PostgresLogin
 from cdc_sink.retry import RetryPolicy, Stopping
-from cdc_sink.secrets import PostgresLogin
-from cdc_sink.tables import name_collisions
+from cdc_sink.schema.catalog import Catalog
+from cdc_sink.schema.tables import name_collisions
 
 log = get_logger("cdc_sink.runner")
-tracer = trace.get_tracer("cdc_sink")  # a no-op until cdc_sink.tracing installs a provider
+tracer = trace.get_tracer("cdc_sink")  # a no-op until cdc_sink.ops.tracing installs a provider
 
 BACKLOG_QUERY_TIMEOUT_S = 2.0
 # At shutdown, for a Kafka client to leave the group and close: with the broker away, aiokafka

@@ -7,11 +7,11 @@ import time
 
 import asyncpg
 
+from cdc_sink.apply.writer import PgWriter
 from cdc_sink.config import Config
-from cdc_sink.ddl import Catalog
-from cdc_sink.logs import get_logger
-from cdc_sink.metrics import Metrics
-from cdc_sink.write import PgWriter
+from cdc_sink.ops.logs import get_logger
+from cdc_sink.ops.metrics import Metrics
+from cdc_sink.schema.catalog import Catalog
 
 log = get_logger("cdc_sink.runner")
 

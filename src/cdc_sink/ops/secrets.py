@@ -31,9 +31,9 @@ import asyncpg
 
 from cdc_sink.config import Config, Secret, VaultConfig
 from cdc_sink.errors import FatalError
-from cdc_sink.logs import get_logger
+from cdc_sink.ops.logs import get_logger
 from cdc_sink.retry import RetryPolicy
-from cdc_sink.tables import quote_ident
+from cdc_sink.schema.tables import quote_ident
 
 log = get_logger("cdc_sink.secrets")
 

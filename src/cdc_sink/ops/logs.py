@@ -104,7 +104,7 @@ def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
 
 
 def add_trace_ids(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Processor: a line written inside a sampled span (cdc_sink.tracing) carries its
+    """Processor: a line written inside a sampled span (cdc_sink.ops.tracing) carries its
     `trace_id` and `span_id`, in the hex form trace back ends search for. Unsampled spans add
     nothing: their ids lead nowhere."""
     context = trace.get_current_span().get_span_context()

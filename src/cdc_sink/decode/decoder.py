@@ -30,10 +30,10 @@ from typing import Any
 import fastavro
 import fastavro.read
 
+from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
+from cdc_sink.decode.registry import ConfluentRegistry, OnceCache, Refusals, SchemaRegistry
 from cdc_sink.errors import DecodeError
 from cdc_sink.model.scalars import decimal_from_bytes
-from cdc_sink.nesting import MAX_NESTING, deeper_than
-from cdc_sink.registry import ConfluentRegistry, OnceCache, Refusals, SchemaRegistry
 
 __all__ = [
     "ConfluentRegistry",

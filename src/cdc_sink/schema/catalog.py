@@ -26,11 +26,12 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from cdc_sink.cassandra import CassandraTable, describe_table
+from cdc_sink.apply.writer import lock_id
 from cdc_sink.errors import EventError, FatalError, TransientError
 from cdc_sink.model.cql import CqlType, from_connect_schema, parse_cql_type, udt_definitions
 from cdc_sink.model.events import ChangeEvent
-from cdc_sink.tables import (
+from cdc_sink.schema.cassandra import CassandraTable, describe_table
+from cdc_sink.schema.tables import (
     RESERVED_COLUMNS,
     ReservedColumnError,
     TableSchema,
@@ -38,7 +39,6 @@ from cdc_sink.tables import (
     require_owner,
     target_name,
 )
-from cdc_sink.write import lock_id
 
 
 class CassandraTypes(Protocol):

@@ -40,7 +40,7 @@ from aiokafka.errors import (
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from cdc_sink.errors import FatalError, TransientError
-from cdc_sink.logs import get_logger
+from cdc_sink.ops.logs import get_logger
 
 log = get_logger("cdc_sink.dlq")
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import asyncpg
 
+from cdc_sink.apply.writer import prepare_connection
 from cdc_sink.config import PostgresConfig
 from cdc_sink.errors import TransientError
-from cdc_sink.secrets import PostgresLogin
-from cdc_sink.write import prepare_connection
+from cdc_sink.ops.secrets import PostgresLogin
 
 __all__ = ["BoundedPool", "open_pool"]
 

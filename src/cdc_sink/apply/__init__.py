@@ -1,0 +1,1 @@
+"""Events into PostgreSQL: the pure merge plan and the writer (COPY, upsert, deletes)."""

@@ -1,0 +1,1 @@
+"""Wire formats: Confluent Avro and Debezium JSON, and the schema registry client."""

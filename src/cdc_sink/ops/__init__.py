@@ -1,0 +1,1 @@
+"""Running the worker: HTTP, metrics, logs, traces, Vault, pools, housekeeping, migrations."""

@@ -1,0 +1,1 @@
+"""Target tables: their plan, the catalog that creates and evolves them, Cassandra's schema."""
