@@ -26,7 +26,7 @@ from opentelemetry import trace
 
 from cdc_sink.config import Config
 from cdc_sink.consumer import compression
-from cdc_sink.consumer.apply import BatchApplier, PartitionPaused
+from cdc_sink.consumer.applier import BatchApplier, PartitionPaused
 from cdc_sink.consumer.offsets import OffsetMirror
 from cdc_sink.consumer.ownership import Ownership
 from cdc_sink.consumer.prepare import Prepared, Preparer
