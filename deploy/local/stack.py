@@ -277,6 +277,10 @@ class Service:
     immediate_signal: int = signal.SIGKILL
     user: str | None = None  # run as this OS user (PostgreSQL refuses to run as root)
     needs: tuple[str, ...] = ()  # services that must be ready before this one starts
+    # Extra environment for the process. Set here rather than through `env VAR=… cmd`: that
+    # second exec leaves a moment in which /proc/<pid>/environ reads empty, and `pid()`
+    # would take the starting service for dead.
+    environment: Callable[[], dict[str, str]] = dict
 
     @property
     def run_dir(self) -> Path:
@@ -711,8 +715,6 @@ def debezium_command() -> list[str]:
     run_dir = RUN / "debezium"
     # The agent loads Cassandra's own classes to read commit log segments: same JVM flags.
     return [
-        "env",
-        f"LD_PRELOAD={loopback_shim()}",  # its HTTP server listens on loopback only
         java17(),
         # It holds the schema of every table in the cluster, and a test run creates hundreds:
         # at 384 MiB it ran out of heap after about 1,400 tables and stopped capturing.
@@ -725,6 +727,10 @@ def debezium_command() -> list[str]:
         "io.debezium.connector.cassandra.CassandraConnectorTask",
         str(run_dir / "connector.properties"),
     ]
+
+
+def debezium_environment() -> dict[str, str]:
+    return {"LD_PRELOAD": str(loopback_shim())}  # its HTTP server listens on loopback only
 
 
 def debezium_ready() -> None:
@@ -914,6 +920,7 @@ SERVICES = [
         debezium_command,
         debezium_ready,
         needs=("kafka", "cassandra"),
+        environment=debezium_environment,
     ),
 ]
 BY_NAME = {service.name: service for service in SERVICES}
@@ -972,7 +979,7 @@ def start(service: Service) -> bool:
             f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode()
         )
         out.flush()
-        env = {**os.environ, OWNER_VARIABLE: service.owner_tag}
+        env = {**os.environ, **service.environment(), OWNER_VARIABLE: service.owner_tag}
         process = subprocess.Popen(
             argv,
             stdout=out,
@@ -997,7 +1004,7 @@ def wait_ready(service: Service) -> float:
     deadline = began + service.start_timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
-        if service.pid() is None:
+        if service.pid() is None and not _still_alive(service):
             raise StackError(f"{service.name} exited during start-up")
         try:
             service.ready()
@@ -1009,6 +1016,16 @@ def wait_ready(service: Service) -> float:
         f"{service.name} not ready after {service.start_timeout:.0f}s "
         f"(last check: {type(last_error).__name__}: {last_error})"
     )
+
+
+def _still_alive(service: Service) -> bool:
+    """Look again, a moment later: a process that is exec'ing shows no environment for an
+    instant, and one glance would take it for dead."""
+    for _ in range(5):
+        time.sleep(0.1)
+        if service.pid() is not None:
+            return True
+    return False
 
 
 def stop(service: Service, *, immediate: bool = False) -> bool:
