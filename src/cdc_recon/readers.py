@@ -270,6 +270,16 @@ class CassandraReader:
         self.page_size = page_size
         self.concurrency = concurrency
         self.splits = max(16, concurrency * 8)
+        self._prepared: dict[str, Any] = {}
+
+    async def _prepare(self, query: str) -> Any:
+        """The prepared statement of `query`, prepared once per reader (each job would
+        otherwise pay a round trip and the driver's metadata parsing for every statement)."""
+        statement = self._prepared.get(query)
+        if statement is None:
+            statement = await asyncio.to_thread(self.session.prepare, query)
+            self._prepared[query] = statement
+        return statement
 
     def _select(self, table: ReconTable, writetimes: bool) -> str:
         cols = [_cql_ident(c) for c in table.columns]
@@ -308,8 +318,7 @@ class CassandraReader:
     ) -> AsyncIterator[list[Scanned]]:
         """Every row, a page at a time; `writetimes` adds each non-null cell's WRITETIME, and
         `keep` (given those) drops rows before their values are canonicalised."""
-        statement = await asyncio.to_thread(
-            self.session.prepare,
+        statement = await self._prepare(
             f"{self._select(table, writetimes)} WHERE {self._token(table)} > ? "
             f"AND {self._token(table)} <= ?",
         )
@@ -391,8 +400,7 @@ class CassandraReader:
 
     async def count(self, table: ReconTable) -> int:
         """The number of rows, counted per token range."""
-        statement = await asyncio.to_thread(
-            self.session.prepare,
+        statement = await self._prepare(
             f"SELECT count(*) FROM {_cql_table(table)} "
             f"WHERE {self._token(table)} > ? AND {self._token(table)} <= ?",
         )
@@ -412,9 +420,7 @@ class CassandraReader:
         from cassandra.concurrent import execute_concurrent_with_args
 
         where = " AND ".join(f"{_cql_ident(c)} = ?" for c in table.key_columns)
-        statement = await asyncio.to_thread(
-            self.session.prepare, f"{self._select(table, writetimes)} WHERE {where}"
-        )
+        statement = await self._prepare(f"{self._select(table, writetimes)} WHERE {where}")
         convert = self._convert(table, writetimes)
         params = [native_key(table, k) for k in keys]
 
@@ -447,8 +453,7 @@ class CassandraReader:
         # elements' TTLs are not read (such repairs are written without expiry).
         cols += [f"TTL({_cql_ident(c)})" for c in single]
         where = " AND ".join(f"{_cql_ident(c)} = ?" for c in table.key_columns)
-        statement = await asyncio.to_thread(
-            self.session.prepare,
+        statement = await self._prepare(
             f"SELECT {', '.join(cols)} FROM {_cql_table(table)} WHERE {where}",
         )
         params = [native_key(table, k) for k in keys]
@@ -496,8 +501,7 @@ class CassandraReader:
 
         rng = random.Random(seed)  # noqa: S311 - sampling, not security
         keys = ", ".join(_cql_ident(c) for c in table.key_columns)
-        statement = await asyncio.to_thread(
-            self.session.prepare,
+        statement = await self._prepare(
             f"SELECT {keys} FROM {_cql_table(table)} WHERE {self._token(table)} >= ? LIMIT 1",
         )
         tokens = [rng.randint(MIN_TOKEN + 1, MAX_TOKEN) for _ in range(count)]

@@ -136,6 +136,7 @@ class Reconciler:
         )
         self.postgres = PgReader(pool, pg_schema, page_size=settings.page_size)
         self._lock_holders = asyncio.Semaphore(max(1, pool.get_max_size() // 2))
+        self._running = asyncio.Semaphore(settings.max_running_jobs)
 
     async def resolve(
         self, name: str, pool: asyncpg.Pool | BoundedPool | None = None
@@ -218,8 +219,12 @@ class Reconciler:
 
     async def execute(self, job_id: int) -> bool:
         """Run a pending job unless another runner has it; True if it ran here (whatever its
-        outcome: failures are recorded on the job, not raised)."""
-        async with self.holding(job_lock(self.pg_schema, job_id), wait=False) as locked:
+        outcome: failures are recorded on the job, not raised). Waits, holding nothing, while
+        `max_running_jobs` jobs run here, so another pod may take the job meanwhile."""
+        async with (
+            self._running,
+            self.holding(job_lock(self.pg_schema, job_id), wait=False) as locked,
+        ):
             if locked is None or not await self.repository.claim(job_id, self.owner):
                 return False
             await self._execute(job_id)

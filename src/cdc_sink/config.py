@@ -334,6 +334,9 @@ class ReconciliationConfig:
     consistency: str = "LOCAL_QUORUM"
     page_size: int = 5000
     concurrency: int = 4
+    # Jobs run at once by one worker; more wait, pending. Every job takes CPU from the same
+    # Cassandra and PostgreSQL the pipeline uses, so by default they take turns.
+    max_running_jobs: int = 1
     buckets: int = 4096
     sample_size: int = 1000
     window_seconds: int = 3600
@@ -368,7 +371,14 @@ class ReconciliationConfig:
             raise ConfigError(
                 f"CDC_RECONCILIATION__CONSISTENCY must be one of {', '.join(CONSISTENCY_LEVELS)}"
             )
-        for name in ("interval_seconds", "page_size", "concurrency", "buckets", "sample_size"):
+        for name in (
+            "interval_seconds",
+            "page_size",
+            "concurrency",
+            "max_running_jobs",
+            "buckets",
+            "sample_size",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CDC_RECONCILIATION__{name.upper()} must be >= 1")
         if self.window_seconds < 1:

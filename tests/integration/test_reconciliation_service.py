@@ -4,6 +4,7 @@ routes, the CLI, and the metrics pushed to the Pushgateway."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import time
@@ -86,6 +87,25 @@ async def test_two_schedulers_racing_run_a_due_job_once(stack: Endpoints, setup:
         assert (await setup.reconciler.repository.job(job) or {})["status"] == "succeeded"
     finally:
         for pod in pods:
+            await close(pod)
+
+
+async def test_the_jobs_of_one_worker_take_turns(stack: Endpoints, setup: Setup) -> None:
+    """Jobs started together in one worker run one at a time (MAX_RUNNING_JOBS, default 1):
+    their running spans do not overlap, and each succeeds; with a limit of 3 they all run."""
+    for limit, expect_turns in (("1", True), ("3", False)):
+        env = env_for(stack, setup, reconciliation__max_running_jobs=limit, pushgateway__url="")
+        pod = await runtime_for(env, f"pod-{limit}")
+        try:
+            engine = await pod.reconciler()
+            jobs = [await engine.submit(data.TARGET, "checksum") for _ in range(3)]
+            assert await asyncio.gather(*(engine.execute(job) for job in jobs)) == [True] * 3
+            records = [await engine.repository.job(job) or {} for job in jobs]
+            assert {r["status"] for r in records} == {"succeeded"}
+            spans = sorted((r["started_at"], r["finished_at"]) for r in records)
+            if expect_turns:
+                assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
+        finally:
             await close(pod)
 
 
