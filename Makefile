@@ -12,15 +12,30 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(VENV)/.installed: pyproject.toml
+LOCK := requirements.lock
+
+# The runtime dependencies come from the lock, hash-checked, as in the image; then the project
+# itself and the dev tools.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
 	@$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@
 
 .PHONY: venv
 venv: $(VENV)/.installed ## create .venv with cdc-sink and the dev tools
+
+.PHONY: lock
+lock: venv ## pin pyproject's runtime dependencies with hashes in requirements.lock (Python 3.11, Linux x86-64)
+	@$(BIN)/uv pip compile pyproject.toml --quiet --no-config --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+		--custom-compile-command 'make lock' --output-file $(LOCK)
+
+.PHONY: image
+image: ## build the container image localhost/cdc-sink:<version> with podman, on a Debian base
+	@deploy/container/build
 
 .PHONY: system-deps
 system-deps: ## install missing system packages (JDK 17, Maven, PostgreSQL, Prometheus) from Debian

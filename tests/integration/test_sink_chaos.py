@@ -17,7 +17,6 @@ import random
 import signal
 import subprocess
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.support.cassandra_model import COLUMNS, CassandraModel, Mutation, replica_streams
+from tests.support.cassandra_model import COLUMNS, expected_rows, replica_streams
 from tests.support.names import Unique
 from tests.support.pipeline import (
     applied,
@@ -64,21 +63,6 @@ class Stream:
     keyspace: str
     records: list[tuple[bytes, bytes]]
     expected: dict[tuple[Any, ...], dict[str, Any]]
-
-
-def expected_rows(history: list[Mutation]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """What SELECT returns after the history: the reference model, one partition at a time."""
-    by_partition: dict[tuple[Any, ...], list[Mutation]] = defaultdict(list)
-    for m in history:
-        by_partition[m.key[:2]].append(m)
-    rows = {}
-    for mutations in by_partition.values():
-        model = CassandraModel(mutations)
-        for key in {m.key for m in mutations if len(m.key) == 4}:
-            row = model._row(key, 2**62)
-            if row is not None:
-                rows[key] = row
-    return rows
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ with nothing live beside it but null cells, which looks exactly like `DELETE c, 
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,22 @@ class CassandraModel:
 
 
 _WRITES = ("insert", "update", "delete_columns")
+
+
+def expected_rows(history: list[Mutation]) -> dict[tuple[Any, ...], Row]:
+    """What SELECT returns after the history, for any number of keys: the reference model,
+    one partition at a time."""
+    by_partition: dict[tuple[Any, ...], list[Mutation]] = defaultdict(list)
+    for m in history:
+        by_partition[m.key[:2]].append(m)
+    rows = {}
+    for mutations in by_partition.values():
+        model = CassandraModel(mutations)
+        for key in {m.key for m in mutations if len(m.key) == 4}:
+            row = model._row(key, 2**62)
+            if row is not None:
+                rows[key] = row
+    return rows
 
 
 def _elements(writes: list[Mutation], column: str, tombstone: int) -> list[Any] | None:
