@@ -80,6 +80,11 @@ def podman(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]
     return done
 
 
+def remove_container(name: str) -> None:
+    """Remove the container, killing it at once if it still runs."""
+    subprocess.run(["podman", "rm", "--force", "--time=0", name], capture_output=True, check=False)
+
+
 def run_options(env: dict[str, str], env_file: Path) -> list[str]:
     """`podman run` options for the image in the hardened posture, configured only through
     `env` (an env file: the DSN's password stays off the command line)."""
@@ -127,9 +132,31 @@ async def test_the_image_runs_as_a_non_root_user_with_labels_and_a_healthcheck(i
     assert labels["org.opencontainers.image.title"] == "cdc-sink"
     assert labels["org.opencontainers.image.version"] == "0.1.0"
     assert len(labels["org.opencontainers.image.revision"]) == 40
+    assert labels["org.opencontainers.image.base.name"] == "localhost/cdc-sink-base:bookworm"
     assert "/health" in " ".join(config["Healthcheck"]["Test"])
     version, _ = await run_container(image, [*PODMAN_FLAGS, *HARDENED], "version")
     assert version.startswith("cdc-sink 0.1.0 (Python 3.11.")
+
+
+def test_the_healthcheck_fails_when_nothing_answers_on_the_probes_port(image: str) -> None:
+    """With no worker listening on CDC_HTTP__PORT, the image's HEALTHCHECK reports unhealthy."""
+    name = unique_name("cdc-sink-idle")
+    podman(
+        "run", "--detach", f"--name={name}", *PODMAN_FLAGS, *HARDENED,
+        f"--env=CDC_HTTP__PORT={free_port()}", "--entrypoint=sleep", image, "120",
+    )  # fmt: skip
+    try:
+        check = subprocess.run(
+            ["podman", "healthcheck", "run", name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert check.returncode != 0
+        assert "unhealthy" in check.stdout + check.stderr
+    finally:
+        remove_container(name)
 
 
 async def test_the_container_migrates_and_drains_a_stream_exactly(
@@ -186,7 +213,7 @@ async def test_sigterm_during_a_drain_exits_0_within_the_shutdown_timeout(
         assert done < total, "drained before the signal"
         print(f"SIGTERM after {done} of {total} events: exit 0 {took:.1f} s later")
     finally:
-        subprocess.run(["podman", "rm", "--force", name], capture_output=True, check=False)
+        remove_container(name)
 
     await run_container(image, options, "run", "--stop-when-caught-up")
     assert await applied(stack.postgres_dsn, schema) == total
