@@ -36,9 +36,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "deploy" / "local" / "conf"
@@ -839,11 +840,47 @@ def pushgateway_command() -> list[str]:
     ]
 
 
+PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
+
+
+def alertmanager_config(base: dict[str, Any], settings: Mapping[str, str]) -> dict[str, Any]:
+    """`base` (conf/prometheus/alertmanager.yml) with its receivers "pager" and "chat" filled in
+    from settings: CDC_STACK_PAGERDUTY_ROUTING_KEY (and CDC_STACK_PAGERDUTY_URL, PagerDuty's
+    Events API v2 by default) pages; CDC_STACK_SLACK_WEBHOOK_URL (and CDC_STACK_SLACK_CHANNEL)
+    posts to chat. A receiver whose setting is unset is left as it is: it sends nothing."""
+    configs: dict[str, dict[str, Any]] = {}
+    if routing_key := settings.get("CDC_STACK_PAGERDUTY_ROUTING_KEY"):
+        url = settings.get("CDC_STACK_PAGERDUTY_URL") or PAGERDUTY_EVENTS_URL
+        configs["pager"] = {
+            "pagerduty_configs": [{"routing_key": routing_key, "url": url, "send_resolved": True}]
+        }
+    if webhook := settings.get("CDC_STACK_SLACK_WEBHOOK_URL"):
+        slack: dict[str, Any] = {"api_url": webhook, "send_resolved": True}
+        if channel := settings.get("CDC_STACK_SLACK_CHANNEL"):
+            slack["channel"] = channel
+        configs["chat"] = {"slack_configs": [slack]}
+    receivers = [
+        {**receiver, **configs.get(receiver["name"], {})} for receiver in base["receivers"]
+    ]
+    return {**base, "receivers": receivers}
+
+
+def alertmanager_install() -> None:
+    import yaml  # the project's venv has it (dev extra); only this service needs it
+
+    run_dir = RUN / "alertmanager"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base = yaml.safe_load((CONF / "prometheus" / "alertmanager.yml").read_text())
+    rendered = run_dir / "alertmanager.yml"
+    rendered.touch(mode=0o600)  # a routing key and a webhook URL are secrets
+    rendered.write_text(yaml.safe_dump(alertmanager_config(base, os.environ), sort_keys=False))
+
+
 def alertmanager_command() -> list[str]:
     run_dir = RUN / "alertmanager"
     return [
         _debian_binary("prometheus-alertmanager", "prometheus-alertmanager"),
-        f"--config.file={CONF / 'prometheus' / 'alertmanager.yml'}",
+        f"--config.file={run_dir / 'alertmanager.yml'}",
         f"--storage.path={run_dir / 'data'}",
         f"--web.listen-address={HOST}:{PORTS['alertmanager']}",
         "--cluster.listen-address=",
@@ -909,7 +946,7 @@ SERVICES = [
     Service(
         "alertmanager",
         PORTS["alertmanager"],
-        nothing,
+        alertmanager_install,
         alertmanager_command,
         http_ready("alertmanager", "/-/ready"),
     ),

@@ -79,15 +79,33 @@ def test_alerts_carry_severity_and_runbook() -> None:
 
 
 def test_issue_alerts_have_their_thresholds() -> None:
-    """The reconciliation alerts the design asks for exist with the agreed thresholds."""
+    """The paging alerts of the architecture exist with its thresholds and durations, and the
+    reconciliation alerts read the pushed results (job="cdc_reconciliation"), never a pod's own."""
     rules = alerts()
-    critical = rules["ReconciliationDriftCritical"]
-    assert critical["expr"] == "cdc_reconciliation_drift_percentage > 5"
-    assert critical["for"] == "2m"
-    assert critical["labels"]["severity"] == "critical"
-    assert rules["ReconciliationDriftWarning"]["expr"] == "cdc_reconciliation_drift_percentage > 1"
-    assert rules["ReconciliationDriftWarning"]["labels"]["severity"] == "warning"
-    assert "cdc_reconciliation_last_job_failed" in rules["ReconciliationJobFailed"]["expr"]
+    pushed = '{job="cdc_reconciliation"}'
+    expected = {
+        "HighConsumerLag": ("topic:cdc_backlog_depth:sum > 10000", "5m", "critical"),
+        "HighLatency": ("table:cdc_processing_latency_seconds:p95_5m > 2", "5m", "critical"),
+        "HighErrorRate": ("sum(rate(cdc_errors_total[5m])) > 10", "5m", "critical"),
+        "ReconciliationDriftCritical": (
+            f"cdc_reconciliation_drift_percentage{pushed} > 5",
+            "2m",
+            "critical",
+        ),
+        "ReconciliationDriftWarning": (
+            f"cdc_reconciliation_drift_percentage{pushed} > 1",
+            "2m",
+            "warning",
+        ),
+    }
+    got = {
+        name: (rules[name]["expr"], rules[name].get("for"), rules[name]["labels"]["severity"])
+        for name in expected
+    }
+    assert got == expected
+    for name, rule in rules.items():
+        if "cdc_reconciliation_" in rule["expr"]:
+            assert pushed in rule["expr"], f"{name} reads a pod's own reconciliation gauges"
 
 
 def test_alertmanager_config_is_valid() -> None:
