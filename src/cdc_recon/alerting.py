@@ -6,6 +6,8 @@ Prometheus rules alert on these names; do not rename them:
   cdc_reconciliation_last_job_failed{table,strategy}             gauge 0/1
   cdc_reconciliation_last_job_timestamp_seconds{table,strategy}  gauge (unix time it ended)
   cdc_reconciliation_last_job_duration_seconds{table,strategy}   gauge
+  cdc_reconciliation_last_success_timestamp_seconds{table,strategy}  gauge (unix time the
+      last job that succeeded ended; a failed job pushes none, so the one before stays)
   cdc_reconciliation_jobs_total{table,strategy,status}           counter (this process only)
 
 The gauges of one (table, strategy) are pushed with grouping key job="cdc_reconciliation",
@@ -34,6 +36,10 @@ _GAUGES = {
         "Unix time the last job ended.",
     ),
     "duration": ("cdc_reconciliation_last_job_duration_seconds", "Wall time of the last job."),
+    "succeeded": (
+        "cdc_reconciliation_last_success_timestamp_seconds",
+        "Unix time the last job that succeeded ended.",
+    ),
 }
 
 
@@ -111,6 +117,8 @@ def _values(report: JobReport) -> dict[str, float]:
         "ended": report.ended_at,
         "duration": report.duration_s,
     }
+    if report.status == "succeeded":
+        values["succeeded"] = report.ended_at
     if report.drift_percentage is not None:
         values["drift"] = report.drift_percentage
     if report.mismatches is not None:

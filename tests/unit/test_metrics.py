@@ -57,6 +57,21 @@ def test_render_exposes_every_metric_with_its_labels() -> None:
     assert {key: samples.get(key) for key in expected} == expected
 
 
+def test_retry_counters_of_every_retrying_stage_start_at_zero() -> None:
+    """A fresh worker exports cdc_retries_total at 0 for each stage that retries, and nothing
+    else retried."""
+    samples = _samples(Metrics())
+    retries = {
+        labels: value for (name, labels), value in samples.items() if name == "cdc_retries_total"
+    }
+    assert retries == {
+        (("stage", "claim"),): 0.0,
+        (("stage", "decode"),): 0.0,
+        (("stage", "dlq"),): 0.0,
+        (("stage", "write"),): 0.0,
+    }
+
+
 def test_histogram_buckets_span_the_documented_ranges() -> None:
     """Latency buckets run from 1 ms to 60 s; batch-size buckets from 1 to 5000 rows."""
     metrics = Metrics()

@@ -19,6 +19,9 @@ FATAL_EXIT_JOB = "cdc-sink"  # the pushed group's job label, as the workers' scr
 # 1 ms … 60 s: a healthy pipeline sits in the low milliseconds, a stalled one in tens of seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+# The stages that retry with the sink's retry policy: their counters are exported at 0 from the
+# start, so dashboards show them and rate() sees a worker's first retry.
+RETRIED_STAGES = ("write", "decode", "dlq", "claim")
 
 
 class Metrics:
@@ -68,6 +71,8 @@ class Metrics:
         self.retries = Counter(
             "cdc_retries_total", "Retries after a transient failure.", ["stage"], registry=r
         )
+        for stage in RETRIED_STAGES:
+            self.retries.labels(stage)
         self.dlq_records = Counter(
             "cdc_dlq_records_total",
             "Records sent to the dead-letter queue.",

@@ -1,0 +1,133 @@
+"""A Prometheus of a test's own: Debian's binary, the repository's rule files, scraping the
+workers the test started (job "cdc-sink") and the stack's Pushgateway every second.
+
+The stack's Prometheus loads the rules of the checkout that started the stack and scrapes one
+fixed worker port; a private one evaluates this checkout's rules over exactly this test's
+workers, so what it computes can be compared with what the test did."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.alerting import RULES_DIR, debian_tool
+
+SCRAPE_SECONDS = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Prometheus:
+    """The HTTP API of a running Prometheus."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _get(self, path: str, **params: str) -> Any:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}{query}", timeout=30) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # Prometheus says what is wrong with a query
+            raise AssertionError(f"{path} {params}: {exc.code} {exc.read().decode()}") from None
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expression: str, at: float | None = None) -> list[dict[str, Any]]:
+        """The instant vector `expression` gives now (or at unix time `at`)."""
+        params = {"query": expression} | ({"time": f"{at:.3f}"} if at is not None else {})
+        data = self._get("/api/v1/query", **params)
+        assert data["resultType"] == "vector", data
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def label_values(self, label: str, match: str) -> list[str]:
+        values: list[str] = self._get(f"/api/v1/label/{label}/values", **{"match[]": match})
+        return values
+
+    def alerts(self, name: str) -> list[dict[str, Any]]:
+        """The pending or firing alerts of rule `name`."""
+        found: list[dict[str, Any]] = self._get("/api/v1/alerts")["alerts"]
+        return [alert for alert in found if alert["labels"].get("alertname") == name]
+
+    def wait_scraped(self, targets: int, timeout: float = 60) -> None:
+        """Wait until `targets` targets of job cdc-sink are up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.query('up{job="cdc-sink"} == 1')) >= targets:
+                return
+            time.sleep(SCRAPE_SECONDS)
+        raise AssertionError(f"Prometheus has not scraped {targets} workers: {self.query('up')}")
+
+
+@contextmanager
+def private_prometheus(
+    workers: Sequence[str], pushgateway_url: str, directory: Path
+) -> Iterator[Prometheus]:
+    """Run Prometheus on a free loopback port until the block ends, scraping `workers`
+    (host:port of each worker's /metrics) and the Pushgateway, evaluating every rule file of
+    deploy/prometheus/rules each second."""
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": f"{SCRAPE_SECONDS:g}s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES_DIR / "*.yml")],
+        "scrape_configs": [
+            {"job_name": "cdc-sink", "static_configs": [{"targets": list(workers)}]},
+            {
+                "job_name": "pushgateway",
+                "honor_labels": True,
+                "static_configs": [{"targets": [urllib.parse.urlsplit(pushgateway_url).netloc]}],
+            },
+        ],
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with (directory / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                debian_tool("prometheus", "prometheus"),
+                f"--config.file={directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=5):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log_text = (directory / "prometheus.log").read_text()
+                    raise AssertionError(f"Prometheus did not start:\n{log_text}") from None
+                time.sleep(0.2)
+        yield Prometheus(url)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
