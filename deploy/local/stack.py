@@ -82,6 +82,8 @@ BASE_PORTS = {
     "alertmanager": 19094,
     "sink-metrics": 18000,
     "debezium": 18083,  # the Debezium agent's /health
+    "debezium-metrics": 18084,  # the JMX exporter in the agent
+    "cdc-raw-metrics": 18085,  # the use of Cassandra's cdc_raw directory
 }
 PORTS = {name: port + PORT_OFFSET for name, port in BASE_PORTS.items()}
 
@@ -683,8 +685,18 @@ def debezium_home() -> Path:
     return CACHE / "debezium-cassandra-5"
 
 
+def jmx_exporter_home() -> Path:
+    return CACHE / "jmx-exporter"
+
+
+def jmx_exporter_agent() -> Path:
+    (jar,) = (jmx_exporter_home() / "lib").glob("jmx_prometheus_javaagent-*.jar")
+    return jar
+
+
 def debezium_install() -> None:
     maven_copy_dependencies(MAVEN / "debezium.pom.xml", debezium_home())
+    maven_copy_dependencies(MAVEN / "jmx-exporter.pom.xml", jmx_exporter_home())
     run_dir = RUN / "debezium"
     values = {
         "RUN_DIR": str(run_dir),
@@ -697,6 +709,7 @@ def debezium_install() -> None:
     for name in ("connector.properties", "application.conf"):
         render(CONF / "debezium" / f"{name}.in", run_dir / name, values)
     shutil.copy(CONF / "debezium" / "logback.xml", run_dir / "logback.xml")
+    shutil.copy(CONF / "debezium" / "jmx-exporter.yml", run_dir / "jmx-exporter.yml")
     for folder in ("offsets", "relocation"):
         (run_dir / folder).mkdir(exist_ok=True)
     source, shim = REPO / "deploy" / "local" / "loopback_bind.c", loopback_shim()
@@ -721,6 +734,10 @@ def debezium_command() -> list[str]:
         # at 384 MiB it ran out of heap after about 1,400 tables and stopped capturing.
         "-Xmx1g",
         "-Djava.net.preferIPv4Stack=true",
+        # Its streaming metrics (mutations processed, commit log position) and the JVM's, for
+        # Prometheus: the agent's own HTTP server has only health checks.
+        f"-javaagent:{jmx_exporter_agent()}="
+        f"{HOST}:{PORTS['debezium-metrics']}:{run_dir / 'jmx-exporter.yml'}",
         *(option for option in cassandra_jvm_options() if option.startswith("--add-")),
         f"-Dlogback.configurationFile={run_dir / 'logback.xml'}",
         "-cp",
@@ -738,6 +755,18 @@ def debezium_ready() -> None:
     health = json.loads(http_get(f"http://{HOST}:{PORTS['debezium']}/health"))
     if not all(check.get("healthy") for check in health.values()):
         raise StackError(f"the Debezium agent reports itself unhealthy: {health}")
+    http_get(f"http://{HOST}:{PORTS['debezium-metrics']}/metrics")
+
+
+def cdc_raw_exporter_command() -> list[str]:
+    cassandra = RUN / "cassandra"
+    return [
+        sys.executable,
+        str(REPO / "deploy" / "local" / "cdc_raw_exporter.py"),
+        f"--directory={cassandra / 'cdc_raw'}",
+        f"--cassandra-yaml={cassandra / 'conf' / 'cassandra.yaml'}",
+        f"--listen={HOST}:{PORTS['cdc-raw-metrics']}",
+    ]
 
 
 def apicurio_home() -> Path:
@@ -807,6 +836,8 @@ def prometheus_install() -> None:
             "PUSHGATEWAY_PORT": str(PORTS["pushgateway"]),
             "ALERTMANAGER_PORT": str(PORTS["alertmanager"]),
             "SINK_METRICS_PORT": str(PORTS["sink-metrics"]),
+            "DEBEZIUM_METRICS_PORT": str(PORTS["debezium-metrics"]),
+            "CDC_RAW_METRICS_PORT": str(PORTS["cdc-raw-metrics"]),
         },
     )
 
@@ -959,6 +990,14 @@ SERVICES = [
         needs=("kafka", "cassandra"),
         environment=debezium_environment,
     ),
+    Service(
+        "cdc-raw-exporter",
+        PORTS["cdc-raw-metrics"],
+        nothing,
+        cdc_raw_exporter_command,
+        http_ready("cdc-raw-metrics", "/metrics"),
+        needs=("cassandra",),  # it reads the node's cdc_raw and cassandra.yaml
+    ),
 ]
 BY_NAME = {service.name: service for service in SERVICES}
 
@@ -974,6 +1013,8 @@ def endpoints() -> dict[str, str]:
         "CDC_CASSANDRA__LOCAL_DC": "datacenter1",
         "CDC_STACK_CASSANDRA_CDC_RAW": str(RUN / "cassandra" / "cdc_raw"),
         "CDC_STACK_DEBEZIUM_TOPIC_PREFIX": DEBEZIUM_TOPIC_PREFIX,
+        "CDC_STACK_DEBEZIUM_METRICS": f"{HOST}:{PORTS['debezium-metrics']}",
+        "CDC_STACK_CDC_RAW_METRICS": f"{HOST}:{PORTS['cdc-raw-metrics']}",
         "CDC_SCHEMA_REGISTRY__URL": schema_registry_url(),
         "CDC_VAULT__ADDR": f"http://{HOST}:{PORTS['openbao']}",
         "CDC_VAULT__TOKEN": VAULT_TOKEN,

@@ -1,7 +1,8 @@
 """The Grafana dashboards and the reconciliation alerts against a real stream: two worker
 processes (each with its own metrics port, PostgreSQL logins leased from Vault) apply a stream
 from Kafka, reconciliation jobs run on each of them, and a Prometheus of the test's own scrapes
-both workers and the stack's Pushgateway and evaluates the repository's rules."""
+both workers, the stack's Pushgateway, its Debezium agent and its cdc_raw exporter, and
+evaluates the repository's rules."""
 
 from __future__ import annotations
 
@@ -37,7 +38,13 @@ from tests.support.pipeline import (
     sink_env,
     start_worker_process,
 )
-from tests.support.prometheus import SCRAPE_SECONDS, Prometheus, free_port, private_prometheus
+from tests.support.prometheus import (
+    SCRAPE_SECONDS,
+    Prometheus,
+    capture_jobs,
+    free_port,
+    private_prometheus,
+)
 from tests.support.stack import Endpoints
 from tests.support.topics import unique_name
 from tests.support.vault import leased_postgres
@@ -48,7 +55,13 @@ WARM_UP, MEASURED, POISON = 140, 1400, 6
 WAIT_SECONDS = 120
 THROUGHPUT_WINDOW = 30
 # What each Grafana variable stands for here: every worker and table; the workers' scrape job.
-VARIABLES = {"$job": "cdc-sink", "$instance": ".*", "$table": ".*", "$strategy": ".*"}
+VARIABLES = {
+    "$job": "cdc-sink",
+    "$instance": ".*",
+    "$table": ".*",
+    "$strategy": ".*",
+    "$agent": ".*",
+}
 
 
 @dataclass
@@ -162,7 +175,10 @@ async def scene(stack: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> A
                 )
             apis = [f"http://127.0.0.1:{port}" for port in ports]
             with private_prometheus(
-                [f"127.0.0.1:{port}" for port in ports], stack.pushgateway_url, directory / "prom"
+                [f"127.0.0.1:{port}" for port in ports],
+                stack.pushgateway_url,
+                directory / "prom",
+                capture_jobs(stack),
             ) as prometheus:
                 await asyncio.to_thread(prometheus.wait_scraped, 2, WAIT_SECONDS)
                 # Both own partitions before anything is produced, so each one's counters

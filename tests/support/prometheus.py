@@ -14,14 +14,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.support.alerting import RULES_DIR, debian_tool
+from tests.support.stack import Endpoints
 
 SCRAPE_SECONDS = 1.0
 
@@ -31,6 +33,23 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def capture_jobs(stack: Endpoints) -> dict[str, str]:
+    """The scrape jobs of the capture side: the Debezium agent's JMX exporter and the use of
+    Cassandra's cdc_raw, as the stack serves them; the test fails if the stack does not."""
+    jobs = {
+        "debezium-agent": stack.get("CDC_STACK_DEBEZIUM_METRICS"),
+        "cassandra-cdc": stack.get("CDC_STACK_CDC_RAW_METRICS"),
+    }
+    missing = [job for job, target in jobs.items() if not target]
+    if missing:
+        pytest.fail(
+            f"the stack serves no metrics for {missing} (CDC_STACK_DEBEZIUM_METRICS, "
+            "CDC_STACK_CDC_RAW_METRICS): restart its debezium and start its cdc-raw-exporter",
+            pytrace=False,
+        )
+    return {job: str(target) for job, target in jobs.items()}
 
 
 class Prometheus:
@@ -61,28 +80,35 @@ class Prometheus:
         values: list[str] = self._get(f"/api/v1/label/{label}/values", **{"match[]": match})
         return values
 
+    def rule_groups(self) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = self._get("/api/v1/rules")["groups"]
+        return groups
+
     def alerts(self, name: str) -> list[dict[str, Any]]:
         """The pending or firing alerts of rule `name`."""
         found: list[dict[str, Any]] = self._get("/api/v1/alerts")["alerts"]
         return [alert for alert in found if alert["labels"].get("alertname") == name]
 
-    def wait_scraped(self, targets: int, timeout: float = 60) -> None:
-        """Wait until `targets` targets of job cdc-sink are up."""
+    def wait_scraped(self, targets: int, timeout: float = 60, job: str = "cdc-sink") -> None:
+        """Wait until `targets` targets of `job` are up."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if len(self.query('up{job="cdc-sink"} == 1')) >= targets:
+            if len(self.query(f'up{{job="{job}"}} == 1')) >= targets:
                 return
             time.sleep(SCRAPE_SECONDS)
-        raise AssertionError(f"Prometheus has not scraped {targets} workers: {self.query('up')}")
+        raise AssertionError(f"Prometheus has not scraped {targets} of {job}: {self.query('up')}")
 
 
 @contextmanager
 def private_prometheus(
-    workers: Sequence[str], pushgateway_url: str, directory: Path
+    workers: Sequence[str],
+    pushgateway_url: str,
+    directory: Path,
+    more_jobs: Mapping[str, str] | None = None,
 ) -> Iterator[Prometheus]:
     """Run Prometheus on a free loopback port until the block ends, scraping `workers`
-    (host:port of each worker's /metrics) and the Pushgateway, evaluating every rule file of
-    deploy/prometheus/rules each second."""
+    (host:port of each worker's /metrics), the Pushgateway and `more_jobs` (job name: host:port),
+    evaluating every rule file of deploy/prometheus/rules each second."""
     port = free_port()
     config = {
         "global": {"scrape_interval": f"{SCRAPE_SECONDS:g}s", "evaluation_interval": "1s"},
@@ -94,6 +120,10 @@ def private_prometheus(
                 "honor_labels": True,
                 "static_configs": [{"targets": [urllib.parse.urlsplit(pushgateway_url).netloc]}],
             },
+            *(
+                {"job_name": job, "static_configs": [{"targets": [target]}]}
+                for job, target in (more_jobs or {}).items()
+            ),
         ],
     }
     directory.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
 def test_there_are_the_dashboards() -> None:
-    """Pipeline and reconciliation dashboards exist, each with its own uid."""
+    """Pipeline, reconciliation and Kafka/agent dashboards exist, each with its own uid."""
     uids = {load(path)["uid"] for path in DASHBOARDS}
-    assert {"cdc-sink-pipeline", "cdc-sink-reconciliation"} <= uids
+    assert {"cdc-sink-pipeline", "cdc-sink-reconciliation", "cdc-sink-kafka"} <= uids
     assert len(uids) == len(DASHBOARDS)
 
 
