@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 import yaml
 
 from tests.support.alerting import ALERTMANAGER_CONFIG
+from tests.support.prometheus import free_port
 from tests.support.stack import REPO, STACK
 
 WAIT_SECONDS = 60
@@ -72,14 +72,9 @@ def webhooks() -> Iterator[Webhooks]:
 
 
 def _free_port_offset() -> int:
-    """A port offset at which the stack's Alertmanager port is free."""
-    base = 19094
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    if port <= base:
-        return _free_port_offset()
-    return port - base
+    """A port offset at which the stack's Alertmanager port (19094 + offset) is free."""
+    port = free_port()
+    return port - 19094 if port > 19094 else _free_port_offset()
 
 
 def _stack(env: dict[str, str], *args: str) -> None:

@@ -93,11 +93,6 @@ def _http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
         return exc.code, exc.read().decode()
 
 
-def _metrics_text(api: str) -> str:
-    with urllib.request.urlopen(f"{api}/metrics", timeout=30) as response:
-        return str(response.read().decode())
-
-
 async def _until(what: str, check: Any) -> Any:
     """Poll check() (sync; run in a thread) until it returns something true; return that."""
     deadline = time.monotonic() + WAIT_SECONDS
@@ -133,8 +128,8 @@ async def _stream(stack: Endpoints, topic: str, keyspace: str, table: str, write
     )
 
 
-async def _rows(scene_dsn: str, schema: str, target: str) -> int:
-    return int(await fetch_value(scene_dsn, f'SELECT count(*) FROM "{schema}"."{target}"'))
+async def _rows(dsn: str, schema: str, target: str) -> int:
+    return int(await fetch_value(dsn, f'SELECT count(*) FROM "{schema}"."{target}"'))
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +152,7 @@ async def scene(stack: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> A
                 env = sink_env(
                     stack,
                     topic=topic,
-                    group=names("g"),
+                    group=f"{topic}-group",  # one consumer group for both
                     schema=leased.schema,
                     http__host="127.0.0.1",
                     http__port=str(port),
@@ -167,7 +162,6 @@ async def scene(stack: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> A
                     sink__linger_ms="20",
                 )
                 env.update(leased.settings)
-                env["CDC_KAFKA__GROUP_ID"] = f"{topic}-group"  # one group for both
                 workers.append(
                     start_worker_process(
                         env, directory / f"worker-{index}.log", stop_when_caught_up=False
