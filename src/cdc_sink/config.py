@@ -9,6 +9,7 @@ naming the setting.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import os
 import re
 import tomllib
@@ -25,17 +26,51 @@ class ConfigError(Exception):
     """A setting is missing or invalid; the message names it."""
 
 
-class Secret(str):
-    """A string that never shows itself in logs, reprs or tracebacks."""
+class Secret:
+    """A secret value that yields itself only to `reveal()`.
+
+    Not a `str`: concatenation, slicing and string methods fail instead of returning the
+    plaintext, and str(), repr(), f-strings, %-formatting, logs and JSON (through str() or
+    repr()) show `***`. Equal to another Secret with the same value; true when non-empty.
+    """
+
+    __slots__ = ("_value",)
+    _value: str
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"a Secret holds text, not {type(value).__name__}")
+        object.__setattr__(self, "_value", value)
+
+    def reveal(self) -> str:
+        """The plaintext: only for handing it to the client library that needs it."""
+        return self._value
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("a Secret cannot be changed")
 
     def __repr__(self) -> str:
         return "Secret('***')"
 
-    def reveal(self) -> str:
-        return str.__str__(self)
-
     def __str__(self) -> str:
         return "***"
+
+    def __format__(self, spec: str) -> str:
+        return format("***", spec)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(
+            self._value.encode(), other._value.encode()
+        )
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
+        return (Secret, (self._value,))
 
 
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
