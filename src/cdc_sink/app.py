@@ -32,7 +32,7 @@ from cdc_sink.ops.logs import get_logger
 from cdc_sink.ops.metrics import Metrics, push_fatal_exit
 from cdc_sink.ops.migrate import migrate, pending
 from cdc_sink.ops.pools import BoundedPool, open_pool
-from cdc_sink.ops.secrets import Lease, secrets_for
+from cdc_sink.ops.secrets import Lease, postgres_unreachable, secrets_for
 from cdc_sink.schema import cassandra
 from cdc_sink.schema.catalog import CassandraSystemSchema, Catalog
 
@@ -89,9 +89,7 @@ class SinkApp:
             try:
                 opened = await open_pool(pg, login, size=size, application_name=name)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                raise FatalError(
-                    f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}", stage="postgres"
-                ) from exc
+                raise postgres_unreachable(pg, exc) from exc
             stack.push_async_callback(opened.close)
             return opened
 
@@ -109,11 +107,7 @@ class SinkApp:
 
         kept = config.schema_registry.max_unknown_ids
         if config.schema_registry.url:
-            self.registry = ConfluentRegistry(
-                config.schema_registry.url,
-                timeout=config.schema_registry.timeout_s,
-                max_unknown_ids=kept,
-            )
+            self.registry = ConfluentRegistry.from_config(config.schema_registry)
         self.decoder = Decoder(self.registry or _NoRegistry(), max_refused_ids=kept)
         system_schema = None
         if config.cassandra.contact_points:

@@ -20,9 +20,9 @@ from cdc_recon.cli import add_reconcile_command
 from cdc_sink import __version__
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config, ConfigError, load_config
-from cdc_sink.errors import FatalError, SinkError
+from cdc_sink.errors import SinkError
 from cdc_sink.ops.logs import configure_logging, get_logger
-from cdc_sink.ops.secrets import PostgresLogin, secrets_for
+from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
 from cdc_sink.ops.tracing import start_tracing
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ async def _connect(login: PostgresLogin, **kwargs: Any) -> asyncpg.Connection:
     try:
         return await login.connect(**kwargs)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
+        raise postgres_unreachable(login.postgres, exc) from exc
 
 
 async def _migrate(config: Config, args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import os
 import re
 import tomllib
@@ -151,22 +152,46 @@ class KafkaConfig:
                     f"CDC_KAFKA__SECURITY_PROTOCOL={self.security_protocol} needs "
                     "CDC_KAFKA__SASL_USERNAME and CDC_KAFKA__SASL_PASSWORD"
                 )
-        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
-            raise ConfigError("CDC_KAFKA__SSL_CERTFILE and CDC_KAFKA__SSL_KEYFILE go together")
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"CDC_KAFKA__{name.upper()}: no such file {path!r}")
+        check_client_certificate("CDC_KAFKA", self.ssl_certfile, self.ssl_keyfile)
+        check_files("CDC_KAFKA", self, "ssl_cafile", "ssl_certfile", "ssl_keyfile")
+
+
+def check_files(section: str, settings: object, *names: str) -> None:
+    """ConfigError naming the first of `names` (attributes of `settings`) that is set to a
+    path that is not a readable file."""
+    for name in names:
+        path = getattr(settings, name)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{section}__{name.upper()}: no such file {path!r}")
+
+
+def check_client_certificate(section: str, certfile: str | None, keyfile: str | None) -> None:
+    """ConfigError unless a client certificate and its key are both set or both unset."""
+    if (certfile is None) != (keyfile is None):
+        raise ConfigError(f"{section}__SSL_CERTFILE and {section}__SSL_KEYFILE go together")
 
 
 @dataclass(frozen=True)
 class SchemaRegistryConfig:
-    url: str | None = None  # basic auth may be given as https://user:secret@host
+    url: str | None = None  # basic auth may also be given as https://user:secret@host
     timeout_s: float = 10.0
     max_unknown_ids: int = 10_000  # schema ids remembered as refused (least recently used go)
+    username: str | None = None  # HTTP basic auth, with password
+    password: Secret | None = None
+    ssl_cafile: str | None = None  # PEM; None: the system's trusted CAs
 
     def validate(self) -> None:
         check_http_url("CDC_SCHEMA_REGISTRY__URL", self.url)
+        if bool(self.username) != bool(self.password):
+            raise ConfigError(
+                "CDC_SCHEMA_REGISTRY__USERNAME and CDC_SCHEMA_REGISTRY__PASSWORD go together"
+            )
+        if self.username and self.url and urlsplit(self.url).username is not None:
+            raise ConfigError(
+                "CDC_SCHEMA_REGISTRY__USERNAME is set and CDC_SCHEMA_REGISTRY__URL holds a user "
+                "too: give the credentials in one place"
+            )
+        check_files("CDC_SCHEMA_REGISTRY", self, "ssl_cafile")
         if not self.timeout_s > 0:
             raise ConfigError("CDC_SCHEMA_REGISTRY__TIMEOUT_S must be > 0")
         if self.max_unknown_ids < 1:
@@ -189,6 +214,20 @@ def check_http_url(setting: str, url: str | None) -> None:
         raise ConfigError(f"{setting} must be an http(s)://host[:port][/path] URL, not {shown!r}")
 
 
+def plain_http_beyond_loopback(url: str) -> bool:
+    """`url` is http:// (not https://) to a host other than localhost or a loopback address."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return True
+
+
 PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
@@ -203,6 +242,18 @@ class PostgresConfig:
     api_pool_size: int = 2  # the HTTP API's requests
     api_acquire_timeout_s: float = 5.0  # then the request answers 503
     reconciliation_pool_size: int = 4  # jobs: half hold their lock, half run their queries
+    # TLS, as libpq names it; None: what the DSN says (its sslmode, default prefer). Use
+    # verify-full in production: the others do not check the server's name or certificate.
+    sslmode: str | None = None
+    sslrootcert: str | None = None  # PEM CA bundle; None: the system's trusted CAs
+    sslcert: str | None = None  # PEM client certificate, with sslkey
+    sslkey: str | None = None
+
+    def effective_sslmode(self) -> str:
+        """The sslmode in force: the setting, else the DSN's, else libpq's default prefer."""
+        if self.sslmode is not None:
+            return self.sslmode
+        return parse_qs(urlsplit(self.dsn.reveal()).query).get("sslmode", ["prefer"])[-1]
 
     def validate(self) -> None:
         dsn = self.dsn.reveal()
@@ -213,9 +264,11 @@ class PostgresConfig:
             _ = parts.port
         except ValueError as exc:  # the messages name a part, never the password
             raise ConfigError(f"CDC_POSTGRES__DSN is not a valid URL: {exc}") from None
-        sslmode = parse_qs(parts.query).get("sslmode", ["prefer"])[-1]
+        query = parse_qs(parts.query)
+        sslmode = query.get("sslmode", ["prefer"])[-1]
         if sslmode not in PG_SSLMODES:
             raise ConfigError(f"CDC_POSTGRES__DSN: sslmode must be one of {', '.join(PG_SSLMODES)}")
+        self._validate_tls(query)
         if not self.schema or len(self.schema.encode()) > 63:
             raise ConfigError("CDC_POSTGRES__SCHEMA must be 1 to 63 bytes")
         if not self.connect_timeout_s > 0:
@@ -225,6 +278,25 @@ class PostgresConfig:
                 raise ConfigError(f"CDC_POSTGRES__{name.upper()} must be between {low} and 100")
         if not self.api_acquire_timeout_s > 0:
             raise ConfigError("CDC_POSTGRES__API_ACQUIRE_TIMEOUT_S must be > 0")
+
+    def _validate_tls(self, query: dict[str, list[str]]) -> None:
+        if self.sslmode is not None and self.sslmode not in PG_SSLMODES:
+            raise ConfigError(f"CDC_POSTGRES__SSLMODE must be one of {', '.join(PG_SSLMODES)}")
+        names = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+        for name in names:
+            if getattr(self, name) is not None and name in query:
+                raise ConfigError(
+                    f"CDC_POSTGRES__{name.upper()} is set and CDC_POSTGRES__DSN holds {name} "
+                    "too: give it in one place"
+                )
+        if (self.sslcert is None) != (self.sslkey is None):
+            raise ConfigError("CDC_POSTGRES__SSLCERT and CDC_POSTGRES__SSLKEY go together")
+        if self.sslrootcert and self.effective_sslmode() not in ("verify-ca", "verify-full"):
+            # libpq would verify with a root certificate at hand; say what happens instead
+            raise ConfigError(
+                "CDC_POSTGRES__SSLROOTCERT needs CDC_POSTGRES__SSLMODE verify-ca or verify-full"
+            )
+        check_files("CDC_POSTGRES", self, *names[1:])
 
 
 @dataclass(frozen=True)
@@ -306,10 +378,25 @@ class CassandraConfig:
     local_dc: str = "datacenter1"
     username: str | None = None
     password: Secret | None = None
+    # TLS: the server's certificate is checked against ssl_cafile (None: the system's CAs)
+    # and must name the contact point it is reached at.
+    ssl: bool = False
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None  # PEM client certificate, with ssl_keyfile
+    ssl_keyfile: str | None = None
 
     def validate(self) -> None:
         if not 1 <= self.port <= 65_535:
             raise ConfigError("CDC_CASSANDRA__PORT must be between 1 and 65535")
+        if bool(self.username) != bool(self.password):
+            raise ConfigError("CDC_CASSANDRA__USERNAME and CDC_CASSANDRA__PASSWORD go together")
+        check_client_certificate("CDC_CASSANDRA", self.ssl_certfile, self.ssl_keyfile)
+        if not self.ssl and (self.ssl_cafile or self.ssl_certfile):
+            raise ConfigError(
+                "CDC_CASSANDRA__SSL_CAFILE and CDC_CASSANDRA__SSL_CERTFILE need "
+                "CDC_CASSANDRA__SSL=true"
+            )
+        check_files("CDC_CASSANDRA", self, "ssl_cafile", "ssl_certfile", "ssl_keyfile")
 
 
 @dataclass(frozen=True)
@@ -324,9 +411,19 @@ class VaultConfig:
     cassandra_secret: str | None = None  # KV v2 path holding Cassandra's username and password
     kv_mount: str = "secret"
     timeout_seconds: float = 10.0
+    ssl_cafile: str | None = None  # PEM; None: the system's trusted CAs
+    # Tokens and secrets would cross the network in clear: http:// is refused beyond loopback
+    # unless this says otherwise.
+    allow_plain_http: bool = False
 
     def validate(self) -> None:
         check_http_url("CDC_VAULT__ADDR", self.addr)
+        check_files("CDC_VAULT", self, "ssl_cafile")
+        if self.addr and not self.allow_plain_http and plain_http_beyond_loopback(self.addr):
+            raise ConfigError(
+                "CDC_VAULT__ADDR is http:// to a host beyond loopback: tokens and secrets would "
+                "travel in clear; use https://, or set CDC_VAULT__ALLOW_PLAIN_HTTP=true"
+            )
         if not 0 < self.timeout_seconds <= 300:
             raise ConfigError("CDC_VAULT__TIMEOUT_SECONDS must be > 0 and <= 300")
         if bool(self.role_id) != bool(self.secret_id):

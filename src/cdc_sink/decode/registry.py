@@ -21,10 +21,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx2 as httpx
 
+from cdc_sink.config import SchemaRegistryConfig
 from cdc_sink.errors import DecodeError, FatalError, TransientError
 from cdc_sink.ops.logs import get_logger
+from cdc_sink.ops.tls import client_context, is_untrusted_certificate, untrusted_hint
 
 log = get_logger("cdc_sink.registry")
+
+CA_SETTING = "CDC_SCHEMA_REGISTRY__SSL_CAFILE"
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -111,8 +115,10 @@ class ConfluentRegistry:
     `unknown_id_retries` (seconds) before it counts, and is then remembered for
     `unknown_id_ttl` seconds (at most `max_unknown_ids` of them). Once `flood_ids` ids have
     proved unknown within `unknown_id_ttl`, a 404 counts at once, without the delays. Basic
-    auth may be given in the URL (`https://user:secret@host/`); it never appears in error
-    messages. Call `close()` when done.
+    auth is `auth` (user, password) or given in the URL (`https://user:secret@host/`); it
+    never appears in error messages. An https registry's certificate is verified against
+    `ca_file` (PEM; default: the system's trusted CAs); one it refuses is a FatalError.
+    Call `close()` when done.
     """
 
     def __init__(
@@ -121,6 +127,8 @@ class ConfluentRegistry:
         *,
         timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        auth: tuple[str, str] | None = None,
+        ca_file: str | None = None,
         unknown_id_retries: tuple[float, ...] = (0.25, 1.0),
         unknown_id_ttl: float = 60.0,
         max_unknown_ids: int = 10_000,
@@ -133,9 +141,12 @@ class ConfluentRegistry:
         self._url = url.rstrip("/")
         netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
         self._shown = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+        self._ca_file = ca_file
         self._http = httpx.AsyncClient(
             timeout=timeout,
             transport=transport,
+            auth=auth,
+            verify=client_context(CA_SETTING, ca_file),
             headers={"Accept": "application/vnd.schemaregistry.v1+json, application/json"},
         )
         self._texts: OnceCache[int, str] = OnceCache()
@@ -144,6 +155,20 @@ class ConfluentRegistry:
         # When the last `flood_ids` ids proved unknown (monotonic time)
         self._proved_unknown: collections.deque[float] = collections.deque(maxlen=flood_ids)
         self.waited_ids = 0  # ids asked again after the delays
+
+    @classmethod
+    def from_config(cls, settings: SchemaRegistryConfig) -> ConfluentRegistry:
+        """The client the CDC_SCHEMA_REGISTRY__* settings describe (URL set); ConfigError for
+        a CA bundle that cannot be loaded."""
+        assert settings.url is not None
+        password = settings.password.reveal() if settings.password else ""
+        return cls(
+            settings.url,
+            timeout=settings.timeout_s,
+            max_unknown_ids=settings.max_unknown_ids,
+            auth=(settings.username, password) if settings.username else None,
+            ca_file=settings.ssl_cafile,
+        )
 
     async def schema_by_id(self, schema_id: int) -> str:
         text = self._texts.values.get(schema_id)
@@ -174,6 +199,11 @@ class ConfluentRegistry:
             try:
                 response = await self._http.get(f"{self._url}/schemas/ids/{schema_id}")
             except httpx.HTTPError as exc:
+                if is_untrusted_certificate(exc):  # retrying cannot help
+                    raise FatalError(
+                        f"{untrusted_hint(where, CA_SETTING, self._ca_file)}: {exc!r}",
+                        stage="decode",
+                    ) from exc
                 raise TransientError(
                     f"{where} unreachable while fetching schema id {schema_id}: {exc!r}"
                 ) from exc
@@ -191,7 +221,11 @@ class ConfluentRegistry:
         if status in (408, 429) or status >= 500:
             raise TransientError(said)
         if status in (401, 403, 407):
-            raise FatalError(said, stage="decode")
+            raise FatalError(
+                f"{said}; check CDC_SCHEMA_REGISTRY__USERNAME and CDC_SCHEMA_REGISTRY__PASSWORD "
+                "(or the user in CDC_SCHEMA_REGISTRY__URL)",
+                stage="decode",
+            )
         if status == 404:
             why = f"unknown schema id {schema_id} ({said})"
             self._unknown.add(schema_id, why)

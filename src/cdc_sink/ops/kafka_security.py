@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiokafka.helpers import create_ssl_context
-
 from cdc_sink.config import KafkaConfig
 from cdc_sink.errors import FatalError
+from cdc_sink.ops.tls import client_context
 
 
 def client_security(kafka: KafkaConfig) -> dict[str, Any]:
@@ -15,8 +14,8 @@ def client_security(kafka: KafkaConfig) -> dict[str, Any]:
     PLAINTEXT). SCRAM takes its credentials through the same `sasl_plain_*` arguments."""
     options: dict[str, Any] = {"security_protocol": kafka.security_protocol}
     if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(
-            cafile=kafka.ssl_cafile, certfile=kafka.ssl_certfile, keyfile=kafka.ssl_keyfile
+        options["ssl_context"] = client_context(
+            "CDC_KAFKA__SSL_CAFILE", kafka.ssl_cafile, kafka.ssl_certfile, kafka.ssl_keyfile
         )
     if kafka.security_protocol.startswith("SASL_"):
         assert kafka.sasl_password is not None  # KafkaConfig.validate
@@ -35,6 +34,12 @@ def unreachable(kafka: KafkaConfig, client: str, exc: BaseException) -> FatalErr
     settings = "CDC_KAFKA__BOOTSTRAP_SERVERS"
     if kafka.security_protocol != "PLAINTEXT":
         settings += f", CDC_KAFKA__SECURITY_PROTOCOL={kafka.security_protocol} and its settings"
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        # aiokafka does not say why; an untrusted broker certificate is a common reason
+        trusted = kafka.ssl_cafile or "the system's trusted CAs"
+        settings += (
+            f"; CDC_KAFKA__SSL_CAFILE ({trusted}) must hold the CA of the broker's certificate"
+        )
     return FatalError(
         f"cannot reach Kafka for the {client} ({settings}): {exc}; "
         "the reason is in aiokafka's error just before",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ from typing import Any
 
 import asyncpg
 
-from cdc_sink.config import Config, Secret, VaultConfig
+from cdc_sink.config import Config, PostgresConfig, Secret, VaultConfig
 from cdc_sink.errors import FatalError
 from cdc_sink.ops.logs import get_logger
+from cdc_sink.ops.tls import client_context, is_untrusted_certificate, untrusted_hint
 from cdc_sink.retry import RetryPolicy
 from cdc_sink.schema.tables import quote_ident
 
@@ -74,7 +76,10 @@ class Vault:
         import hvac
 
         self.config = config
-        self.client = hvac.Client(url=config.addr, timeout=config.timeout_seconds)
+        # requests takes a CA bundle's path (or True: its own trusted CAs) as `verify`
+        self.client = hvac.Client(
+            url=config.addr, timeout=config.timeout_seconds, verify=config.ssl_cafile or True
+        )
         self.token: Lease | None = None  # None: a token that does not expire
 
     async def login(self) -> None:
@@ -156,8 +161,10 @@ class PostgresLogin:
     that comes and goes."""
 
     def __init__(self, config: Config, vault: Vault | None = None) -> None:
+        self.postgres = config.postgres
         self.dsn = config.postgres.dsn.reveal()
         self.role = config.postgres.role
+        self.ssl = postgres_tls(config.postgres)
         self.vault = vault
         self.user: str | None = None
         self.password: Secret | None = None
@@ -187,6 +194,8 @@ class PostgresLogin:
         """asyncpg.connect with the current user and role; a pool's `connect=`."""
         if self.user is not None and self.password is not None:
             kwargs.update(user=self.user, password=self.password.reveal())
+        if self.ssl is not None:
+            kwargs["ssl"] = self.ssl
         conn = await asyncpg.connect(self.dsn, **kwargs)
         if self.role:
             try:
@@ -266,6 +275,32 @@ class PostgresLogin:
             log.warning("vault_revoke_failed", error=f"{type(exc).__name__}: {exc}")
 
 
+def postgres_tls(postgres: PostgresConfig) -> ssl.SSLContext | str | None:
+    """asyncpg's `ssl` argument for the CDC_POSTGRES__SSL* settings, with libpq's meaning of
+    each sslmode; None when none is set (the DSN's own sslmode and files apply)."""
+    if all(v is None for v in (postgres.sslmode, postgres.sslrootcert, postgres.sslcert)):
+        return None
+    mode = postgres.effective_sslmode()
+    if mode in ("disable", "allow", "prefer"):
+        return mode
+    return client_context(
+        "CDC_POSTGRES__SSLROOTCERT",
+        postgres.sslrootcert,
+        postgres.sslcert,
+        postgres.sslkey,
+        check_hostname=mode == "verify-full",
+        verify=mode != "require",  # libpq's require encrypts without checking anything
+    )
+
+
+def postgres_unreachable(postgres: PostgresConfig, exc: BaseException) -> FatalError:
+    """The error for a PostgreSQL connection that failed at start: names the settings."""
+    if is_untrusted_certificate(exc):
+        hint = untrusted_hint("PostgreSQL", "CDC_POSTGRES__SSLROOTCERT", postgres.sslrootcert)
+        return FatalError(f"cannot connect to PostgreSQL: {hint}: {exc}", stage="postgres")
+    return FatalError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}", stage="postgres")
+
+
 async def reconnect_idle(pool: asyncpg.Pool) -> None:
     """Busy connections are replaced when handed back; idle ones only when next taken, which
     may be long after their user is gone: take each one now (the pool reconnects it as the
@@ -335,5 +370,7 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
         raise
     except Exception as exc:  # hvac's errors, requests' connection errors, a bad answer
         said = " ".join(str(exc).split())  # hvac's messages run over several lines
+        if is_untrusted_certificate(exc):
+            said = f"{untrusted_hint('Vault', 'CDC_VAULT__SSL_CAFILE', cfg.ssl_cafile)}: {said}"
         raise VaultError(f"{step}: {type(exc).__name__}: {said}") from exc
     return config, login

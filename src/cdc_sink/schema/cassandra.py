@@ -6,11 +6,14 @@ schema. Both are blocking calls: run them in a thread.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
 from cdc_sink.config import CassandraConfig
+from cdc_sink.errors import FatalError
 from cdc_sink.model.cql import CqlType, parse_cql_type
+from cdc_sink.ops.tls import client_context, is_untrusted_certificate, untrusted_hint
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,14 @@ def connect(
     timeout_s: float | None = None,
     plain_tuples: bool = False,
 ) -> Any:
-    """A session on the configured cluster (protocol v5, the local DC's nodes first);
-    `consistency` and `timeout_s` override the driver's defaults, `plain_tuples` returns rows
-    as tuples (cheaper than named tuples for large reads)."""
+    """A session on the configured cluster (protocol v5, the local DC's nodes first, TLS and
+    a login when configured); `consistency` and `timeout_s` override the driver's defaults,
+    `plain_tuples` returns rows as tuples (cheaper than named tuples for large reads). A node
+    certificate that is not trusted raises FatalError naming CDC_CASSANDRA__SSL_CAFILE; other
+    failures raise what the driver raises."""
     from cassandra import ConsistencyLevel
     from cassandra.auth import PlainTextAuthProvider
-    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
     from cassandra.policies import DCAwareRoundRobinPolicy
     from cassandra.query import tuple_factory
 
@@ -60,12 +65,31 @@ def connect(
         auth_provider=auth,
         execution_profiles={EXEC_PROFILE_DEFAULT: ExecutionProfile(**options)},
         protocol_version=5,
+        ssl_context=tls_context(cfg),
     )
     try:
         return cluster.connect()
+    except NoHostAvailable as exc:
+        cluster.shutdown()
+        if any(is_untrusted_certificate(e) for e in exc.errors.values()):
+            hint = untrusted_hint("Cassandra", "CDC_CASSANDRA__SSL_CAFILE", cfg.ssl_cafile)
+            raise FatalError(
+                f"cannot connect to Cassandra: {hint}: {exc}", stage="cassandra"
+            ) from exc
+        raise
     except Exception:
         cluster.shutdown()
         raise
+
+
+def tls_context(cfg: CassandraConfig) -> ssl.SSLContext | None:
+    """The context that verifies each node's certificate (and its name: the address the driver
+    reaches it at) when CDC_CASSANDRA__SSL is on; None otherwise."""
+    if not cfg.ssl:
+        return None
+    return client_context(
+        "CDC_CASSANDRA__SSL_CAFILE", cfg.ssl_cafile, cfg.ssl_certfile, cfg.ssl_keyfile
+    )
 
 
 def describe_table(session: Any, keyspace: str, table: str) -> CassandraTable | None:
