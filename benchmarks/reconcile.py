@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.policies import WhiteListRoundRobinPolicy
@@ -93,8 +94,15 @@ def _cluster(host: str, port: int) -> Any:
     profile = ExecutionProfile(
         load_balancing_policy=WhiteListRoundRobinPolicy([host]), request_timeout=120
     )
+    user = os.environ.get("CDC_CASSANDRA__USERNAME")  # the stack's Cassandra checks passwords
     return Cluster(
-        [host], port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile}, protocol_version=5
+        [host],
+        port=port,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        protocol_version=5,
+        auth_provider=(
+            PlainTextAuthProvider(user, os.environ["CDC_CASSANDRA__PASSWORD"]) if user else None
+        ),
     )
 
 

@@ -29,6 +29,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -62,6 +63,7 @@ DEBEZIUM_TOPIC_PREFIX = "debezium"
 BASE_PORTS = {
     "postgres": 15432,
     "openbao": 18200,
+    "openbao-tls": 18210,  # the same server, over TLS
     "kafka": 19092,
     "kafka-controller": 19093,
     # A third Kafka listener that advertises "kafka-via-proxy": a client bootstrapping there is
@@ -69,9 +71,11 @@ BASE_PORTS = {
     # forwards to "kafka-proxied" (the fault-injecting TCP proxy of the chaos tests).
     "kafka-proxied": 19095,
     "kafka-via-proxy": 19096,
-    # A SASL_SSL listener (PLAIN over TLS, a self-signed certificate for 127.0.0.1), as secured
-    # clusters are reached: the sink's CDC_KAFKA__SECURITY_PROTOCOL settings are tested there.
+    # A SASL_SSL listener (PLAIN or SCRAM-SHA-512 over TLS), and an SSL listener that demands a
+    # client certificate (mutual TLS), as secured clusters are reached: the sink's
+    # CDC_KAFKA__SECURITY_PROTOCOL settings are tested there.
     "kafka-secured": 19097,
+    "kafka-mtls": 19098,
     "cassandra": 19042,
     "cassandra-storage": 17000,
     "cassandra-jmx": 17199,
@@ -93,9 +97,14 @@ PG_PASSWORD = "cdc_sink"  # local development only; the stack binds to loopback
 PG_SUPERUSER_PASSWORD = "postgres"
 OWNER_VARIABLE = "CDC_STACK_OWNER"
 VAULT_TOKEN = "cdc-local-root-token"  # dev-mode root token, local development only
-# The secured Kafka listener's one SASL user and its TLS keystore: local development only.
+# The secured Kafka listener's one SASL user (PLAIN and SCRAM-SHA-512): local development only.
 KAFKA_SASL_USER, KAFKA_SASL_PASSWORD = "cdcsink", "cdc-local-kafka-password"
-KAFKA_KEYSTORE_PASSWORD = "cdc-local-keystore"
+KEYSTORE_PASSWORD = "cdc-local-keystore"  # the Java services' PKCS12 key and trust stores
+# Cassandra checks passwords; this is the superuser it creates on first start.
+CASSANDRA_USER, CASSANDRA_PASSWORD = "cassandra", "cassandra"
+# The stack's CA signs a certificate for each of these (127.0.0.1 and localhost), and one
+# for clients that must present one (mutual TLS).
+CERTIFICATES = ("postgres", "cassandra", "kafka", "openbao", "client")
 
 
 # The readiness checks poll services that are still starting; their clients' retry chatter is noise.
@@ -318,6 +327,75 @@ class Service:
         return pid if tag in environ and state != "Z" else None
 
 
+def tls_dir() -> Path:
+    return RUN / "tls"
+
+
+def stack_ca() -> Path:
+    """Make, once, the stack's CA (ca.pem) and a key and certificate it signed for each of
+    CERTIFICATES (<name>.key, <name>.pem, and <name>.p12 for Java), plus truststore.p12 holding
+    the CA; return the folder."""
+    directory = tls_dir()
+    if (directory / "truststore.p12").exists():
+        return directory
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise StackError("openssl not found: apt-get install openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = directory / "ca.key", directory / "ca.pem"
+    run(
+        [
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+            "-subj", "/CN=cdc-sink local stack CA", "-keyout", str(ca_key), "-out", str(ca),
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        what="openssl req (the stack's CA)",
+    )  # fmt: skip
+    extensions = directory / "leaf.ext"
+    extensions.write_text(
+        f"subjectAltName=IP:{HOST},DNS:localhost\n"
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    for name in CERTIFICATES:
+        key, pem, request = (directory / f"{name}.{ext}" for ext in ("key", "pem", "csr"))
+        run(
+            [
+                openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", str(key), "-out", str(request),
+            ],
+            what=f"openssl req ({name})",
+        )  # fmt: skip
+        run(
+            [
+                openssl, "x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key),
+                "-CAcreateserial", "-days", "3650", "-extfile", str(extensions), "-out", str(pem),
+            ],
+            what=f"openssl x509 ({name})",
+        )  # fmt: skip
+        run(
+            [
+                openssl, "pkcs12", "-export", "-in", str(pem), "-inkey", str(key),
+                "-certfile", str(ca), "-name", name, "-out", str(directory / f"{name}.p12"),
+                "-passout", f"pass:{KEYSTORE_PASSWORD}",
+            ],
+            what=f"openssl pkcs12 ({name})",
+        )  # fmt: skip
+    keytool = str(Path(java17()).parent / "keytool")
+    part = directory / "truststore.p12.part"
+    run(
+        [
+            keytool, "-importcert", "-noprompt", "-alias", "cdc-stack-ca", "-file", str(ca),
+            "-keystore", str(part), "-storetype", "PKCS12", "-storepass", KEYSTORE_PASSWORD,
+        ],
+        what="keytool -importcert (the stack's truststore)",
+    )  # fmt: skip
+    part.rename(directory / "truststore.p12")  # last: a half-made folder is made again
+    return directory
+
+
 def _pg_admin_dsn(database: str = "postgres") -> str:
     return f"postgresql://postgres:{PG_SUPERUSER_PASSWORD}@{HOST}:{PORTS['postgres']}/{database}"
 
@@ -359,8 +437,13 @@ def _traversable(path: Path, uid: int) -> bool:
     return True
 
 
+def _pg_tls_dir() -> Path:
+    return _pg_data_dir().parent / "tls"
+
+
 def postgres_install() -> None:
     data = _pg_data_dir()
+    _postgres_tls()
     if (data / "PG_VERSION").exists():
         return
     user = _pg_os_user()
@@ -397,8 +480,40 @@ def postgres_install() -> None:
         )
 
 
+def _postgres_tls() -> None:
+    """PostgreSQL's certificate and key where its OS user can read them (it refuses a key that
+    others may read)."""
+    source, target = stack_ca(), _pg_tls_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    user = _pg_os_user()
+    for name in ("postgres.pem", "postgres.key", "ca.pem"):
+        shutil.copyfile(source / name, target / name)
+        (target / name).chmod(0o600)
+        if user:
+            entry = pwd.getpwnam(user)
+            os.chown(target / name, entry.pw_uid, entry.pw_gid)
+    if user:
+        entry = pwd.getpwnam(user)
+        os.chown(target, entry.pw_uid, entry.pw_gid)
+
+
 def postgres_command() -> list[str]:
-    return [_pg_bin("postgres"), "-D", str(_pg_data_dir())]
+    tls = _pg_tls_dir()
+    # TLS and plain connections on the same port (pg_hba's `host` lines accept both): clients
+    # choose with sslmode; the certificate names 127.0.0.1 for verify-full.
+    return [
+        _pg_bin("postgres"),
+        "-D",
+        str(_pg_data_dir()),
+        "-c",
+        "ssl=on",
+        "-c",
+        f"ssl_cert_file={tls / 'postgres.pem'}",
+        "-c",
+        f"ssl_key_file={tls / 'postgres.key'}",
+        "-c",
+        "ssl_min_protocol_version=TLSv1.2",
+    ]
 
 
 def postgres_ready() -> None:
@@ -415,7 +530,7 @@ def postgres_ready() -> None:
                 await admin.execute(f"CREATE DATABASE {PG_DATABASE} OWNER {PG_USER}")
         finally:
             await admin.close()
-        conn = await asyncpg.connect(postgres_dsn(), timeout=3)
+        conn = await asyncpg.connect(postgres_dsn(), timeout=3, ssl=_verifying_context())
         try:
             if await conn.fetchval("SELECT 41 + 1") != 42:
                 raise StackError("PostgreSQL answered SELECT wrongly")
@@ -423,6 +538,26 @@ def postgres_ready() -> None:
             await conn.close()
 
     asyncio.run(check())
+
+
+def _verifying_context() -> ssl.SSLContext:
+    """A client context that trusts only the stack's CA and checks the server's name."""
+    context = ssl.create_default_context(cafile=str(tls_dir() / "ca.pem"))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def openbao_install() -> None:
+    tls = stack_ca()
+    render(
+        CONF / "openbao" / "tls-listener.hcl.in",
+        RUN / "openbao" / "tls-listener.hcl",
+        {
+            "ADDRESS": f"{HOST}:{PORTS['openbao-tls']}",
+            "CERT": str(tls / "openbao.pem"),
+            "KEY": str(tls / "openbao.key"),
+        },
+    )
 
 
 def openbao_command() -> list[str]:
@@ -436,6 +571,8 @@ def openbao_command() -> list[str]:
         f"-dev-root-token-id={VAULT_TOKEN}",
         f"-dev-listen-address={HOST}:{PORTS['openbao']}",
         "-dev-no-store-token",
+        # a second listener, over TLS, beside the dev server's plain one
+        f"-config={RUN / 'openbao' / 'tls-listener.hcl'}",
         "-log-level=warn",
     ]
 
@@ -451,6 +588,14 @@ def openbao_ready() -> None:
     )
     if read["data"]["data"]["m"] != marker:
         raise StackError("OpenBao returned a different KV value than was written")
+    secured = hvac.Client(
+        url=f"https://{HOST}:{PORTS['openbao-tls']}",
+        token=VAULT_TOKEN,
+        timeout=3,
+        verify=str(tls_dir() / "ca.pem"),
+    )
+    if not secured.is_authenticated():
+        raise StackError("OpenBao's TLS listener did not accept the root token")
 
 
 def kafka_home() -> Path:
@@ -467,11 +612,12 @@ def kafka_install() -> None:
         "PROXIED_PORT": str(PORTS["kafka-proxied"]),
         "VIA_PROXY_PORT": str(PORTS["kafka-via-proxy"]),
         "SECURED_PORT": str(PORTS["kafka-secured"]),
+        "MTLS_PORT": str(PORTS["kafka-mtls"]),
         "SASL_USER": KAFKA_SASL_USER,
         "SASL_PASSWORD": KAFKA_SASL_PASSWORD,
-        "KEYSTORE_PASSWORD": KAFKA_KEYSTORE_PASSWORD,
+        "KEYSTORE_PASSWORD": KEYSTORE_PASSWORD,
+        "TLS_DIR": str(stack_ca()),
     }
-    kafka_tls(run_dir / "tls")
     render(CONF / "kafka" / "server.properties.in", run_dir / "server.properties", values)
     if (run_dir / "data" / "meta.properties").exists():
         return
@@ -506,22 +652,21 @@ def kafka_install() -> None:
     )
 
 
-def kafka_tls(directory: Path) -> None:
-    """A self-signed certificate for 127.0.0.1 (keystore for the broker, PEM for clients)."""
-    if (directory / "ca.pem").exists():
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    keytool = str(Path(java17()).parent / "keytool")
-    store = ["-keystore", str(directory / "broker.p12"), "-storepass", KAFKA_KEYSTORE_PASSWORD]
-    key = ["-alias", "kafka", "-keyalg", "RSA", "-keysize", "2048", "-validity", "3650"]
-    subject = ["-dname", f"CN={HOST}", "-ext", f"SAN=IP:{HOST}", "-storetype", "PKCS12"]
-    run([keytool, "-genkeypair", *key, *subject, *store], what="keytool -genkeypair (Kafka TLS)")
-    pem = directory / "ca.pem.part"
+def kafka_scram_user() -> None:
+    """Give the SASL user SCRAM-SHA-512 credentials, with the broker's own kafka-configs (on
+    the plain listener); idempotent."""
+    java = java17()
+    logging = f"-Dlog4j2.configurationFile={CONF / 'kafka' / 'log4j2.properties'}"
     run(
-        [keytool, "-exportcert", "-rfc", "-alias", "kafka", *store, "-file", str(pem)],
-        what="keytool -exportcert (Kafka TLS)",
-    )
-    pem.rename(directory / "ca.pem")  # last, so that a half-made directory is made again
+        [
+            java, logging, "-cp", f"{kafka_home() / 'lib'}/*", "kafka.admin.ConfigCommand",
+            "--bootstrap-server", f"{HOST}:{PORTS['kafka']}", "--alter",
+            "--entity-type", "users", "--entity-name", KAFKA_SASL_USER,
+            "--add-config", f"SCRAM-SHA-512=[iterations=8192,password={KAFKA_SASL_PASSWORD}]",
+        ],
+        what="kafka-configs --add-config SCRAM-SHA-512",
+        timeout=60,
+    )  # fmt: skip
 
 
 def kafka_command() -> list[str]:
@@ -583,6 +728,7 @@ def kafka_ready() -> None:
             raise StackError("Kafka did not return the record just produced")
 
     asyncio.run(asyncio.wait_for(check(), 20))
+    kafka_scram_user()
 
 
 def cassandra_home() -> Path:
@@ -599,6 +745,8 @@ def cassandra_install() -> None:
             "RUN_DIR": str(run_dir),
             "NATIVE_PORT": str(PORTS["cassandra"]),
             "STORAGE_PORT": str(PORTS["cassandra-storage"]),
+            "TLS_DIR": str(stack_ca()),
+            "KEYSTORE_PASSWORD": KEYSTORE_PASSWORD,
         },
     )
     shutil.copy(CONF / "cassandra" / "logback.xml", run_dir / "conf" / "logback.xml")
@@ -629,6 +777,8 @@ def cassandra_command() -> list[str]:
         # keep JMX's RMI server on the same loopback port instead of a random one
         f"-Dcom.sun.management.jmxremote.rmi.port={PORTS['cassandra-jmx']}",
         f"-Dcassandra.triggers_dir={run_dir / 'triggers'}",
+        # make the default superuser at once, not 10 s after start (clients wait for it)
+        "-Dcassandra.superuser_setup_delay_ms=0",
         "-cp",
         f"{run_dir / 'conf'}:{lib}/*",
         "org.apache.cassandra.service.CassandraDaemon",
@@ -657,6 +807,7 @@ def nodetool_command(args: list[str]) -> list[str]:
 
 
 def cassandra_ready() -> None:
+    from cassandra.auth import PlainTextAuthProvider  # type: ignore[import-untyped]
     from cassandra.cluster import (  # type: ignore[import-untyped]
         EXEC_PROFILE_DEFAULT,
         Cluster,
@@ -671,6 +822,8 @@ def cassandra_ready() -> None:
         connect_timeout=3,
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         protocol_version=5,
+        auth_provider=PlainTextAuthProvider(CASSANDRA_USER, CASSANDRA_PASSWORD),
+        ssl_context=_verifying_context(),  # TLS, password and certificate checked at once
     )
     try:
         session = cluster.connect()
@@ -703,6 +856,10 @@ def debezium_install() -> None:
         "TOPIC_PREFIX": DEBEZIUM_TOPIC_PREFIX,
         "CASSANDRA_YAML": str(RUN / "cassandra" / "conf" / "cassandra.yaml"),
         "CASSANDRA": f"{HOST}:{PORTS['cassandra']}",
+        "CASSANDRA_USER": CASSANDRA_USER,
+        "CASSANDRA_PASSWORD": CASSANDRA_PASSWORD,
+        "TRUSTSTORE": str(stack_ca() / "truststore.p12"),
+        "KEYSTORE_PASSWORD": KEYSTORE_PASSWORD,
         "KAFKA": f"{HOST}:{PORTS['kafka']}",
         "HTTP_PORT": str(PORTS["debezium"]),
     }
@@ -941,7 +1098,7 @@ SERVICES = [
         immediate_signal=signal.SIGQUIT,  # PostgreSQL's immediate shutdown: no checkpoint
         user=_pg_os_user(),
     ),
-    Service("openbao", PORTS["openbao"], nothing, openbao_command, openbao_ready),
+    Service("openbao", PORTS["openbao"], openbao_install, openbao_command, openbao_ready),
     Service("kafka", PORTS["kafka"], kafka_install, kafka_command, kafka_ready, start_timeout=90),
     Service(
         "cassandra",
@@ -1011,6 +1168,8 @@ def endpoints() -> dict[str, str]:
         "CDC_CASSANDRA__CONTACT_POINTS": HOST,
         "CDC_CASSANDRA__PORT": str(PORTS["cassandra"]),
         "CDC_CASSANDRA__LOCAL_DC": "datacenter1",
+        "CDC_CASSANDRA__USERNAME": CASSANDRA_USER,
+        "CDC_CASSANDRA__PASSWORD": CASSANDRA_PASSWORD,
         "CDC_STACK_CASSANDRA_CDC_RAW": str(RUN / "cassandra" / "cdc_raw"),
         "CDC_STACK_DEBEZIUM_TOPIC_PREFIX": DEBEZIUM_TOPIC_PREFIX,
         "CDC_STACK_DEBEZIUM_METRICS": f"{HOST}:{PORTS['debezium-metrics']}",
@@ -1030,7 +1189,15 @@ def endpoints() -> dict[str, str]:
         "CDC_STACK_KAFKA_SECURED": f"{HOST}:{PORTS['kafka-secured']}",
         "CDC_STACK_KAFKA_SASL_USERNAME": KAFKA_SASL_USER,
         "CDC_STACK_KAFKA_SASL_PASSWORD": KAFKA_SASL_PASSWORD,
-        "CDC_STACK_KAFKA_CAFILE": str(RUN / "kafka" / "tls" / "ca.pem"),
+        # TLS: every service presents a certificate from this CA, for 127.0.0.1 and
+        # localhost (PostgreSQL and Cassandra on their usual ports, OpenBao and Kafka on
+        # their own); the client certificate is for mutual TLS.
+        "CDC_STACK_CA_FILE": str(tls_dir() / "ca.pem"),
+        "CDC_STACK_CLIENT_CERTFILE": str(tls_dir() / "client.pem"),
+        "CDC_STACK_CLIENT_KEYFILE": str(tls_dir() / "client.key"),
+        "CDC_STACK_KAFKA_CAFILE": str(tls_dir() / "ca.pem"),
+        "CDC_STACK_KAFKA_MTLS": f"{HOST}:{PORTS['kafka-mtls']}",
+        "CDC_STACK_VAULT_TLS_ADDR": f"https://{HOST}:{PORTS['openbao-tls']}",
     }
 
 

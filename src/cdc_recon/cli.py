@@ -29,7 +29,7 @@ from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler, recon_pool
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config
-from cdc_sink.ops.secrets import PostgresLogin, secrets_for
+from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
 
 USAGE_ERRORS = (UnknownTableError, UnknownStrategyError, UnknownJobError, InvalidRequestError)
 
@@ -75,7 +75,7 @@ async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namesp
     try:
         pool = await recon_pool(config.postgres, login)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise ReconError(f"cannot connect to PostgreSQL (CDC_POSTGRES__DSN): {exc}") from exc
+        raise ReconError(str(postgres_unreachable(config.postgres, exc))) from exc
     session: Any = None
     try:
         ready = await pool.fetchval(

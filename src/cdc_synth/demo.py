@@ -59,6 +59,7 @@ def endpoints() -> dict[str, str]:
 
 def create_cassandra_tables(env: dict[str, str]) -> None:
     """The `shop` tables in Cassandra, so the sink reads exact column types from system_schema."""
+    from cassandra.auth import PlainTextAuthProvider
     from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
     from cassandra.policies import DCAwareRoundRobinPolicy
 
@@ -66,7 +67,11 @@ def create_cassandra_tables(env: dict[str, str]) -> None:
     policy = DCAwareRoundRobinPolicy(env.get("CDC_CASSANDRA__LOCAL_DC", "datacenter1"))
     profiles = {EXEC_PROFILE_DEFAULT: ExecutionProfile(load_balancing_policy=policy)}
     port = int(env["CDC_CASSANDRA__PORT"])
-    cluster = Cluster(hosts, port=port, execution_profiles=profiles, protocol_version=5)
+    user = env.get("CDC_CASSANDRA__USERNAME")
+    auth = PlainTextAuthProvider(user, env["CDC_CASSANDRA__PASSWORD"]) if user else None
+    cluster = Cluster(
+        hosts, port=port, execution_profiles=profiles, protocol_version=5, auth_provider=auth
+    )
     try:
         session = cluster.connect()
         for statement in synth.cql_ddl():

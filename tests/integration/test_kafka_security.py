@@ -1,8 +1,10 @@
-"""The worker on a secured Kafka listener (SASL PLAIN over TLS), as managed clusters require."""
+"""The worker on the stack's secured Kafka listeners (SASL PLAIN or SCRAM-SHA-512 over TLS, and
+mutual TLS), as managed clusters require."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -35,10 +37,31 @@ def secured(stack: Endpoints, **changes: str) -> dict[str, str]:
     }
 
 
-async def test_the_worker_consumes_and_dead_letters_over_sasl_ssl(
-    stack: Endpoints, unique: Unique
+def mutual_tls(stack: Endpoints, **changes: str) -> dict[str, str]:
+    """Settings that reach the stack's Kafka through its SSL listener with a client certificate."""
+    return {
+        "CDC_KAFKA__BOOTSTRAP_SERVERS": stack["CDC_STACK_KAFKA_MTLS"],
+        "CDC_KAFKA__SECURITY_PROTOCOL": "SSL",
+        "CDC_KAFKA__SSL_CAFILE": stack["CDC_STACK_CA_FILE"],
+        "CDC_KAFKA__SSL_CERTFILE": stack["CDC_STACK_CLIENT_CERTFILE"],
+        "CDC_KAFKA__SSL_KEYFILE": stack["CDC_STACK_CLIENT_KEYFILE"],
+        **changes,
+    }
+
+
+@pytest.mark.parametrize(
+    "security",
+    [
+        pytest.param(secured, id="sasl-plain"),
+        pytest.param(lambda s: secured(s, CDC_KAFKA__SASL_MECHANISM="SCRAM-SHA-512"), id="scram"),
+        pytest.param(mutual_tls, id="mutual-tls"),
+    ],
+)
+async def test_the_worker_consumes_and_dead_letters_over_tls(
+    stack: Endpoints, unique: Unique, security: Callable[[Endpoints], dict[str, str]]
 ) -> None:
-    """Consumer, DLQ topic creation and DLQ producer all go through the secured listener."""
+    """Consumer, DLQ topic creation and DLQ producer all go through the secured listener:
+    SASL PLAIN or SCRAM-SHA-512 (a user made with kafka-configs) over TLS, or mutual TLS."""
     keyspace, schema = unique.keyspace("ks"), unique.schema("secured")
     topic = unique("cdc-events-secured")
     dlq_topic = unique("dlq-events")
@@ -50,7 +73,7 @@ async def test_the_worker_consumes_and_dead_letters_over_sasl_ssl(
     await produce(stack.kafka, topic, records)
     env = {
         **sink_env(stack, topic=topic, group=unique("g"), schema=schema, dlq__topic=dlq_topic),
-        **secured(stack),
+        **security(stack),
     }
     worker = await run_worker(env)
     assert worker.applied_events == len(records)
@@ -71,6 +94,11 @@ NOBODY = {
     ("changes", "settings", "reason"),
     [
         ({"CDC_KAFKA__SASL_PASSWORD": "wrong"}, "SASL_SSL and its settings", "Authentication"),
+        (
+            {"CDC_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512", "CDC_KAFKA__SASL_PASSWORD": "wrong"},
+            "SASL_SSL and its settings",
+            "Authentication",
+        ),
         (
             {"CDC_KAFKA__SSL_CAFILE": "/etc/ssl/certs/ca-certificates.crt"},
             "SASL_SSL and its settings",
@@ -95,3 +123,15 @@ async def test_refused_credentials_stop_the_worker_saying_where_to_look(
     with pytest.raises(FatalError, match=f"cannot reach Kafka for the DLQ producer.*{settings}"):
         await run_worker(env)
     assert reason in caplog.text
+
+
+async def test_the_mutual_tls_listener_refuses_a_client_without_certificate(
+    stack: Endpoints, unique: Unique
+) -> None:
+    """Without CDC_KAFKA__SSL_CERTFILE the broker ends the handshake: the worker stops saying
+    which settings to check."""
+    topic, schema = unique("cdc-events-nocert"), unique.schema("nocert")
+    env = {**sink_env(stack, topic=topic, group=unique("g"), schema=schema), **mutual_tls(stack)}
+    del env["CDC_KAFKA__SSL_CERTFILE"], env["CDC_KAFKA__SSL_KEYFILE"]
+    with pytest.raises(FatalError, match="SECURITY_PROTOCOL=SSL and its settings"):
+        await run_worker(env)

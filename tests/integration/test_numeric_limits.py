@@ -11,11 +11,15 @@ import time
 from decimal import Decimal
 from typing import Any
 
-from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
-
 from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
-from tests.support.debezium_avro import WHOLE_SOURCE_FIELDS, envelope, key_schema, wire
+from tests.support.debezium_avro import (
+    WHOLE_SOURCE_FIELDS,
+    envelope,
+    key_schema,
+    register,
+    wire,
+)
 from tests.support.names import Unique
 from tests.support.pipeline import (
     Expected,
@@ -101,13 +105,9 @@ class AvroRecords:
         self.value_schema = envelope(
             columns, namespace=namespace, distinct_names=True, source_fields=WHOLE_SOURCE_FIELDS
         )
-        with SchemaRegistryClient({"url": stack.schema_registry_url}) as client:
-            self.key_id = client.register_schema(
-                f"{subject}-key", Schema(json.dumps(self.key_schema), "AVRO")
-            )
-            self.value_id = client.register_schema(
-                f"{subject}-value", Schema(json.dumps(self.value_schema), "AVRO")
-            )
+        self.key_id, self.value_id = register(
+            stack.schema_registry_url, subject, self.key_schema, self.value_schema
+        )
 
     def record(self, pk: int, *, d: dict[str, Any] | None = None, v: bytes | None = None) -> Record:
         def filled(value: Any) -> dict[str, Any] | None:

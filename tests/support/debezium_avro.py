@@ -150,3 +150,14 @@ def avro_record(**cells: Any) -> tuple[bytes, bytes]:
     """Key and value bytes written with a valid twin of the duplicate-name schema (id 2)."""
     key = wire(1, KEY_SCHEMA, {"pk": 7})
     return key, wire(2, envelope(COLUMNS, distinct_names=True), event(**cells))
+
+
+def register(registry_url: str, subject: str, key: Any, value: Any) -> tuple[int, int]:
+    """Register `key` and `value` (Avro schemas) as `subject`-key and -value in the registry
+    at `registry_url`, with Confluent's client; their ids."""
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    with SchemaRegistryClient({"url": registry_url}) as client:
+        key_id = client.register_schema(f"{subject}-key", Schema(json.dumps(key), "AVRO"))
+        value_id = client.register_schema(f"{subject}-value", Schema(json.dumps(value), "AVRO"))
+    return key_id, value_id

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import WhiteListRoundRobinPolicy
 
@@ -64,11 +65,15 @@ def cassandra_session(stack: Endpoints) -> Session:
         load_balancing_policy=WhiteListRoundRobinPolicy([stack.cassandra_host]),
         request_timeout=120,
     )
+    user = stack.get("CDC_CASSANDRA__USERNAME")
     cluster = Cluster(
         [stack.cassandra_host],
         port=stack.cassandra_port,
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         protocol_version=5,
+        auth_provider=(
+            PlainTextAuthProvider(user, stack["CDC_CASSANDRA__PASSWORD"]) if user else None
+        ),
     )
     return cluster.connect()
 
