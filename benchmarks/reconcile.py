@@ -40,7 +40,7 @@ from cdc_recon.alerting import ReconMetrics  # noqa: E402
 from cdc_recon.readers import connect_cassandra  # noqa: E402
 from cdc_recon.service import Reconciler  # noqa: E402
 from cdc_sink.apply.writer import Batch, PgWriter, prepare_connection  # noqa: E402
-from cdc_sink.config import CassandraConfig, ReconciliationConfig  # noqa: E402
+from cdc_sink.config import CassandraConfig, ReconciliationConfig, Secret  # noqa: E402
 from cdc_sink.model.cql import parse_cql_type  # noqa: E402
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position  # noqa: E402
 from cdc_sink.ops.migrate import migrate  # noqa: E402
@@ -158,9 +158,14 @@ async def load_postgres(dsn: str, schema: str, keyspace: str, rows: int) -> None
 
 async def check(args: argparse.Namespace) -> dict[str, Any]:
     """Run one checksum job (in this process) and report it."""
-    session = connect_cassandra(
-        CassandraConfig(contact_points=args.host, port=args.port), "LOCAL_QUORUM"
+    password = os.environ.get("CDC_CASSANDRA__PASSWORD")  # the stack's Cassandra checks it
+    cassandra = CassandraConfig(
+        contact_points=args.host,
+        port=args.port,
+        username=os.environ.get("CDC_CASSANDRA__USERNAME"),
+        password=Secret(password) if password else None,
     )
+    session = connect_cassandra(cassandra, "LOCAL_QUORUM")
     pool = await asyncpg.create_pool(
         args.dsn, min_size=1, max_size=4, server_settings={"search_path": args.schema},
         init=prepare_connection,

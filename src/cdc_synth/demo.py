@@ -122,6 +122,8 @@ async def main(*, json_summary: bool = False) -> int:
             contact_points=env["CDC_CASSANDRA__CONTACT_POINTS"],
             port=int(env["CDC_CASSANDRA__PORT"]),
             local_dc=env.get("CDC_CASSANDRA__LOCAL_DC", "datacenter1"),
+            username=env.get("CDC_CASSANDRA__USERNAME"),
+            password=Secret(env.get("CDC_CASSANDRA__PASSWORD", "")) or None,
         ),
         log=LogConfig(level="warning", json=False),
     )

@@ -33,7 +33,7 @@ from cdc_recon.alerting import ReconMetrics
 from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler
 from cdc_sink.apply.writer import Batch, PgWriter, prepare_connection
-from cdc_sink.config import CassandraConfig, ReconciliationConfig
+from cdc_sink.config import ReconciliationConfig, load_config
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.ops.migrate import migrate
 from cdc_sink.schema.catalog import CassandraSystemSchema, Catalog
@@ -293,10 +293,8 @@ async def reconciler_on(
 ) -> AsyncIterator[Reconciler]:
     """A Reconciler over PostgreSQL schema `schema` and the stack's Cassandra, with a pool and
     a Cassandra session of its own (closed on leaving)."""
-    recon_session = connect_cassandra(
-        CassandraConfig(contact_points=stack.cassandra_host, port=stack.cassandra_port),
-        "LOCAL_QUORUM",
-    )
+    cassandra = {k: v for k, v in stack.values.items() if k.startswith("CDC_CASSANDRA__")}
+    recon_session = connect_cassandra(load_config(cassandra).cassandra, "LOCAL_QUORUM")
     pool = await asyncpg.create_pool(
         stack.postgres_dsn,
         min_size=1,
