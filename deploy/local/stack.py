@@ -540,10 +540,13 @@ def postgres_ready() -> None:
     asyncio.run(check())
 
 
-def _verifying_context() -> ssl.SSLContext:
-    """A client context that trusts only the stack's CA and checks the server's name."""
+def _verifying_context(*, client: bool = False) -> ssl.SSLContext:
+    """A client context that trusts only the stack's CA and checks the server's name; with
+    `client`, it shows the stack's client certificate."""
     context = ssl.create_default_context(cafile=str(tls_dir() / "ca.pem"))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client:
+        context.load_cert_chain(tls_dir() / "client.pem", tls_dir() / "client.key")
     return context
 
 
@@ -823,7 +826,7 @@ def cassandra_ready() -> None:
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         protocol_version=5,
         auth_provider=PlainTextAuthProvider(CASSANDRA_USER, CASSANDRA_PASSWORD),
-        ssl_context=_verifying_context(),  # TLS, password and certificate checked at once
+        ssl_context=_verifying_context(client=True),  # TLS both ways and the password at once
     )
     try:
         session = cluster.connect()
@@ -859,6 +862,7 @@ def debezium_install() -> None:
         "CASSANDRA_USER": CASSANDRA_USER,
         "CASSANDRA_PASSWORD": CASSANDRA_PASSWORD,
         "TRUSTSTORE": str(stack_ca() / "truststore.p12"),
+        "KEYSTORE": str(stack_ca() / "client.p12"),
         "KEYSTORE_PASSWORD": KEYSTORE_PASSWORD,
         "KAFKA": f"{HOST}:{PORTS['kafka']}",
         "HTTP_PORT": str(PORTS["debezium"]),

@@ -65,7 +65,8 @@ def registry_proxy(
 def secured(stack: Endpoints, proxy: AuthProxy, cassandra_secret: str) -> dict[str, str]:
     """Settings that reach every service over TLS, verifying it, with checked credentials:
     Kafka by SCRAM-SHA-512, PostgreSQL verify-full, Cassandra with its login read from Vault's
-    KV over Vault's TLS listener, the registry through its basic-auth TLS proxy."""
+    KV over Vault's TLS listener (and a client certificate), the registry through its
+    basic-auth TLS proxy."""
     ca = stack["CDC_STACK_CA_FILE"]
     return {
         "CDC_KAFKA__BOOTSTRAP_SERVERS": stack["CDC_STACK_KAFKA_SECURED"],
@@ -78,6 +79,8 @@ def secured(stack: Endpoints, proxy: AuthProxy, cassandra_secret: str) -> dict[s
         "CDC_POSTGRES__SSLROOTCERT": ca,
         "CDC_CASSANDRA__SSL": "true",
         "CDC_CASSANDRA__SSL_CAFILE": ca,
+        "CDC_CASSANDRA__SSL_CERTFILE": stack["CDC_STACK_CLIENT_CERTFILE"],
+        "CDC_CASSANDRA__SSL_KEYFILE": stack["CDC_STACK_CLIENT_KEYFILE"],
         "CDC_CASSANDRA__USERNAME": "",
         "CDC_CASSANDRA__PASSWORD": "",
         "CDC_VAULT__ADDR": stack["CDC_STACK_VAULT_TLS_ADDR"],
@@ -279,13 +282,16 @@ async def test_a_wrong_ca_stops_a_reconciliation_job_naming_cassandra(
     assert "CDC_CASSANDRA__SSL_CAFILE" in done.stderr
 
 
-def test_cassandra_checks_the_password(stack: Endpoints) -> None:
-    """The stack's Cassandra refuses a wrong password and no password at all."""
+def test_cassandra_checks_the_password_and_the_client_certificate(stack: Endpoints) -> None:
+    """The stack's Cassandra refuses a wrong password, no password, and over TLS a client
+    without a certificate from the stack's CA."""
     settings = {
         "CDC_CASSANDRA__CONTACT_POINTS": stack["CDC_CASSANDRA__CONTACT_POINTS"],
         "CDC_CASSANDRA__PORT": stack["CDC_CASSANDRA__PORT"],
         "CDC_CASSANDRA__SSL": "true",
         "CDC_CASSANDRA__SSL_CAFILE": stack["CDC_STACK_CA_FILE"],
+        "CDC_CASSANDRA__SSL_CERTFILE": stack["CDC_STACK_CLIENT_CERTFILE"],
+        "CDC_CASSANDRA__SSL_KEYFILE": stack["CDC_STACK_CLIENT_KEYFILE"],
         "CDC_CASSANDRA__USERNAME": "cassandra",
     }
     for password in ("wrong", None):
@@ -296,6 +302,12 @@ def test_cassandra_checks_the_password(stack: Endpoints) -> None:
             environ["CDC_CASSANDRA__PASSWORD"] = password
         with pytest.raises(NoHostAvailable, match=r"Authentication|credentials"):
             cassandra.connect(load_config(environ).cassandra)
+    without_certificate = dict(settings, CDC_CASSANDRA__PASSWORD=stack["CDC_CASSANDRA__PASSWORD"])
+    del without_certificate["CDC_CASSANDRA__SSL_CERTFILE"]
+    del without_certificate["CDC_CASSANDRA__SSL_KEYFILE"]
+    with pytest.raises(NoHostAvailable) as refused:
+        cassandra.connect(load_config(without_certificate).cassandra)
+    assert "Authentication" not in str(refused.value)
 
 
 async def test_registry_basic_auth_is_sent_and_a_wrong_password_is_fatal(
