@@ -657,7 +657,10 @@ def kafka_install() -> None:
 
 def kafka_scram_user() -> None:
     """Give the SASL user SCRAM-SHA-512 credentials, with the broker's own kafka-configs (on
-    the plain listener); idempotent."""
+    the plain listener), once per Kafka data folder (they live in its metadata log)."""
+    done = RUN / "kafka" / "data" / ".cdc-stack-scram-user"
+    if done.exists():
+        return
     java = java17()
     logging = f"-Dlog4j2.configurationFile={CONF / 'kafka' / 'log4j2.properties'}"
     run(
@@ -670,6 +673,7 @@ def kafka_scram_user() -> None:
         what="kafka-configs --add-config SCRAM-SHA-512",
         timeout=60,
     )  # fmt: skip
+    done.touch()
 
 
 def kafka_command() -> list[str]:
