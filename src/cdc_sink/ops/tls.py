@@ -51,6 +51,8 @@ def is_untrusted_certificate(exc: BaseException | None) -> bool:
     """`exc`, or an error it was raised from, is a failed certificate verification."""
     seen = 0
     while exc is not None and seen < 10:
+        # requests (under hvac) keeps the SSL error in its arguments, not as a cause: there
+        # only OpenSSL's reason in the message tells
         if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
