@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 def _command(config: Config, args: argparse.Namespace) -> int:
     try:
         return _run(args.handler(config, args))
+    except ConfigError as exc:  # a file a setting names proved unusable (a CA bundle, a key)
+        print(f"cdc-sink: configuration error: {exc}", file=sys.stderr)
+        return 2
     except SinkError as exc:  # fatal, or transient past its retries
         log.error("fatal", error=str(exc))
         print(f"cdc-sink: {exc}", file=sys.stderr)

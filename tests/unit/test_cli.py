@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,15 @@ def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> Non
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def test_an_unusable_ca_bundle_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA bundle that is not PEM stops a command with exit 2, naming the setting."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not a certificate\n")
+    monkeypatch.setenv("CDC_POSTGRES__SSLMODE", "verify-full")
+    monkeypatch.setenv("CDC_POSTGRES__SSLROOTCERT", str(bundle))
+    assert main(["migrate"]) == 2
+    assert "CDC_POSTGRES__SSLROOTCERT: cannot load the CA bundle" in capsys.readouterr().err
