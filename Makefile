@@ -74,6 +74,10 @@ format: venv ## apply ruff's formatting and safe fixes
 test-unit: venv ## unit tests only (no services)
 	@$(BIN)/pytest -m unit $(PYTEST_ARGS)
 
+.PHONY: deploy-tools
+deploy-tools: ## build or install, once, the tools that check deploy/helm and deploy/compose (helm, docker compose, kubernetes-validate, checkov)
+	@deploy/tools/install >/dev/null
+
 .PHONY: test
-test: stack-up lint ## everything: install, start the stack, lint, unit and integration tests
+test: stack-up lint deploy-tools ## everything: install, start the stack, lint, unit and integration tests
 	@CDC_TEST_REQUIRE_STACK=1 $(BIN)/pytest $(PYTEST_ARGS)
