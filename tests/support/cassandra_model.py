@@ -134,6 +134,24 @@ class CassandraModel:
         return values if live else None
 
 
+def expected_rows(
+    history: list[Mutation], now_us: int = 2**62
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """What SELECT returns after the history, for histories too long for `select` over every
+    key: the model asked one partition at a time, about the keys written there."""
+    by_partition: dict[tuple[Any, ...], list[Mutation]] = defaultdict(list)
+    for m in history:
+        by_partition[m.key[:2]].append(m)
+    rows = {}
+    for mutations in by_partition.values():
+        model = CassandraModel(mutations)
+        for key in {m.key for m in mutations if len(m.key) == 4}:
+            row = model._row(key, now_us)
+            if row is not None:
+                rows[key] = row
+    return rows
+
+
 _WRITES = ("insert", "update", "delete_columns")
 
 

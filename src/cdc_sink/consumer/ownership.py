@@ -101,10 +101,9 @@ class Ownership:
     async def _claim(
         self, consumer: AIOKafkaConsumer, pool: asyncpg.Pool, assigned: Sequence[TopicPartition]
     ) -> None:
-        starts = await consumer.beginning_offsets(list(assigned))
+        log_starts = await consumer.beginning_offsets(list(assigned))
         ends = await consumer.end_offsets(list(assigned))
-        if self.config.kafka.auto_offset_reset == "latest":
-            starts = ends
+        starts = ends if self.config.kafka.auto_offset_reset == "latest" else log_starts
         for tp in assigned:  # "caught up" means: up to the end seen when we first got it
             self._end_at_start.setdefault(tp, ends[tp])
         claimed: dict[TopicPartition, Owned] = {}
@@ -123,10 +122,27 @@ class Ownership:
                     self.owner,
                 )
                 claimed[tp] = Owned(row["epoch"], row["next_offset"])
-                consumer.seek(tp, row["next_offset"])
+                if row["next_offset"] < log_starts[tp]:
+                    self._report_lost(tp, row["next_offset"], log_starts[tp])
+                consumer.seek(tp, max(row["next_offset"], log_starts[tp]))
         self.owned.update(claimed)
         self.metrics.assigned_partitions.set(len(self.owned))
         log.info("partitions_assigned", partitions=[f"{t.topic}[{t.partition}]" for t in assigned])
+
+    def _report_lost(self, tp: TopicPartition, checkpoint: int, log_start: int) -> None:
+        """Kafka no longer holds the records from the checkpoint on (retention deleted them,
+        e.g. after a restore from a backup older than the topic's retention): the worker goes
+        on from the log's start, and says loudly what PostgreSQL is missing."""
+        self.metrics.errors.labels("claim", "offsets_lost").inc()
+        log.error(
+            "offsets_lost_to_retention",
+            topic=tp.topic,
+            partition=tp.partition,
+            checkpoint=checkpoint,
+            log_start=log_start,
+            lost=log_start - checkpoint,
+            action="reconcile the partition's tables with repair (see Disaster recovery)",
+        )
 
     def release(self, revoked: Sequence[TopicPartition]) -> None:
         """Forget partitions the group took away, and stop reporting them (their new owner
