@@ -46,7 +46,7 @@ stack-up: system-deps venv ## start the local stack (Kafka, PostgreSQL, Cassandr
 	@$(STACK) up
 
 .PHONY: demo
-demo: system-deps venv ## start the stack and stream 30,000 synthetic change events through the sink
+demo: system-deps venv ## start the stack; CQL writes through the Debezium agent and the sink, then 30,000 synthetic events
 	@$(STACK) up
 	@$(BIN)/python -m cdc_synth.demo
 

@@ -1,12 +1,19 @@
-"""`make demo`: a realistic change stream through the sink on the local stack, shown live.
+"""`make demo`: change data through the sink on the local stack, shown live.
 
-Produces 30,000 synthetic Debezium Cassandra events (Avro through the schema registry) at a few
-thousand per second, runs a sink worker in this process, prints progress once a second and a
-summary, and exits 0 once every event is applied (1 if the sink fails or stalls). With `--json`
-the summary is also printed as one JSON object on the last line, for programs. Each run uses its
-own topics, consumer group and PostgreSQL schema (named after the start time); leftovers of
-earlier demo runs are removed first. Endpoints come from the CDC_* environment or from
-`deploy/local/stack env --json`.
+Two parts, the real pipeline first. Real (`--mode captured`): about 1,000 CQL statements written
+into the stack's Cassandra (the `shop` tables: inserts, partial updates, nulls, whole-collection
+overwrites, row, range and partition deletes, TTLs), captured from the node's commit log by the
+stack's Debezium agent, applied by a sink worker in this process, and then a checksum
+reconciliation job per table that must find no difference. Synthetic (`--mode synthetic`):
+30,000 generated Debezium Avro events (through the schema registry) at a few thousand per
+second, for volume; the tables must hold exactly what Cassandra would return. `--mode both`, the
+default, runs the two: the first shows that every stage is real, the second how the sink keeps
+up. Progress is printed once a second, then a summary; the exit is 0 when both parts land
+exactly (1 if the sink fails, stalls, or differs). With `--json` the summary is also printed as
+one JSON object on the last line, for programs: the synthetic part's figures at the top level
+and the real part's under "captured". Each run uses its own keyspace, topics, consumer groups
+and PostgreSQL schemas (named after the start time); leftovers of earlier demo runs are removed
+first. Endpoints come from the CDC_* environment or from `deploy/local/stack env --json`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -39,11 +47,15 @@ from cdc_sink.config import (
 )
 from cdc_sink.ops.logs import configure_logging
 from cdc_sink.schema.tables import qualified, quote_ident
-from cdc_synth import synth
+from cdc_synth import captured, synth
 
 EVENTS = 30_000
 RATE = 4_000.0  # events/s offered by the producer
 STALL_S = 60.0  # no progress for this long: give up
+CAPTURED_RATE = 300.0  # CQL statements/s written in the real part, so its progress can be seen
+FLUSH_EVERY_S = 2.0
+SETTLE_S = 3.0  # the real part: no new event for this long before the checksum jobs
+AGENT_PREFIX = "CDC_STACK_DEBEZIUM_TOPIC_PREFIX"  # the stack's Debezium agent's topic prefix
 RUN_PREFIX = "demo_"
 STACK = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack"
 
@@ -59,25 +71,22 @@ def endpoints() -> dict[str, str]:
 
 def create_cassandra_tables(env: dict[str, str]) -> None:
     """The `shop` tables in Cassandra, so the sink reads exact column types from system_schema."""
-    from cassandra.auth import PlainTextAuthProvider
-    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
-    from cassandra.policies import DCAwareRoundRobinPolicy
-
-    hosts = env["CDC_CASSANDRA__CONTACT_POINTS"].split(",")
-    policy = DCAwareRoundRobinPolicy(env.get("CDC_CASSANDRA__LOCAL_DC", "datacenter1"))
-    profiles = {EXEC_PROFILE_DEFAULT: ExecutionProfile(load_balancing_policy=policy)}
-    port = int(env["CDC_CASSANDRA__PORT"])
-    user = env.get("CDC_CASSANDRA__USERNAME")
-    auth = PlainTextAuthProvider(user, env["CDC_CASSANDRA__PASSWORD"]) if user else None
-    cluster = Cluster(
-        hosts, port=port, execution_profiles=profiles, protocol_version=5, auth_provider=auth
-    )
+    session = captured.cassandra_session(env)
     try:
-        session = cluster.connect()
         for statement in synth.cql_ddl():
             session.execute(statement)
     finally:
-        cluster.shutdown()
+        session.cluster.shutdown()
+
+
+def drop_earlier_keyspaces(env: dict[str, str]) -> None:
+    session = captured.cassandra_session(env)
+    try:
+        for row in session.execute("SELECT keyspace_name FROM system_schema.keyspaces"):
+            if row.keyspace_name.startswith(RUN_PREFIX):
+                session.execute(f"DROP KEYSPACE IF EXISTS {row.keyspace_name}")
+    finally:
+        session.cluster.shutdown()
 
 
 async def remove_earlier_runs(env: dict[str, str], pg: asyncpg.Connection) -> None:
@@ -85,14 +94,16 @@ async def remove_earlier_runs(env: dict[str, str], pg: asyncpg.Connection) -> No
         "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", RUN_PREFIX + "%"
     ):
         await pg.execute(f"DROP SCHEMA {quote_ident(schema)} CASCADE")
+    ours = (f"cdc-events-{RUN_PREFIX}", f"{env.get(AGENT_PREFIX, '-')}.{RUN_PREFIX}")
     admin = AIOKafkaAdminClient(bootstrap_servers=env["CDC_KAFKA__BOOTSTRAP_SERVERS"])
     await admin.start()
     try:
-        old = [t for t in await admin.list_topics() if t.startswith(f"cdc-events-{RUN_PREFIX}")]
+        old = [t for t in await admin.list_topics() if t.startswith(ours)]
         if old:
             await admin.delete_topics(old)
     finally:
         await admin.close()
+    await asyncio.to_thread(drop_earlier_keyspaces, env)
 
 
 async def count(pg: asyncpg.Connection, sql: str, *args: object) -> int:
@@ -103,20 +114,16 @@ async def count(pg: asyncpg.Connection, sql: str, *args: object) -> int:
         return 0
 
 
-async def main(*, json_summary: bool = False) -> int:
-    """One demo run; 0 when every table holds what Cassandra would return, else 1."""
-    env = endpoints()
-    run = time.strftime(f"{RUN_PREFIX}%Y%m%d_%H%M%S")
-    prefix = f"cdc-events-{run}-"
-    dsn = env["CDC_POSTGRES__DSN"]
-    config = Config(
+def sink_config(env: dict[str, str], group: str, topic_pattern: str, schema: str) -> Config:
+    """A worker's settings on the stack: its own group, topics and schema; quiet logs."""
+    return Config(
         kafka=KafkaConfig(
             bootstrap_servers=env["CDC_KAFKA__BOOTSTRAP_SERVERS"],
-            group_id=f"cdc-sink-{run}",
-            topic_pattern=f"^{re.escape(prefix)}",
+            group_id=group,
+            topic_pattern=topic_pattern,
         ),
         schema_registry=SchemaRegistryConfig(url=env["CDC_SCHEMA_REGISTRY__URL"]),
-        postgres=PostgresConfig(dsn=Secret(dsn), schema=run),
+        postgres=PostgresConfig(dsn=Secret(env["CDC_POSTGRES__DSN"]), schema=schema),
         http=HttpConfig(host="127.0.0.1", port=0),
         cassandra=CassandraConfig(
             contact_points=env["CDC_CASSANDRA__CONTACT_POINTS"],
@@ -127,12 +134,204 @@ async def main(*, json_summary: bool = False) -> int:
         ),
         log=LogConfig(level="warning", json=False),
     )
-    configure_logging("warning", json=False)  # the worker's per-batch info lines would drown us
-    print(f"demo run {run}: {EVENTS:,} events at {RATE:,.0f}/s into schema {run}")
-    pg = await asyncpg.connect(dsn)
-    await remove_earlier_runs(env, pg)
-    await asyncio.to_thread(create_cassandra_tables, env)
+
+
+class Progress:
+    """What the progress lines and the summary show of one worker's run: end offsets of its
+    topics, its stored checkpoints, and the rows of its tables."""
+
+    def __init__(self, pg: asyncpg.Connection, config: Config, topics: list[str]) -> None:
+        schema = config.postgres.schema
+        self.pg = pg
+        self.partitions = [TopicPartition(t, p) for t in topics for p in range(synth.PARTITIONS)]
+        self.tables = {
+            t: qualified(schema, config.sink.table_name_format.format(table=t))
+            for t in synth.TABLES
+        }
+        self.checkpoints = f"SELECT sum(next_offset) FROM {qualified(schema, '_cdc_checkpoints')}"
+        self.dead = f"SELECT count(*) FROM {qualified(schema, '_cdc_dlq_records')}"
+        self.probe = AIOKafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers)
+
+    async def events(self) -> tuple[int, int]:
+        """Events in the topics, and how many of them the worker has yet to apply."""
+        ends = sum((await self.probe.end_offsets(self.partitions)).values())
+        return ends, ends - await count(self.pg, self.checkpoints)
+
+    async def rows(self) -> dict[str, int]:
+        tables = self.tables.items()
+        return {t: await count(self.pg, f"SELECT count(*) FROM {q}") for t, q in tables}
+
+    async def report(self, elapsed_s: float, head: str) -> tuple[int, int]:
+        """Print one progress line (`head`, the events in the topics, the lag, the rows);
+        return the events and the lag."""
+        events, lag = await self.events()
+        rows = "  ".join(f"{t} {n:>6,}" for t, n in (await self.rows()).items())
+        print(
+            f"{elapsed_s:6.1f}s  {head}  in Kafka {events:>6,}  lag {lag:>6,}  rows: {rows}",
+            flush=True,
+        )
+        return events, lag
+
+    async def dead_letters(self) -> int:
+        return await count(self.pg, self.dead)
+
+
+def failure(sink: asyncio.Task[int], feeder: asyncio.Future[Any], idle_s: float) -> str | None:
+    """Why the run must stop now, if it must."""
+    if sink.done():
+        return "the sink worker stopped unexpectedly"
+    if feeder.done() and not feeder.cancelled() and feeder.exception():
+        return f"feeding the pipeline failed: {feeder.exception()!r}"
+    if idle_s > STALL_S:
+        return f"no progress for {STALL_S:.0f} s: giving up"
+    return None
+
+
+async def stop_worker(
+    worker: SinkApp, sink: asyncio.Task[int], feeder: asyncio.Future[Any]
+) -> None:
+    worker.stop()
+    feeder.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await feeder
+    await sink  # re-raises the worker's failure, if it had one
+
+
+def write_paced(session: Any, statements: list[captured.Statement], written: list[int]) -> None:
+    """Execute the statements in order at CAPTURED_RATE, counting them in written[0]."""
+    began = time.monotonic()
+    for n, (cql, params) in enumerate(statements, 1):
+        session.execute(cql, params)
+        written[0] = n
+        ahead = n / CAPTURED_RATE - (time.monotonic() - began)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+async def flush_forever(stack_script: Path) -> None:
+    """Flush Cassandra every FLUSH_EVERY_S, so the agent reads what was written."""
+    while True:
+        await asyncio.to_thread(captured.flush, stack_script)
+        await asyncio.sleep(FLUSH_EVERY_S)
+
+
+async def captured_run(env: dict[str, str], run: str, pg: asyncpg.Connection) -> dict[str, Any]:
+    """The real pipeline: CQL writes → Cassandra → the Debezium agent → Kafka → the sink →
+    PostgreSQL, then a checksum job per table. Its summary; "ok" says whether every job found
+    no difference."""
+    agent_prefix, home = env.get(AGENT_PREFIX), env.get("CDC_STACK_HOME")
+    if not agent_prefix or not home:
+        raise captured.CaptureError("this stack runs no Debezium agent (deploy/local/stack does)")
+    keyspace, schema = run, f"{run}_captured"
+    topics = [f"{agent_prefix}.{keyspace}.{table}" for table in synth.TABLES]
+    config = sink_config(
+        env, f"cdc-sink-{schema}", f"^{re.escape(f'{agent_prefix}.{keyspace}.')}", schema
+    )
+    statements = captured.workload(keyspace)
+    print(
+        f"demo run {run}, real pipeline: {len(statements):,} CQL writes into Cassandra keyspace "
+        f"{keyspace}, captured by the Debezium agent, applied into schema {schema}"
+    )
+    # Made before the agent writes to them: 8 partitions each, and the worker sees them at once.
+    await synth.ensure_topics(config.kafka.bootstrap_servers, topics)
+    session = await asyncio.to_thread(captured.cassandra_session, env)
+    agent_log = Path(home) / "run" / "debezium" / "service.log"
+    progress = Progress(pg, config, topics)
+    worker = SinkApp(config)
+    checks: list[captured.Checksum] = []
+    written = [0]
+    try:
+        await captured.create_tables_heard(session, keyspace, agent_log)
+        await progress.probe.start()
+        sink = asyncio.create_task(worker.run())
+        writer = asyncio.create_task(asyncio.to_thread(write_paced, session, statements, written))
+        flusher = asyncio.create_task(flush_forever(STACK))
+        feeder = asyncio.gather(writer, flusher)
+        job_env = {
+            **os.environ,
+            **env,
+            "CDC_POSTGRES__SCHEMA": schema,
+            "CDC_PUSHGATEWAY__URL": "",
+        }
+        began = last_change = time.monotonic()
+        seen = -1
+        try:
+            while True:
+                await asyncio.sleep(1.0)
+                now = time.monotonic()
+                events, lag = await progress.report(
+                    now - began,
+                    f"written {written[0]:>6,}  applied {worker.applied_events:>6,}",
+                )
+                if events != seen:
+                    seen, last_change = events, now
+                reason = failure(sink, feeder, now - last_change)
+                if reason:
+                    raise captured.CaptureError(reason)
+                # The agent may send a mutation twice; "all there" is: every write is in,
+                # nothing new came for a while, and the worker has applied it all.
+                settled = now - last_change >= SETTLE_S
+                if writer.done() and events >= len(statements) and lag == 0 and settled:
+                    checks = await asyncio.to_thread(checksums, job_env, config)
+                    shown = ", ".join(f"{c.table} {c.mismatches}" for c in checks)
+                    print(f"checksum jobs, mismatches by table: {shown}", flush=True)
+                    if all(c.mismatches == 0 for c in checks):
+                        break
+                    last_change = now  # not all captured yet: wait, flush, check again
+            elapsed = time.monotonic() - began
+        finally:
+            await stop_worker(worker, sink, feeder)
+            await progress.probe.stop()
+    finally:
+        await asyncio.to_thread(session.cluster.shutdown)
+    rows = await progress.rows()
+    summary: dict[str, Any] = {
+        "keyspace": keyspace,
+        "schema": schema,
+        "statements_written": written[0],
+        "events_captured": seen,
+        "events_applied": worker.applied_events,
+        "elapsed_s": round(elapsed, 3),
+        "rows": rows,
+        "dead_letters": await progress.dead_letters(),
+        "checksum": {
+            c.table: {
+                "job": c.job,
+                "cassandra_rows": c.cassandra_rows,
+                "postgres_rows": c.postgres_rows,
+                "mismatches": c.mismatches,
+            }
+            for c in checks
+        },
+    }
+    print(f"\nsummary of the real pipeline ({keyspace} → {schema})")
+    print(f"  CQL statements    {written[0]:>10,}")
+    print(f"  events captured   {seen:>10,}")
+    print(f"  events applied    {worker.applied_events:>10,}")
+    print(f"  elapsed           {elapsed:>10.1f} s")
+    for c in checks:
+        print(
+            f"  checksum job {c.job:<4} {c.table:<14} cassandra {c.cassandra_rows:>6,}  "
+            f"postgres {c.postgres_rows:>6,}  mismatches {c.mismatches}"
+        )
+    print(f"  dead letters      {summary['dead_letters']:>10,}\n")
+    return summary
+
+
+def checksums(env: dict[str, str], config: Config) -> list[captured.Checksum]:
+    return [
+        captured.checksum(env, config.sink.table_name_format.format(table=table))
+        for table in synth.TABLES
+    ]
+
+
+async def synthetic_run(env: dict[str, str], run: str, pg: asyncpg.Connection) -> dict[str, Any]:
+    """30,000 generated Avro events at RATE through a worker; its summary."""
+    prefix = f"cdc-events-{run}-"
     topics = [synth.topic_for(t, prefix) for t in synth.TABLES]
+    config = sink_config(env, f"cdc-sink-{run}", f"^{re.escape(prefix)}", run)
+    print(f"demo run {run}, synthetic: {EVENTS:,} events at {RATE:,.0f}/s into schema {run}")
+    await asyncio.to_thread(create_cassandra_tables, env)
     await synth.ensure_topics(config.kafka.bootstrap_servers, topics)
 
     worker = SinkApp(config)
@@ -151,56 +350,31 @@ async def main(*, json_summary: bool = False) -> int:
             on_sent=lambda n: sent.__setitem__(0, n),
         )
     )
-    probe = AIOKafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers)
-    await probe.start()
-    partitions = [TopicPartition(t, p) for t in topics for p in range(synth.PARTITIONS)]
-    tables = {
-        t: qualified(run, config.sink.table_name_format.format(table=t)) for t in synth.TABLES
-    }
-    checkpoints = f"SELECT sum(next_offset) FROM {qualified(run, '_cdc_checkpoints')}"
+    progress = Progress(pg, config, topics)
+    await progress.probe.start()
     began = last_progress = time.monotonic()
-    last_applied = status = 0
+    last_applied = 0
     try:
         while True:
             await asyncio.sleep(1.0)
             now, applied = time.monotonic(), worker.applied_events
-            ends = sum((await probe.end_offsets(partitions)).values())
-            lag = ends - await count(pg, checkpoints)
-            rows = {t: await count(pg, f"SELECT count(*) FROM {q}") for t, q in tables.items()}
-            shown = "  ".join(f"{t} {n:>6,}" for t, n in rows.items())
-            print(
-                f"{now - began:6.1f}s  produced {sent[0]:>6,}  applied {applied:>6,} "
-                f"({applied - last_applied:>6,}/s)  lag {lag:>6,}  rows: {shown}",
-                flush=True,
+            ends, lag = await progress.report(
+                now - began,
+                f"produced {sent[0]:>6,}  applied {applied:>6,} ({applied - last_applied:>6,}/s)",
             )
             if applied != last_applied:
                 last_progress, last_applied = now, applied
-            failure = (
-                "the sink worker stopped unexpectedly"
-                if sink.done()
-                else f"producing failed: {producer.exception()!r}"
-                if producer.done() and producer.exception()
-                else f"no progress for {STALL_S:.0f} s: giving up"
-                if now - last_progress > STALL_S
-                else None
-            )
-            if failure:
-                print(failure, file=sys.stderr)
-                status = 1
-                break
+            reason = failure(sink, producer, now - last_progress)
+            if reason:
+                raise captured.CaptureError(reason)
             if producer.done() and lag == 0 and ends >= EVENTS:
                 break
         elapsed = time.monotonic() - began
     finally:
-        worker.stop()
-        producer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await producer
-        await sink  # re-raises the worker's failure, if it had one
-        await probe.stop()
-    rows = {t: await count(pg, f"SELECT count(*) FROM {q}") for t, q in tables.items()}
-    dead = await count(pg, f"SELECT count(*) FROM {qualified(run, '_cdc_dlq_records')}")
-    await pg.close()
+        await stop_worker(worker, sink, producer)
+        await progress.probe.stop()
+    rows = await progress.rows()
+    dead = await progress.dead_letters()
     print(f"\nsummary of {run}")
     print(f"  events produced   {sent[0]:>10,}")
     print(f"  events applied    {worker.applied_events:>10,}")
@@ -209,32 +383,62 @@ async def main(*, json_summary: bool = False) -> int:
     expected = generator.live_rows()
     for table, n in rows.items():
         verdict = "as in Cassandra" if n == expected[table] else f"MISMATCH: {expected[table]:,}"
-        print(f"  rows {table:<12} {n:>10,}   {tables[table]} ({verdict})")
+        print(f"  rows {table:<12} {n:>10,}   {progress.tables[table]} ({verdict})")
     print(f"  dead letters      {dead:>10,}")
-    if json_summary:
-        summary = {
-            "run": run,
-            "events_produced": sent[0],
-            "events_applied": worker.applied_events,
-            "elapsed_s": round(elapsed, 3),
-            "rows": rows,
-            "expected_rows": expected,
-            "dead_letters": dead,
-        }
-        print(json.dumps(summary))
-    if rows != expected:
-        print("the sink's tables differ from what Cassandra would return", file=sys.stderr)
+    return {
+        "run": run,
+        "events_produced": sent[0],
+        "events_applied": worker.applied_events,
+        "elapsed_s": round(elapsed, 3),
+        "rows": rows,
+        "expected_rows": expected,
+        "dead_letters": dead,
+    }
+
+
+async def main(*, mode: str = "both", json_summary: bool = False) -> int:
+    """One demo run; 0 when every part ran lands exactly (see the module's doc), else 1."""
+    env = endpoints()
+    run = time.strftime(f"{RUN_PREFIX}%Y%m%d_%H%M%S")
+    configure_logging("warning", json=False)  # the worker's per-batch info lines would drown us
+    pg = await asyncpg.connect(env["CDC_POSTGRES__DSN"])
+    summary: dict[str, Any] = {}
+    status = 0
+    try:
+        await remove_earlier_runs(env, pg)
+        if mode in ("both", "captured"):
+            summary["captured"] = await captured_run(env, run, pg)
+        if mode in ("both", "synthetic"):
+            summary |= await synthetic_run(env, run, pg)
+            if summary["rows"] != summary["expected_rows"]:
+                print("the sink's tables differ from what Cassandra would return", file=sys.stderr)
+                status = 1
+    except captured.CaptureError as exc:
+        print(exc, file=sys.stderr)
         status = 1
+    finally:
+        await pg.close()
+    if json_summary:
+        print(json.dumps(summary))
     return status
 
 
 def run() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m cdc_synth.demo",
-        description="Stream synthetic change events through a sink worker on the local stack.",
+        description="Change data through a sink worker on the local stack: CQL writes captured "
+        "by the Debezium agent, and a synthetic stream.",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("both", "captured", "synthetic"),
+        default="both",
+        help="captured: the real pipeline from Cassandra; synthetic: 30,000 generated events "
+        "(default: both, the real one first)",
     )
     parser.add_argument("--json", action="store_true", help="end with the summary as JSON")
-    sys.exit(asyncio.run(main(json_summary=parser.parse_args().json)))
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(mode=args.mode, json_summary=args.json)))
 
 
 if __name__ == "__main__":
