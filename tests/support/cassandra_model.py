@@ -155,22 +155,6 @@ def expected_rows(
 _WRITES = ("insert", "update", "delete_columns")
 
 
-def expected_rows(history: list[Mutation]) -> dict[tuple[Any, ...], Row]:
-    """What SELECT returns after the history, for any number of keys: the reference model,
-    one partition at a time."""
-    by_partition: dict[tuple[Any, ...], list[Mutation]] = defaultdict(list)
-    for m in history:
-        by_partition[m.key[:2]].append(m)
-    rows = {}
-    for mutations in by_partition.values():
-        model = CassandraModel(mutations)
-        for key in {m.key for m in mutations if len(m.key) == 4}:
-            row = model._row(key, 2**62)
-            if row is not None:
-                rows[key] = row
-    return rows
-
-
 def _elements(writes: list[Mutation], column: str, tombstone: int) -> list[Any] | None:
     """The live elements of a non-frozen collection, sorted (as SELECT returns a set), or None
     when it has none. Collection writes carry no TTL (Debezium does not send theirs)."""
