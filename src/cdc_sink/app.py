@@ -22,7 +22,7 @@ from cdc_recon.service import ReconciliationRuntime
 from cdc_sink.config import Config
 from cdc_sink.consumer.worker import Worker, stop_client
 from cdc_sink.decode.decoder import ConfluentRegistry, Decoder
-from cdc_sink.dlq.letters import DlqProducer
+from cdc_sink.dlq.producer import DlqProducer
 from cdc_sink.dlq.replay import add_dlq_routes
 from cdc_sink.errors import DecodeError, FatalError
 from cdc_sink.ops.housekeeping import housekeeping

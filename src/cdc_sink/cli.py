@@ -219,7 +219,7 @@ async def _dlq_command(
     """`dlq list|show|replay` on an open connection."""
     from aiokafka.errors import KafkaError
 
-    from cdc_sink.dlq.letters import DlqProducer
+    from cdc_sink.dlq.producer import DlqProducer
     from cdc_sink.dlq.replay import list_dead_letters, replay_dead_letters, show_dead_letter
     from cdc_sink.ops.kafka_security import client_security, unreachable
 

@@ -14,14 +14,9 @@ from aiokafka.errors import (
 )
 
 from cdc_sink.config import ConfigError, load_config
-from cdc_sink.dlq.letters import (
-    DeadLetter,
-    DlqLimiter,
-    dlq_headers,
-    headers_from_json,
-    headers_to_json,
-    kafka_failure,
-)
+from cdc_sink.dlq.letters import DeadLetter, dlq_headers, headers_from_json, headers_to_json
+from cdc_sink.dlq.limiter import DlqLimiter
+from cdc_sink.dlq.producer import kafka_failure
 from cdc_sink.dlq.replay import DlqFilter
 from cdc_sink.errors import FatalError, TransientError
 

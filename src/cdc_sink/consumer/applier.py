@@ -21,7 +21,9 @@ from cdc_sink.config import Config
 from cdc_sink.consumer.offsets import OffsetMirror
 from cdc_sink.consumer.ownership import Owned
 from cdc_sink.consumer.prepare import Prepared, dead_letter
-from cdc_sink.dlq.letters import DeadLetter, DlqLimiter, DlqProducer
+from cdc_sink.dlq.letters import DeadLetter
+from cdc_sink.dlq.limiter import DlqLimiter
+from cdc_sink.dlq.producer import DlqProducer
 from cdc_sink.errors import FencedError
 from cdc_sink.failures import Kind, classify, refused
 from cdc_sink.ops.logs import get_logger

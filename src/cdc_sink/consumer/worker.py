@@ -31,7 +31,8 @@ from cdc_sink.consumer.offsets import OffsetMirror
 from cdc_sink.consumer.ownership import Ownership
 from cdc_sink.consumer.prepare import Prepared, Preparer
 from cdc_sink.decode.decoder import Decoder
-from cdc_sink.dlq.letters import DlqLimiter, DlqProducer
+from cdc_sink.dlq.limiter import DlqLimiter
+from cdc_sink.dlq.producer import DlqProducer
 from cdc_sink.errors import FatalError
 from cdc_sink.ops.kafka_security import client_security, unreachable
 from cdc_sink.ops.logs import get_logger

@@ -19,7 +19,8 @@ from typing import Any
 
 import asyncpg
 
-from cdc_sink.dlq.letters import DlqProducer, Header, headers_from_json
+from cdc_sink.dlq.letters import Header, headers_from_json
+from cdc_sink.dlq.producer import DlqProducer
 from cdc_sink.errors import UNREAD_BATCH_STAGE, SinkError
 from cdc_sink.ops.http import (
     BIGINT_MAX,
