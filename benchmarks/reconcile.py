@@ -39,8 +39,9 @@ sys.path.insert(0, str(REPO / "src"))
 from cdc_recon.alerting import ReconMetrics  # noqa: E402
 from cdc_recon.readers import connect_cassandra  # noqa: E402
 from cdc_recon.service import Reconciler  # noqa: E402
+from cdc_recon.settings import ReconciliationConfig  # noqa: E402
 from cdc_sink.apply.writer import Batch, PgWriter, prepare_connection  # noqa: E402
-from cdc_sink.config import CassandraConfig, ReconciliationConfig, Secret  # noqa: E402
+from cdc_sink.config import CassandraConfig, Secret  # noqa: E402
 from cdc_sink.model.cql import parse_cql_type  # noqa: E402
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position  # noqa: E402
 from cdc_sink.ops.migrate import migrate  # noqa: E402

@@ -27,6 +27,7 @@ from cdc_recon.errors import (
 )
 from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler, recon_pool
+from cdc_recon.settings import reconciliation_settings
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config
 from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
@@ -87,7 +88,7 @@ async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namesp
             raise ReconError(
                 "the control tables are missing or outdated: run `python -m cdc_sink migrate`"
             )
-        settings = config.reconciliation
+        settings = reconciliation_settings(config)
         session = await asyncio.to_thread(connect_cassandra, config.cassandra, settings.consistency)
         reconciler = Reconciler(
             pool,

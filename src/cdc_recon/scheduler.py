@@ -19,7 +19,7 @@ import structlog
 
 from cdc_recon.errors import ReconError
 from cdc_recon.repository import schedule_lock
-from cdc_sink.config import ReconciliationConfig
+from cdc_recon.settings import ReconciliationConfig
 
 if TYPE_CHECKING:
     from cdc_recon.service import ReconciliationRuntime

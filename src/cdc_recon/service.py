@@ -48,6 +48,7 @@ from cdc_recon.readers import (
 )
 from cdc_recon.repair import plan_repair
 from cdc_recon.repository import JobRequest, Repository, job_lock
+from cdc_recon.settings import ReconciliationConfig, reconciliation_settings
 from cdc_recon.strategies import (
     Finding,
     Kind,
@@ -62,7 +63,7 @@ from cdc_recon.strategies import (
 )
 from cdc_sink.apply.plan import Mutation
 from cdc_sink.apply.writer import Batch, PgWriter
-from cdc_sink.config import Config, PostgresConfig, ReconciliationConfig
+from cdc_sink.config import Config, PostgresConfig
 from cdc_sink.errors import ConversionError
 from cdc_sink.ops.pools import BoundedPool, open_pool
 from cdc_sink.ops.secrets import PostgresLogin
@@ -431,6 +432,7 @@ class ReconciliationRuntime:
         login: PostgresLogin | None = None,
     ) -> None:
         self.config = config
+        self.settings = reconciliation_settings(config)
         self.pool = pool
         self.login = login or PostgresLogin(config)
         self.metrics = ReconMetrics(registry)
@@ -445,9 +447,8 @@ class ReconciliationRuntime:
         """The engine (connects to Cassandra the first time; ReconError if it cannot)."""
         async with self._lock:
             if self._reconciler is None:
-                settings = self.config.reconciliation
                 self._session = await asyncio.to_thread(
-                    connect_cassandra, self.config.cassandra, settings.consistency
+                    connect_cassandra, self.config.cassandra, self.settings.consistency
                 )
                 # Jobs get connections of their own, so a long scan never starves the sink.
                 self._pool = await recon_pool(self.config.postgres, self.login)
@@ -455,7 +456,7 @@ class ReconciliationRuntime:
                     self._pool,
                     self.config.postgres.schema,
                     self._session,
-                    settings,
+                    self.settings,
                     metrics=self.metrics,
                     pushgateway_url=self.config.pushgateway.url,
                     owner=self.owner,
@@ -464,10 +465,10 @@ class ReconciliationRuntime:
 
     def start(self) -> None:
         """Start the scheduler loop if CDC_RECONCILIATION__ENABLED."""
-        if self.config.reconciliation.enabled:
+        if self.settings.enabled:
             from cdc_recon.scheduler import Scheduler
 
-            scheduler = Scheduler(self, self.config.reconciliation)
+            scheduler = Scheduler(self, self.settings)
             self.spawn(scheduler.run_forever())
 
     def spawn(self, work: Any) -> None:

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import functools
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,7 +20,8 @@ from aiokafka.errors import KafkaError
 
 from cdc_recon.api import add_reconciliation_routes
 from cdc_recon.service import ReconciliationRuntime
-from cdc_sink.config import Config
+from cdc_recon.settings import SECTIONS as RECONCILIATION_SECTIONS
+from cdc_sink.config import Config, load_config
 from cdc_sink.consumer.worker import Worker, stop_client
 from cdc_sink.decode.decoder import ConfluentRegistry, Decoder
 from cdc_sink.dlq.producer import DlqProducer
@@ -39,6 +41,12 @@ from cdc_sink.schema.catalog import CassandraSystemSchema, Catalog
 log = get_logger("cdc_sink.runner")
 
 FATAL_PUSH_TIMEOUT_S = 5.0  # the exit waits this long at most for the Pushgateway
+
+
+def load_settings(environ: Mapping[str, str] | None = None, file: Path | None = None) -> Config:
+    """The process's settings (see config.load_config): the sink's sections and the one
+    reconciliation owns."""
+    return load_config(environ, file, sections=RECONCILIATION_SECTIONS)
 
 
 class SinkApp:

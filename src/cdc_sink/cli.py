@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from cdc_recon.cli import add_reconcile_command
 from cdc_sink import __version__
 from cdc_sink.arguments import whole_number
-from cdc_sink.config import Config, ConfigError, load_config
+from cdc_sink.config import Config, ConfigError
 from cdc_sink.errors import SinkError
 from cdc_sink.ops.logs import configure_logging, get_logger
 from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not getattr(args, "configured", True):
         return int(args.handler(args))
+    from cdc_sink.app import load_settings
+
     try:
-        config = load_config(file=args.config)
+        config = load_settings(file=args.config)
     except ConfigError as exc:
         print(f"cdc-sink: configuration error: {exc}", file=sys.stderr)
         return 2

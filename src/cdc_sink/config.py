@@ -19,8 +19,10 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
+
+S = TypeVar("S")
 
 
 class ConfigError(Exception):
@@ -445,84 +447,6 @@ class UrlConfig:
     url: str | None = None
 
 
-RECON_STRATEGIES = ("row_count", "checksum", "timestamp_range", "sample")
-CONSISTENCY_LEVELS = (
-    "ONE",
-    "TWO",
-    "THREE",
-    "QUORUM",
-    "ALL",
-    "LOCAL_QUORUM",
-    "EACH_QUORUM",
-    "LOCAL_ONE",
-)
-
-
-@dataclass(frozen=True)
-class ReconciliationConfig:
-    enabled: bool = False
-    interval_seconds: int = 3600
-    schedule: str = ""  # "users:checksum@3600,orders:row_count@600"; no @ = interval_seconds
-    consistency: str = "LOCAL_QUORUM"
-    page_size: int = 5000
-    concurrency: int = 4
-    # Jobs run at once by one worker; more wait, pending. Every job takes CPU from the same
-    # Cassandra and PostgreSQL the pipeline uses, so by default they take turns.
-    max_running_jobs: int = 1
-    buckets: int = 4096
-    sample_size: int = 1000
-    window_seconds: int = 3600
-    settle_seconds: int = 300
-    poll_seconds: float = 10.0
-    push_timeout_seconds: float = 5.0
-
-    def schedule_entries(self) -> list[tuple[str, str, int]]:
-        """(table, strategy, interval seconds) per entry of `schedule`; ConfigError if bad."""
-        entries = []
-        for raw in filter(None, (part.strip() for part in self.schedule.split(","))):
-            spec, _, every = raw.partition("@")
-            table, _, strategy = spec.partition(":")
-            if not table or strategy not in RECON_STRATEGIES:
-                raise ConfigError(
-                    f"CDC_RECONCILIATION__SCHEDULE entry {raw!r}: expected "
-                    f"table:strategy[@seconds] with a strategy among {', '.join(RECON_STRATEGIES)}"
-                )
-            try:
-                interval = int(every) if every else self.interval_seconds
-            except ValueError:
-                raise ConfigError(
-                    f"CDC_RECONCILIATION__SCHEDULE entry {raw!r}: {every!r} is not whole seconds"
-                ) from None
-            if interval < 1:
-                raise ConfigError(f"CDC_RECONCILIATION__SCHEDULE entry {raw!r}: interval < 1 s")
-            entries.append((table.strip(), strategy, interval))
-        return entries
-
-    def validate(self) -> None:
-        if self.consistency.upper() not in CONSISTENCY_LEVELS:
-            raise ConfigError(
-                f"CDC_RECONCILIATION__CONSISTENCY must be one of {', '.join(CONSISTENCY_LEVELS)}"
-            )
-        for name in (
-            "interval_seconds",
-            "page_size",
-            "concurrency",
-            "max_running_jobs",
-            "buckets",
-            "sample_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"CDC_RECONCILIATION__{name.upper()} must be >= 1")
-        if self.window_seconds < 1:
-            raise ConfigError("CDC_RECONCILIATION__WINDOW_SECONDS must be >= 1")
-        if self.settle_seconds < 0:
-            raise ConfigError("CDC_RECONCILIATION__SETTLE_SECONDS must be >= 0")
-        for name in ("poll_seconds", "push_timeout_seconds"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"CDC_RECONCILIATION__{name.upper()} must be > 0")
-        self.schedule_entries()
-
-
 @dataclass(frozen=True)
 class TracingConfig:
     endpoint: str | None = None  # OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces
@@ -571,11 +495,26 @@ class Config:
     alertmanager: UrlConfig = field(default_factory=UrlConfig)
     log: LogConfig = field(default_factory=LogConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
-    reconciliation: ReconciliationConfig = field(default_factory=ReconciliationConfig)
+    # Sections other packages own (reconciliation's), by name: see `load_config`'s `sections`.
+    owned: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
+
+    def section(self, name: str, cls: type[S]) -> S:
+        """The owned section `name`, or `cls`'s defaults if it was not loaded."""
+        found = self.owned.get(name)
+        return found if isinstance(found, cls) else cls()
 
 
-def load_config(environ: Mapping[str, str] | None = None, file: Path | None = None) -> Config:
-    """Read the file (if any) and the CDC_* environment; raise ConfigError on any bad value."""
+def load_config(
+    environ: Mapping[str, str] | None = None,
+    file: Path | None = None,
+    *,
+    sections: Mapping[str, type] = types.MappingProxyType({}),
+) -> Config:
+    """Read the file (if any) and the CDC_* environment; raise ConfigError on any bad value.
+
+    `sections` adds the sections other packages own (name -> frozen dataclass with defaults and
+    an optional `validate()`), read like the sink's own and kept in `Config.owned`; a section
+    nobody named is refused."""
     environ = os.environ if environ is None else environ
     file_name = file or (
         Path(environ["CDC_CONFIG_FILE"]) if environ.get("CDC_CONFIG_FILE") else None
@@ -590,22 +529,21 @@ def load_config(environ: Mapping[str, str] | None = None, file: Path | None = No
             if not isinstance(values, dict):
                 raise ConfigError(f"config file {file_name}: {section} must be a [{section}] table")
             raw[section] = dict(values)
-    sections = {f.name: f for f in dataclasses.fields(Config)}
+    own = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "owned"}
+    known: dict[str, Any] = {**own, **sections}
     for name, value in environ.items():
         if not name.startswith("CDC_") or "__" not in name or name == "CDC_CONFIG_FILE":
             continue
         section, _, key = name[4:].lower().partition("__")
-        if section not in sections:
+        if section not in known:
             raise ConfigError(f"{name} is not a known setting (no section {section!r})")
         raw.setdefault(section, {})[key] = value
-    built: dict[str, Any] = {}
-    for section, section_field in sections.items():
-        cls = section_field.default_factory
-        built[section] = _build(cls, section, raw.pop(section, {}))
+    built = {section: _build(cls, section, raw.pop(section, {})) for section, cls in known.items()}
     if raw:
         raise ConfigError(f"unknown configuration section(s): {', '.join(sorted(raw))}")
-    config = Config(**built)
-    for name, section in built.items():
+    owned = types.MappingProxyType({name: built.pop(name) for name in sections})
+    config = Config(**built, owned=owned)
+    for name, section in {**built, **owned}.items():
         validate = getattr(section, "validate", None)
         if validate:
             validate()

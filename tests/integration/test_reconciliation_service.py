@@ -22,8 +22,8 @@ from cdc_recon.api import add_reconciliation_routes
 from cdc_recon.repository import JobRequest, job_lock
 from cdc_recon.scheduler import Scheduler
 from cdc_recon.service import Reconciler, ReconciliationRuntime
+from cdc_sink.app import load_settings
 from cdc_sink.apply.writer import prepare_connection
-from cdc_sink.config import load_config
 from cdc_sink.ops.http import HttpServer
 from tests.support import recon_data as data
 from tests.support.names import Unique
@@ -47,7 +47,7 @@ def env_for(stack: Endpoints, setup: Setup, **settings: str) -> dict[str, str]:
 
 async def runtime_for(env: dict[str, str], owner: str) -> ReconciliationRuntime:
     """What a sink pod hosts: its own pool and Cassandra session."""
-    config = load_config(env)
+    config = load_settings(env)
     pool = await asyncpg.create_pool(
         config.postgres.dsn.reveal(),
         min_size=1,
@@ -72,7 +72,7 @@ async def test_two_schedulers_racing_run_a_due_job_once(stack: Endpoints, setup:
     )
     pods = [await runtime_for(env, f"pod-{i}") for i in range(2)]
     try:
-        schedulers = [Scheduler(pod, pod.config.reconciliation) for pod in pods]
+        schedulers = [Scheduler(pod, pod.settings) for pod in pods]
         first = await asyncio.gather(*(s.tick() for s in schedulers))
         assert sorted(len(ran) for ran in first) == [0, 1]
         again = await asyncio.gather(*(s.tick() for s in schedulers))
@@ -397,7 +397,7 @@ async def test_the_worker_runs_scheduled_jobs_and_serves_them(
         reconciliation__poll_seconds="0.5",
         pushgateway__url="",
     )
-    worker = SinkApp(load_config(env))
+    worker = SinkApp(load_settings(env))
     task = asyncio.create_task(worker.run())
     try:
         async with asyncio.timeout(120):

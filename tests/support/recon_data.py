@@ -32,8 +32,9 @@ from cassandra.util import Date, Duration, Time
 from cdc_recon.alerting import ReconMetrics
 from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler
+from cdc_recon.settings import ReconciliationConfig
 from cdc_sink.apply.writer import Batch, PgWriter, prepare_connection
-from cdc_sink.config import ReconciliationConfig, load_config
+from cdc_sink.config import load_config
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
 from cdc_sink.ops.migrate import migrate
 from cdc_sink.schema.catalog import CassandraSystemSchema, Catalog

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cdc_recon.settings import ReconciliationConfig, reconciliation_settings
+from cdc_sink.app import load_settings
 from cdc_sink.config import ConfigError, load_config
 from cdc_sink.ops.kafka_security import client_security
 
@@ -106,7 +108,21 @@ def test_the_dsn_is_a_secret() -> None:
 def test_invalid_settings_are_named(environ: dict[str, str], named: str) -> None:
     """Every invalid value or unknown key stops loading with a message naming it."""
     with pytest.raises(ConfigError, match=named):
-        load_config(environ)
+        load_settings(environ)
+
+
+def test_reconciliation_owns_its_section_under_the_same_names(tmp_path: Path) -> None:
+    """[reconciliation] and CDC_RECONCILIATION__* load through the composition root into
+    reconciliation's own settings (defaults when absent); the sink's loader alone refuses them."""
+    file = tmp_path / "sink.toml"
+    file.write_text('[reconciliation]\nschedule = "users:checksum@60"\npage_size = 10\n')
+    environ = {"CDC_RECONCILIATION__PAGE_SIZE": "20", "CDC_RECONCILIATION__ENABLED": "true"}
+    settings = reconciliation_settings(load_settings(environ, file))
+    assert (settings.enabled, settings.page_size) == (True, 20)
+    assert settings.schedule_entries() == [("users", "checksum", 60)]
+    assert reconciliation_settings(load_config({})) == ReconciliationConfig()
+    with pytest.raises(ConfigError, match="no section 'reconciliation'"):
+        load_config({"CDC_RECONCILIATION__ENABLED": "true"})
 
 
 def test_a_broken_file_is_reported(tmp_path: Path) -> None:

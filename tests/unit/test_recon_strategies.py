@@ -10,6 +10,7 @@ import pytest
 from cdc_recon.canonical import Canon, key_text
 from cdc_recon.readers import NativeRow, ReconTable, RowStamps, Scanned
 from cdc_recon.repair import plan_repair
+from cdc_recon.settings import ReconciliationConfig
 from cdc_recon.strategies import (
     Buckets,
     Finding,
@@ -21,7 +22,7 @@ from cdc_recon.strategies import (
     sample,
     timestamp_range,
 )
-from cdc_sink.config import ConfigError, ReconciliationConfig
+from cdc_sink.config import ConfigError
 from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.model.events import Op
 
