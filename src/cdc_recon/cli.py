@@ -31,6 +31,7 @@ from cdc_recon.settings import reconciliation_settings
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config
 from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
+from cdc_sink.ops.tracing import tracing, tracing_instance
 
 USAGE_ERRORS = (UnknownTableError, UnknownStrategyError, UnknownJobError, InvalidRequestError)
 
@@ -60,10 +61,12 @@ def add_reconcile_command(commands: Any) -> None:
 
 
 async def reconcile(config: Config, args: argparse.Namespace) -> int:
-    """Run `reconcile run` or `reconcile repair`; print the outcome; return the exit code."""
+    """Run `reconcile run` or `reconcile repair`, traced; print the outcome; return the exit
+    code."""
     try:
-        async with secrets_for(config) as (config, login):
-            return await _reconcile(config, login, args)
+        with tracing(config.tracing, tracing_instance()):
+            async with secrets_for(config) as (config, login):
+                return await _reconcile(config, login, args)
     except USAGE_ERRORS as exc:
         print(f"cdc-sink reconcile: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ from cdc_sink.ops.metrics import Metrics, push_fatal_exit
 from cdc_sink.ops.migrate import migrate, pending
 from cdc_sink.ops.pools import BoundedPool, open_pool
 from cdc_sink.ops.secrets import Lease, postgres_unreachable, secrets_for
+from cdc_sink.ops.tracing import tracing, tracing_instance
 from cdc_sink.schema import cassandra
 from cdc_sink.schema.catalog import CassandraSystemSchema, Catalog
 
@@ -89,7 +90,9 @@ class SinkApp:
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         """Open every resource, each one's closing pushed on `stack` as soon as it is open
         (the stack closes them in reverse: reconciliation, the DLQ producer, housekeeping,
-        HTTP, registry, Cassandra, the Vault lease's renewal, the writer, pools, the login)."""
+        HTTP, registry, Cassandra, the Vault lease's renewal, the writer, pools, the login,
+        and last the tracer, which flushes the spans of all that)."""
+        stack.enter_context(tracing(self.config.tracing, tracing_instance()))
         config, login = await stack.enter_async_context(secrets_for(self.config))
         pg = config.postgres
 

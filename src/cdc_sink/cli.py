@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import sys
 import time
 from collections.abc import Coroutine
@@ -23,7 +22,6 @@ from cdc_sink.config import Config, ConfigError
 from cdc_sink.errors import SinkError
 from cdc_sink.ops.logs import configure_logging, get_logger
 from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
-from cdc_sink.ops.tracing import start_tracing
 
 if TYPE_CHECKING:
     import asyncpg
@@ -114,12 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(
         config.log.level, json=config.log.json, repeat_window_s=config.log.repeat_window_seconds
     )
-    tracing = start_tracing(config.tracing, f"{socket.gethostname()}-{os.getpid()}")
-    try:
-        return _command(config, args)
-    finally:
-        if tracing is not None:
-            tracing.shutdown()  # exports what is queued, within the export timeout
+    return _command(config, args)
 
 
 def _command(config: Config, args: argparse.Namespace) -> int:

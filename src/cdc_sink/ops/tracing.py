@@ -12,6 +12,11 @@ dropped and the exporter's warnings are logged.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -21,7 +26,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from cdc_sink import __version__
 from cdc_sink.config import TracingConfig
 
-__all__ = ["start_tracing"]
+__all__ = ["start_tracing", "tracing", "tracing_instance"]
 
 
 def start_tracing(config: TracingConfig, instance: str) -> TracerProvider | None:
@@ -50,3 +55,20 @@ def start_tracing(config: TracingConfig, instance: str) -> TracerProvider | None
     )
     trace.set_tracer_provider(provider)
     return provider
+
+
+def tracing_instance() -> str:
+    """This process's `service.instance.id`: host and process id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def tracing(config: TracingConfig, instance: str) -> Iterator[None]:
+    """Traces exported for the life of the block (see `start_tracing`); on leaving it, what is
+    queued is flushed, within the export timeout."""
+    provider = start_tracing(config, instance)
+    try:
+        yield
+    finally:
+        if provider is not None:
+            provider.shutdown()
