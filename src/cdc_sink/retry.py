@@ -26,20 +26,24 @@ class Stopping(Exception):
     """Shutdown was requested while a step waited to retry: abandon it, commit nothing."""
 
 
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    return rng.uniform(0, min(cap, base * (2**attempt)))
+def backoff_delay(
+    attempt: int, base: float, cap: float, rng: random.Random, growth: float = 2.0
+) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * growth**attempt)]."""
+    return rng.uniform(0, min(cap, base * (growth**attempt)))
 
 
 @dataclass
 class RetryPolicy:
-    """Exponential backoff from `base_s` up to `cap_s`, at most `attempts` tries (0: until
-    cancelled); with `jitter`, each wait is drawn uniformly below that bound."""
+    """Exponential backoff from `base_s` up to `cap_s` (each bound `growth` times the last), at
+    most `attempts` tries (0: until cancelled); with `jitter`, each wait is drawn uniformly
+    below that bound."""
 
     attempts: int
     base_s: float
     cap_s: float
     jitter: bool = True
+    growth: float = 2.0
     rng: random.Random = field(default_factory=random.Random)  # jitter, not security
 
     @classmethod
@@ -50,8 +54,8 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """The wait after failed attempt number `attempt` (counted from 0)."""
         if self.jitter:
-            return backoff_delay(attempt, self.base_s, self.cap_s, self.rng)
-        return float(min(self.cap_s, self.base_s * 2.0**attempt))
+            return backoff_delay(attempt, self.base_s, self.cap_s, self.rng, self.growth)
+        return float(min(self.cap_s, self.base_s * self.growth**attempt))
 
     def gives_up(self, failures: int) -> bool:
         """Whether `failures` failed attempts are all the policy allows."""

@@ -12,8 +12,9 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from cdc_sink.decode.registry import ConfluentRegistry, OnceCache, Refusals
+from cdc_sink.decode.registry import UNKNOWN_ID_WAIT, ConfluentRegistry, OnceCache, Refusals
 from cdc_sink.errors import DecodeError, FatalError, TransientError
+from cdc_sink.retry import RetryPolicy
 
 SCHEMA = '{"type": "record", "name": "R", "fields": []}'
 
@@ -32,6 +33,11 @@ def serving(
     transport = httpx.MockTransport(handle)
     url = "https://user:s3cret@sr.example/api/"
     return ConfluentRegistry(url, transport=transport, **options), paths
+
+
+def quick_waits(retries: int) -> RetryPolicy:
+    """Ask an unknown id `retries` more times, 10 ms apart."""
+    return RetryPolicy(attempts=retries + 1, base_s=0.01, cap_s=0.01, jitter=False)
 
 
 def registry_error(status: int, code: int, message: str) -> httpx.Response:
@@ -53,7 +59,7 @@ async def test_unknown_id_is_poison_after_asking_again() -> None:
     within the TTL the next lookup fails without a request, after it the id is asked again."""
     registry, paths = serving(
         lambda _: registry_error(404, 40403, "Schema 7 not found."),
-        unknown_id_retries=(0.01, 0.01),
+        unknown_id_wait=quick_waits(2),
         unknown_id_ttl=0.2,
     )
     async with registry:
@@ -67,11 +73,17 @@ async def test_unknown_id_is_poison_after_asking_again() -> None:
     assert len(paths) == 6
 
 
+def test_an_unknown_id_is_asked_twice_more_a_quarter_and_a_whole_second_later() -> None:
+    """By default the registry is asked three times in all, 0.25 s and 1 s apart."""
+    assert [UNKNOWN_ID_WAIT.delay(attempt) for attempt in range(2)] == [0.25, 1.0]
+    assert [UNKNOWN_ID_WAIT.gives_up(failures) for failures in (1, 2, 3)] == [False, False, True]
+
+
 async def test_an_id_that_appears_on_a_later_ask_is_found() -> None:
     """A schema the registry only knows from the second request on is not poison."""
     found = httpx.Response(200, json={"schema": SCHEMA})
     answers = iter([registry_error(404, 40403, "not yet"), found])
-    registry, paths = serving(lambda _: next(answers), unknown_id_retries=(0.01,))
+    registry, paths = serving(lambda _: next(answers), unknown_id_wait=quick_waits(1))
     async with registry:
         assert await registry.schema_by_id(9) == SCHEMA
     assert len(paths) == 2
@@ -190,7 +202,7 @@ async def test_ids_unknown_in_a_flood_are_refused_without_waiting() -> None:
     first answer (no delays, one request); the unknown ids remembered stay bounded."""
     registry, paths = serving(
         lambda _: registry_error(404, 40403, "not found"),
-        unknown_id_retries=(0.01, 0.01),
+        unknown_id_wait=quick_waits(2),
         flood_ids=3,
         max_unknown_ids=5,
     )
@@ -207,7 +219,7 @@ async def test_a_flood_ends_once_its_ids_are_older_than_the_ttl() -> None:
     """After the TTL without new unknown ids, an unknown id is waited for again."""
     registry, _ = serving(
         lambda _: registry_error(404, 40403, "not found"),
-        unknown_id_retries=(0.01,),
+        unknown_id_wait=quick_waits(1),
         unknown_id_ttl=0.2,
         flood_ids=2,
     )

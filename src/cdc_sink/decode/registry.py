@@ -3,7 +3,8 @@
 The client speaks only `GET /schemas/ids/{id}`, which Confluent Schema Registry, Apicurio's
 ccompat API, Karapace and Redpanda all serve. Schema ids are immutable, so every answer is kept
 for the life of the process. An id the registry does not know is asked again after short delays
-(a schema registered a moment ago may not have reached every registry node yet), then
+(a schema registered a moment ago may not have reached every registry node yet; the waits
+follow a RetryPolicy), then
 remembered as unknown for a while so that a run of such records fails fast. While many ids
 prove unknown (garbage or hostile headers carry random ids), new ones are refused at the first
 answer: waiting for each would hold every batch that carries one.
@@ -25,10 +26,13 @@ from cdc_sink.config import SchemaRegistryConfig
 from cdc_sink.errors import DecodeError, FatalError, TransientError
 from cdc_sink.ops.logs import get_logger
 from cdc_sink.ops.tls import client_context, is_untrusted_certificate, untrusted_hint
+from cdc_sink.retry import RetryPolicy
 
 log = get_logger("cdc_sink.registry")
 
 CA_SETTING = "CDC_SCHEMA_REGISTRY__SSL_CAFILE"
+# A 404 is asked again after 0.25 s and 1 s before it counts.
+UNKNOWN_ID_WAIT = RetryPolicy(attempts=3, base_s=0.25, cap_s=1.0, jitter=False, growth=4.0)
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -111,8 +115,8 @@ class ConfluentRegistry:
 
     Answers map onto the sink's error kinds: 404 (error code 40403) and other refusals of the id
     -> DecodeError; connection failures, timeouts, 408, 429 and 5xx -> TransientError; 401, 403,
-    407 and answers that are not a schema -> FatalError. A 404 is asked again after each of
-    `unknown_id_retries` (seconds) before it counts, and is then remembered for
+    407 and answers that are not a schema -> FatalError. A 404 is asked again as
+    `unknown_id_wait` allows (its attempts and delays) before it counts, and is then remembered for
     `unknown_id_ttl` seconds (at most `max_unknown_ids` of them). Once `flood_ids` ids have
     proved unknown within `unknown_id_ttl`, a 404 counts at once, without the delays. Basic
     auth is `auth` (user, password) or given in the URL (`https://user:secret@host/`); it
@@ -129,7 +133,7 @@ class ConfluentRegistry:
         transport: httpx.AsyncBaseTransport | None = None,
         auth: tuple[str, str] | None = None,
         ca_file: str | None = None,
-        unknown_id_retries: tuple[float, ...] = (0.25, 1.0),
+        unknown_id_wait: RetryPolicy = UNKNOWN_ID_WAIT,
         unknown_id_ttl: float = 60.0,
         max_unknown_ids: int = 10_000,
         flood_ids: int = 4,
@@ -150,7 +154,7 @@ class ConfluentRegistry:
             headers={"Accept": "application/vnd.schemaregistry.v1+json, application/json"},
         )
         self._texts: OnceCache[int, str] = OnceCache()
-        self._unknown_retries = unknown_id_retries
+        self._unknown_wait = unknown_id_wait
         self._unknown: Refusals[int] = Refusals(unknown_id_ttl, max_unknown_ids)
         # When the last `flood_ids` ids proved unknown (monotonic time)
         self._proved_unknown: collections.deque[float] = collections.deque(maxlen=flood_ids)
@@ -195,7 +199,8 @@ class ConfluentRegistry:
 
     async def _fetch(self, schema_id: int) -> str:
         where = f"schema registry {self._shown}"
-        for attempt, delay in enumerate((*self._unknown_retries, None)):
+        attempt = 0
+        while True:
             try:
                 response = await self._http.get(f"{self._url}/schemas/ids/{schema_id}")
             except httpx.HTTPError as exc:
@@ -207,13 +212,14 @@ class ConfluentRegistry:
                 raise TransientError(
                     f"{where} unreachable while fetching schema id {schema_id}: {exc!r}"
                 ) from exc
-            if response.status_code != 404 or delay is None:
+            if response.status_code != 404 or self._unknown_wait.gives_up(attempt + 1):
                 break
             if attempt == 0:
                 if self._flooded():
                     break
                 self.waited_ids += 1
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self._unknown_wait.delay(attempt))
+            attempt += 1
         status = response.status_code
         if status == 200:
             return self._schema_text(response, schema_id, where)
