@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cdc_sink import cli
+from cdc_sink.apply.codecs import use_asyncpg_uuids
 from cdc_sink.apply.plan import Mutation
 from cdc_sink.apply.writer import Batch, CheckpointMove, PgWriter
 from cdc_sink.decode.decoder import Decoder
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         help="keep Python's default garbage collector settings (the worker tunes them)",
     )
     args = parser.parse_args(argv)
+    use_asyncpg_uuids()  # as the worker's composition root does
 
     events = synth.generate(args.events, args.seed, start_us=time.time_ns() // 1000)
     raw, texts = records(events, args.format)

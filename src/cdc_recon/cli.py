@@ -28,6 +28,7 @@ from cdc_recon.errors import (
 from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler, recon_pool
 from cdc_recon.settings import reconciliation_settings
+from cdc_sink.apply.codecs import use_asyncpg_uuids
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config
 from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
@@ -63,6 +64,7 @@ def add_reconcile_command(commands: Any) -> None:
 async def reconcile(config: Config, args: argparse.Namespace) -> int:
     """Run `reconcile run` or `reconcile repair`, traced; print the outcome; return the exit
     code."""
+    use_asyncpg_uuids()
     try:
         with tracing(config.tracing, tracing_instance()):
             async with secrets_for(config) as (config, login):

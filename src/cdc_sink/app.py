@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError
 from cdc_recon.api import add_reconciliation_routes
 from cdc_recon.service import ReconciliationRuntime
 from cdc_recon.settings import SECTIONS as RECONCILIATION_SECTIONS
+from cdc_sink.apply.codecs import use_asyncpg_uuids
 from cdc_sink.config import Config, load_config
 from cdc_sink.consumer.worker import Worker, stop_client
 from cdc_sink.decode.decoder import ConfluentRegistry, Decoder
@@ -58,6 +59,7 @@ class SinkApp:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        use_asyncpg_uuids()
         self.worker = Worker(config, stop_when_caught_up=stop_when_caught_up, metrics=self.metrics)
         self.http: HttpServer | None = None
         self.registry: ConfluentRegistry | None = None

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from asyncpg.pgproto.pgproto import UUID as PgUUID
 
-from cdc_sink.apply.codecs import PG_TUPLE_CODECS
+from cdc_sink.apply.codecs import PG_TUPLE_CODECS, use_asyncpg_uuids
 from cdc_sink.errors import ConversionError, PoisonError
 from cdc_sink.model import scalars
 from cdc_sink.model.cql import (
@@ -31,6 +31,13 @@ from cdc_sink.model.cql import (
 from cdc_sink.model.jsonb import dump_json, to_json_value
 from cdc_sink.model.scalars import InvalidValue
 from cdc_sink.model.values import converter, to_pg, unguarded_converter
+
+
+@pytest.fixture(autouse=True, scope="module")
+def asyncpg_uuids() -> None:
+    """UUIDs convert to asyncpg's type, as in the worker (its composition root asks for it)."""
+    use_asyncpg_uuids()
+
 
 SCALARS = {
     "ascii": "text",

@@ -2,8 +2,8 @@
 
 asyncpg's default codecs silently write date 0001-01-01/9999-12-31 and timestamptz
 0001-01-01T00:00Z/9999-12-31T23:59:59.999999Z as -infinity/infinity; register PG_TUPLE_CODECS
-on every connection that writes these values. Importing this module also makes the model convert
-UUIDs to asyncpg's own UUID type (model.scalars.use_uuid_type).
+on every connection that writes these values. A process that writes calls `use_asyncpg_uuids`
+once, at start-up, to have the model convert UUIDs to asyncpg's own UUID type.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ from asyncpg.pgproto import pgproto
 
 from cdc_sink.model.scalars import use_uuid_type
 
-# Every process that writes imports this module (write.py does), so the worker's and
-# reconciliation's converters make asyncpg's UUIDs, as they did when the model imported it.
-use_uuid_type(pgproto.UUID)
-
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _PG_EPOCH_ORDINAL = _PG_EPOCH.toordinal()
 _INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
 _MICROSECOND = timedelta(microseconds=1)
+
+
+def use_asyncpg_uuids() -> None:
+    """Have the model convert UUIDs to asyncpg's UUID type, the one it returns for uuid columns
+    (see model.scalars.use_uuid_type): cheaper to parse, hash and print. Process-wide; equal
+    to, and hashed like, the uuid.UUIDs converted before."""
+    use_uuid_type(pgproto.UUID)
 
 
 def _encode_date(d: date) -> tuple[int]:

@@ -197,7 +197,7 @@ _make_uuid: Callable[[str | bytes], uuid.UUID] = _stdlib_uuid
 
 def use_uuid_type(make: Callable[[str | bytes], uuid.UUID]) -> None:
     """Convert UUIDs with `make` (from their text or their 16 bytes, ValueError if not a UUID)
-    into a uuid.UUID subclass, instead of uuid.UUID. pgcodecs installs asyncpg's UUID (the type
+    into a uuid.UUID subclass, instead of uuid.UUID. apply.codecs installs asyncpg's UUID (the type
     it returns for uuid columns): parsing, hashing and str() cost a fraction of the stdlib
     class's, and keys hash and print often."""
     global _make_uuid
