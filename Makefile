@@ -59,11 +59,12 @@ stack-status: ## show each service of the local stack
 	@$(STACK) status
 
 .PHONY: lint
-lint: venv ## ruff (lint + format check), mypy --strict on src, and the import contracts
+lint: venv ## ruff (lint + format check), mypy --strict on src, the import contracts, no import cycle
 	@$(BIN)/ruff check .
 	@$(BIN)/ruff format --check .
 	@$(BIN)/mypy
 	@$(BIN)/lint-imports
+	@$(BIN)/pytest -q -p no:cacheprovider tests/unit/test_import_cycles.py
 
 .PHONY: format
 format: venv ## apply ruff's formatting and safe fixes

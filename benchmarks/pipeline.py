@@ -36,11 +36,10 @@ from typing import Any
 
 from cdc_sink import cli
 from cdc_sink.apply.codecs import use_asyncpg_uuids
-from cdc_sink.apply.plan import Mutation
 from cdc_sink.apply.writer import Batch, CheckpointMove, PgWriter
 from cdc_sink.decode.decoder import Decoder
 from cdc_sink.model import scalars
-from cdc_sink.model.events import Position, interpret
+from cdc_sink.model.events import Mutation, Position, interpret
 from cdc_sink.schema.catalog import Catalog
 from cdc_sink.schema.tables import TableSchema
 from cdc_synth import synth

@@ -36,7 +36,7 @@ from cdc_sink.ops.http import (
 )
 
 if TYPE_CHECKING:
-    from cdc_recon.service import ReconciliationRuntime
+    from cdc_recon.runtime import ReconciliationRuntime
 
 KINDS = ("missing_in_postgres", "extra_in_postgres", "value_mismatch")
 

@@ -20,8 +20,8 @@ import asyncpg
 
 from cdc_recon.canonical import key_text
 from cdc_recon.strategies import Finding, Outcome
-from cdc_sink.apply.writer import lock_id
 from cdc_sink.ops.pools import BoundedPool
+from cdc_sink.schema.tables import lock_id
 
 JOB_COLUMNS = (
     "id, target_table, strategy, window_start, window_end, status, cassandra_rows, "

@@ -13,25 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import structlog
 
 from cdc_recon.errors import ReconError
 from cdc_recon.repository import schedule_lock
+from cdc_recon.service import Reconciler
 from cdc_recon.settings import ReconciliationConfig
-
-if TYPE_CHECKING:
-    from cdc_recon.service import ReconciliationRuntime
 
 log = structlog.get_logger(__name__)
 
 
 class Scheduler:
-    """Runs the configured schedule and the pending jobs of a ReconciliationRuntime."""
+    """Runs the configured schedule and the pending jobs with the Reconciler that `reconciler`
+    gives (the runtime's, made on first use)."""
 
-    def __init__(self, runtime: ReconciliationRuntime, settings: ReconciliationConfig) -> None:
-        self.runtime = runtime
+    def __init__(
+        self, reconciler: Callable[[], Awaitable[Reconciler]], settings: ReconciliationConfig
+    ) -> None:
+        self.reconciler = reconciler
         self.settings = settings
         self.entries = settings.schedule_entries()
         self._targets: dict[str, str] = {}
@@ -49,7 +50,7 @@ class Scheduler:
 
     async def tick(self, now: dt.datetime | None = None) -> list[int]:
         """One round; returns the ids of the jobs this scheduler ran."""
-        reconciler = await self.runtime.reconciler()
+        reconciler = await self.reconciler()
         repository = reconciler.repository
         interrupted = await repository.mark_interrupted()
         if interrupted:
@@ -68,7 +69,7 @@ class Scheduler:
     async def _create_if_due(
         self, name: str, strategy: str, interval: int, now: dt.datetime | None
     ) -> int | None:
-        reconciler = await self.runtime.reconciler()
+        reconciler = await self.reconciler()
         target = self._targets.get(name)
         if target is None:
             target = self._targets[name] = (await reconciler.resolve(name)).target

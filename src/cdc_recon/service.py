@@ -1,5 +1,4 @@
-"""The reconciliation engine: runs one job end to end, repairs a job's mismatches, and the
-runtime the sink process hosts (lazy Cassandra session, scheduler task, manual triggers).
+"""The reconciliation engine: runs one job end to end and repairs a job's mismatches.
 
 A job runs under two guards: a session advisory lock on the job (held by a connection of its
 own for as long as the job runs, released by PostgreSQL if the process dies) and the pending →
@@ -28,7 +27,6 @@ import asyncpg
 import structlog
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
-from prometheus_client import CollectorRegistry
 
 from cdc_recon.alerting import JobReport, ReconMetrics
 from cdc_recon.canonical import Canon, key_text
@@ -42,13 +40,12 @@ from cdc_recon.readers import (
     CassandraReader,
     PgReader,
     ReconTable,
-    connect_cassandra,
     native_key,
     resolve_table,
 )
 from cdc_recon.repair import plan_repair
 from cdc_recon.repository import JobRequest, Repository, job_lock
-from cdc_recon.settings import ReconciliationConfig, reconciliation_settings
+from cdc_recon.settings import ReconciliationConfig
 from cdc_recon.strategies import (
     Finding,
     Kind,
@@ -61,10 +58,10 @@ from cdc_recon.strategies import (
     sample,
     timestamp_range,
 )
-from cdc_sink.apply.plan import Mutation
 from cdc_sink.apply.writer import Batch, PgWriter
-from cdc_sink.config import Config, PostgresConfig
+from cdc_sink.config import PostgresConfig
 from cdc_sink.errors import ConversionError
+from cdc_sink.model.events import Mutation
 from cdc_sink.ops.pools import BoundedPool, open_pool
 from cdc_sink.ops.secrets import PostgresLogin
 
@@ -415,76 +412,3 @@ async def recon_pool(postgres: PostgresConfig, login: PostgresLogin) -> asyncpg.
     return await open_pool(
         postgres, login, size=postgres.reconciliation_pool_size, application_name="cdc-recon"
     )
-
-
-class ReconciliationRuntime:
-    """Reconciliation inside the sink process: a Reconciler made on first use (it needs
-    Cassandra, and opens its own PostgreSQL pool), the scheduler loop when enabled, and
-    background runs of manual triggers. `pool` (the HTTP API's) serves the routes: listings,
-    and recording the jobs they create."""
-
-    def __init__(
-        self,
-        config: Config,
-        pool: asyncpg.Pool | BoundedPool,
-        registry: CollectorRegistry,
-        owner: str,
-        login: PostgresLogin | None = None,
-    ) -> None:
-        self.config = config
-        self.settings = reconciliation_settings(config)
-        self.pool = pool
-        self.login = login or PostgresLogin(config)
-        self.metrics = ReconMetrics(registry)
-        self.owner = owner
-        self._reconciler: Reconciler | None = None
-        self._session: Any = None
-        self._pool: asyncpg.Pool | None = None
-        self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    async def reconciler(self) -> Reconciler:
-        """The engine (connects to Cassandra the first time; ReconError if it cannot)."""
-        async with self._lock:
-            if self._reconciler is None:
-                self._session = await asyncio.to_thread(
-                    connect_cassandra, self.config.cassandra, self.settings.consistency
-                )
-                # Jobs get connections of their own, so a long scan never starves the sink.
-                self._pool = await recon_pool(self.config.postgres, self.login)
-                self._reconciler = Reconciler(
-                    self._pool,
-                    self.config.postgres.schema,
-                    self._session,
-                    self.settings,
-                    metrics=self.metrics,
-                    pushgateway_url=self.config.pushgateway.url,
-                    owner=self.owner,
-                )
-            return self._reconciler
-
-    def start(self) -> None:
-        """Start the scheduler loop if CDC_RECONCILIATION__ENABLED."""
-        if self.settings.enabled:
-            from cdc_recon.scheduler import Scheduler
-
-            scheduler = Scheduler(self, self.settings)
-            self.spawn(scheduler.run_forever())
-
-    def spawn(self, work: Any) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
-        if self._session is not None:
-            await asyncio.to_thread(self._session.cluster.shutdown)
-            self._session = None
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None

@@ -19,7 +19,7 @@ import asyncpg
 from aiokafka.errors import KafkaError
 
 from cdc_recon.api import add_reconciliation_routes
-from cdc_recon.service import ReconciliationRuntime
+from cdc_recon.runtime import ReconciliationRuntime
 from cdc_recon.settings import SECTIONS as RECONCILIATION_SECTIONS
 from cdc_sink.apply.codecs import use_asyncpg_uuids
 from cdc_sink.config import Config, load_config

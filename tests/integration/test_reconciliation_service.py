@@ -20,8 +20,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from cdc_recon.alerting import ReconMetrics
 from cdc_recon.api import add_reconciliation_routes
 from cdc_recon.repository import JobRequest, job_lock
+from cdc_recon.runtime import ReconciliationRuntime
 from cdc_recon.scheduler import Scheduler
-from cdc_recon.service import Reconciler, ReconciliationRuntime
+from cdc_recon.service import Reconciler
 from cdc_sink.app import load_settings
 from cdc_sink.apply.writer import prepare_connection
 from cdc_sink.ops.http import HttpServer
@@ -72,7 +73,7 @@ async def test_two_schedulers_racing_run_a_due_job_once(stack: Endpoints, setup:
     )
     pods = [await runtime_for(env, f"pod-{i}") for i in range(2)]
     try:
-        schedulers = [Scheduler(pod, pod.settings) for pod in pods]
+        schedulers = [Scheduler(pod.reconciler, pod.settings) for pod in pods]
         first = await asyncio.gather(*(s.tick() for s in schedulers))
         assert sorted(len(ran) for ran in first) == [0, 1]
         again = await asyncio.gather(*(s.tick() for s in schedulers))

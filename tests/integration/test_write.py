@@ -9,10 +9,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from cdc_sink.apply.plan import Mutation as PlannedMutation
 from cdc_sink.apply.writer import Batch, CheckpointMove, PgWriter, prepare_connection
 from cdc_sink.dlq.letters import DeadLetter
 from cdc_sink.errors import FencedError
+from cdc_sink.model.events import Mutation as PlannedMutation
 from cdc_sink.model.events import Position, interpret
 from cdc_sink.ops.migrate import migrate
 from tests.support.cassandra_model import COLUMNS, KEY, SCALARS, Mutation, to_envelope

@@ -15,13 +15,12 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from cdc_sink.apply.plan import Mutation
 from cdc_sink.config import load_config
 from cdc_sink.consumer import prepare
 from cdc_sink.consumer.prepare import Prepared, Preparer
 from cdc_sink.decode.decoder import Decoder
 from cdc_sink.decode.nesting import MAX_NESTING
-from cdc_sink.model.events import ChangeEvent, Position
+from cdc_sink.model.events import ChangeEvent, Mutation, Position
 from cdc_sink.ops.metrics import Metrics
 from cdc_sink.retry import RetryPolicy
 from cdc_sink.schema.tables import TableSchema

@@ -15,9 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdc_sink.model.events import Bound, ChangeEvent, Op
-
-Key = tuple[Any, ...]
+from cdc_sink.model.events import Bound, ChangeEvent, Key, Mutation, Op
 
 
 @dataclass(slots=True)
@@ -57,20 +55,6 @@ class PartitionTombstones:
 
     partition_ts: int | None = None
     ranges: list[RangeTombstone] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class Mutation:
-    """A ChangeEvent with its key and values already converted to PostgreSQL values."""
-
-    event: ChangeEvent
-    key: Key  # in the table's key-column order; partition deletes/ranges have None clustering
-    values: Mapping[str, Any]  # converted cell values of `event.cells`
-    range_start: tuple[Any, ...] = ()
-    range_end: tuple[Any, ...] = ()
-    descending: tuple[bool, ...] = ()
-    # Non-frozen collections the event sent empty: deletions of their elements (values None).
-    emptied: tuple[str, ...] = ()
 
 
 @dataclass

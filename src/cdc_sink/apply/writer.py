@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import hashlib
 import ipaddress
 import json
 import time
@@ -27,7 +26,6 @@ import asyncpg
 from cdc_sink.apply.codecs import PG_TUPLE_CODECS
 from cdc_sink.apply.plan import (
     CellState,
-    Mutation,
     PartitionTombstones,
     RangeTombstone,
     RowState,
@@ -41,8 +39,8 @@ from cdc_sink.apply.plan import (
 from cdc_sink.dlq.letters import DeadLetter, headers_to_json
 from cdc_sink.errors import FencedError
 from cdc_sink.model.cql import pg_type
-from cdc_sink.model.events import Op
-from cdc_sink.schema.tables import META_COLUMNS, TableSchema, qualified, quote_ident
+from cdc_sink.model.events import Mutation, Op
+from cdc_sink.schema.tables import META_COLUMNS, TableSchema, lock_id, qualified, quote_ident
 
 Key = tuple[Any, ...]
 _SCOPES_KEPT = 65_536
@@ -128,11 +126,6 @@ async def prepare_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(
             name, schema="pg_catalog", encoder=encoder, decoder=decoder, format="tuple"
         )
-
-
-def lock_id(*parts: str) -> int:
-    digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 class PgWriter:

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 import asyncpg
 from aiokafka import TopicPartition
 
-from cdc_sink.apply.plan import Mutation
 from cdc_sink.apply.writer import Batch
 from cdc_sink.consumer.compression import UninflatedBatch
 from cdc_sink.decode.decoder import DecodedRecord, Decoder
@@ -23,7 +22,7 @@ from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 from cdc_sink.dlq.letters import DeadLetter
 from cdc_sink.errors import ConversionError, EventError, PoisonError, UnexpectedError
 from cdc_sink.failures import Kind, classify, refused
-from cdc_sink.model.events import ChangeEvent, Position, interpret, op_name
+from cdc_sink.model.events import ChangeEvent, Mutation, Position, interpret, op_name
 from cdc_sink.ops.logs import get_logger
 from cdc_sink.ops.metrics import Metrics
 from cdc_sink.retry import RetryPolicy

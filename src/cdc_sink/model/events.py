@@ -52,6 +52,9 @@ class Bound:
     inclusive: bool
 
 
+Key = tuple[Any, ...]  # primary-key values in the table's key-column order
+
+
 @dataclass(slots=True)
 class ChangeEvent:
     """One Cassandra mutation of one row, partition or clustering range.
@@ -75,6 +78,20 @@ class ChangeEvent:
     @property
     def is_partition_delete(self) -> bool:
         return self.op is Op.DELETE and any(v is None for v in self.key.values())
+
+
+@dataclass(slots=True)
+class Mutation:
+    """A ChangeEvent with its key and values already converted to PostgreSQL values."""
+
+    event: ChangeEvent
+    key: Key  # in the table's key-column order; partition deletes/ranges have None clustering
+    values: Mapping[str, Any]  # converted cell values of `event.cells`
+    range_start: tuple[Any, ...] = ()
+    range_end: tuple[Any, ...] = ()
+    descending: tuple[bool, ...] = ()
+    # Non-frozen collections the event sent empty: deletions of their elements (values None).
+    emptied: tuple[str, ...] = ()
 
 
 _OPS = {op.value: op for op in Op}

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from cdc_sink.apply.writer import lock_id
 from cdc_sink.errors import EventError, FatalError, TransientError
 from cdc_sink.model.cql import CqlType, from_connect_schema, parse_cql_type, udt_definitions
 from cdc_sink.model.events import ChangeEvent
@@ -35,6 +34,7 @@ from cdc_sink.schema.tables import (
     RESERVED_COLUMNS,
     ReservedColumnError,
     TableSchema,
+    lock_id,
     refuse_reserved,
     require_owner,
     target_name,

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from cdc_sink.apply.plan import Mutation
 from cdc_sink.errors import ConversionError, EventError
 from cdc_sink.model.cql import CqlType, is_multi_cell, pg_type
-from cdc_sink.model.events import Bound, ChangeEvent, Op
+from cdc_sink.model.events import Bound, ChangeEvent, Mutation, Op
 from cdc_sink.model.scalars import InvalidValue
 from cdc_sink.model.values import converter, unguarded_converter
 
@@ -111,6 +110,12 @@ def quote_ident(name: str) -> str:
 
 def qualified(schema: str, table: str) -> str:
     return f"{quote_ident(schema)}.{quote_ident(table)}"
+
+
+def lock_id(*parts: str) -> int:
+    """A PostgreSQL advisory-lock key (bigint) for what `parts` name, e.g. a target table."""
+    digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def target_name(table_format: str, keyspace: str, table: str) -> str:
