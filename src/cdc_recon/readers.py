@@ -19,7 +19,7 @@ import itertools
 import json
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -417,23 +417,14 @@ class CassandraReader:
         """The rows with these canonical keys that exist, by key text."""
         if not keys:
             return {}
-        from cassandra.concurrent import execute_concurrent_with_args
-
         where = " AND ".join(f"{_cql_ident(c)} = ?" for c in table.key_columns)
         statement = await self._prepare(f"{self._select(table, writetimes)} WHERE {where}")
         convert = self._convert(table, writetimes)
         params = [native_key(table, k) for k in keys]
 
         def run() -> list[Scanned]:
-            found: list[Scanned] = []
-            results = execute_concurrent_with_args(
-                self.session, statement, params, concurrency=max(8, self.concurrency * 4)
-            )
-            for ok, result in results:
-                if not ok:
-                    raise ReconError(f"Cassandra read failed: {result}")
-                found += [s for s in map(convert, result) if s is not None]
-            return found
+            rows = self._rows_of(statement, params, max(8, self.concurrency * 4))
+            return [s for s in map(convert, rows) if s is not None]
 
         return {row.key_text: row for row in await asyncio.to_thread(run)}
 
@@ -444,8 +435,6 @@ class CassandraReader:
         cell's WRITETIME and TTL (for repair), by key text."""
         if not keys:
             return {}
-        from cassandra.concurrent import execute_concurrent_with_args
-
         names, single = table.value_columns, table.single_cell_columns
         cols = [_cql_ident(c) for c in table.columns]
         cols += [f"WRITETIME({_cql_ident(c)})" for c in names]
@@ -467,31 +456,39 @@ class CassandraReader:
 
         def run() -> dict[str, NativeRow]:
             found = {}
-            results = execute_concurrent_with_args(
-                self.session, statement, params, concurrency=max(8, self.concurrency * 4)
-            )
-            for ok, result in results:
-                if not ok:
-                    raise ReconError(f"Cassandra read failed: {result}")
-                for row in result:
-                    values = {
-                        name: driver_exact(t, v)
-                        for (name, t), v in zip(table.columns.items(), row[:width], strict=True)
-                    }
-                    stamps = {
-                        n: w
-                        for n, raw in zip(names, row[width : width + count], strict=True)
-                        if (w := newest(raw)) is not None
-                    }
-                    ttls = {
-                        n: t
-                        for n, raw in zip(single, row[width + count :], strict=True)
-                        if (t := newest(raw)) is not None
-                    }
-                    found[key_text(canon_key(row))] = NativeRow(values, stamps, ttls)
+            for row in self._rows_of(statement, params, max(8, self.concurrency * 4)):
+                values = {
+                    name: driver_exact(t, v)
+                    for (name, t), v in zip(table.columns.items(), row[:width], strict=True)
+                }
+                stamps = {
+                    n: w
+                    for n, raw in zip(names, row[width : width + count], strict=True)
+                    if (w := newest(raw)) is not None
+                }
+                ttls = {
+                    n: t
+                    for n, raw in zip(single, row[width + count :], strict=True)
+                    if (t := newest(raw)) is not None
+                }
+                found[key_text(canon_key(row))] = NativeRow(values, stamps, ttls)
             return found
 
         return await asyncio.to_thread(run)
+
+    def _rows_of(
+        self, statement: Any, params: Sequence[Sequence[Any]], concurrency: int
+    ) -> Iterator[Any]:
+        """The rows `statement` returns for each of `params`, read `concurrency` at a time
+        (blocking: call in a thread); ReconError if a read fails."""
+        from cassandra.concurrent import execute_concurrent_with_args
+
+        for ok, result in execute_concurrent_with_args(
+            self.session, statement, params, concurrency=concurrency
+        ):
+            if not ok:
+                raise ReconError(f"Cassandra read failed: {result}")
+            yield from result
 
     async def random_keys(
         self, table: ReconTable, count: int, seed: int
@@ -508,17 +505,7 @@ class CassandraReader:
         canon_key = table.key_canon(for_cassandra)
 
         def run() -> list[tuple[Canon, ...]]:
-            from cassandra.concurrent import execute_concurrent_with_args
-
-            found = []
-            for ok, result in execute_concurrent_with_args(
-                self.session, statement, [(t,) for t in tokens], concurrency=16
-            ):
-                if not ok:
-                    raise ReconError(f"Cassandra read failed: {result}")
-                for row in result:
-                    found.append(canon_key(row))
-            return found
+            return [canon_key(row) for row in self._rows_of(statement, [(t,) for t in tokens], 16)]
 
         return list(dict.fromkeys(await asyncio.to_thread(run)))
 

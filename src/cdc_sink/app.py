@@ -24,7 +24,8 @@ from cdc_recon.settings import SECTIONS as RECONCILIATION_SECTIONS
 from cdc_sink.apply.codecs import use_asyncpg_uuids
 from cdc_sink.config import Config, load_config
 from cdc_sink.consumer.worker import Worker, stop_client
-from cdc_sink.decode.decoder import ConfluentRegistry, Decoder
+from cdc_sink.decode.decoder import Decoder
+from cdc_sink.decode.registry import ConfluentRegistry
 from cdc_sink.dlq.producer import DlqProducer
 from cdc_sink.dlq.replay import add_dlq_routes
 from cdc_sink.errors import DecodeError, FatalError

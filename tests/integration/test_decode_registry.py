@@ -10,7 +10,8 @@ import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from cdc_sink.decode.decoder import ConfluentRegistry, Decoder
+from cdc_sink.decode.decoder import Decoder
+from cdc_sink.decode.registry import ConfluentRegistry
 from cdc_sink.errors import DecodeError
 from tests.support.debezium_avro import COLUMNS, a_cell, envelope, event, key_schema, wire
 from tests.support.registry import store_without_validation

@@ -39,10 +39,9 @@ from cdc_sink.apply.plan import (
 from cdc_sink.dlq.letters import DeadLetter, headers_to_json
 from cdc_sink.errors import FencedError
 from cdc_sink.model.cql import pg_type
-from cdc_sink.model.events import Mutation, Op
+from cdc_sink.model.events import Key, Mutation, Op
 from cdc_sink.schema.tables import META_COLUMNS, TableSchema, lock_id, qualified, quote_ident
 
-Key = tuple[Any, ...]
 _SCOPES_KEPT = 65_536
 _NEXT_DLQ_ID = "nextval(pg_get_serial_sequence('_cdc_dlq_records', 'id'))"
 
@@ -388,7 +387,7 @@ class PgWriter:
         staging = await self._staging_table(schema)
         columns = self._columns(schema)
         values = schema.value_columns
-        # The timestamptz columns get µs since 1970 (see pgcodecs.PG_TUPLE_CODECS); updated_at is
+        # The timestamptz columns get µs since 1970 (see codecs.PG_TUPLE_CODECS); updated_at is
         # the wall clock even when a caller simulates `now_us`.
         updated_at = time.time_ns() // 1000
         records = []

@@ -31,19 +31,11 @@ import fastavro
 import fastavro.read
 
 from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
-from cdc_sink.decode.registry import ConfluentRegistry, OnceCache, Refusals, SchemaRegistry
+from cdc_sink.decode.registry import OnceCache, Refusals, SchemaRegistry
 from cdc_sink.errors import DecodeError
 from cdc_sink.model.scalars import decimal_from_bytes
 
-__all__ = [
-    "ConfluentRegistry",
-    "ConnectSchema",
-    "DecodedRecord",
-    "Decoder",
-    "SchemaRegistry",
-    "avro_to_connect",
-    "rename_redefined_types",
-]
+__all__ = ["ConnectSchema", "DecodedRecord", "Decoder", "avro_to_connect", "rename_redefined_types"]
 
 ConnectSchema = dict[str, Any]
 """A Kafka Connect schema in JsonConverter's JSON form: type, optional, name, version,

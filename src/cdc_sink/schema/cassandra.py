@@ -1,6 +1,6 @@
 """Cassandra through cassandra-driver: one way to connect, one way to read a table's schema.
 
-The sink reads column types from `system_schema` (ddl.py); reconciliation reads data and
+The sink reads column types from `system_schema` (catalog.py); reconciliation reads data and
 schema. Both are blocking calls: run them in a thread.
 """
 
