@@ -14,7 +14,7 @@ import trustme
 from cassandra.cluster import NoHostAvailable
 
 from cdc_sink.config import ConfigError, load_config
-from cdc_sink.decode.decoder import ConfluentRegistry
+from cdc_sink.decode.registry import ConfluentRegistry
 from cdc_sink.errors import FatalError
 from cdc_sink.ops.secrets import PostgresLogin, VaultError, open_secrets
 from cdc_sink.schema import cassandra
