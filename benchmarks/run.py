@@ -165,6 +165,7 @@ class Run:
             "CDC_POSTGRES__SCHEMA": self.name,
             "CDC_HTTP__HOST": "127.0.0.1",
             "CDC_HTTP__PORT": str(port),
+            "CDC_API__PORT": "0",
             "CDC_LOG__LEVEL": "info",  # as in production; batch_committed lines time the commits
             "CDC_LOG__JSON": "true",
         }

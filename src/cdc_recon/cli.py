@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -31,6 +32,7 @@ from cdc_recon.settings import reconciliation_settings
 from cdc_sink.apply.codecs import use_asyncpg_uuids
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config
+from cdc_sink.ops.audit import audit, cli_actor
 from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
 from cdc_sink.ops.tracing import tracing, tracing_instance
 
@@ -106,6 +108,7 @@ async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namesp
         )
         if args.action == "repair":
             summary = await reconciler.repair(args.job)
+            await audit(pool, cli_actor(), "reconciliation_repair", dataclasses.asdict(summary))
             print(
                 f"job {summary.job_id}: repaired {summary.repaired}, "
                 f"not converged {summary.unresolved}, cannot repair {summary.skipped}"
@@ -122,6 +125,8 @@ async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namesp
             if value is not None
         }
         job = await reconciler.run(args.table, args.strategy, options, trigger="cli")
+        arguments = {"table": args.table, "strategy": args.strategy, **options}
+        await audit(pool, cli_actor(), "reconciliation_job", {"job": job["id"], **arguments})
         print(_summary(job))
         if job["status"] != "succeeded":
             print(f"cdc-sink reconcile: job {job['id']} failed: {job['error']}", file=sys.stderr)

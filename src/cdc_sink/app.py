@@ -1,7 +1,7 @@
 """The composition root of `python -m cdc_sink run`: opens every resource the worker needs,
-hosts the HTTP server and the reconciliation loop, and closes them all in reverse order.
+hosts the HTTP listeners and the reconciliation loop, and closes them all in reverse order.
 
-Vault login → PostgreSQL pools → schema check → registry and Cassandra → HTTP server →
+Vault login → PostgreSQL pools → schema check → registry and Cassandra → HTTP listeners →
 housekeeping → DLQ producer → reconciliation → the consumer loop (runner.Worker).
 """
 
@@ -18,19 +18,20 @@ from typing import Any
 import asyncpg
 from aiokafka.errors import KafkaError
 
-from cdc_recon.api import add_reconciliation_routes
+from cdc_recon.api import reconciliation_routes
 from cdc_recon.runtime import ReconciliationRuntime
 from cdc_recon.settings import SECTIONS as RECONCILIATION_SECTIONS
 from cdc_sink.apply.codecs import use_asyncpg_uuids
-from cdc_sink.config import Config, load_config
+from cdc_sink.config import ApiConfig, Config, load_config
 from cdc_sink.consumer.worker import Worker, stop_client
 from cdc_sink.decode.decoder import Decoder
 from cdc_sink.decode.registry import ConfluentRegistry
 from cdc_sink.dlq.producer import DlqProducer
-from cdc_sink.dlq.replay import add_dlq_routes
+from cdc_sink.dlq.replay import ResumeRequests, dlq_routes
 from cdc_sink.errors import DecodeError, FatalError
+from cdc_sink.ops.auth import Authenticator
 from cdc_sink.ops.housekeeping import housekeeping
-from cdc_sink.ops.http import HttpServer, add_standard_routes
+from cdc_sink.ops.http import Listener, new_app, probe_routes
 from cdc_sink.ops.kafka_security import client_security, unreachable
 from cdc_sink.ops.logs import get_logger
 from cdc_sink.ops.metrics import Metrics, push_fatal_exit
@@ -62,7 +63,8 @@ class SinkApp:
         self.metrics = metrics or Metrics()
         use_asyncpg_uuids()
         self.worker = Worker(config, stop_when_caught_up=stop_when_caught_up, metrics=self.metrics)
-        self.http: HttpServer | None = None
+        self.http: Listener | None = None  # the control API
+        self.probes: Listener | None = None  # /health, /ready, /metrics
         self.registry: ConfluentRegistry | None = None
         self.decoder: Decoder | None = None
 
@@ -155,13 +157,7 @@ class SinkApp:
             config, api_pool, self.metrics.registry, self.worker.worker_id, login
         )
         if config.http.enabled:
-            self.http = HttpServer()
-            add_standard_routes(self.http, self.metrics, self.worker.readiness)
-            add_dlq_routes(self.http, api_pool, lambda: dlq, self.worker.resume)
-            add_reconciliation_routes(self.http, recon)
-            await self.http.start(config.http.host, config.http.port)
-            stack.push_async_callback(self.http.stop)
-            log.info("http_listening", host=config.http.host, port=self.http.port)
+            await self._serve(stack, config, api_pool, worker_pool, dlq, recon)
         _background(stack, housekeeping(worker_pool, catalog, config, self.metrics))
         try:
             await dlq.start()
@@ -170,6 +166,52 @@ class SinkApp:
         stack.push_async_callback(stop_client, "dlq_producer", dlq.stop)
         recon.start()  # the reconciliation scheduler, if CDC_RECONCILIATION__ENABLED
         stack.push_async_callback(recon.close)
+
+    async def _serve(
+        self,
+        stack: contextlib.AsyncExitStack,
+        config: Config,
+        api_pool: BoundedPool,
+        worker_pool: asyncpg.Pool,
+        dlq: DlqProducer,
+        recon: ReconciliationRuntime,
+    ) -> None:
+        """Start both listeners (probes and metrics; the control API), each stopped when the
+        stack closes, and follow the resume requests other pods record."""
+        api = config.api
+        auth = Authenticator(api, api.jwt_secret)
+        await auth.start()
+        probes_app = new_app(
+            "cdc-sink probes",
+            max_body_bytes=api.max_body_bytes,
+            max_header_bytes=api.max_header_bytes,
+        )
+        probes_app.include_router(probe_routes(self.metrics, self.worker.readiness))
+        resumes = ResumeRequests()
+        control = new_app(
+            "cdc-sink control API",
+            max_body_bytes=api.max_body_bytes,
+            max_header_bytes=api.max_header_bytes,
+        )
+        control.include_router(dlq_routes(api_pool, lambda: dlq, self.worker.resume, resumes, auth))
+        control.include_router(reconciliation_routes(recon, auth))
+        self.probes = _listener(probes_app, "probes", api)
+        self.http = _listener(control, "api", api)
+        for listener, host, port, setting in (
+            (self.probes, config.http.host, config.http.port, "CDC_HTTP__HOST/PORT"),
+            (self.http, api.host, api.port, "CDC_API__HOST/PORT"),
+        ):
+            await listener.start(host, port, setting)
+            stack.push_async_callback(listener.stop)
+            log.info(
+                "http_listening",
+                listener=listener.name,
+                host=host,
+                port=listener.port,
+                authentication=auth.enabled if listener is self.http else False,
+            )
+        interval = config.dlq.resume_poll_seconds
+        _background(stack, resumes.follow(worker_pool, self.worker.resume, interval))
 
     async def _check_migrations(self, pool: asyncpg.Pool) -> None:
         schema = self.config.postgres.schema
@@ -216,6 +258,17 @@ class SinkApp:
             await asyncio.wait_for(asyncio.to_thread(push), FATAL_PUSH_TIMEOUT_S + 1)
         except Exception as failed:  # noqa: BLE001 - the exit goes on; its log line remains
             log.warning("fatal_push_failed", url=url, error=f"{type(failed).__name__}: {failed}")
+
+
+def _listener(app: Any, name: str, limits: ApiConfig) -> Listener:
+    return Listener(
+        app,
+        name=name,
+        max_connections=limits.max_connections,
+        max_header_bytes=limits.max_header_bytes,
+        keep_alive_s=limits.keep_alive_s,
+        request_timeout_s=limits.request_timeout_s,
+    )
 
 
 def _background(stack: contextlib.AsyncExitStack, work: Awaitable[Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from cdc_sink.ops.http import BIGINT_MAX  # ids and limits go to PostgreSQL as bigints
+BIGINT_MAX = 2**63 - 1  # ids and limits go to PostgreSQL as bigints
 
 
 def whole_number(low: int, high: int = BIGINT_MAX) -> Callable[[str], int]:

@@ -20,6 +20,7 @@ from cdc_sink import __version__
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config, ConfigError
 from cdc_sink.errors import SinkError
+from cdc_sink.ops.audit import bind_request_id, cli_actor
 from cdc_sink.ops.logs import configure_logging, get_logger
 from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
 
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(config: Config, args: argparse.Namespace) -> int:
+    bind_request_id()  # in the log lines and the audit rows of this command
     try:
         return _run(args.handler(config, args))
     except ConfigError as exc:  # a file a setting names proved unusable (a CA bundle, a key)
@@ -255,7 +257,7 @@ async def _dlq_command(
     except KafkaError as exc:
         raise unreachable(config.kafka, "replay producer", exc) from exc
     try:
-        replayed = await replay_dead_letters(conn, producer, where, actor="cli")
+        replayed = await replay_dead_letters(conn, producer, where, actor=cli_actor())
     finally:
         await producer.stop()
     print(f"replayed {len(replayed)} record(s): {', '.join(map(str, replayed)) or '-'}")

@@ -346,6 +346,8 @@ class DlqConfig:
     topic_replication_factor: int = 0  # 0: min(3, brokers in the cluster)
     max_share: float = 0.1
     window_records: int = 1000
+    # How often a pod looks for resume requests made through another pod's API.
+    resume_poll_seconds: float = 5.0
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", self.topic):
@@ -360,17 +362,83 @@ class DlqConfig:
             raise ConfigError("CDC_DLQ__MAX_SHARE must be >= 0 (1 or more: no limit)")
         if self.window_records < 1:
             raise ConfigError("CDC_DLQ__WINDOW_RECORDS must be >= 1")
+        if not 0 < self.resume_poll_seconds <= 3600:
+            raise ConfigError("CDC_DLQ__RESUME_POLL_SECONDS must be > 0 and <= 3600")
 
 
 @dataclass(frozen=True)
 class HttpConfig:
-    host: str = "0.0.0.0"  # noqa: S104 - scraped by Prometheus in a pod; set 127.0.0.1 locally
+    """The probes and metrics listener (/health, /ready, /metrics; no authentication)."""
+
+    host: str = "127.0.0.1"  # a pod sets 0.0.0.0 for its kubelet and Prometheus
     port: int = 8000
     enabled: bool = True
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65_535:
             raise ConfigError("CDC_HTTP__PORT must be between 0 (any free port) and 65535")
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+JWT_SOURCES = (
+    "CDC_API__JWT_SECRET, CDC_VAULT__API_JWT_SECRET, CDC_API__JWKS_URL or CDC_API__JWKS_FILE"
+)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The control API listener (DLQ and reconciliation routes) and its bearer tokens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    jwt_secret: Secret | None = None  # HS256 shared secret
+    jwks_url: str | None = None  # RS256/ES256 public keys, refetched on an unknown kid
+    jwks_file: str | None = None
+    jwt_issuer: str | None = None  # checked when set
+    jwt_audience: str | None = None  # checked when set
+    jwt_leeway_s: float = 30.0  # clock skew allowed on exp and nbf
+    # Serving the API beyond loopback without tokens: refused unless this says so.
+    insecure_no_auth: bool = False
+    max_connections: int = 200  # more at once are answered 503
+    max_body_bytes: int = 1_048_576
+    max_header_bytes: int = 65_536
+    keep_alive_s: float = 5.0  # an idle connection is closed after this
+    request_timeout_s: float = 10.0  # for the request (head and body) to arrive
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65_535:
+            raise ConfigError("CDC_API__PORT must be between 0 (any free port) and 65535")
+        if self.jwks_url is not None:
+            check_http_url("CDC_API__JWKS_URL", self.jwks_url)
+        if self.jwks_file is not None and not Path(self.jwks_file).is_file():
+            raise ConfigError(f"CDC_API__JWKS_FILE: no such file {self.jwks_file!r}")
+        if self.jwt_secret is not None and (self.jwks_url or self.jwks_file):
+            raise ConfigError("CDC_API__JWT_SECRET (HS256) and CDC_API__JWKS_* exclude each other")
+        if self.jwks_url and self.jwks_file:
+            raise ConfigError("CDC_API__JWKS_URL and CDC_API__JWKS_FILE exclude each other")
+        if self.jwt_secret is not None and len(self.jwt_secret.reveal().encode()) < 32:
+            raise ConfigError("CDC_API__JWT_SECRET must be at least 32 bytes (HS256)")
+        if not 0 <= self.jwt_leeway_s <= 300:
+            raise ConfigError("CDC_API__JWT_LEEWAY_S must be between 0 and 300")
+        for name, low in (
+            ("max_connections", 1),
+            ("max_body_bytes", 1),
+            ("max_header_bytes", 1024),
+        ):
+            if getattr(self, name) < low:
+                raise ConfigError(f"CDC_API__{name.upper()} must be >= {low}")
+        for name in ("keep_alive_s", "request_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"CDC_API__{name.upper()} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -411,6 +479,7 @@ class VaultConfig:
     postgres_role: str | None = None  # database secrets engine role: leased PostgreSQL logins
     database_mount: str = "database"
     cassandra_secret: str | None = None  # KV v2 path holding Cassandra's username and password
+    api_jwt_secret: str | None = None  # KV v2 path whose `secret` is the API's HS256 key
     kv_mount: str = "secret"
     timeout_seconds: float = 10.0
     ssl_cafile: str | None = None  # PEM; None: the system's trusted CAs
@@ -430,9 +499,14 @@ class VaultConfig:
             raise ConfigError("CDC_VAULT__TIMEOUT_SECONDS must be > 0 and <= 300")
         if bool(self.role_id) != bool(self.secret_id):
             raise ConfigError("CDC_VAULT__ROLE_ID and CDC_VAULT__SECRET_ID go together (AppRole)")
-        if not (self.postgres_role or self.cassandra_secret):
+        used = [
+            f"CDC_VAULT__{name.upper()}"
+            for name in ("postgres_role", "cassandra_secret", "api_jwt_secret")
+            if getattr(self, name)
+        ]
+        if not used:
             return  # Vault is not used
-        wanted = "CDC_VAULT__POSTGRES_ROLE" if self.postgres_role else "CDC_VAULT__CASSANDRA_SECRET"
+        wanted = used[0]
         if not self.addr:
             raise ConfigError(f"{wanted} needs CDC_VAULT__ADDR")
         if not (self.token or self.role_id):
@@ -488,6 +562,7 @@ class Config:
     sink: SinkConfig = field(default_factory=SinkConfig)
     dlq: DlqConfig = field(default_factory=DlqConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     cassandra: CassandraConfig = field(default_factory=CassandraConfig)
     vault: VaultConfig = field(default_factory=VaultConfig)
     pushgateway: UrlConfig = field(default_factory=UrlConfig)
@@ -549,7 +624,24 @@ def load_config(
             validate()
         if isinstance(section, UrlConfig):
             check_http_url(f"CDC_{name.upper()}__URL", section.url)
+    _check_api_exposure(config)
     return config
+
+
+def _check_api_exposure(config: Config) -> None:
+    """ConfigError if the control API would answer anyone beyond loopback without a token."""
+    api = config.api
+    if config.vault.api_jwt_secret and (api.jwt_secret or api.jwks_url or api.jwks_file):
+        raise ConfigError(f"choose one of {JWT_SOURCES}")
+    if is_loopback(api.host) or api.insecure_no_auth or not config.http.enabled:
+        return
+    if api.jwt_secret or api.jwks_url or api.jwks_file or config.vault.api_jwt_secret:
+        return
+    raise ConfigError(
+        f"CDC_API__HOST={api.host} serves the control API beyond loopback without "
+        f"authentication: set {JWT_SOURCES}, or CDC_API__INSECURE_NO_AUTH=true to accept that "
+        "anyone who reaches the port may replay, resume and read dead letters"
+    )
 
 
 def _build(cls: Any, section: str, values: dict[str, Any]) -> Any:

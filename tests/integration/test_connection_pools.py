@@ -23,8 +23,8 @@ from tests.support.pipeline import (
     applied,
     create_cassandra_model_table,
     create_topic,
-    json_lines,
     kill,
+    listening_port,
     produce,
     schemaless_record,
     sink_env,
@@ -77,15 +77,6 @@ def rate(progress: list[tuple[float, int]], low: int, high: int) -> float:
     return (high - low) / (when(high) - when(low))
 
 
-def listening_port(log_path: Path) -> int | None:
-    ports = [
-        line["port"]
-        for line in json_lines(log_path.read_text())
-        if line["event"] == "http_listening"
-    ]
-    return ports[0] if ports else None
-
-
 async def stop(worker: Any) -> int:
     os.killpg(worker.pid, signal.SIGTERM)
     return int(await asyncio.to_thread(worker.wait, 60))
@@ -131,7 +122,7 @@ async def test_bursts_of_jobs_and_listings_all_answer_while_a_backlog_drains(
     try:
         measuring = asyncio.create_task(drain(dsn, busy_schema, busy, BACKLOG))
         async with asyncio.timeout(120):
-            while (port := listening_port(log_path)) is None or await applied(
+            while (port := listening_port(log_path.read_text())) is None or await applied(
                 dsn, busy_schema
             ) < BACKLOG // 10:
                 assert busy.poll() is None, log_path.read_text()[-3000:]
@@ -213,10 +204,11 @@ async def test_an_api_request_that_gets_no_connection_in_time_answers_503(
     locker = await asyncpg.connect(stack.postgres_dsn)
     try:
         async with asyncio.timeout(60):
-            while worker.http is None or not worker.worker.owned:
+            while worker.probes is None or worker.http is None or not worker.worker.owned:
                 assert not running.done()
                 await asyncio.sleep(0.05)
         base = f"http://127.0.0.1:{worker.http.port}"
+        probes = f"http://127.0.0.1:{worker.probes.port}"
         async with httpx.AsyncClient(
             timeout=60, limits=httpx.Limits(max_connections=None, max_keepalive_connections=0)
         ) as client:
@@ -230,7 +222,7 @@ async def test_an_api_request_that_gets_no_connection_in_time_answers_503(
             assert {r.status_code for r in refused} == {503}
             assert "no PostgreSQL connection of the HTTP API" in refused[0].json()["error"]
             assert refused[0].headers["retry-after"] == "1"
-            ready = await client.get(f"{base}/ready")
+            ready = await client.get(f"{probes}/ready")
             assert ready.status_code == 200, ready.text
             await lock.rollback()
             async with asyncio.timeout(30):

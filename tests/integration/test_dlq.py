@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
+from cdc_sink.ops.audit import cli_actor
 from tests.support.cassandra_model import Mutation
 from tests.support.names import Unique
 from tests.support.pipeline import (
@@ -419,8 +420,8 @@ async def test_replayed_records_apply_once_the_cause_is_fixed(
             "SELECT actor, details FROM _cdc_audit_log WHERE action = 'dlq_replay' ORDER BY id",
         )
         assert [(a["actor"], json.loads(a["details"])["ids"]) for a in audit] == [
-            ("cli", [ids[0]]),
-            ("http", sorted(ids[1:])),
+            (cli_actor(), [ids[0]]),
+            ("anonymous", sorted(ids[1:])),
         ]
         status, body = await asyncio.to_thread(http, port, "GET", "/dlq?status=replayed")
         assert status == 200

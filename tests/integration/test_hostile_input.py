@@ -51,8 +51,8 @@ from tests.support.pipeline import (
     create_topic,
     drop_schema,
     http_get,
-    json_lines,
     kill,
+    listening_port,
     produce_placed,
     read_rows,
     read_topic,
@@ -237,17 +237,14 @@ def hostile_sink(
 
 
 async def started(sink: HostileSink) -> int:
-    """Wait until the worker owns every partition; return its HTTP port."""
+    """Wait until the worker owns every partition; return its probes listener's port."""
     async with asyncio.timeout(90):
         while len(await sink.checkpoints()) < PARTITIONS:
             sink.assert_alive()
             await asyncio.sleep(0.2)
-    [port] = [
-        line["port"]
-        for line in json_lines(sink.log.read_text())
-        if line.get("event") == "http_listening"
-    ]
-    return int(port)
+    port = listening_port(sink.log.read_text(), "probes")
+    assert port is not None
+    return port
 
 
 @pytest.mark.timeout(120 + EXAMPLES * (STUCK_AFTER_S + 90))

@@ -18,14 +18,16 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cdc_recon.alerting import ReconMetrics
-from cdc_recon.api import add_reconciliation_routes
+from cdc_recon.api import reconciliation_routes
 from cdc_recon.repository import JobRequest, job_lock
 from cdc_recon.runtime import ReconciliationRuntime
 from cdc_recon.scheduler import Scheduler
 from cdc_recon.service import Reconciler
 from cdc_sink.app import load_settings
 from cdc_sink.apply.writer import prepare_connection
-from cdc_sink.ops.http import HttpServer
+from cdc_sink.config import ApiConfig
+from cdc_sink.ops.auth import Authenticator
+from cdc_sink.ops.http import Listener, new_app
 from tests.support import recon_data as data
 from tests.support.names import Unique
 from tests.support.pipeline import run_cli
@@ -177,9 +179,10 @@ async def test_http_routes(stack: Endpoints, setup: Setup) -> None:
         list(setup.rows[5].key.values()),
     )
     runtime = await runtime_for(env_for(stack, setup, pushgateway__url=""), "http-pod")
-    server = HttpServer()
-    add_reconciliation_routes(server, runtime)
-    await server.start("127.0.0.1", 0)
+    app = new_app("reconciliation", max_body_bytes=1_048_576)
+    app.include_router(reconciliation_routes(runtime, Authenticator(ApiConfig(), None)))
+    server = Listener(app, name="api")
+    await server.start("127.0.0.1", 0, "CDC_API__PORT")
     base = f"http://127.0.0.1:{server.port}/reconciliation"
 
     async def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -419,7 +422,10 @@ async def test_the_worker_runs_scheduled_jobs_and_serves_them(
             "schedule",
         )
         assert (job["cassandra_rows"], job["postgres_rows"], job["mismatches"]) == (24, 24, 0)
-        metrics = await asyncio.to_thread(_text_of, f"{url}/metrics")
+        assert worker.probes is not None
+        metrics = await asyncio.to_thread(
+            _text_of, f"http://127.0.0.1:{worker.probes.port}/metrics"
+        )
         assert (
             'cdc_reconciliation_drift_percentage{strategy="checksum",table="cdc_model"} 0.0'
             in metrics

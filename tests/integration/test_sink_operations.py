@@ -63,13 +63,13 @@ async def test_ttl_rows_expire_and_the_http_api_reports(stack: Endpoints, unique
         async with asyncio.timeout(60):
             while len(await read_rows(stack.postgres_dsn, schema, "cdc_model", columns)) < 2:
                 await asyncio.sleep(0.2)
-        assert worker.http is not None
-        port = worker.http.port
+        assert worker.probes is not None
+        port = worker.probes.port
         status, body = await asyncio.to_thread(http_get, port, "/health")
         assert (status, json.loads(body)) == (200, {"status": "ok"})
         status, body = await asyncio.to_thread(http_get, port, "/ready")
         assert status == 200
-        assert json.loads(body) == {"postgres": True, "assigned_partitions": 8}
+        assert json.loads(body) == {"postgres": True, "group": "joined", "assigned_partitions": 8}
         status, metrics = await asyncio.to_thread(http_get, port, "/metrics")
         assert status == 200
         for name in (
@@ -140,10 +140,10 @@ async def test_events_are_counted_by_their_operation(stack: Endpoints, unique: U
     running = asyncio.create_task(worker.run())
     try:
         async with asyncio.timeout(60):
-            while worker.http is None or await applied(stack.postgres_dsn, schema) < len(records):
+            while worker.probes is None or await applied(stack.postgres_dsn, schema) < len(records):
                 assert not running.done()
                 await asyncio.sleep(0.1)
-        status, metrics = await asyncio.to_thread(http_get, worker.http.port, "/metrics")
+        status, metrics = await asyncio.to_thread(http_get, worker.probes.port, "/metrics")
         assert status == 200
         counted = {
             sample.labels["op"]: sample.value

@@ -25,6 +25,7 @@ from tests.support.pipeline import (
     fetch_value,
     http_get,
     json_lines,
+    listening_port,
     produce,
     run_cli,
     schemaless_record,
@@ -108,11 +109,8 @@ async def test_leased_postgres_users_are_replaced_before_they_expire_and_no_batc
             async with asyncio.timeout(60):
                 while await applied(admin_dsn, leased.schema) < total:
                     await asyncio.sleep(0.2)
-            [port] = [
-                line["port"]
-                for line in json_lines(log_path.read_text())
-                if line["event"] == "http_listening"
-            ]
+            port = listening_port(log_path.read_text(), "probes")
+            assert port is not None
             _, metrics = await asyncio.to_thread(http_get, port, "/metrics")
             scraped_at = time.time()
         finally:

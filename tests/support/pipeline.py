@@ -165,6 +165,7 @@ def sink_env(
             "CDC_KAFKA__GROUP_ID": group,
             "CDC_POSTGRES__SCHEMA": schema,
             "CDC_HTTP__PORT": "0",
+            "CDC_API__PORT": "0",
             "CDC_LOG__LEVEL": "warning",
         }
     )
@@ -289,6 +290,17 @@ async def fetch_value(dsn: str, query: str, *args: Any) -> Any:
 def json_lines(text: str) -> list[dict[str, Any]]:
     """The JSON log lines in a worker's output (other lines skipped)."""
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def listening_port(log_text: str, listener: str = "api") -> int | None:
+    """The port a worker's `listener` ("api": the control API; "probes": /health, /ready,
+    /metrics) is bound to, from its `http_listening` log line; None before it is logged."""
+    ports = [
+        int(line["port"])
+        for line in json_lines(log_text)
+        if line.get("event") == "http_listening" and line.get("listener") == listener
+    ]
+    return ports[0] if ports else None
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:

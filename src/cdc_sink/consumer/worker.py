@@ -56,10 +56,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        self.worker.group_state = "joining"  # a rebalance begins
         await self.worker.release(revoked)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         await self.worker.claim(assigned)
+        self.worker.group_state = "joined"  # with no partitions, too: an idle member
 
 
 class Worker:
@@ -97,6 +99,8 @@ class Worker:
         self.pool: asyncpg.Pool | None = None  # claims, catalog, housekeeping, readiness
         self.login: PostgresLogin | None = None
         self.consumer: AIOKafkaConsumer | None = None
+        # starting → joining (subscribed, or rebalancing) → joined → leaving
+        self.group_state = "starting"
         self.dlq: DlqProducer | None = None
 
     # resources ------------------------------------------------------------------------------
@@ -146,15 +150,18 @@ class Worker:
         return self.config.kafka.group_id
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when partitions are assigned and PostgreSQL answers."""
+        """Ready when the worker can do its work: it has joined its consumer group or is
+        joining it (a rebalance), and PostgreSQL answers. Holding no partitions is not
+        unready: a pod beyond the partition count, or one mid-rebalance, is idle and well."""
         postgres = False
         if self.pool is not None:
             try:
                 postgres = await asyncio.wait_for(self.pool.fetchval("SELECT true"), 2)
             except Exception:  # noqa: BLE001 - any failure means not reachable
                 postgres = False
-        assigned = len(self.owned)
-        return bool(postgres and assigned), {"postgres": postgres, "assigned_partitions": assigned}
+        group = self.group_state
+        detail = {"postgres": postgres, "group": group, "assigned_partitions": len(self.owned)}
+        return bool(postgres and group in ("joining", "joined")), detail
 
     def stop(self) -> None:
         """Stop fetching; the batch in flight finishes (or, if it is waiting to be retried,
@@ -216,10 +223,12 @@ class Worker:
         try:
             await self._warn_of_name_collisions()
             self.consumer.subscribe(pattern=cfg.topic_pattern, listener=_Rebalance(self))
+            self.group_state = "joining"
             await self._pipeline()
         except Stopping as exc:
             log.info("batch_abandoned", reason=str(exc))
         finally:
+            self.group_state = "leaving"
             await self._drain_pipeline()
             await self.offsets.finish()
             await stop_client("consumer", self.consumer.stop)

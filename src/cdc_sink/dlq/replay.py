@@ -9,29 +9,29 @@ record) if the cause is not fixed. Each replay is written to `_cdc_audit_log`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import datetime as dt
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
+from fastapi import APIRouter, Depends, Path, Query, Response
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from cdc_sink.dlq.letters import Header, headers_from_json
 from cdc_sink.dlq.producer import DlqProducer
 from cdc_sink.errors import UNREAD_BATCH_STAGE, SinkError
-from cdc_sink.ops.http import (
-    BIGINT_MAX,
-    HttpError,
-    HttpServer,
-    Request,
-    Response,
-    int_param,
-    json_response,
-)
+from cdc_sink.ops.audit import audit
+from cdc_sink.ops.auth import PAYLOAD, READ, WRITE, Authenticator, Principal, require
+from cdc_sink.ops.http import BIGINT_MAX, ApiError, JsonRoute, json_response, whole
+from cdc_sink.ops.logs import get_logger
 from cdc_sink.ops.pools import BoundedPool
+
+log = get_logger("cdc_sink.dlq")
 
 STATUSES = ("pending", "replayed")
 LIST_COLUMNS = (
@@ -189,11 +189,7 @@ async def replay_dead_letters(
             "WHERE id = ANY($1::bigint[])",
             ids,
         )
-        await conn.execute(
-            "INSERT INTO _cdc_audit_log (actor, action, details) VALUES ($1, 'dlq_replay', $2)",
-            actor,
-            json.dumps({"ids": ids}),
-        )
+        await audit(conn, actor, "dlq_replay", {"ids": ids})
     return ids
 
 
@@ -203,70 +199,170 @@ def _replay_headers(stored: Any, dlq_id: int) -> list[Header]:
     return [*own, ("cdc.replay.of", str(dlq_id).encode())]
 
 
-def add_dlq_routes(
-    server: HttpServer,
+class FilterBody(BaseModel):
+    """Which dead letters a replay means (all fields optional; combined with AND)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[Annotated[int, whole("ids")]] = []
+    status: Literal["pending", "replayed"] | None = None
+    topic: str | None = None
+    error_class: str | None = None
+    stage: str | None = None
+    since: dt.datetime | None = None
+
+    def dlq_filter(self) -> DlqFilter:
+        since = self.since
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=dt.UTC)
+        return DlqFilter(
+            ids=tuple(self.ids),
+            status=self.status,
+            topic=self.topic,
+            error_class=self.error_class,
+            stage=self.stage,
+            since=since,
+        )
+
+
+class ListQuery(FilterBody):
+    """GET /dlq: the filter as query parameters (`ids` comma-separated), and paging."""
+
+    ids: list[Annotated[int, whole("ids")]] = []
+    limit: Annotated[int, whole("limit", high=1000)] = 100
+    after_id: Annotated[int, whole("after_id", low=0)] = 0
+
+    @field_validator("ids", mode="before")
+    @classmethod
+    def _comma_separated(cls, raw: Any) -> Any:
+        if isinstance(raw, list):
+            return [part for item in raw for part in str(item).split(",") if part]
+        return raw
+
+
+class ReplayBody(BaseModel):
+    """POST /dlq/replay: {"ids": [...]}, {"filter": {...}} or {"all": true}."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[Annotated[int, whole("ids")]] | None = None
+    filter: FilterBody | None = None
+    all: bool = False
+
+
+class ResumeBody(BaseModel):
+    """POST /dlq/resume: a topic and a partition, both optional."""
+
+    model_config = ConfigDict(extra="forbid")
+    topic: str | None = None
+    partition: Annotated[int, whole("partition", low=0, high=2**31 - 1)] | None = None
+
+
+def dlq_routes(
     pool: BoundedPool,
     producer: Callable[[], DlqProducer | None],
     resume: Callable[[str | None, int | None], Awaitable[Sequence[Any]]],
-) -> None:
-    """GET /dlq (filters as query parameters, `limit`, `after_id`), GET /dlq/{id},
-    POST /dlq/replay ({"ids": [...]} or {"filter": {...}} or {"all": true}),
-    POST /dlq/resume ({"topic": …, "partition": …}, both optional)."""
+    resume_requests: ResumeRequests,
+    auth: Authenticator,
+) -> APIRouter:
+    """GET /dlq (filters as query parameters, `limit`, `after_id`; cdc:read), GET /dlq/{id}
+    (with the payload; cdc:payload), POST /dlq/replay and POST /dlq/resume (cdc:write; both
+    audited). A resume acts on this pod at once and is kept for the other pods to act on."""
+    router = APIRouter(route_class=JsonRoute, tags=["dead letters"])
+    reader = Depends(require(auth, READ))
+    payload_reader = Depends(require(auth, PAYLOAD))
+    writer = Depends(require(auth, WRITE))
 
-    async def listing(request: Request) -> Response:
-        query = {k: v[-1] for k, v in request.query.items()}
-        limit = int_param(query.pop("limit", 100), "limit", high=1000)
-        after_id = int_param(query.pop("after_id", 0), "after_id", low=0)
-        try:
-            where = DlqFilter.from_mapping(query)
-        except ValueError as exc:
-            raise HttpError(400, str(exc)) from None
+    @router.get("/dlq")
+    async def listing(query: Annotated[ListQuery, Query()], _: Principal = reader) -> Response:
         async with pool.acquire() as conn:
-            records = await list_dead_letters(conn, where, limit=limit, after_id=after_id)
+            records = await list_dead_letters(
+                conn, query.dlq_filter(), limit=query.limit, after_id=query.after_id
+            )
         return json_response({"records": records})
 
-    async def show(request: Request) -> Response:
-        dlq_id = int_param(request.path_params["id"], "id")
+    @router.get("/dlq/{dlq_id}")
+    async def show(
+        dlq_id: Annotated[int, whole("id"), Path()], _: Principal = payload_reader
+    ) -> Response:
         async with pool.acquire() as conn:
             shown = await show_dead_letter(conn, dlq_id)
         if shown is None:
-            raise HttpError(404, f"no dead letter {dlq_id}")
+            raise ApiError(404, f"no dead letter {dlq_id}")
         return json_response(shown)
 
-    async def replay(request: Request) -> Response:
-        body = request.json() if request.body else {}
-        if not isinstance(body, dict):
-            raise HttpError(400, "the body must be a JSON object")
-        try:
-            if "ids" in body:
-                where = DlqFilter.from_mapping({"ids": body["ids"]})
-            else:
-                where = DlqFilter.from_mapping(body.get("filter") or {})
-        except ValueError as exc:
-            raise HttpError(400, str(exc)) from None
-        if where.is_empty and body.get("all") is not True:
-            raise HttpError(400, 'say which records: "ids", "filter", or "all": true')
+    @router.post("/dlq/replay")
+    async def replay(caller: Principal = writer, body: ReplayBody | None = None) -> Response:
+        body = body or ReplayBody()
+        if body.ids is not None:
+            where = DlqFilter(ids=tuple(body.ids))
+        else:
+            where = (body.filter or FilterBody()).dlq_filter()
+        if where.is_empty and not body.all:
+            raise ApiError(400, 'say which records: "ids", "filter", or "all": true')
         kafka = producer()
         if kafka is None:
-            raise HttpError(503, "the worker is not connected to Kafka yet")
+            raise ApiError(503, "the worker is not connected to Kafka yet")
         try:
             async with pool.acquire() as conn:
-                replayed = await replay_dead_letters(conn, kafka, where, actor="http")
+                replayed = await replay_dead_letters(conn, kafka, where, actor=caller.subject)
         except SinkError as exc:
-            raise HttpError(503, f"replay failed, nothing marked: {exc}") from None
+            raise ApiError(503, f"replay failed, nothing marked: {exc}") from None
         return json_response({"replayed": replayed})
 
-    async def resume_partitions(request: Request) -> Response:
-        body = request.json() if request.body else {}
-        if not isinstance(body, dict):
-            raise HttpError(400, "the body must be a JSON object")
-        partition = body.get("partition")
-        if partition is not None and not isinstance(partition, int):
-            raise HttpError(400, "partition must be an integer")
-        resumed = await resume(body.get("topic"), partition)
+    @router.post("/dlq/resume")
+    async def resume_partitions(
+        caller: Principal = writer, body: ResumeBody | None = None
+    ) -> Response:
+        body = body or ResumeBody()
+        async with pool.acquire() as conn, conn.transaction():
+            await resume_requests.record(conn, body.topic, body.partition)
+            await audit(conn, caller.subject, "dlq_resume", body.model_dump())
+        resumed = await resume(body.topic, body.partition)
         return json_response({"resumed": [f"{tp.topic}[{tp.partition}]" for tp in resumed]})
 
-    server.route("GET", "/dlq", listing)
-    server.route("GET", "/dlq/{id}", show)
-    server.route("POST", "/dlq/replay", replay)
-    server.route("POST", "/dlq/resume", resume_partitions)
+    return router
+
+
+class ResumeRequests:
+    """Resume requests kept in `_cdc_resume_requests`, so that every pod resumes the paused
+    partitions it holds, whichever pod the request reached."""
+
+    def __init__(self) -> None:
+        self._own: set[int] = set()  # acted on when they were made
+
+    async def record(
+        self, conn: asyncpg.Connection, topic: str | None, partition: int | None
+    ) -> None:
+        request_id = await conn.fetchval(
+            "INSERT INTO _cdc_resume_requests (topic, partition) VALUES ($1, $2) RETURNING id",
+            topic,
+            partition,
+        )
+        self._own.add(int(request_id))
+
+    async def follow(
+        self,
+        pool: asyncpg.Pool,
+        resume: Callable[[str | None, int | None], Awaitable[Sequence[Any]]],
+        interval_s: float,
+    ) -> None:
+        """Every `interval_s`, act on the requests other pods recorded since the last look
+        (those made before this pod started are not its concern). Runs until cancelled; a
+        failed look is logged and tried again next time."""
+        last = int(await pool.fetchval("SELECT coalesce(max(id), 0) FROM _cdc_resume_requests"))
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                rows = await pool.fetch(
+                    "SELECT id, topic, partition FROM _cdc_resume_requests WHERE id > $1 "
+                    "ORDER BY id",
+                    last,
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("resume_requests_unread", error=f"{type(exc).__name__}: {exc}")
+                continue
+            for row in rows:
+                last = row["id"]
+                if row["id"] in self._own:
+                    self._own.discard(row["id"])
+                    continue
+                await resume(row["topic"], row["partition"])

@@ -1,7 +1,10 @@
-"""A tiny HTTP/1.1 server on asyncio streams for the worker's operational API.
+"""The worker's HTTP listeners: FastAPI applications served by uvicorn in the worker's loop.
 
-One request per connection (every response says `Connection: close`), Content-Length bodies
-only. Enough for probes, Prometheus scrapes and a small JSON API; not a general web server.
+Two listeners: probes and metrics (/health, /ready, /metrics), and the control API (the DLQ and
+reconciliation routes, each package registering its own APIRouter). Every error answers JSON
+`{"error": message}`: 400 for a body or query that does not validate, 404 for an unknown route
+or record, 405 for a known path with another method, 413 for a body over the limit, 503 with
+`Retry-After` when a transient failure (no connection free in time) stops a request.
 """
 
 from __future__ import annotations
@@ -10,261 +13,379 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from http import HTTPStatus
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import structlog
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BeforeValidator
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from cdc_sink.arguments import BIGINT_MAX
 from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
-from cdc_sink.errors import TransientError
+from cdc_sink.errors import FatalError, TransientError
 from cdc_sink.ops.metrics import Metrics
 
-__all__ = ["HttpError", "HttpServer", "Request", "Response", "add_standard_routes", "json_response"]
+__all__ = [
+    "BIGINT_MAX",
+    "ApiError",
+    "JsonRoute",
+    "Listener",
+    "json_response",
+    "new_app",
+    "probe_routes",
+    "whole",
+]
 
 log = structlog.get_logger(__name__)
 
-MAX_BODY = 1024 * 1024
-_REQUEST_LINE = re.compile(r"([A-Z]+) (\S+) HTTP/1\.[01]")
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-class HttpError(Exception):
-    """Raised by the server or a handler to answer `status` with a JSON error body."""
+class ApiError(Exception):
+    """Raised by a route to answer `status` with `{"error": message}`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
 
 
-BIGINT_MAX = 2**63 - 1  # ids are PostgreSQL bigints
+def whole(name: str, low: int = 1, high: int = BIGINT_MAX) -> BeforeValidator:
+    """For `Annotated[int, whole(...)]`: a query, path or body value that must be a whole
+    number in [low, high]; otherwise a 400 naming `name` (and the text given)."""
 
-
-def int_param(raw: Any, name: str, low: int = 1, high: int = BIGINT_MAX) -> int:
-    """`raw` (query or path text) as an integer in [low, high], or a 400 naming `name`."""
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise HttpError(400, f"{name} must be a whole number, not {raw!r}") from None
-    if not low <= value <= high:
-        raise HttpError(400, f"{name} must be between {low} and {high}")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One parsed request. Header names are lower-case; `query` comes from `parse_qs`."""
-
-    method: str
-    path: str
-    path_params: dict[str, str]
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        """The body parsed as JSON; raises HttpError(400) if it is not valid JSON or nests
-        deeper than MAX_NESTING levels (handlers may walk it)."""
-        too_deep = f"JSON body nests deeper than {MAX_NESTING} levels"
+    def check(raw: Any) -> int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError(f"{name} must be a whole number, not {raw!r}")
         try:
-            body = json.loads(self.body)
-        except ValueError as exc:
-            raise HttpError(400, f"invalid JSON body: {exc}") from exc
-        except RecursionError:  # far deeper: the parser ran out of stack
-            raise HttpError(400, too_deep) from None
-        if deeper_than(body):
-            raise HttpError(400, too_deep)
-        return body
+            value = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be between {low} and {high}")
+        return value
+
+    return BeforeValidator(check)
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
-    """What a handler answers; the server adds Content-Length and `Connection: close`."""
+class JsonRoute(APIRoute):
+    """A route whose body is read as JSON whatever Content-Type the client names (clients
+    of the earlier server send none or a form type), and refused with 400 when it is not
+    JSON or nests deeper than MAX_NESTING levels, before any model walks it."""
 
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: Mapping[str, str] = field(default_factory=dict)
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
 
+        async def parsed_first(request: Request) -> Response:
+            body = await request.body()
+            if body:
+                too_deep = f"JSON body nests deeper than {MAX_NESTING} levels"
+                try:
+                    document = json.loads(body)
+                except RecursionError:  # far deeper: the parser ran out of stack
+                    raise ApiError(400, too_deep) from None
+                except ValueError as exc:
+                    raise ApiError(400, f"invalid JSON body: {exc}") from None
+                if deeper_than(document):
+                    raise ApiError(400, too_deep)
+                request._json = document  # what FastAPI's own parsing will find
+                request.scope["headers"] = [
+                    *((k, v) for k, v in request.scope["headers"] if k != b"content-type"),
+                    (b"content-type", b"application/json"),
+                ]
+            return await handler(request)
 
-Handler = Callable[[Request], Awaitable[Response]]
+        return parsed_first
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
     """`obj` as a JSON body; values JSON cannot encode (datetime, UUID, …) become str()."""
-    body = json.dumps(obj, default=str).encode()
-    return Response(status=status, body=body, content_type="application/json")
+    body = json.dumps(obj, default=str)
+    return Response(body, status_code=status, media_type="application/json")
 
 
-def _error(status: int, message: str) -> Response:
-    return json_response({"error": message}, status=status)
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-class HttpServer:
-    """Routes requests to handlers. `read_timeout` bounds how long one request may take to
-    arrive, so a slow or silent client cannot pin a connection."""
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        if error.get("type") == "value_error":  # from whole() and model validators: says all
+            parts.append(str(error["ctx"]["error"]))
+            continue
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+    return "; ".join(parts) or "invalid request"
 
-    def __init__(self, *, read_timeout: float = 10.0, max_body: int = MAX_BODY) -> None:
-        self._read_timeout = read_timeout
-        self._max_body = max_body
-        self._routes: dict[tuple[str, ...], dict[str, Handler]] = {}
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
 
-    def route(self, method: str, path: str, handler: Handler) -> None:
-        """Register `handler` for `method path`; a `{name}` segment matches any one segment."""
-        pattern = tuple(path.strip("/").split("/"))
-        self._routes.setdefault(pattern, {})[method.upper()] = handler
+def new_app(title: str, *, max_body_bytes: int, max_header_bytes: int = 65_536) -> FastAPI:
+    """An application whose errors all answer `{"error": …}`; OpenAPI at /openapi.json and
+    docs at /docs. A body over `max_body_bytes` is answered 413, headers over
+    `max_header_bytes` 431, a route that fails unforeseen 500. Each request gets a request
+    id (the client's X-Request-ID if it is a plain token, else a new one), bound to every log
+    line written for it and sent back."""
+    app = FastAPI(title=title, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> Response:
+        return error_response(exc.status, str(exc), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(400, _validation_message(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route for {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} not allowed"
+        return error_response(exc.status_code, message, exc.headers)
+
+    @app.exception_handler(TransientError)
+    async def unavailable(_: Request, exc: TransientError) -> Response:
+        return error_response(503, str(exc), {"Retry-After": "1"})
+
+    app.add_middleware(
+        _RequestGuard, max_body_bytes=max_body_bytes, max_header_bytes=max_header_bytes
+    )
+    return app
+
+
+class _RequestGuard:
+    """ASGI middleware: the request id (bound to the log context, sent back as X-Request-ID),
+    the header and body caps (413 before reading when Content-Length says too much, and as
+    soon as a chunked body passes the cap), and the 500 answer of an unforeseen failure."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_header_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get(b"x-request-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        too_large = f"body larger than {self.max_body_bytes} bytes"
+        received = 0
+        started = False
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise HTTPException(413, too_large)
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            refusal = None
+            if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
+                refusal = error_response(431, f"headers larger than {self.max_header_bytes} bytes")
+            length = headers.get(b"content-length", "0")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                refusal = error_response(413, too_large)
+            try:
+                await (refusal or self.app)(scope, capped_receive, send_with_id)
+            except Exception as exc:
+                log.error(
+                    "http_handler_failed",
+                    method=scope["method"],
+                    path=scope["path"],
+                    exc_info=(type(exc), exc, exc.__traceback__),
+                )
+                if started:
+                    raise  # the answer has begun: uvicorn closes the connection
+                await error_response(500, "internal server error")(scope, receive, send_with_id)
+
+
+def probe_routes(
+    metrics: Metrics, ready: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+) -> APIRouter:
+    """GET /health (200 while the process runs), GET /ready (200, or 503 when `ready` says
+    not ready; the body is its dict), GET /metrics (Prometheus text of `metrics`)."""
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/ready")
+    async def readiness() -> Response:
+        ok, detail = await ready()
+        return JSONResponse(detail, status_code=200 if ok else 503)
+
+    @router.get("/metrics")
+    async def scrape() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return router
+
+
+class Listener:
+    """One uvicorn server in the current event loop, started and stopped by the caller (no
+    signal handlers of its own: the worker's graceful shutdown stops it).
+
+    `max_connections` more at once are answered 503; a request's head and body must arrive
+    within `request_timeout_s` (else the connection is closed); an idle keep-alive connection
+    is closed after `keep_alive_s`; a head over `max_header_bytes` is refused. `stop` gives
+    requests in flight `grace_s` to finish."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        name: str,
+        max_connections: int = 200,
+        max_header_bytes: int = 65_536,
+        keep_alive_s: float = 5.0,
+        request_timeout_s: float = 10.0,
+        grace_s: int = 5,
+    ) -> None:
+        self.name = name
+        self._grace_s = grace_s
+        self._app = app
+        self._limits = {
+            "limit_concurrency": max_connections,
+            "h11_max_incomplete_event_size": max_header_bytes,
+            "timeout_keep_alive": keep_alive_s,
+        }
+        self._request_timeout_s = request_timeout_s
+        self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
+        self._ticks: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
         """The bound port (useful after `start(port=0)`); raises RuntimeError if not started."""
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("HttpServer is not started")
-        return int(self._server.sockets[0].getsockname()[1])
+        if self._socket is None:
+            raise RuntimeError(f"the {self.name} listener is not started")
+        return int(self._socket.getsockname()[1])
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on host:port (0 = an ephemeral port). Returns once the socket is bound."""
-        self._server = await asyncio.start_server(self._serve, host, port)
+    async def start(self, host: str, port: int, setting: str) -> None:
+        """Listen on host:port (0 = an ephemeral port); returns once the socket is bound.
+        FatalError naming `setting` if it cannot be bound."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            message = f"cannot listen on {host}:{port} ({setting}): {exc}"
+            raise FatalError(message, stage="http") from exc
+        config = uvicorn.Config(
+            _timed(self._app, self._request_timeout_s),
+            http=_head_timed(self._request_timeout_s),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=self._grace_s,
+            **self._limits,  # type: ignore[arg-type]
+        )
+        config.load()
+        self._server = uvicorn.Server(config)
+        # What Server.serve() would do besides installing its own signal handlers.
+        self._server.lifespan = config.lifespan_class(config)
+        self._socket = sock
+        await self._server.startup(sockets=[sock])
+        # uvicorn's tick keeps the Date header current and notices should_exit.
+        self._ticks = asyncio.create_task(self._server.main_loop())
 
     async def stop(self) -> None:
-        """Close the listener and every open connection. Safe to call twice or if never started."""
+        """Stop listening, let requests in flight finish (`grace_s` at most, then they are
+        cancelled), close every connection.
+        Safe to call twice or if never started."""
         server, self._server = self._server, None
         if server is None:
             return
-        # Close and cancel before the first await, so a cancelled stop() still releases all.
-        server.close()
-        tasks = list(self._connections)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
+        server.should_exit = True
+        if self._ticks is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticks
+        sockets = [self._socket] if self._socket is not None else None
+        await server.shutdown(sockets=sockets)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
+
+def _timed(app: ASGIApp, timeout_s: float) -> ASGIApp:
+    """`app` with a deadline on receiving the request: a client that sends its body slowly
+    or not at all is answered 408 and let go."""
+
+    async def timed(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + timeout_s
+
+        async def receive_in_time() -> Message:
+            left = deadline - asyncio.get_running_loop().time()
             try:
-                async with asyncio.timeout(self._read_timeout):
-                    request = await self._read_request(reader)
-            except HttpError as exc:
-                response = _error(exc.status, str(exc))
+                async with asyncio.timeout(max(left, 0)):
+                    return await receive()
             except TimeoutError:
-                response = _error(408, "request not received in time")
-            else:
-                response = await self._dispatch(request)
-            writer.write(_encode(response))
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away; nobody to answer
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+                message = "request not received in time"
+                raise HTTPException(408, message, {"Connection": "close"}) from None
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> Request:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError as exc:
-            raise HttpError(431, "request head too large") from exc
-        lines = head.decode("latin-1").split("\r\n")
-        match = _REQUEST_LINE.fullmatch(lines[0])
-        if match is None:
-            raise HttpError(400, "malformed request line")
-        method, target = match.groups()
-        headers: dict[str, str] = {}
-        for line in lines[1:-2]:  # the head ends with two empty lines after the split
-            name, sep, value = line.partition(":")
-            if not sep or not name.strip():
-                raise HttpError(400, "malformed header line")
-            headers[name.strip().lower()] = value.strip()
-        if "transfer-encoding" in headers:  # chunked bodies: not worth it for this API
-            raise HttpError(501, "only Content-Length bodies are supported")
-        length_text = headers.get("content-length", "0")
-        if not (length_text.isascii() and length_text.isdigit()):
-            raise HttpError(400, "invalid Content-Length")
-        length = int(length_text)
-        if length > self._max_body:
-            raise HttpError(413, f"body larger than {self._max_body} bytes")
-        body = await reader.readexactly(length)
-        url = urlsplit(target)
-        if not url.path.startswith("/"):
-            raise HttpError(400, "request target must be an absolute path")
-        query = parse_qs(url.query, keep_blank_values=True)
-        return Request(method, url.path, {}, query, headers, body)
+        await app(scope, receive_in_time, send)
 
-    async def _dispatch(self, request: Request) -> Response:
-        segments = request.path.strip("/").split("/")
-        allowed: list[str] = []
-        for pattern, methods in self._routes.items():
-            params = _match(pattern, segments)
-            if params is None:
-                continue
-            handler = methods.get(request.method)
-            if handler is None:
-                allowed.extend(methods)
-                continue
-            try:
-                return await handler(replace(request, path_params=params))
-            except HttpError as exc:
-                return _error(exc.status, str(exc))
-            except TransientError as exc:  # e.g. no connection came free in time
-                return replace(_error(503, str(exc)), headers={"Retry-After": "1"})
-            except Exception:
-                log.exception("http_handler_failed", method=request.method, path=request.path)
-                return _error(500, "internal server error")
-        if allowed:
-            denied = _error(405, f"method {request.method} not allowed")
-            return replace(denied, headers={"Allow": ", ".join(sorted(allowed))})
-        return _error(404, f"no route for {request.path}")
+    return timed
 
 
-def _match(pattern: tuple[str, ...], segments: list[str]) -> dict[str, str] | None:
-    if len(pattern) != len(segments):
-        return None
-    params: dict[str, str] = {}
-    for want, got in zip(pattern, segments, strict=True):
-        if want.startswith("{") and want.endswith("}") and got:
-            params[want[1:-1]] = unquote(got)
-        elif want != got:
-            return None
-    return params
+def _head_timed(timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline on a request's head: a client that starts a
+    request and does not finish its head in `timeout_s` (slowloris) is disconnected, so it
+    cannot hold one of the listener's connections for ever."""
 
+    class HeadTimedH11(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
 
-def _encode(response: Response) -> bytes:
-    head = [
-        f"HTTP/1.1 {response.status} {_REASONS.get(response.status, '')}",
-        f"Content-Type: {response.content_type}",
-        f"Content-Length: {len(response.body)}",
-        "Connection: close",
-        *(f"{name}: {value}" for name, value in response.headers.items()),
-    ]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+        def _awaiting_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
 
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is None and self._awaiting_head():
+                self._head_timer = self.loop.call_later(timeout_s, self._head_late)
+            super().data_received(data)
+            if self._head_timer is not None and not self._awaiting_head():
+                self._head_timer.cancel()
+                self._head_timer = None
 
-def add_standard_routes(
-    server: HttpServer,
-    metrics: Metrics,
-    ready: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
-) -> None:
-    """GET /health (200 while the process runs), GET /ready (200, or 503 when `ready` says
-    not ready; the body is its dict), GET /metrics (Prometheus text of `metrics`)."""
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
 
-    async def health(_: Request) -> Response:
-        return json_response({"status": "ok"})
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self._awaiting_head():
+                self.transport.close()
 
-    async def readiness(_: Request) -> Response:
-        ok, detail = await ready()
-        return json_response(detail, status=200 if ok else 503)
-
-    async def scrape(_: Request) -> Response:
-        body, content_type = metrics.render()
-        return Response(body=body, content_type=content_type)
-
-    server.route("GET", "/health", health)
-    server.route("GET", "/ready", readiness)
-    server.route("GET", "/metrics", scrape)
+    return HeadTimedH11

@@ -12,7 +12,7 @@
   so no batch fails for it and no session outlives its user (PostgreSQL keeps a session whose
   role is dropped). The old lease ends on its own; the last one is revoked at exit.
 - Cassandra: with CDC_VAULT__CASSANDRA_SECRET, the username and password are read from KV v2
-  at start.
+  at start; the control API's HS256 key likewise with CDC_VAULT__API_JWT_SECRET (its `secret`).
 
 hvac is blocking: every call runs in a thread.
 """
@@ -333,7 +333,7 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
     with Cassandra's credentials filled in, and how to log in to PostgreSQL. VaultError (a
     clear message, no traceback) if Vault cannot be reached or refuses."""
     cfg = config.vault
-    if not (cfg.postgres_role or cfg.cassandra_secret):
+    if not (cfg.postgres_role or cfg.cassandra_secret or cfg.api_jwt_secret):
         return config, PostgresLogin(config)
     vault = Vault(cfg)
     step = f"logging in to Vault at {cfg.addr}" + (
@@ -357,6 +357,16 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
                 password=Secret(str(secret["password"])),
             )
             config = dataclasses.replace(config, cassandra=cassandra)
+        if cfg.api_jwt_secret:
+            step = (
+                f"reading CDC_VAULT__API_JWT_SECRET {cfg.api_jwt_secret!r} from KV v2 mount "
+                f"{cfg.kv_mount!r}"
+            )
+            key = (await vault.kv(cfg.api_jwt_secret)).get("secret")
+            if not isinstance(key, str) or len(key.encode()) < 32:
+                raise ValueError("the secret must hold a `secret` of at least 32 bytes")
+            api = dataclasses.replace(config.api, jwt_secret=Secret(key))
+            config = dataclasses.replace(config, api=api)
         login = PostgresLogin(config, vault)
         if cfg.postgres_role:
             step = (
