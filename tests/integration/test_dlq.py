@@ -12,7 +12,6 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from cdc_sink.app import SinkApp
@@ -29,6 +28,7 @@ from tests.support.pipeline import (
     run_worker,
     schemaless_record,
     sink_env,
+    sql,
 )
 from tests.support.stack import Endpoints
 
@@ -102,14 +102,6 @@ POISON_KINDS = {
     "nul_in_text": ("ConversionError", "convert"),
     "constraint": ("CheckViolationError", "write"),
 }
-
-
-async def sql(dsn: str, schema: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
-    try:
-        return await conn.fetch(query, *args)
-    finally:
-        await conn.close()
 
 
 async def add_constraint(dsn: str, schema: str) -> None:

@@ -287,6 +287,15 @@ async def fetch_value(dsn: str, query: str, *args: Any) -> Any:
         await conn.close()
 
 
+async def sql(dsn: str, schema: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    """Run `query` with `schema` first on the search path; its rows."""
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
 def json_lines(text: str) -> list[dict[str, Any]]:
     """The JSON log lines in a worker's output (other lines skipped)."""
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]

@@ -45,7 +45,7 @@ PAYLOAD = "cdc:payload"  # record payloads (personal data)
 WRITE = "cdc:write"  # replay, resume, new jobs, resolutions
 SCOPES = (READ, PAYLOAD, WRITE)
 ASYMMETRIC = ["RS256", "ES256"]
-JWKS_REFRESH_INTERVAL_S = 10.0
+JWKS_REFRESH_INTERVAL_S = 1.0
 JWKS_TIMEOUT_S = 5.0
 # Reads the Authorization header (and shows the scheme in /docs); the checks are ours.
 _BEARER = Depends(HTTPBearer(auto_error=False))
