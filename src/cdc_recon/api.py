@@ -117,7 +117,10 @@ def reconciliation_routes(runtime: ReconciliationRuntime, auth: Authenticator) -
         except ReconError as exc:
             raise _http_error(exc) from exc
         await audit(
-            runtime.pool, caller.subject, "reconciliation_job", {"job": job_id, **body.model_dump()}
+            runtime.pool,
+            caller.subject,
+            "reconciliation_job",
+            {"job": job_id, **body.model_dump(exclude_none=True)},
         )
         runtime.spawn(reconciler.execute(job_id))
         return json_response(await repository.job(job_id), status=202)

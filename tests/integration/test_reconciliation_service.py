@@ -26,11 +26,12 @@ from cdc_recon.service import Reconciler
 from cdc_sink.app import load_settings
 from cdc_sink.apply.writer import prepare_connection
 from cdc_sink.config import ApiConfig
+from cdc_sink.ops.audit import cli_actor
 from cdc_sink.ops.auth import Authenticator
 from cdc_sink.ops.http import Listener, new_app
 from tests.support import recon_data as data
 from tests.support.names import Unique
-from tests.support.pipeline import run_cli
+from tests.support.pipeline import run_cli, sql
 from tests.support.recon_data import Setup, make_setup
 from tests.support.stack import Endpoints
 
@@ -218,6 +219,27 @@ async def test_http_routes(stack: Endpoints, setup: Setup) -> None:
         )
         status, open_ = await call("GET", f"/mismatches?table={data.TARGET}&status=open")
         assert open_["mismatches"] == []
+        audit = await sql(
+            stack.postgres_dsn,
+            setup.schema,
+            "SELECT actor, action, details FROM _cdc_audit_log ORDER BY id",
+        )
+        assert [(a["actor"], a["action"], json.loads(a["details"])) for a in audit] == [
+            (
+                "anonymous",
+                "reconciliation_job",
+                {"job": job["id"], "table": data.TARGET, "strategy": "checksum"},
+            ),
+            (
+                "anonymous",
+                "mismatch_resolution",
+                {
+                    "mismatch": mismatch,
+                    "resolution": "known: backfill pending",
+                    "status": "resolved",
+                },
+            ),
+        ]
 
         errors = [
             (await call("POST", "/jobs", {"table": "nope", "strategy": "checksum"}), 404, "nope"),
@@ -277,6 +299,20 @@ async def test_cli_run_and_repair(stack: Endpoints, setup: Setup) -> None:
     )
     assert sample.returncode == 0, sample.stderr
     assert "mismatches 0" in sample.stdout
+    audit = await sql(
+        stack.postgres_dsn,
+        setup.schema,
+        "SELECT actor, action, details, request_id FROM _cdc_audit_log ORDER BY id",
+    )
+    assert [(a["actor"], a["action"]) for a in audit] == [
+        (cli_actor(), "reconciliation_job"),
+        (cli_actor(), "reconciliation_repair"),
+        (cli_actor(), "reconciliation_job"),
+    ]
+    first, repaired, _ = (json.loads(a["details"]) for a in audit)
+    assert first == {"job": job_id, "table": data.TARGET, "strategy": "checksum"}
+    assert (repaired["job_id"], repaired["repaired"]) == (job_id, 1)
+    assert len({a["request_id"] for a in audit}) == 3  # one per command
 
     for args, word in (
         (("run", "--table", "missing_table", "--strategy", "checksum"), "missing_table"),

@@ -103,6 +103,32 @@ def test_the_dsn_is_a_secret() -> None:
         ),
         ({"CDC_VAULT__TIMEOUT_SECONDS": "0"}, "CDC_VAULT__TIMEOUT_SECONDS"),
         ({"CDC_BOGUS__X": "1"}, "bogus"),
+        ({"CDC_API__PORT": "70000"}, "CDC_API__PORT"),
+        ({"CDC_API__JWT_SECRET": "short"}, "CDC_API__JWT_SECRET must be at least 32 bytes"),
+        ({"CDC_API__JWKS_URL": "keys.example/jwks"}, "CDC_API__JWKS_URL"),
+        ({"CDC_API__JWKS_FILE": "/no/such/jwks.json"}, "CDC_API__JWKS_FILE"),
+        (
+            {"CDC_API__JWT_SECRET": "s" * 32, "CDC_API__JWKS_URL": "http://127.0.0.1/jwks"},
+            "exclude each other",
+        ),
+        ({"CDC_API__JWT_LEEWAY_S": "-1"}, "CDC_API__JWT_LEEWAY_S"),
+        ({"CDC_API__MAX_CONNECTIONS": "0"}, "CDC_API__MAX_CONNECTIONS"),
+        ({"CDC_API__MAX_HEADER_BYTES": "100"}, "CDC_API__MAX_HEADER_BYTES"),
+        ({"CDC_API__REQUEST_TIMEOUT_S": "0"}, "CDC_API__REQUEST_TIMEOUT_S"),
+        ({"CDC_DLQ__RESUME_POLL_SECONDS": "0"}, "CDC_DLQ__RESUME_POLL_SECONDS"),
+        (
+            {"CDC_VAULT__API_JWT_SECRET": "k", "CDC_VAULT__ADDR": "http://127.0.0.1:8200"},
+            "CDC_VAULT__API_JWT_SECRET needs a Vault login",
+        ),
+        (
+            {
+                "CDC_VAULT__API_JWT_SECRET": "k",
+                "CDC_VAULT__ADDR": "http://127.0.0.1:8200",
+                "CDC_VAULT__TOKEN": "t",
+                "CDC_API__JWT_SECRET": "s" * 32,
+            },
+            "choose one of",
+        ),
     ],
 )
 def test_invalid_settings_are_named(environ: dict[str, str], named: str) -> None:
@@ -208,3 +234,35 @@ def test_urls_are_checked_without_showing_their_password(setting: str, url: str)
 def test_a_url_with_basic_auth_is_accepted() -> None:
     url = "https://sink:s3cret@registry.example:8081/apis/ccompat/v7"
     assert load_config({"CDC_SCHEMA_REGISTRY__URL": url}).schema_registry.url == url
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "api.internal"])  # noqa: S104
+def test_a_control_api_beyond_loopback_needs_tokens_or_the_opt_out(host: str) -> None:
+    """CDC_API__HOST beyond loopback without any token setting is refused with a message
+    naming the host setting, every token setting and the opt-out; a token setting or
+    CDC_API__INSECURE_NO_AUTH=true lets it start."""
+    with pytest.raises(ConfigError) as refused:
+        load_config({"CDC_API__HOST": host})
+    for setting in (
+        "CDC_API__HOST",
+        "CDC_API__JWT_SECRET",
+        "CDC_VAULT__API_JWT_SECRET",
+        "CDC_API__JWKS_URL",
+        "CDC_API__JWKS_FILE",
+        "CDC_API__INSECURE_NO_AUTH",
+    ):
+        assert setting in str(refused.value)
+    assert (
+        load_config({"CDC_API__HOST": host, "CDC_API__INSECURE_NO_AUTH": "true"}).api.host == host
+    )
+    secret = {"CDC_API__HOST": host, "CDC_API__JWT_SECRET": "s" * 32}
+    assert load_config(secret).api.jwt_secret is not None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_both_listeners_default_to_loopback_and_loopback_needs_no_tokens(host: str) -> None:
+    """Both listeners bind 127.0.0.1 by default; any loopback host serves the control API
+    without tokens."""
+    defaults = load_config({})
+    assert (defaults.http.host, defaults.api.host) == ("127.0.0.1", "127.0.0.1")
+    assert load_config({"CDC_API__HOST": host}).api.host == host
