@@ -100,6 +100,8 @@ class SinkApp:
         stack.enter_context(tracing(self.config.tracing, tracing_instance()))
         config, login = await stack.enter_async_context(secrets_for(self.config))
         pg = config.postgres
+        auth = Authenticator(config.api, config.api.jwt_secret)
+        await auth.start()  # a JWKS that cannot be read stops the start here
 
         async def pool(size: int, name: str) -> asyncpg.Pool:
             try:
@@ -157,7 +159,7 @@ class SinkApp:
             config, api_pool, self.metrics.registry, self.worker.worker_id, login
         )
         if config.http.enabled:
-            await self._serve(stack, config, api_pool, worker_pool, dlq, recon)
+            await self._serve(stack, config, auth, api_pool, worker_pool, dlq, recon)
         _background(stack, housekeeping(worker_pool, catalog, config, self.metrics))
         try:
             await dlq.start()
@@ -171,6 +173,7 @@ class SinkApp:
         self,
         stack: contextlib.AsyncExitStack,
         config: Config,
+        auth: Authenticator,
         api_pool: BoundedPool,
         worker_pool: asyncpg.Pool,
         dlq: DlqProducer,
@@ -179,8 +182,6 @@ class SinkApp:
         """Start both listeners (probes and metrics; the control API), each stopped when the
         stack closes, and follow the resume requests other pods record."""
         api = config.api
-        auth = Authenticator(api, api.jwt_secret)
-        await auth.start()
         probes_app = new_app(
             "cdc-sink probes",
             max_body_bytes=api.max_body_bytes,

@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from tests.support.cassandra_model import Mutation
+from tests.integration.test_connection_pools import BACKLOG, backlog
 from tests.support.names import Unique
 from tests.support.pipeline import (
     applied,
@@ -18,16 +18,13 @@ from tests.support.pipeline import (
     kill,
     listening_port,
     produce,
-    schemaless_record,
     sink_env,
     start_worker_process,
 )
 from tests.support.stack import Endpoints
 
-BACKLOG = 100_000
 CONCURRENT = 1_000
 SLOW_CLIENTS = 50
-TS = 1_900_000_000_000_000
 
 
 def open_fds(pid: int) -> dict[str, str]:
@@ -88,13 +85,7 @@ async def test_slow_clients_and_a_thousand_requests_at_once_during_a_drain(
     schema = unique.schema("limits")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic)
-    records = [
-        schemaless_record(
-            Mutation("insert", TS + i, (i % 2, f"p{i % 97}", i, "x"), {"v1": (i, None)}), keyspace
-        )
-        for i in range(BACKLOG)
-    ]
-    await produce(stack.kafka, topic, records)
+    await produce(stack.kafka, topic, backlog(keyspace))
     env = sink_env(
         stack,
         topic=topic,

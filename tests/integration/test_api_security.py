@@ -8,7 +8,9 @@ file, rotated while the worker runs.
 from __future__ import annotations
 
 import asyncio
+import base64
 import getpass
+import hmac
 import json
 import threading
 import time
@@ -23,10 +25,12 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
+from cdc_sink.errors import FatalError
 from tests.support.names import Unique
 from tests.support.pipeline import create_topic, http_get, run_cli, sink_env, sql
 from tests.support.stack import Endpoints
@@ -230,6 +234,32 @@ def serving_jwks() -> Iterator[JwksServer]:
         served.server.server_close()
 
 
+@asynccontextmanager
+async def worker_with_jwks(
+    base_env: dict[str, str], *keys: dict[str, Any]
+) -> AsyncIterator[tuple[JwksServer, int]]:
+    """A worker whose tokens are checked against `keys` served as a JWKS URL: the server,
+    and the control API's port."""
+    with serving_jwks() as jwks:
+        jwks.document = {"keys": list(keys)}
+        async with running({**base_env, "CDC_API__JWKS_URL": jwks.url}) as worker:
+            assert worker.http is not None
+            yield jwks, worker.http.port
+
+
+def hs256_with(key: bytes, kid: str) -> str:
+    """An HS256 token whose HMAC key is `key` (PyJWT refuses to sign one with a public key's
+    PEM: this is the forgery a verifier must not accept)."""
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = part(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+    claims = {"sub": "mallory", "scope": "cdc:read", "exp": int(time.time()) + 60}
+    signed = f"{header}.{part(json.dumps(claims).encode())}"
+    return f"{signed}.{part(hmac.digest(key, signed.encode(), 'sha256'))}"
+
+
 def public_jwk(private: Any, kid: str, algorithm: str) -> dict[str, Any]:
     algo = jwt.get_algorithm_by_name(algorithm)
     jwk: dict[str, Any] = json.loads(algo.to_jwk(private.public_key()))
@@ -244,30 +274,56 @@ async def test_keys_from_a_jwks_url_are_read_again_for_an_unknown_kid(
     whose kid is in no set, or that is signed with HS256 by the public key's bytes, is 401."""
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ec_key = ec.generate_private_key(ec.SECP256R1())
-    with serving_jwks() as jwks:
-        jwks.document = {"keys": [public_jwk(rsa_key, "rsa-1", "RS256")]}
-        env = {**base_env, "CDC_API__JWKS_URL": jwks.url}
-        async with running(env) as worker:
-            assert worker.http is not None
-            port = worker.http.port
-            first = token(rsa_key, "RS256", kid="rsa-1", scope="cdc:read")
-            assert (await asyncio.to_thread(call, port, "GET", "/dlq", first))[0] == 200
-            reads = jwks.reads
-            assert reads == 1  # at start-up; a known kid needs no read
-            jwks.document = {
-                "keys": [public_jwk(rsa_key, "rsa-1", "RS256"), public_jwk(ec_key, "ec-2", "ES256")]
-            }
-            await asyncio.sleep(1.1)  # reads of the set are at least a second apart
-            rotated = token(ec_key, "ES256", kid="ec-2", scope="cdc:read")
-            assert (await asyncio.to_thread(call, port, "GET", "/dlq", rotated))[0] == 200
-            assert jwks.reads == reads + 1
-            await asyncio.sleep(1.1)
-            stranger = token(ec.generate_private_key(ec.SECP256R1()), "ES256", kid="ec-9")
-            status, _, answer = await asyncio.to_thread(call, port, "GET", "/dlq", stranger)
-            assert (status, answer) == (401, {"error": "unknown signing key 'ec-9'"})
-            assert jwks.reads == reads + 2
-            status, _, _ = await asyncio.to_thread(call, port, "GET", "/dlq", first)
-            assert status == 200
+    async with worker_with_jwks(base_env, public_jwk(rsa_key, "rsa-1", "RS256")) as (jwks, port):
+        first = token(rsa_key, "RS256", kid="rsa-1", scope="cdc:read")
+        assert (await asyncio.to_thread(call, port, "GET", "/dlq", first))[0] == 200
+        reads = jwks.reads
+        assert reads == 1  # at start-up; a known kid needs no read
+        jwks.document = {
+            "keys": [public_jwk(rsa_key, "rsa-1", "RS256"), public_jwk(ec_key, "ec-2", "ES256")]
+        }
+        await asyncio.sleep(1.1)  # reads of the set are at least a second apart
+        rotated = token(ec_key, "ES256", kid="ec-2", scope="cdc:read")
+        assert (await asyncio.to_thread(call, port, "GET", "/dlq", rotated))[0] == 200
+        assert jwks.reads == reads + 1
+        await asyncio.sleep(1.1)
+        stranger = token(ec.generate_private_key(ec.SECP256R1()), "ES256", kid="ec-9")
+        status, _, answer = await asyncio.to_thread(call, port, "GET", "/dlq", stranger)
+        assert (status, answer) == (401, {"error": "unknown signing key 'ec-9'"})
+        assert jwks.reads == reads + 2
+        status, _, _ = await asyncio.to_thread(call, port, "GET", "/dlq", first)
+        assert status == 200
+        pem = rsa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        forged = hs256_with(pem, "rsa-1")
+        status, _, answer = await asyncio.to_thread(call, port, "GET", "/dlq", forged)
+        assert (status, answer) == (401, {"error": "The specified alg value is not allowed"})
+
+
+async def test_a_jwks_that_cannot_be_read_stops_start_up_or_refuses_unknown_kids(
+    base_env: dict[str, str],
+) -> None:
+    """A JWKS URL nobody answers at start-up stops the worker with a FatalError naming
+    CDC_API__JWKS_URL; once the key server goes away, a token with an unknown kid is 401
+    saying the keys cannot be read, while a token with a known kid still passes."""
+    with serving_jwks() as gone:
+        url = gone.url
+    with pytest.raises(FatalError, match="CDC_API__JWKS_URL"):
+        await asyncio.wait_for(
+            SinkApp(load_config({**base_env, "CDC_API__JWKS_URL": url})).run(), 60
+        )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    async with worker_with_jwks(base_env, public_jwk(key, "k1", "RS256")) as (jwks, port):
+        jwks.server.shutdown()
+        jwks.server.server_close()
+        await asyncio.sleep(1.1)
+        unknown = token(key, "RS256", kid="k2", scope="cdc:read")
+        status, _, answer = await asyncio.to_thread(call, port, "GET", "/dlq", unknown)
+        assert status == 401
+        assert answer["error"].startswith("the signing keys cannot be read")
+        known = token(key, "RS256", kid="k1", scope="cdc:read")
+        assert (await asyncio.to_thread(call, port, "GET", "/dlq", known))[0] == 200
 
 
 async def test_keys_from_a_jwks_file_verify_es256_tokens(
@@ -294,7 +350,8 @@ async def test_the_hs256_secret_may_come_from_vault_kv(
     stack: Endpoints, base_env: dict[str, str], unique: Unique
 ) -> None:
     """With CDC_VAULT__API_JWT_SECRET the worker reads the HS256 key from Vault KV v2 at
-    start: tokens signed with it pass, tokens signed with another are 401."""
+    start: tokens signed with it pass, tokens signed with another are 401; a secret without
+    a `secret` stops start-up with a message naming the setting."""
     vault_secret = "a key kept in vault, longer than thirty-two bytes"
     path = unique("api-jwt")
     client = root_client(stack)
@@ -319,6 +376,14 @@ async def test_the_hs256_secret_may_come_from_vault_kv(
             assert (await asyncio.to_thread(call, port, "GET", "/dlq", token(scope="cdc:read")))[
                 0
             ] == 401
+        await asyncio.to_thread(
+            client.secrets.kv.v2.create_or_update_secret,
+            path,
+            secret={"key": vault_secret},
+            mount_point="secret",
+        )
+        with pytest.raises(FatalError, match="CDC_VAULT__API_JWT_SECRET"):
+            await asyncio.wait_for(SinkApp(load_config(env)).run(), 60)
     finally:
         await asyncio.to_thread(
             client.secrets.kv.v2.delete_metadata_and_all_versions, path, mount_point="secret"

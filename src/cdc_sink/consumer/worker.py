@@ -465,8 +465,9 @@ class Worker:
         self, topic: str | None = None, partition: int | None = None
     ) -> list[TopicPartition]:
         """Resume paused partitions (all, a topic's, or one) from their checkpoints; return
-        which. The DLQ limit counts afresh for them."""
-        assert self.consumer is not None
+        which. The DLQ limit counts afresh for them. Before the consumer starts: none."""
+        if self.consumer is None:
+            return []
         async with self._batch_lock:
             chosen = [
                 tp

@@ -346,23 +346,35 @@ class ResumeRequests:
         interval_s: float,
     ) -> None:
         """Every `interval_s`, act on the requests other pods recorded since the last look
-        (those made before this pod started are not its concern). Runs until cancelled; a
-        failed look is logged and tried again next time."""
-        last = int(await pool.fetchval("SELECT coalesce(max(id), 0) FROM _cdc_resume_requests"))
+        (those made before this pod's first look are not its concern). Runs until cancelled;
+        a failed look is logged and tried again next time."""
+        last: int | None = None
         while True:
-            await asyncio.sleep(interval_s)
             try:
-                rows = await pool.fetch(
-                    "SELECT id, topic, partition FROM _cdc_resume_requests WHERE id > $1 "
-                    "ORDER BY id",
-                    last,
-                )
+                if last is None:
+                    last = int(
+                        await pool.fetchval("SELECT coalesce(max(id), 0) FROM _cdc_resume_requests")
+                    )
+                else:
+                    last = await self._act(pool, resume, last)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("resume_requests_unread", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(interval_s)
+
+    async def _act(
+        self,
+        pool: asyncpg.Pool,
+        resume: Callable[[str | None, int | None], Awaitable[Sequence[Any]]],
+        last: int,
+    ) -> int:
+        rows = await pool.fetch(
+            "SELECT id, topic, partition FROM _cdc_resume_requests WHERE id > $1 ORDER BY id",
+            last,
+        )
+        for row in rows:
+            last = row["id"]
+            if row["id"] in self._own:
+                self._own.discard(row["id"])
                 continue
-            for row in rows:
-                last = row["id"]
-                if row["id"] in self._own:
-                    self._own.discard(row["id"])
-                    continue
-                await resume(row["topic"], row["partition"])
+            await resume(row["topic"], row["partition"])
+        return last
