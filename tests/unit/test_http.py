@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import pytest
 import structlog
 from fastapi import APIRouter, Path, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from structlog.testing import capture_logs
 
@@ -399,6 +400,41 @@ async def test_a_client_that_never_finishes_its_body_gets_408(served: Served) ->
         await writer.wait_closed()
     reply = _parse(data)
     assert (reply.status, reply.json()) == (408, {"error": "request not received in time"})
+
+
+async def test_a_client_that_does_not_read_its_answer_is_let_go() -> None:
+    """A client that asks for a large answer, sent in parts, and never reads it is let go
+    once a part has waited the request timeout to be taken, and the log says so."""
+    router = APIRouter()
+
+    async def parts() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield b"x" * 1024 * 1024
+
+    @router.get("/large")
+    async def large() -> StreamingResponse:
+        return StreamingResponse(parts())
+
+    app = new_app("test", max_body_bytes=MAX_BODY)
+    app.include_router(router)
+    listener = Listener(app, name="test", request_timeout_s=0.5)
+    await listener.start(HOST, 0, "CDC_TEST__PORT")
+    try:
+        with capture_logs() as logs:
+            reader, writer = await asyncio.open_connection(HOST, listener.port)
+            writer.write(b"GET /large HTTP/1.1\r\nHost: t\r\n\r\n")
+            async with asyncio.timeout(10):
+                while not any(e["event"] == "http_client_too_slow" for e in logs):
+                    await asyncio.sleep(0.1)
+            received = 0
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(1 << 20):
+                    received += len(chunk)
+            writer.close()
+            await writer.wait_closed()
+        assert received < 64 * 1024 * 1024  # cut off before the whole answer
+    finally:
+        await listener.stop()
 
 
 async def test_connections_past_the_cap_are_answered_503() -> None:

@@ -343,15 +343,21 @@ def _timed(app: ASGIApp, timeout_s: float) -> ASGIApp:
             await app(scope, receive, send)
             return
         deadline = asyncio.get_running_loop().time() + timeout_s
+        body_complete = False
 
         async def receive_in_time() -> Message:
+            nonlocal body_complete
+            if body_complete:  # later reads wait for the client to go away: no deadline
+                return await receive()
             left = deadline - asyncio.get_running_loop().time()
             try:
                 async with asyncio.timeout(max(left, 0)):
-                    return await receive()
+                    message = await receive()
             except TimeoutError:
-                message = "request not received in time"
-                raise HTTPException(408, message, {"Connection": "close"}) from None
+                late = "request not received in time"
+                raise HTTPException(408, late, {"Connection": "close"}) from None
+            body_complete = not message.get("more_body", False)
+            return message
 
         await app(scope, receive_in_time, send)
 
@@ -359,12 +365,30 @@ def _timed(app: ASGIApp, timeout_s: float) -> ASGIApp:
 
 
 def _head_timed(timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a deadline on a request's head: a client that starts a
-    request and does not finish its head in `timeout_s` (slowloris) is disconnected, so it
-    cannot hold one of the listener's connections for ever."""
+    """uvicorn's h11 protocol with deadlines: a client that starts a request and does not
+    finish its head in `timeout_s` (slowloris), or does not take an answer it is sent (the
+    socket stays full that long), is disconnected, so it cannot hold one of the listener's
+    connections, or the answer's memory, for ever."""
 
     class HeadTimedH11(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _write_timer: asyncio.TimerHandle | None = None
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(timeout_s, self._write_late)
+
+        def resume_writing(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+            super().resume_writing()
+
+        def _write_late(self) -> None:
+            self._write_timer = None
+            log.warning("http_client_too_slow", timeout_s=timeout_s)
+            self.transport.abort()  # close() would wait for the client to read
 
         def _awaiting_head(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
@@ -378,9 +402,10 @@ def _head_timed(timeout_s: float) -> type[H11Protocol]:
                 self._head_timer = None
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            for timer in (self._head_timer, self._write_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._head_timer = self._write_timer = None
             super().connection_lost(exc)
 
         def _head_late(self) -> None:
