@@ -68,7 +68,8 @@ VARIABLES = {
 class Scene:
     stack: Endpoints
     prometheus: Prometheus
-    apis: list[str]  # each worker's HTTP API, http://127.0.0.1:port
+    apis: list[str]  # each worker's control API, http://127.0.0.1:port
+    instances: list[str]  # each worker's probes and metrics listener, 127.0.0.1:port
     keyspace: str
     table: str  # the Cassandra table; its target is cdc_<table>
     dsn: str
@@ -145,6 +146,7 @@ async def scene(stack: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> A
     )
     await create_topic(stack.kafka, topic)
     ports = [free_port(), free_port()]
+    api_ports = [free_port(), free_port()]
     workers: list[subprocess.Popen[bytes]] = []
     try:
         async with leased_postgres(stack, unique_name, ttl_s=600, max_ttl_s=3600) as leased:
@@ -156,6 +158,7 @@ async def scene(stack: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> A
                     schema=leased.schema,
                     http__host="127.0.0.1",
                     http__port=str(port),
+                    api__port=str(api_ports[index]),
                     dlq__topic=names("dlq-dash"),
                     dlq__window_records="20",
                     pushgateway__url=stack.pushgateway_url,
@@ -167,7 +170,7 @@ async def scene(stack: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> A
                         env, directory / f"worker-{index}.log", stop_when_caught_up=False
                     )
                 )
-            apis = [f"http://127.0.0.1:{port}" for port in ports]
+            apis = [f"http://127.0.0.1:{port}" for port in api_ports]
             with private_prometheus(
                 [f"127.0.0.1:{port}" for port in ports],
                 stack.pushgateway_url,
@@ -209,6 +212,7 @@ async def scene(stack: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> A
                     stack,
                     prometheus,
                     apis,
+                    [f"127.0.0.1:{port}" for port in ports],
                     keyspace,
                     table,
                     dsn,
@@ -321,7 +325,7 @@ async def test_drift_alert_clears_when_another_worker_finds_none(scene: Scene) -
     stale = scene.prometheus.query(
         f'cdc_reconciliation_drift_percentage{{job="cdc-sink", table="{target}"}} > 5'
     )
-    assert [series["metric"]["instance"] for series in stale] == [scene.apis[0][7:]]
+    assert [series["metric"]["instance"] for series in stale] == [scene.instances[0]]
 
 
 @pytest.mark.parametrize("dashboard", DASHBOARDS, ids=lambda path: path.stem)
