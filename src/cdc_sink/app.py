@@ -2,7 +2,7 @@
 hosts the HTTP listeners and the reconciliation loop, and closes them all in reverse order.
 
 Vault login → PostgreSQL pools → schema check → registry and Cassandra → HTTP listeners →
-housekeeping → DLQ producer → reconciliation → the consumer loop (runner.Worker).
+housekeeping → DLQ producer → reconciliation → Kafka consumer → the consumer loop (Worker).
 """
 
 from __future__ import annotations
@@ -11,19 +11,21 @@ import asyncio
 import contextlib
 import functools
 import socket
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from cdc_recon.api import reconciliation_routes
 from cdc_recon.runtime import ReconciliationRuntime
 from cdc_recon.settings import SECTIONS as RECONCILIATION_SECTIONS
 from cdc_sink.apply.codecs import use_asyncpg_uuids
-from cdc_sink.config import ApiConfig, Config, load_config
-from cdc_sink.consumer.worker import Worker, stop_client
+from cdc_sink.config import ApiConfig, Config, KafkaConfig, load_config
+from cdc_sink.consumer import compression
+from cdc_sink.consumer.worker import Worker
 from cdc_sink.decode.decoder import Decoder
 from cdc_sink.decode.registry import ConfluentRegistry
 from cdc_sink.dlq.producer import DlqProducer
@@ -45,6 +47,9 @@ from cdc_sink.schema.catalog import CassandraSystemSchema, Catalog
 log = get_logger("cdc_sink.runner")
 
 FATAL_PUSH_TIMEOUT_S = 5.0  # the exit waits this long at most for the Pushgateway
+# At shutdown, for a Kafka client to leave the group and close: with the broker away, aiokafka
+# may otherwise wait out a coordinator lookup or request timeout (tens of seconds).
+KAFKA_CLOSE_TIMEOUT_S = 5.0
 
 
 def load_settings(environ: Mapping[str, str] | None = None, file: Path | None = None) -> Config:
@@ -67,6 +72,7 @@ class SinkApp:
         self.probes: Listener | None = None  # /health, /ready, /metrics
         self.registry: ConfluentRegistry | None = None
         self.decoder: Decoder | None = None
+        self.consumer: AIOKafkaConsumer | None = None
 
     @property
     def applied_events(self) -> int:
@@ -86,7 +92,8 @@ class SinkApp:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 await self._open(stack)
-                await self.worker.consume()
+                assert self.consumer is not None
+                await self.worker.consume(self.consumer)
             return 0
         except Exception as exc:
             await self._report_fatal(exc)
@@ -94,9 +101,9 @@ class SinkApp:
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         """Open every resource, each one's closing pushed on `stack` as soon as it is open
-        (the stack closes them in reverse: reconciliation, the DLQ producer, housekeeping,
-        HTTP, registry, Cassandra, the Vault lease's renewal, the writer, pools, the login,
-        and last the tracer, which flushes the spans of all that)."""
+        (the stack closes them in reverse: the Kafka consumer, reconciliation, the DLQ producer,
+        housekeeping, HTTP, registry, Cassandra, the Vault lease's renewal, the writer, pools,
+        the login, and last the tracer, which flushes the spans of all that)."""
         stack.enter_context(tracing(self.config.tracing, tracing_instance()))
         config, login = await stack.enter_async_context(secrets_for(self.config))
         pg = config.postgres
@@ -168,6 +175,7 @@ class SinkApp:
         stack.push_async_callback(stop_client, "dlq_producer", dlq.stop)
         recon.start()  # the reconciliation scheduler, if CDC_RECONCILIATION__ENABLED
         stack.push_async_callback(recon.close)
+        self.consumer = await _open_consumer(stack, config.kafka)
 
     async def _serve(
         self,
@@ -270,6 +278,49 @@ def _listener(app: Any, name: str, limits: ApiConfig) -> Listener:
         keep_alive_s=limits.keep_alive_s,
         request_timeout_s=limits.request_timeout_s,
     )
+
+
+async def _open_consumer(stack: contextlib.AsyncExitStack, cfg: KafkaConfig) -> AIOKafkaConsumer:
+    """Start the group's consumer (auto-commit off: the offsets live in PostgreSQL); the stack
+    stops it, which leaves the group."""
+    compression.install(cfg.max_inflated_batch_bytes)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=cfg.bootstrap_servers,
+        group_id=cfg.group_id,
+        client_id=cfg.client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=cfg.auto_offset_reset,
+        session_timeout_ms=cfg.session_timeout_ms,
+        max_poll_interval_ms=cfg.max_poll_interval_ms,
+        fetch_max_bytes=cfg.fetch_max_bytes,
+        max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
+        fetch_min_bytes=cfg.fetch_min_bytes,
+        fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+        metadata_max_age_ms=30_000,
+        **client_security(cfg),
+    )
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await stop_client("consumer", consumer.stop)
+        raise unreachable(cfg, "consumer", exc) from exc
+    stack.push_async_callback(stop_client, "consumer", consumer.stop)
+    return consumer
+
+
+async def stop_client(name: str, stop: Callable[[], Awaitable[None]]) -> None:
+    """Close a Kafka client, giving up after KAFKA_CLOSE_TIMEOUT_S (nothing is lost: the
+    offsets are in PostgreSQL, and the group notices a member gone at session timeout)."""
+    task = asyncio.ensure_future(stop())
+    done, _ = await asyncio.wait({task}, timeout=KAFKA_CLOSE_TIMEOUT_S)
+    if done:
+        task.result()
+        return
+    # Not awaited after cancel(): a close that does not yield to cancellation promptly
+    # must not hold the shutdown either.
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    log.warning("kafka_close_timeout", client=name, timeout_s=KAFKA_CLOSE_TIMEOUT_S)
 
 
 def _background(stack: contextlib.AsyncExitStack, work: Awaitable[Any]) -> None:

@@ -102,9 +102,21 @@ class BatchApplier:
         self._writer_generation = 0  # the login's generation the writer's connection has
 
     async def apply(self, prepared: Prepared) -> list[Outcome]:
-        """Apply a chunk whose partitions are owned and start at their checkpoints; return
-        what the consumer must do (nothing when every record was committed or dead-lettered).
-        Raises FatalError (nothing committed) and Stopping."""
+        """Apply what of a chunk is still to be applied (a rebalance, fencing or a pause may
+        have moved its partitions since it was prepared); return what the consumer must do
+        (nothing when every record was committed or dead-lettered). Raises FatalError
+        (nothing committed) and Stopping."""
+        owned = self.owned
+        if not all(
+            tp in owned and tp not in self.paused and owned[tp].next_offset == first
+            for tp, first in prepared.first.items()
+        ):
+
+            def current(r: Any) -> bool:
+                held = owned.get(TopicPartition(r.topic, r.partition))
+                return held is not None and r.offset >= held.next_offset
+
+            prepared = prepared.part(current)
         done = _Round()
         await self._apply_part(prepared, done)
         outcomes: list[Outcome] = [PartitionPaused(tp) for tp in done.paused]

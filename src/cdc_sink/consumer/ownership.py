@@ -4,12 +4,14 @@ longer commit), and released when the group takes them away."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from cdc_sink.config import Config
 from cdc_sink.errors import FatalError
@@ -19,6 +21,10 @@ from cdc_sink.ops.metrics import Metrics
 from cdc_sink.retry import RetryPolicy
 
 log = get_logger("cdc_sink.runner")
+
+# aiokafka waits up to its request timeout (40 s) for a broker that is down; a metric or a
+# warning must not hold up the loop (nor a shutdown) that long.
+KAFKA_QUERY_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Ownership:
         self._failures = 0
         self._retry_at = 0.0  # monotonic
         self._end_at_start: dict[TopicPartition, int] = {}
+        self._backlog_at = 0.0  # when cdc_backlog_depth was last refreshed (monotonic)
 
     async def claim(
         self, consumer: AIOKafkaConsumer, pool: asyncpg.Pool, assigned: Sequence[TopicPartition]
@@ -60,7 +67,7 @@ class Ownership:
             self.metrics.errors.labels("claim", "transient").inc()
             log.warning(
                 "claim_failed",
-                partitions=[f"{t.topic}[{t.partition}]" for t in assigned],
+                partitions=partition_names(assigned),
                 error=f"{type(exc).__name__}: {exc}",
             )
             return False
@@ -127,7 +134,7 @@ class Ownership:
                 consumer.seek(tp, max(row["next_offset"], log_starts[tp]))
         self.owned.update(claimed)
         self.metrics.assigned_partitions.set(len(self.owned))
-        log.info("partitions_assigned", partitions=[f"{t.topic}[{t.partition}]" for t in assigned])
+        log.info("partitions_assigned", partitions=partition_names(assigned))
 
     def _report_lost(self, tp: TopicPartition, checkpoint: int, log_start: int) -> None:
         """Kafka no longer holds the records from the checkpoint on (retention deleted them,
@@ -160,3 +167,23 @@ class Ownership:
             and not self.unclaimed
             and all(owned.next_offset >= self._end_at_start[tp] for tp, owned in self.owned.items())
         )
+
+    async def report_backlog(self, consumer: AIOKafkaConsumer) -> None:
+        """Refresh cdc_backlog_depth from the end offsets, at most once a second."""
+        if not self.owned or time.monotonic() - self._backlog_at < 1.0:
+            return
+        self._backlog_at = time.monotonic()
+        try:
+            ends = await asyncio.wait_for(
+                consumer.end_offsets(list(self.owned)), KAFKA_QUERY_TIMEOUT_S
+            )
+        except (KafkaError, TimeoutError):
+            return
+        for tp, owned in self.owned.items():
+            lag = max(0, ends.get(tp, owned.next_offset) - owned.next_offset)
+            self.metrics.backlog_depth.labels(tp.topic, str(tp.partition)).set(lag)
+
+
+def partition_names(partitions: Iterable[TopicPartition]) -> list[str]:
+    """`topic[partition]` of each, as the log lines name partitions."""
+    return [f"{tp.topic}[{tp.partition}]" for tp in partitions]
