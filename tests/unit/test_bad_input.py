@@ -116,7 +116,7 @@ def damaged_records(draw: st.DrawFn) -> tuple[bytes | None, bytes | None]:
 
 
 async def consume(decoder: Decoder, key: bytes | None, value: bytes | None) -> None:
-    """The worker's per-record path (`Worker._to_mutation`) with the catalog already warm."""
+    """The worker's per-record path (`Preparer._to_mutation`) with the catalog already warm."""
     decoded = await decoder.decode(key, value)
     if decoded.value is None:
         return

@@ -98,7 +98,9 @@ async def test_a_stop_during_a_retry_backoff_interrupts_it() -> None:
     asyncio.get_running_loop().call_later(0.05, worker.stop)
     began = time.monotonic()
     with pytest.raises(Stopping):
-        await worker.retrying("write", unreachable)
+        await worker.retry.run(
+            "write", unreachable, stopping=worker.stopping, metrics=worker.metrics
+        )
     assert time.monotonic() - began < 1
 
 

@@ -106,15 +106,15 @@ class BatchApplier:
         have moved its partitions since it was prepared); return what the consumer must do
         (nothing when every record was committed or dead-lettered). Raises FatalError
         (nothing committed) and Stopping."""
-        owned = self.owned
+        owned, paused = self.owned, self.paused
         if not all(
-            tp in owned and tp not in self.paused and owned[tp].next_offset == first
+            tp in owned and tp not in paused and owned[tp].next_offset == first
             for tp, first in prepared.first.items()
         ):
 
             def current(r: Any) -> bool:
-                held = owned.get(TopicPartition(r.topic, r.partition))
-                return held is not None and r.offset >= held.next_offset
+                held = owned.get(tp := TopicPartition(r.topic, r.partition))
+                return held is not None and tp not in paused and r.offset >= held.next_offset
 
             prepared = prepared.part(current)
         done = _Round()
@@ -130,13 +130,12 @@ class BatchApplier:
 
     async def release_writer(self) -> None:
         """Hand the writer's connection back to its pool (at the end of the run)."""
-        if self._writer_conn is not None and self.writer_pool is not None:
+        if self._writer_conn is not None:
             await self.writer_pool.release(self._writer_conn)
 
     async def open_writer(self) -> None:
         """Give the writer a fresh connection of its pool. If that fails the worker has no
         writer (never one on a connection already handed back), and the next attempt opens one."""
-        assert self.writer_pool is not None
         old, self._writer_conn, self.writer = self._writer_conn, None, None
         if old is not None:
             try:
@@ -146,7 +145,6 @@ class BatchApplier:
                 await self.writer_pool.release(old)
             except Exception as exc:  # noqa: BLE001 - a broken connection is dropped anyway
                 log.warning("writer_release_failed", error=f"{type(exc).__name__}: {exc}")
-        assert self.login is not None
         generation = self.login.generation
         self._writer_conn = await self.writer_pool.acquire()
         self._writer_generation = generation
@@ -165,7 +163,7 @@ class BatchApplier:
 
     def _writer_stale(self) -> bool:
         """The writer's connection is of a PostgreSQL user since replaced."""
-        return self.login is not None and self._writer_generation != self.login.generation
+        return self._writer_generation != self.login.generation
 
     def _writer_usable(self) -> bool:
         if self.writer is None or self._writer_conn is None:
@@ -181,14 +179,11 @@ class BatchApplier:
         """Apply part of a chunk (each partition's records contiguous, in offset order)."""
         if done.fenced is not None:
             return  # the checkpoints it would start from are no longer ours
-        # A partition paused meanwhile (by an earlier half of a bisect) must not be applied
-        # past its unapplied records.
-        if self.paused or done.paused:
+        # A partition paused by an earlier half of a bisect must not be applied past its
+        # unapplied records.
+        if done.paused:
             prepared = prepared.part(
-                lambda r: (
-                    (tp := TopicPartition(r.topic, r.partition)) not in self.paused
-                    and tp not in done.paused
-                )
+                lambda r: TopicPartition(r.topic, r.partition) not in done.paused
             )
         if prepared.records:
             await self._apply(prepared, done)
@@ -220,16 +215,7 @@ class BatchApplier:
             done.paused.update(over)
             return "paused"
         batch = prepared.batch
-        batch.checkpoints = [
-            CheckpointMove(
-                tp.topic,
-                tp.partition,
-                self.owned[tp].next_offset,
-                offset + 1,
-                self.owned[tp].epoch,
-            )
-            for tp, offset in prepared.last.items()
-        ]
+        batch.checkpoints = [self._move(tp, offset + 1) for tp, offset in prepared.last.items()]
         records = prepared.records
         try:
             batch.dead_letters = await self._send_dead_letters(batch.dead_letters)
@@ -293,14 +279,11 @@ class BatchApplier:
         """Produce dead letters to the DLQ topic (acks=all) before their offsets can move;
         return them as sent, each with the `_cdc_dlq_records` id its DLQ message names (a
         letter sent before, for a batch being retried or split, as it was sent then)."""
-        assert self.dlq is not None
-        assert self.pool is not None
-        dlq, pool = self.dlq, self.pool
         todo = [d for d in letters if _position(d) not in self._dlq_sent]
         if todo:
             try:
                 ids = await self.retrying(
-                    "dlq", functools.partial(reserve_dlq_ids, pool, len(todo))
+                    "dlq", functools.partial(reserve_dlq_ids, self.pool, len(todo))
                 )
             except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
                 raise refused("reserving dead-letter ids", exc, "dlq") from exc
@@ -309,7 +292,7 @@ class BatchApplier:
                 "cdc.dlq.produce", attributes={"cdc.letters": len(todo)}
             ):
                 sent = await self.retrying(
-                    "dlq", functools.partial(dlq.send_letters, todo, self.group)
+                    "dlq", functools.partial(self.dlq.send_letters, todo, self.group)
                 )
             self._dlq_sent.update((_position(d), d) for d in sent)
         return [self._dlq_sent[_position(d)] for d in letters]
@@ -321,27 +304,24 @@ class BatchApplier:
         if not self.limiter.admits(tp.topic, tp.partition, [record.offset], record.offset):
             done.paused.add(tp)
             return "paused"
-        owned = self.owned[tp]
-        letter = dead_letter(record, exc, "write")
-        batch = Batch(
-            dead_letters=[letter],
-            checkpoints=[
-                CheckpointMove(
-                    tp.topic, tp.partition, owned.next_offset, record.offset + 1, owned.epoch
-                )
-            ],
-        )
+        move = self._move(tp, record.offset + 1)
         self.metrics.errors.labels("write", "poison").inc()
-        batch.dead_letters = await self._send_dead_letters(batch.dead_letters)
-        self._acknowledge(batch, await self._apply_with_retry(batch), {})
+        letters = await self._send_dead_letters([dead_letter(record, exc, "write")])
+        batch = Batch(dead_letters=letters, checkpoints=[move])
+        self._acknowledge(batch, await self._apply_with_retry(batch), {}, {})
         return "dead_lettered"
+
+    def _move(self, tp: TopicPartition, next_offset: int) -> CheckpointMove:
+        """The checkpoint move of an owned partition from its checkpoint to `next_offset`."""
+        owned = self.owned[tp]
+        return CheckpointMove(tp.topic, tp.partition, owned.next_offset, next_offset, owned.epoch)
 
     def _acknowledge(
         self,
         batch: Batch,
         result: BatchResult,
         counts: dict[tuple[str, str, str], int],
-        stamps: dict[str, list[int]] | None = None,
+        stamps: dict[str, list[int]],
     ) -> None:
         """After COMMIT: move our offsets, count, observe latency (Kafka timestamp → now)."""
         now = time.time()
@@ -374,7 +354,7 @@ class BatchApplier:
         for (topic, table, op), n in counts.items():  # one increment per op, not per event
             self.metrics.events_processed.labels(topic, table, op).inc(n)
         self.metrics.batch_size.observe(rows)
-        for table, kafka_ms in (stamps or {}).items():
+        for table, kafka_ms in stamps.items():
             histogram = self.metrics.processing_latency.labels(table)
             for stamp in kafka_ms:
                 histogram.observe(max(0.0, now - stamp / 1000))

@@ -34,12 +34,14 @@ log = get_logger("cdc_sink.runner")
 # the transaction's round trips to PostgreSQL waits at most about this long to be read.
 PREPARE_YIELD_S = 0.0001
 
-# What became of one record: its mutation and table, its dead letter, or None (a tombstone).
-Outcome = tuple[Mutation, TableSchema] | DeadLetter | None
+# A record converted: its mutation, table and op name (as cdc_events_processed_total counts it).
+Converted = tuple[Mutation, TableSchema, str]
+# What became of one record: converted, its dead letter, or None (a tombstone).
+Outcome = Converted | DeadLetter | None
 
 
 class Tables(Protocol):
-    """Where a change event's target table is found (ddl.Catalog)."""
+    """Where a change event's target table is found (schema.catalog.Catalog)."""
 
     async def resolve(
         self, event: ChangeEvent, key_schemas: Any, column_schemas: Any
@@ -79,13 +81,13 @@ class Prepared:
             if isinstance(outcome, DeadLetter):
                 prepared.batch.dead_letters.append(outcome)
                 continue
-            converted, schema = outcome
+            converted, schema, op = outcome
             prepared.stamps.setdefault(schema.target, []).append(record.timestamp)
             entry = per_table.setdefault(schema.target, (schema, []))
             if entry[0].version != schema.version:  # the table grew a column mid-batch
                 entry = per_table[schema.target] = (schema, entry[1])
             entry[1].append(converted)
-            key = (record.topic, schema.target, op_name(converted.event))
+            key = (record.topic, schema.target, op)
             counts[key] = counts.get(key, 0) + 1
         prepared.batch.tables = list(per_table.values())
         return prepared
@@ -93,30 +95,27 @@ class Prepared:
     def part(self, keep: Callable[[Any], bool]) -> Prepared:
         """The records `keep` accepts, regrouped without preparing them again."""
         kept = [(r, o) for r, o in zip(self.records, self.outcomes, strict=True) if keep(r)]
-        return Prepared.of([r for r, _ in kept], [o for _, o in kept], self.began_ns, self.ready_ns)
+        return self._regroup([r for r, _ in kept], [o for _, o in kept])
 
     def halves(self) -> tuple[Prepared, Prepared]:
         """The first and second half of the records (for bisection), each regrouped."""
         middle = len(self.records) // 2
         return (
-            Prepared.of(
-                self.records[:middle], self.outcomes[:middle], self.began_ns, self.ready_ns
-            ),
-            Prepared.of(
-                self.records[middle:], self.outcomes[middle:], self.began_ns, self.ready_ns
-            ),
+            self._regroup(self.records[:middle], self.outcomes[:middle]),
+            self._regroup(self.records[middle:], self.outcomes[middle:]),
         )
+
+    def _regroup(self, records: list[Any], outcomes: list[Outcome]) -> Prepared:
+        return Prepared.of(records, outcomes, self.began_ns, self.ready_ns)
 
     def extend(self, later: Prepared) -> None:
         """Append a chunk prepared after this one (its records follow ours per partition)."""
         self.records.extend(later.records)
         self.outcomes.extend(later.outcomes)
         tables = {schema.target: (schema, mutations) for schema, mutations in self.batch.tables}
-        for schema, mutations in later.batch.tables:
-            if schema.target in tables:  # the later chunk's schema is the newer one
-                tables[schema.target] = (schema, tables[schema.target][1] + mutations)
-            else:
-                tables[schema.target] = (schema, mutations)
+        for schema, mutations in later.batch.tables:  # the later chunk's schema is the newer
+            earlier = tables.get(schema.target, (schema, []))[1]
+            tables[schema.target] = (schema, earlier + mutations)
         self.batch.tables = list(tables.values())
         self.batch.dead_letters.extend(later.batch.dead_letters)
         for key, n in later.counts.items():
@@ -197,7 +196,7 @@ class Preparer:
             outcomes.append(outcome)
         return Prepared.of(records, outcomes, began_ns, time.time_ns())
 
-    async def _to_mutation(self, record: Any) -> tuple[Mutation, TableSchema] | None:
+    async def _to_mutation(self, record: Any) -> Converted | None:
         if isinstance(record.value, UninflatedBatch):
             raise record.value.error()
         decoded = await self.decoder.decode(record.key, record.value)
@@ -212,11 +211,12 @@ class Preparer:
             raise _unforeseen(record, decoded, exc, "interpret") from exc
         schema = await self.catalog.resolve(event, decoded.key_schema, decoded.column_schemas)
         try:
-            return schema.to_mutation(event), schema
+            mutation = schema.to_mutation(event)
         except (PoisonError, MemoryError):
             raise
         except Exception as exc:
             raise _unforeseen(record, decoded, exc, "convert") from exc
+        return mutation, schema, op_name(event)
 
 
 _STAGE_POISON = {"interpret": EventError, "convert": ConversionError}
@@ -225,16 +225,11 @@ _STAGE_POISON = {"interpret": EventError, "convert": ConversionError}
 def _unforeseen(record: Any, decoded: DecodedRecord, exc: Exception, stage: str) -> PoisonError:
     """What a pure stage's unforeseen failure on a record is: the record's own fault when the
     stage ran out of stack on values nesting deeper than MAX_NESTING (JSON parses up to about
-    the stack's depth, and printing or walking such values recurses), a defect otherwise."""
+    the stack's depth, and printing or walking such values recurses); otherwise a defect,
+    logged with its traceback, for which only this record is dead-lettered (replay it once
+    fixed; the DLQ limit pauses the partition if every record fails so)."""
     if isinstance(exc, RecursionError) and (deeper_than(decoded.key) or deeper_than(decoded.value)):
         return _STAGE_POISON[stage](f"the record nests deeper than {MAX_NESTING} levels")
-    return _defect(record, exc, stage)
-
-
-def _defect(record: Any, exc: Exception, stage: str) -> UnexpectedError:
-    """A pure stage failed in a way it does not foresee: a defect, logged with its traceback.
-    Only this record is dead-lettered (replay it once fixed); the DLQ limit pauses the
-    partition if every record fails so."""
     log.error(
         "unexpected_record_error",
         topic=record.topic,

@@ -1,15 +1,14 @@
-"""The worker: the only place that knows the order of the stages.
+"""The worker: the consumer loop, the only place that knows the order of the stages.
 
-consume (aiokafka, group member) → decode → interpret → resolve table (DDL) → convert → plan and
-write (one PostgreSQL transaction per batch, checkpoints inside) → acknowledge (Kafka commit,
-for lag tooling only). On assignment each partition is claimed in `_cdc_checkpoints` (its
-fencing epoch goes up) and the consumer seeks to the offset stored there.
+fetch (consumer/pipeline.py) → prepare (decode, interpret, resolve, convert) → apply (one
+PostgreSQL transaction per chunk, checkpoints inside) → mirror the offsets to Kafka. On
+assignment each partition is claimed in `_cdc_checkpoints` (its fencing epoch goes up) and read
+from the offset stored there, by a pipeline opened for the new assignment.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import re
 import socket
@@ -71,9 +70,6 @@ class Worker:
         # Held while a chunk is applied, so a revocation or a resume waits for it.
         self._batch_lock = asyncio.Lock()
         self.retry = RetryPolicy.of(config.sink)
-        self.retrying = functools.partial(
-            self.retry.run, stopping=self.stopping, metrics=self.metrics
-        )
         self.ownership = Ownership(config, self.metrics, self.retry, self.worker_id)
         self.owned = self.ownership.owned  # the partitions held
         self.pool: asyncpg.Pool | None = None  # claims, catalog, housekeeping, readiness
