@@ -20,7 +20,7 @@ from cdc_sink import __version__
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config, ConfigError
 from cdc_sink.errors import SinkError
-from cdc_sink.ops.audit import bind_request_id, cli_actor
+from cdc_sink.ops.audit import cli_actor, command_request_id
 from cdc_sink.ops.logs import configure_logging, get_logger
 from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
 
@@ -117,16 +117,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(config: Config, args: argparse.Namespace) -> int:
-    bind_request_id()  # in the log lines and the audit rows of this command
-    try:
-        return _run(args.handler(config, args))
-    except ConfigError as exc:  # a file a setting names proved unusable (a CA bundle, a key)
-        print(f"cdc-sink: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except SinkError as exc:  # fatal, or transient past its retries
-        log.error("fatal", error=str(exc))
-        print(f"cdc-sink: {exc}", file=sys.stderr)
-        return 1
+    with command_request_id():  # in the log lines and the audit rows of this command
+        try:
+            return _run(args.handler(config, args))
+        except ConfigError as exc:  # a file a setting names proved unusable (a CA bundle, a key)
+            print(f"cdc-sink: configuration error: {exc}", file=sys.stderr)
+            return 2
+        except SinkError as exc:  # fatal, or transient past its retries
+            log.error("fatal", error=str(exc))
+            print(f"cdc-sink: {exc}", file=sys.stderr)
+            return 1
 
 
 def _version(args: argparse.Namespace) -> int:

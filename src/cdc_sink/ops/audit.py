@@ -8,10 +8,11 @@ command). The `audited` log line repeats them.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import asyncpg
@@ -32,11 +33,13 @@ def cli_actor() -> str:
     return f"cli:{user}"
 
 
-def bind_request_id() -> str:
-    """Bind a new request id to the log context (for a command line run) and return it."""
+@contextlib.contextmanager
+def command_request_id() -> Iterator[str]:
+    """A new request id in the log context for the length of a command line run (unbound
+    after it, so a later command in the same process gets its own)."""
     request_id = uuid.uuid4().hex
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    return request_id
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        yield request_id
 
 
 def current_request_id() -> str | None:
