@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from tests.integration.test_connection_pools import BACKLOG, backlog
+from tests.integration.test_connection_pools import backlog
 from tests.support.names import Unique
 from tests.support.pipeline import (
     applied,
@@ -23,6 +23,7 @@ from tests.support.pipeline import (
 )
 from tests.support.stack import Endpoints
 
+BACKLOG = 100_000
 CONCURRENT = 1_000
 SLOW_CLIENTS = 50
 
@@ -85,7 +86,7 @@ async def test_slow_clients_and_a_thousand_requests_at_once_during_a_drain(
     schema = unique.schema("limits")
     create_cassandra_model_table(stack, keyspace)
     await create_topic(stack.kafka, topic)
-    await produce(stack.kafka, topic, backlog(keyspace))
+    await produce(stack.kafka, topic, backlog(keyspace, BACKLOG))
     env = sink_env(
         stack,
         topic=topic,

@@ -38,13 +38,13 @@ LIST_REQUESTS = 200
 TS = 1_900_000_000_000_000
 
 
-def backlog(keyspace: str) -> list[tuple[bytes, bytes]]:
-    """BACKLOG inserts of distinct rows."""
+def backlog(keyspace: str, count: int = BACKLOG) -> list[tuple[bytes, bytes]]:
+    """`count` inserts of distinct rows."""
     return [
         schemaless_record(
             Mutation("insert", TS + i, (i % 2, f"p{i % 97}", i, "x"), {"v1": (i, None)}), keyspace
         )
-        for i in range(BACKLOG)
+        for i in range(count)
     ]
 
 
