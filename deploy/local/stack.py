@@ -112,11 +112,6 @@ CASSANDRA_USER, CASSANDRA_PASSWORD = "cassandra", "cassandra"
 CERTIFICATES = ("postgres", "cassandra", "kafka", "openbao", "client")
 
 
-# The readiness checks poll services that are still starting; their clients' retry chatter is noise.
-logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-logging.getLogger("cassandra").setLevel(logging.CRITICAL)
-
-
 class StackError(Exception):
     """A service could not be installed, started or stopped; the message says which and why."""
 
@@ -1507,6 +1502,10 @@ def cmd_clean() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The readiness checks poll services that are still starting; their clients' retry chatter
+    # is noise. Set here, not at import: a process that imports this module keeps its logging.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    logging.getLogger("cassandra").setLevel(logging.CRITICAL)
     parser = argparse.ArgumentParser(
         prog="deploy/local/stack",
         description=__doc__,

@@ -118,7 +118,7 @@ async def test_refused_credentials_stop_the_worker_saying_where_to_look(
 ) -> None:
     """A wrong password, an untrusted certificate or no broker at all: exit with a message
     naming the settings, after aiokafka's error line giving the reason."""
-    caplog.set_level(logging.INFO)  # whatever an earlier test left the root logger at
+    caplog.set_level(logging.INFO, logger="aiokafka")  # whatever the process set it to
     topic, schema = unique("cdc-events-refused"), unique.schema("refused")
     env = {**sink_env(stack, topic=topic, group=unique("g"), schema=schema), **secured(stack)}
     env.update(changes)
