@@ -219,15 +219,8 @@ def check_http_url(setting: str, url: str | None) -> None:
 def plain_http_beyond_loopback(url: str) -> bool:
     """`url` is http:// (not https://) to a host other than localhost or a loopback address."""
     parts = urlsplit(url)
-    if parts.scheme != "http":
-        return False
-    host = parts.hostname or ""
-    if host == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name: it may resolve anywhere
-        return True
+    # A name other than localhost may resolve anywhere: beyond loopback.
+    return parts.scheme == "http" and not is_loopback(parts.hostname or "")
 
 
 PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
