@@ -30,6 +30,7 @@ from cdc_recon.readers import connect_cassandra
 from cdc_recon.service import Reconciler, recon_pool
 from cdc_recon.settings import reconciliation_settings
 from cdc_sink.apply.codecs import use_asyncpg_uuids
+from cdc_sink.apply.suppression import Suppression
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config
 from cdc_sink.ops.audit import audit, cli_actor
@@ -105,6 +106,7 @@ async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namesp
             metrics=ReconMetrics(),
             pushgateway_url=config.pushgateway.url,
             owner=f"cli-{socket.gethostname()}-{os.getpid()}",
+            suppression=Suppression(config.gdpr.hash_key),
         )
         if args.action == "repair":
             summary = await reconciler.repair(args.job)

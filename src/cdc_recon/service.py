@@ -58,7 +58,8 @@ from cdc_recon.strategies import (
     sample,
     timestamp_range,
 )
-from cdc_sink.apply.writer import Batch, PgWriter
+from cdc_sink.apply.suppression import Suppression
+from cdc_sink.apply.writer import Batch, PgWriter, json_key
 from cdc_sink.config import PostgresConfig
 from cdc_sink.errors import ConversionError
 from cdc_sink.model.events import Mutation
@@ -120,8 +121,11 @@ class Reconciler:
         metrics: ReconMetrics,
         pushgateway_url: str | None,
         owner: str,
+        suppression: Suppression | None = None,
     ) -> None:
         self.pool = pool
+        # Erased keys (GDPR) are neither reported nor repaired.
+        self.suppression = suppression or Suppression(None)
         self.pg_schema = pg_schema
         self.session = session
         self.settings = settings
@@ -336,7 +340,22 @@ class Reconciler:
                 self.postgres.fetch(table, chunk, writetimes=bool(stamped)),
             )
             found += compare_rows(table.value_columns, c_rows, p_rows, writetime_columns=stamped)
-        return found
+        if not found:
+            return found
+        erased = await self._erased(table, [f.key for f in found])
+        return [f for f in found if f.key not in erased]
+
+    async def _erased(
+        self, table: ReconTable, keys: Sequence[tuple[Canon, ...]]
+    ) -> set[tuple[Canon, ...]]:
+        """Those of `keys` erased for GDPR (compared by the sink's rendering of their values,
+        which agrees with the drivers' for text, numbers, uuids and blobs)."""
+        natives = {native_key(table, key): key for key in keys}
+        async with self.pool.acquire() as conn:
+            gone = await self.suppression.erased(
+                conn, table.target, list(natives), json_key, table.partition_columns
+            )
+        return {natives[n] for n in gone}
 
     async def repair(self, job_id: int) -> RepairSummary:
         """Repair every open mismatch of a job; record each one's resolution."""
@@ -389,7 +408,7 @@ class Reconciler:
             resolutions[mismatch["id"]] = action.resolution
         if mutations:
             async with self.pool.acquire() as conn:
-                writer = PgWriter(conn, self.pg_schema, "cdc-reconciliation")
+                writer = PgWriter(conn, self.pg_schema, "cdc-reconciliation", self.suppression)
                 await writer.apply(Batch(tables=[(schema, mutations)]))
         # Verify: a repair counts only if the row now matches.
         still = {key_text(f.key) for f in await self.differing(table, keys)}

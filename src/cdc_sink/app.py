@@ -32,6 +32,7 @@ from cdc_sink.dlq.producer import DlqProducer
 from cdc_sink.dlq.replay import ResumeRequests, dlq_routes
 from cdc_sink.errors import DecodeError, FatalError
 from cdc_sink.ops.auth import Authenticator
+from cdc_sink.ops.erasure import gdpr_routes
 from cdc_sink.ops.housekeeping import housekeeping
 from cdc_sink.ops.http import Listener, new_app, probe_routes
 from cdc_sink.ops.kafka_security import client_security, unreachable
@@ -133,7 +134,7 @@ class SinkApp:
         kept = config.schema_registry.max_unknown_ids
         if config.schema_registry.url:
             self.registry = ConfluentRegistry.from_config(config.schema_registry)
-        self.decoder = Decoder(self.registry or _NoRegistry(), max_refused_ids=kept)
+        self.decoder = Decoder(self.registry or NoRegistry(), max_refused_ids=kept)
         system_schema = None
         if config.cassandra.contact_points:
             system_schema = CassandraSystemSchema(
@@ -204,6 +205,9 @@ class SinkApp:
         )
         control.include_router(dlq_routes(api_pool, lambda: dlq, self.worker.resume, resumes, auth))
         control.include_router(reconciliation_routes(recon, auth))
+        control.include_router(
+            gdpr_routes(api_pool, auth, config.postgres.schema, config.gdpr.hash_key, self._decoder)
+        )
         self.probes = _listener(probes_app, "probes", api)
         self.http = _listener(control, "api", api)
         for listener, host, port, setting in (
@@ -244,6 +248,9 @@ class SinkApp:
                     "migrate` or set CDC_SINK__MIGRATE_ON_START=true",
                     stage="migrate",
                 )
+
+    def _decoder(self) -> Decoder | None:
+        return self.decoder
 
     def _lease_metrics(self, lease: Lease) -> None:
         self.metrics.postgres_login_expiry.set(lease.expires_at_unix())
@@ -335,7 +342,9 @@ def _background(stack: contextlib.AsyncExitStack, work: Awaitable[Any]) -> None:
     stack.push_async_callback(cancel)
 
 
-class _NoRegistry:
+class NoRegistry:
+    """The registry of a sink configured without one: every Avro record is a DecodeError."""
+
     async def schema_by_id(self, schema_id: int) -> str:
         raise DecodeError(
             f"Avro record with schema id {schema_id} but no CDC_SCHEMA_REGISTRY__URL configured"

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="apply pending sql/ migrations (control tables)")
     migrate.set_defaults(handler=_migrate)
     _add_dlq_commands(commands)
+    _add_gdpr_commands(commands)
     add_reconcile_command(commands)
     return parser
 
@@ -96,6 +97,21 @@ def _add_dlq_commands(commands: Any) -> None:
     replay.add_argument(
         "--all", action="store_true", help="replay every pending record (when no ids/filters)"
     )
+
+
+def _add_gdpr_commands(commands: Any) -> None:
+    gdpr = commands.add_parser("gdpr", help="erase a key for GDPR, show an erasure")
+    gdpr.set_defaults(handler=_gdpr)
+    actions = gdpr.add_subparsers(dest="gdpr_command", metavar="ACTION", required=True)
+    erase = actions.add_parser(
+        "erase", help="erase a row (its primary key) or a partition (its partition key)"
+    )
+    erase.add_argument("--table", required=True, help="target table, e.g. cdc_users")
+    erase.add_argument(
+        "--key", required=True, help="the key as a JSON object, e.g. '{\"user_id\": 42}'"
+    )
+    show = actions.add_parser("show", help="print an erasure's record as JSON")
+    show.add_argument("id", type=whole_number(1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +278,57 @@ async def _dlq_command(
         await producer.stop()
     print(f"replayed {len(replayed)} record(s): {', '.join(map(str, replayed)) or '-'}")
     return 0
+
+
+async def _gdpr(config: Config, args: argparse.Namespace) -> int:
+    """`gdpr erase|show`: exit 2 for a bad key or table, 1 for an unknown erasure."""
+    from cdc_sink.app import NoRegistry
+    from cdc_sink.decode.decoder import Decoder
+    from cdc_sink.decode.registry import ConfluentRegistry
+    from cdc_sink.ops.erasure import ErasureError, erase, erasure
+
+    async with secrets_for(config) as (config, login):
+        conn = await _connect(login, server_settings={"search_path": config.postgres.schema})
+        try:
+            if args.gdpr_command == "show":
+                found = await erasure(conn, args.id)
+                if found is None:
+                    print(f"cdc-sink: no erasure {args.id}", file=sys.stderr)
+                    return 1
+                print(json.dumps(found, default=str))
+                return 0
+            hash_key = config.gdpr.hash_key
+            if hash_key is None:
+                print("cdc-sink: erasure needs CDC_GDPR__HASH_KEY", file=sys.stderr)
+                return 2
+            registry = (
+                ConfluentRegistry.from_config(config.schema_registry)
+                if config.schema_registry.url
+                else None
+            )
+            try:
+                key = json.loads(args.key)
+                if not isinstance(key, dict):
+                    raise ErasureError("--key must be a JSON object")
+                done = await erase(
+                    conn,
+                    config.postgres.schema,
+                    args.table,
+                    key,
+                    hash_key=hash_key,
+                    decoder=Decoder(registry or NoRegistry()),
+                    actor=cli_actor(),
+                )
+            except (ValueError, ErasureError) as exc:
+                print(f"cdc-sink: {exc}", file=sys.stderr)
+                return 2
+            finally:
+                if registry is not None:
+                    await registry.close()
+            print(json.dumps(done, default=str))
+            return 0
+        finally:
+            await conn.close()
 
 
 async def _serve(config: Config, args: argparse.Namespace) -> int:

@@ -435,6 +435,30 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class GdprConfig:
+    """Erasure: the key of the HMAC-SHA-256 that erased keys are kept as (from here or from
+    Vault KV, CDC_VAULT__GDPR_HASH_KEY), and how long what the sink keeps beside the rows lives."""
+
+    hash_key: Secret | None = None  # erasing needs it, and so does writing a table with erasures
+    dlq_retention_days: float = 30.0  # `_cdc_dlq_records` rows older than this are purged
+    mismatch_retention_days: float = 30.0  # resolved reconciliation mismatches, likewise
+    audit_retention_days: float = 365.0  # `_cdc_audit_log` rows
+    retention_interval_seconds: float = 300.0  # how often housekeeping purges
+    retention_batch_rows: int = 1000  # rows per purge transaction
+
+    def validate(self) -> None:
+        if self.hash_key is not None and len(self.hash_key.reveal().encode()) < 32:
+            raise ConfigError("CDC_GDPR__HASH_KEY must be at least 32 bytes")
+        for name in ("dlq_retention_days", "mismatch_retention_days", "audit_retention_days"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"CDC_GDPR__{name.upper()} must be > 0")
+        if not self.retention_interval_seconds > 0:
+            raise ConfigError("CDC_GDPR__RETENTION_INTERVAL_SECONDS must be > 0")
+        if not 1 <= self.retention_batch_rows <= 100_000:
+            raise ConfigError("CDC_GDPR__RETENTION_BATCH_ROWS must be between 1 and 100000")
+
+
+@dataclass(frozen=True)
 class CassandraConfig:
     contact_points: str | None = None
     port: int = 9042
@@ -473,6 +497,7 @@ class VaultConfig:
     database_mount: str = "database"
     cassandra_secret: str | None = None  # KV v2 path holding Cassandra's username and password
     api_jwt_secret: str | None = None  # KV v2 path whose `secret` is the API's HS256 key
+    gdpr_hash_key: str | None = None  # KV v2 path whose `secret` is CDC_GDPR__HASH_KEY
     kv_mount: str = "secret"
     timeout_seconds: float = 10.0
     ssl_cafile: str | None = None  # PEM; None: the system's trusted CAs
@@ -494,7 +519,7 @@ class VaultConfig:
             raise ConfigError("CDC_VAULT__ROLE_ID and CDC_VAULT__SECRET_ID go together (AppRole)")
         used = [
             f"CDC_VAULT__{name.upper()}"
-            for name in ("postgres_role", "cassandra_secret", "api_jwt_secret")
+            for name in ("postgres_role", "cassandra_secret", "api_jwt_secret", "gdpr_hash_key")
             if getattr(self, name)
         ]
         if not used:
@@ -556,6 +581,7 @@ class Config:
     dlq: DlqConfig = field(default_factory=DlqConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    gdpr: GdprConfig = field(default_factory=GdprConfig)
     cassandra: CassandraConfig = field(default_factory=CassandraConfig)
     vault: VaultConfig = field(default_factory=VaultConfig)
     pushgateway: UrlConfig = field(default_factory=UrlConfig)

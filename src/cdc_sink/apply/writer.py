@@ -36,6 +36,7 @@ from cdc_sink.apply.plan import (
     settle_plan,
     write_ts,
 )
+from cdc_sink.apply.suppression import Suppression
 from cdc_sink.dlq.letters import DeadLetter, headers_to_json
 from cdc_sink.errors import FencedError
 from cdc_sink.model.cql import pg_type
@@ -71,6 +72,7 @@ class BatchResult:
     rows_upserted: int
     rows_deleted: int
     duration_s: float
+    suppressed: dict[str, int] = field(default_factory=dict)  # erased keys' mutations, by table
 
 
 def json_key(values: tuple[Any, ...]) -> str:
@@ -131,8 +133,16 @@ class PgWriter:
     """Applies batches on one connection set up by `prepare_connection` (its codecs also
     take the writer's own timestamps as µs since 1970); one instance per worker."""
 
-    def __init__(self, conn: asyncpg.Connection, schema: str, consumer_group: str) -> None:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        schema: str,
+        consumer_group: str,
+        suppression: Suppression | None = None,
+    ) -> None:
         self.conn = conn
+        self.suppression = suppression or Suppression(None)
+        self._suppressed: dict[str, int] = {}
         self.schema = schema
         self.group = consumer_group
         self._staging: dict[str, tuple[int, str]] = {}  # target -> (schema version, temp name)
@@ -144,6 +154,7 @@ class PgWriter:
         began = time.perf_counter()
         now = now_us if now_us is not None else time.time_ns() // 1000
         upserted = deleted = 0
+        self._suppressed = {}
         try:
             async with self.conn.transaction():
                 for schema, mutations in batch.tables:
@@ -154,7 +165,7 @@ class PgWriter:
         except BaseException:
             self._staging.clear()  # a staging table created in the rolled-back transaction is gone
             raise
-        return BatchResult(upserted, deleted, time.perf_counter() - began)
+        return BatchResult(upserted, deleted, time.perf_counter() - began, self._suppressed)
 
     async def expire_due(self, schema: TableSchema, limit: int = 1000) -> int:
         """Re-settle up to `limit` rows whose TTL has passed, so no expired row stays visible;
@@ -189,7 +200,19 @@ class PgWriter:
         texts = _KeyTexts()
         partition_columns = await self._lock(schema, mutations, texts, touch)
         state = TableState(schema.key_columns, partition_columns)
-        await self._load(schema, state, mutations, texts, touch)
+        erased_version = await self._load(schema, state, mutations, texts, touch)
+        if erased_version:
+            kept = await self.suppression.keep(
+                self.conn,
+                schema.target,
+                erased_version,
+                mutations,
+                texts.__getitem__,
+                partition_columns,
+            )
+            if len(kept) < len(mutations):
+                self._suppressed[schema.target] = len(mutations) - len(kept)
+            mutations = kept
         plan = apply_mutations(state, mutations)
         for key in touch:  # rows to re-settle though no event touched them (expiry)
             if key in state.rows:
@@ -278,7 +301,9 @@ class PgWriter:
         mutations: list[Mutation],
         texts: _KeyTexts,
         touch: Sequence[Key] = (),
-    ) -> None:
+    ) -> int:
+        """Load what the merge needs into `state`; return the table's erasure version (see
+        suppression.py), read in the same statement as the tombstones."""
         target = qualified(self.schema, schema.target)
         select = ", ".join(quote_ident(c) for c in self._loaded_columns(schema))
         row_keys = {m.key for m in mutations if None not in m.key} | set(touch)
@@ -304,13 +329,17 @@ class PgWriter:
             partitions = {texts[k[:width]] for k in row_keys}
             partitions |= {texts[p] for p in deleted_partitions}
         if not keys_json and not partitions:
-            return
+            return 0  # only deletes of a table whose partition key is unknown: none erased
         found = await self.conn.fetch(
             _STORED_TOMBSTONES, schema.target, list(keys_json.values()), list(partitions)
         )
         by_json = {keys_json[k]: k for k in row_keys}
         stones: list[asyncpg.Record] = []
+        erased_version = 0
         for record in found:
+            if record["kind"] == "erased":
+                erased_version = record["ts_us"]
+                continue
             if record["kind"] != "row":
                 stones.append(record)
                 continue
@@ -329,6 +358,7 @@ class PgWriter:
                 entry.partition_ts = max(entry.partition_ts or stone["ts_us"], stone["ts_us"])
             else:
                 entry.ranges.append(self._range(schema, state, stone["scope"], stone["ts_us"]))
+        return erased_version
 
     def _range(self, schema: TableSchema, state: TableState, scope: str, ts: int) -> RangeTombstone:
         """A stored range tombstone; its scope parsed once per process (partitions keep their
@@ -563,7 +593,10 @@ _STORED_TOMBSTONES = (
     "SELECT t.kind, t.partition_key::text, t.state, t.scope, t.ts_us "
     "FROM unnest($3::jsonb[]) AS wanted(key) JOIN _cdc_tombstones t "
     "ON t.target_table = $1 AND t.kind IN ('partition', 'range') "
-    "AND t.partition_key = wanted.key"
+    "AND t.partition_key = wanted.key "
+    # The table's erasure version (suppression.py), from the last page of its index.
+    "UNION ALL SELECT 'erased', NULL, NULL, NULL, coalesce(max(e.id), 0) "
+    "FROM _cdc_erased_keys e WHERE e.target_table = $1"
 )
 _MERGED_META = ("_cdc_cells", "_cdc_marker_ts", "_cdc_marker_expires_us", "_cdc_deleted_ts")
 

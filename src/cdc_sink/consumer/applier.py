@@ -16,6 +16,7 @@ import asyncpg
 from aiokafka import TopicPartition
 from opentelemetry import trace
 
+from cdc_sink.apply.suppression import Suppression
 from cdc_sink.apply.writer import Batch, BatchResult, CheckpointMove, PgWriter, reserve_dlq_ids
 from cdc_sink.config import Config
 from cdc_sink.consumer.offsets import OffsetMirror
@@ -98,6 +99,7 @@ class BatchApplier:
         # Produced, not yet committed, by (topic, partition, offset).
         self._dlq_sent: dict[tuple[str, int, int], DeadLetter] = {}
         self.writer: PgWriter | None = None
+        self.suppression = Suppression(config.gdpr.hash_key)
         self._writer_conn: asyncpg.Connection | None = None
         self._writer_generation = 0  # the login's generation the writer's connection has
 
@@ -148,7 +150,9 @@ class BatchApplier:
         generation = self.login.generation
         self._writer_conn = await self.writer_pool.acquire()
         self._writer_generation = generation
-        self.writer = PgWriter(self._writer_conn, self.config.postgres.schema, self.group)
+        self.writer = PgWriter(
+            self._writer_conn, self.config.postgres.schema, self.group, self.suppression
+        )
 
     async def follow_login(self) -> None:
         """Between transactions: once a new PostgreSQL user is leased, move the writer to a
@@ -325,6 +329,8 @@ class BatchApplier:
     ) -> None:
         """After COMMIT: move our offsets, count, observe latency (Kafka timestamp → now)."""
         now = time.time()
+        for table, skipped in result.suppressed.items():
+            self.metrics.erasure_suppressed.labels(table).inc(skipped)
         for move in batch.checkpoints:
             tp = TopicPartition(move.topic, move.partition)
             if tp in self.owned:

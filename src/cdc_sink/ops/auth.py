@@ -31,6 +31,7 @@ from cdc_sink.ops.http import ApiError
 
 __all__ = [
     "ANONYMOUS",
+    "ERASE",
     "PAYLOAD",
     "READ",
     "WRITE",
@@ -43,7 +44,8 @@ __all__ = [
 READ = "cdc:read"  # jobs, mismatches' and dead letters' metadata
 PAYLOAD = "cdc:payload"  # record payloads (personal data)
 WRITE = "cdc:write"  # replay, resume, new jobs, resolutions
-SCOPES = (READ, PAYLOAD, WRITE)
+ERASE = "cdc:erase"  # GDPR erasure of a key
+SCOPES = (READ, PAYLOAD, WRITE, ERASE)
 ASYMMETRIC = ["RS256", "ES256"]
 JWKS_REFRESH_INTERVAL_S = 1.0
 JWKS_TIMEOUT_S = 5.0

@@ -107,6 +107,20 @@ class Metrics:
             "matching the pattern showed at start-up (CDC_SINK__TABLE_NAME_FORMAT).",
             registry=r,
         )
+        self.erasure_suppressed = Counter(
+            "cdc_erasure_suppressed_total",
+            "Change events (replays and repairs among them) skipped because their key was "
+            "erased for GDPR.",
+            ["table"],
+            registry=r,
+        )
+        self.retention_purged = Counter(
+            "cdc_retention_purged_total",
+            "Rows housekeeping deleted because they passed their retention period, by table "
+            "(_cdc_dlq_records, _cdc_reconciliation_mismatches, _cdc_audit_log).",
+            ["table"],
+            registry=r,
+        )
         # Only with PostgreSQL logins leased from Vault (CDC_VAULT__POSTGRES_ROLE).
         self.postgres_login_expiry = Gauge(
             "cdc_postgres_login_expiry_timestamp_seconds",

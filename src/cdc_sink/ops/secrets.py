@@ -328,12 +328,24 @@ async def secrets_for(config: Config) -> AsyncIterator[tuple[Config, PostgresLog
         await login.close()
 
 
+def _reading(setting: str, path: str, mount: str) -> str:
+    return f"reading {setting} {path!r} from KV v2 mount {mount!r}"
+
+
+async def _kv_key(vault: Vault, path: str) -> Secret:
+    """The `secret` field of a KV v2 secret: a key of at least 32 bytes (ValueError if not)."""
+    key = (await vault.kv(path)).get("secret")
+    if not isinstance(key, str) or len(key.encode()) < 32:
+        raise ValueError("the secret must hold a `secret` of at least 32 bytes")
+    return Secret(key)
+
+
 async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
     """Log in to Vault if the settings ask for a secret from it. Returns the configuration
     with Cassandra's credentials filled in, and how to log in to PostgreSQL. VaultError (a
     clear message, no traceback) if Vault cannot be reached or refuses."""
     cfg = config.vault
-    if not (cfg.postgres_role or cfg.cassandra_secret or cfg.api_jwt_secret):
+    if not (cfg.postgres_role or cfg.cassandra_secret or cfg.api_jwt_secret or cfg.gdpr_hash_key):
         return config, PostgresLogin(config)
     vault = Vault(cfg)
     step = f"logging in to Vault at {cfg.addr}" + (
@@ -358,15 +370,16 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
             )
             config = dataclasses.replace(config, cassandra=cassandra)
         if cfg.api_jwt_secret:
-            step = (
-                f"reading CDC_VAULT__API_JWT_SECRET {cfg.api_jwt_secret!r} from KV v2 mount "
-                f"{cfg.kv_mount!r}"
+            step = _reading("CDC_VAULT__API_JWT_SECRET", cfg.api_jwt_secret, cfg.kv_mount)
+            api = dataclasses.replace(
+                config.api, jwt_secret=await _kv_key(vault, cfg.api_jwt_secret)
             )
-            key = (await vault.kv(cfg.api_jwt_secret)).get("secret")
-            if not isinstance(key, str) or len(key.encode()) < 32:
-                raise ValueError("the secret must hold a `secret` of at least 32 bytes")
-            api = dataclasses.replace(config.api, jwt_secret=Secret(key))
             config = dataclasses.replace(config, api=api)
+        if cfg.gdpr_hash_key:
+            step = _reading("CDC_VAULT__GDPR_HASH_KEY", cfg.gdpr_hash_key, cfg.kv_mount)
+            hash_key = await _kv_key(vault, cfg.gdpr_hash_key)
+            gdpr = dataclasses.replace(config.gdpr, hash_key=hash_key)
+            config = dataclasses.replace(config, gdpr=gdpr)
         login = PostgresLogin(config, vault)
         if cfg.postgres_role:
             step = (

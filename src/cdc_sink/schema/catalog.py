@@ -174,32 +174,7 @@ class Catalog:
         return types
 
     async def _load(self, target: str) -> TableSchema | None:
-        row = await self.pool.fetchrow(
-            "SELECT version, keyspace_name, source_table, key_columns, partition_columns, "
-            "columns::text AS columns, udts::text AS udts FROM _cdc_schema_metadata "
-            "WHERE target_table = $1 "
-            "ORDER BY version DESC LIMIT 1",
-            target,
-        )
-        if row is None:
-            return None
-        # jsonb does not keep key order: put the key columns first again, as at creation.
-        stored = json.loads(row["columns"])
-        keys = list(row["key_columns"])
-        # An earlier release recorded a reserved name it had "added" (ADD COLUMN IF NOT EXISTS
-        # passed over the sink's own column): that column is the sink's, not the source's.
-        order = keys + sorted(n for n in stored if n not in keys and n not in RESERVED_COLUMNS)
-        udts = json.loads(row["udts"]) if row["udts"] else None
-        columns = {n: parse_cql_type(stored[n], udts) for n in order}
-        return TableSchema(
-            keyspace=row["keyspace_name"],
-            table=row["source_table"],
-            target=target,
-            key_columns=tuple(row["key_columns"]),
-            columns=columns,
-            partition_columns=tuple(row["partition_columns"] or ()) or None,
-            version=row["version"],
-        )
+        return await stored_schema(self.pool, target)
 
     async def _evolve(
         self,
@@ -263,6 +238,36 @@ class Catalog:
                     json.dumps(udt_definitions(schema.columns.values())),
                 )
             return schema
+
+
+async def stored_schema(db: asyncpg.Pool | asyncpg.Connection, target: str) -> TableSchema | None:
+    """The newest recorded schema of `target` (None if the sink never made it)."""
+    row = await db.fetchrow(
+        "SELECT version, keyspace_name, source_table, key_columns, partition_columns, "
+        "columns::text AS columns, udts::text AS udts FROM _cdc_schema_metadata "
+        "WHERE target_table = $1 "
+        "ORDER BY version DESC LIMIT 1",
+        target,
+    )
+    if row is None:
+        return None
+    # jsonb does not keep key order: put the key columns first again, as at creation.
+    stored = json.loads(row["columns"])
+    keys = list(row["key_columns"])
+    # An earlier release recorded a reserved name it had "added" (ADD COLUMN IF NOT EXISTS
+    # passed over the sink's own column): that column is the sink's, not the source's.
+    order = keys + sorted(n for n in stored if n not in keys and n not in RESERVED_COLUMNS)
+    udts = json.loads(row["udts"]) if row["udts"] else None
+    columns = {n: parse_cql_type(stored[n], udts) for n in order}
+    return TableSchema(
+        keyspace=row["keyspace_name"],
+        table=row["source_table"],
+        target=target,
+        key_columns=tuple(row["key_columns"]),
+        columns=columns,
+        partition_columns=tuple(row["partition_columns"] or ()) or None,
+        version=row["version"],
+    )
 
 
 class CassandraSystemSchema:

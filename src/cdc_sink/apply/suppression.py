@@ -1,0 +1,126 @@
+"""Suppression: a key erased for GDPR is never written again, whoever brings it back.
+
+Erased keys live in `_cdc_erased_keys` as an HMAC-SHA-256 (CDC_GDPR__HASH_KEY) of their
+canonical text (`writer.json_key`), scope `row` (one row's full key) or `partition` (a partition
+key, erasing every row of it). Change events, DLQ replays (they come back through the topic) and
+reconciliation repairs all reach PostgreSQL through `PgWriter`, which, holding the batch's
+partition locks, reads the newest entry id of each table it writes (`version`, 0: nothing of
+the table was ever erased) in a statement it runs anyway, and only then asks `keep` to drop the
+mutations of erased keys. An erasure takes the same partition lock, so a batch either commits
+before it (and is erased with the rest) or sees its entry.
+
+Entries are never removed: a table's entries are loaded once and then only those above the
+version known, so a batch of a table with erasures costs one HMAC per distinct key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from cdc_sink.config import Secret
+from cdc_sink.errors import FatalError
+from cdc_sink.model.events import Key, Mutation
+
+ROW = "row"
+PARTITION = "partition"
+SCOPES = (ROW, PARTITION)
+
+
+def key_hash(hash_key: Secret, target: str, scope: str, key_text: str) -> bytes:
+    """The HMAC-SHA-256 an erased key is kept as: of the target table, the scope and the key's
+    canonical JSON text, so equal keys of two tables do not share a hash."""
+    message = "\x00".join((target, scope, key_text)).encode()
+    return hmac.new(hash_key.reveal().encode(), message, hashlib.sha256).digest()
+
+
+@dataclass
+class _Erased:
+    version: int = 0
+    hashes: set[tuple[str, bytes]] = field(default_factory=set)  # (scope, hash)
+
+
+class Suppression:
+    """What the writers of one process know of the erased keys, per target table."""
+
+    def __init__(self, hash_key: Secret | None) -> None:
+        self._hash_key = hash_key
+        self._tables: dict[str, _Erased] = {}
+
+    async def keep(
+        self,
+        conn: asyncpg.Connection,
+        target: str,
+        version: int,
+        mutations: Sequence[Mutation],
+        text_of: Callable[[Key], str],
+        partition_columns: Sequence[str] | None,
+    ) -> list[Mutation]:
+        """The mutations whose key is not erased, in their order. `version` is the newest
+        `_cdc_erased_keys` id of `target`, read under the batch's locks. FatalError if the
+        table has erased keys and no hash key is configured (writing blindly could bring an
+        erased person back)."""
+        if not version or not mutations:
+            return list(mutations)
+        gone = await self.erased(
+            conn, target, [m.key for m in mutations], text_of, partition_columns, version
+        )
+        return [m for m in mutations if m.key not in gone]
+
+    async def erased(
+        self,
+        conn: asyncpg.Connection,
+        target: str,
+        keys: Sequence[Key],
+        text_of: Callable[[Key], str],
+        partition_columns: Sequence[str] | None,
+        version: int | None = None,
+    ) -> set[Key]:
+        """Those of `keys` (full keys; None in the clustering columns of a partition or range
+        delete) that an erasure covers: the row's own, or its partition's. `version` as in
+        `keep`; None reads it."""
+        if version is None:
+            version = await conn.fetchval(
+                "SELECT coalesce(max(id), 0) FROM _cdc_erased_keys WHERE target_table = $1",
+                target,
+            )
+        if not version or not keys:
+            return set()
+        hash_key = self._hash_key
+        if hash_key is None:
+            raise FatalError(
+                f"{target} has erased keys (_cdc_erased_keys) and CDC_GDPR__HASH_KEY is not set: "
+                "the sink cannot tell them apart and writes none of its rows",
+                stage="write",
+            )
+        erased = self._tables.setdefault(target, _Erased())
+        if erased.version < version:
+            rows = await conn.fetch(
+                "SELECT scope, key_hash FROM _cdc_erased_keys "
+                "WHERE target_table = $1 AND id > $2 AND id <= $3",
+                target,
+                erased.version,
+                version,
+            )
+            erased.hashes.update((r["scope"], bytes(r["key_hash"])) for r in rows)
+            erased.version = version
+        width = len(partition_columns) if partition_columns else None
+        verdicts: dict[tuple[str, Key], bool] = {}
+
+        def covered(scope: str, key: Key) -> bool:
+            known = verdicts.get((scope, key))
+            if known is None:
+                digest = key_hash(hash_key, target, scope, text_of(key))
+                known = verdicts[scope, key] = (scope, digest) in erased.hashes
+            return known
+
+        return {
+            key
+            for key in set(keys)
+            if (None not in key and covered(ROW, key))
+            or (width is not None and covered(PARTITION, key[:width]))
+        }
