@@ -644,6 +644,8 @@ def load_config(
         if isinstance(section, UrlConfig):
             check_http_url(f"CDC_{name.upper()}__URL", section.url)
     _check_api_exposure(config)
+    if config.vault.gdpr_hash_key and config.gdpr.hash_key is not None:
+        raise ConfigError("choose one of CDC_GDPR__HASH_KEY and CDC_VAULT__GDPR_HASH_KEY")
     return config
 
 

@@ -11,6 +11,10 @@ from typing import Any
 
 import pytest
 
+from cdc_sink.apply.suppression import ROW as ROW_SCOPE
+from cdc_sink.apply.suppression import key_hash
+from cdc_sink.config import Secret
+from cdc_sink.errors import FatalError
 from tests.integration.test_api_security import SECRET, call, running, token
 from tests.support.cassandra_model import Mutation
 from tests.support.names import Unique
@@ -26,6 +30,7 @@ from tests.support.pipeline import (
     sql,
 )
 from tests.support.stack import Endpoints
+from tests.support.vault import root_client
 
 HASH_KEY = "the erasure hash key, at least thirty-two bytes long"
 TS = 1_800_000_000_000_000
@@ -252,3 +257,101 @@ async def test_erased_keys_stay_erased(stack: Endpoints, unique: Unique) -> None
     assert sorted(k["h"] for k in kept) == sorted(
         e["key_hash"] for e in (row_erasure, partition_erasure)
     )
+
+
+@pytest.mark.timeout(600)
+async def test_erasure_refuses_what_it_cannot_do(stack: Endpoints, unique: Unique) -> None:
+    """Without a hash key POST /gdpr/erasures answers 503 and `gdpr erase` exits 2; an unknown
+    table is 404 (exit 2), a key that is not the table's 400 (exit 2), an unknown erasure 404
+    (`gdpr show` exit 1); the hash key may come from Vault KV (the same hash as from the
+    setting) and a Vault secret without it stops the command naming the setting; a worker
+    without the hash key stops before it writes a table that has erasures."""
+    keyspace = unique.keyspace("gdprno")
+    topic = unique("cdc-events-gdprno")
+    schema = unique.schema("gdprno")
+    create_cassandra_model_table(stack, keyspace)
+    await create_topic(stack.kafka, topic, partitions=1)
+    bare = sink_env(stack, topic=topic, group=unique("g"), schema=schema, api__jwt_secret=SECRET)
+    keyed = {**bare, "CDC_GDPR__HASH_KEY": HASH_KEY}
+    dsn = stack.postgres_dsn
+    record = lambda m: schemaless_record(m, keyspace)  # noqa: E731
+    await produce(stack.kafka, topic, [record(insert(ROW, TS, 1))])
+    await run_worker(bare)
+    key_json = json.dumps(dict(zip(("p1", "p2", "c1", "c2"), ROW, strict=True)))
+    body = {"table": TARGET, "key": json.loads(key_json)}
+    eraser = token(scope="cdc:erase cdc:read")
+
+    async with running(bare) as worker:
+        assert worker.http is not None
+        answer = await asyncio.to_thread(
+            call, worker.http.port, "POST", "/gdpr/erasures", eraser, body
+        )
+        assert (answer[0], "CDC_GDPR__HASH_KEY" in answer[2]["error"]) == (503, True)
+    no_key = run_cli(bare, "gdpr", "erase", "--table", TARGET, "--key", key_json)
+    assert (no_key.returncode, "CDC_GDPR__HASH_KEY" in no_key.stderr) == (2, True)
+
+    async with running(keyed) as worker:
+        assert worker.http is not None
+        port = worker.http.port
+        refusals = [
+            (await asyncio.to_thread(call, port, method, path, eraser, request))[0]
+            for method, path, request in (
+                ("POST", "/gdpr/erasures", {**body, "table": "cdc_nothing"}),
+                ("POST", "/gdpr/erasures", {**body, "key": {"p1": 1}}),
+                ("POST", "/gdpr/erasures", {**body, "key": {"p1": "one", "p2": "x"}}),
+                ("POST", "/gdpr/erasures", {**body, "key": {"p1": None, "p2": "x"}}),
+                ("POST", "/gdpr/erasures", {**body, "keys": []}),
+                ("GET", "/gdpr/erasures/999999", None),
+            )
+        ]
+        assert refusals == [404, 400, 400, 400, 400, 404]
+    for args, code, said in (
+        (("--table", "cdc_nothing", "--key", key_json), 2, "cdc_nothing"),
+        (("--table", TARGET, "--key", "{not json"), 2, ""),
+        (("--table", TARGET, "--key", "[1]"), 2, "JSON object"),
+        (("--table", TARGET, "--key", '{"p1": 1, "c1": 0}'), 2, "partition key (p1, p2)"),
+    ):
+        refused = run_cli(keyed, "gdpr", "erase", *args)
+        assert (refused.returncode, said in refused.stderr) == (code, True), refused.stderr
+    unknown = run_cli(keyed, "gdpr", "show", "999999")
+    assert (unknown.returncode, "no erasure 999999" in unknown.stderr) == (1, True)
+    assert await keys_in(dsn, schema) == {ROW}
+    assert await sql(dsn, schema, "SELECT 1 FROM _cdc_erasures") == []
+
+    path = unique("gdpr-hash-key")
+    client = root_client(stack)
+    vault = {
+        **bare,
+        "CDC_VAULT__ADDR": stack.vault_addr,
+        "CDC_VAULT__TOKEN": stack.vault_token,
+        "CDC_VAULT__GDPR_HASH_KEY": path,
+    }
+    runs = []
+    try:
+        for secret in ({"key": HASH_KEY}, {"secret": HASH_KEY}):
+            await asyncio.to_thread(
+                client.secrets.kv.v2.create_or_update_secret,
+                path,
+                secret=secret,
+                mount_point="secret",
+            )
+            runs.append(run_cli(vault, "gdpr", "erase", "--table", TARGET, "--key", key_json))
+    finally:
+        await asyncio.to_thread(
+            client.secrets.kv.v2.delete_metadata_and_all_versions, path, mount_point="secret"
+        )
+    refused_secret, done = runs
+    assert refused_secret.returncode == 1
+    assert "CDC_VAULT__GDPR_HASH_KEY" in refused_secret.stderr
+    assert done.returncode == 0, done.stderr
+    expected = key_hash(Secret(HASH_KEY), TARGET, ROW_SCOPE, '[1,"erase-me",0,"x"]')
+    assert json.loads(done.stdout)["key_hash"] == expected.hex()
+    assert await keys_in(dsn, schema) == set()
+
+    # A worker that cannot tell erased keys stops rather than write the table blindly.
+    await produce(stack.kafka, topic, [record(update(ROW, TS + 1, 2))])
+    with pytest.raises(FatalError, match="CDC_GDPR__HASH_KEY"):
+        await run_worker(bare)
+    assert await keys_in(dsn, schema) == set()
+    await run_worker(keyed)
+    assert await keys_in(dsn, schema) == set()

@@ -116,6 +116,26 @@ def test_the_dsn_is_a_secret() -> None:
         ({"CDC_API__MAX_HEADER_BYTES": "100"}, "CDC_API__MAX_HEADER_BYTES"),
         ({"CDC_API__REQUEST_TIMEOUT_S": "0"}, "CDC_API__REQUEST_TIMEOUT_S"),
         ({"CDC_DLQ__RESUME_POLL_SECONDS": "0"}, "CDC_DLQ__RESUME_POLL_SECONDS"),
+        ({"CDC_GDPR__HASH_KEY": "short"}, "CDC_GDPR__HASH_KEY must be at least 32 bytes"),
+        ({"CDC_GDPR__DLQ_RETENTION_DAYS": "0"}, "CDC_GDPR__DLQ_RETENTION_DAYS"),
+        ({"CDC_GDPR__MISMATCH_RETENTION_DAYS": "-1"}, "CDC_GDPR__MISMATCH_RETENTION_DAYS"),
+        ({"CDC_GDPR__AUDIT_RETENTION_DAYS": "nan"}, "CDC_GDPR__AUDIT_RETENTION_DAYS"),
+        ({"CDC_GDPR__RETENTION_INTERVAL_SECONDS": "0"}, "CDC_GDPR__RETENTION_INTERVAL_SECONDS"),
+        ({"CDC_GDPR__RETENTION_BATCH_ROWS": "0"}, "CDC_GDPR__RETENTION_BATCH_ROWS"),
+        ({"CDC_GDPR__RETENTION_BATCH_ROWS": "100001"}, "CDC_GDPR__RETENTION_BATCH_ROWS"),
+        (
+            {"CDC_VAULT__GDPR_HASH_KEY": "k", "CDC_VAULT__ADDR": "http://127.0.0.1:8200"},
+            "CDC_VAULT__GDPR_HASH_KEY needs a Vault login",
+        ),
+        (
+            {
+                "CDC_VAULT__GDPR_HASH_KEY": "k",
+                "CDC_VAULT__ADDR": "http://127.0.0.1:8200",
+                "CDC_VAULT__TOKEN": "t",
+                "CDC_GDPR__HASH_KEY": "h" * 32,
+            },
+            "choose one of CDC_GDPR__HASH_KEY and CDC_VAULT__GDPR_HASH_KEY",
+        ),
         (
             {"CDC_VAULT__API_JWT_SECRET": "k", "CDC_VAULT__ADDR": "http://127.0.0.1:8200"},
             "CDC_VAULT__API_JWT_SECRET needs a Vault login",
