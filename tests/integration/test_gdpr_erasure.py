@@ -9,6 +9,7 @@ import asyncio
 import json
 from typing import Any
 
+import asyncpg
 import pytest
 
 from cdc_sink.apply.suppression import ROW as ROW_SCOPE
@@ -87,6 +88,15 @@ async def dead_letter(dsn: str, schema: str, topic: str, offset: int, m: Mutatio
     return int(rows[0]["id"])
 
 
+async def prepare(stack: Endpoints, unique: Unique, name: str) -> tuple[str, str, str]:
+    """The test's own keyspace with the model table, one-partition topic and schema."""
+    keyspace = unique.keyspace(name)
+    topic = unique(f"cdc-events-{name}")
+    create_cassandra_model_table(stack, keyspace)
+    await create_topic(stack.kafka, topic, partitions=1)
+    return keyspace, topic, unique.schema(name)
+
+
 @pytest.mark.timeout(900)
 async def test_erased_keys_stay_erased(stack: Endpoints, unique: Unique) -> None:
     """A row erased with `gdpr erase` (after its dead letter was replayed and more of its
@@ -96,12 +106,8 @@ async def test_erased_keys_stay_erased(stack: Endpoints, unique: Unique) -> None
     cdc_erasure_suppressed_total, reconciliation reports no mismatch for them, and the audit
     log names who erased what by the key's hash only; without the cdc:erase scope the API
     answers 401/403."""
-    keyspace = unique.keyspace("gdpr")
-    topic = unique("cdc-events-gdpr")
-    schema = unique.schema("gdpr")
-    create_cassandra_model_table(stack, keyspace)
+    keyspace, topic, schema = await prepare(stack, unique, "gdpr")  # the marker comes last
     write_cassandra(stack, keyspace)
-    await create_topic(stack.kafka, topic, partitions=1)  # the marker comes last
     env = sink_env(
         stack,
         topic=topic,
@@ -266,11 +272,7 @@ async def test_erasure_refuses_what_it_cannot_do(stack: Endpoints, unique: Uniqu
     (`gdpr show` exit 1); the hash key may come from Vault KV (the same hash as from the
     setting) and a Vault secret without it stops the command naming the setting; a worker
     without the hash key stops before it writes a table that has erasures."""
-    keyspace = unique.keyspace("gdprno")
-    topic = unique("cdc-events-gdprno")
-    schema = unique.schema("gdprno")
-    create_cassandra_model_table(stack, keyspace)
-    await create_topic(stack.kafka, topic, partitions=1)
+    keyspace, topic, schema = await prepare(stack, unique, "gdprno")
     bare = sink_env(stack, topic=topic, group=unique("g"), schema=schema, api__jwt_secret=SECRET)
     keyed = {**bare, "CDC_GDPR__HASH_KEY": HASH_KEY}
     dsn = stack.postgres_dsn
@@ -355,3 +357,78 @@ async def test_erasure_refuses_what_it_cannot_do(stack: Endpoints, unique: Uniqu
     assert await keys_in(dsn, schema) == set()
     await run_worker(keyed)
     assert await keys_in(dsn, schema) == set()
+
+
+def key_arg(key: tuple[Any, ...]) -> str:
+    return json.dumps(dict(zip(("p1", "p2", "c1", "c2"), key, strict=True)))
+
+
+@pytest.mark.timeout(600)
+async def test_erasures_of_one_table_in_flight_together_both_stay_erased(
+    stack: Endpoints, unique: Unique
+) -> None:
+    """An erasure held mid-transaction (a row lock stops it after it has taken its suppression
+    id) and a second one of the same table started meanwhile, while the worker applies a batch
+    of the table: once both have ended, later events of neither key are written (a writer that
+    had seen the second id also knows the first)."""
+    keyspace, topic, schema = await prepare(stack, unique, "gdprtwo")
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, gdpr__hash_key=HASH_KEY)
+    dsn = stack.postgres_dsn
+    record = lambda m: schemaless_record(m, keyspace)  # noqa: E731
+    first, second = (1, "first", 0, "x"), (2, "second", 0, "x")
+    other = [(3, "other", i, "x") for i in range(3)]
+    await produce(stack.kafka, topic, [record(insert(k, TS, 1)) for k in (first, second, other[0])])
+    await run_worker(env)
+
+    async def applied(key: tuple[Any, ...]) -> None:
+        async with asyncio.timeout(120):
+            while key not in await keys_in(dsn, schema):
+                await asyncio.sleep(0.1)
+
+    async def blocked_by(pid: int) -> list[int]:
+        """The sessions waiting for a lock `pid` holds."""
+        rows = await sql(
+            dsn,
+            schema,
+            "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            pid,
+        )
+        return [r["pid"] for r in rows]
+
+    async with running(env) as worker:
+        holder = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+        try:
+            hold = holder.transaction()
+            await hold.start()
+            await holder.execute(f"SELECT 1 FROM {TARGET} WHERE p1 = 1 FOR UPDATE")
+            erase_first = asyncio.create_task(
+                asyncio.to_thread(
+                    run_cli, env, "gdpr", "erase", "--table", TARGET, "--key", key_arg(first)
+                )
+            )
+            async with asyncio.timeout(120):
+                while not (waiting := await blocked_by(holder.get_server_pid())):
+                    await asyncio.sleep(0.05)  # until its DELETE waits for our row lock
+            erase_second = asyncio.create_task(
+                asyncio.to_thread(
+                    run_cli, env, "gdpr", "erase", "--table", TARGET, "--key", key_arg(second)
+                )
+            )
+            async with asyncio.timeout(120):
+                while not erase_second.done() and not await blocked_by(waiting[0]):
+                    await asyncio.sleep(0.05)
+            await produce(stack.kafka, topic, [record(insert(other[1], TS, 1))])
+            await applied(other[1])  # a batch of the table, with one erasure or none committed
+        finally:
+            await hold.rollback()
+            await holder.close()
+        done = [await erase_first, await erase_second]
+        assert [d.returncode for d in done] == [0, 0], [d.stderr for d in done]
+        later = [record(update(k, TS + 10, 2)) for k in (first, second)]
+        await produce(stack.kafka, topic, [*later, record(insert(other[2], TS, 1))])
+        await applied(other[2])
+        suppressed = worker.metrics.registry.get_sample_value(
+            "cdc_erasure_suppressed_total", {"table": TARGET}
+        )
+    assert await keys_in(dsn, schema) == set(other)
+    assert suppressed == 2

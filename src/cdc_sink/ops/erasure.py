@@ -14,7 +14,7 @@ Used by POST /gdpr/erasures, GET /gdpr/erasures/{id} and `python -m cdc_sink gdp
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -37,6 +37,7 @@ from cdc_sink.schema.catalog import stored_schema
 from cdc_sink.schema.tables import TableSchema, lock_id, qualified, quote_ident
 
 DLQ_PAGE = 1000
+ERASURES = "\x00gdpr erasures"  # with the table's name: the lock that orders its erasures
 ERASURE_COLUMNS = (
     "id, target_table, scope, encode(key_hash, 'hex') AS key_hash, status, requested_by, "
     "requested_at, completed_at, erased"
@@ -114,6 +115,8 @@ async def erase(
         raise UnknownTableError(f"no table {target!r} is known to the sink (_cdc_schema_metadata)")
     gone = erased_key(schema, key)
     digest = key_hash(hash_key, target, gone.scope, gone.text)
+    # Most dead letters are read before the locks, so the writer waits only for those since.
+    letters = await _dead_letters(conn, gone, decoder)
     async with conn.transaction():
         await _lock(conn, gone)
         erasure_id = await conn.fetchval(
@@ -136,7 +139,7 @@ async def erase(
             "rows": await _delete_rows(conn, pg_schema, gone),
             "tombstones": await _delete_tombstones(conn, gone),
             "mismatches": await _delete_mismatches(conn, gone),
-            "dead_letters": await _delete_dead_letters(conn, gone, decoder),
+            "dead_letters": await _delete_dead_letters(conn, gone, decoder, letters),
         }
         await conn.execute(
             "UPDATE _cdc_erasures SET status = 'completed', completed_at = now(), erased = $2 "
@@ -182,11 +185,14 @@ async def _lock(conn: asyncpg.Connection, gone: ErasedKey) -> None:
     schema = gone.schema
     table_lock = lock_id(schema.target)
     if schema.partition_columns is None:
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", table_lock)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", table_lock)  # excludes erasures too
         return
     partition = json_key(gone.values[: len(schema.partition_columns)])
     await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", table_lock)
     await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id(schema.target, partition))
+    # Erasures of one table commit in the order of their `_cdc_erased_keys` ids, so a writer
+    # that has seen an id has seen every lower one of the table (suppression.py).
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id(schema.target, ERASURES))
 
 
 async def _delete_rows(conn: asyncpg.Connection, pg_schema: str, gone: ErasedKey) -> int:
@@ -236,31 +242,52 @@ async def _delete_mismatches(conn: asyncpg.Connection, gone: ErasedKey) -> int:
     return int(status.split()[-1])
 
 
-async def _delete_dead_letters(conn: asyncpg.Connection, gone: ErasedKey, decoder: Decoder) -> int:
-    """Dead letters whose record key is the key (or in the partition): their key is decoded
-    as the worker decodes it, and must name exactly the table's key columns; a letter whose
-    value names another table is not the key's. A key that cannot be decoded cannot be told,
-    and is left to retention."""
+async def _delete_dead_letters(
+    conn: asyncpg.Connection, gone: ErasedKey, decoder: Decoder, earlier: _Letters
+) -> int:
+    """Delete the dead letters of the key: those `earlier` found before the locks, and those
+    it did not read (stored since, or committed since by a transaction then in flight)."""
+    since = await _dead_letters(conn, gone, decoder, earlier.read)
+    status = await conn.execute(
+        "DELETE FROM _cdc_dlq_records WHERE id = ANY($1::bigint[])", earlier.doomed + since.doomed
+    )
+    return int(status.split()[-1])
+
+
+@dataclass
+class _Letters:
+    doomed: list[int]  # the key's
+    read: list[int]  # every id read
+
+
+async def _dead_letters(
+    conn: asyncpg.Connection, gone: ErasedKey, decoder: Decoder, read: Sequence[int] = ()
+) -> _Letters:
+    """The dead letters whose record key is the key (or in the partition), leaving out the ids
+    in `read`: their key is decoded as the worker decodes it, and must name exactly the
+    table's key columns; a letter whose value names another table is not the key's. A key
+    that cannot be decoded cannot be told, and is left to retention."""
     schema = gone.schema
-    doomed: list[int] = []
+    found = _Letters([], [])
     after = 0
     while True:
         rows = await conn.fetch(
-            "SELECT id, record_key, record_value FROM _cdc_dlq_records "
-            "WHERE id > $1 AND record_key IS NOT NULL ORDER BY id LIMIT $2",
+            "SELECT d.id, d.record_key, d.record_value FROM _cdc_dlq_records d "
+            "LEFT JOIN unnest($3::bigint[]) AS known(id) ON known.id = d.id "
+            "WHERE d.id > $1 AND d.record_key IS NOT NULL AND known.id IS NULL "
+            "ORDER BY d.id LIMIT $2",
             after,
             DLQ_PAGE,
+            list(read),
         )
         if not rows:
-            break
+            return found
         after = rows[-1]["id"]
         for row in rows:
+            found.read.append(row["id"])
             key = await _record_key(schema, decoder, row["record_key"], row["record_value"])
             if key is not None and gone.covers(key):
-                doomed.append(row["id"])
-    if doomed:
-        await conn.execute("DELETE FROM _cdc_dlq_records WHERE id = ANY($1::bigint[])", doomed)
-    return len(doomed)
+                found.doomed.append(row["id"])
 
 
 async def _record_key(
