@@ -240,6 +240,13 @@ class Repository:
             [resolution for _, _, resolution in outcomes],
         )
 
+    async def forget(self, mismatch_ids: Sequence[int]) -> None:
+        """Delete these mismatches (their key was erased)."""
+        await self.pool.execute(
+            "DELETE FROM _cdc_reconciliation_mismatches WHERE id = ANY($1::bigint[])",
+            list(mismatch_ids),
+        )
+
     async def resolve(
         self, mismatch_id: int, resolution: str, status: str = "resolved"
     ) -> dict[str, Any] | None:

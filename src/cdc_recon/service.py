@@ -389,7 +389,15 @@ class Reconciler:
         mutations: list[Mutation] = []
         resolutions: dict[int, str] = {}
         outcomes: list[tuple[int, str, str]] = []  # (mismatch id, status, resolution)
+        # Found before their key was erased: neither written back nor kept (they name the key).
+        erased = await self._erased(table, keys)
+        forgotten = [m["id"] for m, key in zip(chunk, keys, strict=True) if key in erased]
+        if forgotten:
+            await self.repository.forget(forgotten)
+            log.info("reconciliation_erased_mismatches_dropped", count=len(forgotten))
         for mismatch, key in zip(chunk, keys, strict=True):
+            if key in erased:
+                continue
             text = key_text(key)
             action = plan_repair(
                 table,

@@ -88,6 +88,20 @@ async def dead_letter(dsn: str, schema: str, topic: str, offset: int, m: Mutatio
     return int(rows[0]["id"])
 
 
+async def mismatch(dsn: str, schema: str, job: int, key: tuple[Any, ...], kind: str) -> None:
+    """A reconciliation mismatch of `key` recorded by job `job`."""
+    await sql(
+        dsn,
+        schema,
+        "INSERT INTO _cdc_reconciliation_mismatches (job_id, target_table, row_key, kind) "
+        "VALUES ($1, $2, $3::jsonb, $4)",
+        job,
+        TARGET,
+        json.dumps(list(key)),
+        kind,
+    )
+
+
 async def prepare(stack: Endpoints, unique: Unique, name: str) -> tuple[str, str, str]:
     """The test's own keyspace with the model table, one-partition topic and schema."""
     keyspace = unique.keyspace(name)
@@ -104,8 +118,9 @@ async def test_erased_keys_stay_erased(stack: Endpoints, unique: Unique) -> None
     arriving: their rows, tombstones, dead letters and mismatches are gone, no later event,
     replay or repair writes them again, the skipped events are counted in
     cdc_erasure_suppressed_total, reconciliation reports no mismatch for them, and the audit
-    log names who erased what by the key's hash only; without the cdc:erase scope the API
-    answers 401/403."""
+    log names who erased what by the key's hash only; a mismatch of an erased key recorded
+    after the erasure is dropped by the repair, not repaired; without the cdc:erase scope the
+    API answers 401/403."""
     keyspace, topic, schema = await prepare(stack, unique, "gdpr")  # the marker comes last
     write_cassandra(stack, keyspace)
     env = sink_env(
@@ -136,15 +151,7 @@ async def test_erased_keys_stay_erased(stack: Endpoints, unique: Unique) -> None
         TARGET,
     )
     for key in (ROW, KEPT[1]):
-        await sql(
-            dsn,
-            schema,
-            "INSERT INTO _cdc_reconciliation_mismatches (job_id, target_table, row_key, kind) "
-            "VALUES ($1, $2, $3::jsonb, 'value_mismatch')",
-            job_rows[0]["id"],
-            TARGET,
-            json.dumps(list(key)),
-        )
+        await mismatch(dsn, schema, job_rows[0]["id"], key, "value_mismatch")
     doomed = (*PARTITION, 2, "x")
     await produce(stack.kafka, topic, [record(Mutation("delete_row", TS + 1, doomed))])
     await run_worker(env)
@@ -242,9 +249,18 @@ async def test_erased_keys_stay_erased(stack: Endpoints, unique: Unique) -> None
     assert [(json.loads(f["k"]), f["kind"]) for f in found] == [
         (list(KEPT[4]), "missing_in_postgres")
     ]
+    # A job that had found the erased row missing before the erasure recorded it after.
+    await mismatch(dsn, schema, found[0]["job_id"], ROW, "missing_in_postgres")
     repair = run_cli(env, "reconcile", "repair", "--job", str(found[0]["job_id"]))
     assert repair.returncode == 0, repair.stderr
     assert await keys_in(dsn, schema) == {*KEPT, MARKER}
+    left = await sql(
+        dsn,
+        schema,
+        "SELECT row_key::text AS k, status FROM _cdc_reconciliation_mismatches WHERE job_id = $1",
+        found[0]["job_id"],
+    )
+    assert [(json.loads(m["k"]), m["status"]) for m in left] == [(list(KEPT[4]), "resolved")]
 
     audit = await sql(
         dsn,
