@@ -16,6 +16,7 @@ from cdc_recon.scheduler import Scheduler
 from cdc_recon.service import Reconciler, recon_pool
 from cdc_recon.settings import reconciliation_settings
 from cdc_sink.config import Config
+from cdc_sink.model.masking import masking_policy
 from cdc_sink.ops.pools import BoundedPool
 from cdc_sink.ops.secrets import PostgresLogin
 
@@ -63,6 +64,7 @@ class ReconciliationRuntime:
                     metrics=self.metrics,
                     pushgateway_url=self.config.pushgateway.url,
                     owner=self.owner,
+                    masking=masking_policy(self.config.masking),
                 )
             return self._reconciler
 

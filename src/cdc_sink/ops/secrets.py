@@ -328,12 +328,27 @@ async def secrets_for(config: Config) -> AsyncIterator[tuple[Config, PostgresLog
         await login.close()
 
 
+def _reading(setting: str, path: str, mount: str) -> str:
+    """What open_secrets is doing while it reads the KV v2 secret a setting names."""
+    return f"reading CDC_VAULT__{setting} {path!r} from KV v2 mount {mount!r}"
+
+
+async def _key(vault: Vault, path: str) -> Secret:
+    """The `secret` field of a KV v2 secret, which must be a key of at least 32 bytes."""
+    key = (await vault.kv(path)).get("secret")
+    if not isinstance(key, str) or len(key.encode()) < 32:
+        raise ValueError("the secret must hold a `secret` of at least 32 bytes")
+    return Secret(key)
+
+
 async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
     """Log in to Vault if the settings ask for a secret from it. Returns the configuration
     with Cassandra's credentials filled in, and how to log in to PostgreSQL. VaultError (a
     clear message, no traceback) if Vault cannot be reached or refuses."""
     cfg = config.vault
-    if not (cfg.postgres_role or cfg.cassandra_secret or cfg.api_jwt_secret):
+    if not (
+        cfg.postgres_role or cfg.cassandra_secret or cfg.api_jwt_secret or cfg.masking_key_secret
+    ):
         return config, PostgresLogin(config)
     vault = Vault(cfg)
     step = f"logging in to Vault at {cfg.addr}" + (
@@ -344,10 +359,7 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
     try:
         await vault.login()
         if cfg.cassandra_secret:
-            step = (
-                f"reading CDC_VAULT__CASSANDRA_SECRET {cfg.cassandra_secret!r} from KV v2 mount "
-                f"{cfg.kv_mount!r}"
-            )
+            step = _reading("CASSANDRA_SECRET", cfg.cassandra_secret, cfg.kv_mount)
             secret = await vault.kv(cfg.cassandra_secret)
             if not isinstance(secret.get("username"), str) or not secret.get("password"):
                 raise ValueError("the secret must hold a username and a password")
@@ -358,15 +370,14 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
             )
             config = dataclasses.replace(config, cassandra=cassandra)
         if cfg.api_jwt_secret:
-            step = (
-                f"reading CDC_VAULT__API_JWT_SECRET {cfg.api_jwt_secret!r} from KV v2 mount "
-                f"{cfg.kv_mount!r}"
-            )
-            key = (await vault.kv(cfg.api_jwt_secret)).get("secret")
-            if not isinstance(key, str) or len(key.encode()) < 32:
-                raise ValueError("the secret must hold a `secret` of at least 32 bytes")
-            api = dataclasses.replace(config.api, jwt_secret=Secret(key))
+            step = _reading("API_JWT_SECRET", cfg.api_jwt_secret, cfg.kv_mount)
+            api = dataclasses.replace(config.api, jwt_secret=await _key(vault, cfg.api_jwt_secret))
             config = dataclasses.replace(config, api=api)
+        if cfg.masking_key_secret:
+            step = _reading("MASKING_KEY_SECRET", cfg.masking_key_secret, cfg.kv_mount)
+            key = await _key(vault, cfg.masking_key_secret)
+            masking = dataclasses.replace(config.masking, hash_key=key)
+            config = dataclasses.replace(config, masking=masking)
         login = PostgresLogin(config, vault)
         if cfg.postgres_role:
             step = (
