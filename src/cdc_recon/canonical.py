@@ -95,11 +95,11 @@ def for_cassandra(t: CqlType) -> Callable[[Any], Canon]:
 def for_masked(t: CqlType, mask: ColumnMask) -> Callable[[Any], Canon]:
     """for_cassandra of a masked column: the canonical form of the masked value the sink
     writes (a value the sink could not have stored shows the marker, never itself)."""
-    convert, column = mask.guarded(t, unguarded_converter(t)), for_postgres(t)
+    convert, fix, column = mask.guarded(t, unguarded_converter(t)), _exact_fixer(t), for_postgres(t)
 
     def canon(value: Any) -> Canon:
         try:
-            return column(convert(value))
+            return column(convert(value if fix is None or value is None else fix(value)))
         except ConversionError as exc:
             return f"{UNCONVERTIBLE}{exc}"
 

@@ -57,7 +57,8 @@ def fingerprint(table: ReconTable, columns: Sequence[str]) -> str:
             parts.append(f"{column}=clear")
             continue
         key_check = hmac.new(mask.key, b"cdc-sink key check", hashlib.sha256).hexdigest()
-        parts.append(f"{mask.rule.text}|{mask.marker}|{key_check[:16]}")
+        rules = ",".join(rule.text for rule in mask.rules)
+        parts.append(f"{rules}|{mask.marker}|{key_check[:16]}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

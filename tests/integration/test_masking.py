@@ -16,8 +16,9 @@ import pytest
 from cassandra.cluster import Session
 
 from cdc_sink.errors import FatalError
-from cdc_sink.model.masking import hash_text, partial_text
+from cdc_sink.model.masking import MaskingPolicy, hash_text, parse_rules, partial_text
 from cdc_synth import synth
+from tests.support import recon_data as data
 from tests.support.names import Unique
 from tests.support.pipeline import (
     cassandra_session,
@@ -458,3 +459,69 @@ async def test_the_hash_key_may_come_from_vault_and_rules_that_do_not_fit_stop_t
         await asyncio.to_thread(
             client.secrets.kv.v2.delete_metadata_and_all_versions, path, mount_point="secret"
         )
+
+
+async def test_masks_on_every_kind_of_column_reconcile_with_zero_differences(
+    stack: Endpoints, unique: Unique
+) -> None:
+    """Text, ascii, varchar, a non-frozen set of text, fields of a non-frozen and of a frozen
+    UDT (with a timestamp and decimals beside them) and whole columns set to null: what the
+    sink writes holds no clear value, checksum reconciliation of the table finds nothing, a
+    masked UDT field changed in Cassandra is exactly one difference, and repair writes it
+    masked."""
+    rules = (
+        "t_text=hash; t_ascii=partial:first:3; t_varchar=redact; s_text=redact; "
+        "addr.street=hash; f_addr.tags=redact; t_dec=null; m_text_int=null"
+    )
+    keyspace = unique.keyspace("recon")
+    policy = MaskingPolicy(
+        parse_rules("; ".join(f"{keyspace}.{data.TABLE}.{r}" for r in rules.split("; "))),
+        KEY.encode(),
+        MARKER,
+    )
+    setup_runs = data.make_setup(stack, unique, 300, masking=policy, keyspace=keyspace, buckets=16)
+    setup = await anext(setup_runs)
+    try:
+        rec = setup.reconciler
+        rows = await sql(
+            stack.postgres_dsn,
+            setup.schema,
+            "SELECT t_text, t_ascii, t_varchar, s_text, addr, f_addr, t_dec, m_text_int "
+            "FROM cdc_everything",
+        )
+        stored = json.dumps([{k: str(v) for k, v in r.items()} for r in rows], ensure_ascii=False)
+        assert leaks({"héllo", " Main", "ascii-"}, stored) == []
+        assert {r["t_dec"] for r in rows} == {None}
+        assert {r["t_varchar"] for r in rows} == {MARKER}
+
+        job = await rec.run(data.TARGET, "checksum")
+        found = await rec.repository.mismatches(job=job["id"])
+        assert (job["status"], job["mismatches"]) == ("succeeded", 0), [
+            (m["columns"], m.get("cassandra_value"), m.get("postgres_value")) for m in found[:2]
+        ]
+
+        changed = setup.rows[42]
+        where = " AND ".join(f"{k} = ?" for k in data.KEY)
+        statement = setup.session.prepare(
+            f"UPDATE {keyspace}.{data.TABLE} USING TIMESTAMP {changed.ts + 10**6} "
+            f"SET addr.street = ? WHERE {where}"
+        )
+        setup.session.execute(statement, ["99 Hidden Lane", *changed.key.values()])
+        job = await rec.run(data.TARGET, "checksum")
+        found = await rec.repository.mismatches(job=job["id"])
+        assert [(m["kind"], m["columns"]) for m in found] == [("value_mismatch", ["addr"])]
+        assert "Hidden" not in json.dumps(found, default=str)
+        summary = await rec.repair(job["id"])
+        assert (summary.repaired, summary.unresolved) == (1, 0)
+        [repaired] = await sql(
+            stack.postgres_dsn,
+            setup.schema,
+            "SELECT addr ->> 'street' AS street FROM cdc_everything WHERE id = $1 AND seq = $2",
+            changed.key["id"],
+            changed.key["seq"],
+        )
+        assert repaired["street"] == hash_text(KEY.encode(), "99 Hidden Lane")
+        again = await rec.run(data.TARGET, "checksum")
+        assert (again["status"], again["mismatches"]) == ("succeeded", 0)
+    finally:
+        await setup_runs.aclose()

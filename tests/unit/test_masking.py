@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import traceback
+from collections import namedtuple
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from cdc_recon.canonical import UNCONVERTIBLE, for_masked, for_postgres
 from cdc_sink.config import ConfigError, MaskingConfig, Secret, load_config
 from cdc_sink.errors import ConversionError
 from cdc_sink.model.cql import parse_cql_type
@@ -228,3 +232,106 @@ def test_rule_text_round_trips() -> None:
     """`MaskRule.text` is the rule as the settings write it."""
     rule = MaskRule("ks", "t", "c", "partial", 4, True)
     assert parse_rules(rule.text) == (rule,)
+
+
+UDTS = {"address": [("street", "text"), ("city", "text"), ("lines", "list<text>"), ("zip", "int")]}
+ADDRESSED = {
+    "id": parse_cql_type("int"),
+    "home": parse_cql_type("frozen<address>", UDTS),
+    "work": parse_cql_type("address", UDTS),
+    "note": parse_cql_type("text"),
+}
+Address = namedtuple("Address", ["street", "city", "lines", "zip"])
+
+
+def addressed(rules: str) -> TableSchema:
+    policy = MaskingPolicy(parse_rules(rules), KEY, "***")
+    plain = TableSchema("shop", "places", "cdc_places", ("id",), ADDRESSED)
+    return plain.with_masks(policy.masks("shop", "places", ADDRESSED, ("id",)))
+
+
+def test_udt_fields_are_masked_one_by_one() -> None:
+    """`column.field` rules mask those fields of a UDT (frozen or not) and keep the others;
+    Debezium's struct and the Cassandra driver's named tuple come out alike."""
+    table = addressed(
+        "shop.places.home.street=hash; shop.places.home.city=partial:first:1; "
+        "shop.places.home.lines=redact; shop.places.work.zip=null"
+    )
+    struct = {"street": "1 Main St", "city": "Zürich", "lines": ["c/o Ada", None], "zip": 8001}
+    driver = Address("1 Main St", "Zürich", ["c/o Ada", None], 8001)
+    expected = {
+        "street": hash_text(KEY, "1 Main St"),
+        "city": "Z***",
+        "lines": ["***", None],
+        "zip": 8001,
+    }
+    for value in (struct, driver):
+        assert json.loads(table.converters["home"](value)) == expected
+    assert json.loads(table.converters["work"](struct)) == {**struct, "zip": None}
+    partial = {"city": None, "street": "only this"}  # fields left out or null stay so
+    assert json.loads(table.converters["home"](partial)) == {
+        "street": hash_text(KEY, "only this"),
+        "city": None,
+        "lines": None,
+        "zip": None,
+    }
+
+
+def test_a_udt_with_a_masked_field_that_does_not_fit_shows_the_marker() -> None:
+    """A bad UDT value (an unknown field, a wrong field type) is reported with the marker, not
+    the value, once any field of the column is masked."""
+    table = addressed("shop.places.home.street=redact")
+    for bad in ({"street": "SECRET STREET", "planet": "x"}, {"city": 5, "street": "SECRET"}):
+        with pytest.raises(ConversionError) as caught:
+            table.to_mutation(event_of("places", home=bad))
+        shown = "".join(traceback.format_exception(caught.value))
+        assert "column 'home'" in shown
+        assert "SECRET" not in shown
+
+
+@pytest.mark.parametrize(
+    ("rule", "says"),
+    [
+        ("shop.places.note.x=hash", "'note' is text, not a UDT with known fields"),
+        (
+            "shop.places.home.planet=hash",
+            "frozen<address> has no field 'planet' (it has street, city",
+        ),
+        ("shop.places.home.zip=redact", "redact fits text, ascii and varchar columns and fields"),
+        ("shop.places.home=null; shop.places.home.city=hash", "has a rule of its own and rules"),
+        ("shop.places.home.city=hash; shop.places.home=null", "has a rule of its own and rules"),
+        ("shop.places.id.x=null", "'id' is part of the primary key"),
+        ("shop.places.nope.x=null", "shop.places has no column 'nope'"),
+    ],
+)
+def test_udt_field_rules_that_do_not_fit_are_refused_naming_the_rule(rule: str, says: str) -> None:
+    """A field rule on a column that is no UDT, an unknown field, a method the field's type
+    cannot take, or rules of both a column and its fields: a clear error quoting the rule."""
+    with pytest.raises(MaskingError) as caught:
+        column_masks(parse_rules(rule), "shop", "places", ADDRESSED, ("id",), hash_key=KEY)
+    assert says in str(caught.value)
+    assert rule.split(";")[-1].strip() in str(caught.value)
+
+
+def test_reconciliation_masks_cassandra_values_as_the_sink_stores_them() -> None:
+    """The canonical form of a driver value of a masked column equals that of what the sink
+    writes for the Debezium value (so masked tables reconcile), and never holds the value."""
+    rules = parse_rules("shop.places.home.street=hash; shop.places.note=partial:last:2")
+    masks = column_masks(rules, "shop", "places", ADDRESSED, ("id",), hash_key=KEY)
+    table = addressed("shop.places.home.street=hash; shop.places.note=partial:last:2")
+    struct = {"street": "1 Main St", "city": "Bern", "lines": ["a"], "zip": 3000}
+    driver = Address("1 Main St", "Bern", ["a"], 3000)
+    for column, cassandra_value, debezium_value in (
+        ("home", driver, struct),
+        ("note", "private note", "private note"),
+    ):
+        t = ADDRESSED[column]
+        stored = for_postgres(t)(table.converters[column](debezium_value))
+        assert for_masked(t, masks[column])(cassandra_value) == stored
+    bad = for_masked(ADDRESSED["note"], masks["note"])("SECRET\x00")
+    assert bad.startswith(UNCONVERTIBLE)
+    assert "SECRET" not in bad
+
+
+def event_of(table: str, **cells: Any) -> ChangeEvent:
+    return replace(event(), table=table, cells={n: Cell(v, None) for n, v in cells.items()})

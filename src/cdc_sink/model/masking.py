@@ -12,9 +12,11 @@ A rule names a Cassandra column as `keyspace.table.column` and a method:
   becomes the marker alone, so a short value is never shown whole.
 
 `hash`, `redact` and `partial` apply to text, ascii and varchar columns and to each element
-of a list or set of them; `null` to any column that is not part of the primary key. A mask
-composes with the column's converter (`ColumnMask.guarded` / `ColumnMask.unguarded`): what
-leaves it is masked, and a conversion error of a masked column shows the marker, never the value.
+of a list or set of them; `null` to any column that is not part of the primary key. A UDT
+column's fields are named `keyspace.table.column.field`, with the same methods for the same
+field types. A mask composes with the column's converter (`ColumnMask.guarded` /
+`ColumnMask.unguarded`): what leaves it is masked, and a conversion error of a masked column
+shows the marker, never the value.
 """
 
 from __future__ import annotations
@@ -120,16 +122,25 @@ def partial_text(value: str, keep: int, from_end: bool, marker: str) -> str:
 
 @dataclass(frozen=True)
 class ColumnMask:
-    """A rule resolved for one column: its type, the key and marker it masks with."""
+    """The rules resolved for one column: its own rule, or the rules of some of its fields
+    (a UDT), with the key and marker they mask with."""
 
-    rule: MaskRule
+    rule: MaskRule | None  # None: only `fields` of the column are masked
     marker: str = DEFAULT_MARKER
-    key: bytes = b""
+    key: bytes = field(default=b"", repr=False)  # a secret: never shown
     per_element: bool = False  # a list or set: each element is masked
+    fields: tuple[tuple[str, ColumnMask], ...] = ()  # UDT field -> its mask
+
+    @property
+    def rules(self) -> tuple[MaskRule, ...]:
+        """Every rule this mask applies."""
+        own = () if self.rule is None else (self.rule,)
+        return own + tuple(r for _, mask in self.fields for r in mask.rules)
 
     def text_mask(self) -> Callable[[str], str | None]:
         """The function one text value is masked with."""
         rule, marker, key = self.rule, self.marker, self.key
+        assert rule is not None
         if rule.method == "hash":
             return lambda v: hash_text(key, v)
         if rule.method == "partial":
@@ -142,18 +153,51 @@ class ColumnMask:
         """The function a converted (PostgreSQL) value of the column is masked with; None
         stays None."""
         one = self.text_mask()
-        if self.rule.method == "null":
+        if self.rule is not None and self.rule.method == "null":
             return lambda v: None
         if self.per_element:
             return lambda v: None if v is None else [None if x is None else one(x) for x in v]
         return lambda v: None if v is None else one(v)
 
+    def field_mask(self) -> Converter:
+        """The function a UDT field's decoded value is masked with before the column is
+        converted: text (or each text element) masked, anything else left for the converter
+        to refuse; `null` empties the field whatever it holds."""
+        if self.rule is not None and self.rule.method == "null":
+            return lambda v: None
+        one = self.text_mask()
+        if self.per_element:  # any collection: the driver's sets are its own SortedSet
+            return lambda v: (
+                v
+                if isinstance(v, str | bytes | bytearray | Mapping) or not isinstance(v, Iterable)
+                else [one(x) if isinstance(x, str) else x for x in v]
+            )
+        return lambda v: one(v) if isinstance(v, str) else v
+
+    def _fields_masked(self, convert: Converter) -> Converter:
+        """`convert` of the UDT value with the masked fields masked first (Debezium's struct
+        and the Cassandra driver's named tuple alike)."""
+        masks = {name: mask.field_mask() for name, mask in self.fields}
+
+        def masked(v: Any) -> Any:
+            if hasattr(v, "_asdict"):
+                v = v._asdict()
+            if isinstance(v, Mapping):
+                v = {k: x if x is None or k not in masks else masks[k](x) for k, x in v.items()}
+            return convert(v)
+
+        return masked
+
     def unguarded(self, convert: Converter) -> Converter:
         """`convert` (an unguarded converter) then the mask; an InvalidValue carries the
         marker instead of the value. A `null` column converts nothing: no value of it can fail."""
-        if self.rule.method == "null":
+        if self.rule is not None and self.rule.method == "null":
             return lambda v: None
-        mask, marker = self.mask(), self.marker
+        marker = self.marker
+        # A UDT's fields are masked before conversion, a column's value after it.
+        mask = _same if self.fields else self.mask()
+        if self.fields:
+            convert = self._fields_masked(convert)
 
         def masked(v: Any) -> Any:
             try:
@@ -184,6 +228,10 @@ class ColumnMask:
         return guarded
 
 
+def _same(v: Any) -> Any:
+    return v
+
+
 def column_masks(
     rules: Iterable[MaskRule],
     keyspace: str,
@@ -195,36 +243,66 @@ def column_masks(
     marker: str = DEFAULT_MARKER,
 ) -> dict[str, ColumnMask]:
     """The masks of keyspace.table's columns. MaskingError naming the rule if its column is
-    not among `columns`, is part of the primary key, or has a type the method does not fit,
-    or if a `hash` rule has no key."""
+    not among `columns` (nor `column.field` a field of a UDT column), is part of the primary
+    key, has a type the method does not fit, or has a rule of its own and of a field, or if
+    a `hash` rule has no key."""
     keys = set(key_columns)
     masks: dict[str, ColumnMask] = {}
+    by_field: dict[str, dict[str, ColumnMask]] = {}
     for rule in rules:
         if (rule.keyspace, rule.table) != (keyspace, table):
             continue
-        t = columns.get(rule.column)
+        column, _, field_name = rule.column.partition(".")
+        if rule.column in columns or not field_name:
+            column, field_name = rule.column, ""
+        t = columns.get(column)
         if t is None:
             raise MaskingError(
                 f"masking rule {rule.text!r}: {keyspace}.{table} has no column "
-                f"{rule.column!r} (it has {', '.join(sorted(columns))})"
+                f"{column!r} (it has {', '.join(sorted(columns))})"
             )
-        if rule.column in keys:
+        if column in keys:
             raise MaskingError(
-                f"masking rule {rule.text!r}: {rule.column!r} is part of the primary key, "
+                f"masking rule {rule.text!r}: {column!r} is part of the primary key, "
                 "which is never masked (rows and deletes are found by it)"
             )
+        if field_name:
+            fields = dict(t.fields)
+            if t.name != "udt" or not fields:
+                raise MaskingError(
+                    f"masking rule {rule.text!r}: {column!r} is {t}, not a UDT with known "
+                    "fields; only a UDT column's fields can be masked one by one"
+                )
+            if field_name not in fields:
+                raise MaskingError(
+                    f"masking rule {rule.text!r}: {t} has no field {field_name!r} "
+                    f"(it has {', '.join(fields)})"
+                )
+            t = fields[field_name]
         per_element = t.name in ("list", "set") and t.params[0].name in _TEXT_TYPES
         if rule.method != "null" and t.name not in _TEXT_TYPES and not per_element:
             raise MaskingError(
                 f"masking rule {rule.text!r}: {rule.method} fits text, ascii and varchar "
-                f"columns and lists or sets of them, not {t}; use null for this column"
+                f"columns and fields and lists or sets of them, not {t}; use null for this "
+                f"{'field' if field_name else 'column'}"
             )
         if rule.method == "hash" and not hash_key:
             raise MaskingError(
                 f"masking rule {rule.text!r} needs a hash key: CDC_MASKING__HASH_KEY or "
                 "CDC_VAULT__MASKING_KEY_SECRET"
             )
-        masks[rule.column] = ColumnMask(rule, marker, hash_key or b"", per_element)
+        mask = ColumnMask(rule, marker, hash_key or b"", per_element)
+        if (field_name and column in masks) or (not field_name and column in by_field):
+            raise MaskingError(
+                f"masking rule {rule.text!r}: {column!r} has a rule of its own and rules "
+                "of its fields; keep one or the other"
+            )
+        if field_name:
+            by_field.setdefault(column, {})[field_name] = mask
+        else:
+            masks[column] = mask
+    for column, field_masks in by_field.items():
+        masks[column] = ColumnMask(None, marker, hash_key or b"", fields=tuple(field_masks.items()))
     return masks
 
 
