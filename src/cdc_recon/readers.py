@@ -34,7 +34,7 @@ from cdc_recon.canonical import (
     for_postgres,
     key_text,
 )
-from cdc_recon.errors import ReconError, UnknownTableError
+from cdc_recon.errors import InvalidRequestError, ReconError, UnknownTableError
 from cdc_sink.config import CassandraConfig
 from cdc_sink.model.cql import CqlType, pg_type
 from cdc_sink.model.masking import ColumnMask, MaskingError, MaskingPolicy
@@ -195,7 +195,7 @@ async def resolve_table(
     """Find `name` (a target table, or a Cassandra table name if exactly one target has it)
     in `_cdc_schema_metadata`, then read Cassandra's system_schema for its exact types.
     UnknownTableError if it is not a table the sink writes, or Cassandra no longer has it;
-    ReconError naming the masking rule that does not fit the table."""
+    InvalidRequestError naming the masking rule that does not fit the table."""
     rows = await conn.fetch(
         "SELECT DISTINCT ON (target_table) target_table, keyspace_name, source_table "
         "FROM _cdc_schema_metadata WHERE target_table = $1 OR source_table = $1 "
@@ -241,7 +241,7 @@ async def resolve_table(
     try:
         masks = (masking or MaskingPolicy()).masks(keyspace, source, ordered, keys)
     except MaskingError as exc:
-        raise ReconError(str(exc)) from None
+        raise InvalidRequestError(str(exc)) from None
     return ReconTable(
         masks=masks,
         target=row["target_table"],

@@ -205,13 +205,15 @@ class Remasker:
 
     def _cell(self, name: str, value: Any, written: int | None) -> list[Any]:
         """(value, timestamp) parameters of one cell; a null timestamp leaves it as it is
-        (null in Cassandra, or a value the sink could not store either)."""
+        (null in Cassandra, or an unmasked value the sink could not store either). A masked
+        value the sink cannot store empties the cell: what PostgreSQL holds there is an older
+        value, written before the rule, in the clear."""
         if value is None or written is None:
             return [None, None]
         try:
             return [self.schema.converters[name](value), written]
         except ConversionError:
-            return [None, None]
+            return [None, written] if name in self.table.masks else [None, None]
 
 
 def _literal(text: str) -> str:

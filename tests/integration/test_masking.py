@@ -36,6 +36,7 @@ from tests.support.pipeline import (
     start_worker_process,
     wait_for_applied,
 )
+from tests.support.prometheus import free_port
 from tests.support.stack import Endpoints
 from tests.support.vault import root_client
 
@@ -339,8 +340,8 @@ async def test_a_new_rule_rewrites_the_existing_rows_while_the_sink_streams(
 ) -> None:
     """A rule added to a table with rows: the sink restarted with it streams on while `mask
     apply` rewrites the rows in small batches; interrupted (--max-batches), it resumes where it
-    stopped; afterwards every row equals the masked model of what Cassandra holds, and the
-    runs are in the audit log."""
+    stopped; afterwards every row equals the masked model of what Cassandra holds (a value it
+    cannot store is emptied, not left in the clear), and the runs are in the audit log."""
     schema = unique.schema("maskapply")
     base = sink_env(stack, topic=people.topic, group=unique("group"), schema=schema)
     await create_topic(stack.kafka, people.topic)
@@ -348,6 +349,12 @@ async def test_a_new_rule_rewrites_the_existing_rows_while_the_sink_streams(
     await run_worker({**base, **{f"CDC_{k.upper()}": v for k, v in masking_env("").items()}})
     before = await stored_people(stack.postgres_dsn, schema)
     assert before[3]["name"] == "Person Number 3"  # no rule yet: clear
+    # Changed behind the sink to a value PostgreSQL cannot store: the clear one must go.
+    people.session.execute(
+        f"UPDATE {people.keyspace}.people USING TIMESTAMP {people.ts + 5} "
+        "SET name = %s WHERE id = 3",
+        ["Bad\x00Name"],
+    )
 
     rules = people.rules("name=partial:first:3", "email=hash")
     env = {**base, **{f"CDC_{k.upper()}": v for k, v in masking_env(rules).items()}}
@@ -381,13 +388,14 @@ async def test_a_new_rule_rewrites_the_existing_rows_while_the_sink_streams(
     expected = {
         i: {
             "email": hash_text(key, row["email"]),
-            "name": partial_text(row["name"], 3, False, MARKER),
+            "name": None if "\x00" in row["name"] else partial_text(row["name"], 3, False, MARKER),
             "tags": row["tags"],
         }
         for i, row in people.cassandra_rows().items()
     }
     assert await stored_people(stack.postgres_dsn, schema) == expected
     assert expected[5]["name"] == "Ren" + MARKER
+    assert expected[3]["name"] is None
     again = mask_apply(env)  # finished for these rules: nothing more to do
     assert (again["finished"], again["resumed"]) == (True, True)
     audited = await sql(
@@ -413,8 +421,8 @@ async def test_the_hash_key_may_come_from_vault_and_rules_that_do_not_fit_stop_t
 ) -> None:
     """With CDC_VAULT__MASKING_KEY_SECRET the key is read from Vault KV v2; a malformed rule
     stops start-up (exit 2), a rule that does not fit the table stops the worker before a row
-    is written, and `mask apply` refuses an unknown column (exit 2), each naming the rule or
-    column."""
+    is written, and `mask apply` refuses an unknown column or a rule that does not fit (exit
+    2), each naming the rule or column, and exits 1 when Cassandra cannot be reached."""
     schema = unique.schema("maskvault")
     base = sink_env(stack, topic=people.topic, group=unique("group"), schema=schema)
     await create_topic(stack.kafka, people.topic)
@@ -455,6 +463,14 @@ async def test_the_hash_key_may_come_from_vault_and_rules_that_do_not_fit_stop_t
         refused = run_cli(env, "mask", "apply", "--table", "cdc_people", "--column", "nope")
         assert refused.returncode == 2, refused.stderr[-2000:]
         assert "cdc_people has no column 'nope'" in refused.stderr
+        unfit = {**env, "CDC_MASKING__RULES": people.rules("age=hash")}
+        refused = run_cli(unfit, "mask", "apply", "--table", "cdc_people")
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"masking rule '{people.keyspace}.people.age=hash': hash fits" in refused.stderr
+        away = {**env, "CDC_CASSANDRA__PORT": str(free_port())}
+        failed = run_cli(away, "mask", "apply", "--table", "cdc_people")
+        assert failed.returncode == 1, failed.stderr[-2000:]
+        assert "cdc-sink mask:" in failed.stderr
     finally:
         await asyncio.to_thread(
             client.secrets.kv.v2.delete_metadata_and_all_versions, path, mount_point="secret"
