@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,7 @@ from tests.support.pipeline import (
     wait_for_applied,
 )
 from tests.support.prometheus import free_port
-from tests.support.stack import Endpoints
+from tests.support.stack import REPO, Endpoints
 from tests.support.vault import root_client
 
 KEY = "m" * 32
@@ -541,3 +543,50 @@ async def test_masks_on_every_kind_of_column_reconcile_with_zero_differences(
         assert (again["status"], again["mismatches"]) == ("succeeded", 0)
     finally:
         await setup_runs.aclose()
+
+
+async def test_mask_apply_killed_mid_run_resumes_where_it_stopped(
+    stack: Endpoints, unique: Unique, people: People
+) -> None:
+    """`mask apply` killed with SIGKILL partway: the batches it committed stay done, the next
+    run resumes after them, counts every row exactly once and leaves every row masked."""
+    schema = unique.schema("maskkill")
+    base = sink_env(stack, topic=people.topic, group=unique("group"), schema=schema)
+    await create_topic(stack.kafka, people.topic)
+    await people.write({i: person(i) for i in range(80)})
+    await run_worker(base)
+    env = {
+        **base,
+        **{f"CDC_{k.upper()}": v for k, v in masking_env(people.rules("name=redact")).items()},
+    }
+    apply = ("mask", "apply", "--table", "cdc_people", "--batch-rows", "1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cdc_sink", *apply],
+        env={**os.environ, **env, "PYTHONPATH": str(REPO / "src")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        done = 0
+        for _ in range(1200):
+            progress = await sql(
+                stack.postgres_dsn, schema, "SELECT rows_done FROM _cdc_mask_progress"
+            )
+            done = progress[0]["rows_done"] if progress else 0
+            if done >= 5 or process.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        kill(process)
+    [stopped] = await sql(
+        stack.postgres_dsn, schema, "SELECT rows_done, finished_at FROM _cdc_mask_progress"
+    )
+    assert stopped["finished_at"] is None
+    assert 5 <= stopped["rows_done"] < 80
+
+    resumed = mask_apply(env, "--batch-rows", "7")
+    assert (resumed["resumed"], resumed["finished"], resumed["rows_done"]) == (True, True, 80)
+    stored = await stored_people(stack.postgres_dsn, schema)
+    assert {row["name"] for row in stored.values()} == {MARKER}
+    assert len(stored) == 80
