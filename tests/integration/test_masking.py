@@ -343,7 +343,8 @@ async def test_a_new_rule_rewrites_the_existing_rows_while_the_sink_streams(
     """A rule added to a table with rows: the sink restarted with it streams on while `mask
     apply` rewrites the rows in small batches; interrupted (--max-batches), it resumes where it
     stopped; afterwards every row equals the masked model of what Cassandra holds (a value it
-    cannot store is emptied, not left in the clear), and the runs are in the audit log."""
+    cannot store is emptied, not left in the clear), and the runs are in the audit log; a
+    rotated hash key starts a new walk that rehashes every row."""
     schema = unique.schema("maskapply")
     base = sink_env(stack, topic=people.topic, group=unique("group"), schema=schema)
     await create_topic(stack.kafka, people.topic)
@@ -415,6 +416,15 @@ async def test_a_new_rule_rewrites_the_existing_rows_while_the_sink_streams(
     assert json.loads(audited[0]["details"]) == {
         "table": "cdc_people",
         "columns": ["name", "email"],
+    }
+
+    rotated_key = "a rotated masking key, also 32 bytes or more"
+    rotated = mask_apply({**env, "CDC_MASKING__HASH_KEY": rotated_key})
+    assert (rotated["finished"], rotated["resumed"], rotated["rows_done"]) == (True, False, 160)
+    clear = people.cassandra_rows()
+    assert await stored_people(stack.postgres_dsn, schema) == {
+        i: {**row, "email": hash_text(rotated_key.encode(), clear[i]["email"])}
+        for i, row in expected.items()
     }
 
 
