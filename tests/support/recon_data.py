@@ -248,7 +248,10 @@ async def sink_schema(
     by `masking`'s rules."""
     system_schema = CassandraSystemSchema(session_factory)
     catalog = Catalog(pool, schema, "cdc_{table}", system_schema, masking)
-    return await catalog.resolve(event(keyspace, first), {}, {})
+    try:
+        return await catalog.resolve(event(keyspace, first), {}, {})
+    finally:  # a cluster left open fires its timers into an executor shut down at exit
+        await system_schema.close()
 
 
 async def apply_in_parallel(
