@@ -433,8 +433,9 @@ async def test_the_hash_key_may_come_from_vault_and_rules_that_do_not_fit_stop_t
 ) -> None:
     """With CDC_VAULT__MASKING_KEY_SECRET the key is read from Vault KV v2; a malformed rule
     stops start-up (exit 2), a rule that does not fit the table stops the worker before a row
-    is written, and `mask apply` refuses an unknown column or a rule that does not fit (exit
-    2), each naming the rule or column, and exits 1 when Cassandra cannot be reached."""
+    is written, and `mask apply` refuses an unknown column, a rule that does not fit or a table
+    without rules (exit 2), each naming the rule or column, and exits 1 when Cassandra cannot
+    be reached."""
     schema = unique.schema("maskvault")
     base = sink_env(stack, topic=people.topic, group=unique("group"), schema=schema)
     await create_topic(stack.kafka, people.topic)
@@ -479,6 +480,9 @@ async def test_the_hash_key_may_come_from_vault_and_rules_that_do_not_fit_stop_t
         refused = run_cli(unfit, "mask", "apply", "--table", "cdc_people")
         assert refused.returncode == 2, refused.stderr[-2000:]
         assert f"masking rule '{people.keyspace}.people.age=hash': hash fits" in refused.stderr
+        ruleless = run_cli(base, "mask", "apply", "--table", "cdc_people")
+        assert ruleless.returncode == 2, ruleless.stderr[-2000:]
+        assert "no masking rule names a column" in ruleless.stderr
         away = {**env, "CDC_CASSANDRA__PORT": str(free_port())}
         failed = run_cli(away, "mask", "apply", "--table", "cdc_people")
         assert failed.returncode == 1, failed.stderr[-2000:]

@@ -113,9 +113,7 @@ def hash_text(key: bytes, value: str) -> str:
 def partial_text(value: str, keep: int, from_end: bool, marker: str) -> str:
     """The kept characters with the marker standing for the rest; the marker alone when
     keeping them would show the whole value."""
-    if len(value) <= keep:
-        return marker
-    if keep == 0:
+    if keep == 0 or len(value) <= keep:
         return marker
     return marker + value[-keep:] if from_end else value[:keep] + marker
 
