@@ -34,7 +34,8 @@ from typing import Any
 from cdc_sink.errors import ConversionError
 from cdc_sink.model.cql import CqlType, pg_type
 from cdc_sink.model.jsonb import to_json_value
-from cdc_sink.model.values import converter
+from cdc_sink.model.masking import ColumnMask
+from cdc_sink.model.values import converter, unguarded_converter
 
 __all__ = [
     "CanonRow",
@@ -43,6 +44,7 @@ __all__ = [
     "differing_columns",
     "driver_exact",
     "for_cassandra",
+    "for_masked",
     "for_postgres",
     "from_cassandra",
     "key_text",
@@ -86,6 +88,20 @@ def for_cassandra(t: CqlType) -> Callable[[Any], Canon]:
         except ConversionError as exc:
             return f"{UNCONVERTIBLE}{exc}"
         return None if converted is None else column(converted)
+
+    return canon
+
+
+def for_masked(t: CqlType, mask: ColumnMask) -> Callable[[Any], Canon]:
+    """for_cassandra of a masked column: the canonical form of the masked value the sink
+    writes (a value the sink could not have stored shows the marker, never itself)."""
+    convert, fix, column = mask.guarded(t, unguarded_converter(t)), _exact_fixer(t), for_postgres(t)
+
+    def canon(value: Any) -> Canon:
+        try:
+            return column(convert(value if fix is None or value is None else fix(value)))
+        except ConversionError as exc:
+            return f"{UNCONVERTIBLE}{exc}"
 
     return canon
 

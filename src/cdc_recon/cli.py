@@ -1,4 +1,5 @@
-"""`python -m cdc_sink reconcile run|repair`: one job or one repair from the command line.
+"""`python -m cdc_sink reconcile run|repair`: one job or one repair from the command line;
+`python -m cdc_sink mask apply`: re-masking after a rule change (cdc_recon.remask).
 
 Exit codes: 0 when the job ran (whatever drift it found) or the repair finished; 1 when the job
 failed or a service cannot be reached; 2 for an unknown table, strategy or job, or bad options.
@@ -14,6 +15,7 @@ import json
 import os
 import socket
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -26,13 +28,15 @@ from cdc_recon.errors import (
     UnknownStrategyError,
     UnknownTableError,
 )
-from cdc_recon.readers import connect_cassandra
+from cdc_recon.readers import CassandraReader, connect_cassandra, resolve_table
+from cdc_recon.remask import DEFAULT_BATCH_ROWS, Remasker, outcome_json
 from cdc_recon.service import Reconciler, recon_pool
 from cdc_recon.settings import reconciliation_settings
 from cdc_sink.apply.codecs import use_asyncpg_uuids
 from cdc_sink.apply.suppression import Suppression
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config
+from cdc_sink.model.masking import MaskingError, masking_policy
 from cdc_sink.ops.audit import audit, cli_actor
 from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
 from cdc_sink.ops.tracing import tracing, tracing_instance
@@ -80,7 +84,11 @@ async def reconcile(config: Config, args: argparse.Namespace) -> int:
         return 1
 
 
-async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namespace) -> int:
+@contextlib.asynccontextmanager
+async def _connected(
+    config: Config, login: PostgresLogin
+) -> AsyncIterator[tuple[asyncpg.Pool, Any]]:
+    """A PostgreSQL pool on migrated control tables and a Cassandra session, closed after."""
     try:
         pool = await recon_pool(config.postgres, login)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -98,15 +106,26 @@ async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namesp
             )
         settings = reconciliation_settings(config)
         session = await asyncio.to_thread(connect_cassandra, config.cassandra, settings.consistency)
+        yield pool, session
+    finally:
+        if session is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(session.cluster.shutdown)
+        await pool.close()
+
+
+async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namespace) -> int:
+    async with _connected(config, login) as (pool, session):
         reconciler = Reconciler(
             pool,
             config.postgres.schema,
             session,
-            settings,
+            reconciliation_settings(config),
             metrics=ReconMetrics(),
             pushgateway_url=config.pushgateway.url,
             owner=f"cli-{socket.gethostname()}-{os.getpid()}",
             suppression=Suppression(config.gdpr.hash_key),
+            masking=masking_policy(config.masking),
         )
         if args.action == "repair":
             summary = await reconciler.repair(args.job)
@@ -134,11 +153,71 @@ async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namesp
             print(f"cdc-sink reconcile: job {job['id']} failed: {job['error']}", file=sys.stderr)
             return 1
         return 0
-    finally:
-        if session is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(session.cluster.shutdown)
-        await pool.close()
+
+
+def add_mask_command(commands: Any) -> None:
+    """Register `mask apply` on the sink's command line (argparse subparsers)."""
+    mask_ = commands.add_parser(
+        "mask", help="re-apply PII masking rules to the rows already written (after a change)"
+    )
+    mask_.set_defaults(handler=mask)
+    actions = mask_.add_subparsers(dest="action", metavar="ACTION", required=True)
+    apply = actions.add_parser(
+        "apply",
+        help="rewrite a table's masked columns from Cassandra's values, in small batches; "
+        "resumes where an interrupted run stopped",
+    )
+    apply.add_argument("--table", required=True, help="target table (or Cassandra table name)")
+    apply.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        help="also rewrite this column (e.g. one whose rule was removed); repeatable",
+    )
+    apply.add_argument(
+        "--batch-rows", type=whole_number(1), default=DEFAULT_BATCH_ROWS, help="rows per batch"
+    )
+    apply.add_argument(
+        "--max-batches", type=whole_number(1), help="stop after this many batches (resumable)"
+    )
+    apply.add_argument(
+        "--restart", action="store_true", help="start from the first row, not where a run stopped"
+    )
+
+
+async def mask(config: Config, args: argparse.Namespace) -> int:
+    """Run `mask apply`; print its outcome as JSON; return the exit code (0 finished or
+    stopped by --max-batches, 1 a service failed, 2 bad options, unknown table or column)."""
+    use_asyncpg_uuids()
+    try:
+        async with (
+            secrets_for(config) as (config, login),
+            _connected(config, login) as (pool, session),
+        ):
+            masking = masking_policy(config.masking)  # the key may come from Vault
+            settings = reconciliation_settings(config)
+            table = await resolve_table(pool, config.postgres.schema, session, args.table, masking)
+            remasker = Remasker(
+                pool,
+                config.postgres.schema,
+                CassandraReader(session, concurrency=settings.concurrency),
+                table,
+                args.column,
+                batch_rows=args.batch_rows,
+            )
+            arguments = {"table": table.target, "columns": list(remasker.columns)}
+            await audit(pool, cli_actor(), "mask_apply", arguments)
+            outcome = await remasker.run(restart=args.restart, max_batches=args.max_batches)
+            if outcome.finished:
+                await audit(pool, cli_actor(), "mask_apply_finished", dataclasses.asdict(outcome))
+            print(outcome_json(outcome))
+            return 0
+    except (*USAGE_ERRORS, MaskingError) as exc:
+        print(f"cdc-sink mask: {exc}", file=sys.stderr)
+        return 2
+    except ReconError as exc:
+        print(f"cdc-sink mask: {exc}", file=sys.stderr)
+        return 1
 
 
 def _summary(job: dict[str, Any]) -> str:

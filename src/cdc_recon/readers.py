@@ -19,8 +19,8 @@ import itertools
 import json
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -30,12 +30,14 @@ from cdc_recon.canonical import (
     Canon,
     driver_exact,
     for_cassandra,
+    for_masked,
     for_postgres,
     key_text,
 )
-from cdc_recon.errors import ReconError, UnknownTableError
+from cdc_recon.errors import InvalidRequestError, ReconError, UnknownTableError
 from cdc_sink.config import CassandraConfig
 from cdc_sink.model.cql import CqlType, pg_type
+from cdc_sink.model.masking import ColumnMask, MaskingError, MaskingPolicy
 from cdc_sink.ops.pools import BoundedPool
 from cdc_sink.schema import cassandra
 from cdc_sink.schema.tables import RESERVED_COLUMNS, TableSchema, qualified, quote_ident
@@ -60,6 +62,9 @@ class ReconTable:
     partition_columns: tuple[str, ...]
     columns: dict[str, CqlType]
     cassandra_only: tuple[str, ...] = ()
+    # PII masks (the sink's rules): Cassandra's values are masked before they are compared
+    # or repaired, as the sink masks what it writes.
+    masks: Mapping[str, ColumnMask] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -96,7 +101,16 @@ class ReconTable:
             key_columns=self.key_columns,
             columns=self.columns,
             partition_columns=self.partition_columns,
+            masks=self.masks,
         )
+
+    def cassandra_canons(self) -> list[Callable[[Any], Canon]]:
+        """Per column, a cassandra-driver value → its canonical form as the sink stores it
+        (masked where a rule says so)."""
+        return [
+            for_cassandra(t) if (mask := self.masks.get(c)) is None else for_masked(t, mask)
+            for c, t in self.columns.items()
+        ]
 
 
 @dataclass(slots=True)
@@ -172,11 +186,16 @@ def native_key(table: ReconTable, key: Sequence[Canon]) -> tuple[Any, ...]:
 
 
 async def resolve_table(
-    conn: asyncpg.Connection | asyncpg.Pool | BoundedPool, pg_schema: str, session: Any, name: str
+    conn: asyncpg.Connection | asyncpg.Pool | BoundedPool,
+    pg_schema: str,
+    session: Any,
+    name: str,
+    masking: MaskingPolicy | None = None,
 ) -> ReconTable:
     """Find `name` (a target table, or a Cassandra table name if exactly one target has it)
     in `_cdc_schema_metadata`, then read Cassandra's system_schema for its exact types.
-    UnknownTableError if it is not a table the sink writes, or Cassandra no longer has it."""
+    UnknownTableError if it is not a table the sink writes, or Cassandra no longer has it;
+    InvalidRequestError naming the masking rule that does not fit the table."""
     rows = await conn.fetch(
         "SELECT DISTINCT ON (target_table) target_table, keyspace_name, source_table "
         "FROM _cdc_schema_metadata WHERE target_table = $1 OR source_table = $1 "
@@ -219,7 +238,12 @@ async def resolve_table(
     ordered = {c: columns[c] for c in keys} | {
         c: t for c, t in columns.items() if c not in keys and c in mirrored
     }
+    try:
+        masks = (masking or MaskingPolicy()).masks(keyspace, source, ordered, keys)
+    except MaskingError as exc:
+        raise InvalidRequestError(str(exc)) from None
     return ReconTable(
+        masks=masks,
         target=row["target_table"],
         keyspace=keyspace,
         source=source,
@@ -293,7 +317,7 @@ class CassandraReader:
     def _convert(
         self, table: ReconTable, writetimes: bool, keep: Keep | None = None
     ) -> Callable[[Sequence[Any]], Scanned | None]:
-        canons = [for_cassandra(t) for t in table.columns.values()]
+        canons = table.cassandra_canons()
         width = len(table.key_columns)
         names = table.value_columns
 

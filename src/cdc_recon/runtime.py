@@ -17,6 +17,7 @@ from cdc_recon.service import Reconciler, recon_pool
 from cdc_recon.settings import reconciliation_settings
 from cdc_sink.apply.suppression import Suppression
 from cdc_sink.config import Config
+from cdc_sink.model.masking import masking_policy
 from cdc_sink.ops.pools import BoundedPool
 from cdc_sink.ops.secrets import PostgresLogin
 
@@ -65,6 +66,7 @@ class ReconciliationRuntime:
                     pushgateway_url=self.config.pushgateway.url,
                     owner=self.owner,
                     suppression=Suppression(self.config.gdpr.hash_key),
+                    masking=masking_policy(self.config.masking),
                 )
             return self._reconciler
 

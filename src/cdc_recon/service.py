@@ -63,6 +63,7 @@ from cdc_sink.apply.writer import Batch, PgWriter, json_key
 from cdc_sink.config import PostgresConfig
 from cdc_sink.errors import ConversionError
 from cdc_sink.model.events import Mutation
+from cdc_sink.model.masking import MaskingPolicy
 from cdc_sink.ops.pools import BoundedPool, open_pool
 from cdc_sink.ops.secrets import PostgresLogin
 
@@ -122,10 +123,12 @@ class Reconciler:
         pushgateway_url: str | None,
         owner: str,
         suppression: Suppression | None = None,
+        masking: MaskingPolicy | None = None,
     ) -> None:
         self.pool = pool
         # Erased keys (GDPR) are neither reported nor repaired.
         self.suppression = suppression or Suppression(None)
+        self.masking = masking or MaskingPolicy()
         self.pg_schema = pg_schema
         self.session = session
         self.settings = settings
@@ -143,7 +146,9 @@ class Reconciler:
     async def resolve(
         self, name: str, pool: asyncpg.Pool | BoundedPool | None = None
     ) -> ReconTable:
-        return await resolve_table(pool or self.pool, self.pg_schema, self.session, name)
+        return await resolve_table(
+            pool or self.pool, self.pg_schema, self.session, name, self.masking
+        )
 
     @contextlib.asynccontextmanager
     async def holding(self, lock: int, *, wait: bool) -> AsyncIterator[asyncpg.Connection | None]:

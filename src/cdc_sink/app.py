@@ -31,6 +31,7 @@ from cdc_sink.decode.registry import ConfluentRegistry
 from cdc_sink.dlq.producer import DlqProducer
 from cdc_sink.dlq.replay import ResumeRequests, dlq_routes
 from cdc_sink.errors import DecodeError, FatalError
+from cdc_sink.model.masking import masking_policy
 from cdc_sink.ops.auth import Authenticator
 from cdc_sink.ops.erasure import gdpr_routes
 from cdc_sink.ops.housekeeping import housekeeping
@@ -107,6 +108,7 @@ class SinkApp:
         the login, and last the tracer, which flushes the spans of all that)."""
         stack.enter_context(tracing(self.config.tracing, tracing_instance()))
         config, login = await stack.enter_async_context(secrets_for(self.config))
+        masking = masking_policy(config.masking)  # a malformed rule stops the start here
         pg = config.postgres
         auth = Authenticator(config.api, config.api.jwt_secret)
         await auth.start()  # a JWKS that cannot be read stops the start here
@@ -143,7 +145,9 @@ class SinkApp:
             stack.push_async_callback(system_schema.close)
         if self.registry is not None:
             stack.push_async_callback(self.registry.close)
-        catalog = Catalog(worker_pool, pg.schema, config.sink.table_name_format, system_schema)
+        catalog = Catalog(
+            worker_pool, pg.schema, config.sink.table_name_format, system_schema, masking
+        )
         dlq = DlqProducer(
             config.kafka.bootstrap_servers,
             config.dlq.topic,

@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cdc_recon.cli import add_reconcile_command
+from cdc_recon.cli import add_mask_command, add_reconcile_command
 from cdc_sink import __version__
 from cdc_sink.arguments import whole_number
 from cdc_sink.config import Config, ConfigError
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dlq_commands(commands)
     _add_gdpr_commands(commands)
     add_reconcile_command(commands)
+    add_mask_command(commands)
     return parser
 
 

@@ -498,6 +498,7 @@ class VaultConfig:
     cassandra_secret: str | None = None  # KV v2 path holding Cassandra's username and password
     api_jwt_secret: str | None = None  # KV v2 path whose `secret` is the API's HS256 key
     gdpr_hash_key: str | None = None  # KV v2 path whose `secret` is CDC_GDPR__HASH_KEY
+    masking_key_secret: str | None = None  # KV v2 path whose `secret` is the masking hash key
     kv_mount: str = "secret"
     timeout_seconds: float = 10.0
     ssl_cafile: str | None = None  # PEM; None: the system's trusted CAs
@@ -519,7 +520,13 @@ class VaultConfig:
             raise ConfigError("CDC_VAULT__ROLE_ID and CDC_VAULT__SECRET_ID go together (AppRole)")
         used = [
             f"CDC_VAULT__{name.upper()}"
-            for name in ("postgres_role", "cassandra_secret", "api_jwt_secret", "gdpr_hash_key")
+            for name in (
+                "postgres_role",
+                "cassandra_secret",
+                "api_jwt_secret",
+                "gdpr_hash_key",
+                "masking_key_secret",
+            )
             if getattr(self, name)
         ]
         if not used:
@@ -532,6 +539,23 @@ class VaultConfig:
                 f"{wanted} needs a Vault login: CDC_VAULT__TOKEN, or CDC_VAULT__ROLE_ID and "
                 "CDC_VAULT__SECRET_ID"
             )
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """PII masking (README "PII masking"); the rules are parsed by model.masking at start-up."""
+
+    # `keyspace.table.column=method` entries, separated by `;` or new lines.
+    rules: str = ""
+    # The `hash` method's HMAC key, unless CDC_VAULT__MASKING_KEY_SECRET names it in Vault.
+    hash_key: Secret | None = None
+    marker: str = "***"  # what `redact` writes, `partial` puts in, error messages show
+
+    def validate(self) -> None:
+        if not self.marker or len(self.marker) > 64:
+            raise ConfigError("CDC_MASKING__MARKER must be 1 to 64 characters")
+        if self.hash_key is not None and len(self.hash_key.reveal().encode()) < 32:
+            raise ConfigError("CDC_MASKING__HASH_KEY must be at least 32 bytes")
 
 
 @dataclass(frozen=True)
@@ -589,6 +613,7 @@ class Config:
     alertmanager: UrlConfig = field(default_factory=UrlConfig)
     log: LogConfig = field(default_factory=LogConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
     # Sections other packages own (reconciliation's), by name: see `load_config`'s `sections`.
     owned: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
 

@@ -36,6 +36,7 @@ from cdc_recon.settings import ReconciliationConfig
 from cdc_sink.apply.writer import Batch, PgWriter, prepare_connection
 from cdc_sink.config import load_config
 from cdc_sink.model.events import Cell, ChangeEvent, Op, Position
+from cdc_sink.model.masking import MaskingPolicy
 from cdc_sink.ops.migrate import migrate
 from cdc_sink.schema.catalog import CassandraSystemSchema, Catalog
 from cdc_sink.schema.tables import TableSchema
@@ -236,11 +237,21 @@ async def sink_connection(dsn: str, schema: str) -> asyncpg.Connection:
 
 
 async def sink_schema(
-    pool: asyncpg.Pool, schema: str, session_factory: Any, keyspace: str, first: Row
+    pool: asyncpg.Pool,
+    schema: str,
+    session_factory: Any,
+    keyspace: str,
+    first: Row,
+    masking: MaskingPolicy | None = None,
 ) -> TableSchema:
-    """The target table as the sink creates it (types from Cassandra's system_schema)."""
-    catalog = Catalog(pool, schema, "cdc_{table}", CassandraSystemSchema(session_factory))
-    return await catalog.resolve(event(keyspace, first), {}, {})
+    """The target table as the sink creates it (types from Cassandra's system_schema), masked
+    by `masking`'s rules."""
+    system_schema = CassandraSystemSchema(session_factory)
+    catalog = Catalog(pool, schema, "cdc_{table}", system_schema, masking)
+    try:
+        return await catalog.resolve(event(keyspace, first), {}, {})
+    finally:  # a cluster left open fires its timers into an executor shut down at exit
+        await system_schema.close()
 
 
 async def apply_in_parallel(
@@ -290,7 +301,11 @@ class Setup:
 
 @contextlib.asynccontextmanager
 async def reconciler_on(
-    stack: Endpoints, schema: str, pushgateway_url: str | None = None, **settings: Any
+    stack: Endpoints,
+    schema: str,
+    pushgateway_url: str | None = None,
+    masking: MaskingPolicy | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Reconciler]:
     """A Reconciler over PostgreSQL schema `schema` and the stack's Cassandra, with a pool and
     a Cassandra session of its own (closed on leaving)."""
@@ -313,6 +328,7 @@ async def reconciler_on(
             metrics=ReconMetrics(),
             pushgateway_url=pushgateway_url,
             owner="test",
+            masking=masking,
         )
     finally:
         await pool.close()
@@ -324,21 +340,24 @@ async def make_setup(
     unique: Unique,
     count: int,
     pushgateway_url: str | None = None,
+    masking: MaskingPolicy | None = None,
+    keyspace: str | None = None,
     **settings: Any,
 ) -> AsyncIterator[Setup]:
-    """Create both sides with `count` identical rows; `unique` drops both after the test."""
-    keyspace, schema = unique.keyspace("recon"), unique.schema("recon")
+    """Create both sides with `count` identical rows (in `keyspace`, a `unique` one by default;
+    the sink's side masked by `masking`); `unique` drops both after the test."""
+    keyspace, schema = keyspace or unique.keyspace("recon"), unique.schema("recon")
     session = cassandra_session(stack)
     conn = await sink_connection(stack.postgres_dsn, schema)  # makes the control tables
     await conn.close()
     try:
-        async with reconciler_on(stack, schema, pushgateway_url, **settings) as reconciler:
+        async with reconciler_on(stack, schema, pushgateway_url, masking, **settings) as reconciler:
             pool = reconciler.pool
             create_keyspace(session, keyspace)
             rows = [make_row(i) for i in range(count)]
             load_cassandra(session, keyspace, rows)
             table = await sink_schema(
-                pool, schema, lambda: cassandra_session(stack), keyspace, rows[0]
+                pool, schema, lambda: cassandra_session(stack), keyspace, rows[0], masking
             )
             await apply_in_parallel(
                 stack.postgres_dsn, schema, table, [event(keyspace, r) for r in rows]

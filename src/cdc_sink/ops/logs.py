@@ -37,6 +37,9 @@ _KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd)\s*=\s*)(?:'[^']*'|\S+
 _handler: logging.Handler | None = None
 # aiokafka while a broker is away; OpenTelemetry's exporter while the trace collector is.
 NOISY_LIBRARIES = ("aiokafka", "opentelemetry")
+# Loggers whose debug lines carry whole records (aiokafka's producer logs each message's key and
+# value): records hold the clear values of masked columns, so these stay at info or above.
+RECORD_DUMPING_LOGGERS = ("aiokafka.producer.producer",)
 
 
 class RepeatFilter(logging.Filter):
@@ -155,6 +158,8 @@ def configure_logging(
         root.removeHandler(_handler)
     root.addHandler(handler)
     root.setLevel(threshold)
+    for name in RECORD_DUMPING_LOGGERS:
+        logging.getLogger(name).setLevel(max(threshold, logging.INFO))
     _handler = handler
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -329,7 +329,8 @@ async def secrets_for(config: Config) -> AsyncIterator[tuple[Config, PostgresLog
 
 
 def _reading(setting: str, path: str, mount: str) -> str:
-    return f"reading {setting} {path!r} from KV v2 mount {mount!r}"
+    """What open_secrets is doing while it reads the KV v2 secret a setting names."""
+    return f"reading CDC_VAULT__{setting} {path!r} from KV v2 mount {mount!r}"
 
 
 async def _kv_key(vault: Vault, path: str) -> Secret:
@@ -345,7 +346,13 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
     with Cassandra's credentials filled in, and how to log in to PostgreSQL. VaultError (a
     clear message, no traceback) if Vault cannot be reached or refuses."""
     cfg = config.vault
-    if not (cfg.postgres_role or cfg.cassandra_secret or cfg.api_jwt_secret or cfg.gdpr_hash_key):
+    if not (
+        cfg.postgres_role
+        or cfg.cassandra_secret
+        or cfg.api_jwt_secret
+        or cfg.gdpr_hash_key
+        or cfg.masking_key_secret
+    ):
         return config, PostgresLogin(config)
     vault = Vault(cfg)
     step = f"logging in to Vault at {cfg.addr}" + (
@@ -356,10 +363,7 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
     try:
         await vault.login()
         if cfg.cassandra_secret:
-            step = (
-                f"reading CDC_VAULT__CASSANDRA_SECRET {cfg.cassandra_secret!r} from KV v2 mount "
-                f"{cfg.kv_mount!r}"
-            )
+            step = _reading("CASSANDRA_SECRET", cfg.cassandra_secret, cfg.kv_mount)
             secret = await vault.kv(cfg.cassandra_secret)
             if not isinstance(secret.get("username"), str) or not secret.get("password"):
                 raise ValueError("the secret must hold a username and a password")
@@ -370,16 +374,21 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
             )
             config = dataclasses.replace(config, cassandra=cassandra)
         if cfg.api_jwt_secret:
-            step = _reading("CDC_VAULT__API_JWT_SECRET", cfg.api_jwt_secret, cfg.kv_mount)
+            step = _reading("API_JWT_SECRET", cfg.api_jwt_secret, cfg.kv_mount)
             api = dataclasses.replace(
                 config.api, jwt_secret=await _kv_key(vault, cfg.api_jwt_secret)
             )
             config = dataclasses.replace(config, api=api)
         if cfg.gdpr_hash_key:
-            step = _reading("CDC_VAULT__GDPR_HASH_KEY", cfg.gdpr_hash_key, cfg.kv_mount)
+            step = _reading("GDPR_HASH_KEY", cfg.gdpr_hash_key, cfg.kv_mount)
             hash_key = await _kv_key(vault, cfg.gdpr_hash_key)
             gdpr = dataclasses.replace(config.gdpr, hash_key=hash_key)
             config = dataclasses.replace(config, gdpr=gdpr)
+        if cfg.masking_key_secret:
+            step = _reading("MASKING_KEY_SECRET", cfg.masking_key_secret, cfg.kv_mount)
+            key = await _kv_key(vault, cfg.masking_key_secret)
+            masking = dataclasses.replace(config.masking, hash_key=key)
+            config = dataclasses.replace(config, masking=masking)
         login = PostgresLogin(config, vault)
         if cfg.postgres_role:
             step = (

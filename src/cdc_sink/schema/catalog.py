@@ -29,6 +29,7 @@ import asyncpg
 from cdc_sink.errors import EventError, FatalError, TransientError
 from cdc_sink.model.cql import CqlType, from_connect_schema, parse_cql_type, udt_definitions
 from cdc_sink.model.events import ChangeEvent
+from cdc_sink.model.masking import MaskingError, MaskingPolicy
 from cdc_sink.schema.cassandra import CassandraTable, describe_table
 from cdc_sink.schema.tables import (
     RESERVED_COLUMNS,
@@ -56,8 +57,10 @@ class Catalog:
         schema: str,
         table_format: str,
         cassandra: CassandraTypes | None = None,
+        masking: MaskingPolicy | None = None,
     ) -> None:
         self.pool = pool
+        self.masking = masking or MaskingPolicy()
         self.schema = schema
         self.table_format = table_format
         self.cassandra = cassandra
@@ -131,7 +134,7 @@ class Catalog:
             if known is not None:
                 types = {n: t for n, t in types.items() if n not in known.columns}
             partitions = cassandra.partition_columns if cassandra else None
-            evolved = await self._evolve(target, event, types, partitions)
+            evolved = self._masked(await self._evolve(target, event, types, partitions))
             self._tables[target] = self._by_source[event.keyspace, event.table] = evolved
             return evolved
 
@@ -174,7 +177,20 @@ class Catalog:
         return types
 
     async def _load(self, target: str) -> TableSchema | None:
-        return await stored_schema(self.pool, target)
+        schema = await stored_schema(self.pool, target)
+        return None if schema is None else self._masked(schema)
+
+    def _masked(self, schema: TableSchema) -> TableSchema:
+        """`schema` converting through its masking rules. A rule that does not fit the table
+        stops the worker (FatalError naming the rule): writing the column unmasked is not an
+        option, and no record can fix the settings."""
+        try:
+            masks = self.masking.masks(
+                schema.keyspace, schema.table, schema.columns, schema.key_columns
+            )
+        except MaskingError as exc:
+            raise FatalError(f"{exc} (CDC_MASKING__RULES)", stage="catalog") from None
+        return schema.with_masks(masks) if masks or schema.masks else schema
 
     async def _evolve(
         self,

@@ -22,6 +22,7 @@ from typing import Any
 from cdc_sink.errors import ConversionError, EventError
 from cdc_sink.model.cql import CqlType, is_multi_cell, pg_type
 from cdc_sink.model.events import Bound, ChangeEvent, Mutation, Op
+from cdc_sink.model.masking import ColumnMask
 from cdc_sink.model.scalars import InvalidValue
 from cdc_sink.model.values import converter, unguarded_converter
 
@@ -163,6 +164,9 @@ class TableSchema:
     version: int = 1
     converters: dict[str, Callable[[Any], Any]] = field(default_factory=dict, compare=False)
     unguarded: dict[str, Callable[[Any], Any]] = field(default_factory=dict, compare=False)
+    # PII masks by column (model.masking): each composes with the column's converter, so
+    # every path that converts through `converters` / `unguarded` writes masked values only.
+    masks: Mapping[str, ColumnMask] = field(default_factory=dict, compare=False)
     multi_cell: tuple[str, ...] = field(init=False, compare=False)  # non-frozen collections
 
     def __post_init__(self) -> None:
@@ -170,8 +174,13 @@ class TableSchema:
             quote_ident(name)
         refuse_reserved(self.keyspace, self.table, self.columns)
         for name, cql in self.columns.items():
-            self.converters[name] = converter(cql)
-            self.unguarded[name] = unguarded_converter(cql)
+            mask = self.masks.get(name)
+            if mask is None:
+                self.converters[name] = converter(cql)
+                self.unguarded[name] = unguarded_converter(cql)
+            else:
+                self.converters[name] = mask.guarded(cql, unguarded_converter(cql))
+                self.unguarded[name] = mask.unguarded(unguarded_converter(cql))
         multi_cell = tuple(n for n, t in self.columns.items() if is_multi_cell(t))
         object.__setattr__(self, "multi_cell", multi_cell)
 
@@ -191,6 +200,10 @@ class TableSchema:
             converters={},
             unguarded={},
         )
+
+    def with_masks(self, masks: Mapping[str, ColumnMask]) -> TableSchema:
+        """The same schema converting through `masks` (model.masking.column_masks)."""
+        return replace(self, masks=masks, converters={}, unguarded={})
 
     def create_sql(self, schema: str) -> str:
         lines = [f"{quote_ident(n)} {pg_type(t)}" for n, t in self.columns.items()]
