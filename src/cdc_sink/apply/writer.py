@@ -44,7 +44,14 @@ from cdc_sink.dlq.letters import DeadLetter, headers_to_json
 from cdc_sink.errors import FencedError
 from cdc_sink.model.cql import pg_type
 from cdc_sink.model.events import Key, Mutation, Op
-from cdc_sink.schema.tables import META_COLUMNS, TableSchema, lock_id, qualified, quote_ident
+from cdc_sink.schema.tables import (
+    META_COLUMNS,
+    TableSchema,
+    lock_id,
+    lock_ids,
+    qualified,
+    quote_ident,
+)
 
 _SCOPES_KEPT = 65_536
 _NEXT_DLQ_ID = "nextval(pg_get_serial_sequence('_cdc_dlq_records', 'id'))"
@@ -206,9 +213,10 @@ class PgWriter:
         touch: Sequence[Key] = (),
     ) -> tuple[int, int]:
         texts = _KeyTexts()
-        partition_columns = await self._lock(schema, mutations, texts, touch)
+        deletes = [m for m in mutations if m.event.op is Op.RANGE or m.event.is_partition_delete]
+        partition_columns = await self._lock(schema, mutations, deletes, texts, touch)
         state = TableState(schema.key_columns, partition_columns)
-        erased_version = await self._load(schema, state, mutations, texts, touch)
+        erased_version = await self._load(schema, state, mutations, deletes, texts, touch)
         if erased_version:
             kept = await self.suppression.keep(
                 self.conn,
@@ -223,7 +231,7 @@ class PgWriter:
             mutations = kept
         fresh: dict[Key, FreshRow] = {}
         if self.fresh_rows_direct and not touch:
-            mutations = _take_fresh(state, mutations, now_us, fresh)
+            mutations = _take_fresh(state, mutations, deletes, now_us, fresh)
         plan = apply_mutations(state, mutations)
         for key in touch:  # rows to re-settle though no event touched them (expiry)
             if key in state.rows:
@@ -246,16 +254,17 @@ class PgWriter:
         self,
         schema: TableSchema,
         mutations: list[Mutation],
+        deletes: list[Mutation],
         texts: _KeyTexts,
         touch: Sequence[Key] = (),
     ) -> tuple[str, ...] | None:
-        """Serialise writers of the same Cassandra partitions; return the partition columns."""
+        """Serialise writers of the same Cassandra partitions; return the partition columns.
+        `deletes` are the partition and range deletes among `mutations`."""
         partition_columns = (
             schema.partition_columns
             or self._partition_columns.get(schema.target)
             or await self._stored_partition_columns(schema)
         )
-        deletes = [m for m in mutations if m.event.op is Op.RANGE or m.event.is_partition_delete]
         table_lock = lock_id(schema.target)
         if partition_columns is None and deletes:
             # This batch teaches the table's partition key: exclude every other writer.
@@ -267,7 +276,7 @@ class PgWriter:
         width = len(partition_columns)
         partitions = {texts[m.key[:width]] for m in mutations}
         partitions |= {texts[key[:width]] for key in touch}
-        ids = ",".join(map(str, sorted({lock_id(schema.target, p) for p in partitions})))
+        ids = ",".join(map(str, sorted(lock_ids(schema.target, partitions))))
         # The table's shared lock, then each partition's in id order: two statements in one
         # round trip (a simple query; the ids are our own integers, safe to write inline).
         await self.conn.execute(
@@ -310,6 +319,7 @@ class PgWriter:
         schema: TableSchema,
         state: TableState,
         mutations: list[Mutation],
+        deletes: list[Mutation],
         texts: _KeyTexts,
         touch: Sequence[Key] = (),
     ) -> int:
@@ -322,8 +332,7 @@ class PgWriter:
             tuple(v for v in m.key if v is not None): tuple(
                 n for n, v in zip(schema.key_columns, m.key, strict=True) if v is not None
             )
-            for m in mutations
-            if m.event.op is Op.RANGE or m.event.is_partition_delete
+            for m in deletes
         }
         records: list[asyncpg.Record] = []
         if row_keys:
@@ -673,13 +682,17 @@ def _stamps_json(stamps: list[tuple[str, int, int | None]]) -> str:
 
 
 def _take_fresh(
-    state: TableState, mutations: list[Mutation], now_us: int, fresh: dict[Key, FreshRow]
+    state: TableState,
+    mutations: list[Mutation],
+    deletes: list[Mutation],
+    now_us: int,
+    fresh: dict[Key, FreshRow],
 ) -> list[Mutation]:
     """Settle directly (`plan.settle_fresh`) the live rows that one INSERT or UPDATE makes
     from nothing: its key is written once in the batch, nothing of it is stored and no
     partition or range tombstone of its partition is stored or in the batch. Fill `fresh`
-    with them and return the mutations left for the general merge, in their order."""
-    deletes = [m for m in mutations if m.event.op is Op.RANGE or m.event.is_partition_delete]
+    with them and return the mutations left for the general merge, in their order (`deletes`:
+    the partition and range deletes among them)."""
     if deletes and state.partition_columns is None:
         return mutations  # the batch teaches the partition key: nothing to tell apart yet
     blocked = set(state.partitions)
