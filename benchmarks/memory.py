@@ -18,13 +18,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from cdc_synth import synth
-from run import RESULTS, Run, _pyplot, end_offsets, log, machine
+from run import RESULTS, Run, _pyplot, end_offsets, log, machine, pid_cpu_s
 
 TARGET_MB = 300
 CHUNK = 100_000  # events generated and produced at a time, to keep this process small
@@ -74,8 +75,10 @@ async def _measure(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     log(f"backlog of {total:,} events in {preload_s:.0f} s; starting the worker")
     pg = await run.pg()
     started = time.monotonic()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     worker = await run.start_worker("--stop-when-caught-up")
     samples: list[tuple[float, int, int]] = []  # (seconds since start, RSS KiB, events applied)
+    progress: list[tuple[int, float]] = []  # (events applied, worker CPU seconds so far)
     peak_kib = 0
     last_progress = 0.0
     while worker.returncode is None:
@@ -85,6 +88,8 @@ async def _measure(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         if elapsed - last_progress >= 2 or not samples:
             applied = sum((await run.applied(pg)).values())
             last_progress = elapsed
+            with contextlib.suppress(OSError, IndexError, ValueError):  # it may have exited
+                progress.append((applied, pid_cpu_s(worker.pid)))
             log(f"{applied:,} applied, RSS {rss / 1024:.0f} MiB (peak {peak_kib / 1024:.0f})")
         if rss:
             samples.append((elapsed, rss, applied))
@@ -92,6 +97,10 @@ async def _measure(run: Run, args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.wait_for(worker.wait(), timeout=0.2)
     wall_s = time.monotonic() - started
     run.finish_worker()
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker_cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (
+        cpu_after.ru_stime - cpu_before.ru_stime
+    )
     applied_offsets = await run.applied(pg)
     await pg.close()
     rss_mib = sorted(s[1] / 1024 for s in samples)
@@ -104,6 +113,8 @@ async def _measure(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "all_offsets_applied": applied_offsets == ends,
         "wall_s": round(wall_s, 1),
         "events_per_s": round(total / wall_s),
+        "worker_cpu_us_per_event": round(worker_cpu_s / total * 1e6, 1),
+        "worker_cpu_us_per_event_by_fifth": cpu_by_fifth(progress, total),
         "peak_rss_mib": round(peak_kib / 1024, 1),
         "target_mib": TARGET_MB,
         "under_target": peak_kib / 1024 < TARGET_MB,
@@ -115,6 +126,21 @@ async def _measure(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     }
     plot(run, samples, summary)
     return run.write(summary)
+
+
+def cpu_by_fifth(progress: list[tuple[int, float]], total: int) -> list[float | None]:
+    """The worker's CPU µs per event over each fifth of the backlog, from (applied, CPU s)
+    samples: whether an event costs more once the tables hold more."""
+    fifths: list[float | None] = []
+    for n in range(5):
+        low, high = total * n // 5, total * (n + 1) // 5
+        inside = [p for p in progress if low <= p[0] <= high]
+        if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+            fifths.append(None)
+            continue
+        events, cpu = inside[-1][0] - inside[0][0], inside[-1][1] - inside[0][1]
+        fifths.append(round(cpu / events * 1e6, 1))
+    return fifths
 
 
 def plot(run: Run, samples: list[tuple[float, int, int]], summary: dict[str, Any]) -> None:

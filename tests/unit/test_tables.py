@@ -15,6 +15,8 @@ from cdc_sink.schema.tables import (
     ReservedColumnError,
     TableOwnerError,
     TableSchema,
+    lock_id,
+    lock_ids,
     name_collisions,
     quote_ident,
     refuse_reserved,
@@ -238,3 +240,12 @@ def test_to_mutation_takes_an_empty_non_frozen_collection_for_the_deletion_it_is
         "fm": "{}",
         "full": [1],
     }
+
+
+def test_lock_ids_are_lock_id_of_each_part() -> None:
+    """The batched form gives the ids lock_id gives one by one (workers of either kind must
+    take the same locks), non-ASCII and empty parts included."""
+    parts = ['["a"]', '[1,"ü🙂"]', "", '["x\\u0000y"]', "[null]"]
+    assert lock_ids("cdc_taßle", parts) == {lock_id("cdc_taßle", p) for p in parts}
+    assert lock_ids("t", []) == set()
+    assert lock_id("t", '["a"]') == -1631991419696882922

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -26,6 +27,7 @@ import asyncpg
 from cdc_sink.apply.codecs import PG_TUPLE_CODECS
 from cdc_sink.apply.plan import (
     CellState,
+    FreshRow,
     PartitionTombstones,
     RangeTombstone,
     RowState,
@@ -33,6 +35,7 @@ from cdc_sink.apply.plan import (
     TableState,
     apply_mutations,
     next_expiry,
+    settle_fresh,
     settle_plan,
     write_ts,
 )
@@ -41,7 +44,14 @@ from cdc_sink.dlq.letters import DeadLetter, headers_to_json
 from cdc_sink.errors import FencedError
 from cdc_sink.model.cql import pg_type
 from cdc_sink.model.events import Key, Mutation, Op
-from cdc_sink.schema.tables import META_COLUMNS, TableSchema, lock_id, qualified, quote_ident
+from cdc_sink.schema.tables import (
+    META_COLUMNS,
+    TableSchema,
+    lock_id,
+    lock_ids,
+    qualified,
+    quote_ident,
+)
 
 _SCOPES_KEPT = 65_536
 _NEXT_DLQ_ID = "nextval(pg_get_serial_sequence('_cdc_dlq_records', 'id'))"
@@ -139,12 +149,17 @@ class PgWriter:
         schema: str,
         consumer_group: str,
         suppression: Suppression | None = None,
+        *,
+        fresh_rows_direct: bool = True,
     ) -> None:
+        """`fresh_rows_direct` False sends every row through the general merge, which the
+        direct path for rows one write makes from nothing must match exactly (tests compare)."""
         self.conn = conn
         self.suppression = suppression or Suppression(None)
         self._suppressed: dict[str, int] = {}
         self.schema = schema
         self.group = consumer_group
+        self.fresh_rows_direct = fresh_rows_direct
         self._staging: dict[str, tuple[int, str]] = {}  # target -> (schema version, temp name)
         self._partition_columns: dict[str, tuple[str, ...]] = {}  # learned, never changes
         self._scopes: dict[tuple[str, tuple[str, ...] | None, str], RangeTombstone] = {}
@@ -198,9 +213,10 @@ class PgWriter:
         touch: Sequence[Key] = (),
     ) -> tuple[int, int]:
         texts = _KeyTexts()
-        partition_columns = await self._lock(schema, mutations, texts, touch)
+        deletes = [m for m in mutations if m.event.op is Op.RANGE or m.event.is_partition_delete]
+        partition_columns = await self._lock(schema, mutations, deletes, texts, touch)
         state = TableState(schema.key_columns, partition_columns)
-        erased_version = await self._load(schema, state, mutations, texts, touch)
+        erased_version = await self._load(schema, state, mutations, deletes, texts, touch)
         if erased_version:
             kept = await self.suppression.keep(
                 self.conn,
@@ -213,6 +229,9 @@ class PgWriter:
             if len(kept) < len(mutations):
                 self._suppressed[schema.target] = len(mutations) - len(kept)
             mutations = kept
+        fresh: dict[Key, FreshRow] = {}
+        if self.fresh_rows_direct and not touch:
+            mutations = _take_fresh(state, mutations, deletes, now_us, fresh)
         plan = apply_mutations(state, mutations)
         for key in touch:  # rows to re-settle though no event touched them (expiry)
             if key in state.rows:
@@ -221,13 +240,13 @@ class PgWriter:
         if partition_columns is None and plan.partition_columns is not None:
             await self._record_partition_columns(schema, plan.partition_columns)
             self._partition_columns[schema.target] = plan.partition_columns
-        await self._upsert(schema, outcome.live, now_us)
+        await self._upsert(schema, outcome.live, fresh, now_us)
         gone = [*outcome.remembered, *outcome.removed]
         await self._delete_rows(schema, gone)
         await self._store_tombstones(schema, plan, outcome.remembered, texts)
         revived = [k for k in (*outcome.live, *outcome.removed) if k in state.remembered]
         await self._forget_dead(schema, [texts[k] for k in revived])
-        return len(outcome.live), len(gone)
+        return len(outcome.live) + len(fresh), len(gone)
 
     # locking --------------------------------------------------------------------------------
 
@@ -235,16 +254,17 @@ class PgWriter:
         self,
         schema: TableSchema,
         mutations: list[Mutation],
+        deletes: list[Mutation],
         texts: _KeyTexts,
         touch: Sequence[Key] = (),
     ) -> tuple[str, ...] | None:
-        """Serialise writers of the same Cassandra partitions; return the partition columns."""
+        """Serialise writers of the same Cassandra partitions; return the partition columns.
+        `deletes` are the partition and range deletes among `mutations`."""
         partition_columns = (
             schema.partition_columns
             or self._partition_columns.get(schema.target)
             or await self._stored_partition_columns(schema)
         )
-        deletes = [m for m in mutations if m.event.op is Op.RANGE or m.event.is_partition_delete]
         table_lock = lock_id(schema.target)
         if partition_columns is None and deletes:
             # This batch teaches the table's partition key: exclude every other writer.
@@ -256,7 +276,7 @@ class PgWriter:
         width = len(partition_columns)
         partitions = {texts[m.key[:width]] for m in mutations}
         partitions |= {texts[key[:width]] for key in touch}
-        ids = ",".join(map(str, sorted({lock_id(schema.target, p) for p in partitions})))
+        ids = ",".join(map(str, sorted(lock_ids(schema.target, partitions))))
         # The table's shared lock, then each partition's in id order: two statements in one
         # round trip (a simple query; the ids are our own integers, safe to write inline).
         await self.conn.execute(
@@ -299,6 +319,7 @@ class PgWriter:
         schema: TableSchema,
         state: TableState,
         mutations: list[Mutation],
+        deletes: list[Mutation],
         texts: _KeyTexts,
         touch: Sequence[Key] = (),
     ) -> int:
@@ -311,8 +332,7 @@ class PgWriter:
             tuple(v for v in m.key if v is not None): tuple(
                 n for n, v in zip(schema.key_columns, m.key, strict=True) if v is not None
             )
-            for m in mutations
-            if m.event.op is Op.RANGE or m.event.is_partition_delete
+            for m in deletes
         }
         records: list[asyncpg.Record] = []
         if row_keys:
@@ -411,8 +431,14 @@ class PgWriter:
         self._staging[schema.target] = (schema.version, name)
         return name
 
-    async def _upsert(self, schema: TableSchema, live: dict[Key, RowState], now_us: int) -> None:
-        if not live:
+    async def _upsert(
+        self,
+        schema: TableSchema,
+        live: dict[Key, RowState],
+        fresh: dict[Key, FreshRow],
+        now_us: int,
+    ) -> None:
+        if not live and not fresh:
             return
         staging = await self._staging_table(schema)
         columns = self._columns(schema)
@@ -433,6 +459,21 @@ class PgWriter:
                     row.deleted_ts,
                     write_ts(row, now_us),
                     next_expiry(row, now_us),
+                    updated_at,
+                )
+            )
+        for key, new in fresh.items():
+            got = new.values
+            records.append(
+                (
+                    *key,
+                    *[got.get(name) for name in values],
+                    _stamps_json(new.stamps),
+                    new.marker_ts,
+                    new.marker_expires_us,
+                    None,
+                    new.write_ts,
+                    new.next_expiry,
                     updated_at,
                 )
             )
@@ -626,6 +667,55 @@ def _cells_json(cells: dict[str, CellState]) -> str:
         )
         + "}"
     )
+
+
+def _stamps_json(stamps: list[tuple[str, int, int | None]]) -> str:
+    """`_cdc_cells` of a fresh row, exactly as `_cells_json` writes it."""
+    return (
+        "{"
+        + ",".join(
+            f"{_json_name(n)}:[{ts},{'null' if expires is None else expires}]"
+            for n, ts, expires in stamps
+        )
+        + "}"
+    )
+
+
+def _take_fresh(
+    state: TableState,
+    mutations: list[Mutation],
+    deletes: list[Mutation],
+    now_us: int,
+    fresh: dict[Key, FreshRow],
+) -> list[Mutation]:
+    """Settle directly (`plan.settle_fresh`) the live rows that one INSERT or UPDATE makes
+    from nothing: its key is written once in the batch, nothing of it is stored and no
+    partition or range tombstone of its partition is stored or in the batch. Fill `fresh`
+    with them and return the mutations left for the general merge, in their order (`deletes`:
+    the partition and range deletes among them)."""
+    if deletes and state.partition_columns is None:
+        return mutations  # the batch teaches the partition key: nothing to tell apart yet
+    blocked = set(state.partitions)
+    blocked.update(tuple(v for v in m.key if v is not None) for m in deletes)
+    width = len(state.partition_columns) if blocked and state.partition_columns else 0
+    writes = Counter(m.key for m in mutations)
+    stored = state.rows
+    rest: list[Mutation] = []
+    for mutation in mutations:
+        key = mutation.key
+        op = mutation.event.op
+        if (
+            writes[key] == 1
+            and (op is Op.INSERT or op is Op.UPDATE)
+            and key not in stored
+            and not (width and key[:width] in blocked)
+        ):
+            new = settle_fresh(mutation, now_us)
+            if new is not None:
+                fresh[key] = new
+                continue
+        rest.append(mutation)
+    return rest
 
 
 def _row_state_json(row: RowState) -> str:

@@ -119,6 +119,18 @@ def lock_id(*parts: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def lock_ids(first: str, rest: Iterable[str]) -> set[int]:
+    """`{lock_id(first, part) for part in rest}`, hashing `first` once (a batch locks up to a
+    thousand partitions of one table)."""
+    prefix = hashlib.blake2b(first.encode() + b"\x00", digest_size=8)
+    ids = set()
+    for part in rest:
+        digest = prefix.copy()
+        digest.update(part.encode())
+        ids.add(int.from_bytes(digest.digest(), "big", signed=True))
+    return ids
+
+
 def target_name(table_format: str, keyspace: str, table: str) -> str:
     """The PostgreSQL table name for a Cassandra table ({table} and {keyspace} fill in)."""
     return table_format.format(table=table, keyspace=keyspace)
