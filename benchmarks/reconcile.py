@@ -172,7 +172,10 @@ async def check(args: argparse.Namespace) -> dict[str, Any]:
         init=prepare_connection,
     )  # fmt: skip
     assert pool is not None
-    settings = ReconciliationConfig(buckets=args.buckets, page_size=5000, concurrency=4)
+    # Unpaced: the benchmark measures how fast a job can read, not the budget a worker keeps.
+    settings = ReconciliationConfig(
+        buckets=args.buckets, page_size=5000, concurrency=4, max_rows_per_second=0
+    )
     reconciler = Reconciler(
         pool, args.schema, session, settings, metrics=ReconMetrics(), pushgateway_url=None,
         owner="bench",

@@ -1030,8 +1030,15 @@ def apicurio_ready() -> None:
         raise StackError(f"the registry's /subjects answered {subjects!r}")
 
 
+def prometheus_targets() -> Path:
+    """Where workers are registered for the stack's Prometheus to scrape (job cdc-sink): each
+    `*.json` file there is a list of `{"targets": ["127.0.0.1:PORT", …], "labels": {…}}`."""
+    return RUN / "prometheus" / "targets"
+
+
 def prometheus_install() -> None:
     run_dir = RUN / "prometheus"
+    prometheus_targets().mkdir(parents=True, exist_ok=True)
     render(
         CONF / "prometheus" / "prometheus.yml.in",
         run_dir / "prometheus.yml",
@@ -1043,6 +1050,7 @@ def prometheus_install() -> None:
             "SINK_METRICS_PORT": str(PORTS["sink-metrics"]),
             "DEBEZIUM_METRICS_PORT": str(PORTS["debezium-metrics"]),
             "CDC_RAW_METRICS_PORT": str(PORTS["cdc-raw-metrics"]),
+            "TARGETS_DIR": str(prometheus_targets()),
         },
     )
 
@@ -1227,6 +1235,7 @@ def endpoints() -> dict[str, str]:
         "CDC_VAULT__TOKEN": VAULT_TOKEN,
         "CDC_PUSHGATEWAY__URL": f"http://{HOST}:{PORTS['pushgateway']}",
         "CDC_PROMETHEUS__URL": f"http://{HOST}:{PORTS['prometheus']}",
+        "CDC_STACK_PROMETHEUS_TARGETS": str(prometheus_targets()),
         "CDC_ALERTMANAGER__URL": f"http://{HOST}:{PORTS['alertmanager']}",
         "CDC_HTTP__HOST": HOST,
         "CDC_HTTP__PORT": str(PORTS["sink-metrics"]),

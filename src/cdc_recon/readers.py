@@ -35,6 +35,7 @@ from cdc_recon.canonical import (
     key_text,
 )
 from cdc_recon.errors import InvalidRequestError, ReconError, UnknownTableError
+from cdc_recon.pacing import Pacer
 from cdc_sink.config import CassandraConfig
 from cdc_sink.model.cql import CqlType, pg_type
 from cdc_sink.model.masking import ColumnMask, MaskingError, MaskingPolicy
@@ -185,17 +186,23 @@ def native_key(table: ReconTable, key: Sequence[Canon]) -> tuple[Any, ...]:
 # resolving a table
 
 
-async def resolve_table(
-    conn: asyncpg.Connection | asyncpg.Pool | BoundedPool,
-    pg_schema: str,
-    session: Any,
-    name: str,
-    masking: MaskingPolicy | None = None,
-) -> ReconTable:
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A table the sink writes: its PostgreSQL name, its Cassandra source, and the columns
+    PostgreSQL has."""
+
+    target: str
+    keyspace: str
+    source: str
+    present: frozenset[str]
+
+
+async def find_target(
+    conn: asyncpg.Connection | asyncpg.Pool | BoundedPool, pg_schema: str, name: str
+) -> Target:
     """Find `name` (a target table, or a Cassandra table name if exactly one target has it)
-    in `_cdc_schema_metadata`, then read Cassandra's system_schema for its exact types.
-    UnknownTableError if it is not a table the sink writes, or Cassandra no longer has it;
-    InvalidRequestError naming the masking rule that does not fit the table."""
+    in `_cdc_schema_metadata`, from PostgreSQL alone. UnknownTableError if it is not a table
+    the sink writes."""
     rows = await conn.fetch(
         "SELECT DISTINCT ON (target_table) target_table, keyspace_name, source_table "
         "FROM _cdc_schema_metadata WHERE target_table = $1 OR source_table = $1 "
@@ -222,7 +229,23 @@ async def resolve_table(
     }
     if not present:
         raise UnknownTableError(f"table {pg_schema}.{row['target_table']} does not exist")
-    keyspace, source = row["keyspace_name"], row["source_table"]
+    return Target(
+        row["target_table"], row["keyspace_name"], row["source_table"], frozenset(present)
+    )
+
+
+async def resolve_table(
+    conn: asyncpg.Connection | asyncpg.Pool | BoundedPool,
+    pg_schema: str,
+    session: Any,
+    name: str,
+    masking: MaskingPolicy | None = None,
+) -> ReconTable:
+    """find_target, then Cassandra's system_schema for the table's exact types.
+    UnknownTableError if it is not a table the sink writes, or Cassandra no longer has it;
+    InvalidRequestError naming the masking rule that does not fit the table."""
+    found = await find_target(conn, pg_schema, name)
+    keyspace, source = found.keyspace, found.source
     try:
         described = await asyncio.to_thread(cassandra.describe_table, session, keyspace, source)
     except Exception as exc:
@@ -234,7 +257,7 @@ async def resolve_table(
     keys = (*partition, *clustering)
     # A Cassandra column of a reserved name is not in the target, even where the target has
     # a column of that name (the sink's own): it is Cassandra's alone, like a missing one.
-    mirrored = present - RESERVED_COLUMNS
+    mirrored = found.present - RESERVED_COLUMNS
     ordered = {c: columns[c] for c in keys} | {
         c: t for c, t in columns.items() if c not in keys and c in mirrored
     }
@@ -244,7 +267,7 @@ async def resolve_table(
         raise InvalidRequestError(str(exc)) from None
     return ReconTable(
         masks=masks,
-        target=row["target_table"],
+        target=found.target,
         keyspace=keyspace,
         source=source,
         key_columns=keys,
@@ -287,12 +310,21 @@ def token_ranges(splits: int) -> list[tuple[int, int]]:
 
 
 class CassandraReader:
-    """Reads a ReconTable from Cassandra. `session` is a cassandra-driver Session."""
+    """Reads a ReconTable from Cassandra. `session` is a cassandra-driver Session; `pacer`
+    paces every read by the rows it read (default: unpaced)."""
 
-    def __init__(self, session: Any, *, page_size: int = 5000, concurrency: int = 4) -> None:
+    def __init__(
+        self,
+        session: Any,
+        *,
+        page_size: int = 5000,
+        concurrency: int = 4,
+        pacer: Pacer | None = None,
+    ) -> None:
         self.session = session
         self.page_size = page_size
         self.concurrency = concurrency
+        self.pacer = pacer or Pacer(0)
         self.splits = max(16, concurrency * 8)
         self._prepared: dict[str, Any] = {}
 
@@ -418,6 +450,7 @@ class CassandraReader:
             rows = result.current_rows
             if rows:
                 put([s for s in map(convert, rows) if s is not None])
+            self.pacer.pace(len(rows))
             if not result.has_more_pages:
                 return
             result.fetch_next_page()
@@ -428,10 +461,14 @@ class CassandraReader:
             f"SELECT count(*) FROM {_cql_table(table)} "
             f"WHERE {self._token(table)} > ? AND {self._token(table)} <= ?",
         )
+
+        def count_range(lo: int, hi: int, put: Callable[[Any], None]) -> None:
+            counted = int(self.session.execute(statement, (lo, hi)).one()[0])
+            put(counted)
+            self.pacer.pace(counted)  # Cassandra read every row it counted
+
         total = 0
-        async for n in self._fan_out(
-            lambda lo, hi, put: put(int(self.session.execute(statement, (lo, hi)).one()[0]))
-        ):
+        async for n in self._fan_out(count_range):
             total += n
         return total
 
@@ -512,7 +549,9 @@ class CassandraReader:
         ):
             if not ok:
                 raise ReconError(f"Cassandra read failed: {result}")
-            yield from result
+            rows = list(result)
+            yield from rows
+            self.pacer.pace(len(rows))
 
     async def random_keys(
         self, table: ReconTable, count: int, seed: int
@@ -542,10 +581,18 @@ class PgReader:
     """Reads a ReconTable's target from PostgreSQL (connections set up with the sink's
     `prepare_connection`, so dates and timestamps at the ends of their range read exactly)."""
 
-    def __init__(self, pool: asyncpg.Pool, schema: str, *, page_size: int = 5000) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        *,
+        page_size: int = 5000,
+        pacer: Pacer | None = None,
+    ) -> None:
         self.pool = pool
         self.schema = schema
         self.page_size = page_size
+        self.pacer = pacer or Pacer(0)
 
     def _select(self, table: ReconTable) -> str:
         cols = [quote_ident(c) for c in table.columns] + ["_cdc_cells::text"]
@@ -600,13 +647,16 @@ class PgReader:
                     return
                 last = tuple(rows[-1][:width])
                 yield [s for s in map(convert, rows) if s is not None]
+                await self.pacer.pace_async(len(rows))
                 if len(rows) < self.page_size:
                     return
 
     async def count(self, table: ReconTable) -> int:
-        return int(
+        counted = int(
             await self.pool.fetchval(f"SELECT count(*) FROM {qualified(self.schema, table.target)}")
         )
+        await self.pacer.pace_async(counted)  # PostgreSQL read every row it counted
+        return counted
 
     async def fetch(
         self, table: ReconTable, keys: Sequence[tuple[Canon, ...]], *, writetimes: bool = False
@@ -616,6 +666,7 @@ class PgReader:
             return {}
         where, columns = _keys_in(table, keys)
         rows = await self.pool.fetch(f"{self._select(table)} WHERE {where}", *columns)
+        await self.pacer.pace_async(len(rows))
         convert = self._convert(table, writetimes)
         return {row.key_text: row for row in map(convert, rows) if row is not None}
 
@@ -632,6 +683,7 @@ class PgReader:
             f"FROM {qualified(self.schema, table.target)} WHERE {where}",
             *columns,
         )
+        await self.pacer.pace_async(len(rows))
         canon_key = table.key_canon(for_postgres)
         found = {}
         for row in rows:
@@ -651,6 +703,7 @@ class PgReader:
                 f"SELECT {keys} FROM {qualified(self.schema, table.target)} "
                 f"ORDER BY random() LIMIT {int(count)}"
             )
+        await self.pacer.pace_async(len(rows))
         canon_key = table.key_canon(for_postgres)
         return [canon_key(r) for r in rows]
 

@@ -36,10 +36,12 @@ from cdc_recon.errors import (
     UnknownJobError,
     UnknownStrategyError,
 )
+from cdc_recon.pacing import Pacer
 from cdc_recon.readers import (
     CassandraReader,
     PgReader,
     ReconTable,
+    find_target,
     native_key,
     resolve_table,
 )
@@ -137,9 +139,14 @@ class Reconciler:
         self.owner = owner
         self.repository = Repository(pool, pg_schema)
         self.cassandra = CassandraReader(
-            session, page_size=settings.page_size, concurrency=settings.concurrency
+            session,
+            page_size=settings.page_size,
+            concurrency=settings.concurrency,
+            pacer=Pacer(settings.max_rows_per_second),
         )
-        self.postgres = PgReader(pool, pg_schema, page_size=settings.page_size)
+        self.postgres = PgReader(
+            pool, pg_schema, page_size=settings.page_size, pacer=Pacer(settings.max_rows_per_second)
+        )
         self._lock_holders = asyncio.Semaphore(max(1, pool.get_max_size() // 2))
         self._running = asyncio.Semaphore(settings.max_running_jobs)
 
@@ -177,16 +184,18 @@ class Reconciler:
         trigger: str = "manual",
         pool: asyncpg.Pool | BoundedPool | None = None,
     ) -> int:
-        """Validate, resolve the table and record a pending job; return its id. `pool` is where
+        """Validate, find the table and record a pending job; return its id. `pool` is where
         that reads and writes (default: the reconciler's own). UnknownStrategyError,
-        UnknownTableError or InvalidRequestError if it cannot run."""
+        UnknownTableError or InvalidRequestError if it cannot run. Cassandra is not read: a
+        job waiting for its turn costs it nothing (the job fails if Cassandra has no such
+        table by the time it runs)."""
         chosen = parse_strategy(strategy)
         options = dict(options or {})
         known = {"window_start", "window_end", "sample_size", "seed"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise InvalidRequestError(f"unknown option(s): {', '.join(unknown)}")
-        resolved = await self.resolve(table, pool)
+        resolved = await find_target(pool or self.pool, self.pg_schema, table)
         start = _instant(options.pop("window_start", None), "window_start")
         end = _instant(options.pop("window_end", None), "window_end")
         if chosen is Strategy.TIMESTAMP_RANGE:

@@ -34,6 +34,9 @@ class ReconciliationConfig:
     # Jobs run at once by one worker; more wait, pending. Every job takes CPU from the same
     # Cassandra and PostgreSQL the pipeline uses, so by default they take turns.
     max_running_jobs: int = 1
+    # Rows a worker's jobs read per second from each side (0: unlimited): a scan paced so,
+    # the pipeline sharing Cassandra and PostgreSQL keeps most of their time.
+    max_rows_per_second: int = 50_000
     buckets: int = 4096
     sample_size: int = 1000
     window_seconds: int = 3600
@@ -78,6 +81,8 @@ class ReconciliationConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CDC_RECONCILIATION__{name.upper()} must be >= 1")
+        if self.max_rows_per_second < 0:
+            raise ConfigError("CDC_RECONCILIATION__MAX_ROWS_PER_SECOND must be >= 0 (0: unlimited)")
         if self.window_seconds < 1:
             raise ConfigError("CDC_RECONCILIATION__WINDOW_SECONDS must be >= 1")
         if self.settle_seconds < 0:

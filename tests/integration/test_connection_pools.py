@@ -48,28 +48,56 @@ def backlog(keyspace: str, count: int = BACKLOG) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def drain(dsn: str, schema: str, worker: Any, until: int) -> list[tuple[float, int]]:
-    """(time, records applied) every 50 ms from the first committed batch until `until`
-    records are applied (start-up left out)."""
-    progress: list[tuple[float, int]] = []
+Sample = tuple[float, int, tuple[float, ...]]  # time, records applied, CPU seconds used
+
+
+def cpu_seconds(pids: list[int]) -> tuple[float, ...]:
+    """The CPU time (user + system, all threads) each process has used so far."""
+    used = []
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        used.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return tuple(used)
+
+
+def cassandra_pid(stack: Endpoints) -> list[int]:
+    """The local stack's Cassandra node, whose CPU the jobs use too (none on other stacks)."""
+    pid_file = Path(stack.get("CDC_STACK_HOME") or "/nonexistent") / "run" / "cassandra" / "pid"
+    return [int(pid_file.read_text())] if pid_file.exists() else []
+
+
+async def drain(dsn: str, schema: str, worker: Any, until: int, watched: list[int]) -> list[Sample]:
+    """(time, records applied, CPU seconds of the worker and of `watched`) every 50 ms from
+    the first committed batch until `until` records are applied (start-up left out)."""
+    progress: list[Sample] = []
+    pids = [worker.pid, *watched]
     async with asyncio.timeout(600):
         while (done := await applied(dsn, schema)) == 0:
             assert worker.poll() is None
             await asyncio.sleep(0.05)
-        progress.append((time.monotonic(), done))
+        progress.append((time.monotonic(), done, cpu_seconds(pids)))
         while done < until:
             await asyncio.sleep(0.05)
             assert worker.poll() is None
-            progress.append((time.monotonic(), done := await applied(dsn, schema)))
+            done = await applied(dsn, schema)
+            progress.append((time.monotonic(), done, cpu_seconds(pids)))
     return progress
 
 
-def rate(progress: list[tuple[float, int]], low: int, high: int) -> float:
+def cpu_used(progress: list[Sample], low: int, high: int) -> tuple[float, ...]:
+    """CPU seconds each watched process used while the applied count went from `low` to
+    `high` (to the nearest samples)."""
+    first = next(cpu for _, n, cpu in progress if n >= low)
+    last = next(cpu for _, n, cpu in progress if n >= high)
+    return tuple(b - a for a, b in zip(first, last, strict=True))
+
+
+def rate(progress: list[Sample], low: int, high: int) -> float:
     """Events per second while the applied count went from `low` to `high` (times
     interpolated between the samples)."""
 
     def when(count: int) -> float:
-        for (t0, n0), (t1, n1) in itertools.pairwise(progress):
+        for (t0, n0, _), (t1, n1, _) in itertools.pairwise(progress):
             if n0 <= count <= n1:
                 return t0 if n1 == n0 else t0 + (t1 - t0) * (count - n0) / (n1 - n0)
         raise AssertionError(f"{count} is outside the drain")
@@ -110,17 +138,20 @@ async def test_bursts_of_jobs_and_listings_all_answer_while_a_backlog_drains(
 
     # The quiet run stops by itself once caught up: a SIGTERM could meet it on its way out,
     # after it has given the signal back to Python's default.
+    watched = cassandra_pid(stack)
+    loads = [os.getloadavg()[0]]
     quiet = start_worker_process(env(quiet_schema), tmp_path / "quiet.log")
     try:
-        quiet_drain = await drain(dsn, quiet_schema, quiet, BACKLOG)
+        quiet_drain = await drain(dsn, quiet_schema, quiet, BACKLOG, watched)
         assert await asyncio.to_thread(quiet.wait, 60) == 0
     finally:
         kill(quiet)
 
+    loads.append(os.getloadavg()[0])
     log_path = tmp_path / "busy.log"
     busy = start_worker_process(env(busy_schema), log_path, stop_when_caught_up=False)
     try:
-        measuring = asyncio.create_task(drain(dsn, busy_schema, busy, BACKLOG))
+        measuring = asyncio.create_task(drain(dsn, busy_schema, busy, BACKLOG, watched))
         async with asyncio.timeout(120):
             while (port := listening_port(log_path.read_text())) is None or await applied(
                 dsn, busy_schema
@@ -146,6 +177,7 @@ async def test_bursts_of_jobs_and_listings_all_answer_while_a_backlog_drains(
                     assert status == "succeeded", job
         jobs_done_at = min(await applied(dsn, busy_schema), BACKLOG)
         busy_drain = await measuring
+        loads.append(os.getloadavg()[0])
     finally:
         assert await stop(busy) == 0, log_path.read_text()[-3000:]
     assert await applied(dsn, busy_schema) == BACKLOG
@@ -157,13 +189,20 @@ async def test_bursts_of_jobs_and_listings_all_answer_while_a_backlog_drains(
         rate(quiet_drain, quiet_drain[0][1], BACKLOG),
         rate(busy_drain, busy_drain[0][1], BACKLOG),
     )
+    cpu = [cpu_used(quiet_drain, *window), cpu_used(busy_drain, *window)]
+    names = ["worker", "Cassandra"][: len(cpu[0])]
     print(
-        f"\ndrain of {BACKLOG:,} events while {JOB_REQUESTS} job and {LIST_REQUESTS} list "
-        f"requests are served (applied {window[0]:,} to {window[1]:,}): quiet {quiet_rate:,.0f}/s, "
-        f"busy {busy_rate:,.0f}/s ({busy_rate / quiet_rate - 1:+.0%}); whole drain quiet "
-        f"{whole[0]:,.0f}/s, busy {whole[1]:,.0f}/s ({whole[1] / whole[0] - 1:+.0%}); all "
-        f"answered at {answered_at:,}, jobs done at {jobs_done_at:,}; answers "
-        f"{sorted(answers.items())}"
+        f"\ndrain of {BACKLOG:,} events, {JOB_REQUESTS} job and {LIST_REQUESTS} list requests "
+        f"fired at {fired_at:,} applied, all answered at {answered_at:,}, jobs done at "
+        f"{jobs_done_at:,}; answers {sorted(answers.items())}\n"
+        f"  burst window (applied {window[0]:,} to {window[1]:,}): quiet {quiet_rate:,.0f}/s, "
+        f"busy {busy_rate:,.0f}/s ({busy_rate / quiet_rate - 1:+.0%})\n"
+        f"  whole drain: quiet {whole[0]:,.0f}/s, busy {whole[1]:,.0f}/s "
+        f"({whole[1] / whole[0] - 1:+.0%})\n"
+        "  CPU seconds in the window, quiet / busy: "
+        + ", ".join(f"{n} {q:.2f} / {b:.2f}" for n, q, b in zip(names, *cpu, strict=True))
+        + "\n  1-minute load average before the quiet run, before the busy run, after: "
+        + ", ".join(f"{load:.1f}" for load in loads)
     )
 
 

@@ -1,8 +1,8 @@
 """The Grafana dashboards and the reconciliation alerts against a real stream: two worker
 processes (each with its own metrics port, PostgreSQL logins leased from Vault) apply a stream
-from Kafka, reconciliation jobs run on each of them, and a Prometheus of the test's own scrapes
-both workers, the stack's Pushgateway, its Debezium agent and its cdc_raw exporter, and
-evaluates the repository's rules."""
+from Kafka, reconciliation jobs run on each of them, and the stack's Prometheus scrapes both
+workers (registered in its targets directory, their series labelled with this run's name)
+besides the stack's Pushgateway, Debezium agent and cdc_raw exporter, and evaluates the rules."""
 
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ from tests.support.pipeline import (
     start_worker_process,
 )
 from tests.support.prometheus import (
-    SCRAPE_SECONDS,
+    STACK_SCRAPE_SECONDS,
     Prometheus,
     capture_jobs,
     free_port,
-    private_prometheus,
+    registered_workers,
 )
 from tests.support.stack import Endpoints
 from tests.support.topics import unique_name
@@ -54,10 +54,10 @@ GOOD_PARTITIONS = 7  # partitions 0-6 carry the stream; 7 only poison, which pau
 WARM_UP, MEASURED, POISON = 140, 1400, 6
 WAIT_SECONDS = 120
 THROUGHPUT_WINDOW = 30
-# What each Grafana variable stands for here: every worker and table; the workers' scrape job.
+# What each Grafana variable stands for here: every table; the workers' scrape job ($instance:
+# this test's workers, the scene's).
 VARIABLES = {
     "$job": "cdc-sink",
-    "$instance": ".*",
     "$table": ".*",
     "$strategy": ".*",
     "$agent": ".*",
@@ -171,20 +171,19 @@ async def scene(stack: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> A
                     )
                 )
             apis = [f"http://127.0.0.1:{port}" for port in api_ports]
-            with private_prometheus(
-                [f"127.0.0.1:{port}" for port in ports],
-                stack.pushgateway_url,
-                directory / "prom",
-                capture_jobs(stack),
-            ) as prometheus:
-                await asyncio.to_thread(prometheus.wait_scraped, 2, WAIT_SECONDS)
+            capture_jobs(stack)  # the capture panels need the stack's agent and exporter
+            run = names("dash")
+            instances = [f"127.0.0.1:{port}" for port in ports]
+            with registered_workers(stack, run, instances, {"run": run}) as prometheus:
+                await asyncio.to_thread(
+                    prometheus.wait_scraped, 2, WAIT_SECONDS, matchers=f', run="{run}"'
+                )
                 # Both own partitions before anything is produced, so each one's counters
                 # exist before the measured part (rate() cannot see a series' first sample).
+                owning = f'cdc_assigned_partitions{{job="cdc-sink", run="{run}"}} > 0'
                 await _until(
                     "both workers to own partitions",
-                    lambda: (
-                        len(prometheus.query('cdc_assigned_partitions{job="cdc-sink"} > 0')) == 2
-                    ),
+                    lambda: len(prometheus.query(owning)) == 2,
                 )
                 target = f"cdc_{table}"
                 await _stream(stack, topic, keyspace, table, range(WARM_UP))
@@ -199,7 +198,7 @@ async def scene(stack: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> A
                     lambda: _applied_seen(prometheus, target) >= WARM_UP,
                 )
                 # A few scrapes of the flat counters: the measured window starts on them.
-                await asyncio.sleep(3 * SCRAPE_SECONDS)
+                await asyncio.sleep(3 * STACK_SCRAPE_SECONDS)
                 measured_from = time.time()
                 await _stream(stack, topic, keyspace, table, range(WARM_UP, WARM_UP + MEASURED))
                 await _wait_rows(dsn, leased.schema, target, WARM_UP + MEASURED)
@@ -207,12 +206,12 @@ async def scene(stack: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> A
                     "Prometheus to see the measured part applied",
                     lambda: _applied_seen(prometheus, target) >= WARM_UP + MEASURED,
                 )
-                await asyncio.sleep(2 * SCRAPE_SECONDS)
+                await asyncio.sleep(2 * STACK_SCRAPE_SECONDS)
                 yield Scene(
                     stack,
                     prometheus,
                     apis,
-                    [f"127.0.0.1:{port}" for port in ports],
+                    instances,
                     keyspace,
                     table,
                     dsn,
@@ -255,8 +254,14 @@ def _applied_seen(prometheus: Prometheus, target: str) -> float:
     return float(found[0]["value"][1]) if found else 0.0
 
 
-def _substitute(expression: str, rate_interval: str) -> str:
-    for name, value in {**VARIABLES, "$__rate_interval": rate_interval}.items():
+def _substitute(expression: str, rate_interval: str, scene: Scene) -> str:
+    """`expression` with the dashboard's variables standing for this test's workers."""
+    instances = "|".join(scene.instances)
+    for name, value in {
+        **VARIABLES,
+        "$instance": instances,
+        "$__rate_interval": rate_interval,
+    }.items():
         expression = expression.replace(name, value)
     assert "$" not in expression, f"a variable is left in {expression}"
     return expression
@@ -345,11 +350,11 @@ async def test_every_panel_query_returns_series(scene: Scene, dashboard: Path) -
         )
     measured: dict[str, int] = {}
     for label, match in variable_queries(dashboard):
-        values = scene.prometheus.label_values(label, _substitute(match, "1m"))
+        values = scene.prometheus.label_values(label, _substitute(match, "1m", scene))
         assert values, f"variable {label}: {match} offers no value"
     empty = []
     for title, expression in panel_queries(dashboard):
-        found = scene.prometheus.query(_substitute(expression, "1m"))
+        found = scene.prometheus.query(_substitute(expression, "1m", scene))
         measured[title] = measured.get(title, 0) + len(found)
         if not found:
             empty.append(f"{title}: {expression}")
@@ -371,16 +376,16 @@ async def test_throughput_panel_agrees_with_the_events_applied(scene: Scene) -> 
     # keeps the extrapolation small.
     window = max(THROUGHPUT_WINDOW, math.ceil(scene.measured_until - scene.measured_from) + 1)
     at = scene.measured_from + window - 0.5
-    await asyncio.sleep(max(0.0, at + 2 * SCRAPE_SECONDS - time.time()))
+    await asyncio.sleep(max(0.0, at + 2 * STACK_SCRAPE_SECONDS - time.time()))
     target = f"cdc_{scene.table}"
     applied = await _rows(scene.dsn, scene.schema, target) - WARM_UP
     assert applied == MEASURED
     counter = f'cdc_events_processed_total{{table="{target}"}}'
     (rose,) = scene.prometheus.query(f"sum({counter}) - sum({counter} offset {window}s)", at=at)
     assert float(rose["value"][1]) == applied
-    found = scene.prometheus.query(_substitute(expression, f"{window}s"), at=at)
+    found = scene.prometheus.query(_substitute(expression, f"{window}s", scene), at=at)
     by_series = {(s["metric"]["table"], s["metric"]["op"]): float(s["value"][1]) for s in found}
     assert set(by_series) == {(target, "insert")}, by_series
     counted = by_series[(target, "insert")] * window
     print(f"throughput panel: {counted:.1f} events in a {window} s window; applied: {applied}")
-    assert applied <= counted <= applied * window / (window - 2 * SCRAPE_SECONDS)
+    assert applied <= counted <= applied * window / (window - 2 * STACK_SCRAPE_SECONDS)

@@ -159,6 +159,72 @@ async def test_a_cancelled_job_is_marked_interrupted(setup: Setup) -> None:
     assert record["status"] == "interrupted"
 
 
+async def test_a_job_is_recorded_without_reading_cassandra(stack: Endpoints, setup: Setup) -> None:
+    """A job request is checked against PostgreSQL alone, so jobs waiting for their turn cost
+    Cassandra nothing: recording one sends Cassandra no request, running it does."""
+    async with data.reconciler_on(stack, setup.schema) as rec:
+        requests: list[str] = []
+        rec.session.add_request_init_listener(lambda future: requests.append(str(future.query)))
+        job = await rec.submit(data.TARGET, "row_count")
+        recorded = await rec.repository.job(job)
+        assert recorded is not None
+        assert recorded["status"] == "pending"
+        assert requests == []
+        assert await rec.execute(job)
+        ran = await rec.repository.job(job)
+        assert ran is not None
+        assert ran["status"] == "succeeded", ran
+        assert requests
+
+
+async def test_a_job_whose_cassandra_table_is_gone_fails_when_it_runs(
+    stack: Endpoints, setup: Setup
+) -> None:
+    """A target whose Cassandra table no longer exists is still accepted (the request reads
+    PostgreSQL alone), and the job fails when it runs, naming the missing table."""
+    ghost = "cdc_ghost"
+    await sql(stack.postgres_dsn, setup.schema, f"CREATE TABLE {ghost} (LIKE {data.TARGET})")
+    await sql(
+        stack.postgres_dsn,
+        setup.schema,
+        "INSERT INTO _cdc_schema_metadata (target_table, version, keyspace_name, source_table, "
+        "key_columns, columns) SELECT $1, 1, $2, 'ghost', key_columns, columns "
+        "FROM _cdc_schema_metadata WHERE target_table = $3 ORDER BY version DESC LIMIT 1",
+        ghost,
+        setup.keyspace,
+        data.TARGET,
+    )
+    async with data.reconciler_on(stack, setup.schema) as rec:
+        job = await rec.submit(ghost, "row_count")
+        assert await rec.execute(job)
+        ended = await rec.repository.job(job)
+        assert ended is not None
+        assert ended["status"] == "failed"
+        assert f"Cassandra has no table {setup.keyspace}.ghost" in ended["error"], ended
+
+
+async def test_jobs_read_within_the_row_budget(stack: Endpoints, setup: Setup) -> None:
+    """With MAX_ROWS_PER_SECOND at 10, a checksum job over 60 rows is held back on both sides
+    (a second's worth is free, the rest waits) and still finds the tables equal; with 0 it is
+    never held back."""
+    for budget in (10, 0):
+        async with data.reconciler_on(
+            stack, setup.schema, max_rows_per_second=budget, buckets=16
+        ) as rec:
+            job = await rec.run(data.TARGET, "checksum")
+            assert job["status"] == "succeeded", job
+            assert job["mismatches"] == 0, job
+            waited = (rec.cassandra.pacer.waited, rec.postgres.pacer.waited)
+            print(
+                f"budget {budget} rows/s: held back {waited[0]:.1f} s (Cassandra), "
+                f"{waited[1]:.1f} s (PostgreSQL)"
+            )
+            if budget:
+                assert min(waited) > 0, waited
+            else:
+                assert waited == (0, 0)
+
+
 def _http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
     data_bytes = (
         None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())

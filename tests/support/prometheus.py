@@ -1,9 +1,10 @@
-"""A Prometheus of a test's own: Debian's binary, the repository's rule files, scraping the
-workers the test started (job "cdc-sink") and the stack's Pushgateway every second.
+"""Prometheus for tests: the stack's, to which a test registers its workers (job "cdc-sink",
+through the stack's targets directory), or one of a test's own: Debian's binary, the
+repository's rule files, scraping the workers the test started and the stack's Pushgateway
+every second.
 
-The stack's Prometheus loads the rules of the checkout that started the stack and scrapes one
-fixed worker port; a private one evaluates this checkout's rules over exactly this test's
-workers, so what it computes can be compared with what the test did."""
+The stack's Prometheus loads the rules of the checkout that started the stack; a private one
+evaluates this checkout's rules, for tests of the rules themselves."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tests.support.alerting import RULES_DIR, debian_tool
 from tests.support.stack import Endpoints
 
 SCRAPE_SECONDS = 1.0
+STACK_SCRAPE_SECONDS = 2.0  # how often the stack's Prometheus scrapes job cdc-sink
 
 
 def free_port() -> int:
@@ -89,14 +91,51 @@ class Prometheus:
         found: list[dict[str, Any]] = self._get("/api/v1/alerts")["alerts"]
         return [alert for alert in found if alert["labels"].get("alertname") == name]
 
-    def wait_scraped(self, targets: int, timeout: float = 60, job: str = "cdc-sink") -> None:
-        """Wait until `targets` targets of `job` are up."""
+    def config(self) -> str:
+        """The configuration it runs with (YAML)."""
+        loaded: str = self._get("/api/v1/status/config")["yaml"]
+        return loaded
+
+    def wait_scraped(
+        self, targets: int, timeout: float = 60, job: str = "cdc-sink", matchers: str = ""
+    ) -> None:
+        """Wait until `targets` targets of `job` (and of `matchers`, e.g. `, run="x"`) are up."""
+        selector = f'up{{job="{job}"{matchers}}}'
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if len(self.query(f'up{{job="{job}"}} == 1')) >= targets:
+            if len(self.query(f"{selector} == 1")) >= targets:
                 return
             time.sleep(SCRAPE_SECONDS)
-        raise AssertionError(f"Prometheus has not scraped {targets} of {job}: {self.query('up')}")
+        raise AssertionError(f"Prometheus has not scraped {targets} of {selector}")
+
+
+@contextmanager
+def registered_workers(
+    stack: Endpoints, name: str, workers: Sequence[str], labels: Mapping[str, str]
+) -> Iterator[Prometheus]:
+    """The stack's Prometheus, scraping `workers` (host:port of each worker's /metrics) as
+    job cdc-sink with `labels` on their series until the block ends: they are registered in a
+    file `name`.json of the stack's targets directory. Fails the test if that Prometheus does
+    not read the directory (it was started before it did: `deploy/local/stack restart
+    prometheus`)."""
+    directory, prometheus = (
+        stack.get("CDC_STACK_PROMETHEUS_TARGETS"),
+        Prometheus(stack["CDC_PROMETHEUS__URL"]),
+    )
+    if not directory or directory not in prometheus.config():
+        pytest.fail(
+            f"the stack's Prometheus does not read its targets directory {directory}: "
+            "restart it (deploy/local/stack restart prometheus)",
+            pytrace=False,
+        )
+    path = Path(directory) / f"{name}.json"
+    staged = path.with_suffix(".staged")  # not *.json: Prometheus never reads half a file
+    staged.write_text(json.dumps([{"targets": list(workers), "labels": dict(labels)}]))
+    staged.replace(path)
+    try:
+        yield prometheus
+    finally:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
