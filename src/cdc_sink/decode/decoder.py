@@ -2,8 +2,9 @@
 
 The format is detected per record, for key and value independently:
 
-- Confluent wire format (byte 0, a 4-byte big-endian schema id, an Avro body), read with
-  fastavro against the writer schema from the registry;
+- Confluent wire format (byte 0, a 4-byte big-endian schema id, an Avro body), read against
+  the writer schema from the registry by a reader generated for that schema
+  (`avro_codegen`), or by fastavro for a schema the generator leaves to it;
 - JSON from Kafka Connect's JsonConverter, with (`{"schema": ..., "payload": ...}`) or without
   schemas.
 
@@ -29,7 +30,9 @@ from typing import Any
 
 import fastavro
 import fastavro.read
+import structlog
 
+from cdc_sink.decode.avro_codegen import DECIMAL_LOGICAL_TYPE, Reader, Unsupported, compile_reader
 from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 from cdc_sink.decode.registry import OnceCache, Refusals, SchemaRegistry
 from cdc_sink.errors import DecodeError
@@ -42,6 +45,8 @@ ConnectSchema = dict[str, Any]
 parameters, and fields (each with a "field" name) / items / keys / values."""
 
 RANGE_FIELDS = frozenset({"_range_start", "_range_end"})
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -77,6 +82,7 @@ class _Schemas:
 class _AvroWriter:
     parsed: Any  # fastavro's parsed form of the writer schema
     schemas: _Schemas
+    read: Reader | None  # generated for this schema; None: fastavro reads it
 
 
 # (decoded object or None, schemas, schema id, format)
@@ -166,18 +172,19 @@ class Decoder:
         writer = self._avro.values.get(schema_id)
         if writer is None:
             writer = await self._load_avro(schema_id)
-        stream = io.BytesIO(data)
-        stream.seek(5)
         try:
-            obj = fastavro.schemaless_reader(stream, writer.parsed, None, return_record_name=False)
+            if writer.read is not None and type(data) is bytes:
+                obj, end = writer.read(data, 5)
+            else:
+                obj, end = _fastavro_read(writer.parsed, data)
         except Exception as exc:  # fastavro reports bad bytes with many types (EOF, Index, ...)
+            detail = exc if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
             raise DecodeError(
-                f"{what} Avro body does not match writer schema id {schema_id}: "
-                f"{type(exc).__name__}: {exc}"
+                f"{what} Avro body does not match writer schema id {schema_id}: {detail}"
             ) from exc
-        if stream.tell() != len(data):
+        if end != len(data):
             raise DecodeError(
-                f"{what} has {len(data) - stream.tell()} bytes left after the Avro datum: "
+                f"{what} has {len(data) - end} bytes left after the Avro datum: "
                 f"the body does not match writer schema id {schema_id}"
             )
         if not isinstance(obj, dict):
@@ -217,7 +224,12 @@ class Decoder:
                 f"writer schema id {schema_id} is not a usable Avro schema: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        return _AvroWriter(parsed, _Schemas.of(connect))
+        try:
+            read: Reader | None = compile_reader(parsed)
+        except Unsupported as exc:
+            read = None
+            log.debug("avro_reader_not_generated", schema_id=schema_id, reason=str(exc))
+        return _AvroWriter(parsed, _Schemas.of(connect), read)
 
     def _json_part(self, data: bytes, what: str) -> _Part:
         if data.startswith(_ENVELOPE_HEAD):
@@ -280,6 +292,14 @@ class Decoder:
                     del self._json[next(iter(self._json))]
                 self._json[raw] = schemas
         return schemas
+
+
+def _fastavro_read(parsed: Any, data: bytes) -> tuple[Any, int]:
+    """(datum, end) of the Avro body after the Confluent header, read by fastavro."""
+    stream = io.BytesIO(data)
+    stream.seek(5)
+    obj = fastavro.schemaless_reader(stream, parsed, None, return_record_name=False)
+    return obj, stream.tell()
 
 
 def _struct_fields(schema: Any) -> dict[str, ConnectSchema]:
@@ -428,7 +448,7 @@ def _reader_form(node: Any) -> Any:
     return node
 
 
-_DECIMAL_READER = "cdc-sink-decimal"
+_DECIMAL_READER = DECIMAL_LOGICAL_TYPE
 
 
 def _read_decimal(data: Any, writer_schema: dict[Any, Any] | None, _: Any = None) -> Any:
