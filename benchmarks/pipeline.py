@@ -1,7 +1,7 @@
 """CPU cost per event of the worker's pure path, in process: no Kafka, no PostgreSQL.
 
     .venv/bin/python benchmarks/pipeline.py [--events 100000] [--batch-size 1000] [--repeat 3]
-                                            [--format avro|json] [--profile FILE]
+                                            [--format avro|json|json-schemaless] [--profile FILE]
 
 The events come from `cdc_synth.synth` (the same mix as benchmarks/run.py) and are encoded as the
 connector writes them. As in the worker, one batch of `--batch-size` records at a time goes
@@ -45,6 +45,7 @@ from cdc_sink.schema.tables import TableSchema
 from cdc_synth import synth
 
 TABLE_FORMAT = "cdc_{table}"
+FORMATS = ("avro", "json", "json-schemaless")
 
 
 class MemoryRegistry:
@@ -95,8 +96,8 @@ def records(
     events: list[synth.SynthEvent], fmt: str
 ) -> tuple[list[tuple[bytes, bytes]], dict[int, str]]:
     """(key bytes, value bytes) per event, and the registry's schema texts."""
-    if fmt == "json":
-        encoder: Any = synth.JsonEncoder()
+    if fmt != "avro":
+        encoder: Any = synth.JsonEncoder() if fmt == "json" else synth.SchemalessJsonEncoder()
         return [encoder.encode(e) for e in events], {}
     ids: dict[str, tuple[int, int]] = {}
     texts: dict[int, str] = {}
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--format", choices=("avro", "json"), default="avro")
+    parser.add_argument("--format", choices=FORMATS, default="avro")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", help="write a cProfile of one run to this file")
     parser.add_argument(

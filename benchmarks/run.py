@@ -1,8 +1,10 @@
 """Throughput and latency of one cdc-sink worker against the local stack.
 
-    .venv/bin/python benchmarks/run.py drain  [--events 200000] [--format avro|json] [--profile F]
+    .venv/bin/python benchmarks/run.py drain  [--events 200000] [--format F] [--profile F]
                                               [--py-spy F]
-    .venv/bin/python benchmarks/run.py steady [--rate 5000] [--seconds 60] [--format avro|json]
+    .venv/bin/python benchmarks/run.py steady [--rate 5000] [--seconds 60] [--format F]
+
+--format: avro (default), json (JsonConverter with schemas) or json-schemaless (without).
 
 drain: preloads the events, then runs `python -m cdc_sink run --stop-when-caught-up` as a
 subprocess and measures events applied per second (events / wall time from start to exit, and
@@ -50,6 +52,7 @@ from cdc_synth.demo import create_cassandra_tables, endpoints
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
+FORMATS = ("avro", "json", "json-schemaless")
 
 
 def log(message: str) -> None:
@@ -659,7 +662,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ("steady", "produce at a fixed rate and measure end-to-end latency"),
     ):
         mode = modes.add_parser(name, help=help_text)
-        mode.add_argument("--format", choices=("avro", "json"), default="avro")
+        mode.add_argument("--format", choices=FORMATS, default="avro")
         mode.add_argument("--seed", type=int, default=1)
         mode.add_argument(
             "--keep", action="store_true", help="keep the run's topics and PostgreSQL schema"

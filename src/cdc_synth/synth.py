@@ -5,6 +5,7 @@ in plain Python values) and the encoders turn each into Kafka key/value bytes ex
 connector would emit it (see the README's "What the sink reads"):
 
 - `JsonEncoder`: Kafka Connect's JsonConverter with schemas.enable=true.
+- `SchemalessJsonEncoder`: the same with schemas.enable=false (the payloads alone).
 - `AvroEncoder`: Confluent's AvroConverter (wire format: magic 0, schema id, Avro body). The
   real connector names every cell struct `cell_value`, which Confluent-API registries refuse
   (HTTP 422) because the name is redefined per column type. As the community-patched connector
@@ -53,6 +54,7 @@ __all__ = [
     "Generator",
     "JsonEncoder",
     "RangeBound",
+    "SchemalessJsonEncoder",
     "Sent",
     "SynthEvent",
     "TableSpec",
@@ -763,6 +765,15 @@ class JsonEncoder:
         )
 
 
+class SchemalessJsonEncoder:
+    """Kafka Connect JsonConverter, schemas.enable=false: the payload alone."""
+
+    def encode(self, event: SynthEvent) -> tuple[bytes, bytes]:
+        """(key bytes, value bytes), compact as JsonConverter writes them."""
+        key, value = envelope(event)
+        return _compact(key), _compact(value)
+
+
 # --- Avro (what Confluent's AvroData makes of the Connect schemas) -----------------------------
 
 
@@ -966,15 +977,17 @@ async def _encode_all(
     """(topic, key, value) of every event, encoded before any clock starts (with a rate, the
     sends are what the box should spend its CPU on while the sink is measured: the real
     connector runs elsewhere); the topics exist on return."""
-    encoder: JsonEncoder | AvroEncoder
+    encoder: JsonEncoder | SchemalessJsonEncoder | AvroEncoder
     if fmt == "json":
         encoder = JsonEncoder()
+    elif fmt == "json-schemaless":
+        encoder = SchemalessJsonEncoder()
     elif fmt == "avro":
         if not registry_url:
             raise ValueError("Avro needs the schema registry URL")
         encoder = AvroEncoder(await register_schemas(registry_url, topic_prefix))
     else:
-        raise ValueError(f"unknown format {fmt!r} (json or avro)")
+        raise ValueError(f"unknown format {fmt!r} (json, json-schemaless or avro)")
     topics = {table: topic_for(table, topic_prefix) for table in TABLES}
     await ensure_topics(bootstrap, topics.values())
     return [(topics[event.table], *encoder.encode(event)) for event in events]
@@ -991,8 +1004,8 @@ async def produce(
     on_sent: Callable[[int], None] | None = None,
     client: str = "aiokafka",
 ) -> list[Sent]:
-    """Send every event (fmt "json" or "avro"; Avro needs `registry_url`) with acks=all and
-    wait for every acknowledgement; return where each landed, in event order.
+    """Send every event (fmt "json", "json-schemaless" or "avro"; Avro needs `registry_url`)
+    with acks=all and wait for every acknowledgement; return where each landed, in event order.
 
     Topics are created with 8 partitions if missing. With `rate` (events/s) sends are paced
     evenly; each record's Kafka timestamp is its send time either way, so end-to-end latency

@@ -11,7 +11,10 @@ from typing import Any
 
 import fastavro
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import cdc_sink.decode.decoder as decoder_module
 from cdc_sink.decode.decoder import Decoder, avro_to_connect, rename_redefined_types
 from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 from cdc_sink.errors import DecodeError, TransientError
@@ -332,6 +335,135 @@ async def test_schemaless_json() -> None:
     assert record.key == {"pk": 1}
     assert record.value == value
     assert (record.format, record.key_schema, record.column_schemas) == ("json-schemaless", {}, {})
+
+
+def read_as_the_standard_library(document: bytes) -> tuple[str, str]:
+    """(repr of the value, format) json.loads makes of a record, or ("error", its message)."""
+    try:
+        obj = json.loads(document)
+    except ValueError as exc:
+        return "error", str(exc)
+    enveloped = isinstance(obj, dict) and obj.keys() == {"schema", "payload"}
+    payload = obj["payload"] if enveloped else obj
+    if payload is not None and not isinstance(payload, dict):
+        return "error", "not an object"
+    return repr(payload), "json" if enveloped else "json-schemaless"
+
+
+async def decode_for_comparison(decoder: Decoder, document: bytes) -> tuple[str, str]:
+    """What `read_as_the_standard_library` says, as the decoder makes it (an error's message
+    only if it contains the expected one)."""
+    expected = read_as_the_standard_library(document)
+    try:
+        record = await decoder.decode(None, document)
+    except DecodeError as exc:
+        return "error", expected[1] if expected[1] in str(exc) else str(exc)
+    return repr(record.value), record.format
+
+
+json_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**200), 2**200)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+    | st.sampled_from(["\u00e9t\u00e9", "\U0001f600", "\ud800", ',"payload":', "\\"])
+)
+json_trees = st.recursive(
+    json_leaves,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=12,
+)
+CONNECT_KEY = {"type": "struct", "fields": [{"type": "int32", "optional": True, "field": "pk"}]}
+SHARED_DECODER = Decoder(FakeRegistry({}))  # one for all examples: schemas cached as in a worker
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=st.dictionaries(st.text(max_size=6), json_trees, max_size=4),
+    schema=st.sampled_from([CONNECT_KEY, {"type": "struct", "fields": []}, {"type": "string"}]),
+    enveloped=st.booleans(),
+    ascii_only=st.booleans(),
+    spaced=st.booleans(),
+)
+def test_json_values_are_the_standard_librarys(
+    payload: dict[str, Any], schema: Any, enveloped: bool, ascii_only: bool, spaced: bool
+) -> None:
+    """Every JSON record decodes to exactly what json.loads reads (value, type, format), with a
+    schema or without, big ints, floats, NaN, non-ASCII, lone surrogates and nesting included."""
+    obj = {"schema": schema, "payload": payload} if enveloped else payload
+    separators = (", ", ": ") if spaced else (",", ":")
+    document = json.dumps(obj, separators=separators, ensure_ascii=ascii_only).encode(
+        "utf-8", "surrogatepass"
+    )
+    decoded = asyncio.run(decode_for_comparison(SHARED_DECODER, document))
+    assert decoded == read_as_the_standard_library(document)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"a":NaN,"b":-Infinity}',
+        b'{"a":1e400}',
+        b'{"a":"\\ud800"}',
+        b'{"a":"\xed\xa0\x80"}',  # a surrogate as UTF-8, which json.loads lets through
+        b'{"a":' + b"7" * 4301 + b"}",  # beyond Python's digit limit for int()
+        b'{"a":' + b"7" * 4300 + b"}",
+        b'{"a":"\xff"}',
+        b'{"a":"\x01"}',
+        b'{"a":[1,]}',
+        b'{"a":1}x',
+        b"[1]",
+        b'"text"',
+    ],
+)
+async def test_a_cached_schemas_payload_reads_as_the_standard_library_reads_it(
+    payload: bytes,
+) -> None:
+    """Payloads the fast parser refuses, behind a schema already cached, still give json.loads's
+    value or its error message (the same dead letter as before)."""
+    decoder = Decoder(FakeRegistry({}))
+    schema = compact(CONNECT_KEY)
+    await decoder.decode(None, b'{"schema":' + schema + b',"payload":{"pk":1}}')
+    document = b'{"schema":' + schema + b',"payload":' + payload + b"}"
+    decoded = await decode_for_comparison(decoder, document)
+    assert decoded == read_as_the_standard_library(document)
+
+
+async def test_json_schemas_of_one_length_are_told_apart_by_their_bytes() -> None:
+    """Schemas of the same length sharing all but their last bytes are cached side by side, and
+    each record gets its own schema's fields, never the other's."""
+    decoder = Decoder(FakeRegistry({}))
+
+    def schema(kind: str) -> dict[str, Any]:
+        return {"type": "struct", "fields": [{"type": kind, "optional": True, "field": "a"}]}
+
+    int32, int64 = schema("int32"), schema("int64")
+    assert len(compact(int32)) == len(compact(int64))
+    for _ in range(3):
+        for kind in (int32, int64):
+            record = await decoder.decode(compact({"schema": kind, "payload": {"a": 1}}), None)
+            assert record.key_schema == {"a": {"type": kind["fields"][0]["type"], "optional": True}}
+
+
+async def test_a_cached_json_schema_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a schema is known, its records' payloads alone are parsed, also when the payload
+    holds a nested "payload" key or trailing whitespace follows the record."""
+    decoder = Decoder(FakeRegistry({}))
+    head = b'{"schema":' + compact(CONNECT_KEY) + b',"payload":'
+    await decoder.decode(head + b'{"pk":1}}', None)
+    full_parses: list[bytes] = []
+    parse = decoder_module._parse_json
+    monkeypatch.setattr(decoder_module, "_parse_json", lambda d: full_parses.append(d) or parse(d))
+    for payload, after in (
+        (b'{"pk":2}', b""),
+        (b'{"pk":3,"m":{"x":1,"payload":2}}', b""),
+        (b'{"pk":4}', b"\n "),
+    ):
+        record = await decoder.decode(head + payload + b"}" + after, None)
+        assert record.key == json.loads(payload)
+        assert record.key_schema == {"pk": {"type": "int32", "optional": True}}
+    assert full_parses == []
 
 
 async def test_kafka_tombstone_has_no_value() -> None:

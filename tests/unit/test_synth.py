@@ -177,6 +177,18 @@ async def test_json_envelopes_decode_and_interpret_to_the_generated_ops(
         _check(event, interpret(decoded.key, decoded.value, Position("t", 0, offset)))
 
 
+async def test_schemaless_json_decodes_to_the_payloads_of_the_envelopes(
+    events: list[synth.SynthEvent],
+) -> None:
+    """Each schemaless JSON record (schemas.enable=false) decodes to its envelope's payload."""
+    decoder = Decoder(_NoRegistry())
+    for event in events:
+        schemaless = await decoder.decode(*synth.SchemalessJsonEncoder().encode(event))
+        enveloped = await decoder.decode(*synth.JsonEncoder().encode(event))
+        assert schemaless.format == "json-schemaless"
+        assert (schemaless.key, schemaless.value) == (enveloped.key, enveloped.value)
+
+
 async def test_avro_envelopes_decode_and_interpret_to_the_generated_ops(
     events: list[synth.SynthEvent],
 ) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import fastavro
 import fastavro.read
+import msgspec
 import structlog
 
 from cdc_sink.decode.avro_codegen import DECIMAL_LOGICAL_TYPE, Reader, Unsupported, compile_reader
@@ -93,7 +94,9 @@ _ENVELOPE_HEAD = b'{"schema":'  # JsonConverter writes compact JSON, schema firs
 _PAYLOAD_SEP = b',"payload":'
 _WHITESPACE = b" \t\r\n"
 _JSON_OPENERS = (b"{", b"[")  # "[" only to say "not an object" rather than "not JSON"
-_JSON_SCHEMA_CACHE_SIZE = 256
+_JSON_SCHEMA_LENGTHS = 64  # distinct schema lengths cached ...
+_JSON_SCHEMAS_PER_LENGTH = 4  # ... and schemas of one length: at most 256 in all
+_FAST_JSON = msgspec.json.Decoder()
 
 
 class Decoder:
@@ -115,8 +118,8 @@ class Decoder:
         self._registry = registry
         self._avro: OnceCache[int, _AvroWriter] = OnceCache()
         self._refused: Refusals[int] = Refusals(unknown_id_ttl, max_refused_ids)
-        # Derived schemas of schemaful JSON, keyed by the schema's raw bytes.
-        self._json: dict[bytes, _Schemas] = {}
+        # Derived schemas of schemaful JSON: raw schema bytes and what they say, by their length.
+        self._json: dict[int, list[tuple[bytes, _Schemas]]] = {}
 
     async def decode(self, key: bytes | None, value: bytes | None) -> DecodedRecord:
         """Decode one record; DecodeError if it cannot be, TransientError if the registry is
@@ -237,7 +240,7 @@ class Decoder:
             if hit is not None:
                 return hit
         try:
-            obj = json.loads(data)
+            obj = _parse_json(data)
         except ValueError as exc:
             raise DecodeError(f"{what} is not valid JSON: {exc}; {_preview(data)}") from exc
         except RecursionError:  # the parser ran out of stack
@@ -252,32 +255,49 @@ class Decoder:
         return payload, schemas, None, fmt
 
     def _json_known_schema(self, data: bytes) -> _Part | None:
-        """Decode only the payload when the schema's bytes are ones seen before.
+        """Decode only the payload when the record's schema is one seen before, byte for byte.
 
-        The schema is usually several times larger than the payload, and identical in every
-        record of a table. A false split (a nested "payload" key inside the schema; inside a
-        string the quote would be escaped) cannot match a cached key: the cut leaves the schema
-        object unclosed, and only complete objects are cached. Anything unusual returns None and
-        the full parse decides.
+        The schema is usually several times larger than the payload and identical in every
+        record of a table, so it is neither parsed nor copied nor hashed: its length, read from
+        the position of `,"payload":`, picks the cached schemas it may be, and a comparison in
+        place proves which one (two schemas of one length are told apart by their bytes). Only
+        complete objects are cached, so a schema proven present ends exactly where the separator
+        starts. The separator is looked for from the end first, as the payload is the short
+        part; a nested "payload" key (inside a string the quote would be escaped) only makes
+        that guess miss, and the first occurrence is tried next. Anything unusual returns None
+        and the full parse decides.
         """
-        sep = data.find(_PAYLOAD_SEP, len(_ENVELOPE_HEAD))
+        start = len(_ENVELOPE_HEAD)
+        sep = data.rfind(_PAYLOAD_SEP, start)
         if sep < 0:
             return None
-        schemas = self._json.get(data[len(_ENVELOPE_HEAD) : sep])
+        schemas = self._cached_json_schemas(data, sep)
         if schemas is None:
-            return None
+            first = data.find(_PAYLOAD_SEP, start, sep)
+            schemas = None if first < 0 else self._cached_json_schemas(data, first)
+            if schemas is None:
+                return None
+            sep = first
         end = len(data) - 1
         while end > sep and data[end] in _WHITESPACE:
             end -= 1
         if data[end] != ord("}"):
             return None
         try:
-            payload = json.loads(data[sep + len(_PAYLOAD_SEP) : end])
-        except (ValueError, RecursionError):
+            payload = _FAST_JSON.decode(memoryview(data)[sep + len(_PAYLOAD_SEP) : end])
+        except (msgspec.DecodeError, RecursionError):  # the full parse gives the error
             return None
         if payload is not None and not isinstance(payload, dict):
             return None
         return payload, schemas, None, "json"
+
+    def _cached_json_schemas(self, data: bytes, sep: int) -> _Schemas | None:
+        """The cached schemas whose raw schema is `data` between the envelope head and `sep`."""
+        start = len(_ENVELOPE_HEAD)
+        for raw, schemas in self._json.get(sep - start, ()):
+            if data.startswith(raw, start):
+                return schemas
+        return None
 
     def _json_schemas(self, data: bytes, schema: Any, what: str) -> _Schemas:
         if deeper_than(schema):  # comparing it below and deriving types later recurse
@@ -286,12 +306,22 @@ class Decoder:
         sep = data.find(_PAYLOAD_SEP, len(_ENVELOPE_HEAD))
         if isinstance(schema, dict) and data.startswith(_ENVELOPE_HEAD) and sep > 0:
             raw = data[len(_ENVELOPE_HEAD) : sep]
-            # Cache only a split proven right, so the fast path can trust any key it finds.
+            # Cache only a split proven right, so the fast path can trust any schema it finds.
             if _loads_or_none(raw) == schema:
-                if len(self._json) >= _JSON_SCHEMA_CACHE_SIZE:
-                    del self._json[next(iter(self._json))]
-                self._json[raw] = schemas
+                self._cache_json_schemas(raw, schemas)
         return schemas
+
+    def _cache_json_schemas(self, raw: bytes, schemas: _Schemas) -> None:
+        same_length = self._json.get(len(raw))
+        if same_length is None:
+            if len(self._json) >= _JSON_SCHEMA_LENGTHS:
+                del self._json[next(iter(self._json))]
+            same_length = self._json[len(raw)] = []
+        if any(known == raw for known, _ in same_length):
+            return  # its record's payload took the full parse
+        if len(same_length) >= _JSON_SCHEMAS_PER_LENGTH:
+            del same_length[0]
+        same_length.append((raw, schemas))
 
 
 def _fastavro_read(parsed: Any, data: bytes) -> tuple[Any, int]:
@@ -624,8 +654,19 @@ def _json_kind(value: Any) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
+def _parse_json(data: bytes) -> Any:
+    """`json.loads(data)`, faster: msgspec parses what it accepts, which it reads as the standard
+    library does (integers of any size stay exact), and json.loads decides everything else (NaN,
+    Infinity, numbers out of float range, lone surrogates, UTF-16/32, a BOM, and every error), so
+    that values and error messages are the standard library's."""
+    try:
+        return _FAST_JSON.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return json.loads(data)
+
+
 def _loads_or_none(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return _parse_json(raw)
     except (ValueError, RecursionError):
         return None
