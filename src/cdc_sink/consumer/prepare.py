@@ -26,6 +26,7 @@ from cdc_sink.model.events import ChangeEvent, Mutation, Position, interpret, op
 from cdc_sink.ops.logs import get_logger
 from cdc_sink.ops.metrics import Metrics
 from cdc_sink.retry import RetryPolicy
+from cdc_sink.schema.direct import direct_mutation
 from cdc_sink.schema.tables import TableSchema
 
 log = get_logger("cdc_sink.runner")
@@ -42,6 +43,8 @@ Outcome = Converted | DeadLetter | None
 
 class Tables(Protocol):
     """Where a change event's target table is found (schema.catalog.Catalog)."""
+
+    def known(self, keyspace: str, table: str) -> TableSchema | None: ...
 
     async def resolve(
         self, event: ChangeEvent, key_schemas: Any, column_schemas: Any
@@ -203,6 +206,9 @@ class Preparer:
         if decoded.value is None:
             return None  # a Kafka tombstone following a delete: nothing to apply
         position = Position(record.topic, record.partition, record.offset)
+        converted = direct_mutation(self.catalog.known, decoded.key, decoded.value, position)
+        if converted is not None:
+            return converted
         try:
             event = interpret(decoded.key, decoded.value, position)
         except (PoisonError, MemoryError):
