@@ -30,7 +30,6 @@ from cdc_sink.schema.tables import TableSchema
 # The ops of a single row; a range tombstone ("r") always takes the general path.
 _ROW_OPS = {"i": Op.INSERT, "u": Op.UPDATE, "d": Op.DELETE}
 
-_ABSENT = object()  # a cell struct without its `value` field
 Known = Callable[[str, str], TableSchema | None]  # (keyspace, table) -> its resolved schema
 
 
@@ -87,9 +86,9 @@ def _direct(
                 return None  # a column the table lacks: resolving adds it
             if type(cell) is not dict:
                 return None
-            raw = cell.get("value", _ABSENT)
+            raw = cell["value"]  # a struct without it: KeyError, declined
             expires = cell.get("deletion_ts")
-            if raw is _ABSENT or (expires is not None and type(expires) is not int):
+            if expires is not None and type(expires) is not int:
                 return None
             cells[name] = Cell(raw, expires)
             values[name] = None if raw is None else to_pg(raw)
