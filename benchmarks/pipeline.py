@@ -9,9 +9,9 @@ through every stage; each stage is timed with `time.process_time()` (CPU of this
 other load on the machine still inflates it, so compare runs made side by side):
 
 - decode: `Decoder.decode(key, value)` per record (schemas served from memory, after a warm-up);
-- interpret: `events.interpret` per record;
-- resolve+convert: `Catalog.resolve` (cache hit, as in steady state) and
-  `TableSchema.to_mutation` per record;
+- interpret+resolve+convert: per record as `consumer.prepare` does it: `direct_mutation` (the
+  one-pass path, the catalog warm as in steady state), else `events.interpret`,
+  `Catalog.resolve` and `TableSchema.to_mutation`;
 - write: `PgWriter.apply` per batch of `--batch-size` records against a stand-in connection
   that answers every query with nothing (so every key is new): advisory-lock and lookup
   arguments, the merge (`plan.apply_mutations`, `settle_plan`), staging records, tombstones.
@@ -41,6 +41,7 @@ from cdc_sink.decode.decoder import Decoder
 from cdc_sink.model import scalars
 from cdc_sink.model.events import Mutation, Position, interpret
 from cdc_sink.schema.catalog import Catalog
+from cdc_sink.schema.direct import direct_mutation
 from cdc_sink.schema.tables import TableSchema
 from cdc_synth import synth
 
@@ -120,7 +121,7 @@ async def one_run(
     catalog = Catalog(None, "bench", TABLE_FORMAT)  # type: ignore[arg-type]
     catalog._tables.update(table_schemas())  # a warm catalog: no PostgreSQL
     writer = PgWriter(NullConnection(), "bench", "bench")  # type: ignore[arg-type]
-    seconds = dict.fromkeys(("decode", "interpret", "resolve+convert", "write"), 0.0)
+    seconds = dict.fromkeys(("decode", "interpret+resolve+convert", "write"), 0.0)
     moves = [CheckpointMove("cdc-events-bench", p, 0, 1, 1) for p in range(8)]
     for start in range(0, len(raw), batch_size):
         chunk = raw[start : start + batch_size]
@@ -130,18 +131,19 @@ async def one_run(
         seconds["decode"] += time.process_time() - began
 
         began = time.process_time()
-        events = [
-            interpret(d.key, d.value, Position("cdc-events-bench", n % 8, start + n))
-            for n, d in enumerate(decoded)
-        ]
-        seconds["interpret"] += time.process_time() - began
-
-        began = time.process_time()
         per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
-        for event, d in zip(events, decoded, strict=True):
-            schema = await catalog.resolve(event, d.key_schema, d.column_schemas)
-            per_table.setdefault(schema.target, (schema, []))[1].append(schema.to_mutation(event))
-        seconds["resolve+convert"] += time.process_time() - began
+        for n, d in enumerate(decoded):
+            position = Position("cdc-events-bench", n % 8, start + n)
+            # As consumer.prepare does: the one-pass path, else the three stages.
+            converted = direct_mutation(catalog.known, d.key, d.value, position)
+            if converted is None:
+                event = interpret(d.key, d.value, position)
+                schema = await catalog.resolve(event, d.key_schema, d.column_schemas)
+                mutation = schema.to_mutation(event)
+            else:
+                mutation, schema, _ = converted
+            per_table.setdefault(schema.target, (schema, []))[1].append(mutation)
+        seconds["interpret+resolve+convert"] += time.process_time() - began
 
         began = time.process_time()
         await writer.apply(Batch(tables=list(per_table.values()), checkpoints=moves))

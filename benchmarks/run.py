@@ -299,8 +299,9 @@ def commits(log_path: Path) -> list[tuple[float, str, int, int, int]]:
             except ValueError:
                 continue
             stamp = datetime.fromisoformat(line["timestamp"]).timestamp()
-            found.append(
-                (stamp, line["topic"], line["partition"], line["first_offset"], line["next_offset"])
+            found.extend(
+                (stamp, p["topic"], p["partition"], p["first_offset"], p["next_offset"])
+                for p in line["partitions"]
             )
     return found
 

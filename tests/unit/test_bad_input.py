@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from cdc_sink.decode.decoder import Decoder
 from cdc_sink.errors import DecodeError, EventError, PoisonError
-from cdc_sink.model.events import Position, interpret
+from cdc_sink.model.events import Position, interpret, op_name
+from cdc_sink.schema.direct import direct_mutation
 from cdc_synth import synth
 
 EVENTS = synth.generate(300, seed=7, start_us=time.time_ns() // 1000)
@@ -116,15 +117,27 @@ def damaged_records(draw: st.DrawFn) -> tuple[bytes | None, bytes | None]:
 
 
 async def consume(decoder: Decoder, key: bytes | None, value: bytes | None) -> None:
-    """The worker's per-record path (`Preparer._to_mutation`) with the catalog already warm."""
+    """The worker's per-record path (`Preparer._to_mutation`) with the catalog already warm:
+    the one-pass path, and the three stages, whose mutation it must equal where it gives one."""
     decoded = await decoder.decode(key, value)
     if decoded.value is None:
         return
-    event = interpret(decoded.key, decoded.value, Position("cdc-events-t", 0, 0))
-    schema = SCHEMAS.get((event.keyspace, event.table))
-    if schema is None or not event.cells.keys() <= schema.columns.keys():
-        return  # the catalog would evolve the table, or refuse (tests/integration/test_dlq.py)
-    schema.to_mutation(event)
+    position = Position("cdc-events-t", 0, 0)
+    direct = direct_mutation(
+        lambda keyspace, table: SCHEMAS.get((keyspace, table)), decoded.key, decoded.value, position
+    )
+    try:
+        event = interpret(decoded.key, decoded.value, position)
+        schema = SCHEMAS.get((event.keyspace, event.table))
+        if schema is None or not event.cells.keys() <= schema.columns.keys():
+            assert direct is None
+            return  # the catalog would evolve the table, or refuse (tests/integration/test_dlq.py)
+        mutation = schema.to_mutation(event)
+    except PoisonError:
+        assert direct is None  # what the three stages refuse, the one-pass path leaves to them
+        raise
+    if direct is not None:
+        assert repr(direct) == repr((mutation, schema, op_name(event)))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from aiokafka import TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -10,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cdc_sink.config import load_config
 from cdc_sink.consumer.ownership import Owned
 from cdc_sink.consumer.worker import Worker
-from cdc_sink.ops.metrics import Metrics
+from cdc_sink.ops.metrics import LATENCY_BUCKETS, Metrics, observe_all
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -87,6 +89,39 @@ def test_histogram_buckets_span_the_documented_ranges() -> None:
     assert {"1.0", "5000.0", "+Inf"} <= batch
     le_4ms = ("cdc_processing_latency_seconds_bucket", (("le", "0.005"), ("table", "users")))
     assert samples[le_4ms] == 1.0
+
+
+def _latency_lines(metrics: Metrics) -> list[str]:
+    """The latency histogram's exposition, without its creation time (which differs)."""
+    body, _ = metrics.render()
+    return [
+        line
+        for line in body.decode().splitlines()
+        if line.startswith("cdc_processing_latency_seconds") and "_created" not in line
+    ]
+
+
+# Latencies as the applier computes them (never negative), the buckets' own bounds among them.
+latencies = st.lists(
+    st.sampled_from([0.0, *LATENCY_BUCKETS, 1e9])
+    | st.floats(min_value=0.0, max_value=120.0, allow_nan=False),
+    max_size=60,
+)
+
+
+@given(batches=st.lists(latencies, max_size=4))
+def test_observing_a_batch_at_once_exposes_what_one_at_a_time_does(
+    batches: list[list[float]],
+) -> None:
+    """observe_all over each batch leaves the same bucket counts, count and sum in the
+    exposition as observe per latency, to the last bit."""
+    one_by_one, batched = Metrics(), Metrics()
+    for batch in batches:
+        histogram = one_by_one.processing_latency.labels("users")
+        for latency in batch:
+            histogram.observe(latency)
+        observe_all(batched.processing_latency.labels("users"), batch)
+    assert _latency_lines(batched) == _latency_lines(one_by_one)
 
 
 def test_render_returns_the_prometheus_text_content_type() -> None:

@@ -9,7 +9,7 @@ import sys
 
 PROBE = """
 import json, sys, uuid
-import cdc_sink.model.events, cdc_sink.apply.plan, cdc_sink.schema.tables
+import cdc_sink.model.events, cdc_sink.apply.plan, cdc_sink.schema.tables, cdc_sink.schema.direct
 from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.model.values import to_pg
 u = "12345678-1234-5678-1234-567812345678"

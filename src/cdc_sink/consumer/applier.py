@@ -28,7 +28,7 @@ from cdc_sink.dlq.producer import DlqProducer
 from cdc_sink.errors import FencedError
 from cdc_sink.failures import Kind, classify, refused
 from cdc_sink.ops.logs import get_logger
-from cdc_sink.ops.metrics import Metrics
+from cdc_sink.ops.metrics import Metrics, observe_all
 from cdc_sink.ops.secrets import PostgresLogin
 from cdc_sink.retry import RetryPolicy
 
@@ -361,16 +361,22 @@ class BatchApplier:
             self.metrics.events_processed.labels(topic, table, op).inc(n)
         self.metrics.batch_size.observe(rows)
         for table, kafka_ms in stamps.items():
-            histogram = self.metrics.processing_latency.labels(table)
-            for stamp in kafka_ms:
-                histogram.observe(max(0.0, now - stamp / 1000))
-        for move in batch.checkpoints:
+            observe_all(
+                self.metrics.processing_latency.labels(table),
+                (max(0.0, now - stamp / 1000) for stamp in kafka_ms),
+            )
+        if batch.checkpoints:  # one line for the transaction, however many partitions it moved
             log.info(
                 "batch_committed",
-                topic=move.topic,
-                partition=move.partition,
-                first_offset=move.expected,
-                next_offset=move.next_offset,
+                partitions=[
+                    {
+                        "topic": move.topic,
+                        "partition": move.partition,
+                        "first_offset": move.expected,
+                        "next_offset": move.next_offset,
+                    }
+                    for move in batch.checkpoints
+                ],
                 rows=rows,
                 dead_letters=len(batch.dead_letters),
                 duration_ms=round(result.duration_s * 1000, 1),

@@ -26,6 +26,7 @@ from cdc_sink.model.events import ChangeEvent, Mutation, Position, interpret, op
 from cdc_sink.ops.logs import get_logger
 from cdc_sink.ops.metrics import Metrics
 from cdc_sink.retry import RetryPolicy
+from cdc_sink.schema.direct import direct_mutation
 from cdc_sink.schema.tables import TableSchema
 
 log = get_logger("cdc_sink.runner")
@@ -42,6 +43,8 @@ Outcome = Converted | DeadLetter | None
 
 class Tables(Protocol):
     """Where a change event's target table is found (schema.catalog.Catalog)."""
+
+    def known(self, keyspace: str, table: str) -> TableSchema | None: ...
 
     async def resolve(
         self, event: ChangeEvent, key_schemas: Any, column_schemas: Any
@@ -72,9 +75,13 @@ class Prepared:
         prepared = cls(records, outcomes, began_ns=began_ns, ready_ns=ready_ns)
         per_table: dict[str, tuple[TableSchema, list[Mutation]]] = {}
         first, last, counts = prepared.first, prepared.last, prepared.counts
+        stamps = prepared.stamps
+        tp = None
         for record, outcome in zip(records, outcomes, strict=True):
-            tp = TopicPartition(record.topic, record.partition)
-            first.setdefault(tp, record.offset)
+            # A chunk holds runs of one partition: a TopicPartition per run, not per record.
+            if tp is None or record.partition != tp.partition or record.topic != tp.topic:
+                tp = TopicPartition(record.topic, record.partition)
+                first.setdefault(tp, record.offset)
             last[tp] = record.offset
             if outcome is None:
                 continue
@@ -82,12 +89,16 @@ class Prepared:
                 prepared.batch.dead_letters.append(outcome)
                 continue
             converted, schema, op = outcome
-            prepared.stamps.setdefault(schema.target, []).append(record.timestamp)
-            entry = per_table.setdefault(schema.target, (schema, []))
-            if entry[0].version != schema.version:  # the table grew a column mid-batch
-                entry = per_table[schema.target] = (schema, entry[1])
+            target = schema.target
+            entry = per_table.get(target)
+            if entry is None:
+                entry = per_table[target] = (schema, [])
+                stamps[target] = []
+            elif entry[0].version != schema.version:  # the table grew a column mid-batch
+                entry = per_table[target] = (schema, entry[1])
             entry[1].append(converted)
-            key = (record.topic, schema.target, op)
+            stamps[target].append(record.timestamp)
+            key = (record.topic, target, op)
             counts[key] = counts.get(key, 0) + 1
         prepared.batch.tables = list(per_table.values())
         return prepared
@@ -172,7 +183,7 @@ class Preparer:
         await self.decoder.prefetch(part for r in records for part in (r.key, r.value))
         next_yield = time.perf_counter() + PREPARE_YIELD_S
         for record in records:
-            if busy() and time.perf_counter() >= next_yield:
+            if time.perf_counter() >= next_yield and busy():
                 await asyncio.sleep(0)  # let the chunk in flight go on with PostgreSQL's answers
                 next_yield = time.perf_counter() + PREPARE_YIELD_S
             try:
@@ -203,6 +214,9 @@ class Preparer:
         if decoded.value is None:
             return None  # a Kafka tombstone following a delete: nothing to apply
         position = Position(record.topic, record.partition, record.offset)
+        converted = direct_mutation(self.catalog.known, decoded.key, decoded.value, position)
+        if converted is not None:
+            return converted
         try:
             event = interpret(decoded.key, decoded.value, position)
         except (PoisonError, MemoryError):

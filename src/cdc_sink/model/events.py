@@ -178,7 +178,6 @@ def interpret(
     start = end = None
     if op is Op.RANGE:
         start, end = _bound(after.get("_range_start")), _bound(after.get("_range_end"))
-    snapshot = source.get("snapshot")
     return ChangeEvent(
         keyspace=keyspace,
         table=table,
@@ -186,11 +185,18 @@ def interpret(
         key=dict(key),
         cells=cells,
         ts_us=ts_us,
-        snapshot=snapshot is not None and str(snapshot).lower() in _SNAPSHOT_TRUE,
+        snapshot=is_snapshot(source.get("snapshot")),
         position=position,
         range_start=start,
         range_end=end,
     )
+
+
+def is_snapshot(raw: Any) -> bool:
+    """Whether `source.snapshot` says the connector's initial snapshot read the row."""
+    if raw is None or raw == "false":  # what nearly every record carries
+        return False
+    return str(raw).lower() in _SNAPSHOT_TRUE
 
 
 def _whole(raw: Any, field: str) -> int:

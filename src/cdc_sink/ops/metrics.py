@@ -9,10 +9,13 @@ pushes the time of its exit to the Pushgateway (`push_fatal_exit`), where it sta
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, pushadd_to_gateway
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["Metrics", "push_fatal_exit"]
+__all__ = ["Metrics", "observe_all", "push_fatal_exit"]
 
 FATAL_EXIT_JOB = "cdc-sink"  # the pushed group's job label, as the workers' scrape job
 
@@ -136,6 +139,24 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition body of this registry and its content type, for GET /metrics."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def observe_all(histogram: Histogram, amounts: Iterable[float]) -> None:
+    """Observe each amount (never NaN) on a histogram without labels, or one label set's
+    child, as `observe` one at a time would: the same bucket counts, and the same sum to the
+    last bit (added in the same order), with one update per bucket touched instead of one per
+    amount. prometheus_client has no batched observe, hence its internals here. Only for
+    histograms one thread observes (the worker's event loop)."""
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    total = histogram._sum.get()
+    for amount in amounts:
+        total += amount
+        counts[bisect_left(bounds, amount)] += 1  # the first bound >= amount, as observe finds
+    histogram._sum.set(total)
+    for bucket, count in zip(histogram._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 def push_fatal_exit(

@@ -74,6 +74,11 @@ class Catalog:
         """The tables resolved so far by this process."""
         return list(self._tables.values())
 
+    def known(self, keyspace: str, table: str) -> TableSchema | None:
+        """The schema the events of keyspace.table resolved to last, if any: what `resolve`
+        returns for an event of it whose cells all name its columns."""
+        return self._by_source.get((keyspace, table))
+
     async def resolve(
         self,
         event: ChangeEvent,

@@ -21,7 +21,7 @@ from typing import Any
 
 from cdc_sink.errors import ConversionError, EventError
 from cdc_sink.model.cql import CqlType, is_multi_cell, pg_type
-from cdc_sink.model.events import Bound, ChangeEvent, Mutation, Op
+from cdc_sink.model.events import RANGE_FIELDS, Bound, ChangeEvent, Mutation, Op
 from cdc_sink.model.masking import ColumnMask
 from cdc_sink.model.scalars import InvalidValue
 from cdc_sink.model.values import converter, unguarded_converter
@@ -180,6 +180,8 @@ class TableSchema:
     # every path that converts through `converters` / `unguarded` writes masked values only.
     masks: Mapping[str, ColumnMask] = field(default_factory=dict, compare=False)
     multi_cell: tuple[str, ...] = field(init=False, compare=False)  # non-frozen collections
+    # `unguarded` of the columns an event's cells may name (schema.direct's one-pass path)
+    cell_converters: dict[str, Callable[[Any], Any]] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (self.target, *self.columns):
@@ -195,6 +197,10 @@ class TableSchema:
                 self.unguarded[name] = mask.unguarded(unguarded_converter(cql))
         multi_cell = tuple(n for n, t in self.columns.items() if is_multi_cell(t))
         object.__setattr__(self, "multi_cell", multi_cell)
+        # interpret never makes a cell of a key column or a range bound
+        not_cells = {*self.key_columns, *RANGE_FIELDS}
+        cells = {n: c for n, c in self.unguarded.items() if n not in not_cells}
+        object.__setattr__(self, "cell_converters", cells)
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -256,7 +262,7 @@ class TableSchema:
         if event.op is Op.DELETE and not event.is_partition_delete:
             return Mutation(event, key, {})
         if event.op is not Op.RANGE:
-            emptied = self._emptied(event, values) if self.multi_cell else ()
+            emptied = self.emptied(event, values) if self.multi_cell else ()
             return Mutation(event, key, values, emptied=emptied)
         start, end = self._bound(event.range_start), self._bound(event.range_end)
         marshal = {n: m for b in (event.range_start, event.range_end) if b for n, _, m in b.values}
@@ -267,7 +273,7 @@ class TableSchema:
         )
         return Mutation(event, key, values, start, end, descending)
 
-    def _emptied(self, event: ChangeEvent, values: dict[str, Any]) -> tuple[str, ...]:
+    def emptied(self, event: ChangeEvent, values: dict[str, Any]) -> tuple[str, ...]:
         """The non-frozen collections the event sends empty, their values set to None.
 
         Cassandra has no empty non-frozen collection: `c = null`, `c = {}`, `c = []` and
