@@ -254,8 +254,9 @@ def java_major(java: Path) -> int:
     return int(version.split(".")[1]) if major == "1" else int(major)
 
 
-def maven_copy_dependencies(pom: Path, target: Path) -> None:
-    """Resolve a POM's runtime classpath into target/lib once; later calls do nothing."""
+def maven_copy_dependencies(pom: Path, target: Path, settings: Path | None = None) -> None:
+    """Resolve a POM's runtime classpath into target/lib once; later calls do nothing.
+    `settings` is a Maven settings.xml to use instead of the user's."""
     marker = target / ".complete"
     if marker.exists():
         return
@@ -270,6 +271,7 @@ def maven_copy_dependencies(pom: Path, target: Path) -> None:
             "mvn",
             "-B",
             "-q",
+            *(["-s", str(settings)] if settings else []),
             "-f",
             str(pom),
             "dependency:copy-dependencies",

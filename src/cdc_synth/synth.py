@@ -67,6 +67,7 @@ __all__ = [
     "generate",
     "key_schema",
     "produce",
+    "produce_encoded",
     "register_schemas",
     "target_schema",
     "topic_for",
@@ -1021,6 +1022,16 @@ async def produce(
     if client == "librdkafka":
         return await _produce_librdkafka(bootstrap, encoded, rate, on_sent)
     return await _produce_aiokafka(bootstrap, encoded, rate, on_sent)
+
+
+async def produce_encoded(
+    bootstrap: str, records: Sequence[tuple[str, bytes | None, bytes | None]]
+) -> list[Sent]:
+    """Send already encoded (topic, key, value) records through librdkafka with acks=all, as
+    fast as the broker takes them, creating missing topics first; return where each landed, in
+    order. For streams this module does not encode itself (another envelope, tombstones)."""
+    await ensure_topics(bootstrap, {topic for topic, _, _ in records})
+    return await _produce_librdkafka(bootstrap, list(records), None, None)
 
 
 async def _produce_aiokafka(
