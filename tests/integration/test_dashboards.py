@@ -374,8 +374,12 @@ async def test_throughput_panel_agrees_with_the_events_applied(scene: Scene) -> 
     assert re.search(r"rate\(cdc_events_processed_total\{", expression)
     # The counters are flat before and after the measured part: a window of at least 30 s
     # keeps the extrapolation small.
-    window = max(THROUGHPUT_WINDOW, math.ceil(scene.measured_until - scene.measured_from) + 1)
-    at = scene.measured_from + window - 0.5
+    # The window opens two scrapes before the measured part: rate() only sees the increase
+    # after the window's first sample, which must still be the flat warm-up count.
+    lead = 2 * STACK_SCRAPE_SECONDS
+    span = scene.measured_until - scene.measured_from + lead
+    window = max(THROUGHPUT_WINDOW, math.ceil(span) + 1)
+    at = scene.measured_from - lead + window
     await asyncio.sleep(max(0.0, at + 2 * STACK_SCRAPE_SECONDS - time.time()))
     target = f"cdc_{scene.table}"
     applied = await _rows(scene.dsn, scene.schema, target) - WARM_UP
