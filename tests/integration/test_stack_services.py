@@ -148,18 +148,21 @@ def test_cassandra_round_trip_and_cdc_log(stack: Endpoints, unique: Unique) -> N
         )
         assert flush.returncode == 0, flush.stdout + flush.stderr
         cdc_raw = Path(stack["CDC_STACK_CASSANDRA_CDC_RAW"])
+        # The stack's Debezium agent deletes a segment and its index once it has read them:
+        # each look reads both together, and looks again if the agent took them meanwhile.
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            holding = [
-                p for p in cdc_raw.glob("CommitLog-*.log") if marker.encode() in p.read_bytes()
-            ]
-            if holding:
-                break
-            time.sleep(0.5)
-        assert holding, f"no commit log segment in {cdc_raw} holds the mutation"
-        index = holding[0].with_name(holding[0].stem + "_cdc.idx")
-        assert index.exists()
-        assert int(index.read_text().split()[0]) > 0
+        indexed: list[int] = []
+        while time.monotonic() < deadline and not indexed:
+            for segment in cdc_raw.glob("CommitLog-*.log"):
+                try:
+                    if marker.encode() in segment.read_bytes():
+                        index = segment.with_name(segment.stem + "_cdc.idx")
+                        indexed += [int(word) for word in index.read_text().split()[:1]]
+                except FileNotFoundError:
+                    continue
+            time.sleep(0 if indexed else 0.5)
+        assert indexed, f"no commit log segment in {cdc_raw} holds the mutation with its index"
+        assert indexed[0] > 0
     finally:
         session.cluster.shutdown()
 
