@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, pushadd_to_gateway
 
+from cdc_sink.ops.metrics import erasure_suppressed_counter
+
 log = structlog.get_logger(__name__)
 
 PUSH_JOB = "cdc_reconciliation"
@@ -59,8 +61,13 @@ class JobReport:
 class ReconMetrics:
     """The reconciliation metrics on `registry` (the worker's, so /metrics shows them)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, erasure_suppressed: Counter | None = None
+    ) -> None:
+        """`erasure_suppressed`: the worker's cdc_erasure_suppressed_total, which already is on
+        `registry`; without it one of its own (a command's, never scraped)."""
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.erasure_suppressed = erasure_suppressed or erasure_suppressed_counter(self.registry)
         self.gauges = {
             key: Gauge(name, text, ["table", "strategy"], registry=self.registry)
             for key, (name, text) in _GAUGES.items()

@@ -132,7 +132,8 @@ async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namesp
             await audit(pool, cli_actor(), "reconciliation_repair", dataclasses.asdict(summary))
             print(
                 f"job {summary.job_id}: repaired {summary.repaired}, "
-                f"not converged {summary.unresolved}, cannot repair {summary.skipped}"
+                f"not converged {summary.unresolved}, cannot repair {summary.skipped}, "
+                f"erased keys left out {summary.erased}"
             )
             return 0 if summary.unresolved == 0 and summary.skipped == 0 else 1
         options = {

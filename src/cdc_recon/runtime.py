@@ -8,7 +8,7 @@ import contextlib
 from typing import Any
 
 import asyncpg
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from cdc_recon.alerting import ReconMetrics
 from cdc_recon.readers import connect_cassandra
@@ -35,12 +35,15 @@ class ReconciliationRuntime:
         registry: CollectorRegistry,
         owner: str,
         login: PostgresLogin | None = None,
+        erasure_suppressed: Counter | None = None,
     ) -> None:
+        """`erasure_suppressed`: the worker's counter on `registry`, which reconciliation's
+        skipped erased keys add to."""
         self.config = config
         self.settings = reconciliation_settings(config)
         self.pool = pool
         self.login = login or PostgresLogin(config)
-        self.metrics = ReconMetrics(registry)
+        self.metrics = ReconMetrics(registry, erasure_suppressed)
         self.owner = owner
         self._reconciler: Reconciler | None = None
         self._session: Any = None

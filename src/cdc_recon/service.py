@@ -66,6 +66,7 @@ from cdc_sink.config import PostgresConfig
 from cdc_sink.errors import ConversionError
 from cdc_sink.model.events import Mutation
 from cdc_sink.model.masking import MaskingPolicy
+from cdc_sink.ops.metrics import RECONCILIATION
 from cdc_sink.ops.pools import BoundedPool, open_pool
 from cdc_sink.ops.secrets import PostgresLogin
 
@@ -108,6 +109,7 @@ class RepairSummary:
     repaired: int
     unresolved: int
     skipped: int
+    erased: int = 0  # mismatches of erased keys dropped, and repair writes the writer skipped
 
 
 class Reconciler:
@@ -339,8 +341,21 @@ class Reconciler:
     async def confirm(
         self, table: ReconTable, findings: Sequence[Finding], stamped: Sequence[str] = ()
     ) -> list[Finding]:
-        """The findings whose keys still differ when read again on both sides."""
-        return await self.differing(table, [f.key for f in findings], stamped)
+        """The findings whose keys still differ when read again on both sides, but for erased
+        keys (counted in cdc_erasure_suppressed_total)."""
+        found = await self.differing(table, [f.key for f in findings], stamped)
+        if not found:
+            return found
+        erased = await self._erased(table, [f.key for f in found])
+        if erased:
+            self._count_erased(table, len(erased))
+            log.info(
+                "reconciliation_erased_findings_dropped", table=table.target, count=len(erased)
+            )
+        return [f for f in found if f.key not in erased]
+
+    def _count_erased(self, table: ReconTable, count: int) -> None:
+        self.metrics.erasure_suppressed.labels(table.target, RECONCILIATION).inc(count)
 
     async def differing(
         self, table: ReconTable, keys: Sequence[tuple[Canon, ...]], stamped: Sequence[str] = ()
@@ -354,10 +369,7 @@ class Reconciler:
                 self.postgres.fetch(table, chunk, writetimes=bool(stamped)),
             )
             found += compare_rows(table.value_columns, c_rows, p_rows, writetime_columns=stamped)
-        if not found:
-            return found
-        erased = await self._erased(table, [f.key for f in found])
-        return [f for f in found if f.key not in erased]
+        return found
 
     async def _erased(
         self, table: ReconTable, keys: Sequence[tuple[Canon, ...]]
@@ -383,17 +395,26 @@ class Reconciler:
             )
         table = await self.resolve(job["target_table"])
         mismatches = await self.repository.mismatches(job=job_id, status="open", limit=10**9)
-        repaired = unresolved = skipped = 0
+        repaired = unresolved = skipped = erased = 0
         for start in range(0, len(mismatches), REPAIR_CHUNK):
             chunk = mismatches[start : start + REPAIR_CHUNK]
-            done, left, passed = await self._repair_chunk(table, chunk)
+            done, left, passed, gone = await self._repair_chunk(table, chunk)
             repaired, unresolved, skipped = repaired + done, unresolved + left, skipped + passed
-        log.info("reconciliation_repaired", job=job_id, repaired=repaired, unresolved=unresolved)
-        return RepairSummary(job_id, repaired, unresolved, skipped)
+            erased += gone
+        log.info(
+            "reconciliation_repaired",
+            job=job_id,
+            repaired=repaired,
+            unresolved=unresolved,
+            erased=erased,
+        )
+        return RepairSummary(job_id, repaired, unresolved, skipped, erased)
 
     async def _repair_chunk(
         self, table: ReconTable, chunk: Sequence[Mapping[str, Any]]
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, int]:
+        """Repair a chunk of mismatches; return how many were repaired, did not converge,
+        could not be repaired, and were left out or skipped because their key was erased."""
         keys: list[tuple[Canon, ...]] = [tuple(m["row_key"]) for m in chunk]
         natives, stamps = await asyncio.gather(
             self.cassandra.fetch_native(table, keys), self.postgres.fetch_stamps(table, keys)
@@ -408,7 +429,12 @@ class Reconciler:
         forgotten = [m["id"] for m, key in zip(chunk, keys, strict=True) if key in erased]
         if forgotten:
             await self.repository.forget(forgotten)
-            log.info("reconciliation_erased_mismatches_dropped", count=len(forgotten))
+            log.info(
+                "reconciliation_erased_mismatches_dropped",
+                table=table.target,
+                count=len(forgotten),
+            )
+        gone = len(forgotten)
         for mismatch, key in zip(chunk, keys, strict=True):
             if key in erased:
                 continue
@@ -431,7 +457,11 @@ class Reconciler:
         if mutations:
             async with self.pool.acquire() as conn:
                 writer = PgWriter(conn, self.pg_schema, "cdc-reconciliation", self.suppression)
-                await writer.apply(Batch(tables=[(schema, mutations)]))
+                result = await writer.apply(Batch(tables=[(schema, mutations)]))
+            # Keys erased since the look-up above: the writer skipped their events.
+            gone += sum(result.suppressed.values())
+        if gone:
+            self._count_erased(table, gone)
         # Verify: a repair counts only if the row now matches.
         still = {key_text(f.key) for f in await self.differing(table, keys)}
         skipped, repaired = len(outcomes), 0
@@ -444,7 +474,7 @@ class Reconciler:
                 outcomes.append((mismatch["id"], "resolved", resolutions[mismatch["id"]]))
                 repaired += 1
         await self.repository.resolve_many(outcomes)
-        return repaired, len(outcomes) - skipped - repaired, skipped
+        return repaired, len(outcomes) - skipped - repaired, skipped, gone
 
 
 async def recon_pool(postgres: PostgresConfig, login: PostgresLogin) -> asyncpg.Pool:

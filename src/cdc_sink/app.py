@@ -168,7 +168,12 @@ class SinkApp:
         await self.worker.applier.open_writer()
 
         recon = ReconciliationRuntime(
-            config, api_pool, self.metrics.registry, self.worker.worker_id, login
+            config,
+            api_pool,
+            self.metrics.registry,
+            self.worker.worker_id,
+            login,
+            erasure_suppressed=self.metrics.erasure_suppressed,
         )
         if config.http.enabled:
             await self._serve(stack, config, auth, api_pool, worker_pool, dlq, recon)

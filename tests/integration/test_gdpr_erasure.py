@@ -11,11 +11,17 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog
 
+from cdc_recon.alerting import ReconMetrics
+from cdc_recon.service import Reconciler
 from cdc_sink.apply.suppression import ROW as ROW_SCOPE
-from cdc_sink.apply.suppression import key_hash
+from cdc_sink.apply.suppression import Suppression, key_hash
+from cdc_sink.apply.writer import json_key
 from cdc_sink.config import Secret
+from cdc_sink.consumer import applier
 from cdc_sink.errors import FatalError
+from cdc_sink.schema.tables import lock_id
 from tests.integration.test_api_security import SECRET, call, running, token
 from tests.support.cassandra_model import Mutation
 from tests.support.names import Unique
@@ -23,13 +29,17 @@ from tests.support.pipeline import (
     cassandra_session,
     create_cassandra_model_table,
     create_topic,
+    http_get,
     produce,
+    produce_positions,
+    read_topic,
     run_cli,
     run_worker,
     schemaless_record,
     sink_env,
     sql,
 )
+from tests.support.recon_data import reconciler_on
 from tests.support.stack import Endpoints
 from tests.support.vault import root_client
 
@@ -226,7 +236,7 @@ async def test_erased_keys_stay_erased(stack: Endpoints, unique: Unique) -> None
         )
         assert (status, shown["status"], shown["scope"]) == (200, "completed", "partition")
         suppressed = worker.metrics.registry.get_sample_value(
-            "cdc_erasure_suppressed_total", {"table": TARGET}
+            "cdc_erasure_suppressed_total", {"table": TARGET, "path": "stream"}
         )
     assert await keys_in(dsn, schema) == {*KEPT, MARKER}
     # Every event of the row after its erasure (the replay, three, and one per round), and at
@@ -444,7 +454,212 @@ async def test_erasures_of_one_table_in_flight_together_both_stay_erased(
         await produce(stack.kafka, topic, [*later, record(insert(other[2], TS, 1))])
         await applied(other[2])
         suppressed = worker.metrics.registry.get_sample_value(
-            "cdc_erasure_suppressed_total", {"table": TARGET}
+            "cdc_erasure_suppressed_total", {"table": TARGET, "path": "stream"}
         )
     assert await keys_in(dsn, schema) == set(other)
     assert suppressed == 2
+
+
+def suppressed(worker: Any, path: str) -> float:
+    """cdc_erasure_suppressed_total of the model table and `path` in a worker's registry."""
+    value = worker.metrics.registry.get_sample_value(
+        "cdc_erasure_suppressed_total", {"table": TARGET, "path": path}
+    )
+    return value or 0.0
+
+
+def out_of_range(key: tuple[Any, ...], ts: int) -> Mutation:
+    """An update whose v1 does not fit PostgreSQL's integer: poison found when converting."""
+    return update(key, ts, 3_000_000_000)
+
+
+async def letters_of(dsn: str, schema: str) -> list[tuple[int, bytes]]:
+    """(source offset, record key) of every stored dead letter."""
+    rows = await sql(
+        dsn, schema, "SELECT source_offset, record_key FROM _cdc_dlq_records ORDER BY id"
+    )
+    return [(r["source_offset"], bytes(r["record_key"])) for r in rows]
+
+
+async def applied_with_dlq(
+    stack: Endpoints, unique: Unique, name: str
+) -> tuple[str, str, str, dict[str, str], str]:
+    """The test's keyspace, topic and schema, a worker's settings with a DLQ topic of its own
+    (returned last), once a worker has applied ROW and KEPT[0]."""
+    keyspace, topic, schema = await prepare(stack, unique, name)
+    dlq_topic = unique("dlq-events")
+    settings = {"gdpr__hash_key": HASH_KEY, "dlq__topic": dlq_topic}
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, **settings)
+    first = [schemaless_record(insert(k, TS, 1), keyspace) for k in (ROW, KEPT[0])]
+    await produce(stack.kafka, topic, first)
+    await run_worker(env)
+    return keyspace, topic, schema, env, dlq_topic
+
+
+async def marker_applied(dsn: str, schema: str) -> None:
+    """Wait until MARKER, produced last, is in PostgreSQL: the worker went on past the rest."""
+    async with asyncio.timeout(120):
+        while MARKER not in await keys_in(dsn, schema):
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.timeout(600)
+async def test_poison_records_of_an_erased_key_are_skipped_not_dead_lettered(
+    stack: Endpoints, unique: Unique, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a row is erased, poison records of its key (one on the topic, one replayed with
+    `dlq replay` from a dead letter stored after the erasure) get no `_cdc_dlq_records` row
+    and no DLQ topic record: the worker moves past them, counts them in
+    cdc_erasure_suppressed_total{path="dead_letter"} and logs `dead_letter_erased` without the
+    key; the same poison of a key not erased is dead-lettered as before."""
+    keyspace, topic, schema, env, dlq_topic = await applied_with_dlq(stack, unique, "gdprpoison")
+    dsn = stack.postgres_dsn
+    record = lambda m: schemaless_record(m, keyspace)  # noqa: E731
+    kept = KEPT[0]
+    erased = run_cli(env, "gdpr", "erase", "--table", TARGET, "--key", key_arg(ROW))
+    assert erased.returncode == 0, erased.stderr
+    # A dead letter of the key the erasure did not see (stored after it), replayed.
+    stale = await dead_letter(dsn, schema, topic, 10**9, out_of_range(ROW, TS + 1), keyspace)
+    replayed = run_cli(env, "dlq", "replay", str(stale))
+    assert replayed.returncode == 0, replayed.stderr
+    poison = [out_of_range(ROW, TS + 2), out_of_range(kept, TS + 2)]
+    offsets = await produce_positions(
+        stack.kafka, topic, [record(m) for m in (*poison, insert(MARKER, TS, 1))]
+    )
+    logs = structlog.testing.LogCapture()
+    capturing = structlog.wrap_logger(
+        structlog.PrintLogger(), processors=[logs], wrapper_class=structlog.BoundLogger
+    )
+    monkeypatch.setattr(applier, "log", capturing)
+    async with running(env) as worker:
+        await marker_applied(dsn, schema)
+        skipped = suppressed(worker, "dead_letter")
+    assert await keys_in(dsn, schema) == {kept, MARKER}
+    row_key, _ = record(poison[0])
+    kept_key, _ = record(poison[1])
+    assert await letters_of(dsn, schema) == [(10**9, row_key), (offsets[1][1], kept_key)]
+    in_topic = await read_topic(stack.kafka, dlq_topic)
+    assert [r.key for r in in_topic] == [kept_key]
+    assert skipped == 2
+    logged = [line for line in logs.entries if line["event"] == "dead_letter_erased"]
+    # The replayed record went to the topic just before the poison produced after it.
+    assert sorted(line["offset"] for line in logged) == [offsets[0][1] - 1, offsets[0][1]]
+    assert all(line["table"] == TARGET and "erase-me" not in json.dumps(line) for line in logged)
+
+
+@pytest.mark.timeout(600)
+async def test_dead_letter_of_a_key_erased_while_its_batch_waits_is_not_kept(
+    stack: Endpoints, unique: Unique
+) -> None:
+    """A poison record whose key is erased after the worker looked it up (its DLQ message is
+    sent) but before its transaction took the key's locks: the transaction, once the erasure
+    has committed, sees the entry under the locks and stores no `_cdc_dlq_records` row; the
+    record counts as skipped and the worker goes on."""
+    keyspace, topic, schema, env, dlq_topic = await applied_with_dlq(stack, unique, "gdprrace")
+    dsn = stack.postgres_dsn
+    record = lambda m: schemaless_record(m, keyspace)  # noqa: E731
+    async with running(env) as worker:
+        holder = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+        try:
+            # What an erasure holds while it commits (the table's lock, taken exclusively as
+            # for a table whose partition key is unknown, excludes the writer whatever it knows).
+            erasing = holder.transaction()
+            await erasing.start()
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", lock_id(TARGET))
+            poison = record(out_of_range(ROW, TS + 1))
+            await produce(stack.kafka, topic, [poison, record(insert(MARKER, TS, 1))])
+            async with asyncio.timeout(120):
+                while not await sql(
+                    dsn,
+                    schema,
+                    "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    holder.get_server_pid(),
+                ):
+                    await asyncio.sleep(0.05)  # until the batch's transaction waits for us
+            digest = key_hash(Secret(HASH_KEY), TARGET, ROW_SCOPE, json_key(ROW))
+            await holder.execute(
+                "WITH e AS (INSERT INTO _cdc_erasures (target_table, scope, key_hash, "
+                "requested_by) VALUES ($1, 'row', $2, 'test') RETURNING id) "
+                "INSERT INTO _cdc_erased_keys (target_table, scope, key_hash, erasure_id) "
+                "SELECT $1, 'row', $2, id FROM e",
+                TARGET,
+                digest,
+            )
+            await erasing.commit()
+        finally:
+            await holder.close()
+        await marker_applied(dsn, schema)
+        skipped = suppressed(worker, "dead_letter")
+    assert await letters_of(dsn, schema) == []
+    assert skipped == 1
+    # Sent before the erasure, the DLQ message stays in the DLQ topic until its retention.
+    assert [r.key for r in await read_topic(stack.kafka, dlq_topic)] == [poison[0]]
+
+
+@pytest.mark.timeout(600)
+async def test_reconciliation_counts_the_erased_keys_it_leaves_out(
+    stack: Endpoints, unique: Unique
+) -> None:
+    """Cassandra still holds an erased row: a checksum job the worker runs (POST
+    /reconciliation/jobs) reports no mismatch for it and counts it in the worker's
+    cdc_erasure_suppressed_total{path="reconciliation"}, which /metrics shows; a repair of a
+    mismatch of the key recorded across the erasure drops it and counts it (RepairSummary's
+    `erased` and the metric), and `reconcile repair` prints the count."""
+    keyspace, topic, schema = await prepare(stack, unique, "gdprrecon")
+    write_cassandra(stack, keyspace)
+    env = sink_env(stack, topic=topic, group=unique("g"), schema=schema, gdpr__hash_key=HASH_KEY)
+    dsn = stack.postgres_dsn
+    record = lambda m: schemaless_record(m, keyspace)  # noqa: E731
+    await produce(stack.kafka, topic, [record(insert(k, TS, 1)) for k in (*ROWS, MARKER)])
+    await run_worker(env)
+    erased = run_cli(env, "gdpr", "erase", "--table", TARGET, "--key", key_arg(ROW))
+    assert erased.returncode == 0, erased.stderr
+
+    async with running(env) as worker:
+        assert worker.http is not None
+        assert worker.probes is not None
+        body = {"table": TARGET, "strategy": "checksum"}
+        status, _, job = await asyncio.to_thread(
+            call, worker.http.port, "POST", "/reconciliation/jobs", None, body
+        )
+        assert status == 202, job
+        async with asyncio.timeout(120):
+            while job["status"] in ("pending", "running"):
+                await asyncio.sleep(0.2)
+                _, _, job = await asyncio.to_thread(
+                    call, worker.http.port, "GET", f"/reconciliation/jobs/{job['id']}"
+                )
+        counted = suppressed(worker, "reconciliation")
+        scraped = await asyncio.to_thread(http_get, worker.probes.port, "/metrics")
+    assert (job["status"], job["mismatches"]) == ("succeeded", 0)
+    assert counted == 1
+    assert (
+        f'cdc_erasure_suppressed_total{{path="reconciliation",table="{TARGET}"}} 1.0' in scraped[1]
+    )
+
+    # A job that found the row missing before the erasure recorded it after.
+    await mismatch(dsn, schema, job["id"], ROW, "missing_in_postgres")
+    async with reconciler_on(stack, schema) as bare:
+        metrics = ReconMetrics()
+        rec = Reconciler(
+            bare.pool,
+            schema,
+            bare.session,
+            bare.settings,
+            metrics=metrics,
+            pushgateway_url=None,
+            owner="test",
+            suppression=Suppression(Secret(HASH_KEY)),
+        )
+        summary = await rec.repair(job["id"])
+    assert (summary.repaired, summary.erased) == (0, 1)
+    repaired = metrics.registry.get_sample_value(
+        "cdc_erasure_suppressed_total", {"table": TARGET, "path": "reconciliation"}
+    )
+    assert repaired == 1
+    await mismatch(dsn, schema, job["id"], ROW, "missing_in_postgres")
+    repair = run_cli(env, "reconcile", "repair", "--job", str(job["id"]))
+    assert repair.returncode == 0, repair.stderr
+    assert "erased keys left out 1" in repair.stdout
+    assert await keys_in(dsn, schema) == set(ROWS) - {ROW} | {MARKER}
+    assert await sql(dsn, schema, "SELECT 1 FROM _cdc_reconciliation_mismatches") == []

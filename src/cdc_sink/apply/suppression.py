@@ -7,7 +7,9 @@ reconciliation repairs all reach PostgreSQL through `PgWriter`, which, holding t
 partition locks, reads the newest entry id of each table it writes (`version`, 0: nothing of
 the table was ever erased) in a statement it runs anyway, and only then asks `keep` to drop the
 mutations of erased keys. An erasure takes the same partition lock, so a batch either commits
-before it (and is erased with the rest) or sees its entry.
+before it (and is erased with the rest) or sees its entry. Dead letters whose key is known are
+looked up before they are produced, and again under their keys' locks before they are stored
+(`PgWriter.erased_letters`): a poison record of an erased key is skipped, not kept.
 
 Entries are never removed: a table's entries are loaded once and then only those above the
 version known, so a batch of a table with erasures costs one HMAC per distinct key.
@@ -17,14 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
 from cdc_sink.config import Secret
-from cdc_sink.errors import FatalError
+from cdc_sink.errors import FatalError, SinkError
 from cdc_sink.model.events import Key, Mutation
+from cdc_sink.schema.tables import TableSchema
 
 ROW = "row"
 PARTITION = "partition"
@@ -36,6 +40,21 @@ def key_hash(hash_key: Secret, target: str, scope: str, key_text: str) -> bytes:
     canonical JSON text, so equal keys of two tables do not share a hash."""
     message = "\x00".join((target, scope, key_text)).encode()
     return hmac.new(hash_key.reveal().encode(), message, hashlib.sha256).digest()
+
+
+def record_key(schema: TableSchema, fields: Any) -> Key | None:
+    """A decoded record key as the PostgreSQL values of `schema`'s key columns (None in the
+    clustering columns of a partition or range delete), as erasure and suppression compare
+    keys; None if its fields are not exactly the table's key columns or a value does not fit."""
+    if not isinstance(fields, Mapping) or set(fields) != set(schema.key_columns):
+        return None
+    try:
+        return tuple(
+            None if fields[c] is None else schema.converters[c](fields[c])
+            for c in schema.key_columns
+        )
+    except (SinkError, ValueError, TypeError):
+        return None
 
 
 @dataclass

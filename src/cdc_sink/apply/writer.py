@@ -83,6 +83,8 @@ class BatchResult:
     rows_deleted: int
     duration_s: float
     suppressed: dict[str, int] = field(default_factory=dict)  # erased keys' mutations, by table
+    # Dead letters of erased keys found under the keys' locks: not stored (suppression.py).
+    erased_letters: tuple[DeadLetter, ...] = ()
 
 
 def json_key(values: tuple[Any, ...]) -> str:
@@ -170,17 +172,49 @@ class PgWriter:
         now = now_us if now_us is not None else time.time_ns() // 1000
         upserted = deleted = 0
         self._suppressed = {}
+        keyed = _keyed_letters(batch.dead_letters)
+        erased: list[DeadLetter] = []
         try:
             async with self.conn.transaction():
                 for schema, mutations in batch.tables:
-                    up, down = await self._apply_table(schema, mutations, now)
+                    letters = keyed.get(schema.target, (schema, []))[1]
+                    also = [letter.row[1] for letter in letters if letter.row is not None]
+                    up, down = await self._apply_table(schema, mutations, now, also_lock=also)
                     upserted, deleted = upserted + up, deleted + down
-                await self._dead_letters(batch.dead_letters)
+                if keyed:
+                    erased = await self._erased_letters(keyed, {s.target for s, _ in batch.tables})
+                gone = {id(letter) for letter in erased}
+                await self._dead_letters([d for d in batch.dead_letters if id(d) not in gone])
                 await self._move_checkpoints(batch.checkpoints)
         except BaseException:
             self._staging.clear()  # a staging table created in the rolled-back transaction is gone
             raise
-        return BatchResult(upserted, deleted, time.perf_counter() - began, self._suppressed)
+        return BatchResult(
+            upserted, deleted, time.perf_counter() - began, self._suppressed, tuple(erased)
+        )
+
+    async def erased_letters(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+        """Those of `letters` whose row key an erasure covers, read outside a transaction: one
+        look-up per table (suppression.py). An erasure may still commit after it; `apply` looks
+        again under the keys' locks before it stores a letter."""
+        keyed = _keyed_letters(letters)
+        return await self._erased_letters(keyed, set()) if keyed else []
+
+    async def _erased_letters(self, keyed: _Keyed, locked: set[str]) -> list[DeadLetter]:
+        """The letters of erased keys. In `apply`, the tables not in `locked` have their keys'
+        partitions locked first, as an erasure locks them: an erasure then either committed
+        before (and its entry is seen here) or waits for this transaction (and its scan of
+        `_cdc_dlq_records` finds the letters stored)."""
+        erased: list[DeadLetter] = []
+        for target, (schema, letters) in keyed.items():
+            keys = [letter.row[1] for letter in letters if letter.row is not None]
+            if self.conn.is_in_transaction() and target not in locked:
+                await self._lock(schema, [], [], _KeyTexts(), keys)
+            gone = await self.suppression.erased(
+                self.conn, target, keys, json_key, await self._known_partition_columns(schema)
+            )
+            erased += [d for d in letters if d.row is not None and d.row[1] in gone]
+        return erased
 
     async def expire_due(self, schema: TableSchema, limit: int = 1000) -> int:
         """Re-settle up to `limit` rows whose TTL has passed, so no expired row stays visible;
@@ -211,10 +245,16 @@ class PgWriter:
         mutations: list[Mutation],
         now_us: int,
         touch: Sequence[Key] = (),
+        *,
+        also_lock: Sequence[Key] = (),
     ) -> tuple[int, int]:
+        """`also_lock`: keys of the batch's dead letters of the table, whose partitions are
+        locked with the rows' (in one id order, so writers never wait on each other in turn)."""
         texts = _KeyTexts()
         deletes = [m for m in mutations if m.event.op is Op.RANGE or m.event.is_partition_delete]
-        partition_columns = await self._lock(schema, mutations, deletes, texts, touch)
+        partition_columns = await self._lock(
+            schema, mutations, deletes, texts, [*touch, *also_lock] if also_lock else touch
+        )
         state = TableState(schema.key_columns, partition_columns)
         erased_version = await self._load(schema, state, mutations, deletes, texts, touch)
         if erased_version:
@@ -260,11 +300,7 @@ class PgWriter:
     ) -> tuple[str, ...] | None:
         """Serialise writers of the same Cassandra partitions; return the partition columns.
         `deletes` are the partition and range deletes among `mutations`."""
-        partition_columns = (
-            schema.partition_columns
-            or self._partition_columns.get(schema.target)
-            or await self._stored_partition_columns(schema)
-        )
+        partition_columns = await self._known_partition_columns(schema)
         table_lock = lock_id(schema.target)
         if partition_columns is None and deletes:
             # This batch teaches the table's partition key: exclude every other writer.
@@ -284,6 +320,13 @@ class PgWriter:
             f"SELECT pg_advisory_xact_lock(id) FROM unnest('{{{ids}}}'::bigint[]) AS id ORDER BY id"
         )
         return partition_columns
+
+    async def _known_partition_columns(self, schema: TableSchema) -> tuple[str, ...] | None:
+        return (
+            schema.partition_columns
+            or self._partition_columns.get(schema.target)
+            or await self._stored_partition_columns(schema)
+        )
 
     async def _stored_partition_columns(self, schema: TableSchema) -> tuple[str, ...] | None:
         found = await self.conn.fetchval(
@@ -613,6 +656,18 @@ class PgWriter:
                     f"{move.topic}[{move.partition}] is no longer ours at offset {move.expected} "
                     f"(epoch {move.epoch}): another worker took it over"
                 )
+
+
+_Keyed = dict[str, tuple[TableSchema, list[DeadLetter]]]  # target -> (its schema, its letters)
+
+
+def _keyed_letters(letters: Sequence[DeadLetter]) -> _Keyed:
+    """The letters whose table and key are known, by target table."""
+    keyed: _Keyed = {}
+    for letter in letters:
+        if letter.row is not None:
+            keyed.setdefault(letter.row[0].target, (letter.row[0], []))[1].append(letter)
+    return keyed
 
 
 async def reserve_dlq_ids(pool: asyncpg.Pool, count: int) -> list[int]:

@@ -21,6 +21,7 @@ from cdc_sink.apply.writer import Batch, BatchResult, CheckpointMove, PgWriter, 
 from cdc_sink.config import Config
 from cdc_sink.consumer.offsets import OffsetMirror
 from cdc_sink.consumer.ownership import Owned
+from cdc_sink.consumer.prepare import Outcome as RecordOutcome
 from cdc_sink.consumer.prepare import Prepared, dead_letter
 from cdc_sink.dlq.letters import DeadLetter
 from cdc_sink.dlq.limiter import DlqLimiter
@@ -28,7 +29,7 @@ from cdc_sink.dlq.producer import DlqProducer
 from cdc_sink.errors import FencedError
 from cdc_sink.failures import Kind, classify, refused
 from cdc_sink.ops.logs import get_logger
-from cdc_sink.ops.metrics import Metrics, observe_all
+from cdc_sink.ops.metrics import DEAD_LETTER, STREAM, Metrics, observe_all
 from cdc_sink.ops.secrets import PostgresLogin
 from cdc_sink.retry import RetryPolicy
 
@@ -98,6 +99,8 @@ class BatchApplier:
         self.applied_events = 0
         # Produced, not yet committed, by (topic, partition, offset).
         self._dlq_sent: dict[tuple[str, int, int], DeadLetter] = {}
+        # Dead letters of erased keys, neither produced nor stored, until their offsets move.
+        self._erased: dict[tuple[str, int, int], DeadLetter] = {}
         self.writer: PgWriter | None = None
         self.suppression = Suppression(config.gdpr.hash_key)
         self._writer_conn: asyncpg.Connection | None = None
@@ -129,6 +132,7 @@ class BatchApplier:
     def forget(self, revoked: set[tuple[str, int]]) -> None:
         """Drop the dead letters sent for partitions let go (a letter holds its record)."""
         self._dlq_sent = {k: v for k, v in self._dlq_sent.items() if k[:2] not in revoked}
+        self._erased = {k: v for k, v in self._erased.items() if k[:2] not in revoked}
 
     async def release_writer(self) -> None:
         """Hand the writer's connection back to its pool (at the end of the run)."""
@@ -206,6 +210,8 @@ class BatchApplier:
     async def _apply_chunk(self, prepared: Prepared, done: _Round) -> str:
         """One transaction; bad data is isolated by halves down to the record at fault.
         Returns what became of the chunk (for its trace span)."""
+        if prepared.batch.dead_letters:
+            await self._find_erased(prepared.batch.dead_letters)
         if over := self._over_dlq_limit(prepared):
             # Apply what precedes each such partition's first dead letter, then pause it.
             await self._apply_part(
@@ -221,8 +227,11 @@ class BatchApplier:
         batch = prepared.batch
         batch.checkpoints = [self._move(tp, offset + 1) for tp, offset in prepared.last.items()]
         records = prepared.records
+        erased = [d for d in batch.dead_letters if _position(d) in self._erased]
         try:
-            batch.dead_letters = await self._send_dead_letters(batch.dead_letters)
+            batch.dead_letters = await self._send_dead_letters(
+                [d for d in batch.dead_letters if _position(d) not in self._erased]
+            )
             result = await self._apply_with_retry(batch)
         except FencedError as exc:
             log.warning("fenced", error=str(exc))
@@ -239,8 +248,8 @@ class BatchApplier:
                 await self._apply_part(first, done)
                 await self._apply_part(second, done)
                 return "split"
-            return await self._apply_dead_letter(records[0], exc, done)
-        self._acknowledge(batch, result, prepared.counts, prepared.stamps)
+            return await self._apply_dead_letter(records[0], prepared.outcomes[0], exc, done)
+        self._acknowledge(batch, result, prepared.counts, prepared.stamps, erased)
         assert self.offsets is not None
         self.offsets.mirror(batch.checkpoints)
         return "committed"
@@ -250,6 +259,8 @@ class BatchApplier:
         the offset of its first dead letter."""
         offsets: dict[TopicPartition, list[int]] = {}
         for letter in prepared.batch.dead_letters:
+            if _position(letter) in self._erased:
+                continue  # skipped, not dead-lettered
             offsets.setdefault(TopicPartition(letter.topic, letter.partition), []).extend(
                 letter.offsets(self.limiter.window)
             )
@@ -258,6 +269,29 @@ class BatchApplier:
             for tp, dead in offsets.items()
             if not self.limiter.admits(tp.topic, tp.partition, dead, prepared.last[tp])
         }
+
+    async def _find_erased(self, letters: list[DeadLetter]) -> None:
+        """Note the letters whose row key was erased (one look-up per table, only for letters
+        not yet produced): they are skipped, neither produced nor stored. An erasure committed
+        after this look-up is caught by the writer under the keys' locks, so `_cdc_dlq_records`
+        never keeps such a letter; its DLQ message is then already sent, and stays in the DLQ
+        topic (as the record stays in its own) until Kafka's retention."""
+        todo = [
+            d
+            for d in letters
+            if d.row is not None and _position(d) not in self._dlq_sent | self._erased.keys()
+        ]
+        if not todo:
+            return
+
+        async def attempt() -> list[DeadLetter]:
+            if not self._writer_usable():
+                await self.open_writer()
+            assert self.writer is not None
+            return await self.writer.erased_letters(todo)
+
+        erased = await self.retrying("dlq", attempt, on_retry=self.open_writer)
+        self._erased.update((_position(d), d) for d in erased)
 
     async def _apply_with_retry(self, batch: Batch) -> BatchResult:
         async def attempt() -> BatchResult:
@@ -301,19 +335,28 @@ class BatchApplier:
             self._dlq_sent.update((_position(d), d) for d in sent)
         return [self._dlq_sent[_position(d)] for d in letters]
 
-    async def _apply_dead_letter(self, record: Any, exc: BaseException, done: _Round) -> str:
-        """Dead-letter the one record PostgreSQL refuses, or pause its partition if that would
-        pass the DLQ limit; returns which (for the trace)."""
+    async def _apply_dead_letter(
+        self, record: Any, outcome: RecordOutcome, exc: BaseException, done: _Round
+    ) -> str:
+        """Dead-letter the one record PostgreSQL refuses, skip it if its key was erased, or
+        pause its partition if dead-lettering it would pass the DLQ limit; returns which (for
+        the trace)."""
         tp = TopicPartition(record.topic, record.partition)
-        if not self.limiter.admits(tp.topic, tp.partition, [record.offset], record.offset):
+        row = (outcome[1], outcome[0].key) if isinstance(outcome, tuple) else None
+        letter = dead_letter(record, exc, "write", row)
+        await self._find_erased([letter])
+        erased = [letter] if _position(letter) in self._erased else []
+        if not erased and not self.limiter.admits(
+            tp.topic, tp.partition, [record.offset], record.offset
+        ):
             done.paused.add(tp)
             return "paused"
         move = self._move(tp, record.offset + 1)
         self.metrics.errors.labels("write", "poison").inc()
-        letters = await self._send_dead_letters([dead_letter(record, exc, "write")])
+        letters = [] if erased else await self._send_dead_letters([letter])
         batch = Batch(dead_letters=letters, checkpoints=[move])
-        self._acknowledge(batch, await self._apply_with_retry(batch), {}, {})
-        return "dead_lettered"
+        self._acknowledge(batch, await self._apply_with_retry(batch), {}, {}, erased)
+        return "erased" if erased else "dead_lettered"
 
     def _move(self, tp: TopicPartition, next_offset: int) -> CheckpointMove:
         """The checkpoint move of an owned partition from its checkpoint to `next_offset`."""
@@ -326,17 +369,37 @@ class BatchApplier:
         result: BatchResult,
         counts: dict[tuple[str, str, str], int],
         stamps: dict[str, list[int]],
+        erased: list[DeadLetter],
     ) -> None:
-        """After COMMIT: move our offsets, count, observe latency (Kafka timestamp → now)."""
+        """After COMMIT: move our offsets, count, observe latency (Kafka timestamp → now).
+        `erased`: the batch's dead letters of erased keys, skipped."""
         now = time.time()
         for table, skipped in result.suppressed.items():
-            self.metrics.erasure_suppressed.labels(table).inc(skipped)
+            self.metrics.erasure_suppressed.labels(table, STREAM).inc(skipped)
+        erased = [*erased, *result.erased_letters]
+        stored = {id(letter) for letter in result.erased_letters}
+        for letter in erased:
+            self._erased.pop(_position(letter), None)
+            self._dlq_sent.pop(_position(letter), None)
+            assert letter.row is not None
+            self.metrics.erasure_suppressed.labels(letter.row[0].target, DEAD_LETTER).inc()
+            log.info(
+                "dead_letter_erased",  # no key: it names an erased person
+                topic=letter.topic,
+                partition=letter.partition,
+                offset=letter.offset,
+                table=letter.row[0].target,
+                stage=letter.stage,
+                error_class=letter.error_class,
+            )
         for move in batch.checkpoints:
             tp = TopicPartition(move.topic, move.partition)
             if tp in self.owned:
                 self.owned[tp].next_offset = move.next_offset
             self.metrics.last_commit_timestamp.labels(move.topic, str(move.partition)).set(now)
         for letter in batch.dead_letters:
+            if id(letter) in stored:
+                continue
             self._dlq_sent.pop(_position(letter), None)
             self.limiter.record(letter.topic, letter.partition, letter.offsets(self.limiter.window))
             self.metrics.dlq_records.labels(letter.topic, letter.error_class).inc()
@@ -356,7 +419,7 @@ class BatchApplier:
                 payload_in_topic=letter.payload_in_topic,
             )
         rows = sum(counts.values())
-        self.applied_events += rows + len(batch.dead_letters)
+        self.applied_events += rows + len(batch.dead_letters) + len(erased) - len(stored)
         for (topic, table, op), n in counts.items():  # one increment per op, not per event
             self.metrics.events_processed.labels(topic, table, op).inc(n)
         self.metrics.batch_size.observe(rows)
@@ -378,7 +441,7 @@ class BatchApplier:
                     for move in batch.checkpoints
                 ],
                 rows=rows,
-                dead_letters=len(batch.dead_letters),
+                dead_letters=len(batch.dead_letters) - len(stored),
                 duration_ms=round(result.duration_s * 1000, 1),
             )
 

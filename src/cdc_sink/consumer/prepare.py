@@ -15,14 +15,15 @@ from typing import Any, Protocol
 import asyncpg
 from aiokafka import TopicPartition
 
+from cdc_sink.apply.suppression import record_key
 from cdc_sink.apply.writer import Batch
 from cdc_sink.consumer.compression import UninflatedBatch
 from cdc_sink.decode.decoder import DecodedRecord, Decoder
 from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 from cdc_sink.dlq.letters import DeadLetter
-from cdc_sink.errors import ConversionError, EventError, PoisonError, UnexpectedError
+from cdc_sink.errors import ConversionError, EventError, PoisonError, SinkError, UnexpectedError
 from cdc_sink.failures import Kind, classify, refused
-from cdc_sink.model.events import ChangeEvent, Mutation, Position, interpret, op_name
+from cdc_sink.model.events import ChangeEvent, Key, Mutation, Position, interpret, op_name
 from cdc_sink.ops.logs import get_logger
 from cdc_sink.ops.metrics import Metrics
 from cdc_sink.retry import RetryPolicy
@@ -200,12 +201,30 @@ class Preparer:
                         "decode", step, stopping=self.stopping, metrics=self.metrics
                     )
             except PoisonError as exc:
-                outcome = dead_letter(record, exc, exc.stage)
+                outcome = dead_letter(record, exc, exc.stage, await self._row_of(record))
                 self.metrics.errors.labels(exc.stage, "poison").inc()
             except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
                 raise refused("reading or recording a table's schema", exc, "catalog") from exc
             outcomes.append(outcome)
         return Prepared.of(records, outcomes, began_ns, time.time_ns())
+
+    async def _row_of(self, record: Any) -> tuple[TableSchema, Key] | None:
+        """The table and key of a record that failed, when its key decodes and its value names
+        a table this worker knows (then an erased key is not dead-lettered); else None."""
+        if isinstance(record.value, UninflatedBatch) or record.key is None:
+            return None
+        try:
+            decoded = await self.decoder.decode(record.key, record.value)
+        except SinkError:  # the record's own bytes, or the registry: the letter is kept whole
+            return None
+        source = decoded.value.get("source") if isinstance(decoded.value, dict) else None
+        if not isinstance(source, dict):
+            return None
+        schema = self.catalog.known(str(source.get("keyspace")), str(source.get("table")))
+        if schema is None:
+            return None
+        key = record_key(schema, decoded.key)
+        return None if key is None else (schema, key)
 
     async def _to_mutation(self, record: Any) -> Converted | None:
         if isinstance(record.value, UninflatedBatch):
@@ -255,8 +274,11 @@ def _unforeseen(record: Any, decoded: DecodedRecord, exc: Exception, stage: str)
     return UnexpectedError(f"{type(exc).__name__}: {exc}", stage=stage)
 
 
-def dead_letter(record: Any, exc: BaseException, stage: str) -> DeadLetter:
-    """The dead letter of a record: its bytes as read, where and why it failed."""
+def dead_letter(
+    record: Any, exc: BaseException, stage: str, row: tuple[TableSchema, Key] | None = None
+) -> DeadLetter:
+    """The dead letter of a record: its bytes as read, where and why it failed, and its table
+    and key when known."""
     unread = record.value if isinstance(record.value, UninflatedBatch) else None
     return DeadLetter(
         topic=record.topic,
@@ -273,6 +295,7 @@ def dead_letter(record: Any, exc: BaseException, stage: str) -> DeadLetter:
         schema_id=None if unread is not None else _schema_id(record.value),
         failed_at=dt.datetime.now(dt.UTC),
         first_offset=None if unread is None else unread.first_offset,
+        row=row,
     )
 
 

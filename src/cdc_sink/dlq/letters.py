@@ -19,6 +19,8 @@ from typing import Any
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from cdc_sink.errors import FatalError
+from cdc_sink.model.events import Key
+from cdc_sink.schema.tables import TableSchema
 
 Header = tuple[str, bytes | None]  # Kafka allows a header without a value
 Message = tuple[bytes | None, bytes | None, list[Header]]  # key, value, headers
@@ -45,6 +47,9 @@ class DeadLetter:
     # A letter for a whole record batch that could not be read: its first offset (`offset` is
     # its last).
     first_offset: int | None = None
+    # The target table and key of its row, when the record was read that far: a letter of an
+    # erased key is skipped, not kept (suppression.py).
+    row: tuple[TableSchema, Key] | None = None
 
     def offsets(self, window: int) -> range:
         """The offsets this letter stands for, at most the last `window` of them."""

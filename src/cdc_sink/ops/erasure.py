@@ -22,7 +22,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, Path, Response
 from pydantic import BaseModel, ConfigDict
 
-from cdc_sink.apply.suppression import PARTITION, ROW, key_hash
+from cdc_sink.apply.suppression import PARTITION, ROW, key_hash, record_key
 from cdc_sink.apply.writer import json_key
 from cdc_sink.config import Secret
 from cdc_sink.decode.decoder import Decoder
@@ -308,16 +308,7 @@ async def _record_key(
             schema.table,
         ):
             return None
-    fields = decoded.key
-    if not isinstance(fields, Mapping) or set(fields) != set(schema.key_columns):
-        return None
-    try:
-        return tuple(
-            None if fields[c] is None else schema.converters[c](fields[c])
-            for c in schema.key_columns
-        )
-    except (SinkError, ValueError, TypeError):
-        return None
+    return record_key(schema, decoded.key)
 
 
 class ErasureBody(BaseModel):

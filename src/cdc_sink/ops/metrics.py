@@ -15,7 +15,15 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, pushadd_to_gateway
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["Metrics", "observe_all", "push_fatal_exit"]
+__all__ = [
+    "DEAD_LETTER",
+    "RECONCILIATION",
+    "STREAM",
+    "Metrics",
+    "erasure_suppressed_counter",
+    "observe_all",
+    "push_fatal_exit",
+]
 
 FATAL_EXIT_JOB = "cdc-sink"  # the pushed group's job label, as the workers' scrape job
 
@@ -25,6 +33,22 @@ BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 # The stages that retry with the sink's retry policy: their counters are exported at 0 from the
 # start, so dashboards show them and rate() sees a worker's first retry.
 RETRIED_STAGES = ("write", "decode", "dlq", "claim")
+# cdc_erasure_suppressed_total's paths: change events (replayed dead letters among them), poison
+# records not dead-lettered, reconciliation's findings and repairs.
+STREAM, DEAD_LETTER, RECONCILIATION = "stream", "dead_letter", "reconciliation"
+
+
+def erasure_suppressed_counter(registry: CollectorRegistry) -> Counter:
+    """cdc_erasure_suppressed_total{table,path} on `registry`: the worker's, or reconciliation's
+    own when it runs from the command line."""
+    return Counter(
+        "cdc_erasure_suppressed_total",
+        "Writes skipped because their key was erased for GDPR, by path: change events and "
+        "replays (stream), poison records not dead-lettered (dead_letter), reconciliation "
+        "mismatches not reported or repaired (reconciliation).",
+        ["table", "path"],
+        registry=registry,
+    )
 
 
 class Metrics:
@@ -110,13 +134,7 @@ class Metrics:
             "matching the pattern showed at start-up (CDC_SINK__TABLE_NAME_FORMAT).",
             registry=r,
         )
-        self.erasure_suppressed = Counter(
-            "cdc_erasure_suppressed_total",
-            "Change events (replays and repairs among them) skipped because their key was "
-            "erased for GDPR.",
-            ["table"],
-            registry=r,
-        )
+        self.erasure_suppressed = erasure_suppressed_counter(r)
         self.retention_purged = Counter(
             "cdc_retention_purged_total",
             "Rows housekeeping deleted because they passed their retention period, by table "
