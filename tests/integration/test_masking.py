@@ -878,3 +878,33 @@ async def test_a_hash_rule_on_an_existing_bigint_column_and_its_removal(
     clear = {i: str(big) for i, big in big_of(ledger.masked(())).items()}
     assert await stored_big(stack.postgres_dsn, schema) == clear
     assert differences(base, "cdc_ledger") == 0
+
+
+async def test_mask_apply_makes_a_newly_hashed_column_text_before_any_pod_does(
+    stack: Endpoints, unique: Unique, ledger: Ledger
+) -> None:
+    """`mask apply` run for a new `hash` rule on an int and a timestamp column before any pod
+    with the rule has seen the table: it changes both columns to text itself and writes the
+    digests, and a pod started afterwards streams on into them."""
+    schema = unique.schema("hashapplyfirst")
+    base = sink_env(stack, topic=ledger.topic, group=unique("group"), schema=schema)
+    await create_topic(stack.kafka, ledger.topic)
+    await ledger.write({i: ledger_row(i) for i in range(20)})
+    await run_worker(base)
+    hashed = ("n", "at")
+    rules = ledger.rules(*(f"{c}=hash" for c in hashed))
+    env = {**base, **{f"CDC_{k.upper()}": v for k, v in masking_env(rules).items()}}
+    outcome = mask_apply(env, table="cdc_ledger")
+    assert (outcome["rows_written"], outcome["finished"]) == (20, True)
+    types = await ledger_types(stack.postgres_dsn, schema)
+    assert (types["n"], types["at"], types["big"]) == ("text", "text", "bigint")
+    await ledger.write({20: ledger_row(20), 3: {"n": 42}})
+    await ledger.write({4: {"at": 86_400_000}}, op="u")
+    await run_worker(env)
+    stored = await stored_ledger(stack.postgres_dsn, schema)
+    expected = ledger.masked(hashed)
+    assert {i: (r["n"], r["at"]) for i, r in stored.items()} == {
+        i: (r["n"], r["at"]) for i, r in expected.items()
+    }
+    assert stored[4]["at"] == hash_text(KEY.encode(), "1970-01-02T00:00:00.000Z")
+    assert differences(env, "cdc_ledger") == 0
