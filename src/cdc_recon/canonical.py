@@ -44,6 +44,7 @@ __all__ = [
     "differing_columns",
     "driver_exact",
     "for_cassandra",
+    "for_converted",
     "for_masked",
     "for_postgres",
     "from_cassandra",
@@ -95,7 +96,15 @@ def for_cassandra(t: CqlType) -> Callable[[Any], Canon]:
 def for_masked(t: CqlType, mask: ColumnMask) -> Callable[[Any], Canon]:
     """for_cassandra of a masked column: the canonical form of the masked value the sink
     writes (a value the sink could not have stored shows the marker, never itself)."""
-    convert, fix, column = mask.guarded(t, unguarded_converter(t)), _exact_fixer(t), for_postgres(t)
+    return for_converted(t, mask.guarded(t, unguarded_converter(t)), mask.stored_type or t)
+
+
+def for_converted(
+    t: CqlType, convert: Callable[[Any], Any], stored: CqlType
+) -> Callable[[Any], Canon]:
+    """for_cassandra of a column the sink writes through `convert` (its TableSchema's
+    converter: masked, or rendered as text) into a column holding `stored`."""
+    fix, column = _exact_fixer(t), for_postgres(stored)
 
     def canon(value: Any) -> Canon:
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import ipaddress
 import itertools
@@ -30,7 +31,7 @@ from cdc_recon.canonical import (
     Canon,
     driver_exact,
     for_cassandra,
-    for_masked,
+    for_converted,
     for_postgres,
     key_text,
 )
@@ -41,6 +42,7 @@ from cdc_sink.model.cql import CqlType, pg_type
 from cdc_sink.model.masking import ColumnMask, MaskingError, MaskingPolicy
 from cdc_sink.ops.pools import BoundedPool
 from cdc_sink.schema import cassandra
+from cdc_sink.schema.catalog import column_types, rendered_columns
 from cdc_sink.schema.tables import RESERVED_COLUMNS, TableSchema, qualified, quote_ident
 
 MIN_TOKEN, MAX_TOKEN = -(2**63), 2**63 - 1
@@ -66,6 +68,9 @@ class ReconTable:
     # PII masks (the sink's rules): Cassandra's values are masked before they are compared
     # or repaired, as the sink masks what it writes.
     masks: Mapping[str, ColumnMask] = field(default_factory=dict, hash=False, compare=False)
+    # Unmasked columns PostgreSQL holds as text since a `hash` rule was removed (the sink
+    # writes their canonical text there: catalog.rendered_columns).
+    rendered: frozenset[str] = field(default=frozenset(), hash=False, compare=False)
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -103,15 +108,27 @@ class ReconTable:
             columns=self.columns,
             partition_columns=self.partition_columns,
             masks=self.masks,
+            rendered=self.rendered,
         )
 
     def cassandra_canons(self) -> list[Callable[[Any], Canon]]:
         """Per column, a cassandra-driver value → its canonical form as the sink stores it
-        (masked where a rule says so)."""
+        (masked where a rule says so, as text where the column is text)."""
+        if not self.masks and not self.rendered:
+            return [for_cassandra(t) for t in self.columns.values()]
+        sink = self.sink_schema()
         return [
-            for_cassandra(t) if (mask := self.masks.get(c)) is None else for_masked(t, mask)
+            for_cassandra(t)
+            if c not in self.masks and c not in self.rendered
+            else for_converted(t, sink.converters[c], sink.stored_types[c])
             for c, t in self.columns.items()
         ]
+
+    def postgres_canons(self) -> list[Callable[[Any], Canon]]:
+        """Per column, an asyncpg value → its canonical form (by the type PostgreSQL holds)."""
+        if not self.masks and not self.rendered:
+            return [for_postgres(t) for t in self.columns.values()]
+        return [for_postgres(t) for t in self.sink_schema().stored_types.values()]
 
 
 @dataclass(slots=True)
@@ -195,6 +212,7 @@ class Target:
     keyspace: str
     source: str
     present: frozenset[str]
+    types: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
 async def find_target(
@@ -218,19 +236,11 @@ async def find_target(
         names = ", ".join(r["target_table"] for r in rows)
         raise UnknownTableError(f"table name {name!r} is ambiguous: it matches {names}")
     row = rows[0]
-    present = {
-        r["column_name"]
-        for r in await conn.fetch(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = $1 AND table_name = $2",
-            pg_schema,
-            row["target_table"],
-        )
-    }
-    if not present:
+    types = await column_types(conn, pg_schema, row["target_table"])
+    if not types:
         raise UnknownTableError(f"table {pg_schema}.{row['target_table']} does not exist")
     return Target(
-        row["target_table"], row["keyspace_name"], row["source_table"], frozenset(present)
+        row["target_table"], row["keyspace_name"], row["source_table"], frozenset(types), types
     )
 
 
@@ -265,7 +275,7 @@ async def resolve_table(
         masks = (masking or MaskingPolicy()).masks(keyspace, source, ordered, keys)
     except MaskingError as exc:
         raise InvalidRequestError(str(exc)) from None
-    return ReconTable(
+    table = ReconTable(
         masks=masks,
         target=found.target,
         keyspace=keyspace,
@@ -275,6 +285,8 @@ async def resolve_table(
         columns=ordered,
         cassandra_only=tuple(c for c in columns if c not in mirrored),
     )
+    rendered = rendered_columns(table.sink_schema(), found.types)
+    return dataclasses.replace(table, rendered=rendered) if rendered else table
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,7 +613,7 @@ class PgReader:
     def _convert(
         self, table: ReconTable, writetimes: bool, keep: Keep | None = None
     ) -> Callable[[Sequence[Any]], Scanned | None]:
-        canons = [for_postgres(t) for t in table.columns.values()]
+        canons = table.postgres_canons()
         width = len(canons)
         keys = len(table.key_columns)
         names = table.value_columns

@@ -30,6 +30,7 @@ from cdc_recon.errors import InvalidRequestError
 from cdc_recon.readers import CassandraReader, ReconTable
 from cdc_sink.errors import ConversionError
 from cdc_sink.model.cql import pg_type
+from cdc_sink.schema.catalog import retype_masked
 from cdc_sink.schema.tables import lock_id, qualified, quote_ident
 
 DEFAULT_BATCH_ROWS = 500
@@ -87,6 +88,7 @@ class Remasker:
                 "--column was given: nothing to rewrite"
             )
         self.pool = pool
+        self.pg_schema = pg_schema
         self.cassandra = cassandra
         self.table = table
         self.columns = chosen
@@ -116,7 +118,7 @@ class Remasker:
             value, stamp = f"${width + 2 * i + 1}", f"${width + 2 * i + 2}::bigint"
             stored = f"(_cdc_cells -> {_literal(name)} ->> 0)::bigint"
             older = f"coalesce({stored}, -1) <= {stamp}"
-            cast = pg_type(table.columns[name])
+            cast = self.schema.column_type(name)
             sets.append(
                 f"{quote_ident(name)} = CASE WHEN {older} THEN {value}::{cast} "
                 f"ELSE {quote_ident(name)} END"
@@ -132,7 +134,9 @@ class Remasker:
 
     async def run(self, *, restart: bool = False, max_batches: int | None = None) -> RemaskOutcome:
         """Walk the table from where the last run of the same fingerprint stopped (from the
-        start if `restart`, or the rules changed), at most `max_batches` batches."""
+        start if `restart`, or the rules changed), at most `max_batches` batches. A column a
+        `hash` rule stores as text is made text first, if no sink pod has done so yet."""
+        await retype_masked(self.pool, self.pg_schema, self.schema)
         cursor, done, written, resumed, finished = await self._start(restart)
         batches = 0
         while not finished and (max_batches is None or batches < max_batches):

@@ -4,6 +4,7 @@ masked tables, and re-masking the rows already written after a rule change."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -304,34 +306,47 @@ async def test_a_masked_table_reconciles_and_repairs_with_masked_values(
         "tags": [MARKER, MARKER],
     }
 
-    _, found = mismatches(recon_cli(env, "run", "--table", "cdc_people", "--strategy", "checksum"))
-    assert found == 0
+    assert differences(env, "cdc_people") == 0
 
     people.session.execute(
         f"UPDATE {people.keyspace}.people USING TIMESTAMP {people.ts + 1000} "
         "SET email = 'changed@elsewhere.net' WHERE id = 7"
     )
-    job, found = mismatches(
-        recon_cli(env, "run", "--table", "cdc_people", "--strategy", "checksum")
+    assert await one_difference_repaired(env, stack.postgres_dsn, schema, "cdc_people") == (
+        [7],
+        ["email"],
     )
-    assert found == 1
-    listed = await sql(
-        stack.postgres_dsn,
-        schema,
-        "SELECT row_key, kind FROM _cdc_reconciliation_mismatches WHERE job_id = $1",
-        job,
-    )
-    assert [(json.loads(r["row_key"]), r["kind"]) for r in listed] == [([7], "value_mismatch")]
-    repaired = recon_cli(env, "repair", "--job", str(job))
-    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     stored = await stored_people(stack.postgres_dsn, schema)
     assert stored[7]["email"] == hash_text(KEY.encode(), "changed@elsewhere.net")
-    _, found = mismatches(recon_cli(env, "run", "--table", "cdc_people", "--strategy", "checksum"))
-    assert found == 0
+    assert differences(env, "cdc_people") == 0
 
 
-def mask_apply(env: dict[str, str], *args: str) -> dict[str, Any]:
-    done = run_cli(env, "mask", "apply", "--table", "cdc_people", *args)
+def differences(env: dict[str, str], table: str) -> int:
+    """The differences a checksum reconciliation of `table` finds."""
+    return mismatches(recon_cli(env, "run", "--table", table, "--strategy", "checksum"))[1]
+
+
+async def one_difference_repaired(
+    env: dict[str, str], dsn: str, schema: str, table: str
+) -> tuple[Any, list[str]]:
+    """Checksum reconciliation of `table` finds exactly one row whose values differ, and its
+    repair succeeds: (that row's key, the differing columns)."""
+    job, found = mismatches(recon_cli(env, "run", "--table", table, "--strategy", "checksum"))
+    assert found == 1
+    [listed] = await sql(
+        dsn,
+        schema,
+        "SELECT row_key, kind, columns FROM _cdc_reconciliation_mismatches WHERE job_id = $1",
+        job,
+    )
+    assert listed["kind"] == "value_mismatch"
+    repaired = recon_cli(env, "repair", "--job", str(job))
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    return json.loads(listed["row_key"]), list(listed["columns"])
+
+
+def mask_apply(env: dict[str, str], *args: str, table: str = "cdc_people") -> dict[str, Any]:
+    done = run_cli(env, "mask", "apply", "--table", table, *args)
     assert done.returncode == 0, done.stdout + done.stderr
     outcome: dict[str, Any] = json.loads(done.stdout)
     return outcome
@@ -476,10 +491,10 @@ async def test_the_hash_key_may_come_from_vault_and_rules_that_do_not_fit_stop_t
         refused = run_cli(env, "mask", "apply", "--table", "cdc_people", "--column", "nope")
         assert refused.returncode == 2, refused.stderr[-2000:]
         assert "cdc_people has no column 'nope'" in refused.stderr
-        unfit = {**env, "CDC_MASKING__RULES": people.rules("age=hash")}
+        unfit = {**env, "CDC_MASKING__RULES": people.rules("age=redact")}
         refused = run_cli(unfit, "mask", "apply", "--table", "cdc_people")
         assert refused.returncode == 2, refused.stderr[-2000:]
-        assert f"masking rule '{people.keyspace}.people.age=hash': hash fits" in refused.stderr
+        assert f"masking rule '{people.keyspace}.people.age=redact': redact fits" in refused.stderr
         ruleless = run_cli(base, "mask", "apply", "--table", "cdc_people")
         assert ruleless.returncode == 2, ruleless.stderr[-2000:]
         assert "no masking rule names a column" in ruleless.stderr
@@ -604,3 +619,292 @@ async def test_mask_apply_killed_mid_run_resumes_where_it_stopped(
     stored = await stored_people(stack.postgres_dsn, schema)
     assert {row["name"] for row in stored.values()} == {MARKER}
     assert len(stored) == 80
+
+
+# --- hash of columns that are not text -----------------------------------------------------
+
+LEDGER_CQL = (
+    "CREATE TABLE {ks}.ledger (id int PRIMARY KEY, n int, u uuid, at timestamp, "
+    "price decimal, big bigint, note text) WITH cdc = true"
+)
+LEDGER_COLUMNS: dict[str, Any] = {
+    "id": "int32",
+    "n": "int32",
+    "u": {"type": "string", "name": "io.debezium.data.Uuid"},
+    "at": {"type": "int64", "name": "io.debezium.time.Timestamp"},
+    "price": "string",
+    "big": "int64",
+    "note": "string",
+}
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# Decimal texts as Debezium sends them, and the canonical text each one is hashed as.
+PRICES = {"12.50": "12.5", "-0.000": "0", "1E+3": "1000", "0.001": "0.001", "7": "7"}
+
+
+def ledger_row(i: int) -> dict[str, Any]:
+    return {
+        "n": -i * 1000 - 1,
+        "u": str(uuid.UUID(int=i * 7919 + 1)).upper(),  # Debezium may send either case
+        "at": 1_700_000_000_000 + i * 1001,
+        "price": list(PRICES)[i % len(PRICES)],
+        "big": 2**40 + i,
+        "note": f"note {i}",
+    }
+
+
+def ledger_text(column: str, value: Any) -> str:
+    """The canonical text of a Cassandra value, worked out by hand as an analyst would."""
+    if column == "u":
+        return str(value).lower()
+    if column == "at":
+        stamp = (
+            value if isinstance(value, dt.datetime) else EPOCH + dt.timedelta(milliseconds=value)
+        )
+        return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+    if column == "price":
+        return PRICES.get(str(value)) or format(Decimal(value).normalize(), "f")
+    return str(value)
+
+
+class Ledger:
+    """The `ledger` table in a keyspace of its own, written to Cassandra and, as the agent
+    would send them, to the topic."""
+
+    def __init__(self, stack: Endpoints, unique: Unique) -> None:
+        self.stack = stack
+        self.keyspace = unique.keyspace("hashed")
+        self.topic = unique("cdc-events-ledger")
+        self.ts = TS0
+        create_cassandra_table(stack, self.keyspace, LEDGER_CQL.format(ks=self.keyspace))
+        self.session: Session = cassandra_session(stack)
+
+    def rules(self, *rules: str) -> str:
+        return "; ".join(f"{self.keyspace}.ledger.{rule}" for rule in rules)
+
+    async def write(self, rows: dict[int, dict[str, Any]], op: str = "i") -> None:
+        records = []
+        for i, cells in rows.items():
+            self.ts += 10
+            native = {n: self._native(n, v) for n, v in cells.items()}
+            if op == "d":
+                self.session.execute(
+                    f"DELETE FROM {self.keyspace}.ledger USING TIMESTAMP {self.ts} WHERE id = %s",
+                    [i],
+                )
+            elif op == "i":
+                names = ", ".join(native)
+                self.session.execute(
+                    f"INSERT INTO {self.keyspace}.ledger (id, {names}) VALUES "
+                    f"(%s, {', '.join('%s' for _ in native)}) USING TIMESTAMP {self.ts}",
+                    [i, *native.values()],
+                )
+            else:
+                sets = ", ".join(f"{n} = %s" for n in native)
+                self.session.execute(
+                    f"UPDATE {self.keyspace}.ledger USING TIMESTAMP {self.ts} SET {sets} "
+                    "WHERE id = %s",
+                    [*native.values(), i],
+                )
+            records.append(
+                json_with_schema(
+                    self.keyspace, "ledger", LEDGER_COLUMNS, {"id": i}, cells, op=op, ts_us=self.ts
+                )
+            )
+        await produce(self.stack.kafka, self.topic, records)
+
+    @staticmethod
+    def _native(column: str, value: Any) -> Any:
+        if value is None:
+            return None
+        if column == "u":
+            return uuid.UUID(value)
+        if column == "at":
+            return EPOCH + dt.timedelta(milliseconds=value)
+        if column == "price":
+            return Decimal(value)
+        return value
+
+    def cassandra_rows(self) -> dict[int, dict[str, Any]]:
+        rows = self.session.execute(
+            f"SELECT id, n, u, at, price, big, note FROM {self.keyspace}.ledger"
+        )
+        return {r.id: r._asdict() for r in rows}
+
+    def masked(
+        self, hashed: tuple[str, ...], key: bytes = KEY.encode()
+    ) -> dict[int, dict[str, Any]]:
+        """What PostgreSQL must hold: the hashed columns' digests of their canonical text."""
+        return {
+            i: {
+                c: None if v is None else hash_text(key, ledger_text(c, v)) if c in hashed else v
+                for c, v in row.items()
+                if c != "id"
+            }
+            for i, row in self.cassandra_rows().items()
+        }
+
+
+@pytest.fixture
+def ledger(stack: Endpoints, unique: Unique) -> Iterator[Ledger]:
+    table = Ledger(stack, unique)
+    try:
+        yield table
+    finally:
+        table.session.cluster.shutdown()
+
+
+async def stored_ledger(dsn: str, schema: str) -> dict[int, dict[str, Any]]:
+    rows = await sql(dsn, schema, "SELECT id, n, u, at, price, big, note FROM cdc_ledger")
+    return {r["id"]: {c: v for c, v in r.items() if c != "id"} for r in rows}
+
+
+async def stored_big(dsn: str, schema: str) -> dict[int, Any]:
+    return {i: row["big"] for i, row in (await stored_ledger(dsn, schema)).items()}
+
+
+def big_of(rows: dict[int, dict[str, Any]]) -> dict[int, Any]:
+    return {i: row["big"] for i, row in rows.items()}
+
+
+async def ledger_types(dsn: str, schema: str) -> dict[str, str]:
+    rows = await sql(
+        dsn,
+        schema,
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = $1 AND table_name = 'cdc_ledger' AND column_name = ANY($2)",
+        schema,
+        list(LEDGER_COLUMNS),
+    )
+    return {r["column_name"]: r["data_type"] for r in rows}
+
+
+async def test_hashed_columns_that_are_not_text_hold_digests_and_reconcile(
+    stack: Endpoints, unique: Unique, ledger: Ledger
+) -> None:
+    """Hashed int, uuid, timestamp and decimal columns, streamed with inserts, partial updates
+    and deletes: PostgreSQL makes them text and holds exactly the masked model (each digest
+    that of the value's documented canonical text); checksum reconciliation finds zero
+    differences, then exactly one once a hashed value is changed behind the sink, which
+    repair fixes with the digest."""
+    hashed = ("n", "u", "at", "price")
+    rules = ledger.rules(*(f"{c}=hash" for c in hashed))
+    schema = unique.schema("hashnontext")
+    env = sink_env(
+        stack, topic=ledger.topic, group=unique("group"), schema=schema, **masking_env(rules)
+    )
+    await create_topic(stack.kafka, ledger.topic)
+    await ledger.write({i: ledger_row(i) for i in range(30)})
+    await ledger.write({3: {"n": 5}, 4: {"price": "0.001", "at": 0}, 5: {"u": None}}, op="u")
+    await ledger.write({6: {}, 7: {}}, op="d")
+    await run_worker(env)
+
+    assert await ledger_types(stack.postgres_dsn, schema) == {
+        "id": "integer",
+        "n": "text",
+        "u": "text",
+        "at": "text",
+        "price": "text",
+        "big": "bigint",
+        "note": "text",
+    }
+    stored = await stored_ledger(stack.postgres_dsn, schema)
+    assert stored == ledger.masked(hashed)
+    assert 6 not in stored
+    assert stored[3]["n"] == hash_text(KEY.encode(), "5")
+    assert stored[4]["at"] == hash_text(KEY.encode(), "1970-01-01T00:00:00.000Z")
+    assert stored[5]["u"] is None
+
+    assert differences(env, "cdc_ledger") == 0
+    ledger.session.execute(
+        f"UPDATE {ledger.keyspace}.ledger USING TIMESTAMP {ledger.ts + 1000} "
+        "SET price = 99.990 WHERE id = 11"
+    )
+    assert await one_difference_repaired(env, stack.postgres_dsn, schema, "cdc_ledger") == (
+        [11],
+        ["price"],
+    )
+    stored = await stored_ledger(stack.postgres_dsn, schema)
+    assert stored[11]["price"] == hash_text(KEY.encode(), "99.99")
+    assert differences(env, "cdc_ledger") == 0
+
+
+async def test_a_hash_rule_on_an_existing_bigint_column_and_its_removal(
+    stack: Endpoints, unique: Unique, ledger: Ledger, tmp_path: Path
+) -> None:
+    """A `hash` rule added to a table whose `big` column is bigint: the sink restarted with it
+    changes the column to text while it streams, `mask apply` rewrites the clear values to
+    digests, and reconciliation then finds nothing. With the rule removed again the column
+    stays text: the sink writes the clear canonical text and `mask apply --column big`
+    rewrites the digests to it, again with nothing for reconciliation to find."""
+    schema = unique.schema("hashbigint")
+    base = sink_env(stack, topic=ledger.topic, group=unique("group"), schema=schema)
+    await create_topic(stack.kafka, ledger.topic)
+    await ledger.write({i: ledger_row(i) for i in range(60)})
+    await run_worker(base)
+    assert (await ledger_types(stack.postgres_dsn, schema))["big"] == "bigint"
+
+    env = {
+        **base,
+        **{f"CDC_{k.upper()}": v for k, v in masking_env(ledger.rules("big=hash")).items()},
+    }
+    log_path = tmp_path / "worker.log"
+    worker = start_worker_process(env, log_path, stop_when_caught_up=False)
+    try:
+        await ledger.write({i: ledger_row(i) for i in range(60, 70)})
+        await ledger.write({2: {"big": -5}, 65: {"big": 123}}, op="u")
+        await wait_for_applied(stack.postgres_dsn, schema, 60 + 10 + 2 - 1, worker)
+        assert worker.poll() is None, log_path.read_text()[-3000:]
+        assert (await ledger_types(stack.postgres_dsn, schema))["big"] == "text"
+        halfway = await stored_ledger(stack.postgres_dsn, schema)
+        assert halfway[65]["big"] == hash_text(KEY.encode(), "123")  # written by the sink
+        assert halfway[2]["big"] == hash_text(KEY.encode(), "-5")
+        assert halfway[10]["big"] == str(2**40 + 10)  # written before the rule: cast to text
+        outcome = mask_apply(env, "--batch-rows", "16", table="cdc_ledger")
+        assert outcome["finished"]
+        await ledger.write({70: ledger_row(70)})
+        await wait_for_applied(stack.postgres_dsn, schema, 60 + 10 + 2 + 1 - 1, worker)
+    finally:
+        kill(worker)
+    assert await stored_big(stack.postgres_dsn, schema) == big_of(ledger.masked(("big",)))
+    assert differences(env, "cdc_ledger") == 0
+
+    # The rule removed: the column stays text and gets the clear canonical text.
+    await ledger.write({2: {"big": 777}}, op="u")
+    await run_worker(base)
+    assert (await ledger_types(stack.postgres_dsn, schema))["big"] == "text"
+    assert (await stored_ledger(stack.postgres_dsn, schema))[2]["big"] == "777"
+    outcome = mask_apply(base, "--column", "big", table="cdc_ledger")
+    assert outcome["finished"]
+    clear = {i: str(big) for i, big in big_of(ledger.masked(())).items()}
+    assert await stored_big(stack.postgres_dsn, schema) == clear
+    assert differences(base, "cdc_ledger") == 0
+
+
+async def test_mask_apply_makes_a_newly_hashed_column_text_before_any_pod_does(
+    stack: Endpoints, unique: Unique, ledger: Ledger
+) -> None:
+    """`mask apply` run for a new `hash` rule on an int and a timestamp column before any pod
+    with the rule has seen the table: it changes both columns to text itself and writes the
+    digests, and a pod started afterwards streams on into them."""
+    schema = unique.schema("hashapplyfirst")
+    base = sink_env(stack, topic=ledger.topic, group=unique("group"), schema=schema)
+    await create_topic(stack.kafka, ledger.topic)
+    await ledger.write({i: ledger_row(i) for i in range(20)})
+    await run_worker(base)
+    hashed = ("n", "at")
+    rules = ledger.rules(*(f"{c}=hash" for c in hashed))
+    env = {**base, **{f"CDC_{k.upper()}": v for k, v in masking_env(rules).items()}}
+    outcome = mask_apply(env, table="cdc_ledger")
+    assert (outcome["rows_written"], outcome["finished"]) == (20, True)
+    types = await ledger_types(stack.postgres_dsn, schema)
+    assert (types["n"], types["at"], types["big"]) == ("text", "text", "bigint")
+    await ledger.write({20: ledger_row(20), 3: {"n": 42}})
+    await ledger.write({4: {"at": 86_400_000}}, op="u")
+    await run_worker(env)
+    stored = await stored_ledger(stack.postgres_dsn, schema)
+    expected = ledger.masked(hashed)
+    assert {i: (r["n"], r["at"]) for i, r in stored.items()} == {
+        i: (r["n"], r["at"]) for i, r in expected.items()
+    }
+    assert stored[4]["at"] == hash_text(KEY.encode(), "1970-01-02T00:00:00.000Z")
+    assert differences(env, "cdc_ledger") == 0

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from cdc_sink.decode.decoder import Decoder
 from cdc_sink.errors import PoisonError
 from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.model.events import Op, Position, interpret, op_name
+from cdc_sink.model.masking import MaskingPolicy, parse_rules
 from cdc_sink.schema.direct import direct_mutation
 from cdc_sink.schema.tables import TableSchema
 from cdc_synth import synth
@@ -55,7 +58,20 @@ WIDE = TableSchema(
     key_columns=("k", "c"),
     columns={name: parse_cql_type(cql) for name, cql in EVERY_TYPE.items()},
 )
-TABLES = {("ks", "wide"): WIDE, ("ks", "model"): MODEL_SCHEMA}
+# The same table with every column `hash`ed that can be (its text made of each type's
+# canonical text), the others nulled.
+_UNHASHABLE = ("map", "frozen<map", "frozen<tuple")
+_HASHED_RULES = "\n".join(
+    f"ks.hashed.{name}={'null' if cql.startswith(_UNHASHABLE) else 'hash'}"
+    for name, cql in EVERY_TYPE.items()
+    if name not in ("k", "c")
+)
+HASHED = replace(WIDE, table="hashed", target="cdc_hashed").with_masks(
+    MaskingPolicy(parse_rules(_HASHED_RULES), b"k" * 32).masks(
+        "ks", "hashed", WIDE.columns, WIDE.key_columns
+    )
+)
+TABLES = {("ks", "wide"): WIDE, ("ks", "hashed"): HASHED, ("ks", "model"): MODEL_SCHEMA}
 
 # Values a decoded cell may hold: each type's own shapes (JSON and Avro), and wrong ones.
 VALID: dict[str, list[Any]] = {
@@ -183,15 +199,19 @@ def known(keyspace: str, table: str) -> TableSchema | None:
     return TABLES.get((keyspace, table))
 
 
+@pytest.mark.parametrize("table", ["wide", "hashed"])
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(record=wide_records())
 def test_every_type_ttl_null_and_flaw_converts_as_the_three_stages_do(
-    record: tuple[Any, dict[str, Any]],
+    table: str, record: tuple[Any, dict[str, Any]]
 ) -> None:
     """For records of a table with every Cassandra type (TTLs, nulls, deletes, collections,
-    wrong values, broken envelopes), the one-pass mutation equals the three stages'; where it
-    declines, the three stages convert or refuse the record themselves."""
+    wrong values, broken envelopes), plain or with every column hashed, the one-pass mutation
+    equals the three stages'; where it declines, the three stages convert or refuse the
+    record themselves."""
     key, value = record
+    if isinstance(value.get("source"), dict) and value["source"].get("table") == "wide":
+        value["source"]["table"] = table
     direct = direct_mutation(known, key, value, POSITION)
     if direct is None:
         # refused or evolved by the general path, as without the one-pass path
@@ -201,20 +221,29 @@ def test_every_type_ttl_null_and_flaw_converts_as_the_three_stages_do(
     assert same(direct, general_path(key, value))
 
 
-def test_well_formed_rows_of_every_type_take_the_one_pass_path() -> None:
+@pytest.mark.parametrize("table", ["wide", "hashed"])
+def test_well_formed_rows_of_every_type_take_the_one_pass_path(table: str) -> None:
     """An insert, update or row delete of a known table with valid cells is not declined,
-    whatever its column types."""
+    whatever its column types, hashed or not."""
     after = {}
     for name, cql in EVERY_TYPE.items():
         if name not in ("k", "c"):
             [valid, *_] = [v for v in shapes(cql) if fits(name, v)]
             after[name] = {"value": valid, "deletion_ts": None, "set": True}
-    source = {"keyspace": "ks", "table": "wide", "ts_us": 7, "snapshot": "false"}
+    source = {"keyspace": "ks", "table": table, "ts_us": 7, "snapshot": "false"}
     for op in "iud":
         key, value = {"k": "a", "c": 1}, {"op": op, "source": source, "after": after}
         direct = direct_mutation(known, key, value, POSITION)
         assert direct is not None
         assert same(direct, general_path(key, value))
+        if table == "hashed" and op != "d":
+            digests = {
+                n: v for n, v in direct[0].values.items() if HASHED.masks[n].rule.method == "hash"
+            }
+            assert len(digests) == len(EVERY_TYPE) - 2 - 3
+            for name, digest in digests.items():
+                for one in digest if isinstance(digest, list) else [digest]:
+                    assert re.fullmatch("[0-9a-f]{64}", one), name
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import hashlib
 import hmac
+import ipaddress
 import json
+import math
 import traceback
+import uuid
 from collections import namedtuple
 from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -27,6 +33,8 @@ from cdc_sink.model.masking import (
     parse_rules,
     partial_text,
 )
+from cdc_sink.model.scalars import text_rendering
+from cdc_sink.model.values import unguarded_converter
 from cdc_sink.schema.tables import TableSchema
 
 KEY = b"k" * 32
@@ -100,7 +108,8 @@ def test_malformed_rules_are_refused_naming_the_rule(text: str, says: str) -> No
     [
         ("shop.users.mail=hash", "'shop.users.mail=hash': shop.users has no column 'mail'"),
         ("shop.users.id=redact", "'shop.users.id=redact': 'id' is part of the primary key"),
-        ("shop.users.age=hash", "'shop.users.age=hash': hash fits text, ascii and varchar"),
+        ("shop.users.prefs=hash", "'shop.users.prefs=hash': hash fits scalar columns"),
+        ("shop.users.age=redact", "redact fits text, ascii and varchar columns"),
         ("shop.users.prefs=partial:last:2", "partial fits text, ascii and varchar"),
     ],
 )
@@ -335,3 +344,271 @@ def test_reconciliation_masks_cassandra_values_as_the_sink_stores_them() -> None
 
 def event_of(table: str, **cells: Any) -> ChangeEvent:
     return replace(event(), table=table, cells={n: Cell(v, None) for n, v in cells.items()})
+
+
+# --- hash of columns that are not text ---------------------------------------------------------
+
+DRIVER_TIME = namedtuple("DRIVER_TIME", ["nanosecond_time"])
+DRIVER_DATE = namedtuple("DRIVER_DATE", ["days_from_epoch"])
+
+
+@pytest.mark.parametrize(
+    ("cql", "values", "text"),
+    [
+        ("boolean", [True], "true"),
+        ("boolean", [False], "false"),
+        ("tinyint", [-128], "-128"),
+        ("int", [-42], "-42"),
+        ("bigint", [-(2**63)], "-9223372036854775808"),
+        ("counter", [7], "7"),
+        ("varint", [10**40, str(10**40), (10**40).to_bytes(17, "big")], "1" + "0" * 40),
+        ("varint", [-(10**30)], "-1" + "0" * 30),
+        # decimals: one number, one text, whatever scale or notation carries it
+        ("decimal", ["1.50", "1.5", {"scale": 2, "value": b"\x00\x96"}, Decimal("15E-1")], "1.5"),
+        ("decimal", ["1E+3", "1000.000", {"scale": -3, "value": b"\x01"}], "1000"),
+        ("decimal", ["-0.00", "0", "0E+5"], "0"),
+        ("decimal", ["-12.340"], "-12.34"),
+        ("decimal", ["0.000001"], "0.000001"),
+        # floats: the shortest decimal that reads back as the value; -0.0 is 0.0
+        ("double", [0.1], "0.1"),
+        ("double", [-0.0, 0.0, 0], "0.0"),
+        ("double", [1e16], "1e+16"),
+        ("double", ["NaN", math.nan], "NaN"),
+        ("double", ["Infinity", math.inf], "Infinity"),
+        ("double", ["-Infinity", -math.inf], "-Infinity"),
+        ("float", [0.1, 0.10000000149011612], "0.1"),
+        ("float", [-0.0], "0.0"),
+        ("float", ["NaN"], "NaN"),
+        ("blob", [b"\x00\xab", "AKs="], "0x00ab"),
+        ("blob", [b""], "0x"),
+        (
+            "uuid",
+            [
+                "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+                uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            ],
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        ),
+        (
+            "timeuuid",
+            ["D2177DD0-EAA2-11DE-A572-001B779C76E3"],
+            "d2177dd0-eaa2-11de-a572-001b779c76e3",
+        ),
+        ("inet", ["/192.0.2.1", "host/192.0.2.1", ipaddress.ip_address("192.0.2.1")], "192.0.2.1"),
+        (
+            "inet",
+            ["/2001:DB8:0:0:0:0:0:1", bytes(ipaddress.ip_address("2001:db8::1").packed)],
+            "2001:db8::1",
+        ),
+        ("inet", ["/::ffff:192.0.2.1"], "::ffff:192.0.2.1"),
+        # timestamps: the UTC instant, milliseconds always (microseconds where there are any)
+        (
+            "timestamp",
+            [
+                1_700_000_000_123,
+                "2023-11-14T22:13:20.123Z",
+                "2023-11-15T00:13:20.123+02:00",
+                dt.datetime(2023, 11, 14, 22, 13, 20, 123000),  # the driver's naive UTC
+            ],
+            "2023-11-14T22:13:20.123Z",
+        ),
+        ("timestamp", [0], "1970-01-01T00:00:00.000Z"),
+        ("timestamp", [-62_135_596_800_000], "0001-01-01T00:00:00.000Z"),
+        ("timestamp", ["2024-01-02T03:04:05.000001Z"], "2024-01-02T03:04:05.000001Z"),
+        ("date", [19_000, "2022-01-08", DRIVER_DATE(19_000)], "2022-01-08"),
+        # time: Cassandra's nanoseconds, all nine digits
+        (
+            "time",
+            [49_530_123_456_789, "13:45:30.123456789", DRIVER_TIME(49_530_123_456_789)],
+            "13:45:30.123456789",
+        ),
+        ("time", [0], "00:00:00.000000000"),
+        ("duration", [90_061_000_000_001], "P1DT1H1M1.000000001S"),
+        ("duration", [-3_600_000_000_000], "PT-1H"),
+        ("text", ["ü🙂"], "ü🙂"),
+    ],
+)
+def test_each_scalar_type_has_one_canonical_text(cql: str, values: list[Any], text: str) -> None:
+    """Every shape a value of the type arrives in (Debezium's JSON and Avro, the Cassandra
+    driver's) renders as the same documented text, and a hashed column holds its digest."""
+    t = parse_cql_type(cql)
+    render = text_rendering(t)
+    assert render is not None
+    hashed = column_masks(
+        parse_rules("shop.users.v=hash"),
+        "shop",
+        "users",
+        {"id": COLUMNS["id"], "v": t},
+        ("id",),
+        hash_key=KEY,
+    )["v"]
+    for value in values:
+        assert render(value) == text, value
+        assert hashed.guarded(t, unguarded_converter(t))(value) == hash_text(KEY, text)
+
+
+def test_hash_of_text_columns_keeps_the_digest_of_the_text() -> None:
+    """A text column's digest is still that of its UTF-8 text, so data hashed before stays
+    valid; its PostgreSQL type stays text."""
+    table = schema()
+    assert (
+        table.converters["email"]("ada@example.com")
+        == hmac.new(KEY, b"ada@example.com", hashlib.sha256).hexdigest()
+    )
+    assert table.column_type("email") == "text"
+
+
+HASHED_COLUMNS = {
+    "id": parse_cql_type("int"),
+    "n": parse_cql_type("bigint"),
+    "u": parse_cql_type("uuid"),
+    "at": parse_cql_type("timestamp"),
+    "price": parse_cql_type("decimal"),
+    "codes": parse_cql_type("set<int>"),
+    "seen": parse_cql_type("frozen<list<timestamp>>"),
+    "home": parse_cql_type("frozen<address>", UDTS),
+    "plain": parse_cql_type("bigint"),
+}
+
+
+def hashed_table(rules: str) -> TableSchema:
+    policy = MaskingPolicy(parse_rules(rules), KEY)
+    plain = TableSchema("shop", "hashed", "cdc_hashed", ("id",), HASHED_COLUMNS)
+    return plain.with_masks(policy.masks("shop", "hashed", HASHED_COLUMNS, ("id",)))
+
+
+HASH_ALL = (
+    "shop.hashed.n=hash; shop.hashed.u=hash; shop.hashed.at=hash; shop.hashed.price=hash; "
+    "shop.hashed.codes=hash; shop.hashed.seen=hash; shop.hashed.home.zip=hash"
+)
+
+
+def test_hashed_columns_that_are_not_text_become_text_columns() -> None:
+    """The DDL makes a hashed scalar column text, a hashed list or set text[], and leaves a
+    UDT jsonb (its hashed field becomes a JSON string); unmasked columns keep their types."""
+    table = hashed_table(HASH_ALL)
+    assert {n: table.column_type(n) for n in HASHED_COLUMNS} == {
+        "id": "integer",
+        "n": "text",
+        "u": "text",
+        "at": "text",
+        "price": "text",
+        "codes": "text[]",
+        "seen": "text[]",
+        "home": "jsonb",
+        "plain": "bigint",
+    }
+    create = table.create_sql("public")
+    assert '"n" text,' in create
+    assert '"codes" text[],' in create
+    assert '"plain" bigint,' in create
+    assert table.add_column_sql("public", "at").endswith('"at" text')
+    mutation = table.to_mutation(
+        replace(
+            event(),
+            table="hashed",
+            cells={
+                n: Cell(v, None)
+                for n, v in {
+                    "n": 12345,
+                    "u": "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+                    "at": 1_700_000_000_000,
+                    "price": {"scale": 2, "value": b"\x04\xd2"},
+                    "codes": [3, None, 1],
+                    "seen": [0],
+                    "home": {"street": "s", "city": None, "lines": None, "zip": 8001},
+                    "plain": 5,
+                }.items()
+            },
+        )
+    )
+    h = functools.partial(hash_text, KEY)
+    assert mutation.values == {
+        "n": h("12345"),
+        "u": h("1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+        "at": h("2023-11-14T22:13:20.000Z"),
+        "price": h("12.34"),
+        "codes": [h("3"), None, h("1")],
+        "seen": [h("1970-01-01T00:00:00.000Z")],
+        "home": json.dumps(
+            {"street": "s", "city": None, "lines": None, "zip": h("8001")}, separators=(",", ":")
+        ),
+        "plain": 5,
+    }
+    assert json.loads(mutation.values["home"])["zip"] == h("8001")
+
+
+def test_a_hashed_value_that_does_not_fit_is_reported_with_the_marker() -> None:
+    """A value the column's type refuses is a ConversionError showing the marker, never the
+    value, as for text columns."""
+    table = hashed_table(HASH_ALL)
+    for column, bad in (("n", 2**70), ("u", "SECRET-not-a-uuid"), ("home", {"zip": "SECRET"})):
+        with pytest.raises(ConversionError) as caught:
+            table.to_mutation(replace(event(), table="hashed", cells={column: Cell(bad, None)}))
+        shown = "".join(traceback.format_exception(caught.value))
+        assert f"column {column!r}" in shown
+        assert "***" in shown
+        assert "SECRET" not in shown
+        assert "1180591620717411303424" not in shown
+
+
+def test_hash_fits_scalars_and_their_lists_and_sets_only() -> None:
+    """hash of a map, a tuple, a UDT as a whole or a list of UDTs is refused naming the rule
+    (null fits those); redact and partial still fit text alone."""
+    columns = {
+        "id": parse_cql_type("int"),
+        "m": parse_cql_type("map<text, int>"),
+        "t": parse_cql_type("frozen<tuple<int, text>>"),
+        "a": parse_cql_type("frozen<address>", UDTS),
+        "l": parse_cql_type("list<frozen<list<int>>>"),
+        "n": parse_cql_type("bigint"),
+    }
+    for column in ("m", "t", "a", "l"):
+        with pytest.raises(MaskingError, match=f"shop.t.{column}=hash': hash fits scalar"):
+            column_masks(
+                parse_rules(f"shop.t.{column}=hash"), "shop", "t", columns, ("id",), hash_key=KEY
+            )
+    for method in ("redact", "partial:first:1"):
+        with pytest.raises(MaskingError, match="use hash or null"):
+            column_masks(
+                parse_rules(f"shop.t.n={method}"), "shop", "t", columns, ("id",), hash_key=KEY
+            )
+    with pytest.raises(MaskingError, match="part of the primary key"):
+        column_masks(parse_rules("shop.t.id=hash"), "shop", "t", columns, ("id",), hash_key=KEY)
+
+
+def test_a_column_left_text_by_a_removed_rule_is_written_as_its_canonical_text() -> None:
+    """With no rule left, a column PostgreSQL holds as text (`rendered`) gets each value's
+    canonical text in the clear, and its type stays text; refused values say why."""
+    table = hashed_table("").with_masks({}, {"n", "codes"})
+    assert table.column_type("n") == "text"
+    assert table.column_type("codes") == "text[]"
+    assert table.converters["n"](12345) == "12345"
+    assert table.converters["codes"]([2, None]) == ["2", None]
+    assert table.unguarded["n"](-1) == "-1"
+    with pytest.raises(ConversionError, match="64-bit"):
+        table.converters["n"](2**70)
+
+
+def test_reconciliation_hashes_cassandra_values_of_every_type_as_the_sink_does() -> None:
+    """The canonical form of a driver value of a hashed column that is not text equals that
+    of the text the sink stored for Debezium's value, so the table reconciles."""
+    table = hashed_table(HASH_ALL)
+    driver_and_debezium = {
+        "n": (12345, 12345),
+        "u": (
+            uuid.UUID("1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+            "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+        ),
+        "at": (dt.datetime(2023, 11, 14, 22, 13, 20, 123000), 1_700_000_000_123),
+        "price": (Decimal("12.340"), {"scale": 2, "value": b"\x04\xd2"}),
+        "codes": (frozenset({1, 3}), [1, 3]),
+        "home": (
+            Address("s", None, None, 8001),
+            {"street": "s", "city": None, "lines": None, "zip": 8001},
+        ),
+    }
+    for column, (driver, debezium) in driver_and_debezium.items():
+        t, mask = HASHED_COLUMNS[column], table.masks[column]
+        stored = for_postgres(table.stored_types[column])(table.converters[column](debezium))
+        assert for_masked(t, mask)(driver) == stored, column

@@ -11,10 +11,12 @@ A rule names a Cassandra column as `keyspace.table.column` and a method:
   the marker (`partial:last:12` keeps `@example.com`); a value of N characters or fewer
   becomes the marker alone, so a short value is never shown whole.
 
-`hash`, `redact` and `partial` apply to text, ascii and varchar columns and to each element
-of a list or set of them; `null` to any column that is not part of the primary key. A UDT
-column's fields are named `keyspace.table.column.field`, with the same methods for the same
-field types. A mask composes with the column's converter (`ColumnMask.guarded` /
+`redact` and `partial` apply to text, ascii and varchar columns and to each element of a list
+or set of them; `hash` to those and to any other scalar (and list or set of scalars), whose
+values it digests in their canonical text (model.scalars.TEXT_RENDERINGS), so the column is
+stored as text (`ColumnMask.stored_type`); `null` to any column that is not part of the primary
+key. A UDT column's fields are named `keyspace.table.column.field`, with the same methods for
+the same field types. A mask composes with the column's converter (`ColumnMask.guarded` /
 `ColumnMask.unguarded`): what leaves it is masked, and a conversion error of a masked column
 shows the marker, never the value.
 """
@@ -25,19 +27,21 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cdc_sink.config import ConfigError, MaskingConfig
 from cdc_sink.errors import ConversionError
 from cdc_sink.model.cql import CqlType
-from cdc_sink.model.scalars import InvalidValue
+from cdc_sink.model.scalars import InvalidValue, text_rendering
+from cdc_sink.model.values import unguarded_converter
 
 Converter = Callable[[Any], Any]
 
 METHODS = ("hash", "redact", "null", "partial")
 DEFAULT_MARKER = "***"
 _TEXT_TYPES = frozenset(("text", "ascii", "varchar"))
+TEXT = CqlType("text")
 _RULE = re.compile(r"(\w+)\.(\w+)\.(.+)")
 _PARTIAL = re.compile(r"partial:(first|last):(\d+)")
 
@@ -110,6 +114,19 @@ def hash_text(key: bytes, value: str) -> str:
     return hmac.new(key, value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
 
+def is_text(t: CqlType) -> bool:
+    """Whether values of `t` are text already (text, ascii, varchar, or a list or set of them)."""
+    return t.name in _TEXT_TYPES or (t.name in ("list", "set") and t.params[0].name in _TEXT_TYPES)
+
+
+def as_text(t: CqlType) -> CqlType:
+    """The type whose column holds `t`'s values as text: text for a scalar, list<text> or
+    set<text> (a `text[]` column) for a list or set of scalars."""
+    if t.name in ("list", "set"):
+        return CqlType(t.name, (TEXT,), frozen=t.frozen)
+    return TEXT
+
+
 def partial_text(value: str, keep: int, from_end: bool, marker: str) -> str:
     """The kept characters with the marker standing for the rest; the marker alone when
     keeping them would show the whole value."""
@@ -128,6 +145,42 @@ class ColumnMask:
     key: bytes = field(default=b"", repr=False)  # a secret: never shown
     per_element: bool = False  # a list or set: each element is masked
     fields: tuple[tuple[str, ColumnMask], ...] = ()  # UDT field -> its mask
+    source: CqlType | None = None  # the column's (or field's) Cassandra type, if known
+
+    @property
+    def renders(self) -> bool:
+        """Whether values are digested in their canonical text: a `hash` of a type that is
+        not text."""
+        return (
+            self.rule is not None
+            and self.rule.method == "hash"
+            and self.source is not None
+            and not is_text(self.source)
+        )
+
+    @property
+    def stored_type(self) -> CqlType | None:
+        """The type whose PostgreSQL column (`cql.pg_type`) and converter hold the masked
+        values: text (or text[]) for a rendered `hash`, a UDT whose digested fields are text,
+        else the column's own type."""
+        if self.source is None:
+            return None
+        if self.renders:
+            return as_text(self.source)
+        if self.fields and self.source.name == "udt":
+            masks = dict(self.fields)
+            fields = tuple(
+                (name, (masks[name].stored_type or t) if name in masks else t)
+                for name, t in self.source.fields
+            )
+            return replace(self.source, fields=fields)
+        return self.source
+
+    def _rendering(self) -> Converter:
+        assert self.source is not None
+        render = text_rendering(self.source)
+        assert render is not None  # column_masks lets `hash` fit only types that render
+        return render
 
     @property
     def rules(self) -> tuple[MaskRule, ...]:
@@ -164,6 +217,11 @@ class ColumnMask:
         if self.rule is not None and self.rule.method == "null":
             return lambda v: None
         one = self.text_mask()
+        if self.renders:
+            render = self._rendering()
+            if self.per_element:
+                return lambda v: [None if x is None else one(x) for x in render(v)]
+            return lambda v: one(render(v))
         if self.per_element:  # any collection: the driver's sets are its own SortedSet
             return lambda v: (
                 v
@@ -194,7 +252,12 @@ class ColumnMask:
         marker = self.marker
         # A UDT's fields are masked before conversion, a column's value after it.
         mask = _same if self.fields else self.mask()
+        if self.renders:
+            convert = self._rendering()
         if self.fields:
+            stored = self.stored_type
+            if stored is not None and stored != self.source:  # digested fields are text
+                convert = unguarded_converter(stored)
             convert = self._fields_masked(convert)
 
         def masked(v: Any) -> Any:
@@ -277,19 +340,25 @@ def column_masks(
                     f"(it has {', '.join(fields)})"
                 )
             t = fields[field_name]
-        per_element = t.name in ("list", "set") and t.params[0].name in _TEXT_TYPES
-        if rule.method != "null" and t.name not in _TEXT_TYPES and not per_element:
+        per_element = t.name in ("list", "set")
+        if rule.method == "hash" and text_rendering(t) is None:
+            raise MaskingError(
+                f"masking rule {rule.text!r}: hash fits scalar columns and fields and lists "
+                f"or sets of scalars, not {t}; use null for this "
+                f"{'field' if field_name else 'column'}"
+            )
+        if rule.method in ("redact", "partial") and not is_text(t):
             raise MaskingError(
                 f"masking rule {rule.text!r}: {rule.method} fits text, ascii and varchar "
-                f"columns and fields and lists or sets of them, not {t}; use null for this "
-                f"{'field' if field_name else 'column'}"
+                f"columns and fields and lists or sets of them, not {t}; use hash or null "
+                f"for this {'field' if field_name else 'column'}"
             )
         if rule.method == "hash" and not hash_key:
             raise MaskingError(
                 f"masking rule {rule.text!r} needs a hash key: CDC_MASKING__HASH_KEY or "
                 "CDC_VAULT__MASKING_KEY_SECRET"
             )
-        mask = ColumnMask(rule, marker, hash_key or b"", per_element)
+        mask = ColumnMask(rule, marker, hash_key or b"", per_element, source=t)
         if (field_name and column in masks) or (not field_name and column in by_field):
             raise MaskingError(
                 f"masking rule {rule.text!r}: {column!r} has a rule of its own and rules "
@@ -300,7 +369,9 @@ def column_masks(
         else:
             masks[column] = mask
     for column, field_masks in by_field.items():
-        masks[column] = ColumnMask(None, marker, hash_key or b"", fields=tuple(field_masks.items()))
+        masks[column] = ColumnMask(
+            None, marker, hash_key or b"", fields=tuple(field_masks.items()), source=columns[column]
+        )
     return masks
 
 

@@ -534,6 +534,64 @@ SCALARS: dict[str, tuple[Converter, Converter]] = {
 }
 
 
+def _decimal_text(d: Decimal) -> str:
+    if not d.is_finite():
+        return str(decimal_json(d))
+    if d.is_zero():
+        return "0"
+    return format(d.normalize(_EXACT), "f")
+
+
+def _float_text(f: float | str) -> str:
+    if isinstance(f, str):  # NaN, Infinity, -Infinity
+        return f
+    return repr(f + 0.0)  # -0.0 + 0.0 is 0.0: equal values render alike
+
+
+def _int_text(convert: Converter) -> Converter:
+    return lambda v: str(convert(v))
+
+
+def _inet_render(v: Any) -> str:
+    address = _inet(v)
+    mapped = getattr(address, "ipv4_mapped", None)
+    # RFC 5952's form for an IPv4-mapped address, whatever the Python version prints.
+    return f"::ffff:{mapped}" if mapped is not None else str(address)
+
+
+# Per scalar CQL type: a value as canonical text (README "PII masking"): what `hash` digests
+# when the column is not text, so that the digest of a known value can be computed by hand.
+TEXT_RENDERINGS: dict[str, Converter] = {
+    "boolean": lambda v: "true" if _boolean(v) else "false",
+    **{n: _int_text(SCALARS[n][0]) for n in ("tinyint", "smallint", "int", "bigint", "counter")},
+    "varint": lambda v: _decimal_text(_varint(v)),
+    "decimal": lambda v: _decimal_text(_decimal(v)),
+    "float": lambda v: _float_text(_float32_json(_float(v))),
+    "double": lambda v: _float_text(float_json(_double(v))),
+    "blob": lambda v: "0x" + _blob(v).hex(),
+    "uuid": lambda v: str(_uuid(v)).lower(),
+    "timeuuid": lambda v: str(_uuid(v)).lower(),
+    "inet": _inet_render,
+    "timestamp": lambda v: _timestamp_json(_timestamp(v)),
+    "date": lambda v: _date(v).isoformat(),
+    "time": _time_json,
+    "duration": _duration_json,
+    **{name: valid_text for name in ("ascii", "text", "varchar")},
+}
+
+
+def text_rendering(t: CqlType) -> Converter | None:
+    """A value of `t` (a scalar, or a list or set of scalars) -> its canonical text (a list of
+    texts, None elements kept); None for a type without one (maps, tuples, UDTs, nested
+    collections). InvalidValue for a value the type's converter refuses."""
+    if t.name in TEXT_RENDERINGS:
+        return TEXT_RENDERINGS[t.name]
+    if t.name in ("list", "set") and t.params[0].name in TEXT_RENDERINGS:
+        element = nullable(TEXT_RENDERINGS[t.params[0].name])
+        return lambda v: [element(x) for x in items(v)]
+    return None
+
+
 def guard(t: CqlType, convert: Converter) -> Converter:
     def guarded(v: Any) -> Any:
         if v is None:

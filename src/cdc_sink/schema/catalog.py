@@ -20,26 +20,42 @@ one is refused whole (every later event of it too), so no row of it is ever half
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import asyncpg
 
 from cdc_sink.errors import EventError, FatalError, TransientError
-from cdc_sink.model.cql import CqlType, from_connect_schema, parse_cql_type, udt_definitions
+from cdc_sink.model.cql import (
+    CqlType,
+    from_connect_schema,
+    parse_cql_type,
+    pg_type,
+    udt_definitions,
+)
 from cdc_sink.model.events import ChangeEvent
-from cdc_sink.model.masking import MaskingError, MaskingPolicy
+from cdc_sink.model.masking import MaskingError, MaskingPolicy, as_text, is_text
+from cdc_sink.model.scalars import text_rendering
 from cdc_sink.schema.cassandra import CassandraTable, describe_table
 from cdc_sink.schema.tables import (
     RESERVED_COLUMNS,
     ReservedColumnError,
     TableSchema,
     lock_id,
+    qualified,
+    quote_ident,
     refuse_reserved,
     require_owner,
     target_name,
 )
+
+
+class Fetcher(Protocol):
+    """What runs a query and returns its rows (a pool, a connection)."""
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
 
 
 class CassandraTypes(Protocol):
@@ -128,6 +144,8 @@ class Catalog:
             if known is not None:
                 require_owner(known, event.keyspace, event.table, self.table_format)
             if known is not None and all(c in known.columns for c in event.cells):
+                if target not in self._tables:
+                    known = await self._retype(known)
                 self._tables[target] = self._by_source[event.keyspace, event.table] = known
                 return known
             cassandra = (
@@ -140,6 +158,7 @@ class Catalog:
                 types = {n: t for n, t in types.items() if n not in known.columns}
             partitions = cassandra.partition_columns if cassandra else None
             evolved = self._masked(await self._evolve(target, event, types, partitions))
+            evolved = await self._retype(evolved)
             self._tables[target] = self._by_source[event.keyspace, event.table] = evolved
             return evolved
 
@@ -183,7 +202,17 @@ class Catalog:
 
     async def _load(self, target: str) -> TableSchema | None:
         schema = await stored_schema(self.pool, target)
-        return None if schema is None else self._masked(schema)
+        if schema is None:
+            return None
+        schema = self._masked(schema)
+        rendered = rendered_columns(schema, await column_types(self.pool, self.schema, target))
+        return schema.with_masks(schema.masks, rendered) if rendered else schema
+
+    async def _retype(self, schema: TableSchema) -> TableSchema:
+        """`schema`, once retype_masked made its hashed columns text in PostgreSQL."""
+        with _refusal_is_fatal(f"change masked columns of table {schema.target!r} to text"):
+            await retype_masked(self.pool, self.schema, schema)
+        return schema
 
     def _masked(self, schema: TableSchema) -> TableSchema:
         """`schema` converting through its masking rules. A rule that does not fit the table
@@ -204,18 +233,8 @@ class Catalog:
         types: dict[str, CqlType],
         partition_columns: tuple[str, ...] | None,
     ) -> TableSchema:
-        try:
+        with _refusal_is_fatal(f"create or change table {target!r} in schema {self.schema!r}"):
             return await self._evolve_locked(target, event, types, partition_columns)
-        except asyncpg.PostgresError as exc:
-            if not (exc.sqlstate or "").startswith("42"):  # connection, lock, …: retried
-                raise
-            # Access rule or definition refused (no CREATE on the schema, a column of the
-            # same name made by hand, …): no record can fix it, and skipping would lose data.
-            raise FatalError(
-                f"PostgreSQL refused to create or change table {target!r} in schema "
-                f"{self.schema!r} ({exc.sqlstate} {type(exc).__name__}: {exc})",
-                stage="catalog",
-            ) from exc
 
     async def _evolve_locked(
         self,
@@ -259,6 +278,71 @@ class Catalog:
                     json.dumps(udt_definitions(schema.columns.values())),
                 )
             return schema
+
+
+@contextlib.contextmanager
+def _refusal_is_fatal(what: str) -> Iterator[None]:
+    """PostgreSQL refusing DDL (SQLSTATE class 42: no CREATE on the schema, a column of the
+    same name made by hand, …) as a FatalError saying what was refused: no record can fix
+    it, and skipping would lose data. Other errors (connection, lock, …) pass on, retried."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        if not (exc.sqlstate or "").startswith("42"):
+            raise
+        raise FatalError(
+            f"PostgreSQL refused to {what} ({exc.sqlstate} {type(exc).__name__}: {exc})",
+            stage="catalog",
+        ) from exc
+
+
+async def column_types(db: Fetcher, schema: str, target: str) -> dict[str, str]:
+    """The PostgreSQL type of each column of schema.target, as format_type names it
+    ("bigint", "text[]", "timestamp with time zone"); empty if there is no such table."""
+    rows = await db.fetch(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type FROM pg_attribute a "
+        "WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+        qualified(schema, target),
+    )
+    return {row["attname"]: row["type"] for row in rows}
+
+
+async def retype_masked(pool: asyncpg.Pool, pg_schema: str, schema: TableSchema) -> list[str]:
+    """Make each column a `hash` rule of `schema` stores as text text in PostgreSQL too, and
+    return the columns changed: a rule added to a table whose column is, say, bigint changes
+    the column to text, its values cast to text (in the clear until `mask apply` rewrites
+    them). The ALTER runs in one transaction under the table's DDL lock and then its writer
+    lock taken exclusively, so it waits for the sink's transactions on the table (every pod's
+    writer takes that lock shared) and they wait for it; a pod that finds the column text
+    already changes nothing. asyncpg's errors as they come."""
+    if not schema.masks or not schema.retyped(await column_types(pool, pg_schema, schema.target)):
+        return []
+    target = qualified(pg_schema, schema.target)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id("ddl", schema.target))
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id(schema.target))
+        retyped = schema.retyped(await column_types(conn, pg_schema, schema.target))
+        for name, want in retyped.items():
+            column = quote_ident(name)
+            await conn.execute(
+                f"ALTER TABLE {target} ALTER COLUMN {column} TYPE {want} USING {column}::{want}"
+            )
+    return list(retyped)
+
+
+def rendered_columns(schema: TableSchema, actual: Mapping[str, str]) -> frozenset[str]:
+    """The unmasked columns of `schema` that PostgreSQL holds as text though their Cassandra
+    type is not text: a `hash` rule made them text, and it has been removed since. The sink
+    then writes their values' canonical text, in the clear (README "PII masking")."""
+    return frozenset(
+        name
+        for name, t in schema.columns.items()
+        if name not in schema.masks
+        and name not in schema.key_columns
+        and not is_text(t)
+        and text_rendering(t) is not None
+        and actual.get(name) == pg_type(as_text(t))
+    )
 
 
 async def stored_schema(db: asyncpg.Pool | asyncpg.Connection, target: str) -> TableSchema | None:

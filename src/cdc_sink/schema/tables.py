@@ -22,8 +22,8 @@ from typing import Any
 from cdc_sink.errors import ConversionError, EventError
 from cdc_sink.model.cql import CqlType, is_multi_cell, pg_type
 from cdc_sink.model.events import RANGE_FIELDS, Bound, ChangeEvent, Mutation, Op
-from cdc_sink.model.masking import ColumnMask
-from cdc_sink.model.scalars import InvalidValue
+from cdc_sink.model.masking import ColumnMask, as_text
+from cdc_sink.model.scalars import InvalidValue, guard, text_rendering
 from cdc_sink.model.values import converter, unguarded_converter
 
 PG_IDENTIFIER_BYTES = 63
@@ -179,6 +179,12 @@ class TableSchema:
     # PII masks by column (model.masking): each composes with the column's converter, so
     # every path that converts through `converters` / `unguarded` writes masked values only.
     masks: Mapping[str, ColumnMask] = field(default_factory=dict, compare=False)
+    # Columns PostgreSQL holds as text (a `hash` rule made them so) that no rule masks now:
+    # written as their values' canonical text (model.scalars.text_rendering), in the clear.
+    rendered: frozenset[str] = field(default=frozenset(), compare=False)
+    # Per column, the type its PostgreSQL column holds (`pg_type`): the Cassandra type, or
+    # text for one a `hash` rule renders (ColumnMask.stored_type) or `rendered` names.
+    stored_types: dict[str, CqlType] = field(init=False, compare=False)
     multi_cell: tuple[str, ...] = field(init=False, compare=False)  # non-frozen collections
     # `unguarded` of the columns an event's cells may name (schema.direct's one-pass path)
     cell_converters: dict[str, Callable[[Any], Any]] = field(init=False, compare=False)
@@ -187,14 +193,23 @@ class TableSchema:
         for name in (self.target, *self.columns):
             quote_ident(name)
         refuse_reserved(self.keyspace, self.table, self.columns)
+        stored: dict[str, CqlType] = {}
         for name, cql in self.columns.items():
             mask = self.masks.get(name)
-            if mask is None:
-                self.converters[name] = converter(cql)
-                self.unguarded[name] = unguarded_converter(cql)
-            else:
+            render = text_rendering(cql) if name in self.rendered and mask is None else None
+            if mask is not None:
                 self.converters[name] = mask.guarded(cql, unguarded_converter(cql))
                 self.unguarded[name] = mask.unguarded(unguarded_converter(cql))
+                stored[name] = mask.stored_type or cql
+            elif render is not None:
+                self.converters[name] = guard(cql, render)
+                self.unguarded[name] = render
+                stored[name] = as_text(cql)
+            else:
+                self.converters[name] = converter(cql)
+                self.unguarded[name] = unguarded_converter(cql)
+                stored[name] = cql
+        object.__setattr__(self, "stored_types", stored)
         multi_cell = tuple(n for n, t in self.columns.items() if is_multi_cell(t))
         object.__setattr__(self, "multi_cell", multi_cell)
         # interpret never makes a cell of a key column or a range bound
@@ -219,12 +234,30 @@ class TableSchema:
             unguarded={},
         )
 
-    def with_masks(self, masks: Mapping[str, ColumnMask]) -> TableSchema:
-        """The same schema converting through `masks` (model.masking.column_masks)."""
-        return replace(self, masks=masks, converters={}, unguarded={})
+    def with_masks(
+        self, masks: Mapping[str, ColumnMask], rendered: Iterable[str] | None = None
+    ) -> TableSchema:
+        """The same schema converting through `masks` (model.masking.column_masks), and
+        writing the unmasked columns of `rendered` (if given) as text."""
+        found = self.rendered if rendered is None else frozenset(rendered)
+        return replace(self, masks=masks, rendered=found, converters={}, unguarded={})
+
+    def column_type(self, name: str) -> str:
+        """The PostgreSQL type of column `name` (text where its values are stored as text)."""
+        return pg_type(self.stored_types[name])
+
+    def retyped(self, actual: Mapping[str, str]) -> dict[str, str]:
+        """Of the columns `actual` (name -> PostgreSQL type, as format_type names it) lists,
+        those whose type differs from what this schema writes only because a `hash` rule
+        stores them as text now: name -> the type to change them to."""
+        return {
+            name: want
+            for name, want in ((n, self.column_type(n)) for n in self.masks)
+            if name in actual and actual[name] != want and want in ("text", "text[]")
+        }
 
     def create_sql(self, schema: str) -> str:
-        lines = [f"{quote_ident(n)} {pg_type(t)}" for n, t in self.columns.items()]
+        lines = [f"{quote_ident(n)} {self.column_type(n)}" for n in self.columns]
         lines += [f"{quote_ident(n)} {ddl}" for n, ddl in META_COLUMNS.items()]
         keys = ", ".join(quote_ident(k) for k in self.key_columns)
         lines.append(f"PRIMARY KEY ({keys})")
@@ -243,7 +276,7 @@ class TableSchema:
     def add_column_sql(self, schema: str, name: str) -> str:
         return (
             f"ALTER TABLE {qualified(schema, self.target)} ADD COLUMN IF NOT EXISTS "
-            f"{quote_ident(name)} {pg_type(self.columns[name])}"
+            f"{quote_ident(name)} {self.column_type(name)}"
         )
 
     def to_mutation(self, event: ChangeEvent) -> Mutation:
