@@ -51,8 +51,8 @@ def canonical(value: Any) -> Any:
     a Decimal's exponent)."""
     if isinstance(value, dict):
         return ("dict", [(canonical(k), canonical(v)) for k, v in value.items()])
-    if isinstance(value, list):
-        return ("list", [canonical(v) for v in value])
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [canonical(v) for v in value])
     if isinstance(value, float):
         return ("float", struct.pack("<d", value))
     if isinstance(value, Decimal | OversizedDecimal):
