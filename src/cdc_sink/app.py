@@ -104,7 +104,7 @@ class SinkApp:
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         """Open every resource, each one's closing pushed on `stack` as soon as it is open
         (the stack closes them in reverse: the Kafka consumer, reconciliation, the DLQ producer,
-        housekeeping, HTTP, registry, Cassandra, the Vault lease's renewal, the writer, pools,
+        housekeeping, HTTP, the writer, registry, Cassandra, the Vault lease's renewal, pools,
         the login, and last the tracer, which flushes the spans of all that)."""
         stack.enter_context(tracing(self.config.tracing, tracing_instance()))
         config, login = await stack.enter_async_context(secrets_for(self.config))
@@ -128,7 +128,6 @@ class SinkApp:
         )
         worker_pool = await pool(pg.pool_size, "cdc-sink")
         writer_pool = await pool(1, "cdc-sink")
-        stack.push_async_callback(self.worker.release_writer)
         login.observe(self._lease_metrics)
         _background(stack, login.keep_valid())
         await self._check_migrations(worker_pool)
@@ -165,6 +164,7 @@ class SinkApp:
             dlq=dlq,
         )
         assert self.worker.applier is not None
+        stack.push_async_callback(self.worker.applier.release_writer)
         await self.worker.applier.open_writer()
 
         recon = ReconciliationRuntime(
@@ -195,22 +195,17 @@ class SinkApp:
         """Start both listeners (probes and metrics; the control API), each stopped when the
         stack closes, and follow the resume requests other pods record."""
         api = config.api
-        probes_app = new_app(
-            "cdc-sink probes",
-            max_body_bytes=api.max_body_bytes,
-            max_header_bytes=api.max_header_bytes,
-        )
+        limits = {"max_body_bytes": api.max_body_bytes, "max_header_bytes": api.max_header_bytes}
+        probes_app = new_app("cdc-sink probes", **limits)
         probes_app.include_router(probe_routes(self.metrics, self.worker.readiness))
         resumes = ResumeRequests()
-        control = new_app(
-            "cdc-sink control API",
-            max_body_bytes=api.max_body_bytes,
-            max_header_bytes=api.max_header_bytes,
-        )
+        control = new_app("cdc-sink control API", **limits)
         control.include_router(dlq_routes(api_pool, lambda: dlq, self.worker.resume, resumes, auth))
         control.include_router(reconciliation_routes(recon, auth))
         control.include_router(
-            gdpr_routes(api_pool, auth, config.postgres.schema, config.gdpr.hash_key, self._decoder)
+            gdpr_routes(
+                api_pool, auth, config.postgres.schema, config.gdpr.hash_key, lambda: self.decoder
+            )
         )
         self.probes = _listener(probes_app, "probes", api)
         self.http = _listener(control, "api", api)
@@ -252,9 +247,6 @@ class SinkApp:
                     "migrate` or set CDC_SINK__MIGRATE_ON_START=true",
                     stage="migrate",
                 )
-
-    def _decoder(self) -> Decoder | None:
-        return self.decoder
 
     def _lease_metrics(self, lease: Lease) -> None:
         self.metrics.postgres_login_expiry.set(lease.expires_at_unix())

@@ -108,11 +108,6 @@ class Worker:
             dlq=dlq,
         )
 
-    async def release_writer(self) -> None:
-        """Hand the writer's connection back to its pool (at the end of the run)."""
-        if self.applier is not None:
-            await self.applier.release_writer()
-
     @property
     def applied_events(self) -> int:
         """Events committed or dead-lettered so far."""
