@@ -23,7 +23,7 @@ from cdc_recon.api import reconciliation_routes
 from cdc_recon.runtime import ReconciliationRuntime
 from cdc_recon.settings import SECTIONS as RECONCILIATION_SECTIONS
 from cdc_sink.apply.codecs import use_asyncpg_uuids
-from cdc_sink.config import ApiConfig, Config, KafkaConfig, load_config
+from cdc_sink.config import Config, KafkaConfig, load_config
 from cdc_sink.consumer import compression
 from cdc_sink.consumer.worker import Worker
 from cdc_sink.decode.decoder import Decoder
@@ -207,8 +207,8 @@ class SinkApp:
                 api_pool, auth, config.postgres.schema, config.gdpr.hash_key, lambda: self.decoder
             )
         )
-        self.probes = _listener(probes_app, "probes", api)
-        self.http = _listener(control, "api", api)
+        self.probes = Listener(probes_app, name="probes", limits=api)
+        self.http = Listener(control, name="api", limits=api)
         for listener, host, port, setting in (
             (self.probes, config.http.host, config.http.port, "CDC_HTTP__HOST/PORT"),
             (self.http, api.host, api.port, "CDC_API__HOST/PORT"),
@@ -270,17 +270,6 @@ class SinkApp:
             await asyncio.wait_for(asyncio.to_thread(push), FATAL_PUSH_TIMEOUT_S + 1)
         except Exception as failed:  # noqa: BLE001 - the exit goes on; its log line remains
             log.warning("fatal_push_failed", url=url, error=f"{type(failed).__name__}: {failed}")
-
-
-def _listener(app: Any, name: str, limits: ApiConfig) -> Listener:
-    return Listener(
-        app,
-        name=name,
-        max_connections=limits.max_connections,
-        max_header_bytes=limits.max_header_bytes,
-        keep_alive_s=limits.keep_alive_s,
-        request_timeout_s=limits.request_timeout_s,
-    )
 
 
 async def _open_consumer(stack: contextlib.AsyncExitStack, cfg: KafkaConfig) -> AIOKafkaConsumer:

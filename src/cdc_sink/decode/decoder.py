@@ -472,17 +472,14 @@ def _reader_form(node: Any) -> Any:
         scale = node.get("scale", 0)
         if type(scale) is not int or scale < 0:
             raise ValueError(f"decimal scale {scale!r} is not a whole number")
-        node["logicalType"] = _DECIMAL_READER
+        node["logicalType"] = DECIMAL_LOGICAL_TYPE
     elif logical is not None:
         del node["logicalType"]
     return node
 
 
-_DECIMAL_READER = DECIMAL_LOGICAL_TYPE
-
-
 def _read_decimal(data: Any, writer_schema: dict[Any, Any] | None, _: Any = None) -> Any:
-    """fastavro's logical reader for `_DECIMAL_READER`: a Connect Decimal's bytes, converted
+    """fastavro's logical reader for DECIMAL_LOGICAL_TYPE: a Connect Decimal's bytes, converted
     only if their size allows a PostgreSQL numeric (else an OversizedDecimal)."""
     return decimal_from_bytes(data, (writer_schema or {}).get("scale", 0))
 
@@ -490,7 +487,7 @@ def _read_decimal(data: Any, writer_schema: dict[Any, Any] | None, _: Any = None
 # fastavro looks logical readers up by "<type>-<logicalType>" in this dict. The name is the
 # sink's own: fastavro's standard decimal reader stays as it is for any other user.
 for _kind in ("bytes", "fixed"):
-    fastavro.read.LOGICAL_READERS[f"{_kind}-{_DECIMAL_READER}"] = _read_decimal
+    fastavro.read.LOGICAL_READERS[f"{_kind}-{DECIMAL_LOGICAL_TYPE}"] = _read_decimal
 
 
 def avro_to_connect(schema: Any) -> ConnectSchema:

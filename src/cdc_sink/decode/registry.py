@@ -4,10 +4,9 @@ The client speaks only `GET /schemas/ids/{id}`, which Confluent Schema Registry,
 ccompat API, Karapace and Redpanda all serve. Schema ids are immutable, so every answer is kept
 for the life of the process. An id the registry does not know is asked again after short delays
 (a schema registered a moment ago may not have reached every registry node yet; the waits
-follow a RetryPolicy), then
-remembered as unknown for a while so that a run of such records fails fast. While many ids
-prove unknown (garbage or hostile headers carry random ids), new ones are refused at the first
-answer: waiting for each would hold every batch that carries one.
+follow a RetryPolicy), then remembered as unknown for a while so that a run of such records
+fails fast. While many ids prove unknown (garbage or hostile headers carry random ids), new ones
+are refused at the first answer: waiting for each would hold every batch that carries one.
 """
 
 from __future__ import annotations
@@ -175,13 +174,9 @@ class ConfluentRegistry:
         )
 
     async def schema_by_id(self, schema_id: int) -> str:
-        text = self._texts.values.get(schema_id)
-        if text is None:
-            unknown = self._unknown.get(schema_id)
-            if unknown is not None:
-                raise DecodeError(unknown)
-            text = await self._texts.get(schema_id, partial(self._fetch, schema_id))
-        return text
+        if schema_id not in self._texts.values and (unknown := self._unknown.get(schema_id)):
+            raise DecodeError(unknown)
+        return await self._texts.get(schema_id, partial(self._fetch, schema_id))
 
     @property
     def unknown_ids(self) -> int:

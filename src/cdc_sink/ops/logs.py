@@ -21,11 +21,12 @@ import structlog
 from opentelemetry import trace
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
+from cdc_sink.config import LOG_LEVELS
+
 __all__ = ["RepeatFilter", "add_trace_ids", "configure_logging", "get_logger", "redact_secrets"]
 
 REDACTED = "***"
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
-_LEVELS |= {"warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+_LEVELS = {name: logging.getLevelNamesMapping()[name.upper()] for name in LOG_LEVELS}
 _SECRET_KEY = re.compile(r"password|passwd|secret|token|dsn|authorization|api[_-]?key", re.I)
 # scheme://user:password@host — the greedy password stops at the last "@" before the host, so
 # a password that itself contains "@" is still removed whole.
