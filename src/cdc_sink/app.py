@@ -1,9 +1,6 @@
-"""The composition root of `python -m cdc_sink run`: opens every resource the worker needs,
-hosts the HTTP listeners and the reconciliation loop, and closes them all in reverse order.
-
-Vault login → PostgreSQL pools → schema check → registry and Cassandra → HTTP listeners →
-housekeeping → DLQ producer → reconciliation → Kafka consumer → the consumer loop (Worker).
-"""
+"""The composition root of `python -m cdc_sink run`: opens every resource the worker needs
+(SinkApp._open says in which order), hosts the HTTP listeners and the reconciliation loop, and
+closes them all in reverse order."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """structlog set-up: one JSON object per line on stderr, secrets redacted before rendering.
 
 Records from stdlib loggers (aiokafka, asyncpg, …) go through the same pipeline, so every line
-on stderr has the same shape. aiokafka repeats its connection errors many times a second while
-a broker is away, and OpenTelemetry's exporter its own while the trace collector is: each of
-their warnings and errors is shown at most once per `repeat_window_s`, with the number held
-back since (RepeatFilter). Lines written inside a sampled trace span carry its ids.
+on stderr has the same shape; the noisy libraries' repeated warnings are held back
+(RepeatFilter). Lines written inside a sampled trace span carry its ids.
 """
 
 from __future__ import annotations
@@ -36,7 +34,8 @@ _KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd)\s*=\s*)(?:'[^']*'|\S+
 
 # The handler configure_logging installed, replaced (not duplicated) when it is called again.
 _handler: logging.Handler | None = None
-# aiokafka while a broker is away; OpenTelemetry's exporter while the trace collector is.
+# aiokafka repeats its connection errors many times a second while a broker is away, and
+# OpenTelemetry's exporter its own while the trace collector is.
 NOISY_LIBRARIES = ("aiokafka", "opentelemetry")
 # Loggers whose debug lines carry whole records (aiokafka's producer logs each message's key and
 # value): records hold the clear values of masked columns, so these stay at info or above.

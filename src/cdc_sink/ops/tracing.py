@@ -1,13 +1,7 @@
-"""OpenTelemetry traces: a span per batch, exported over OTLP/HTTP, and the trace id in logs.
-
-Each chunk the worker applies is one `cdc.batch` span (its topics, partitions, offsets, rows
-and outcome) with children for preparing it (`cdc.prepare`), producing its dead letters
-(`cdc.dlq.produce`) and each transaction attempt (`cdc.transaction`, failed attempts marked
-with their error); a chunk split to isolate a bad record holds the halves as child batches.
-Reconciliation jobs are `cdc.reconciliation` spans. Tracing is off unless an endpoint is set;
-then a share of the batches (a fixed fraction of trace ids) is sampled and exported in a
-background thread, which never blocks or fails a batch: if the collector is away, spans are
-dropped and the exporter's warnings are logged.
+"""OpenTelemetry traces (the worker's `cdc.batch` spans and their children, reconciliation's
+`cdc.reconciliation`), exported over OTLP/HTTP. Off unless an endpoint is set; then a fixed
+fraction of trace ids is sampled and exported in a background thread, which never blocks or
+fails a batch: if the collector is away, spans are dropped and the exporter's warnings logged.
 """
 
 from __future__ import annotations
