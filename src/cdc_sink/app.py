@@ -35,7 +35,7 @@ from cdc_sink.ops.housekeeping import housekeeping
 from cdc_sink.ops.http import Listener, new_app, probe_routes
 from cdc_sink.ops.kafka_security import client_security, unreachable
 from cdc_sink.ops.logs import get_logger
-from cdc_sink.ops.metrics import Metrics, push_fatal_exit
+from cdc_sink.ops.metrics import push_fatal_exit
 from cdc_sink.ops.migrate import migrate, pending
 from cdc_sink.ops.pools import BoundedPool, open_pool
 from cdc_sink.ops.secrets import Lease, postgres_unreachable, secrets_for
@@ -60,13 +60,11 @@ def load_settings(environ: Mapping[str, str] | None = None, file: Path | None = 
 class SinkApp:
     """One sink process: the worker with everything it runs on, until stopped or caught up."""
 
-    def __init__(
-        self, config: Config, *, stop_when_caught_up: bool = False, metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, config: Config, *, stop_when_caught_up: bool = False) -> None:
         self.config = config
-        self.metrics = metrics or Metrics()
         use_asyncpg_uuids()
-        self.worker = Worker(config, stop_when_caught_up=stop_when_caught_up, metrics=self.metrics)
+        self.worker = Worker(config, stop_when_caught_up=stop_when_caught_up)
+        self.metrics = self.worker.metrics
         self.http: Listener | None = None  # the control API
         self.probes: Listener | None = None  # /health, /ready, /metrics
         self.registry: ConfluentRegistry | None = None
@@ -255,7 +253,7 @@ class SinkApp:
         url = self.config.pushgateway.url
         if not url:
             return
-        push = functools.partial(
+        push = asyncio.to_thread(
             push_fatal_exit,
             url,
             stage,
@@ -264,7 +262,7 @@ class SinkApp:
             timeout_s=FATAL_PUSH_TIMEOUT_S,
         )
         try:
-            await asyncio.wait_for(asyncio.to_thread(push), FATAL_PUSH_TIMEOUT_S + 1)
+            await asyncio.wait_for(push, FATAL_PUSH_TIMEOUT_S + 1)
         except Exception as failed:  # noqa: BLE001 - the exit goes on; its log line remains
             log.warning("fatal_push_failed", url=url, error=f"{type(failed).__name__}: {failed}")
 

@@ -56,11 +56,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class Worker:
     """One consumer-group member applying its partitions to PostgreSQL until stopped."""
 
-    def __init__(
-        self, config: Config, *, stop_when_caught_up: bool = False, metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, config: Config, *, stop_when_caught_up: bool = False) -> None:
         self.config = config
-        self.metrics = metrics or Metrics()
+        self.metrics = Metrics()
         self.stop_when_caught_up = stop_when_caught_up
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.paused: set[TopicPartition] = set()  # over the DLQ limit, until resumed
