@@ -158,15 +158,12 @@ GC_YOUNG_THRESHOLD = 50_000
 
 
 def tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for the worker's allocation pattern.
-
-    Every record allocates dozens of short-lived containers (decoded dicts, events, row
-    states) that reference counting frees; almost none form cycles. With the default threshold
-    (700 allocations) the collector runs every few records and, every tenth and hundredth time,
-    walks the older generations too, which hold every imported module. Freezing what start-up
-    allocated keeps it out of every later collection, and a higher young threshold makes the
-    collections rare; cycles are still collected.
-    """
+    """Make the cyclic garbage collector cheap for the worker: each record allocates dozens of
+    short-lived containers (decoded dicts, events, row states) that reference counting frees,
+    almost none in cycles, yet with the default threshold (700 allocations) the collector runs
+    every few records and now and then walks the older generations, which hold every imported
+    module. Freezing what start-up allocated keeps it out of later collections, and a higher
+    young threshold makes collections rare; cycles are still collected."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])

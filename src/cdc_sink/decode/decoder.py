@@ -257,15 +257,13 @@ class Decoder:
     def _json_known_schema(self, data: bytes) -> _Part | None:
         """Decode only the payload when the record's schema is one seen before, byte for byte.
 
-        The schema is usually several times larger than the payload and identical in every
-        record of a table, so it is neither parsed nor copied nor hashed: its length, read from
-        the position of `,"payload":`, picks the cached schemas it may be, and a comparison in
-        place proves which one (two schemas of one length are told apart by their bytes). Only
-        complete objects are cached, so a schema proven present ends exactly where the separator
-        starts. The separator is looked for from the end first, as the payload is the short
-        part; a nested "payload" key (inside a string the quote would be escaped) only makes
-        that guess miss, and the first occurrence is tried next. Anything unusual returns None
-        and the full parse decides.
+        The schema, usually several times larger than the payload and the same in every record
+        of a table, is neither parsed nor copied nor hashed: its length, read from the position
+        of `,"payload":` (looked for from the end first, the payload being the short part, then
+        from the start: a nested "payload" key only makes a guess miss), picks the cached
+        schemas it may be, and a comparison in place proves which one. Only complete objects are
+        cached, so a schema proven present ends exactly where the separator starts. Anything
+        unusual returns None and the full parse decides.
         """
         start = len(_ENVELOPE_HEAD)
         sep = data.rfind(_PAYLOAD_SEP, start)

@@ -111,12 +111,11 @@ class ConfluentRegistry:
     Answers map onto the sink's error kinds: 404 (error code 40403) and other refusals of the id
     -> DecodeError; connection failures, timeouts, 408, 429 and 5xx -> TransientError; 401, 403,
     407 and answers that are not a schema -> FatalError. A 404 is asked again as
-    `unknown_id_wait` allows (its attempts and delays) before it counts, and is then remembered for
-    `unknown_id_ttl` seconds (at most `max_unknown_ids` of them), so a run of such records fails
-    fast; the delays are for a schema registered a moment ago that has not reached every
-    registry node yet. Once `flood_ids` ids have proved unknown within `unknown_id_ttl` (garbage
-    or hostile headers carry random ids), a 404 counts at once: waiting for each would hold
-    every batch that carries one. Basic
+    `unknown_id_wait` allows (a schema registered a moment ago may not have reached every
+    registry node yet) before it counts, and is then remembered for `unknown_id_ttl` seconds
+    (at most `max_unknown_ids` of them), so a run of such records fails fast. Once `flood_ids`
+    ids have proved unknown within `unknown_id_ttl` (garbage or hostile headers carry random
+    ids), a 404 counts at once: waiting for each would hold every batch that carries one. Basic
     auth is `auth` (user, password) or given in the URL (`https://user:secret@host/`); it
     never appears in error messages. An https registry's certificate is verified against
     `ca_file` (PEM; default: the system's trusted CAs); one it refuses is a FatalError.
