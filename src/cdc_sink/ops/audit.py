@@ -55,9 +55,5 @@ async def audit(
     query = (
         "INSERT INTO _cdc_audit_log (actor, action, details, request_id) VALUES ($1, $2, $3, $4)"
     )
-    if isinstance(where, BoundedPool):
-        async with where.acquire() as conn:
-            await conn.execute(query, actor, action, details, request_id)
-    else:
-        await where.execute(query, actor, action, details, request_id)
+    await where.execute(query, actor, action, details, request_id)
     log.info("audited", actor=actor, action=action, arguments=dict(arguments))
