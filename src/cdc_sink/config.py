@@ -721,9 +721,6 @@ def _coerce(hint: Any, value: Any, setting: str) -> Any:
         if hint in (int, float):
             return hint(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{setting}={_shown(value, hint)} is invalid: {exc}") from None
+        shown = "***" if hint is Secret else repr(value)
+        raise ConfigError(f"{setting}={shown} is invalid: {exc}") from None
     raise ConfigError(f"{setting}: unsupported type {hint}")
-
-
-def _shown(value: Any, hint: Any) -> str:
-    return "***" if hint is Secret else repr(value)
