@@ -1,9 +1,6 @@
-"""The composition root of `python -m cdc_sink run`: opens every resource the worker needs,
-hosts the HTTP listeners and the reconciliation loop, and closes them all in reverse order.
-
-Vault login → PostgreSQL pools → schema check → registry and Cassandra → HTTP listeners →
-housekeeping → DLQ producer → reconciliation → Kafka consumer → the consumer loop (Worker).
-"""
+"""The composition root of `python -m cdc_sink run`: opens every resource the worker needs
+(SinkApp._open says in which order), hosts the HTTP listeners and the reconciliation loop, and
+closes them all in reverse order."""
 
 from __future__ import annotations
 
@@ -23,7 +20,7 @@ from cdc_recon.api import reconciliation_routes
 from cdc_recon.runtime import ReconciliationRuntime
 from cdc_recon.settings import SECTIONS as RECONCILIATION_SECTIONS
 from cdc_sink.apply.codecs import use_asyncpg_uuids
-from cdc_sink.config import ApiConfig, Config, KafkaConfig, load_config
+from cdc_sink.config import Config, KafkaConfig, load_config
 from cdc_sink.consumer import compression
 from cdc_sink.consumer.worker import Worker
 from cdc_sink.decode.decoder import Decoder
@@ -38,7 +35,7 @@ from cdc_sink.ops.housekeeping import housekeeping
 from cdc_sink.ops.http import Listener, new_app, probe_routes
 from cdc_sink.ops.kafka_security import client_security, unreachable
 from cdc_sink.ops.logs import get_logger
-from cdc_sink.ops.metrics import Metrics, push_fatal_exit
+from cdc_sink.ops.metrics import push_fatal_exit
 from cdc_sink.ops.migrate import migrate, pending
 from cdc_sink.ops.pools import BoundedPool, open_pool
 from cdc_sink.ops.secrets import Lease, postgres_unreachable, secrets_for
@@ -63,13 +60,11 @@ def load_settings(environ: Mapping[str, str] | None = None, file: Path | None = 
 class SinkApp:
     """One sink process: the worker with everything it runs on, until stopped or caught up."""
 
-    def __init__(
-        self, config: Config, *, stop_when_caught_up: bool = False, metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, config: Config, *, stop_when_caught_up: bool = False) -> None:
         self.config = config
-        self.metrics = metrics or Metrics()
         use_asyncpg_uuids()
-        self.worker = Worker(config, stop_when_caught_up=stop_when_caught_up, metrics=self.metrics)
+        self.worker = Worker(config, stop_when_caught_up=stop_when_caught_up)
+        self.metrics = self.worker.metrics
         self.http: Listener | None = None  # the control API
         self.probes: Listener | None = None  # /health, /ready, /metrics
         self.registry: ConfluentRegistry | None = None
@@ -104,7 +99,7 @@ class SinkApp:
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         """Open every resource, each one's closing pushed on `stack` as soon as it is open
         (the stack closes them in reverse: the Kafka consumer, reconciliation, the DLQ producer,
-        housekeeping, HTTP, registry, Cassandra, the Vault lease's renewal, the writer, pools,
+        housekeeping, HTTP, the writer, registry, Cassandra, the Vault lease's renewal, pools,
         the login, and last the tracer, which flushes the spans of all that)."""
         stack.enter_context(tracing(self.config.tracing, tracing_instance()))
         config, login = await stack.enter_async_context(secrets_for(self.config))
@@ -128,7 +123,6 @@ class SinkApp:
         )
         worker_pool = await pool(pg.pool_size, "cdc-sink")
         writer_pool = await pool(1, "cdc-sink")
-        stack.push_async_callback(self.worker.release_writer)
         login.observe(self._lease_metrics)
         _background(stack, login.keep_valid())
         await self._check_migrations(worker_pool)
@@ -165,6 +159,7 @@ class SinkApp:
             dlq=dlq,
         )
         assert self.worker.applier is not None
+        stack.push_async_callback(self.worker.applier.release_writer)
         await self.worker.applier.open_writer()
 
         recon = ReconciliationRuntime(
@@ -200,25 +195,20 @@ class SinkApp:
         """Start both listeners (probes and metrics; the control API), each stopped when the
         stack closes, and follow the resume requests other pods record."""
         api = config.api
-        probes_app = new_app(
-            "cdc-sink probes",
-            max_body_bytes=api.max_body_bytes,
-            max_header_bytes=api.max_header_bytes,
-        )
+        limits = {"max_body_bytes": api.max_body_bytes, "max_header_bytes": api.max_header_bytes}
+        probes_app = new_app("cdc-sink probes", **limits)
         probes_app.include_router(probe_routes(self.metrics, self.worker.readiness))
         resumes = ResumeRequests()
-        control = new_app(
-            "cdc-sink control API",
-            max_body_bytes=api.max_body_bytes,
-            max_header_bytes=api.max_header_bytes,
-        )
+        control = new_app("cdc-sink control API", **limits)
         control.include_router(dlq_routes(api_pool, lambda: dlq, self.worker.resume, resumes, auth))
         control.include_router(reconciliation_routes(recon, auth))
         control.include_router(
-            gdpr_routes(api_pool, auth, config.postgres.schema, config.gdpr.hash_key, self._decoder)
+            gdpr_routes(
+                api_pool, auth, config.postgres.schema, config.gdpr.hash_key, lambda: self.decoder
+            )
         )
-        self.probes = _listener(probes_app, "probes", api)
-        self.http = _listener(control, "api", api)
+        self.probes = Listener(probes_app, name="probes", limits=api)
+        self.http = Listener(control, name="api", limits=api)
         for listener, host, port, setting in (
             (self.probes, config.http.host, config.http.port, "CDC_HTTP__HOST/PORT"),
             (self.http, api.host, api.port, "CDC_API__HOST/PORT"),
@@ -258,9 +248,6 @@ class SinkApp:
                     stage="migrate",
                 )
 
-    def _decoder(self) -> Decoder | None:
-        return self.decoder
-
     def _lease_metrics(self, lease: Lease) -> None:
         self.metrics.postgres_login_expiry.set(lease.expires_at_unix())
         self.metrics.postgres_login_lease.set(lease.duration_s)
@@ -271,7 +258,7 @@ class SinkApp:
         url = self.config.pushgateway.url
         if not url:
             return
-        push = functools.partial(
+        push = asyncio.to_thread(
             push_fatal_exit,
             url,
             stage,
@@ -280,20 +267,9 @@ class SinkApp:
             timeout_s=FATAL_PUSH_TIMEOUT_S,
         )
         try:
-            await asyncio.wait_for(asyncio.to_thread(push), FATAL_PUSH_TIMEOUT_S + 1)
+            await asyncio.wait_for(push, FATAL_PUSH_TIMEOUT_S + 1)
         except Exception as failed:  # noqa: BLE001 - the exit goes on; its log line remains
             log.warning("fatal_push_failed", url=url, error=f"{type(failed).__name__}: {failed}")
-
-
-def _listener(app: Any, name: str, limits: ApiConfig) -> Listener:
-    return Listener(
-        app,
-        name=name,
-        max_connections=limits.max_connections,
-        max_header_bytes=limits.max_header_bytes,
-        keep_alive_s=limits.keep_alive_s,
-        request_timeout_s=limits.request_timeout_s,
-    )
 
 
 async def _open_consumer(stack: contextlib.AsyncExitStack, cfg: KafkaConfig) -> AIOKafkaConsumer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -11,7 +12,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from cdc_sink.config import Config, ConfigError
 from cdc_sink.errors import SinkError
 from cdc_sink.ops.audit import cli_actor, command_request_id
 from cdc_sink.ops.logs import configure_logging, get_logger
-from cdc_sink.ops.secrets import PostgresLogin, postgres_unreachable, secrets_for
+from cdc_sink.ops.secrets import postgres_unreachable, secrets_for
 
 if TYPE_CHECKING:
     import asyncpg
@@ -134,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(config: Config, args: argparse.Namespace) -> int:
+    import uvloop
+
     with command_request_id():  # in the log lines and the audit rows of this command
         try:
-            return _run(args.handler(config, args))
+            return int(uvloop.run(args.handler(config, args)))
         except ConfigError as exc:  # a file a setting names proved unusable (a CA bundle, a key)
             print(f"cdc-sink: configuration error: {exc}", file=sys.stderr)
             return 2
@@ -151,49 +154,44 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(coroutine: Coroutine[Any, Any, int]) -> int:
-    import uvloop
-
-    return uvloop.run(coroutine)
-
-
 GC_YOUNG_THRESHOLD = 50_000
 
 
 def tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for the worker's allocation pattern.
-
-    Every record allocates dozens of short-lived containers (decoded dicts, events, row
-    states) that reference counting frees; almost none form cycles. With the default threshold
-    (700 allocations) the collector runs every few records and, every tenth and hundredth time,
-    walks the older generations too, which hold every imported module. Freezing what start-up
-    allocated keeps it out of every later collection, and a higher young threshold makes the
-    collections rare; cycles are still collected.
-    """
+    """Make the cyclic garbage collector cheap for the worker: each record allocates dozens of
+    short-lived containers (decoded dicts, events, row states) that reference counting frees,
+    almost none in cycles, yet with the default threshold (700 allocations) the collector runs
+    every few records and now and then walks the older generations, which hold every imported
+    module. Freezing what start-up allocated keeps it out of later collections, and a higher
+    young threshold makes collections rare; cycles are still collected."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
-async def _connect(login: PostgresLogin, **kwargs: Any) -> asyncpg.Connection:
-    """One connection for a short command; FatalError naming the setting if it fails."""
+@contextlib.asynccontextmanager
+async def _connection(config: Config) -> AsyncIterator[tuple[Config, asyncpg.Connection]]:
+    """The settings with Vault's secrets filled in and one connection for a short command
+    (FatalError naming the setting if it fails); at the end the connection is closed and a
+    leased user revoked."""
     import asyncpg
 
-    try:
-        return await login.connect(**kwargs)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise postgres_unreachable(login.postgres, exc) from exc
+    async with secrets_for(config) as (config, login):
+        try:
+            conn = await login.connect(server_settings={"search_path": config.postgres.schema})
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise postgres_unreachable(login.postgres, exc) from exc
+        try:
+            yield config, conn
+        finally:
+            await conn.close()
 
 
 async def _migrate(config: Config, args: argparse.Namespace) -> int:
     from cdc_sink.ops.migrate import migrate
 
-    async with secrets_for(config) as (config, login):
-        conn = await _connect(login)
-        try:
-            applied = await migrate(conn, config.postgres.schema)
-        finally:
-            await conn.close()
+    async with _connection(config) as (config, conn):
+        applied = await migrate(conn, config.postgres.schema)
     print(f"applied: {', '.join(applied)}" if applied else "nothing to apply: up to date")
     return 0
 
@@ -201,30 +199,14 @@ async def _migrate(config: Config, args: argparse.Namespace) -> int:
 async def _dlq(config: Config, args: argparse.Namespace) -> int:
     from cdc_sink.dlq.replay import DlqFilter
 
+    names = ("ids", "status", "topic", "error_class", "stage", "since")
     try:
-        where = DlqFilter.from_mapping(
-            {
-                key: value
-                for key, value in {
-                    "ids": getattr(args, "ids", None),
-                    "status": getattr(args, "status", None),
-                    "topic": getattr(args, "topic", None),
-                    "error_class": getattr(args, "error_class", None),
-                    "stage": getattr(args, "stage", None),
-                    "since": getattr(args, "since", None),
-                }.items()
-                if value
-            }
-        )
+        where = DlqFilter.from_mapping({n: v for n in names if (v := getattr(args, n, None))})
     except ValueError as exc:
         print(f"cdc-sink: {exc}", file=sys.stderr)
         return 2
-    async with secrets_for(config) as (config, login):
-        conn = await _connect(login, server_settings={"search_path": config.postgres.schema})
-        try:
-            return await _dlq_command(conn, config, args, where)
-        finally:
-            await conn.close()
+    async with _connection(config) as (config, conn):
+        return await _dlq_command(conn, config, args, where)
 
 
 async def _dlq_command(
@@ -288,48 +270,44 @@ async def _gdpr(config: Config, args: argparse.Namespace) -> int:
     from cdc_sink.decode.registry import ConfluentRegistry
     from cdc_sink.ops.erasure import ErasureError, erase, erasure
 
-    async with secrets_for(config) as (config, login):
-        conn = await _connect(login, server_settings={"search_path": config.postgres.schema})
-        try:
-            if args.gdpr_command == "show":
-                found = await erasure(conn, args.id)
-                if found is None:
-                    print(f"cdc-sink: no erasure {args.id}", file=sys.stderr)
-                    return 1
-                print(json.dumps(found, default=str))
-                return 0
-            hash_key = config.gdpr.hash_key
-            if hash_key is None:
-                print("cdc-sink: erasure needs CDC_GDPR__HASH_KEY", file=sys.stderr)
-                return 2
-            registry = (
-                ConfluentRegistry.from_config(config.schema_registry)
-                if config.schema_registry.url
-                else None
-            )
-            try:
-                key = json.loads(args.key)
-                if not isinstance(key, dict):
-                    raise ErasureError("--key must be a JSON object")
-                done = await erase(
-                    conn,
-                    config.postgres.schema,
-                    args.table,
-                    key,
-                    hash_key=hash_key,
-                    decoder=Decoder(registry or NoRegistry()),
-                    actor=cli_actor(),
-                )
-            except (ValueError, ErasureError) as exc:
-                print(f"cdc-sink: {exc}", file=sys.stderr)
-                return 2
-            finally:
-                if registry is not None:
-                    await registry.close()
-            print(json.dumps(done, default=str))
+    async with _connection(config) as (config, conn):
+        if args.gdpr_command == "show":
+            found = await erasure(conn, args.id)
+            if found is None:
+                print(f"cdc-sink: no erasure {args.id}", file=sys.stderr)
+                return 1
+            print(json.dumps(found, default=str))
             return 0
+        hash_key = config.gdpr.hash_key
+        if hash_key is None:
+            print("cdc-sink: erasure needs CDC_GDPR__HASH_KEY", file=sys.stderr)
+            return 2
+        registry = (
+            ConfluentRegistry.from_config(config.schema_registry)
+            if config.schema_registry.url
+            else None
+        )
+        try:
+            key = json.loads(args.key)
+            if not isinstance(key, dict):
+                raise ErasureError("--key must be a JSON object")
+            done = await erase(
+                conn,
+                config.postgres.schema,
+                args.table,
+                key,
+                hash_key=hash_key,
+                decoder=Decoder(registry or NoRegistry()),
+                actor=cli_actor(),
+            )
+        except (ValueError, ErasureError) as exc:
+            print(f"cdc-sink: {exc}", file=sys.stderr)
+            return 2
         finally:
-            await conn.close()
+            if registry is not None:
+                await registry.close()
+        print(json.dumps(done, default=str))
+        return 0
 
 
 async def _serve(config: Config, args: argparse.Namespace) -> int:

@@ -410,10 +410,8 @@ class ApiConfig:
     def validate(self) -> None:
         if not 0 <= self.port <= 65_535:
             raise ConfigError("CDC_API__PORT must be between 0 (any free port) and 65535")
-        if self.jwks_url is not None:
-            check_http_url("CDC_API__JWKS_URL", self.jwks_url)
-        if self.jwks_file is not None and not Path(self.jwks_file).is_file():
-            raise ConfigError(f"CDC_API__JWKS_FILE: no such file {self.jwks_file!r}")
+        check_http_url("CDC_API__JWKS_URL", self.jwks_url)
+        check_files("CDC_API", self, "jwks_file")
         if self.jwt_secret is not None and (self.jwks_url or self.jwks_file):
             raise ConfigError("CDC_API__JWT_SECRET (HS256) and CDC_API__JWKS_* exclude each other")
         if self.jwks_url and self.jwks_file:
@@ -506,6 +504,11 @@ class VaultConfig:
     # unless this says otherwise.
     allow_plain_http: bool = False
 
+    def used(self) -> list[str]:
+        """The settings that ask for a secret from Vault; none: Vault is not used."""
+        names = "postgres_role cassandra_secret api_jwt_secret gdpr_hash_key masking_key_secret"
+        return [f"CDC_VAULT__{name.upper()}" for name in names.split() if getattr(self, name)]
+
     def validate(self) -> None:
         check_http_url("CDC_VAULT__ADDR", self.addr)
         check_files("CDC_VAULT", self, "ssl_cafile")
@@ -518,19 +521,9 @@ class VaultConfig:
             raise ConfigError("CDC_VAULT__TIMEOUT_SECONDS must be > 0 and <= 300")
         if bool(self.role_id) != bool(self.secret_id):
             raise ConfigError("CDC_VAULT__ROLE_ID and CDC_VAULT__SECRET_ID go together (AppRole)")
-        used = [
-            f"CDC_VAULT__{name.upper()}"
-            for name in (
-                "postgres_role",
-                "cassandra_secret",
-                "api_jwt_secret",
-                "gdpr_hash_key",
-                "masking_key_secret",
-            )
-            if getattr(self, name)
-        ]
+        used = self.used()
         if not used:
-            return  # Vault is not used
+            return
         wanted = used[0]
         if not self.addr:
             raise ConfigError(f"{wanted} needs CDC_VAULT__ADDR")
@@ -728,9 +721,6 @@ def _coerce(hint: Any, value: Any, setting: str) -> Any:
         if hint in (int, float):
             return hint(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{setting}={_shown(value, hint)} is invalid: {exc}") from None
+        shown = "***" if hint is Secret else repr(value)
+        raise ConfigError(f"{setting}={shown} is invalid: {exc}") from None
     raise ConfigError(f"{setting}: unsupported type {hint}")
-
-
-def _shown(value: Any, hint: Any) -> str:
-    return "***" if hint is Secret else repr(value)

@@ -1,12 +1,6 @@
-"""The one error tree of the sink. Every failure is exactly one of three kinds.
-
-- PoisonError: this record can never be applied as it is (bad bytes, a value that does not fit
-  its column, …). It goes to the dead-letter queue with its context; the stream moves on.
-- TransientError: the world is briefly broken (connection lost, timeout, serialization
-  failure). The same step is retried with backoff; nothing is committed meanwhile.
-- FatalError: retrying cannot help and skipping would lose data (misconfiguration,
-  permissions). The worker stops without committing.
-"""
+"""The one error tree of the sink: every failure is a PoisonError (dead-letter the record and
+move on), a TransientError (retry the step with backoff, committing nothing meanwhile) or a
+FatalError (stop without committing)."""
 
 from __future__ import annotations
 
@@ -61,12 +55,14 @@ class UnexpectedError(PoisonError):
 
 
 class TransientError(SinkError):
-    """A failure expected to pass: retry the same step with backoff."""
+    """A failure expected to pass (connection lost, timeout, serialization failure): retry the
+    same step with backoff."""
 
 
 class FatalError(SinkError):
-    """A failure retrying cannot fix and skipping would lose data: stop without committing.
-    `stage` names where it happened (the label of cdc_errors_total{kind="fatal"})."""
+    """A failure retrying cannot fix and skipping would lose data (misconfiguration,
+    permissions): stop without committing. `stage` names where it happened (the label of
+    cdc_errors_total{kind="fatal"})."""
 
     def __init__(self, message: str, *, stage: str = "run") -> None:
         super().__init__(message)

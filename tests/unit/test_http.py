@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from structlog.testing import capture_logs
 
+from cdc_sink.config import ApiConfig
 from cdc_sink.errors import FatalError, TransientError
 from cdc_sink.ops.http import ApiError, JsonRoute, Listener, new_app, probe_routes, whole
 from cdc_sink.ops.metrics import Metrics
@@ -130,7 +131,9 @@ def app_for(metrics: Metrics, readiness: dict[str, Any]) -> Any:
 async def served() -> AsyncIterator[Served]:
     metrics = Metrics()
     readiness: dict[str, Any] = {"ok": True, "detail": {"partitions": 8, "postgres": "ok"}}
-    listener = Listener(app_for(metrics, readiness), name="test", request_timeout_s=0.5)
+    listener = Listener(
+        app_for(metrics, readiness), name="test", limits=ApiConfig(request_timeout_s=0.5)
+    )
     await listener.start(HOST, 0, "CDC_TEST__PORT")
     try:
         yield Served(listener, metrics, readiness)
@@ -308,7 +311,7 @@ async def test_a_head_over_the_limit_is_refused() -> None:
     """Headers larger than max_header_bytes are refused with 431, whether the head arrives
     at once or in pieces (then h11 stops reading it past the limit and answers 400)."""
     app = new_app("test", max_body_bytes=MAX_BODY, max_header_bytes=4096)
-    listener = Listener(app, name="test", max_header_bytes=4096)
+    listener = Listener(app, name="test", limits=ApiConfig(max_header_bytes=4096))
     await listener.start(HOST, 0, "CDC_TEST__PORT")
     try:
         raw = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n"
@@ -417,7 +420,7 @@ async def test_a_client_that_does_not_read_its_answer_is_let_go() -> None:
 
     app = new_app("test", max_body_bytes=MAX_BODY)
     app.include_router(router)
-    listener = Listener(app, name="test", request_timeout_s=0.5)
+    listener = Listener(app, name="test", limits=ApiConfig(request_timeout_s=0.5))
     await listener.start(HOST, 0, "CDC_TEST__PORT")
     try:
         with capture_logs() as logs:
@@ -440,7 +443,7 @@ async def test_a_client_that_does_not_read_its_answer_is_let_go() -> None:
 async def test_connections_past_the_cap_are_answered_503() -> None:
     """With max_connections open, one more request is answered 503 at once (uvicorn's own
     plain-text answer); it is served again once a connection closes."""
-    listener = Listener(app_for(Metrics(), {}), name="test", max_connections=2)
+    listener = Listener(app_for(Metrics(), {}), name="test", limits=ApiConfig(max_connections=2))
     await listener.start(HOST, 0, "CDC_TEST__PORT")
     held = [await asyncio.open_connection(HOST, listener.port) for _ in range(2)]
     try:

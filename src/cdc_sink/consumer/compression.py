@@ -269,8 +269,6 @@ def install(max_inflated_bytes: int) -> int:
     call's limit applies); return the limit replaced (0: none). Raises RuntimeError if
     aiokafka's internals are not as expected."""
     global _limit, _scratch
-    if max_inflated_bytes < 1:
-        raise ValueError("max_inflated_bytes must be >= 1")
     modules = _modules()
     for module, names in modules.items():
         missing = [n for n in names if not callable(getattr(module, n, None))]

@@ -155,23 +155,16 @@ class Prepared:
         }
 
 
+@dataclass
 class Preparer:
     """Prepares chunks of records; poison becomes dead letters (counted in cdc_errors_total),
     an unreachable registry or catalog is waited for with `retry` (never dead-lettered)."""
 
-    def __init__(
-        self,
-        decoder: Decoder,
-        catalog: Tables,
-        metrics: Metrics,
-        retry: RetryPolicy,
-        stopping: asyncio.Event,
-    ) -> None:
-        self.decoder = decoder
-        self.catalog = catalog
-        self.metrics = metrics
-        self.retry = retry
-        self.stopping = stopping
+    decoder: Decoder
+    catalog: Tables
+    metrics: Metrics
+    retry: RetryPolicy
+    stopping: asyncio.Event
 
     async def prepare(self, records: list[Any], busy: Callable[[], bool]) -> Prepared:
         """Decode, interpret and convert records (DDL as needed), yielding to the loop now and

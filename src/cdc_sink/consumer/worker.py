@@ -56,11 +56,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class Worker:
     """One consumer-group member applying its partitions to PostgreSQL until stopped."""
 
-    def __init__(
-        self, config: Config, *, stop_when_caught_up: bool = False, metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, config: Config, *, stop_when_caught_up: bool = False) -> None:
         self.config = config
-        self.metrics = metrics or Metrics()
+        self.metrics = Metrics()
         self.stop_when_caught_up = stop_when_caught_up
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.paused: set[TopicPartition] = set()  # over the DLQ limit, until resumed
@@ -107,11 +105,6 @@ class Worker:
             login=login,
             dlq=dlq,
         )
-
-    async def release_writer(self) -> None:
-        """Hand the writer's connection back to its pool (at the end of the run)."""
-        if self.applier is not None:
-            await self.applier.release_writer()
 
     @property
     def applied_events(self) -> int:

@@ -257,15 +257,13 @@ class Decoder:
     def _json_known_schema(self, data: bytes) -> _Part | None:
         """Decode only the payload when the record's schema is one seen before, byte for byte.
 
-        The schema is usually several times larger than the payload and identical in every
-        record of a table, so it is neither parsed nor copied nor hashed: its length, read from
-        the position of `,"payload":`, picks the cached schemas it may be, and a comparison in
-        place proves which one (two schemas of one length are told apart by their bytes). Only
-        complete objects are cached, so a schema proven present ends exactly where the separator
-        starts. The separator is looked for from the end first, as the payload is the short
-        part; a nested "payload" key (inside a string the quote would be escaped) only makes
-        that guess miss, and the first occurrence is tried next. Anything unusual returns None
-        and the full parse decides.
+        The schema, usually several times larger than the payload and the same in every record
+        of a table, is neither parsed nor copied nor hashed: its length, read from the position
+        of `,"payload":` (looked for from the end first, the payload being the short part, then
+        from the start: a nested "payload" key only makes a guess miss), picks the cached
+        schemas it may be, and a comparison in place proves which one. Only complete objects are
+        cached, so a schema proven present ends exactly where the separator starts. Anything
+        unusual returns None and the full parse decides.
         """
         start = len(_ENVELOPE_HEAD)
         sep = data.rfind(_PAYLOAD_SEP, start)
@@ -472,17 +470,14 @@ def _reader_form(node: Any) -> Any:
         scale = node.get("scale", 0)
         if type(scale) is not int or scale < 0:
             raise ValueError(f"decimal scale {scale!r} is not a whole number")
-        node["logicalType"] = _DECIMAL_READER
+        node["logicalType"] = DECIMAL_LOGICAL_TYPE
     elif logical is not None:
         del node["logicalType"]
     return node
 
 
-_DECIMAL_READER = DECIMAL_LOGICAL_TYPE
-
-
 def _read_decimal(data: Any, writer_schema: dict[Any, Any] | None, _: Any = None) -> Any:
-    """fastavro's logical reader for `_DECIMAL_READER`: a Connect Decimal's bytes, converted
+    """fastavro's logical reader for DECIMAL_LOGICAL_TYPE: a Connect Decimal's bytes, converted
     only if their size allows a PostgreSQL numeric (else an OversizedDecimal)."""
     return decimal_from_bytes(data, (writer_schema or {}).get("scale", 0))
 
@@ -490,7 +485,7 @@ def _read_decimal(data: Any, writer_schema: dict[Any, Any] | None, _: Any = None
 # fastavro looks logical readers up by "<type>-<logicalType>" in this dict. The name is the
 # sink's own: fastavro's standard decimal reader stays as it is for any other user.
 for _kind in ("bytes", "fixed"):
-    fastavro.read.LOGICAL_READERS[f"{_kind}-{_DECIMAL_READER}"] = _read_decimal
+    fastavro.read.LOGICAL_READERS[f"{_kind}-{DECIMAL_LOGICAL_TYPE}"] = _read_decimal
 
 
 def avro_to_connect(schema: Any) -> ConnectSchema:

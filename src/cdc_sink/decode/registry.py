@@ -1,13 +1,8 @@
 """Schema registry access: what the decoder needs, and a client for the Confluent REST API.
 
 The client speaks only `GET /schemas/ids/{id}`, which Confluent Schema Registry, Apicurio's
-ccompat API, Karapace and Redpanda all serve. Schema ids are immutable, so every answer is kept
-for the life of the process. An id the registry does not know is asked again after short delays
-(a schema registered a moment ago may not have reached every registry node yet; the waits
-follow a RetryPolicy), then
-remembered as unknown for a while so that a run of such records fails fast. While many ids
-prove unknown (garbage or hostile headers carry random ids), new ones are refused at the first
-answer: waiting for each would hold every batch that carries one.
+ccompat API, Karapace and Redpanda all serve. Schema ids are immutable: every answer is kept for
+the life of the process.
 """
 
 from __future__ import annotations
@@ -116,9 +111,11 @@ class ConfluentRegistry:
     Answers map onto the sink's error kinds: 404 (error code 40403) and other refusals of the id
     -> DecodeError; connection failures, timeouts, 408, 429 and 5xx -> TransientError; 401, 403,
     407 and answers that are not a schema -> FatalError. A 404 is asked again as
-    `unknown_id_wait` allows (its attempts and delays) before it counts, and is then remembered for
-    `unknown_id_ttl` seconds (at most `max_unknown_ids` of them). Once `flood_ids` ids have
-    proved unknown within `unknown_id_ttl`, a 404 counts at once, without the delays. Basic
+    `unknown_id_wait` allows (a schema registered a moment ago may not have reached every
+    registry node yet) before it counts, and is then remembered for `unknown_id_ttl` seconds
+    (at most `max_unknown_ids` of them), so a run of such records fails fast. Once `flood_ids`
+    ids have proved unknown within `unknown_id_ttl` (garbage or hostile headers carry random
+    ids), a 404 counts at once: waiting for each would hold every batch that carries one. Basic
     auth is `auth` (user, password) or given in the URL (`https://user:secret@host/`); it
     never appears in error messages. An https registry's certificate is verified against
     `ca_file` (PEM; default: the system's trusted CAs); one it refuses is a FatalError.
@@ -175,13 +172,9 @@ class ConfluentRegistry:
         )
 
     async def schema_by_id(self, schema_id: int) -> str:
-        text = self._texts.values.get(schema_id)
-        if text is None:
-            unknown = self._unknown.get(schema_id)
-            if unknown is not None:
-                raise DecodeError(unknown)
-            text = await self._texts.get(schema_id, partial(self._fetch, schema_id))
-        return text
+        if schema_id not in self._texts.values and (unknown := self._unknown.get(schema_id)):
+            raise DecodeError(unknown)
+        return await self._texts.get(schema_id, partial(self._fetch, schema_id))
 
     @property
     def unknown_ids(self) -> int:

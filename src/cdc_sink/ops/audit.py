@@ -42,11 +42,6 @@ def command_request_id() -> Iterator[str]:
         yield request_id
 
 
-def current_request_id() -> str | None:
-    found = structlog.contextvars.get_contextvars().get("request_id")
-    return None if found is None else str(found)
-
-
 async def audit(
     where: asyncpg.Connection | asyncpg.Pool | BoundedPool,
     actor: str,
@@ -55,14 +50,10 @@ async def audit(
 ) -> None:
     """Write one audit row (inside the caller's transaction when `where` is a connection in
     one) and log it. Raises asyncpg's errors (or TransientError from a BoundedPool)."""
-    request_id = current_request_id()
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
     details = json.dumps(arguments, default=str)
     query = (
         "INSERT INTO _cdc_audit_log (actor, action, details, request_id) VALUES ($1, $2, $3, $4)"
     )
-    if isinstance(where, BoundedPool):
-        async with where.acquire() as conn:
-            await conn.execute(query, actor, action, details, request_id)
-    else:
-        await where.execute(query, actor, action, details, request_id)
+    await where.execute(query, actor, action, details, request_id)
     log.info("audited", actor=actor, action=action, arguments=dict(arguments))

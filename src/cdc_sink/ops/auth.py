@@ -5,9 +5,9 @@ keys from a JWKS document (CDC_API__JWKS_URL or __JWKS_FILE). `exp` is required;
 `iss`/`aud` when configured, are checked with CDC_API__JWT_LEEWAY_S of clock skew. Scopes come
 from the `scope` claim (space-separated, RFC 8693) or a `scp` list.
 
-Keys from a JWKS are cached; a token whose `kid` is not among them makes the set be read again
-(at most once per JWKS_REFRESH_INTERVAL_S, so a stream of made-up kids cannot hammer the
-key server), in a thread or with an async client: the event loop never waits on it.
+Keys from a JWKS are cached and read again (without blocking the loop) for a token whose `kid`
+is not among them, at most once per JWKS_REFRESH_INTERVAL_S: made-up kids cannot hammer the
+key server.
 """
 
 from __future__ import annotations

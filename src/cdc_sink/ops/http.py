@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cdc_sink.arguments import BIGINT_MAX
+from cdc_sink.config import ApiConfig
 from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 from cdc_sink.errors import FatalError, TransientError
 from cdc_sink.ops.metrics import Metrics
@@ -251,31 +252,18 @@ class Listener:
     """One uvicorn server in the current event loop, started and stopped by the caller (no
     signal handlers of its own: the worker's graceful shutdown stops it).
 
-    `max_connections` more at once are answered 503; a request's head and body must arrive
-    within `request_timeout_s` (else the connection is closed); an idle keep-alive connection
-    is closed after `keep_alive_s`; a head over `max_header_bytes` is refused. `stop` gives
-    requests in flight `grace_s` to finish."""
+    Of `limits` (ApiConfig's defaults if None): `max_connections` more at once are answered
+    503; a request's head and body must arrive within `request_timeout_s` (else the connection
+    is closed); an idle keep-alive connection is closed after `keep_alive_s`; a head over
+    `max_header_bytes` is refused. `stop` gives requests in flight `grace_s` to finish."""
 
     def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        name: str,
-        max_connections: int = 200,
-        max_header_bytes: int = 65_536,
-        keep_alive_s: float = 5.0,
-        request_timeout_s: float = 10.0,
-        grace_s: int = 5,
+        self, app: ASGIApp, *, name: str, limits: ApiConfig | None = None, grace_s: int = 5
     ) -> None:
         self.name = name
         self._grace_s = grace_s
         self._app = app
-        self._limits = {
-            "limit_concurrency": max_connections,
-            "h11_max_incomplete_event_size": max_header_bytes,
-            "timeout_keep_alive": keep_alive_s,
-        }
-        self._request_timeout_s = request_timeout_s
+        self._limits = limits or ApiConfig()
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
         self._ticks: asyncio.Task[None] | None = None
@@ -297,18 +285,22 @@ class Listener:
             sock.bind((host, port))
         except OSError as exc:
             sock.close()
-            message = f"cannot listen on {host}:{port} ({setting}): {exc}"
-            raise FatalError(message, stage="http") from exc
+            raise FatalError(
+                f"cannot listen on {host}:{port} ({setting}): {exc}", stage="http"
+            ) from exc
+        limits = self._limits
         config = uvicorn.Config(
-            _timed(self._app, self._request_timeout_s),
-            http=_head_timed(self._request_timeout_s),
+            _timed(self._app, limits.request_timeout_s),
+            http=_head_timed(limits.request_timeout_s),
             lifespan="off",
             log_config=None,
             access_log=False,
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=self._grace_s,
-            **self._limits,  # type: ignore[arg-type]
+            limit_concurrency=limits.max_connections,
+            h11_max_incomplete_event_size=limits.max_header_bytes,
+            timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
         )
         config.load()
         self._server = uvicorn.Server(config)
@@ -321,8 +313,7 @@ class Listener:
 
     async def stop(self) -> None:
         """Stop listening, let requests in flight finish (`grace_s` at most, then they are
-        cancelled), close every connection.
-        Safe to call twice or if never started."""
+        cancelled), close every connection. Safe to call twice or if never started."""
         server, self._server = self._server, None
         if server is None:
             return

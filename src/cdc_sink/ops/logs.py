@@ -1,10 +1,8 @@
 """structlog set-up: one JSON object per line on stderr, secrets redacted before rendering.
 
 Records from stdlib loggers (aiokafka, asyncpg, …) go through the same pipeline, so every line
-on stderr has the same shape. aiokafka repeats its connection errors many times a second while
-a broker is away, and OpenTelemetry's exporter its own while the trace collector is: each of
-their warnings and errors is shown at most once per `repeat_window_s`, with the number held
-back since (RepeatFilter). Lines written inside a sampled trace span carry its ids.
+on stderr has the same shape; the noisy libraries' repeated warnings are held back
+(RepeatFilter). Lines written inside a sampled trace span carry its ids.
 """
 
 from __future__ import annotations
@@ -21,11 +19,12 @@ import structlog
 from opentelemetry import trace
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
+from cdc_sink.config import LOG_LEVELS
+
 __all__ = ["RepeatFilter", "add_trace_ids", "configure_logging", "get_logger", "redact_secrets"]
 
 REDACTED = "***"
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
-_LEVELS |= {"warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+_LEVELS = {name: logging.getLevelNamesMapping()[name.upper()] for name in LOG_LEVELS}
 _SECRET_KEY = re.compile(r"password|passwd|secret|token|dsn|authorization|api[_-]?key", re.I)
 # scheme://user:password@host — the greedy password stops at the last "@" before the host, so
 # a password that itself contains "@" is still removed whole.
@@ -35,7 +34,8 @@ _KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd)\s*=\s*)(?:'[^']*'|\S+
 
 # The handler configure_logging installed, replaced (not duplicated) when it is called again.
 _handler: logging.Handler | None = None
-# aiokafka while a broker is away; OpenTelemetry's exporter while the trace collector is.
+# aiokafka repeats its connection errors many times a second while a broker is away, and
+# OpenTelemetry's exporter its own while the trace collector is.
 NOISY_LIBRARIES = ("aiokafka", "opentelemetry")
 # Loggers whose debug lines carry whole records (aiokafka's producer logs each message's key and
 # value): records hold the clear values of masked columns, so these stay at info or above.

@@ -1,11 +1,5 @@
-"""Prometheus metrics of one worker, all on one registry the `Metrics` instance owns.
-
-No metric touches prometheus_client's global default registry, so several workers (or tests)
-in one process never collide on names.
-
-A worker that stops on a fatal error is gone before any scrape could see it counted, so it also
-pushes the time of its exit to the Pushgateway (`push_fatal_exit`), where it stays.
-"""
+"""Prometheus metrics of one worker, all on one registry the `Metrics` instance owns (not the
+global default registry: several workers, or tests, in one process never collide on names)."""
 
 from __future__ import annotations
 
@@ -181,7 +175,8 @@ def push_fatal_exit(
     url: str, stage: str, *, instance: str, consumer_group: str, timeout_s: float
 ) -> None:
     """Push `cdc_fatal_exit_timestamp_seconds{stage}` = now to the Pushgateway at `url`, in the
-    group job="cdc-sink", `instance`, `consumer_group` (replacing that group's earlier exit).
+    group job="cdc-sink", `instance`, `consumer_group` (replacing that group's earlier exit):
+    a worker that stops on a fatal error is gone before any scrape could see it counted.
     Blocking; raises what the HTTP request raises."""
     registry = CollectorRegistry()
     Gauge(

@@ -21,15 +21,11 @@ MIGRATION_LOCK = 0x63646373696E6B  # "cdcsink": one migrator at a time across wo
 MIGRATION_FILE = re.compile(r"[0-9]{3}_.*\.sql")
 
 
-def sql_dir() -> Traversable:
-    """The migrations shipped with the package (or CDC_SQL_DIR, to apply another set)."""
-    override = os.environ.get("CDC_SQL_DIR")
-    return Path(override) if override else files("cdc_sink") / "migrations"
-
-
 def migrations(folder: Traversable | None = None) -> list[tuple[str, str]]:
-    """(version, sql) for every `NNN_name.sql`, in version order."""
-    found = folder or sql_dir()
+    """(version, sql) for every `NNN_name.sql` in `folder`, else CDC_SQL_DIR (to apply another
+    set), else the package's own, in version order."""
+    override = os.environ.get("CDC_SQL_DIR")
+    found = folder or (Path(override) if override else files("cdc_sink") / "migrations")
     names = sorted(item.name for item in found.iterdir() if MIGRATION_FILE.fullmatch(item.name))
     if not names:
         raise FileNotFoundError(f"no migrations found in {found}")

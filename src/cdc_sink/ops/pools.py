@@ -1,10 +1,6 @@
-"""PostgreSQL connection pools, one per role, so that no role can starve another.
-
-A worker pod holds the writer's connection (a pool of its own, of one), the worker's pool
-(claims, table look-ups and DDL, housekeeping, readiness), the HTTP API's pool, and, from its
-first job on, reconciliation's. Every pool logs in through the PostgresLogin, which reconnects
-it when a new user is leased. The API's callers wait a bounded time for a connection
-(`BoundedPool`): a burst of requests is answered 503, never queued without end.
+"""PostgreSQL connection pools, one per role (the writer's, the worker's, the HTTP API's,
+reconciliation's), so that no role can starve another. Every pool logs in through the
+PostgresLogin, which reconnects it when a new user is leased.
 """
 
 from __future__ import annotations
@@ -39,14 +35,13 @@ async def open_pool(
     *,
     size: int,
     application_name: str,
-    min_size: int = 1,
 ) -> asyncpg.Pool:
     """A pool of at most `size` connections, named `application_name` in pg_stat_activity,
     following the login's users. Raises what asyncpg raises when PostgreSQL cannot be reached
     or refuses."""
     pool = await asyncpg.create_pool(
         connect=login.connect,
-        min_size=min(min_size, size),
+        min_size=1,
         max_size=size,
         timeout=postgres.connect_timeout_s,
         server_settings={

@@ -346,13 +346,7 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
     with Cassandra's credentials filled in, and how to log in to PostgreSQL. VaultError (a
     clear message, no traceback) if Vault cannot be reached or refuses."""
     cfg = config.vault
-    if not (
-        cfg.postgres_role
-        or cfg.cassandra_secret
-        or cfg.api_jwt_secret
-        or cfg.gdpr_hash_key
-        or cfg.masking_key_secret
-    ):
+    if not cfg.used():
         return config, PostgresLogin(config)
     vault = Vault(cfg)
     step = f"logging in to Vault at {cfg.addr}" + (
@@ -373,22 +367,17 @@ async def open_secrets(config: Config) -> tuple[Config, PostgresLogin]:
                 password=Secret(str(secret["password"])),
             )
             config = dataclasses.replace(config, cassandra=cassandra)
-        if cfg.api_jwt_secret:
-            step = _reading("API_JWT_SECRET", cfg.api_jwt_secret, cfg.kv_mount)
-            api = dataclasses.replace(
-                config.api, jwt_secret=await _kv_key(vault, cfg.api_jwt_secret)
-            )
-            config = dataclasses.replace(config, api=api)
-        if cfg.gdpr_hash_key:
-            step = _reading("GDPR_HASH_KEY", cfg.gdpr_hash_key, cfg.kv_mount)
-            hash_key = await _kv_key(vault, cfg.gdpr_hash_key)
-            gdpr = dataclasses.replace(config.gdpr, hash_key=hash_key)
-            config = dataclasses.replace(config, gdpr=gdpr)
-        if cfg.masking_key_secret:
-            step = _reading("MASKING_KEY_SECRET", cfg.masking_key_secret, cfg.kv_mount)
-            key = await _kv_key(vault, cfg.masking_key_secret)
-            masking = dataclasses.replace(config.masking, hash_key=key)
-            config = dataclasses.replace(config, masking=masking)
+        for setting, path, section, name in (
+            ("API_JWT_SECRET", cfg.api_jwt_secret, "api", "jwt_secret"),
+            ("GDPR_HASH_KEY", cfg.gdpr_hash_key, "gdpr", "hash_key"),
+            ("MASKING_KEY_SECRET", cfg.masking_key_secret, "masking", "hash_key"),
+        ):
+            if path:
+                step = _reading(setting, path, cfg.kv_mount)
+                keyed = dataclasses.replace(
+                    getattr(config, section), **{name: await _kv_key(vault, path)}
+                )
+                config = dataclasses.replace(config, **{section: keyed})
         login = PostgresLogin(config, vault)
         if cfg.postgres_role:
             step = (

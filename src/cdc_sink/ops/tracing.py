@@ -1,13 +1,7 @@
-"""OpenTelemetry traces: a span per batch, exported over OTLP/HTTP, and the trace id in logs.
-
-Each chunk the worker applies is one `cdc.batch` span (its topics, partitions, offsets, rows
-and outcome) with children for preparing it (`cdc.prepare`), producing its dead letters
-(`cdc.dlq.produce`) and each transaction attempt (`cdc.transaction`, failed attempts marked
-with their error); a chunk split to isolate a bad record holds the halves as child batches.
-Reconciliation jobs are `cdc.reconciliation` spans. Tracing is off unless an endpoint is set;
-then a share of the batches (a fixed fraction of trace ids) is sampled and exported in a
-background thread, which never blocks or fails a batch: if the collector is away, spans are
-dropped and the exporter's warnings are logged.
+"""OpenTelemetry traces (the worker's `cdc.batch` spans and their children, reconciliation's
+`cdc.reconciliation`), exported over OTLP/HTTP. Off unless an endpoint is set; then a fixed
+fraction of trace ids is sampled and exported in a background thread, which never blocks or
+fails a batch: if the collector is away, spans are dropped and the exporter's warnings logged.
 """
 
 from __future__ import annotations
@@ -26,15 +20,22 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from cdc_sink import __version__
 from cdc_sink.config import TracingConfig
 
-__all__ = ["start_tracing", "tracing", "tracing_instance"]
+__all__ = ["tracing", "tracing_instance"]
 
 
-def start_tracing(config: TracingConfig, instance: str) -> TracerProvider | None:
-    """Install the process's tracer provider exporting to `config.endpoint`, or nothing if no
-    endpoint is set (every tracer stays a no-op). Call once at start-up; call `shutdown()` on
-    the result at exit to flush what is queued (bounded by the export timeout)."""
+def tracing_instance() -> str:
+    """This process's `service.instance.id`: host and process id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def tracing(config: TracingConfig, instance: str) -> Iterator[None]:
+    """For the life of the block, the process's tracer provider exports to `config.endpoint`
+    (without an endpoint nothing is installed and every tracer stays a no-op); on leaving it,
+    what is queued is flushed, within the export timeout."""
     if not config.endpoint:
-        return None
+        yield
+        return
     # Imported here: the exporter pulls in protobuf and requests, which a worker without
     # tracing does not need to load.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -54,21 +55,7 @@ def start_tracing(config: TracingConfig, instance: str) -> TracerProvider | None
         BatchSpanProcessor(exporter, export_timeout_millis=config.export_timeout_seconds * 1000)
     )
     trace.set_tracer_provider(provider)
-    return provider
-
-
-def tracing_instance() -> str:
-    """This process's `service.instance.id`: host and process id."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-@contextlib.contextmanager
-def tracing(config: TracingConfig, instance: str) -> Iterator[None]:
-    """Traces exported for the life of the block (see `start_tracing`); on leaving it, what is
-    queued is flushed, within the export timeout."""
-    provider = start_tracing(config, instance)
     try:
         yield
     finally:
-        if provider is not None:
-            provider.shutdown()
+        provider.shutdown()
