@@ -21,7 +21,7 @@ from cdc_sink.consumer.compression import UninflatedBatch
 from cdc_sink.decode.decoder import DecodedRecord, Decoder
 from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 from cdc_sink.dlq.letters import DeadLetter
-from cdc_sink.errors import ConversionError, EventError, PoisonError, SinkError, UnexpectedError
+from cdc_sink.errors import ConversionError, EventError, PoisonError, UnexpectedError
 from cdc_sink.failures import Kind, classify, refused
 from cdc_sink.model.events import ChangeEvent, Key, Mutation, Position, interpret, op_name
 from cdc_sink.ops.logs import get_logger
@@ -180,9 +180,11 @@ class Preparer:
             if time.perf_counter() >= next_yield and busy():
                 await asyncio.sleep(0)  # let the chunk in flight go on with PostgreSQL's answers
                 next_yield = time.perf_counter() + PREPARE_YIELD_S
+            decoded: DecodedRecord | None = None
             try:
                 try:
-                    outcome: Outcome = await self._to_mutation(record)
+                    decoded = await self._decode(record)
+                    outcome: Outcome = await self._convert(record, decoded)
                 except PoisonError:
                     raise
                 except Exception as exc:
@@ -194,22 +196,17 @@ class Preparer:
                         "decode", step, stopping=self.stopping, metrics=self.metrics
                     )
             except PoisonError as exc:
-                outcome = dead_letter(record, exc, exc.stage, await self._row_of(record))
+                row = None if decoded is None else self._row_of(decoded)
+                outcome = dead_letter(record, exc, exc.stage, row)
                 self.metrics.errors.labels(exc.stage, "poison").inc()
             except asyncpg.PostgresError as exc:  # not transient: e.g. a privilege missing
                 raise refused("reading or recording a table's schema", exc, "catalog") from exc
             outcomes.append(outcome)
         return Prepared.of(records, outcomes, began_ns, time.time_ns())
 
-    async def _row_of(self, record: Any) -> tuple[TableSchema, Key] | None:
-        """The table and key of a record that failed, when its key decodes and its value names
-        a table this worker knows (then an erased key is not dead-lettered); else None."""
-        if isinstance(record.value, UninflatedBatch) or record.key is None:
-            return None
-        try:
-            decoded = await self.decoder.decode(record.key, record.value)
-        except SinkError:  # the record's own bytes, or the registry: the letter is kept whole
-            return None
+    def _row_of(self, decoded: DecodedRecord) -> tuple[TableSchema, Key] | None:
+        """The table and key of a decoded record that failed, when its value names a table
+        this worker knows (then an erased key is not dead-lettered); else None."""
         source = decoded.value.get("source") if isinstance(decoded.value, dict) else None
         if not isinstance(source, dict):
             return None
@@ -220,9 +217,14 @@ class Preparer:
         return None if key is None else (schema, key)
 
     async def _to_mutation(self, record: Any) -> Converted | None:
+        return await self._convert(record, await self._decode(record))
+
+    async def _decode(self, record: Any) -> DecodedRecord:
         if isinstance(record.value, UninflatedBatch):
             raise record.value.error()
-        decoded = await self.decoder.decode(record.key, record.value)
+        return await self.decoder.decode(record.key, record.value)
+
+    async def _convert(self, record: Any, decoded: DecodedRecord) -> Converted | None:
         if decoded.value is None:
             return None  # a Kafka tombstone following a delete: nothing to apply
         position = Position(record.topic, record.partition, record.offset)
