@@ -28,10 +28,11 @@ from cdc_recon.errors import (
     UnknownStrategyError,
     UnknownTableError,
 )
-from cdc_recon.readers import CassandraReader, connect_cassandra, resolve_table
+from cdc_recon.readers import CassandraReader, connect_cassandra
 from cdc_recon.remask import DEFAULT_BATCH_ROWS, Remasker, outcome_json
 from cdc_recon.service import Reconciler, recon_pool
 from cdc_recon.settings import reconciliation_settings
+from cdc_recon.targets import resolve_table
 from cdc_sink.apply.codecs import use_asyncpg_uuids
 from cdc_sink.apply.suppression import Suppression
 from cdc_sink.arguments import whole_number

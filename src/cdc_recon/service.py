@@ -37,14 +37,7 @@ from cdc_recon.errors import (
     UnknownStrategyError,
 )
 from cdc_recon.pacing import Pacer
-from cdc_recon.readers import (
-    CassandraReader,
-    PgReader,
-    ReconTable,
-    find_target,
-    native_key,
-    resolve_table,
-)
+from cdc_recon.readers import CassandraReader, PgReader, ReconTable, native_key
 from cdc_recon.repair import plan_repair
 from cdc_recon.repository import JobRequest, Repository, job_lock
 from cdc_recon.settings import ReconciliationConfig
@@ -60,6 +53,7 @@ from cdc_recon.strategies import (
     sample,
     timestamp_range,
 )
+from cdc_recon.targets import find_target, resolve_table
 from cdc_sink.apply.suppression import Suppression
 from cdc_sink.apply.writer import Batch, PgWriter, json_key
 from cdc_sink.config import PostgresConfig
