@@ -254,6 +254,7 @@ class Reconciler:
         job_id, table, strategy = job["id"], job["target_table"], job["strategy"]
         began = time.monotonic()
         log.info("reconciliation_started", job=job_id, table=table, strategy=strategy)
+        outcome: Outcome | None = None
         try:
             outcome = await self._outcome(job)
         except asyncio.CancelledError:
@@ -267,37 +268,28 @@ class Reconciler:
             await self.repository.end(job_id, "failed", error)
             span.set_status(Status(StatusCode.ERROR, error))
             log.error("reconciliation_failed", job=job_id, table=table, error=error)
-            await self._report(
-                JobReport(
-                    table, strategy, "failed", time.time(), time.monotonic() - began, None, None
-                )
+        else:
+            await self.repository.finish(job_id, table, outcome)
+            span.set_attributes(
+                {"cdc.mismatches": outcome.mismatch_count, "cdc.drift": outcome.drift_percentage}
             )
-            return
-        await self.repository.finish(job_id, table, outcome)
-        span.set_attributes(
-            {"cdc.mismatches": outcome.mismatch_count, "cdc.drift": outcome.drift_percentage}
-        )
-        log.info(
-            "reconciliation_finished",
-            job=job_id,
-            table=table,
-            strategy=strategy,
-            mismatches=outcome.mismatch_count,
-            drift=outcome.drift_percentage,
-        )
-        await self._report(
-            JobReport(
-                table,
-                strategy,
-                "succeeded",
-                time.time(),
-                time.monotonic() - began,
-                outcome.drift_percentage,
-                outcome.mismatch_count,
+            log.info(
+                "reconciliation_finished",
+                job=job_id,
+                table=table,
+                strategy=strategy,
+                mismatches=outcome.mismatch_count,
+                drift=outcome.drift_percentage,
             )
+        report = JobReport(
+            table,
+            strategy,
+            "failed" if outcome is None else "succeeded",
+            time.time(),
+            time.monotonic() - began,
+            None if outcome is None else outcome.drift_percentage,
+            None if outcome is None else outcome.mismatch_count,
         )
-
-    async def _report(self, report: JobReport) -> None:
         self.metrics.record(report)
         await self.metrics.push(self.pushgateway_url, report, self.settings.push_timeout_seconds)
 
