@@ -139,13 +139,8 @@ async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namesp
             return 0 if summary.unresolved == 0 and summary.skipped == 0 else 1
         options = {
             name: value
-            for name, value in (
-                ("window_start", args.window_start),
-                ("window_end", args.window_end),
-                ("sample_size", args.sample_size),
-                ("seed", args.seed),
-            )
-            if value is not None
+            for name in ("window_start", "window_end", "sample_size", "seed")
+            if (value := getattr(args, name)) is not None
         }
         job = await reconciler.run(args.table, args.strategy, options, trigger="cli")
         arguments = {"table": args.table, "strategy": args.strategy, **options}

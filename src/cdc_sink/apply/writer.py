@@ -79,8 +79,6 @@ class Batch:
 
 @dataclass(frozen=True)
 class BatchResult:
-    rows_upserted: int
-    rows_deleted: int
     duration_s: float
     suppressed: dict[str, int] = field(default_factory=dict)  # erased keys' mutations, by table
     # Dead letters of erased keys found under the keys' locks: not stored (suppression.py).
@@ -183,7 +181,6 @@ class PgWriter:
         """Apply the batch atomically; raise FencedError if a checkpoint moved under us."""
         began = time.perf_counter()
         now = now_us if now_us is not None else time.time_ns() // 1000
-        upserted = deleted = 0
         self._suppressed = {}
         keyed = _keyed_letters(batch.dead_letters)
         erased: list[DeadLetter] = []
@@ -192,8 +189,7 @@ class PgWriter:
                 for schema, mutations in batch.tables:
                     letters = keyed.get(schema.target, (schema, []))[1]
                     also = [letter.row[1] for letter in letters if letter.row is not None]
-                    up, down = await self._apply_table(schema, mutations, now, also_lock=also)
-                    upserted, deleted = upserted + up, deleted + down
+                    await self._apply_table(schema, mutations, now, also_lock=also)
                 if keyed:
                     erased = await self._erased_letters(keyed, {s.target for s, _ in batch.tables})
                 gone = {id(letter) for letter in erased}
@@ -202,9 +198,7 @@ class PgWriter:
         except BaseException:
             self._staging.clear()  # a staging table created in the rolled-back transaction is gone
             raise
-        return BatchResult(
-            upserted, deleted, time.perf_counter() - began, self._suppressed, tuple(erased)
-        )
+        return BatchResult(time.perf_counter() - began, self._suppressed, tuple(erased))
 
     async def erased_letters(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
         """Those of `letters` whose row key an erasure covers, read outside a transaction: one
@@ -260,7 +254,7 @@ class PgWriter:
         touch: Sequence[Key] = (),
         *,
         also_lock: Sequence[Key] = (),
-    ) -> tuple[int, int]:
+    ) -> None:
         """`also_lock`: keys of the batch's dead letters of the table, whose partitions are
         locked with the rows' (in one id order, so writers never wait on each other in turn)."""
         texts = _KeyTexts()
@@ -299,12 +293,10 @@ class PgWriter:
             )
             self._partition_columns[schema.target] = plan.partition_columns
         await self._upsert(schema, outcome.live, fresh, now_us)
-        gone = [*outcome.remembered, *outcome.removed]
-        await self._delete_rows(schema, gone)
+        await self._delete_rows(schema, [*outcome.remembered, *outcome.removed])
         await self._store_tombstones(schema, plan, outcome.remembered, texts)
         revived = [k for k in (*outcome.live, *outcome.removed) if k in state.remembered]
         await self._forget_dead(schema, [texts[k] for k in revived])
-        return len(outcome.live) + len(fresh), len(gone)
 
     # locking --------------------------------------------------------------------------------
 
