@@ -77,12 +77,9 @@ async def reconcile(config: Config, args: argparse.Namespace) -> int:
         with tracing(config.tracing, tracing_instance()):
             async with secrets_for(config) as (config, login):
                 return await _reconcile(config, login, args)
-    except USAGE_ERRORS as exc:
-        print(f"cdc-sink reconcile: {exc}", file=sys.stderr)
-        return 2
     except ReconError as exc:
         print(f"cdc-sink reconcile: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, USAGE_ERRORS) else 1
 
 
 @contextlib.asynccontextmanager
@@ -209,12 +206,9 @@ async def mask(config: Config, args: argparse.Namespace) -> int:
                 await audit(pool, cli_actor(), "mask_apply_finished", dataclasses.asdict(outcome))
             print(outcome_json(outcome))
             return 0
-    except (*USAGE_ERRORS, MaskingError) as exc:
+    except (ReconError, MaskingError) as exc:
         print(f"cdc-sink mask: {exc}", file=sys.stderr)
-        return 2
-    except ReconError as exc:
-        print(f"cdc-sink mask: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, (*USAGE_ERRORS, MaskingError)) else 1
 
 
 def _summary(job: dict[str, Any]) -> str:

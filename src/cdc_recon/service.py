@@ -187,9 +187,7 @@ class Reconciler:
         table by the time it runs)."""
         chosen = parse_strategy(strategy)
         options = dict(options or {})
-        known = {"window_start", "window_end", "sample_size", "seed"}
-        unknown = sorted(set(options) - known)
-        if unknown:
+        if unknown := sorted(set(options) - {"window_start", "window_end", "sample_size", "seed"}):
             raise InvalidRequestError(f"unknown option(s): {', '.join(unknown)}")
         resolved = await find_target(pool or self.pool, self.pg_schema, table)
         start = _instant(options.pop("window_start", None), "window_start")
