@@ -36,7 +36,6 @@ from cdc_sink.ops.http import ApiError, JsonRoute, json_response, whole
 if TYPE_CHECKING:
     from cdc_recon.runtime import ReconciliationRuntime
 
-KINDS = ("missing_in_postgres", "extra_in_postgres", "value_mismatch")
 MAX_LIMIT = 10_000
 
 

@@ -28,10 +28,11 @@ from cdc_recon.errors import (
     UnknownStrategyError,
     UnknownTableError,
 )
-from cdc_recon.readers import CassandraReader, connect_cassandra, resolve_table
+from cdc_recon.readers import CassandraReader, connect_cassandra
 from cdc_recon.remask import DEFAULT_BATCH_ROWS, Remasker, outcome_json
 from cdc_recon.service import Reconciler, recon_pool
 from cdc_recon.settings import reconciliation_settings
+from cdc_recon.targets import resolve_table
 from cdc_sink.apply.codecs import use_asyncpg_uuids
 from cdc_sink.apply.suppression import Suppression
 from cdc_sink.arguments import whole_number
@@ -76,12 +77,9 @@ async def reconcile(config: Config, args: argparse.Namespace) -> int:
         with tracing(config.tracing, tracing_instance()):
             async with secrets_for(config) as (config, login):
                 return await _reconcile(config, login, args)
-    except USAGE_ERRORS as exc:
-        print(f"cdc-sink reconcile: {exc}", file=sys.stderr)
-        return 2
     except ReconError as exc:
         print(f"cdc-sink reconcile: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, USAGE_ERRORS) else 1
 
 
 @contextlib.asynccontextmanager
@@ -138,13 +136,8 @@ async def _reconcile(config: Config, login: PostgresLogin, args: argparse.Namesp
             return 0 if summary.unresolved == 0 and summary.skipped == 0 else 1
         options = {
             name: value
-            for name, value in (
-                ("window_start", args.window_start),
-                ("window_end", args.window_end),
-                ("sample_size", args.sample_size),
-                ("seed", args.seed),
-            )
-            if value is not None
+            for name in ("window_start", "window_end", "sample_size", "seed")
+            if (value := getattr(args, name)) is not None
         }
         job = await reconciler.run(args.table, args.strategy, options, trigger="cli")
         arguments = {"table": args.table, "strategy": args.strategy, **options}
@@ -213,12 +206,9 @@ async def mask(config: Config, args: argparse.Namespace) -> int:
                 await audit(pool, cli_actor(), "mask_apply_finished", dataclasses.asdict(outcome))
             print(outcome_json(outcome))
             return 0
-    except (*USAGE_ERRORS, MaskingError) as exc:
+    except (ReconError, MaskingError) as exc:
         print(f"cdc-sink mask: {exc}", file=sys.stderr)
-        return 2
-    except ReconError as exc:
-        print(f"cdc-sink mask: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, (*USAGE_ERRORS, MaskingError)) else 1
 
 
 def _summary(job: dict[str, Any]) -> str:

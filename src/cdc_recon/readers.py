@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import ipaddress
 import itertools
@@ -23,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -35,18 +34,18 @@ from cdc_recon.canonical import (
     for_postgres,
     key_text,
 )
-from cdc_recon.errors import InvalidRequestError, ReconError, UnknownTableError
+from cdc_recon.errors import ReconError
 from cdc_recon.pacing import Pacer
+from cdc_sink.apply.writer import keys_in
 from cdc_sink.config import CassandraConfig
 from cdc_sink.model.cql import CqlType, pg_type
-from cdc_sink.model.masking import ColumnMask, MaskingError, MaskingPolicy
-from cdc_sink.ops.pools import BoundedPool
+from cdc_sink.model.masking import ColumnMask
 from cdc_sink.schema import cassandra
-from cdc_sink.schema.catalog import column_types, rendered_columns
-from cdc_sink.schema.tables import RESERVED_COLUMNS, TableSchema, qualified, quote_ident
+from cdc_sink.schema.tables import TableSchema, qualified, quote_ident
 
 MIN_TOKEN, MAX_TOKEN = -(2**63), 2**63 - 1
 Keep = Callable[[dict[str, int]], bool]  # given a row's cell write times: scan it further?
+_Row = TypeVar("_Row")
 
 
 @dataclass(frozen=True)
@@ -200,96 +199,6 @@ def native_key(table: ReconTable, key: Sequence[Canon]) -> tuple[Any, ...]:
 
 
 # --------------------------------------------------------------------------------------------
-# resolving a table
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A table the sink writes: its PostgreSQL name, its Cassandra source, and the columns
-    PostgreSQL has."""
-
-    target: str
-    keyspace: str
-    source: str
-    present: frozenset[str]
-    types: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
-
-
-async def find_target(
-    conn: asyncpg.Connection | asyncpg.Pool | BoundedPool, pg_schema: str, name: str
-) -> Target:
-    """Find `name` (a target table, or a Cassandra table name if exactly one target has it)
-    in `_cdc_schema_metadata`, from PostgreSQL alone. UnknownTableError if it is not a table
-    the sink writes."""
-    rows = await conn.fetch(
-        "SELECT DISTINCT ON (target_table) target_table, keyspace_name, source_table "
-        "FROM _cdc_schema_metadata WHERE target_table = $1 OR source_table = $1 "
-        "ORDER BY target_table, version DESC",
-        name,
-    )
-    exact = [r for r in rows if r["target_table"] == name]
-    if exact:
-        rows = exact
-    if not rows:
-        raise UnknownTableError(f"unknown table {name!r}: the sink has written no such table")
-    if len(rows) > 1:
-        names = ", ".join(r["target_table"] for r in rows)
-        raise UnknownTableError(f"table name {name!r} is ambiguous: it matches {names}")
-    row = rows[0]
-    types = await column_types(conn, pg_schema, row["target_table"])
-    if not types:
-        raise UnknownTableError(f"table {pg_schema}.{row['target_table']} does not exist")
-    return Target(
-        row["target_table"], row["keyspace_name"], row["source_table"], frozenset(types), types
-    )
-
-
-async def resolve_table(
-    conn: asyncpg.Connection | asyncpg.Pool | BoundedPool,
-    pg_schema: str,
-    session: Any,
-    name: str,
-    masking: MaskingPolicy | None = None,
-) -> ReconTable:
-    """find_target, then Cassandra's system_schema for the table's exact types.
-    UnknownTableError if it is not a table the sink writes, or Cassandra no longer has it;
-    InvalidRequestError naming the masking rule that does not fit the table."""
-    found = await find_target(conn, pg_schema, name)
-    keyspace, source = found.keyspace, found.source
-    try:
-        described = await asyncio.to_thread(cassandra.describe_table, session, keyspace, source)
-    except Exception as exc:
-        raise ReconError(f"cannot read Cassandra's schema of {keyspace}.{source}: {exc}") from exc
-    if described is None:
-        raise UnknownTableError(f"Cassandra has no table {keyspace}.{source}")
-    columns, partition = described.columns, described.partition_columns
-    clustering = described.clustering_columns
-    keys = (*partition, *clustering)
-    # A Cassandra column of a reserved name is not in the target, even where the target has
-    # a column of that name (the sink's own): it is Cassandra's alone, like a missing one.
-    mirrored = found.present - RESERVED_COLUMNS
-    ordered = {c: columns[c] for c in keys} | {
-        c: t for c, t in columns.items() if c not in keys and c in mirrored
-    }
-    try:
-        masks = (masking or MaskingPolicy()).masks(keyspace, source, ordered, keys)
-    except MaskingError as exc:
-        raise InvalidRequestError(str(exc)) from None
-    table = ReconTable(
-        masks=masks,
-        target=found.target,
-        keyspace=keyspace,
-        source=source,
-        key_columns=keys,
-        partition_columns=partition,
-        columns=ordered,
-        cassandra_only=tuple(c for c in columns if c not in mirrored),
-    )
-    rendered = rendered_columns(table.sink_schema(), found.types)
-    return dataclasses.replace(table, rendered=rendered) if rendered else table
-
-
-# --------------------------------------------------------------------------------------------
 # Cassandra
 
 
@@ -349,10 +258,14 @@ class CassandraReader:
             self._prepared[query] = statement
         return statement
 
-    def _select(self, table: ReconTable, writetimes: bool) -> str:
+    def _select(self, table: ReconTable, writetimes: bool, ttls: bool = False) -> str:
         cols = [_cql_ident(c) for c in table.columns]
         if writetimes:
             cols += [f"WRITETIME({_cql_ident(c)})" for c in table.value_columns]
+        if ttls:
+            # TTL of a multi-cell column is a list with nulls the driver cannot decode: their
+            # elements' TTLs are not read (such repairs are written without expiry).
+            cols += [f"TTL({_cql_ident(c)})" for c in table.single_cell_columns]
         return f"SELECT {', '.join(cols)} FROM {_cql_table(table)}"
 
     def _token(self, table: ReconTable) -> str:
@@ -488,37 +401,17 @@ class CassandraReader:
         self, table: ReconTable, keys: Sequence[tuple[Canon, ...]], *, writetimes: bool = False
     ) -> dict[str, Scanned]:
         """The rows with these canonical keys that exist, by key text."""
-        if not keys:
-            return {}
-        where = " AND ".join(f"{_cql_ident(c)} = ?" for c in table.key_columns)
-        statement = await self._prepare(f"{self._select(table, writetimes)} WHERE {where}")
-        convert = self._convert(table, writetimes)
-        params = [native_key(table, k) for k in keys]
-
-        def run() -> list[Scanned]:
-            rows = self._rows_of(statement, params, max(8, self.concurrency * 4))
-            return [s for s in map(convert, rows) if s is not None]
-
-        return {row.key_text: row for row in await asyncio.to_thread(run)}
+        rows = await self._read_keys(
+            table, keys, self._select(table, writetimes), self._convert(table, writetimes)
+        )
+        return {row.key_text: row for row in rows if row is not None}
 
     async def fetch_native(
         self, table: ReconTable, keys: Sequence[tuple[Canon, ...]]
     ) -> dict[str, NativeRow]:
         """The rows with these canonical keys as the driver returns them, with each non-null
         cell's WRITETIME and TTL (for repair), by key text."""
-        if not keys:
-            return {}
         names, single = table.value_columns, table.single_cell_columns
-        cols = [_cql_ident(c) for c in table.columns]
-        cols += [f"WRITETIME({_cql_ident(c)})" for c in names]
-        # TTL of a multi-cell column is a list with nulls the driver cannot decode: their
-        # elements' TTLs are not read (such repairs are written without expiry).
-        cols += [f"TTL({_cql_ident(c)})" for c in single]
-        where = " AND ".join(f"{_cql_ident(c)} = ?" for c in table.key_columns)
-        statement = await self._prepare(
-            f"SELECT {', '.join(cols)} FROM {_cql_table(table)} WHERE {where}",
-        )
-        params = [native_key(table, k) for k in keys]
         canon_key = table.key_canon(for_cassandra)
         width, count = len(table.columns), len(names)
 
@@ -527,25 +420,44 @@ class CassandraReader:
                 return max((v for v in value if v is not None), default=None)
             return None if value is None else int(value)
 
-        def run() -> dict[str, NativeRow]:
-            found = {}
-            for row in self._rows_of(statement, params, max(8, self.concurrency * 4)):
-                values = {
-                    name: driver_exact(t, v)
-                    for (name, t), v in zip(table.columns.items(), row[:width], strict=True)
-                }
-                stamps = {
-                    n: w
-                    for n, raw in zip(names, row[width : width + count], strict=True)
-                    if (w := newest(raw)) is not None
-                }
-                ttls = {
-                    n: t
-                    for n, raw in zip(single, row[width + count :], strict=True)
-                    if (t := newest(raw)) is not None
-                }
-                found[key_text(canon_key(row))] = NativeRow(values, stamps, ttls)
-            return found
+        def native(row: Sequence[Any]) -> tuple[str, NativeRow]:
+            values = {
+                name: driver_exact(t, v)
+                for (name, t), v in zip(table.columns.items(), row[:width], strict=True)
+            }
+            stamps = {
+                n: w
+                for n, raw in zip(names, row[width : width + count], strict=True)
+                if (w := newest(raw)) is not None
+            }
+            ttls = {
+                n: t
+                for n, raw in zip(single, row[width + count :], strict=True)
+                if (t := newest(raw)) is not None
+            }
+            return key_text(canon_key(row)), NativeRow(values, stamps, ttls)
+
+        select = self._select(table, writetimes=True, ttls=True)
+        return dict(await self._read_keys(table, keys, select, native))
+
+    async def _read_keys(
+        self,
+        table: ReconTable,
+        keys: Sequence[tuple[Canon, ...]],
+        select: str,
+        convert: Callable[[Sequence[Any]], _Row],
+    ) -> list[_Row]:
+        """`select` (SELECT … FROM the table) of each of these canonical keys, every row found
+        passed through `convert` (in the reading thread)."""
+        if not keys:
+            return []
+        where = " AND ".join(f"{_cql_ident(c)} = ?" for c in table.key_columns)
+        statement = await self._prepare(f"{select} WHERE {where}")
+        params = [native_key(table, k) for k in keys]
+
+        def run() -> list[_Row]:
+            rows = self._rows_of(statement, params, max(8, self.concurrency * 4))
+            return list(map(convert, rows))
 
         return await asyncio.to_thread(run)
 
@@ -676,7 +588,9 @@ class PgReader:
         """The rows with these canonical keys that exist, by key text."""
         if not keys:
             return {}
-        where, columns = _keys_in(table, keys)
+        where, columns = keys_in(
+            table.columns, table.key_columns, [native_key(table, k) for k in keys]
+        )
         rows = await self.pool.fetch(f"{self._select(table)} WHERE {where}", *columns)
         await self.pacer.pace_async(len(rows))
         convert = self._convert(table, writetimes)
@@ -689,7 +603,9 @@ class PgReader:
         if not keys:
             return {}
         idents = ", ".join(quote_ident(c) for c in table.key_columns)
-        where, columns = _keys_in(table, keys)
+        where, columns = keys_in(
+            table.columns, table.key_columns, [native_key(table, k) for k in keys]
+        )
         rows = await self.pool.fetch(
             f"SELECT {idents}, _cdc_cells::text AS cells, _cdc_marker_ts, _cdc_deleted_ts "
             f"FROM {qualified(self.schema, table.target)} WHERE {where}",
@@ -718,17 +634,3 @@ class PgReader:
         await self.pacer.pace_async(len(rows))
         canon_key = table.key_canon(for_postgres)
         return [canon_key(r) for r in rows]
-
-
-def _keys_in(table: ReconTable, keys: Sequence[tuple[Canon, ...]]) -> tuple[str, list[list[Any]]]:
-    """A `(key columns) IN (…)` condition for these canonical keys, and its array parameters
-    (one per key column, $1…)."""
-    idents = ", ".join(quote_ident(c) for c in table.key_columns)
-    arrays = ", ".join(
-        f"${i + 1}::{pg_type(table.columns[c])}[]" for i, c in enumerate(table.key_columns)
-    )
-    natives = [native_key(table, k) for k in keys]
-    return (
-        f"({idents}) IN (SELECT * FROM unnest({arrays}))",
-        [list(c) for c in zip(*natives, strict=True)],
-    )

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from cdc_recon.canonical import key_text
-from cdc_recon.strategies import Finding, Outcome
+from cdc_recon.strategies import Outcome
 from cdc_sink.ops.pools import BoundedPool
 from cdc_sink.schema.tables import lock_id
 
@@ -113,20 +113,15 @@ class Repository:
                 outcome.drift_percentage,
                 json.dumps(outcome.details, default=str),
             )
-            await self._insert_findings(conn, job_id, table, outcome.findings)
-
-    async def _insert_findings(
-        self, conn: asyncpg.Connection, job_id: int, table: str, findings: Sequence[Finding]
-    ) -> None:
-        if not findings:
-            return
-        await conn.copy_records_to_table(
-            "_cdc_reconciliation_mismatches",
-            records=[
-                (job_id, table, key_text(f.key), f.kind.value, list(f.columns)) for f in findings
-            ],
-            columns=["job_id", "target_table", "row_key", "kind", "columns"],
-        )
+            if outcome.findings:
+                await conn.copy_records_to_table(
+                    "_cdc_reconciliation_mismatches",
+                    records=[
+                        (job_id, table, key_text(f.key), f.kind.value, list(f.columns))
+                        for f in outcome.findings
+                    ],
+                    columns=["job_id", "target_table", "row_key", "kind", "columns"],
+                )
 
     async def end(self, job_id: int, status: str, error: str) -> None:
         """Record a failed or interrupted job (only if it has not ended otherwise already)."""

@@ -37,14 +37,7 @@ from cdc_recon.errors import (
     UnknownStrategyError,
 )
 from cdc_recon.pacing import Pacer
-from cdc_recon.readers import (
-    CassandraReader,
-    PgReader,
-    ReconTable,
-    find_target,
-    native_key,
-    resolve_table,
-)
+from cdc_recon.readers import CassandraReader, PgReader, ReconTable, native_key
 from cdc_recon.repair import plan_repair
 from cdc_recon.repository import JobRequest, Repository, job_lock
 from cdc_recon.settings import ReconciliationConfig
@@ -60,6 +53,7 @@ from cdc_recon.strategies import (
     sample,
     timestamp_range,
 )
+from cdc_recon.targets import find_target, resolve_table
 from cdc_sink.apply.suppression import Suppression
 from cdc_sink.apply.writer import Batch, PgWriter, json_key
 from cdc_sink.config import PostgresConfig
@@ -193,9 +187,7 @@ class Reconciler:
         table by the time it runs)."""
         chosen = parse_strategy(strategy)
         options = dict(options or {})
-        known = {"window_start", "window_end", "sample_size", "seed"}
-        unknown = sorted(set(options) - known)
-        if unknown:
+        if unknown := sorted(set(options) - {"window_start", "window_end", "sample_size", "seed"}):
             raise InvalidRequestError(f"unknown option(s): {', '.join(unknown)}")
         resolved = await find_target(pool or self.pool, self.pg_schema, table)
         start = _instant(options.pop("window_start", None), "window_start")
@@ -260,6 +252,7 @@ class Reconciler:
         job_id, table, strategy = job["id"], job["target_table"], job["strategy"]
         began = time.monotonic()
         log.info("reconciliation_started", job=job_id, table=table, strategy=strategy)
+        outcome: Outcome | None = None
         try:
             outcome = await self._outcome(job)
         except asyncio.CancelledError:
@@ -273,37 +266,28 @@ class Reconciler:
             await self.repository.end(job_id, "failed", error)
             span.set_status(Status(StatusCode.ERROR, error))
             log.error("reconciliation_failed", job=job_id, table=table, error=error)
-            await self._report(
-                JobReport(
-                    table, strategy, "failed", time.time(), time.monotonic() - began, None, None
-                )
+        else:
+            await self.repository.finish(job_id, table, outcome)
+            span.set_attributes(
+                {"cdc.mismatches": outcome.mismatch_count, "cdc.drift": outcome.drift_percentage}
             )
-            return
-        await self.repository.finish(job_id, table, outcome)
-        span.set_attributes(
-            {"cdc.mismatches": outcome.mismatch_count, "cdc.drift": outcome.drift_percentage}
-        )
-        log.info(
-            "reconciliation_finished",
-            job=job_id,
-            table=table,
-            strategy=strategy,
-            mismatches=outcome.mismatch_count,
-            drift=outcome.drift_percentage,
-        )
-        await self._report(
-            JobReport(
-                table,
-                strategy,
-                "succeeded",
-                time.time(),
-                time.monotonic() - began,
-                outcome.drift_percentage,
-                outcome.mismatch_count,
+            log.info(
+                "reconciliation_finished",
+                job=job_id,
+                table=table,
+                strategy=strategy,
+                mismatches=outcome.mismatch_count,
+                drift=outcome.drift_percentage,
             )
+        report = JobReport(
+            table,
+            strategy,
+            "failed" if outcome is None else "succeeded",
+            time.time(),
+            time.monotonic() - began,
+            None if outcome is None else outcome.drift_percentage,
+            None if outcome is None else outcome.mismatch_count,
         )
-
-    async def _report(self, report: JobReport) -> None:
         self.metrics.record(report)
         await self.metrics.push(self.pushgateway_url, report, self.settings.push_timeout_seconds)
 

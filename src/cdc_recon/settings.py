@@ -78,13 +78,12 @@ class ReconciliationConfig:
             "max_running_jobs",
             "buckets",
             "sample_size",
+            "window_seconds",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CDC_RECONCILIATION__{name.upper()} must be >= 1")
         if self.max_rows_per_second < 0:
             raise ConfigError("CDC_RECONCILIATION__MAX_ROWS_PER_SECOND must be >= 0 (0: unlimited)")
-        if self.window_seconds < 1:
-            raise ConfigError("CDC_RECONCILIATION__WINDOW_SECONDS must be >= 1")
         if self.settle_seconds < 0:
             raise ConfigError("CDC_RECONCILIATION__SETTLE_SECONDS must be >= 0")
         for name in ("poll_seconds", "push_timeout_seconds"):

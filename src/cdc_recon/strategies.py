@@ -167,13 +167,6 @@ class Buckets:
         }
 
 
-def row_write_time(row: Scanned, columns: Iterable[str]) -> int | None:
-    """The newest write timestamp among the row's non-null `columns` (None if none)."""
-    assert row.writetimes is not None
-    stamps = [row.writetimes[c] for c in columns if c in row.writetimes]
-    return max(stamps) if stamps else None
-
-
 # --------------------------------------------------------------------------------------------
 # strategies
 
@@ -230,17 +223,21 @@ async def timestamp_range(
 ) -> Outcome:
     stamped = table.single_cell_columns
 
+    def written(stamps: dict[str, int]) -> int | None:
+        """The newest write timestamp among the row's non-null stamped columns."""
+        return max((stamps[c] for c in stamped if c in stamps), default=None)
+
     def wanted(stamps: dict[str, int]) -> bool:
         # In the window, or without a write time (counted): others are never canonicalised.
-        written = max((stamps[c] for c in stamped if c in stamps), default=None)
-        return written is None or start_us <= written < end_us
+        at = written(stamps)
+        return at is None or start_us <= at < end_us
 
     async def in_window(source: RowSource) -> tuple[dict[str, Scanned], int]:
         kept: dict[str, Scanned] = {}
         unstamped = 0
         async for page in source.scan(table, writetimes=True, keep=wanted):
             for row in page:  # in the window (`wanted` kept only those), or without a write time
-                if row_write_time(row, stamped) is None:
+                if written(row.writetimes or {}) is None:
                     unstamped += 1
                 else:
                     kept[row.key_text] = row

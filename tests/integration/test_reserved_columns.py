@@ -12,7 +12,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from cdc_recon.readers import connect_cassandra, resolve_table
+from cdc_recon.readers import connect_cassandra
+from cdc_recon.targets import resolve_table
 from cdc_sink.config import load_config
 from tests.support.names import Unique
 from tests.support.pipeline import (

@@ -69,9 +69,7 @@ PG_TUPLE_CODECS: Mapping[str, tuple[Callable[[Any], tuple[int]], Callable[[tuple
     "date": (_encode_date, _decode_date),
     "timestamptz": (_encode_timestamptz, _decode_timestamptz),
 }
-"""asyncpg's default date/timestamptz codecs write date 0001-01-01/9999-12-31 and the instants
-0001-01-01T00:00Z/9999-12-31T23:59:59.999999Z as -infinity/infinity. On each connection:
-`for name, (enc, dec) in PG_TUPLE_CODECS.items(): await conn.set_type_codec(name,
-schema="pg_catalog", encoder=enc, decoder=dec, format="tuple")` stores them as they are (and
-reads ±infinity back as the extreme date/datetime, naive datetimes are taken as UTC). A
-timestamptz may also be given as an int, µs since 1970."""
+"""Per type, (encoder, decoder) for asyncpg's `set_type_codec(..., format="tuple")`
+(writer.prepare_connection): the extreme dates and instants are stored as they are, ±infinity
+reads back as the extreme date/datetime, naive datetimes are taken as UTC, and a timestamptz
+may also be given as an int, µs since 1970."""

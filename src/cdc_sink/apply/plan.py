@@ -102,7 +102,10 @@ def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePl
     for mutation in mutations:
         event = mutation.event
         if event.op is Op.RANGE or event.is_partition_delete:
-            _learn_partition_columns(state, event)
+            if state.partition_columns is None:  # learned from the first such delete
+                state.partition_columns = tuple(
+                    name for name in state.key_columns if event.key.get(name) is not None
+                )
             partition = tuple(v for v in mutation.key if v is not None)
             tombstones = state.partitions.setdefault(partition, PartitionTombstones())
             if event.op is Op.RANGE:
@@ -137,12 +140,6 @@ def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePl
             continue
         _write_cells(row, event, mutation.values, mutation.emptied)
     return TablePlan(touched, new_partitions, new_ranges, state.partition_columns)
-
-
-def _learn_partition_columns(state: TableState, event: ChangeEvent) -> None:
-    columns = tuple(name for name in state.key_columns if event.key.get(name) is not None)
-    if state.partition_columns is None:
-        state.partition_columns = columns
 
 
 def _inclusive(bound: Bound | None) -> bool:

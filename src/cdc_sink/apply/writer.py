@@ -17,7 +17,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -42,7 +42,7 @@ from cdc_sink.apply.plan import (
 from cdc_sink.apply.suppression import Suppression
 from cdc_sink.dlq.letters import DeadLetter, headers_to_json
 from cdc_sink.errors import FencedError
-from cdc_sink.model.cql import pg_type
+from cdc_sink.model.cql import CqlType, pg_type
 from cdc_sink.model.events import Key, Mutation, Op
 from cdc_sink.schema.tables import (
     META_COLUMNS,
@@ -79,8 +79,6 @@ class Batch:
 
 @dataclass(frozen=True)
 class BatchResult:
-    rows_upserted: int
-    rows_deleted: int
     duration_s: float
     suppressed: dict[str, int] = field(default_factory=dict)  # erased keys' mutations, by table
     # Dead letters of erased keys found under the keys' locks: not stored (suppression.py).
@@ -120,6 +118,19 @@ class _KeyTexts(dict[Key, str]):
     def __missing__(self, key: Key) -> str:
         text = self[key] = json_key(key)
         return text
+
+
+def keys_in(
+    columns: Mapping[str, CqlType], names: Sequence[str], keys: Iterable[Key]
+) -> tuple[str, list[list[Any]]]:
+    """A `(names) IN (…)` condition matching these keys' PostgreSQL values, and its array
+    parameters (one per column of `names`, typed from `columns`, $1…)."""
+    idents = ", ".join(quote_ident(n) for n in names)
+    arrays = ", ".join(f"${i + 1}::{pg_type(columns[n])}[]" for i, n in enumerate(names))
+    return (
+        f"({idents}) IN (SELECT * FROM unnest({arrays}))",
+        [list(c) for c in zip(*keys, strict=True)],
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -170,7 +181,6 @@ class PgWriter:
         """Apply the batch atomically; raise FencedError if a checkpoint moved under us."""
         began = time.perf_counter()
         now = now_us if now_us is not None else time.time_ns() // 1000
-        upserted = deleted = 0
         self._suppressed = {}
         keyed = _keyed_letters(batch.dead_letters)
         erased: list[DeadLetter] = []
@@ -179,8 +189,7 @@ class PgWriter:
                 for schema, mutations in batch.tables:
                     letters = keyed.get(schema.target, (schema, []))[1]
                     also = [letter.row[1] for letter in letters if letter.row is not None]
-                    up, down = await self._apply_table(schema, mutations, now, also_lock=also)
-                    upserted, deleted = upserted + up, deleted + down
+                    await self._apply_table(schema, mutations, now, also_lock=also)
                 if keyed:
                     erased = await self._erased_letters(keyed, {s.target for s, _ in batch.tables})
                 gone = {id(letter) for letter in erased}
@@ -189,9 +198,7 @@ class PgWriter:
         except BaseException:
             self._staging.clear()  # a staging table created in the rolled-back transaction is gone
             raise
-        return BatchResult(
-            upserted, deleted, time.perf_counter() - began, self._suppressed, tuple(erased)
-        )
+        return BatchResult(time.perf_counter() - began, self._suppressed, tuple(erased))
 
     async def erased_letters(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
         """Those of `letters` whose row key an erasure covers, read outside a transaction: one
@@ -247,7 +254,7 @@ class PgWriter:
         touch: Sequence[Key] = (),
         *,
         also_lock: Sequence[Key] = (),
-    ) -> tuple[int, int]:
+    ) -> None:
         """`also_lock`: keys of the batch's dead letters of the table, whose partitions are
         locked with the rows' (in one id order, so writers never wait on each other in turn)."""
         texts = _KeyTexts()
@@ -278,15 +285,18 @@ class PgWriter:
                 plan.rows[key] = state.rows[key]
         outcome = settle_plan(state, plan, now_us)
         if partition_columns is None and plan.partition_columns is not None:
-            await self._record_partition_columns(schema, plan.partition_columns)
+            await self.conn.execute(
+                "UPDATE _cdc_schema_metadata SET partition_columns = $2 "
+                "WHERE target_table = $1 AND partition_columns IS NULL",
+                schema.target,
+                list(plan.partition_columns),
+            )
             self._partition_columns[schema.target] = plan.partition_columns
         await self._upsert(schema, outcome.live, fresh, now_us)
-        gone = [*outcome.remembered, *outcome.removed]
-        await self._delete_rows(schema, gone)
+        await self._delete_rows(schema, [*outcome.remembered, *outcome.removed])
         await self._store_tombstones(schema, plan, outcome.remembered, texts)
         revived = [k for k in (*outcome.live, *outcome.removed) if k in state.remembered]
         await self._forget_dead(schema, [texts[k] for k in revived])
-        return len(outcome.live) + len(fresh), len(gone)
 
     # locking --------------------------------------------------------------------------------
 
@@ -302,12 +312,10 @@ class PgWriter:
         `deletes` are the partition and range deletes among `mutations`."""
         partition_columns = await self._known_partition_columns(schema)
         table_lock = lock_id(schema.target)
-        if partition_columns is None and deletes:
-            # This batch teaches the table's partition key: exclude every other writer.
-            await self.conn.execute("SELECT pg_advisory_xact_lock($1)", table_lock)
-            return None
         if partition_columns is None:
-            await self.conn.execute("SELECT pg_advisory_xact_lock_shared($1)", table_lock)
+            # A batch that teaches the table's partition key excludes every other writer.
+            shared = "" if deletes else "_shared"
+            await self.conn.execute(f"SELECT pg_advisory_xact_lock{shared}($1)", table_lock)
             return None
         width = len(partition_columns)
         partitions = {texts[m.key[:width]] for m in mutations}
@@ -339,23 +347,7 @@ class PgWriter:
         self._partition_columns[schema.target] = tuple(found)
         return tuple(found)
 
-    async def _record_partition_columns(self, schema: TableSchema, columns: Sequence[str]) -> None:
-        await self.conn.execute(
-            "UPDATE _cdc_schema_metadata SET partition_columns = $2 "
-            "WHERE target_table = $1 AND partition_columns IS NULL",
-            schema.target,
-            list(columns),
-        )
-
     # loading --------------------------------------------------------------------------------
-
-    def _columns(self, schema: TableSchema) -> list[str]:
-        return [*schema.columns, *META_COLUMNS]
-
-    def _loaded_columns(self, schema: TableSchema) -> list[str]:
-        """What the merge reads of a stored row (not the timestamps kept for people and the
-        expiry task)."""
-        return [*schema.columns, *_MERGED_META]
 
     async def _load(
         self,
@@ -368,8 +360,10 @@ class PgWriter:
     ) -> int:
         """Load what the merge needs into `state`; return the table's erasure version (see
         suppression.py), read in the same statement as the tombstones."""
-        target = qualified(self.schema, schema.target)
-        select = ", ".join(quote_ident(c) for c in self._loaded_columns(schema))
+        # What the merge reads of a stored row (not the timestamps kept for people and the
+        # expiry task).
+        loaded = ", ".join(quote_ident(c) for c in [*schema.columns, *_MERGED_META])
+        select = f"SELECT {loaded} FROM {qualified(self.schema, schema.target)}"
         row_keys = {m.key for m in mutations if None not in m.key} | set(touch)
         deleted_partitions: dict[Key, tuple[str, ...]] = {
             tuple(v for v in m.key if v is not None): tuple(
@@ -379,24 +373,23 @@ class PgWriter:
         }
         records: list[asyncpg.Record] = []
         if row_keys:
-            records += await self._select_by(schema, select, target, schema.key_columns, row_keys)
+            records += await self._select_by(schema, select, schema.key_columns, row_keys)
         for partition, names in deleted_partitions.items():
-            records += await self._select_by(schema, select, target, names, {partition})
+            records += await self._select_by(schema, select, names, {partition})
         for record in records:
             key = tuple(record[name] for name in schema.key_columns)
-            state.rows[key] = _row_from_record(record, schema)
-        keys_json = {k: texts[k] for k in row_keys}
+            state.rows[key] = _row_from_record(record)
+        by_json = {texts[k]: k for k in row_keys}
         partitions: set[str] = set()
         if state.partition_columns is not None:
             width = len(state.partition_columns)
             partitions = {texts[k[:width]] for k in row_keys}
             partitions |= {texts[p] for p in deleted_partitions}
-        if not keys_json and not partitions:
+        if not by_json and not partitions:
             return 0  # only deletes of a table whose partition key is unknown: none erased
         found = await self.conn.fetch(
-            _STORED_TOMBSTONES, schema.target, list(keys_json.values()), list(partitions)
+            _STORED_TOMBSTONES, schema.target, list(by_json), list(partitions)
         )
-        by_json = {keys_json[k]: k for k in row_keys}
         stones: list[asyncpg.Record] = []
         erased_version = 0
         for record in found:
@@ -415,7 +408,12 @@ class PgWriter:
         for stone in stones:
             text = stone["k"]
             if text not in parsed:
-                parsed[text] = self._partition_from_json(schema, state, text)
+                parsed[text] = tuple(
+                    _from_json(schema, name, value)
+                    for name, value in zip(
+                        state.partition_columns or (), json.loads(text), strict=True
+                    )
+                )
             entry = state.partitions.setdefault(parsed[text], PartitionTombstones())
             if stone["kind"] == "partition":
                 entry.partition_ts = max(entry.partition_ts or stone["ts_us"], stone["ts_us"])
@@ -434,30 +432,11 @@ class PgWriter:
             parsed = self._scopes[memo] = _range_from_scope(schema, state, json.loads(scope), 0)
         return replace(parsed, ts=ts)
 
-    def _partition_from_json(self, schema: TableSchema, state: TableState, text: str) -> Key:
-        assert state.partition_columns is not None
-        raw = json.loads(text)
-        return tuple(
-            _from_json(schema, name, value)
-            for name, value in zip(state.partition_columns, raw, strict=True)
-        )
-
     async def _select_by(
-        self,
-        schema: TableSchema,
-        select: str,
-        target: str,
-        names: Sequence[str],
-        keys: set[Key],
+        self, schema: TableSchema, select: str, names: Sequence[str], keys: set[Key]
     ) -> list[asyncpg.Record]:
-        idents = ", ".join(quote_ident(n) for n in names)
-        arrays = ", ".join(f"${i + 1}::{pg_type(schema.columns[n])}[]" for i, n in enumerate(names))
-        columns = list(zip(*keys, strict=True))
-        sql = (
-            f"SELECT {select} FROM {target} WHERE ({idents}) IN "
-            f"(SELECT * FROM unnest({arrays})) FOR UPDATE"
-        )
-        return list(await self.conn.fetch(sql, *[list(c) for c in columns]))
+        where, columns = keys_in(schema.columns, names, keys)
+        return list(await self.conn.fetch(f"{select} WHERE {where} FOR UPDATE", *columns))
 
     # storing --------------------------------------------------------------------------------
 
@@ -484,7 +463,7 @@ class PgWriter:
         if not live and not fresh:
             return
         staging = await self._staging_table(schema)
-        columns = self._columns(schema)
+        columns = [*schema.columns, *META_COLUMNS]
         values = schema.value_columns
         # The timestamptz columns get µs since 1970 (see codecs.PG_TUPLE_CODECS); updated_at is
         # the wall clock even when a caller simulates `now_us`.
@@ -496,7 +475,7 @@ class PgWriter:
                 (
                     *key,
                     *[None if (c := cells.get(name)) is None else c.value for name in values],
-                    _cells_json(cells),
+                    _stamps_json((n, c.ts, c.expires_us) for n, c in cells.items()),
                     row.marker_ts,
                     row.marker_expires_us,
                     row.deleted_ts,
@@ -538,14 +517,9 @@ class PgWriter:
     async def _delete_rows(self, schema: TableSchema, keys: list[Key]) -> None:
         if not keys:
             return
-        idents = ", ".join(quote_ident(k) for k in schema.key_columns)
-        arrays = ", ".join(
-            f"${i + 1}::{pg_type(schema.columns[n])}[]" for i, n in enumerate(schema.key_columns)
-        )
+        where, columns = keys_in(schema.columns, schema.key_columns, keys)
         await self.conn.execute(
-            f"DELETE FROM {qualified(self.schema, schema.target)} WHERE ({idents}) IN "
-            f"(SELECT * FROM unnest({arrays}))",
-            *[list(c) for c in zip(*keys, strict=True)],
+            f"DELETE FROM {qualified(self.schema, schema.target)} WHERE {where}", *columns
         )
 
     async def _store_tombstones(
@@ -697,7 +671,7 @@ _STORED_TOMBSTONES = (
 _MERGED_META = ("_cdc_cells", "_cdc_marker_ts", "_cdc_marker_expires_us", "_cdc_deleted_ts")
 
 
-def _row_from_record(record: asyncpg.Record, schema: TableSchema) -> RowState:
+def _row_from_record(record: asyncpg.Record) -> RowState:
     stamps = record["_cdc_cells"]
     stamps = json.loads(stamps) if isinstance(stamps, str) else stamps
     cells = {name: CellState(record[name], ts, expires) for name, (ts, expires) in stamps.items()}
@@ -711,21 +685,9 @@ def _json_name(name: str) -> str:
     return json.dumps(name)
 
 
-def _cells_json(cells: dict[str, CellState]) -> str:
-    """`_cdc_cells`: {column: [write ts, expiry or null]}, written without json.dumps (this runs
-    for every upserted row)."""
-    return (
-        "{"
-        + ",".join(
-            f"{_json_name(n)}:[{c.ts},{'null' if c.expires_us is None else c.expires_us}]"
-            for n, c in cells.items()
-        )
-        + "}"
-    )
-
-
-def _stamps_json(stamps: list[tuple[str, int, int | None]]) -> str:
-    """`_cdc_cells` of a fresh row, exactly as `_cells_json` writes it."""
+def _stamps_json(stamps: Iterable[tuple[str, int, int | None]]) -> str:
+    """`_cdc_cells` from (column, write ts, expiry or None): {column: [write ts, expiry or
+    null]}, written without json.dumps (this runs for every upserted row)."""
     return (
         "{"
         + ",".join(
