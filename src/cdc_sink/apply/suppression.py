@@ -32,7 +32,6 @@ from cdc_sink.schema.tables import TableSchema
 
 ROW = "row"
 PARTITION = "partition"
-SCOPES = (ROW, PARTITION)
 
 
 def key_hash(hash_key: Secret, target: str, scope: str, key_text: str) -> bytes:

@@ -177,9 +177,8 @@ class DlqProducer:
         limit = CONTEXT_HEADROOM_BYTES + max(
             default or KAFKA_DEFAULT_MAX_MESSAGE_BYTES, *(known.get(s, 0) for s in sources)
         )
-        replicas = self.replication_factor
-        if replicas <= 0:  # as many copies as the cluster allows, up to three
-            replicas = min(3, len(brokers))
+        # 0: as many copies as the cluster allows, up to three
+        replicas = self.replication_factor or min(3, len(brokers))
         config = {"max.message.bytes": str(limit)}
         response = await admin.create_topics(
             [NewTopic(self.topic, self.partitions, replicas, topic_configs=config)]
