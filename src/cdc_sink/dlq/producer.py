@@ -2,9 +2,7 @@
 
 A dead letter is produced before the transaction that records it in `_cdc_dlq_records` and
 moves the checkpoint past it, so the offset never moves past a record that is in neither
-PostgreSQL nor the DLQ. Each message is checked against its destination topic's
-`max.message.bytes`; the DLQ topic, if the sink makes it, takes as much as its sources allow
-plus room for the error context.
+PostgreSQL nor the DLQ.
 """
 
 from __future__ import annotations
@@ -43,6 +41,8 @@ CONTEXT_HEADROOM_BYTES = 64 * 1024
 # its own topic's `max.message.bytes` before sending (`message_bytes`), so the client's is moot.
 PRODUCER_MAX_REQUEST_BYTES = 2**31 - 1
 _DENIED = (TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno)
+# topic, partition (None: the producer picks one), key, value, headers
+Outgoing = tuple[str, int | None, bytes | None, bytes | None, list[Header]]
 
 
 def kafka_failure(exc: KafkaError, doing: str) -> Exception:
@@ -115,10 +115,8 @@ class DlqProducer:
             for letter, (_, whole) in zip(letters, messages, strict=True)
         ]
 
-    async def send_replays(
-        self, records: Sequence[tuple[str, int, bytes | None, bytes | None, list[Header]]]
-    ) -> None:
-        """Produce (topic, partition, key, value, headers) records and await every ack.
+    async def send_replays(self, records: Sequence[Outgoing]) -> None:
+        """Produce records to their topic and partition and await every ack.
         Raises FatalError, sending nothing, if one is larger than its topic's
         `max.message.bytes` (lowered since, or the record came compressed)."""
         if not records:
@@ -136,11 +134,7 @@ class DlqProducer:
                 )
         await self._send_all(records, doing)
 
-    async def _send_all(
-        self,
-        records: Sequence[tuple[str, int | None, bytes | None, bytes | None, list[Header]]],
-        doing: str,
-    ) -> None:
+    async def _send_all(self, records: Sequence[Outgoing], doing: str) -> None:
         try:
             sent = [
                 await self._producer.send(

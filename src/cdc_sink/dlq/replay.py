@@ -1,11 +1,10 @@
 """Dead letters at rest: list, show and replay the records kept in `_cdc_dlq_records`.
 
-Used by `python -m cdc_sink dlq …` and by the worker's HTTP API (GET /dlq, GET /dlq/{id},
-POST /dlq/replay, POST /dlq/resume). Replaying re-produces a record — original key, value and
-headers plus `cdc.replay.of` — to its original topic and partition (acks=all), then marks it
-replayed; the worker applies it like any other record, or dead-letters it again (as a new
-record) if the cause is not fixed, or skips it (counted) if its key was erased meanwhile. Each
-replay is written to `_cdc_audit_log`.
+Used by `python -m cdc_sink dlq …` and by the worker's HTTP API (`dlq_routes`). Replaying
+re-produces a record — original key, value and headers plus `cdc.replay.of` — to its original
+topic and partition (acks=all), then marks it replayed; the worker applies it like any other
+record, or dead-letters it again (as a new record) if the cause is not fixed, or skips it
+(counted) if its key was erased meanwhile. Each replay is written to `_cdc_audit_log`.
 """
 
 from __future__ import annotations
