@@ -79,8 +79,6 @@ class Suppression:
         `_cdc_erased_keys` id of `target`, read under the batch's locks. FatalError if the
         table has erased keys and no hash key is configured (writing blindly could bring an
         erased person back)."""
-        if not version or not mutations:
-            return list(mutations)
         gone = await self.erased(
             conn, target, [m.key for m in mutations], text_of, partition_columns, version
         )

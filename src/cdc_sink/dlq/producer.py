@@ -102,8 +102,6 @@ class DlqProducer:
         large for the topic: see `dlq_message`). Raises TransientError or FatalError; may be
         called again with the same letters (the table side is idempotent, the topic may then
         hold a duplicate)."""
-        if not letters:
-            return []
         limit = await self._ensure_topic({letter.topic for letter in letters})
         messages = [dlq_message(letter, consumer_group, limit) for letter in letters]
         await self._send_all(
@@ -119,8 +117,6 @@ class DlqProducer:
         """Produce records to their topic and partition and await every ack.
         Raises FatalError, sending nothing, if one is larger than its topic's
         `max.message.bytes` (lowered since, or the record came compressed)."""
-        if not records:
-            return
         doing = "replaying dead letters"
         async with self._admin(doing) as admin:
             limits = await topic_limits(admin, {topic for topic, *_ in records})
