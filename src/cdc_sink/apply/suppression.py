@@ -1,18 +1,15 @@
 """Suppression: a key erased for GDPR is never written again, whoever brings it back.
 
-Erased keys live in `_cdc_erased_keys` as an HMAC-SHA-256 (CDC_GDPR__HASH_KEY) of their
-canonical text (`writer.json_key`), scope `row` (one row's full key) or `partition` (a partition
-key, erasing every row of it). Change events, DLQ replays (they come back through the topic) and
-reconciliation repairs all reach PostgreSQL through `PgWriter`, which, holding the batch's
-partition locks, reads the newest entry id of each table it writes (`version`, 0: nothing of
-the table was ever erased) in a statement it runs anyway, and only then asks `keep` to drop the
-mutations of erased keys. An erasure takes the same partition lock, so a batch either commits
-before it (and is erased with the rest) or sees its entry. Dead letters whose key is known are
-looked up before they are produced, and again under their keys' locks before they are stored
-(`PgWriter.erased_letters`): a poison record of an erased key is skipped, not kept.
+Erased keys live in `_cdc_erased_keys` as their `key_hash`, scope `row` (one row's full key) or
+`partition` (every row of a partition key). Change events, DLQ replays (they come back through
+the topic) and reconciliation repairs all reach PostgreSQL through `PgWriter`, which reads the
+newest entry id of each table it writes (`version`) in a statement it runs anyway, under the
+batch's partition locks: an erasure takes the same lock, so a batch either commits before it
+(and is erased with the rest) or sees its entry. Dead letters of erased keys are skipped the
+same way, before they are produced and again before they are stored (`PgWriter.erased_letters`).
 
-Entries are never removed: a table's entries are loaded once and then only those above the
-version known, so a batch of a table with erasures costs one HMAC per distinct key.
+Entries are never removed, so a table's are loaded once and then only those above the version
+known: a batch of a table with erasures costs one HMAC per distinct key.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ from cdc_sink.schema.tables import TableSchema
 
 ROW = "row"
 PARTITION = "partition"
-SCOPES = (ROW, PARTITION)
 
 
 def key_hash(hash_key: Secret, target: str, scope: str, key_text: str) -> bytes:
@@ -83,8 +79,6 @@ class Suppression:
         `_cdc_erased_keys` id of `target`, read under the batch's locks. FatalError if the
         table has erased keys and no hash key is configured (writing blindly could bring an
         erased person back)."""
-        if not version or not mutations:
-            return list(mutations)
         gone = await self.erased(
             conn, target, [m.key for m in mutations], text_of, partition_columns, version
         )

@@ -173,18 +173,21 @@ class BatchApplier:
         """The writer's connection is of a PostgreSQL user since replaced."""
         return self._writer_generation != self.login.generation
 
-    def _writer_usable(self) -> bool:
-        if self.writer is None or self._writer_conn is None:
-            return False
-        if self._writer_stale():
-            return False  # a new PostgreSQL user was leased: move to a connection of it
+    async def _usable_writer(self) -> PgWriter:
+        """The writer, first moved to a fresh connection if it has none (reconnecting failed),
+        its connection died, or a new PostgreSQL user was leased."""
         try:
-            return not self._writer_conn.is_closed()
+            usable = not (self._writer_conn is None or self._writer_conn.is_closed())
         except asyncpg.InterfaceError:  # lost while idle: asyncpg handed it back to the pool
-            return False
+            usable = False
+        if not usable or self.writer is None or self._writer_stale():
+            await self.open_writer()
+        assert self.writer is not None
+        return self.writer
 
     async def _apply_part(self, prepared: Prepared, done: _Round) -> None:
-        """Apply part of a chunk (each partition's records contiguous, in offset order)."""
+        """Apply part of a chunk (each partition's records contiguous, in offset order), traced
+        as one `cdc.batch` span from its preparing to its commit."""
         if done.fenced is not None:
             return  # the checkpoints it would start from are no longer ours
         # A partition paused by an earlier half of a bisect must not be applied past its
@@ -193,11 +196,8 @@ class BatchApplier:
             prepared = prepared.part(
                 lambda r: TopicPartition(r.topic, r.partition) not in done.paused
             )
-        if prepared.records:
-            await self._apply(prepared, done)
-
-    async def _apply(self, prepared: Prepared, done: _Round) -> None:
-        """Apply a chunk, traced as one `cdc.batch` span from its preparing to its commit."""
+        if not prepared.records:
+            return
         began = prepared.began_ns or None
         with tracer.start_as_current_span("cdc.batch", start_time=began) as span:
             if span.is_recording():
@@ -210,8 +210,7 @@ class BatchApplier:
     async def _apply_chunk(self, prepared: Prepared, done: _Round) -> str:
         """One transaction; bad data is isolated by halves down to the record at fault.
         Returns what became of the chunk (for its trace span)."""
-        if prepared.batch.dead_letters:
-            await self._find_erased(prepared.batch.dead_letters)
+        await self._find_erased(prepared.batch.dead_letters)
         if over := self._over_dlq_limit(prepared):
             # Apply what precedes each such partition's first dead letter, then pause it.
             await self._apply_part(
@@ -285,10 +284,7 @@ class BatchApplier:
             return
 
         async def attempt() -> list[DeadLetter]:
-            if not self._writer_usable():
-                await self.open_writer()
-            assert self.writer is not None
-            return await self.writer.erased_letters(todo)
+            return await (await self._usable_writer()).erased_letters(todo)
 
         erased = await self.retrying("dlq", attempt, on_retry=self.open_writer)
         self._erased.update((_position(d), d) for d in erased)
@@ -304,10 +300,7 @@ class BatchApplier:
                             "cdc.dead_letters": len(batch.dead_letters),
                         }
                     )
-                if not self._writer_usable():  # reconnecting failed, or the connection died
-                    await self.open_writer()
-                assert self.writer is not None
-                result = await self.writer.apply(batch)
+                result = await (await self._usable_writer()).apply(batch)
                 self.metrics.transaction_duration.observe(result.duration_s)
                 return result
 

@@ -1,10 +1,6 @@
 """A dead letter: a record that cannot be applied, kept with why it failed, and the message
-the DLQ topic receives for it.
-
-Any record Kafka delivered can be dead-lettered, however large: each message is measured as the
-broker measures it against its topic's `max.message.bytes`. A dead letter too large for the DLQ
-topic goes there without its record, with headers naming the `_cdc_dlq_records` row that keeps
-it whole.
+the DLQ topic receives for it. Any record Kafka delivered can be dead-lettered, however large
+(`dlq_message`).
 """
 
 from __future__ import annotations

@@ -2,9 +2,7 @@
 
 A dead letter is produced before the transaction that records it in `_cdc_dlq_records` and
 moves the checkpoint past it, so the offset never moves past a record that is in neither
-PostgreSQL nor the DLQ. Each message is checked against its destination topic's
-`max.message.bytes`; the DLQ topic, if the sink makes it, takes as much as its sources allow
-plus room for the error context.
+PostgreSQL nor the DLQ.
 """
 
 from __future__ import annotations
@@ -43,6 +41,8 @@ CONTEXT_HEADROOM_BYTES = 64 * 1024
 # its own topic's `max.message.bytes` before sending (`message_bytes`), so the client's is moot.
 PRODUCER_MAX_REQUEST_BYTES = 2**31 - 1
 _DENIED = (TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno)
+# topic, partition (None: the producer picks one), key, value, headers
+Outgoing = tuple[str, int | None, bytes | None, bytes | None, list[Header]]
 
 
 def kafka_failure(exc: KafkaError, doing: str) -> Exception:
@@ -102,8 +102,6 @@ class DlqProducer:
         large for the topic: see `dlq_message`). Raises TransientError or FatalError; may be
         called again with the same letters (the table side is idempotent, the topic may then
         hold a duplicate)."""
-        if not letters:
-            return []
         limit = await self._ensure_topic({letter.topic for letter in letters})
         messages = [dlq_message(letter, consumer_group, limit) for letter in letters]
         await self._send_all(
@@ -115,14 +113,10 @@ class DlqProducer:
             for letter, (_, whole) in zip(letters, messages, strict=True)
         ]
 
-    async def send_replays(
-        self, records: Sequence[tuple[str, int, bytes | None, bytes | None, list[Header]]]
-    ) -> None:
-        """Produce (topic, partition, key, value, headers) records and await every ack.
+    async def send_replays(self, records: Sequence[Outgoing]) -> None:
+        """Produce records to their topic and partition and await every ack.
         Raises FatalError, sending nothing, if one is larger than its topic's
         `max.message.bytes` (lowered since, or the record came compressed)."""
-        if not records:
-            return
         doing = "replaying dead letters"
         async with self._admin(doing) as admin:
             limits = await topic_limits(admin, {topic for topic, *_ in records})
@@ -136,11 +130,7 @@ class DlqProducer:
                 )
         await self._send_all(records, doing)
 
-    async def _send_all(
-        self,
-        records: Sequence[tuple[str, int | None, bytes | None, bytes | None, list[Header]]],
-        doing: str,
-    ) -> None:
+    async def _send_all(self, records: Sequence[Outgoing], doing: str) -> None:
         try:
             sent = [
                 await self._producer.send(
@@ -177,9 +167,8 @@ class DlqProducer:
         limit = CONTEXT_HEADROOM_BYTES + max(
             default or KAFKA_DEFAULT_MAX_MESSAGE_BYTES, *(known.get(s, 0) for s in sources)
         )
-        replicas = self.replication_factor
-        if replicas <= 0:  # as many copies as the cluster allows, up to three
-            replicas = min(3, len(brokers))
+        # 0: as many copies as the cluster allows, up to three
+        replicas = self.replication_factor or min(3, len(brokers))
         config = {"max.message.bytes": str(limit)}
         response = await admin.create_topics(
             [NewTopic(self.topic, self.partitions, replicas, topic_configs=config)]

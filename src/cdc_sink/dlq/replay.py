@@ -1,11 +1,10 @@
 """Dead letters at rest: list, show and replay the records kept in `_cdc_dlq_records`.
 
-Used by `python -m cdc_sink dlq …` and by the worker's HTTP API (GET /dlq, GET /dlq/{id},
-POST /dlq/replay, POST /dlq/resume). Replaying re-produces a record — original key, value and
-headers plus `cdc.replay.of` — to its original topic and partition (acks=all), then marks it
-replayed; the worker applies it like any other record, or dead-letters it again (as a new
-record) if the cause is not fixed, or skips it (counted) if its key was erased meanwhile. Each
-replay is written to `_cdc_audit_log`.
+Used by `python -m cdc_sink dlq …` and by the worker's HTTP API (`dlq_routes`). Replaying
+re-produces a record — original key, value and headers plus `cdc.replay.of` — to its original
+topic and partition (acks=all), then marks it replayed; the worker applies it like any other
+record, or dead-letters it again (as a new record) if the cause is not fixed, or skips it
+(counted) if its key was erased meanwhile. Each replay is written to `_cdc_audit_log`.
 """
 
 from __future__ import annotations
@@ -34,6 +33,9 @@ from cdc_sink.ops.pools import BoundedPool
 
 log = get_logger("cdc_sink.dlq")
 
+# Resumes the paused partitions of a topic (all if None), or one partition; returns them.
+Resume = Callable[[str | None, int | None], Awaitable[Sequence[Any]]]
+
 STATUSES = ("pending", "replayed")
 LIST_COLUMNS = (
     "id, source_topic, source_partition, source_offset, error_class, stage, error_message, "
@@ -55,6 +57,8 @@ class DlqFilter:
     def __post_init__(self) -> None:
         if self.status is not None and self.status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {self.status!r}")
+        if self.since is not None and self.since.tzinfo is None:  # a time without a zone is UTC
+            object.__setattr__(self, "since", self.since.replace(tzinfo=dt.UTC))
 
     @property
     def is_empty(self) -> bool:
@@ -101,15 +105,10 @@ class DlqFilter:
                 topic=raw.get("topic"),
                 error_class=raw.get("error_class"),
                 stage=raw.get("stage"),
-                since=_timestamp(since) if since else None,
+                since=dt.datetime.fromisoformat(since) if since else None,
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid filter: {exc}") from None
-
-
-def _timestamp(text: str) -> dt.datetime:
-    value = dt.datetime.fromisoformat(text)
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 async def list_dead_letters(
@@ -212,23 +211,19 @@ class FilterBody(BaseModel):
     since: dt.datetime | None = None
 
     def dlq_filter(self) -> DlqFilter:
-        since = self.since
-        if since is not None and since.tzinfo is None:
-            since = since.replace(tzinfo=dt.UTC)
         return DlqFilter(
             ids=tuple(self.ids),
             status=self.status,
             topic=self.topic,
             error_class=self.error_class,
             stage=self.stage,
-            since=since,
+            since=self.since,
         )
 
 
 class ListQuery(FilterBody):
     """GET /dlq: the filter as query parameters (`ids` comma-separated), and paging."""
 
-    ids: list[Annotated[int, whole("ids")]] = []
     limit: Annotated[int, whole("limit", high=1000)] = 100
     after_id: Annotated[int, whole("after_id", low=0)] = 0
 
@@ -260,7 +255,7 @@ class ResumeBody(BaseModel):
 def dlq_routes(
     pool: BoundedPool,
     producer: Callable[[], DlqProducer | None],
-    resume: Callable[[str | None, int | None], Awaitable[Sequence[Any]]],
+    resume: Resume,
     resume_requests: ResumeRequests,
     auth: Authenticator,
 ) -> APIRouter:
@@ -340,12 +335,7 @@ class ResumeRequests:
         )
         self._own.add(int(request_id))
 
-    async def follow(
-        self,
-        pool: asyncpg.Pool,
-        resume: Callable[[str | None, int | None], Awaitable[Sequence[Any]]],
-        interval_s: float,
-    ) -> None:
+    async def follow(self, pool: asyncpg.Pool, resume: Resume, interval_s: float) -> None:
         """Every `interval_s`, act on the requests other pods recorded since the last look
         (those made before this pod's first look are not its concern). Runs until cancelled;
         a failed look is logged and tried again next time."""
@@ -362,12 +352,7 @@ class ResumeRequests:
                 log.warning("resume_requests_unread", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(interval_s)
 
-    async def _act(
-        self,
-        pool: asyncpg.Pool,
-        resume: Callable[[str | None, int | None], Awaitable[Sequence[Any]]],
-        last: int,
-    ) -> int:
+    async def _act(self, pool: asyncpg.Pool, resume: Resume, last: int) -> int:
         rows = await pool.fetch(
             "SELECT id, topic, partition FROM _cdc_resume_requests WHERE id > $1 ORDER BY id",
             last,

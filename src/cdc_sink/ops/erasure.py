@@ -166,12 +166,9 @@ async def erase(
 
 async def erasure(conn: asyncpg.Connection | BoundedPool, erasure_id: int) -> dict[str, Any] | None:
     """The record of erasure `erasure_id`, None if there is none."""
-    query = f"SELECT {ERASURE_COLUMNS} FROM _cdc_erasures WHERE id = $1"
-    if isinstance(conn, BoundedPool):
-        async with conn.acquire() as held:
-            row = await held.fetchrow(query, erasure_id)
-    else:
-        row = await conn.fetchrow(query, erasure_id)
+    row = await conn.fetchrow(
+        f"SELECT {ERASURE_COLUMNS} FROM _cdc_erasures WHERE id = $1", erasure_id
+    )
     if row is None:
         return None
     found = dict(row)
