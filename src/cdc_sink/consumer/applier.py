@@ -275,11 +275,8 @@ class BatchApplier:
         after this look-up is caught by the writer under the keys' locks, so `_cdc_dlq_records`
         never keeps such a letter; its DLQ message is then already sent, and stays in the DLQ
         topic (as the record stays in its own) until Kafka's retention."""
-        todo = [
-            d
-            for d in letters
-            if d.row is not None and _position(d) not in self._dlq_sent | self._erased.keys()
-        ]
+        seen = self._dlq_sent.keys() | self._erased.keys()
+        todo = [d for d in letters if d.row is not None and _position(d) not in seen]
         if not todo:
             return
 
