@@ -35,7 +35,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -280,6 +280,7 @@ _UPDATABLE = {
 }
 _GREGORIAN_OFFSET = 0x01B21DD213814000  # 100 ns ticks from 1582-10-15 to the Unix epoch
 _SEGMENT_BYTES = 32 * 1024 * 1024
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Generator:
@@ -303,20 +304,12 @@ class Generator:
         self._segment = start_us // 1000
         self._pos = 0
 
-    def __iter__(self) -> Iterator[SynthEvent]:
-        while True:
-            yield self.next()
-
     def take(self, n: int) -> list[SynthEvent]:
         return [self.next() for _ in range(n)]
 
     def live_rows(self) -> dict[str, int]:
         """Rows per table a Cassandra SELECT would return now, if no TTL has run out."""
-        return {
-            "users": len(self.users),
-            "orders": len(self.orders),
-            "sessions": len(self.sessions),
-        }
+        return {table: len(getattr(self, table)) for table in TABLES}
 
     def next(self) -> SynthEvent:
         rng = self.rng
@@ -324,9 +317,8 @@ class Generator:
         table = rng.choices(tuple(TABLE_WEIGHTS), weights=tuple(TABLE_WEIGHTS.values()))[0]
         roll = rng.random()
         op = "i" if roll < 0.6 else "u" if roll < 0.9 else "d"
-        make = getattr(self, f"_{table}")
-        event: SynthEvent = make(op)
-        return self._stamp(event)
+        make: Callable[[str], SynthEvent] = getattr(self, f"_{table}")
+        return self._stamp(make(op))
 
     def _stamp(self, event: SynthEvent) -> SynthEvent:
         self._pos += self.rng.randint(90, 400)
@@ -404,14 +396,10 @@ class Generator:
         j = rng.randrange(i + 1, len(live))
         start = None if rng.random() < 0.1 else RangeBound((live[i],), rng.random() < 0.8)
         end = RangeBound((live[j],), rng.random() < 0.8)
-        for order_id in live:
-            t = order_id.time
-            after_start = start is None or (
-                t > start.values[0].time or (start.inclusive and t == start.values[0].time)
-            )
-            before_end = t < end.values[0].time or (end.inclusive and t == end.values[0].time)
-            if after_start and before_end:
-                self._forget_order(customer, order_id)
+        # Each order's time is distinct (one per event), so the bounds are positions in `live`.
+        first = 0 if start is None else i + (not start.inclusive)
+        for order_id in live[first : j + end.inclusive]:
+            self._forget_order(customer, order_id)
         key = {"customer_id": customer, "order_id": None}
         return SynthEvent("orders", "r", key, {}, self.ts_us, range_start=start, range_end=end)
 
@@ -502,7 +490,7 @@ class Generator:
 
     @staticmethod
     def _ms(ts_us: int) -> datetime:
-        return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ts_us // 1000)
+        return _EPOCH + timedelta(milliseconds=ts_us // 1000)
 
     def _money(self, low: int, high: int) -> Decimal:
         cents = self.rng.randint(low * 100, high * 100)
@@ -573,7 +561,6 @@ def _string(optional: bool = False) -> dict[str, Any]:
 
 
 def _source_schema() -> Any:
-    int64 = {"type": "int64", "optional": False}
     snapshot = {
         "type": "string",
         "optional": True,
@@ -588,7 +575,7 @@ def _source_schema() -> Any:
             ("version", _string()),
             ("connector", _string()),
             ("name", _string()),
-            ("ts_ms", int64),
+            ("ts_ms", {"type": "int64", "optional": False}),
             ("snapshot", snapshot),
             ("db", _string()),
             ("sequence", _string(True)),
@@ -616,18 +603,18 @@ def _schema_name(table: str, suffix: str) -> str:
 
 def key_schema(spec: TableSpec) -> Any:
     """The Kafka key's Connect schema: the primary-key columns, each optional."""
-    types = dict(spec.columns)
     return _struct(
-        _schema_name(spec.name, "Key"), [(k, _connect_type(types[k])) for k in spec.key], False
+        _schema_name(spec.name, "Key"), [(k, _connect_type(spec.cql(k))) for k in spec.key], False
     )
 
 
-def value_schema(spec: TableSpec, *, cell_names: Callable[[str], str] | None = None) -> Any:
-    """The envelope's Connect schema; cells are named `cell_value` unless `cell_names` says."""
+def value_schema(spec: TableSpec, *, unique_cells: bool = False) -> Any:
+    """The envelope's Connect schema; cells are named `cell_value`, or `cell_value_<column>`
+    with `unique_cells`."""
     cells = []
     for column, cql in spec.columns:
         cell = _struct(
-            cell_names(column) if cell_names else "cell_value",
+            f"cell_value_{column}" if unique_cells else "cell_value",
             [
                 ("value", _connect_type(cql)),
                 ("deletion_ts", {"type": "int64", "optional": True}),
@@ -648,9 +635,6 @@ def value_schema(spec: TableSpec, *, cell_names: Callable[[str], str] | None = N
         ],
         False,
     )
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _is_collection(cql: str) -> bool:
@@ -791,8 +775,7 @@ def _avro(schema: Mapping[str, Any]) -> Any:
             node["namespace"] = namespace
         node["fields"] = []
         for f in schema["fields"]:
-            field_type = _avro(f)
-            entry = {"name": f["field"], "type": field_type}
+            entry = {"name": f["field"], "type": _avro(f)}
             if f.get("optional"):
                 entry["default"] = None
             node["fields"].append(entry)
@@ -839,7 +822,7 @@ def _dedupe_clustering_value(schema: Any) -> Any:
 def avro_schemas(table: str) -> tuple[Any, Any]:
     """(key, value) Avro schemas of a table, with a unique name per cell struct."""
     spec = TABLES[table]
-    value = value_schema(spec, cell_names=lambda column: f"cell_value_{column}")
+    value = value_schema(spec, unique_cells=True)
     return _avro(key_schema(spec)), _dedupe_clustering_value(_avro(value))
 
 
