@@ -230,7 +230,7 @@ class SynthEvent:
 
 
 class _Pool:
-    """Keys with O(1) add, remove and uniform choice."""
+    """Keys with O(1) add, remove (of a key it holds) and uniform choice."""
 
     def __init__(self) -> None:
         self.items: list[Any] = []
@@ -245,9 +245,7 @@ class _Pool:
             self.items.append(item)
 
     def remove(self, item: Any) -> None:
-        at = self.index.pop(item, None)
-        if at is None:
-            return
+        at = self.index.pop(item)
         last = self.items.pop()
         if at < len(self.items):
             self.items[at] = last
@@ -687,8 +685,7 @@ def envelope(event: SynthEvent, *, avro: bool = False) -> tuple[dict[str, Any], 
     spec = TABLES[event.table]
     ts = event.ts_us
     key = {name: _plain(event.key[name], spec.cql(name), avro) for name in spec.key}
-    after: dict[str, Any] = dict.fromkeys((*(n for n, _ in spec.columns), "_range_start"))
-    after["_range_end"] = None
+    after: dict[str, Any] = dict.fromkeys([*dict(spec.columns), "_range_start", "_range_end"])
     if event.op in ("i", "u"):
         expiry = expiry_us(ts, event.ttl_s) if event.ttl_s else None
         for name in spec.key:
@@ -1029,8 +1026,8 @@ async def _produce_aiokafka(
     results: list[Sent] = []
     pending: deque[tuple[asyncio.Future[Any], float]] = deque()
 
-    def harvest(wait_all: bool) -> None:
-        while pending and (wait_all or pending[0][0].done()):
+    def harvest() -> None:
+        while pending and pending[0][0].done():
             future, sent_at = pending.popleft()
             meta = future.result()  # raises the send's error, if it failed
             results.append(Sent(meta.topic, meta.partition, meta.offset, meta.timestamp, sent_at))
@@ -1045,17 +1042,17 @@ async def _produce_aiokafka(
             if rate:
                 delay = began + index / rate - time.monotonic()
                 if delay > 0.002:  # sleep in >= 2 ms steps; events due meanwhile go together
-                    harvest(wait_all=False)
+                    harvest()
                     await asyncio.sleep(delay)
             now = time.time()
             future = await producer.send(topic, value, key=key, timestamp_ms=int(now * 1000))
             pending.append((future, now))
             if len(pending) >= 5_000:  # bound what is held; waiting here is backpressure
                 await asyncio.gather(*(f for f, _ in pending), return_exceptions=True)
-                harvest(wait_all=True)
+                harvest()
         if pending:
             await asyncio.gather(*(f for f, _ in pending), return_exceptions=True)
-            harvest(wait_all=True)
+            harvest()
     finally:
         await producer.stop()
     return results
