@@ -139,19 +139,15 @@ class Progress:
         self.dead = f"SELECT count(*) FROM {qualified(schema, '_cdc_dlq_records')}"
         self.probe = AIOKafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers)
 
-    async def events(self) -> tuple[int, int]:
-        """Events in the topics, and how many of them the worker has yet to apply."""
-        ends = sum((await self.probe.end_offsets(self.partitions)).values())
-        return ends, ends - await count(self.pg, self.checkpoints)
-
     async def rows(self) -> dict[str, int]:
         tables = self.tables.items()
         return {t: await count(self.pg, f"SELECT count(*) FROM {q}") for t, q in tables}
 
     async def report(self, elapsed_s: float, head: str) -> tuple[int, int]:
         """Print one progress line (`head`, the events in the topics, the lag, the rows);
-        return the events and the lag."""
-        events, lag = await self.events()
+        return the events and the lag (how many of them the worker has yet to apply)."""
+        events = sum((await self.probe.end_offsets(self.partitions)).values())
+        lag = events - await count(self.pg, self.checkpoints)
         rows = "  ".join(f"{t} {n:>6,}" for t, n in (await self.rows()).items())
         print(
             f"{elapsed_s:6.1f}s  {head}  in Kafka {events:>6,}  lag {lag:>6,}  rows: {rows}",
