@@ -40,89 +40,79 @@ def workload(keyspace: str, seed: int = 7, customers: int = 120) -> list[Stateme
     at = datetime(2026, 1, 1, tzinfo=UTC)
     users = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(customers * 2)]
     statements: list[Statement] = []
+
+    def add(cql: str, params: tuple[Any, ...]) -> None:
+        statements.append((cql, params))
+
     for n, user in enumerate(users):
-        statements.append(
+        add(
+            f"INSERT INTO {keyspace}.users (user_id, email, name, created_at, balance, tags, "
+            "prefs, last_ip) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             (
-                f"INSERT INTO {keyspace}.users (user_id, email, name, created_at, balance, tags, "
-                "prefs, last_ip) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    user,
-                    f"user{n}@example.com",
-                    f"User {n}",
-                    at + timedelta(minutes=n),
-                    Decimal(rng.randrange(100_000)) / 100,
-                    {rng.choice(["new", "vip", "beta", "eu"]) for _ in range(2)},
-                    {"lang": rng.choice(["en", "de", "fr"])},
-                    f"10.0.{n // 250}.{n % 250}",
-                ),
-            )
+                user,
+                f"user{n}@example.com",
+                f"User {n}",
+                at + timedelta(minutes=n),
+                Decimal(rng.randrange(100_000)) / 100,
+                {rng.choice(["new", "vip", "beta", "eu"]) for _ in range(2)},
+                {"lang": rng.choice(["en", "de", "fr"])},
+                f"10.0.{n // 250}.{n % 250}",
+            ),
         )
     for user in rng.sample(users, len(users) // 2):
-        statements.append(
-            (
-                f"UPDATE {keyspace}.users SET balance = %s, email = %s WHERE user_id = %s",
-                (Decimal(rng.randrange(100_000)) / 100, f"{user.hex[:8]}@example.org", user),
-            )
+        add(
+            f"UPDATE {keyspace}.users SET balance = %s, email = %s WHERE user_id = %s",
+            (Decimal(rng.randrange(100_000)) / 100, f"{user.hex[:8]}@example.org", user),
         )
     for user in rng.sample(users, len(users) // 10):
-        statements.append((f"UPDATE {keyspace}.users SET name = null WHERE user_id = %s", (user,)))
+        add(f"UPDATE {keyspace}.users SET name = null WHERE user_id = %s", (user,))
     for user in rng.sample(users, len(users) // 10):
         tags = {"moved", rng.choice(["vip", "churned"])}
-        statements.append(
-            (f"UPDATE {keyspace}.users SET tags = %s WHERE user_id = %s", (tags, user))
-        )
+        add(f"UPDATE {keyspace}.users SET tags = %s WHERE user_id = %s", (tags, user))
     for user in rng.sample(users, len(users) // 20):
-        statements.append((f"DELETE FROM {keyspace}.users WHERE user_id = %s", (user,)))
+        add(f"DELETE FROM {keyspace}.users WHERE user_id = %s", (user,))
 
     orders: dict[uuid.UUID, list[uuid.UUID]] = {}
     for n, customer in enumerate(users[:customers]):
         for k in range(3):
             order = uuid_from_time(at + timedelta(hours=n, minutes=k), node=n, clock_seq=k)
             orders.setdefault(customer, []).append(order)
-            statements.append(
+            add(
+                f"INSERT INTO {keyspace}.orders (customer_id, order_id, status, total, "
+                "items, placed_at) VALUES (%s, %s, 'placed', %s, %s, %s)",
                 (
-                    f"INSERT INTO {keyspace}.orders (customer_id, order_id, status, total, "
-                    "items, placed_at) VALUES (%s, %s, 'placed', %s, %s, %s)",
-                    (
-                        customer,
-                        order,
-                        Decimal(rng.randrange(1, 50_000)) / 100,
-                        [f"sku-{rng.randrange(1000)}" for _ in range(rng.randint(1, 3))],
-                        at + timedelta(hours=n, minutes=k),
-                    ),
-                )
+                    customer,
+                    order,
+                    Decimal(rng.randrange(1, 50_000)) / 100,
+                    [f"sku-{rng.randrange(1000)}" for _ in range(rng.randint(1, 3))],
+                    at + timedelta(hours=n, minutes=k),
+                ),
             )
     for customer, placed in rng.sample(sorted(orders.items()), customers // 2):
-        statements.append(
-            (
-                f"UPDATE {keyspace}.orders SET status = 'shipped' "
-                "WHERE customer_id = %s AND order_id = %s",
-                (customer, placed[0]),
-            )
+        add(
+            f"UPDATE {keyspace}.orders SET status = 'shipped' "
+            "WHERE customer_id = %s AND order_id = %s",
+            (customer, placed[0]),
         )
     doomed = rng.sample(sorted(orders), 6)
     for customer in doomed[:3]:
-        statements.append((f"DELETE FROM {keyspace}.orders WHERE customer_id = %s", (customer,)))
+        add(f"DELETE FROM {keyspace}.orders WHERE customer_id = %s", (customer,))
     for customer in doomed[3:]:
-        statements.append(
-            (
-                f"DELETE FROM {keyspace}.orders WHERE customer_id = %s AND order_id > %s",
-                (customer, orders[customer][0]),
-            )
+        add(
+            f"DELETE FROM {keyspace}.orders WHERE customer_id = %s AND order_id > %s",
+            (customer, orders[customer][0]),
         )
     for n in range(customers):
-        statements.append(
+        add(
+            f"INSERT INTO {keyspace}.sessions (session_id, user_id, started_at, duration_ms, "
+            "device) VALUES (%s, %s, %s, %s, %s) USING TTL 86400",
             (
-                f"INSERT INTO {keyspace}.sessions (session_id, user_id, started_at, duration_ms, "
-                "device) VALUES (%s, %s, %s, %s, %s) USING TTL 86400",
-                (
-                    uuid.UUID(int=rng.getrandbits(128), version=4),
-                    rng.choice(users),
-                    at + timedelta(seconds=n),
-                    rng.randrange(1, 3_600_000),
-                    rng.choice(["ios", "android", "web"]),
-                ),
-            )
+                uuid.UUID(int=rng.getrandbits(128), version=4),
+                rng.choice(users),
+                at + timedelta(seconds=n),
+                rng.randrange(1, 3_600_000),
+                rng.choice(["ios", "android", "web"]),
+            ),
         )
     return statements
 

@@ -1,19 +1,13 @@
-"""`make demo`: change data through the sink on the local stack, shown live.
+"""`make demo`: change data through a sink worker on the local stack, shown live (the README's
+"Demo and benchmarks" describes both parts).
 
-Two parts, the real pipeline first. Real (`--mode captured`): about 1,000 CQL statements written
-into the stack's Cassandra (the `shop` tables: inserts, partial updates, nulls, whole-collection
-overwrites, row, range and partition deletes, TTLs), captured from the node's commit log by the
-stack's Debezium agent, applied by a sink worker in this process, and then a checksum
-reconciliation job per table that must find no difference. Synthetic (`--mode synthetic`):
-30,000 generated Debezium Avro events (through the schema registry) at a few thousand per
-second, for volume; the tables must hold exactly what Cassandra would return. `--mode both`, the
-default, runs the two: the first shows that every stage is real, the second how the sink keeps
-up. Progress is printed once a second, then a summary; the exit is 0 when both parts land
-exactly (1 if the sink fails, stalls, or differs). With `--json` the summary is also printed as
-one JSON object on the last line, for programs: the synthetic part's figures at the top level
-and the real part's under "captured". Each run uses its own keyspace, topics, consumer groups
-and PostgreSQL schemas (named after the start time); leftovers of earlier demo runs are removed
-first. Endpoints come from the CDC_* environment or from `deploy/local/stack env --json`.
+`--mode captured` runs the real pipeline (CQL writes into the stack's Cassandra, captured by its
+Debezium agent, then a checksum job per table), `--mode synthetic` 30,000 generated Avro events;
+`both`, the default, runs the real one first. Exit 0 when every part lands exactly, 1 if the sink
+fails, stalls or differs. `--json` ends with the summary as one JSON line: the synthetic part's
+figures at the top level, the real part's under "captured". Each run has its own keyspace,
+topics, consumer groups and PostgreSQL schemas, named after its start time; earlier runs' are
+removed first. Endpoints come from the CDC_* environment or `deploy/local/stack env --json`.
 """
 
 from __future__ import annotations
@@ -27,12 +21,12 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from cdc_sink.app import SinkApp
 from cdc_sink.config import (
@@ -95,14 +89,7 @@ async def remove_earlier_runs(env: dict[str, str], pg: asyncpg.Connection) -> No
     ):
         await pg.execute(f"DROP SCHEMA {quote_ident(schema)} CASCADE")
     ours = (f"cdc-events-{RUN_PREFIX}", f"{env.get(AGENT_PREFIX, '-')}.{RUN_PREFIX}")
-    admin = AIOKafkaAdminClient(bootstrap_servers=env["CDC_KAFKA__BOOTSTRAP_SERVERS"])
-    await admin.start()
-    try:
-        old = [t for t in await admin.list_topics() if t.startswith(ours)]
-        if old:
-            await admin.delete_topics(old)
-    finally:
-        await admin.close()
+    await synth.delete_topics(env["CDC_KAFKA__BOOTSTRAP_SERVERS"], lambda t: t.startswith(ours))
     await asyncio.to_thread(drop_earlier_keyspaces, env)
 
 
@@ -152,19 +139,15 @@ class Progress:
         self.dead = f"SELECT count(*) FROM {qualified(schema, '_cdc_dlq_records')}"
         self.probe = AIOKafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers)
 
-    async def events(self) -> tuple[int, int]:
-        """Events in the topics, and how many of them the worker has yet to apply."""
-        ends = sum((await self.probe.end_offsets(self.partitions)).values())
-        return ends, ends - await count(self.pg, self.checkpoints)
-
     async def rows(self) -> dict[str, int]:
         tables = self.tables.items()
         return {t: await count(self.pg, f"SELECT count(*) FROM {q}") for t, q in tables}
 
     async def report(self, elapsed_s: float, head: str) -> tuple[int, int]:
         """Print one progress line (`head`, the events in the topics, the lag, the rows);
-        return the events and the lag."""
-        events, lag = await self.events()
+        return the events and the lag (how many of them the worker has yet to apply)."""
+        events = sum((await self.probe.end_offsets(self.partitions)).values())
+        lag = events - await count(self.pg, self.checkpoints)
         rows = "  ".join(f"{t} {n:>6,}" for t, n in (await self.rows()).items())
         print(
             f"{elapsed_s:6.1f}s  {head}  in Kafka {events:>6,}  lag {lag:>6,}  rows: {rows}",
@@ -284,7 +267,6 @@ async def captured_run(env: dict[str, str], run: str, pg: asyncpg.Connection) ->
             await progress.probe.stop()
     finally:
         await asyncio.to_thread(session.cluster.shutdown)
-    rows = await progress.rows()
     summary: dict[str, Any] = {
         "keyspace": keyspace,
         "schema": schema,
@@ -292,17 +274,9 @@ async def captured_run(env: dict[str, str], run: str, pg: asyncpg.Connection) ->
         "events_captured": seen,
         "events_applied": worker.applied_events,
         "elapsed_s": round(elapsed, 3),
-        "rows": rows,
+        "rows": await progress.rows(),
         "dead_letters": await progress.dead_letters(),
-        "checksum": {
-            c.table: {
-                "job": c.job,
-                "cassandra_rows": c.cassandra_rows,
-                "postgres_rows": c.postgres_rows,
-                "mismatches": c.mismatches,
-            }
-            for c in checks
-        },
+        "checksum": {c.table: {k: v for k, v in asdict(c).items() if k != "table"} for c in checks},
     }
     print(f"\nsummary of the real pipeline ({keyspace} → {schema})")
     print(f"  CQL statements    {written[0]:>10,}")

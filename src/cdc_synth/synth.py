@@ -35,7 +35,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -230,7 +230,7 @@ class SynthEvent:
 
 
 class _Pool:
-    """Keys with O(1) add, remove and uniform choice."""
+    """Keys with O(1) add, remove (of a key it holds) and uniform choice."""
 
     def __init__(self) -> None:
         self.items: list[Any] = []
@@ -245,9 +245,7 @@ class _Pool:
             self.items.append(item)
 
     def remove(self, item: Any) -> None:
-        at = self.index.pop(item, None)
-        if at is None:
-            return
+        at = self.index.pop(item)
         last = self.items.pop()
         if at < len(self.items):
             self.items[at] = last
@@ -280,6 +278,7 @@ _UPDATABLE = {
 }
 _GREGORIAN_OFFSET = 0x01B21DD213814000  # 100 ns ticks from 1582-10-15 to the Unix epoch
 _SEGMENT_BYTES = 32 * 1024 * 1024
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Generator:
@@ -303,20 +302,12 @@ class Generator:
         self._segment = start_us // 1000
         self._pos = 0
 
-    def __iter__(self) -> Iterator[SynthEvent]:
-        while True:
-            yield self.next()
-
     def take(self, n: int) -> list[SynthEvent]:
         return [self.next() for _ in range(n)]
 
     def live_rows(self) -> dict[str, int]:
         """Rows per table a Cassandra SELECT would return now, if no TTL has run out."""
-        return {
-            "users": len(self.users),
-            "orders": len(self.orders),
-            "sessions": len(self.sessions),
-        }
+        return {table: len(getattr(self, table)) for table in TABLES}
 
     def next(self) -> SynthEvent:
         rng = self.rng
@@ -324,9 +315,8 @@ class Generator:
         table = rng.choices(tuple(TABLE_WEIGHTS), weights=tuple(TABLE_WEIGHTS.values()))[0]
         roll = rng.random()
         op = "i" if roll < 0.6 else "u" if roll < 0.9 else "d"
-        make = getattr(self, f"_{table}")
-        event: SynthEvent = make(op)
-        return self._stamp(event)
+        make: Callable[[str], SynthEvent] = getattr(self, f"_{table}")
+        return self._stamp(make(op))
 
     def _stamp(self, event: SynthEvent) -> SynthEvent:
         self._pos += self.rng.randint(90, 400)
@@ -404,14 +394,10 @@ class Generator:
         j = rng.randrange(i + 1, len(live))
         start = None if rng.random() < 0.1 else RangeBound((live[i],), rng.random() < 0.8)
         end = RangeBound((live[j],), rng.random() < 0.8)
-        for order_id in live:
-            t = order_id.time
-            after_start = start is None or (
-                t > start.values[0].time or (start.inclusive and t == start.values[0].time)
-            )
-            before_end = t < end.values[0].time or (end.inclusive and t == end.values[0].time)
-            if after_start and before_end:
-                self._forget_order(customer, order_id)
+        # Each order's time is distinct (one per event), so the bounds are positions in `live`.
+        first = 0 if start is None else i + (not start.inclusive)
+        for order_id in live[first : j + end.inclusive]:
+            self._forget_order(customer, order_id)
         key = {"customer_id": customer, "order_id": None}
         return SynthEvent("orders", "r", key, {}, self.ts_us, range_start=start, range_end=end)
 
@@ -502,7 +488,7 @@ class Generator:
 
     @staticmethod
     def _ms(ts_us: int) -> datetime:
-        return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ts_us // 1000)
+        return _EPOCH + timedelta(milliseconds=ts_us // 1000)
 
     def _money(self, low: int, high: int) -> Decimal:
         cents = self.rng.randint(low * 100, high * 100)
@@ -573,7 +559,6 @@ def _string(optional: bool = False) -> dict[str, Any]:
 
 
 def _source_schema() -> Any:
-    int64 = {"type": "int64", "optional": False}
     snapshot = {
         "type": "string",
         "optional": True,
@@ -588,7 +573,7 @@ def _source_schema() -> Any:
             ("version", _string()),
             ("connector", _string()),
             ("name", _string()),
-            ("ts_ms", int64),
+            ("ts_ms", {"type": "int64", "optional": False}),
             ("snapshot", snapshot),
             ("db", _string()),
             ("sequence", _string(True)),
@@ -616,18 +601,18 @@ def _schema_name(table: str, suffix: str) -> str:
 
 def key_schema(spec: TableSpec) -> Any:
     """The Kafka key's Connect schema: the primary-key columns, each optional."""
-    types = dict(spec.columns)
     return _struct(
-        _schema_name(spec.name, "Key"), [(k, _connect_type(types[k])) for k in spec.key], False
+        _schema_name(spec.name, "Key"), [(k, _connect_type(spec.cql(k))) for k in spec.key], False
     )
 
 
-def value_schema(spec: TableSpec, *, cell_names: Callable[[str], str] | None = None) -> Any:
-    """The envelope's Connect schema; cells are named `cell_value` unless `cell_names` says."""
+def value_schema(spec: TableSpec, *, unique_cells: bool = False) -> Any:
+    """The envelope's Connect schema; cells are named `cell_value`, or `cell_value_<column>`
+    with `unique_cells`."""
     cells = []
     for column, cql in spec.columns:
         cell = _struct(
-            cell_names(column) if cell_names else "cell_value",
+            f"cell_value_{column}" if unique_cells else "cell_value",
             [
                 ("value", _connect_type(cql)),
                 ("deletion_ts", {"type": "int64", "optional": True}),
@@ -648,9 +633,6 @@ def value_schema(spec: TableSpec, *, cell_names: Callable[[str], str] | None = N
         ],
         False,
     )
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _is_collection(cql: str) -> bool:
@@ -703,8 +685,7 @@ def envelope(event: SynthEvent, *, avro: bool = False) -> tuple[dict[str, Any], 
     spec = TABLES[event.table]
     ts = event.ts_us
     key = {name: _plain(event.key[name], spec.cql(name), avro) for name in spec.key}
-    after: dict[str, Any] = dict.fromkeys((*(n for n, _ in spec.columns), "_range_start"))
-    after["_range_end"] = None
+    after: dict[str, Any] = dict.fromkeys([*dict(spec.columns), "_range_start", "_range_end"])
     if event.op in ("i", "u"):
         expiry = expiry_us(ts, event.ttl_s) if event.ttl_s else None
         for name in spec.key:
@@ -791,8 +772,7 @@ def _avro(schema: Mapping[str, Any]) -> Any:
             node["namespace"] = namespace
         node["fields"] = []
         for f in schema["fields"]:
-            field_type = _avro(f)
-            entry = {"name": f["field"], "type": field_type}
+            entry = {"name": f["field"], "type": _avro(f)}
             if f.get("optional"):
                 entry["default"] = None
             node["fields"].append(entry)
@@ -839,7 +819,7 @@ def _dedupe_clustering_value(schema: Any) -> Any:
 def avro_schemas(table: str) -> tuple[Any, Any]:
     """(key, value) Avro schemas of a table, with a unique name per cell struct."""
     spec = TABLES[table]
-    value = value_schema(spec, cell_names=lambda column: f"cell_value_{column}")
+    value = value_schema(spec, unique_cells=True)
     return _avro(key_schema(spec)), _dedupe_clustering_value(_avro(value))
 
 
@@ -1046,8 +1026,8 @@ async def _produce_aiokafka(
     results: list[Sent] = []
     pending: deque[tuple[asyncio.Future[Any], float]] = deque()
 
-    def harvest(wait_all: bool) -> None:
-        while pending and (wait_all or pending[0][0].done()):
+    def harvest() -> None:
+        while pending and pending[0][0].done():
             future, sent_at = pending.popleft()
             meta = future.result()  # raises the send's error, if it failed
             results.append(Sent(meta.topic, meta.partition, meta.offset, meta.timestamp, sent_at))
@@ -1062,17 +1042,17 @@ async def _produce_aiokafka(
             if rate:
                 delay = began + index / rate - time.monotonic()
                 if delay > 0.002:  # sleep in >= 2 ms steps; events due meanwhile go together
-                    harvest(wait_all=False)
+                    harvest()
                     await asyncio.sleep(delay)
             now = time.time()
             future = await producer.send(topic, value, key=key, timestamp_ms=int(now * 1000))
             pending.append((future, now))
             if len(pending) >= 5_000:  # bound what is held; waiting here is backpressure
                 await asyncio.gather(*(f for f, _ in pending), return_exceptions=True)
-                harvest(wait_all=True)
+                harvest()
         if pending:
             await asyncio.gather(*(f for f, _ in pending), return_exceptions=True)
-            harvest(wait_all=True)
+            harvest()
     finally:
         await producer.stop()
     return results
