@@ -1067,6 +1067,8 @@ async def _produce_librdkafka(
         {
             "bootstrap.servers": bootstrap,
             "acks": "all",
+            # Retries after NotLeaderForPartition would otherwise reorder a partition's events.
+            "enable.idempotence": True,
             "linger.ms": 5,
             "partitioner": "murmur2_random",
             "queue.buffering.max.messages": 200_000,
