@@ -198,6 +198,17 @@ def native_key(table: ReconTable, key: Sequence[Canon]) -> tuple[Any, ...]:
     return tuple(native_key_value(t, v) for t, v in zip(table.key_types(), key, strict=True))
 
 
+def written_key(table: ReconTable, key: Sequence[Canon]) -> tuple[Any, ...]:
+    """The key as the sink's converters hold it, which the writer's json_key renders as it
+    rendered the key when it was erased: `native_key`, but a varint is a Decimal. A decimal
+    key keeps only its canonical scale (12.340 is 12.34), so an erased decimal key written
+    with trailing zeros is not recognised."""
+    return tuple(
+        Decimal(native) if t.name == "varint" and native is not None else native
+        for t, native in zip(table.key_types(), native_key(table, key), strict=True)
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Cassandra
 

@@ -37,7 +37,7 @@ from cdc_recon.errors import (
     UnknownStrategyError,
 )
 from cdc_recon.pacing import Pacer
-from cdc_recon.readers import CassandraReader, PgReader, ReconTable, native_key
+from cdc_recon.readers import CassandraReader, PgReader, ReconTable, native_key, written_key
 from cdc_recon.repair import plan_repair
 from cdc_recon.repository import JobRequest, Repository, job_lock
 from cdc_recon.settings import ReconciliationConfig
@@ -358,9 +358,9 @@ class Reconciler:
     async def _erased(
         self, table: ReconTable, keys: Sequence[tuple[Canon, ...]]
     ) -> set[tuple[Canon, ...]]:
-        """Those of `keys` erased for GDPR (compared by the sink's rendering of their values,
-        which agrees with the drivers' for text, numbers, uuids and blobs)."""
-        natives = {native_key(table, key): key for key in keys}
+        """Those of `keys` erased for GDPR (compared by the writer's rendering of their values;
+        see `written_key`)."""
+        natives = {written_key(table, key): key for key in keys}
         async with self.pool.acquire() as conn:
             gone = await self.suppression.erased(
                 conn, table.target, list(natives), json_key, table.partition_columns
