@@ -204,8 +204,6 @@ class ColumnMask:
         """The function a converted (PostgreSQL) value of the column is masked with; None
         stays None."""
         one = self.text_mask()
-        if self.rule is not None and self.rule.method == "null":
-            return lambda v: None
         if self.per_element:
             return lambda v: None if v is None else [None if x is None else one(x) for x in v]
         return lambda v: None if v is None else one(v)
@@ -251,7 +249,7 @@ class ColumnMask:
             return lambda v: None
         marker = self.marker
         # A UDT's fields are masked before conversion, a column's value after it.
-        mask = _same if self.fields else self.mask()
+        mask: Converter = (lambda v: v) if self.fields else self.mask()
         if self.renders:
             convert = self._rendering()
         if self.fields:
@@ -289,10 +287,6 @@ class ColumnMask:
         return guarded
 
 
-def _same(v: Any) -> Any:
-    return v
-
-
 def column_masks(
     rules: Iterable[MaskRule],
     keyspace: str,
@@ -305,8 +299,7 @@ def column_masks(
 ) -> dict[str, ColumnMask]:
     """The masks of keyspace.table's columns. MaskingError naming the rule if its column is
     not among `columns` (nor `column.field` a field of a UDT column), is part of the primary
-    key, has a type the method does not fit, or has a rule of its own and of a field, or if
-    a `hash` rule has no key."""
+    key, has a type the method does not fit, or has a rule of its own and of a field."""
     keys = set(key_columns)
     masks: dict[str, ColumnMask] = {}
     by_field: dict[str, dict[str, ColumnMask]] = {}
@@ -353,11 +346,6 @@ def column_masks(
                 f"columns and fields and lists or sets of them, not {t}; use hash or null "
                 f"for this {'field' if field_name else 'column'}"
             )
-        if rule.method == "hash" and not hash_key:
-            raise MaskingError(
-                f"masking rule {rule.text!r} needs a hash key: CDC_MASKING__HASH_KEY or "
-                "CDC_VAULT__MASKING_KEY_SECRET"
-            )
         mask = ColumnMask(rule, marker, hash_key or b"", per_element, source=t)
         if (field_name and column in masks) or (not field_name and column in by_field):
             raise MaskingError(
@@ -377,11 +365,20 @@ def column_masks(
 
 @dataclass(frozen=True)
 class MaskingPolicy:
-    """Every rule with the key and marker they mask with: what a table's masks come from."""
+    """Every rule with the key and marker they mask with: what a table's masks come from.
+    MaskingError if a `hash` rule has no key."""
 
     rules: tuple[MaskRule, ...] = ()
     hash_key: bytes | None = field(default=None, repr=False)  # a secret: never shown
     marker: str = DEFAULT_MARKER
+
+    def __post_init__(self) -> None:
+        unkeyed = next((r for r in self.rules if r.method == "hash" and not self.hash_key), None)
+        if unkeyed is not None:
+            raise MaskingError(
+                f"masking rule {unkeyed.text!r} needs a hash key: CDC_MASKING__HASH_KEY or "
+                "CDC_VAULT__MASKING_KEY_SECRET"
+            )
 
     def masks(
         self, keyspace: str, table: str, columns: Mapping[str, CqlType], key_columns: Iterable[str]
@@ -402,11 +399,4 @@ def masking_policy(settings: MaskingConfig) -> MaskingPolicy:
     """The policy the settings describe (MaskingError, a ConfigError, if a rule is malformed;
     whether a rule fits its table is checked when the table is first seen)."""
     key = settings.hash_key.reveal().encode() if settings.hash_key else None
-    rules = parse_rules(settings.rules)
-    unkeyed = next((r for r in rules if r.method == "hash" and not key), None)
-    if unkeyed is not None:
-        raise MaskingError(
-            f"masking rule {unkeyed.text!r} needs a hash key: CDC_MASKING__HASH_KEY or "
-            "CDC_VAULT__MASKING_KEY_SECRET"
-        )
-    return MaskingPolicy(rules, key, settings.marker)
+    return MaskingPolicy(parse_rules(settings.rules), key, settings.marker)
