@@ -193,25 +193,23 @@ class TableSchema:
         for name in (self.target, *self.columns):
             quote_ident(name)
         refuse_reserved(self.keyspace, self.table, self.columns)
-        object.__setattr__(self, "converters", {})
-        object.__setattr__(self, "unguarded", {})
-        stored: dict[str, CqlType] = {}
+        for derived in ("converters", "unguarded", "stored_types"):
+            object.__setattr__(self, derived, {})
         for name, cql in self.columns.items():
             mask = self.masks.get(name)
             render = text_rendering(cql) if name in self.rendered and mask is None else None
             if mask is not None:
                 self.converters[name] = mask.guarded(cql, unguarded_converter(cql))
                 self.unguarded[name] = mask.unguarded(unguarded_converter(cql))
-                stored[name] = mask.stored_type or cql
+                self.stored_types[name] = mask.stored_type or cql
             elif render is not None:
                 self.converters[name] = guard(cql, render)
                 self.unguarded[name] = render
-                stored[name] = as_text(cql)
+                self.stored_types[name] = as_text(cql)
             else:
                 self.converters[name] = converter(cql)
                 self.unguarded[name] = unguarded_converter(cql)
-                stored[name] = cql
-        object.__setattr__(self, "stored_types", stored)
+                self.stored_types[name] = cql
         multi_cell = tuple(n for n, t in self.columns.items() if is_multi_cell(t))
         object.__setattr__(self, "multi_cell", multi_cell)
         # interpret never makes a cell of a key column or a range bound
