@@ -12,9 +12,7 @@ everywhere, so several workers seeing the same new table or column at once all s
 A target table belongs to the Cassandra table (keyspace and table) it was made for, as every
 version in `_cdc_schema_metadata` records: the first version is written under that same lock,
 so of workers racing to make one target for two sources exactly one makes it, and the other's
-events are refused (TableOwnerError, dead-lettered). Columns named like the sink's own or
-PostgreSQL's system columns (`RESERVED_COLUMNS`) are never made: a Cassandra table seen to have
-one is refused whole (every later event of it too), so no row of it is ever half applied.
+events are refused (TableOwnerError, dead-lettered).
 """
 
 from __future__ import annotations
