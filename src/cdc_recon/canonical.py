@@ -190,9 +190,7 @@ def _decimal(value: Any) -> str:
 
 
 def _float(value: Any) -> str:
-    if isinstance(value, str):
-        if value in ("NaN", "Infinity", "-Infinity"):
-            return value
+    if isinstance(value, str):  # also "NaN" and "±Infinity", as jsonb holds them
         value = Decimal(value)
     f = float(value)
     if math.isnan(f):
