@@ -1,22 +1,12 @@
 """PII masking rules: parsing, checking against a table's columns, and the masked converter.
 Pure.
 
-A rule names a Cassandra column as `keyspace.table.column` and a method:
-
-- `hash`: HMAC-SHA-256 of the UTF-8 text under a secret key, as 64 hex digits; deterministic,
-  so equal values stay equal (joins, GROUP BY, lookups by a hashed value still work);
-- `redact`: the marker (`***` unless configured);
-- `null`: the column is left empty;
-- `partial:first:N` / `partial:last:N`: the first / last N characters (code points) after / before
-  the marker (`partial:last:12` keeps `@example.com`); a value of N characters or fewer
-  becomes the marker alone, so a short value is never shown whole.
-
-`redact` and `partial` apply to text, ascii and varchar columns and to each element of a list
-or set of them; `hash` to those and to any other scalar (and list or set of scalars), whose
-values it digests in their canonical text (model.scalars.TEXT_RENDERINGS), so the column is
-stored as text (`ColumnMask.stored_type`); `null` to any column that is not part of the primary
-key. A UDT column's fields are named `keyspace.table.column.field`, with the same methods for
-the same field types. A mask composes with the column's converter (`ColumnMask.guarded` /
+A rule names a Cassandra column as `keyspace.table.column` (a UDT field as
+`keyspace.table.column.field`) and a method: `hash`, `redact`, `null`, `partial:first:N` or
+`partial:last:N`. README "PII masking" says what each method writes and which types it fits;
+column_masks refuses a rule that does not fit. `hash` digests a value that is not text in its
+canonical text (model.scalars.TEXT_RENDERINGS), so its column is stored as text
+(`ColumnMask.stored_type`). A mask composes with the column's converter (`ColumnMask.guarded` /
 `ColumnMask.unguarded`): what leaves it is masked, and a conversion error of a masked column
 shows the marker, never the value.
 """
