@@ -2,8 +2,8 @@
 
 A Cassandra value (as cassandra-driver returns it) is first converted with the sink's own
 converter (`cdc_sink.model.values.converter`), so it becomes exactly what the sink would have
-written to PostgreSQL; a PostgreSQL value (as asyncpg returns it) is taken as it is. Both then go
-through `canonical_value`, which turns every type into one plain representation:
+written to PostgreSQL; a PostgreSQL value (as asyncpg returns it) is taken as it is. Both then
+get one plain representation per type (`for_cassandra`, `for_postgres`):
 
 - integers stay ints, booleans bools, text str;
 - decimal/varint: the normalised digits ("1.50" and "1.5" are the same number), NaN/±Infinity
@@ -34,25 +34,21 @@ from typing import Any
 from cdc_sink.errors import ConversionError
 from cdc_sink.model.cql import CqlType, pg_type
 from cdc_sink.model.jsonb import to_json_value
-from cdc_sink.model.masking import ColumnMask
-from cdc_sink.model.values import converter, unguarded_converter
+from cdc_sink.model.values import converter
 
 __all__ = [
     "CanonRow",
     "bucket_of",
-    "canonical_value",
     "differing_columns",
     "driver_exact",
     "for_cassandra",
     "for_converted",
-    "for_masked",
     "for_postgres",
-    "from_cassandra",
     "key_text",
     "row_digest",
 ]
 
-Canon = Any  # None | bool | int | str | list[Canon]: what canonical_value returns
+Canon = Any  # None | bool | int | str | list[Canon]: a canonical value
 CanonRow = tuple[tuple[Canon, ...], tuple[Canon, ...]]  # (key values, other column values)
 
 _EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
@@ -62,24 +58,29 @@ _MICRO = dt.timedelta(microseconds=1)
 UNCONVERTIBLE = "!unconvertible:"  # a Cassandra value the sink could not have stored
 
 
-def from_cassandra(t: CqlType, value: Any) -> Canon:
-    """The canonical form of a cassandra-driver value of type `t`.
-
-    A value the sink's converter refuses comes back as a marker string that no PostgreSQL value
-    canonicalises to, so it is reported as a difference rather than hidden.
-    """
-    return for_cassandra(t)(value)
-
-
 def for_cassandra(t: CqlType) -> Callable[[Any], Canon]:
-    """from_cassandra for one column type, resolved once (readers call it per value)."""
-    convert, fix, column = converter(t), _exact_fixer(t), _column(t)
+    """A cassandra-driver value of type `t` → its canonical form, resolved once per type
+    (readers call it per value). A value the sink's converter refuses comes back as a marker
+    string that no PostgreSQL value canonicalises to, so it is reported as a difference rather
+    than hidden."""
     if pg_type(t) == "jsonb":
         # The JSON value the sink would write, without rendering and re-parsing its text.
-        column = functools.partial(_json_finish, t)
+        return _canon(t, functools.partial(to_json_value, t), functools.partial(_json_finish, t))
+    return _canon(t, converter(t), _column(t))
 
-        def convert(value: Any) -> Any:
-            return to_json_value(t, value)
+
+def for_converted(
+    t: CqlType, convert: Callable[[Any], Any], stored: CqlType
+) -> Callable[[Any], Canon]:
+    """for_cassandra of a column the sink writes through `convert` (its TableSchema's
+    converter: masked, or rendered as text) into a column holding `stored`."""
+    return _canon(t, convert, _column(stored))
+
+
+def _canon(
+    t: CqlType, convert: Callable[[Any], Any], column: Callable[[Any], Canon]
+) -> Callable[[Any], Canon]:
+    fix = _exact_fixer(t)
 
     def canon(value: Any) -> Canon:
         if value is None:
@@ -93,30 +94,9 @@ def for_cassandra(t: CqlType) -> Callable[[Any], Canon]:
     return canon
 
 
-def for_masked(t: CqlType, mask: ColumnMask) -> Callable[[Any], Canon]:
-    """for_cassandra of a masked column: the canonical form of the masked value the sink
-    writes (a value the sink could not have stored shows the marker, never itself)."""
-    return for_converted(t, mask.guarded(t, unguarded_converter(t)), mask.stored_type or t)
-
-
-def for_converted(
-    t: CqlType, convert: Callable[[Any], Any], stored: CqlType
-) -> Callable[[Any], Canon]:
-    """for_cassandra of a column the sink writes through `convert` (its TableSchema's
-    converter: masked, or rendered as text) into a column holding `stored`."""
-    fix, column = _exact_fixer(t), for_postgres(stored)
-
-    def canon(value: Any) -> Canon:
-        try:
-            return column(convert(value if fix is None or value is None else fix(value)))
-        except ConversionError as exc:
-            return f"{UNCONVERTIBLE}{exc}"
-
-    return canon
-
-
 def for_postgres(t: CqlType) -> Callable[[Any], Canon]:
-    """canonical_value for one column type, resolved once (readers call it per value)."""
+    """An asyncpg value of a column holding `t` → its canonical form, resolved once per type
+    (readers call it per value)."""
     column = _column(t)
     return lambda value: None if value is None else column(value)
 
@@ -179,13 +159,6 @@ def _round_ms(value: Any) -> Any:
     return _NAIVE_EPOCH + dt.timedelta(milliseconds=(micros + 500) // 1000)
 
 
-def canonical_value(t: CqlType, value: Any) -> Canon:
-    """The canonical form of a PostgreSQL-side value of a column of Cassandra type `t`."""
-    if value is None:
-        return None
-    return _column(t)(value)
-
-
 @functools.lru_cache(maxsize=4096)
 def _column(t: CqlType) -> Callable[[Any], Canon]:
     kind = pg_type(t)
@@ -217,9 +190,7 @@ def _decimal(value: Any) -> str:
 
 
 def _float(value: Any) -> str:
-    if isinstance(value, str):
-        if value in ("NaN", "Infinity", "-Infinity"):
-            return value
+    if isinstance(value, str):  # also "NaN" and "±Infinity", as jsonb holds them
         value = Decimal(value)
     f = float(value)
     if math.isnan(f):

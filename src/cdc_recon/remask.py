@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncpg
@@ -226,13 +226,4 @@ def _literal(text: str) -> str:
 
 
 def outcome_json(outcome: RemaskOutcome) -> str:
-    return json.dumps(
-        {
-            "table": outcome.table,
-            "columns": list(outcome.columns),
-            "rows_done": outcome.rows_done,
-            "rows_written": outcome.rows_written,
-            "finished": outcome.finished,
-            "resumed": outcome.resumed,
-        }
-    )
+    return json.dumps(asdict(outcome))

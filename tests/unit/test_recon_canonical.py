@@ -17,9 +17,9 @@ from cassandra.util import Date, Duration, OrderedMapSerializedKey, SortedSet, T
 from cdc_recon.canonical import (
     UNCONVERTIBLE,
     bucket_of,
-    canonical_value,
     driver_exact,
-    from_cassandra,
+    for_cassandra,
+    for_postgres,
     key_text,
     row_digest,
 )
@@ -74,7 +74,7 @@ def t(text: str) -> CqlType:
 )
 def test_equal_values_have_one_canonical_form(cql: str, cassandra: Any, postgres: Any) -> None:
     """The driver's value and PostgreSQL's value of the same data canonicalise alike."""
-    assert from_cassandra(t(cql), cassandra) == canonical_value(t(cql), postgres)
+    assert for_cassandra(t(cql))(cassandra) == for_postgres(t(cql))(postgres)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_equal_values_have_one_canonical_form(cql: str, cassandra: Any, postgres
 )
 def test_different_values_stay_different(cql: str, cassandra: Any, postgres: Any) -> None:
     """A real difference (including an extra UDT field or list order) is never normalised away."""
-    assert from_cassandra(t(cql), cassandra) != canonical_value(t(cql), postgres)
+    assert for_cassandra(t(cql))(cassandra) != for_postgres(t(cql))(postgres)
 
 
 def test_driver_float_rounding_of_old_timestamps_is_undone() -> None:
@@ -122,7 +122,7 @@ def test_driver_float_rounding_of_old_timestamps_is_undone() -> None:
 
 def test_a_value_the_sink_cannot_store_is_a_difference() -> None:
     """A Cassandra value the sink's converter refuses never equals any PostgreSQL value."""
-    canon = from_cassandra(t("text"), "nul\x00")
+    canon = for_cassandra(t("text"))("nul\x00")
     assert isinstance(canon, str)
     assert canon.startswith(UNCONVERTIBLE)
 
@@ -134,8 +134,8 @@ def test_varints_longer_than_python_parses_compare_in_jsonb() -> None:
     cql, digits = t("map<text, varint>"), "7" * 5_000
     postgres = '{"a": ' + digits + ', "b": 5}'
     cassandra = {"a": int(Decimal(digits)), "b": 5}
-    assert canonical_value(cql, postgres) == from_cassandra(cql, cassandra)
-    assert from_cassandra(cql, {"a": 1 << 8_000_000}).startswith(UNCONVERTIBLE)
+    assert for_postgres(cql)(postgres) == for_cassandra(cql)(cassandra)
+    assert for_cassandra(cql)({"a": 1 << 8_000_000}).startswith(UNCONVERTIBLE)
 
 
 def test_digests_and_buckets() -> None:

@@ -1,22 +1,12 @@
 """PII masking rules: parsing, checking against a table's columns, and the masked converter.
 Pure.
 
-A rule names a Cassandra column as `keyspace.table.column` and a method:
-
-- `hash`: HMAC-SHA-256 of the UTF-8 text under a secret key, as 64 hex digits; deterministic,
-  so equal values stay equal (joins, GROUP BY, lookups by a hashed value still work);
-- `redact`: the marker (`***` unless configured);
-- `null`: the column is left empty;
-- `partial:first:N` / `partial:last:N`: the first / last N characters (code points) after / before
-  the marker (`partial:last:12` keeps `@example.com`); a value of N characters or fewer
-  becomes the marker alone, so a short value is never shown whole.
-
-`redact` and `partial` apply to text, ascii and varchar columns and to each element of a list
-or set of them; `hash` to those and to any other scalar (and list or set of scalars), whose
-values it digests in their canonical text (model.scalars.TEXT_RENDERINGS), so the column is
-stored as text (`ColumnMask.stored_type`); `null` to any column that is not part of the primary
-key. A UDT column's fields are named `keyspace.table.column.field`, with the same methods for
-the same field types. A mask composes with the column's converter (`ColumnMask.guarded` /
+A rule names a Cassandra column as `keyspace.table.column` (a UDT field as
+`keyspace.table.column.field`) and a method: `hash`, `redact`, `null`, `partial:first:N` or
+`partial:last:N`. README "PII masking" says what each method writes and which types it fits;
+column_masks refuses a rule that does not fit. `hash` digests a value that is not text in its
+canonical text (model.scalars.TEXT_RENDERINGS), so its column is stored as text
+(`ColumnMask.stored_type`). A mask composes with the column's converter (`ColumnMask.guarded` /
 `ColumnMask.unguarded`): what leaves it is masked, and a conversion error of a masked column
 shows the marker, never the value.
 """
@@ -204,8 +194,6 @@ class ColumnMask:
         """The function a converted (PostgreSQL) value of the column is masked with; None
         stays None."""
         one = self.text_mask()
-        if self.rule is not None and self.rule.method == "null":
-            return lambda v: None
         if self.per_element:
             return lambda v: None if v is None else [None if x is None else one(x) for x in v]
         return lambda v: None if v is None else one(v)
@@ -251,7 +239,7 @@ class ColumnMask:
             return lambda v: None
         marker = self.marker
         # A UDT's fields are masked before conversion, a column's value after it.
-        mask = _same if self.fields else self.mask()
+        mask: Converter = (lambda v: v) if self.fields else self.mask()
         if self.renders:
             convert = self._rendering()
         if self.fields:
@@ -289,10 +277,6 @@ class ColumnMask:
         return guarded
 
 
-def _same(v: Any) -> Any:
-    return v
-
-
 def column_masks(
     rules: Iterable[MaskRule],
     keyspace: str,
@@ -305,8 +289,7 @@ def column_masks(
 ) -> dict[str, ColumnMask]:
     """The masks of keyspace.table's columns. MaskingError naming the rule if its column is
     not among `columns` (nor `column.field` a field of a UDT column), is part of the primary
-    key, has a type the method does not fit, or has a rule of its own and of a field, or if
-    a `hash` rule has no key."""
+    key, has a type the method does not fit, or has a rule of its own and of a field."""
     keys = set(key_columns)
     masks: dict[str, ColumnMask] = {}
     by_field: dict[str, dict[str, ColumnMask]] = {}
@@ -353,11 +336,6 @@ def column_masks(
                 f"columns and fields and lists or sets of them, not {t}; use hash or null "
                 f"for this {'field' if field_name else 'column'}"
             )
-        if rule.method == "hash" and not hash_key:
-            raise MaskingError(
-                f"masking rule {rule.text!r} needs a hash key: CDC_MASKING__HASH_KEY or "
-                "CDC_VAULT__MASKING_KEY_SECRET"
-            )
         mask = ColumnMask(rule, marker, hash_key or b"", per_element, source=t)
         if (field_name and column in masks) or (not field_name and column in by_field):
             raise MaskingError(
@@ -377,11 +355,20 @@ def column_masks(
 
 @dataclass(frozen=True)
 class MaskingPolicy:
-    """Every rule with the key and marker they mask with: what a table's masks come from."""
+    """Every rule with the key and marker they mask with: what a table's masks come from.
+    MaskingError if a `hash` rule has no key."""
 
     rules: tuple[MaskRule, ...] = ()
     hash_key: bytes | None = field(default=None, repr=False)  # a secret: never shown
     marker: str = DEFAULT_MARKER
+
+    def __post_init__(self) -> None:
+        unkeyed = next((r for r in self.rules if r.method == "hash" and not self.hash_key), None)
+        if unkeyed is not None:
+            raise MaskingError(
+                f"masking rule {unkeyed.text!r} needs a hash key: CDC_MASKING__HASH_KEY or "
+                "CDC_VAULT__MASKING_KEY_SECRET"
+            )
 
     def masks(
         self, keyspace: str, table: str, columns: Mapping[str, CqlType], key_columns: Iterable[str]
@@ -402,11 +389,4 @@ def masking_policy(settings: MaskingConfig) -> MaskingPolicy:
     """The policy the settings describe (MaskingError, a ConfigError, if a rule is malformed;
     whether a rule fits its table is checked when the table is first seen)."""
     key = settings.hash_key.reveal().encode() if settings.hash_key else None
-    rules = parse_rules(settings.rules)
-    unkeyed = next((r for r in rules if r.method == "hash" and not key), None)
-    if unkeyed is not None:
-        raise MaskingError(
-            f"masking rule {unkeyed.text!r} needs a hash key: CDC_MASKING__HASH_KEY or "
-            "CDC_VAULT__MASKING_KEY_SECRET"
-        )
-    return MaskingPolicy(rules, key, settings.marker)
+    return MaskingPolicy(parse_rules(settings.rules), key, settings.marker)

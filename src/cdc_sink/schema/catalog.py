@@ -12,9 +12,7 @@ everywhere, so several workers seeing the same new table or column at once all s
 A target table belongs to the Cassandra table (keyspace and table) it was made for, as every
 version in `_cdc_schema_metadata` records: the first version is written under that same lock,
 so of workers racing to make one target for two sources exactly one makes it, and the other's
-events are refused (TableOwnerError, dead-lettered). Columns named like the sink's own or
-PostgreSQL's system columns (`RESERVED_COLUMNS`) are never made: a Cassandra table seen to have
-one is refused whole (every later event of it too), so no row of it is ever half applied.
+events are refused (TableOwnerError, dead-lettered).
 """
 
 from __future__ import annotations
@@ -50,12 +48,6 @@ from cdc_sink.schema.tables import (
     require_owner,
     target_name,
 )
-
-
-class Fetcher(Protocol):
-    """What runs a query and returns its rows (a pool, a connection)."""
-
-    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
 
 
 class CassandraTypes(Protocol):
@@ -132,14 +124,7 @@ class Catalog:
         columns = (*event.key, *event.cells, *key_schemas, *column_schemas)
         refuse_reserved(event.keyspace, event.table, columns)
         target = target_name(self.table_format, event.keyspace, event.table)
-        known = self._tables.get(target)
-        if known is not None:
-            require_owner(known, event.keyspace, event.table, self.table_format)
-            if all(c in known.columns for c in event.cells):
-                self._by_source[event.keyspace, event.table] = known
-                return known
-        lock = self._locks.setdefault(target, asyncio.Lock())
-        async with lock:
+        async with self._locks.setdefault(target, asyncio.Lock()):
             known = self._tables.get(target) or await self._load(target)
             if known is not None:
                 require_owner(known, event.keyspace, event.table, self.table_format)
@@ -157,8 +142,9 @@ class Catalog:
             if known is not None:
                 types = {n: t for n, t in types.items() if n not in known.columns}
             partitions = cassandra.partition_columns if cassandra else None
-            evolved = self._masked(await self._evolve(target, event, types, partitions))
-            evolved = await self._retype(evolved)
+            with _refusal_is_fatal(f"create or change table {target!r} in schema {self.schema!r}"):
+                evolved = await self._evolve(target, event, types, partitions)
+            evolved = await self._retype(self._masked(evolved))
             self._tables[target] = self._by_source[event.keyspace, event.table] = evolved
             return evolved
 
@@ -233,16 +219,6 @@ class Catalog:
         types: dict[str, CqlType],
         partition_columns: tuple[str, ...] | None,
     ) -> TableSchema:
-        with _refusal_is_fatal(f"create or change table {target!r} in schema {self.schema!r}"):
-            return await self._evolve_locked(target, event, types, partition_columns)
-
-    async def _evolve_locked(
-        self,
-        target: str,
-        event: ChangeEvent,
-        types: dict[str, CqlType],
-        partition_columns: tuple[str, ...] | None,
-    ) -> TableSchema:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id("ddl", target))
             current = await self._load(target)  # another worker may have evolved it meanwhile
@@ -296,7 +272,9 @@ def _refusal_is_fatal(what: str) -> Iterator[None]:
         ) from exc
 
 
-async def column_types(db: Fetcher, schema: str, target: str) -> dict[str, str]:
+async def column_types(
+    db: asyncpg.Pool | asyncpg.Connection, schema: str, target: str
+) -> dict[str, str]:
     """The PostgreSQL type of each column of schema.target, as format_type names it
     ("bigint", "text[]", "timestamp with time zone"); empty if there is no such table."""
     rows = await db.fetch(

@@ -174,14 +174,14 @@ class TableSchema:
     columns: Mapping[str, CqlType]  # every column, key columns included
     partition_columns: tuple[str, ...] | None = None
     version: int = 1
-    converters: dict[str, Callable[[Any], Any]] = field(default_factory=dict, compare=False)
-    unguarded: dict[str, Callable[[Any], Any]] = field(default_factory=dict, compare=False)
     # PII masks by column (model.masking): each composes with the column's converter, so
     # every path that converts through `converters` / `unguarded` writes masked values only.
     masks: Mapping[str, ColumnMask] = field(default_factory=dict, compare=False)
     # Columns PostgreSQL holds as text (a `hash` rule made them so) that no rule masks now:
     # written as their values' canonical text (model.scalars.text_rendering), in the clear.
     rendered: frozenset[str] = field(default=frozenset(), compare=False)
+    converters: dict[str, Callable[[Any], Any]] = field(init=False, compare=False)
+    unguarded: dict[str, Callable[[Any], Any]] = field(init=False, compare=False)
     # Per column, the type its PostgreSQL column holds (`pg_type`): the Cassandra type, or
     # text for one a `hash` rule renders (ColumnMask.stored_type) or `rendered` names.
     stored_types: dict[str, CqlType] = field(init=False, compare=False)
@@ -193,23 +193,23 @@ class TableSchema:
         for name in (self.target, *self.columns):
             quote_ident(name)
         refuse_reserved(self.keyspace, self.table, self.columns)
-        stored: dict[str, CqlType] = {}
+        for derived in ("converters", "unguarded", "stored_types"):
+            object.__setattr__(self, derived, {})
         for name, cql in self.columns.items():
             mask = self.masks.get(name)
             render = text_rendering(cql) if name in self.rendered and mask is None else None
             if mask is not None:
                 self.converters[name] = mask.guarded(cql, unguarded_converter(cql))
                 self.unguarded[name] = mask.unguarded(unguarded_converter(cql))
-                stored[name] = mask.stored_type or cql
+                self.stored_types[name] = mask.stored_type or cql
             elif render is not None:
                 self.converters[name] = guard(cql, render)
                 self.unguarded[name] = render
-                stored[name] = as_text(cql)
+                self.stored_types[name] = as_text(cql)
             else:
                 self.converters[name] = converter(cql)
                 self.unguarded[name] = unguarded_converter(cql)
-                stored[name] = cql
-        object.__setattr__(self, "stored_types", stored)
+                self.stored_types[name] = cql
         multi_cell = tuple(n for n, t in self.columns.items() if is_multi_cell(t))
         object.__setattr__(self, "multi_cell", multi_cell)
         # interpret never makes a cell of a key column or a range bound
@@ -226,13 +226,7 @@ class TableSchema:
         fresh = {k: v for k, v in added.items() if k not in self.columns}
         if not fresh:
             return self
-        return replace(
-            self,
-            columns={**self.columns, **fresh},
-            version=self.version + 1,
-            converters={},
-            unguarded={},
-        )
+        return replace(self, columns={**self.columns, **fresh}, version=self.version + 1)
 
     def with_masks(
         self, masks: Mapping[str, ColumnMask], rendered: Iterable[str] | None = None
@@ -240,7 +234,7 @@ class TableSchema:
         """The same schema converting through `masks` (model.masking.column_masks), and
         writing the unmasked columns of `rendered` (if given) as text."""
         found = self.rendered if rendered is None else frozenset(rendered)
-        return replace(self, masks=masks, rendered=found, converters={}, unguarded={})
+        return replace(self, masks=masks, rendered=found)
 
     def column_type(self, name: str) -> str:
         """The PostgreSQL type of column `name` (text where its values are stored as text)."""
