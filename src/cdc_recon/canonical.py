@@ -313,6 +313,13 @@ def key_text(key: Sequence[Canon]) -> str:
     return _compact(list(key))
 
 
+def mismatch_key(columns: Mapping[str, CqlType], key_columns: Sequence[str], values: Any) -> str:
+    """The `row_key` a mismatch of this key (or its leading columns: a partition key) is
+    recorded under, from the sink's converted values of `key_columns`."""
+    leading = key_columns[: len(values)]
+    return key_text([for_postgres(columns[c])(v) for c, v in zip(leading, values, strict=True)])
+
+
 def row_digest(row: CanonRow) -> bytes:
     """SHA-256 of the canonical row (key and values)."""
     return hashlib.sha256(_compact([row[0], row[1]]).encode()).digest()

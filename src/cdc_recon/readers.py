@@ -200,9 +200,8 @@ def native_key(table: ReconTable, key: Sequence[Canon]) -> tuple[Any, ...]:
 
 def written_key(table: ReconTable, key: Sequence[Canon]) -> tuple[Any, ...]:
     """The key as the sink's converters hold it, which the writer's json_key renders as it
-    rendered the key when it was erased: `native_key`, but a varint is a Decimal. A decimal
-    key keeps only its canonical scale (12.340 is 12.34), so an erased decimal key written
-    with trailing zeros is not recognised."""
+    rendered the key when it was erased: `native_key`, but a varint is a Decimal. (A decimal
+    keeps only its canonical scale, 12.340 is 12.34, as suppression hashes keys by value.)"""
     return tuple(
         Decimal(native) if t.name == "varint" and native is not None else native
         for t, native in zip(table.key_types(), native_key(table, key), strict=True)

@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from cdc_recon.api import reconciliation_routes
+from cdc_recon.canonical import mismatch_key
 from cdc_recon.runtime import ReconciliationRuntime
 from cdc_recon.settings import SECTIONS as RECONCILIATION_SECTIONS
 from cdc_sink.apply.codecs import use_asyncpg_uuids
@@ -204,7 +205,12 @@ class SinkApp:
         control.include_router(reconciliation_routes(recon, auth))
         control.include_router(
             gdpr_routes(
-                api_pool, auth, config.postgres.schema, config.gdpr.hash_key, lambda: self.decoder
+                api_pool,
+                auth,
+                config.postgres.schema,
+                config.gdpr.hash_key,
+                lambda: self.decoder,
+                mismatch_key,
             )
         )
         self.probes = Listener(probes_app, name="probes", limits=api)

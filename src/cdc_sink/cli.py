@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cdc_recon.canonical import mismatch_key
 from cdc_recon.cli import add_mask_command, add_reconcile_command
 from cdc_sink import __version__
 from cdc_sink.arguments import whole_number
@@ -299,6 +300,7 @@ async def _gdpr(config: Config, args: argparse.Namespace) -> int:
                 hash_key=hash_key,
                 decoder=Decoder(registry or NoRegistry()),
                 actor=cli_actor(),
+                mismatch_key=mismatch_key,
             )
         except (ValueError, ErasureError) as exc:
             print(f"cdc-sink: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -36,6 +37,22 @@ def key_hash(hash_key: Secret, target: str, scope: str, key_text: str) -> bytes:
     canonical JSON text, so equal keys of two tables do not share a hash."""
     message = "\x00".join((target, scope, key_text)).encode()
     return hmac.new(hash_key.reveal().encode(), message, hashlib.sha256).digest()
+
+
+def by_value(key: Key) -> Key:
+    """A key's values in the one form PostgreSQL's equality gives them (12.340 is 12.34, -0.0 is
+    0.0): an erased key is hashed from this form, as reconciliation, which knows keys only by
+    value, must find it too (and PostgreSQL holds one row for both)."""
+    return tuple(_by_value(v) for v in key)
+
+
+def _by_value(v: Any) -> Any:
+    if isinstance(v, Decimal) and v.is_finite():
+        # Plain digits, as json_key rendered every key without trailing zeros before.
+        return Decimal(0) if v.is_zero() else Decimal(format(v.normalize(), "f"))
+    if isinstance(v, float) and v == 0.0:
+        return 0.0
+    return v
 
 
 def record_key(schema: TableSchema, fields: Any) -> Key | None:
@@ -127,7 +144,7 @@ class Suppression:
         def covered(scope: str, key: Key) -> bool:
             known = verdicts.get((scope, key))
             if known is None:
-                digest = key_hash(hash_key, target, scope, text_of(key))
+                digest = key_hash(hash_key, target, scope, text_of(by_value(key)))
                 known = verdicts[scope, key] = (scope, digest) in erased.hashes
             return known
 

@@ -270,7 +270,7 @@ class PgWriter:
                 schema.target,
                 erased_version,
                 mutations,
-                texts.__getitem__,
+                json_key,  # not `texts`: it may hold an equal key's other rendering (12.340, 12.34)
                 partition_columns,
             )
             if len(kept) < len(mutations):

@@ -22,12 +22,12 @@ import asyncpg
 from fastapi import APIRouter, Depends, Path, Response
 from pydantic import BaseModel, ConfigDict
 
-from cdc_sink.apply.suppression import PARTITION, ROW, key_hash, record_key
+from cdc_sink.apply.suppression import PARTITION, ROW, by_value, key_hash, record_key
 from cdc_sink.apply.writer import json_key
 from cdc_sink.config import Secret
 from cdc_sink.decode.decoder import Decoder
 from cdc_sink.errors import SinkError
-from cdc_sink.model.cql import pg_type
+from cdc_sink.model.cql import CqlType, pg_type
 from cdc_sink.model.events import Key
 from cdc_sink.ops.audit import audit
 from cdc_sink.ops.auth import ERASE, READ, Authenticator, Principal, require
@@ -51,6 +51,11 @@ class ErasureError(ValueError):
 
 class UnknownTableError(ErasureError):
     """The request names a table the sink never made."""
+
+
+# How reconciliation renders a key's values as a mismatch's `row_key` (the composition root
+# passes cdc_recon's: the sink does not import reconciliation).
+MismatchKey = Callable[[Mapping[str, CqlType], Sequence[str], Key], str]
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ async def erase(
     hash_key: Secret,
     decoder: Decoder,
     actor: str,
+    mismatch_key: MismatchKey | None = None,
 ) -> dict[str, Any]:
     """Erase `key` of table `target` (see the module's docstring) and return the erasure's
     record. UnknownTableError, or ErasureError for a key that is not the table's; asyncpg's
@@ -114,7 +120,7 @@ async def erase(
     if schema is None:
         raise UnknownTableError(f"no table {target!r} is known to the sink (_cdc_schema_metadata)")
     gone = erased_key(schema, key)
-    digest = key_hash(hash_key, target, gone.scope, gone.text)
+    digest = key_hash(hash_key, target, gone.scope, json_key(by_value(gone.values)))
     # Most dead letters are read before the locks, so the writer waits only for those since.
     letters = await _dead_letters(conn, gone, decoder)
     async with conn.transaction():
@@ -138,7 +144,7 @@ async def erase(
         counts = {
             "rows": await _delete_rows(conn, pg_schema, gone),
             "tombstones": await _delete_tombstones(conn, gone),
-            "mismatches": await _delete_mismatches(conn, gone),
+            "mismatches": await _delete_mismatches(conn, gone, mismatch_key),
             "dead_letters": await _delete_dead_letters(conn, gone, decoder, letters),
         }
         await conn.execute(
@@ -227,14 +233,21 @@ async def _delete_tombstones(conn: asyncpg.Connection, gone: ErasedKey) -> int:
     return int(status.split()[-1])
 
 
-async def _delete_mismatches(conn: asyncpg.Connection, gone: ErasedKey) -> int:
-    """Reconciliation mismatches whose key is the key or starts with the partition key (where
-    reconciliation's rendering of the values agrees with the sink's: text, integers, uuids)."""
+async def _delete_mismatches(
+    conn: asyncpg.Connection, gone: ErasedKey, mismatch_key: MismatchKey | None
+) -> int:
+    """Reconciliation mismatches whose key is the key or starts with the partition key, as
+    reconciliation renders it (`mismatch_key`; without it, as the sink does, which agrees for
+    text, integers and uuids)."""
+    schema = gone.schema
+    text = gone.text
+    if mismatch_key is not None:
+        text = mismatch_key(schema.columns, schema.key_columns, gone.values)
     status = await conn.execute(
         "DELETE FROM _cdc_reconciliation_mismatches WHERE target_table = $1 AND "
         f"{_prefix('row_key', len(gone.values))} = $2::jsonb",
-        gone.schema.target,
-        gone.text,
+        schema.target,
+        text,
     )
     return int(status.split()[-1])
 
@@ -323,6 +336,7 @@ def gdpr_routes(
     pg_schema: str,
     hash_key: Secret | None,
     decoder: Callable[[], Decoder | None],
+    mismatch_key: MismatchKey | None = None,
 ) -> APIRouter:
     """POST /gdpr/erasures (cdc:erase; 201 with the erasure's record, audited) and
     GET /gdpr/erasures/{id} (cdc:read)."""
@@ -347,6 +361,7 @@ def gdpr_routes(
                     hash_key=hash_key,
                     decoder=records,
                     actor=caller.subject,
+                    mismatch_key=mismatch_key,
                 )
         except ErasureError as exc:
             status = 404 if isinstance(exc, UnknownTableError) else 400
