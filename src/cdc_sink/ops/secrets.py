@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,24 +171,11 @@ class PostgresLogin:
         self.lease: Lease | None = None
         self.generation = 0  # goes up with each new user: connections of older ones are stale
         self._pools: list[asyncpg.Pool] = []
-        self._observers: list[Callable[[Lease], None]] = []
-
-    def observe(self, observer: Callable[[Lease], None]) -> None:
-        """Call `observer` with the lease now and whenever it is renewed or replaced."""
-        self._observers.append(observer)
-        if self.lease is not None:
-            observer(self.lease)
-
-    def _lease_changed(self) -> None:
-        assert self.lease is not None
-        for observer in self._observers:
-            observer(self.lease)
 
     async def lease_user(self) -> None:
         assert self.vault is not None
         self.user, self.password, self.lease = await self.vault.database_login()
         self.generation += 1
-        self._lease_changed()
 
     async def connect(self, *_: Any, **kwargs: Any) -> asyncpg.Connection:
         """asyncpg.connect with the current user and role; a pool's `connect=`."""
@@ -251,7 +238,6 @@ class PostgresLogin:
         assert self.lease is not None
         if self.lease.renewable:
             granted = await self.vault.renew(self.lease)
-            self._lease_changed()
             if granted >= self.lease.duration_s:
                 log.info("postgres_lease_renewed", user=self.user, ttl_s=granted)
                 return
