@@ -51,13 +51,9 @@ log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-class ApiError(Exception):
-    """Raised by a route to answer `status` with `{"error": message}`."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = dict(headers or {})
+class ApiError(HTTPException):
+    """`ApiError(status, message, headers)`, raised by a route: the answer is `status` with
+    `{"error": message}`."""
 
 
 def whole(name: str, low: int = 1, high: int = BIGINT_MAX) -> BeforeValidator:
@@ -136,10 +132,6 @@ def new_app(title: str, *, max_body_bytes: int, max_header_bytes: int = 65_536) 
     id (the client's X-Request-ID if it is a plain token, else a new one), bound to every log
     line written for it and sent back."""
     app = FastAPI(title=title, redoc_url=None)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, str(exc), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> Response:
