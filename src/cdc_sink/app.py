@@ -178,7 +178,7 @@ class SinkApp:
             erasure_suppressed=self.metrics.erasure_suppressed,
         )
         if config.http.enabled:
-            await self._serve(stack, config, auth, api_pool, worker_pool, dlq, recon)
+            await self._serve(stack, config, auth, api_pool, worker_pool, dlq, self.decoder, recon)
         _background(stack, housekeeping(worker_pool, catalog, config, self.metrics))
         try:
             await dlq.start()
@@ -197,6 +197,7 @@ class SinkApp:
         api_pool: BoundedPool,
         worker_pool: asyncpg.Pool,
         dlq: DlqProducer,
+        decoder: Decoder,
         recon: ReconciliationRuntime,
     ) -> None:
         """Start both listeners (probes and metrics; the control API), each stopped when the
@@ -207,7 +208,7 @@ class SinkApp:
         probes_app.include_router(probe_routes(self.metrics, self.worker.readiness))
         resumes = ResumeRequests()
         control = new_app("cdc-sink control API", **limits)
-        control.include_router(dlq_routes(api_pool, lambda: dlq, self.worker.resume, resumes, auth))
+        control.include_router(dlq_routes(api_pool, dlq, self.worker.resume, resumes, auth))
         control.include_router(reconciliation_routes(recon, auth))
         control.include_router(
             gdpr_routes(
@@ -215,7 +216,7 @@ class SinkApp:
                 auth,
                 config.postgres.schema,
                 config.gdpr.hash_key,
-                lambda: self.decoder,
+                decoder,
                 mismatch_key,
             )
         )
