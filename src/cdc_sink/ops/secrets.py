@@ -162,8 +162,6 @@ class PostgresLogin:
 
     def __init__(self, config: Config, vault: Vault | None = None) -> None:
         self.postgres = config.postgres
-        self.dsn = config.postgres.dsn.reveal()
-        self.role = config.postgres.role
         self.ssl = postgres_tls(config.postgres)
         self.vault = vault
         self.user: str | None = None
@@ -183,10 +181,10 @@ class PostgresLogin:
             kwargs.update(user=self.user, password=self.password.reveal())
         if self.ssl is not None:
             kwargs["ssl"] = self.ssl
-        conn = await asyncpg.connect(self.dsn, **kwargs)
-        if self.role:
+        conn = await asyncpg.connect(self.postgres.dsn.reveal(), **kwargs)
+        if self.postgres.role:
             try:
-                await conn.execute(f"SET ROLE {quote_ident(self.role)}")
+                await conn.execute(f"SET ROLE {quote_ident(self.postgres.role)}")
             except BaseException:
                 await conn.close()
                 raise
@@ -219,8 +217,6 @@ class PostgresLogin:
                 elif time.monotonic() >= self.lease.renew_at():
                     await self._renew_or_replace()
                 failures = 0
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # noqa: BLE001 - Vault away: try again before expiry
                 failures += 1
                 delay = RENEWAL_RETRY.delay(failures - 1)
