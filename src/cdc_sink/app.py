@@ -203,11 +203,10 @@ class SinkApp:
         """Start both listeners (probes and metrics; the control API), each stopped when the
         stack closes, and follow the resume requests other pods record."""
         api = config.api
-        limits = {"max_body_bytes": api.max_body_bytes, "max_header_bytes": api.max_header_bytes}
-        probes_app = new_app("cdc-sink probes", **limits)
+        probes_app = new_app("cdc-sink probes", api)
         probes_app.include_router(probe_routes(self.metrics, self.worker.readiness))
         resumes = ResumeRequests()
-        control = new_app("cdc-sink control API", **limits)
+        control = new_app("cdc-sink control API", api)
         control.include_router(dlq_routes(api_pool, dlq, self.worker.resume, resumes, auth))
         control.include_router(reconciliation_routes(recon, auth))
         control.include_router(
