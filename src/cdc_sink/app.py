@@ -39,7 +39,7 @@ from cdc_sink.ops.logs import get_logger
 from cdc_sink.ops.metrics import push_fatal_exit
 from cdc_sink.ops.migrate import migrate, pending
 from cdc_sink.ops.pools import BoundedPool, open_pool
-from cdc_sink.ops.secrets import Lease, postgres_unreachable, secrets_for
+from cdc_sink.ops.secrets import postgres_unreachable, secrets_for
 from cdc_sink.ops.tracing import tracing, tracing_instance
 from cdc_sink.schema import cassandra
 from cdc_sink.schema.catalog import CassandraSystemSchema, Catalog
@@ -124,7 +124,13 @@ class SinkApp:
         )
         worker_pool = await pool(pg.pool_size, "cdc-sink")
         writer_pool = await pool(1, "cdc-sink")
-        login.observe(self._lease_metrics)
+        # Read at each scrape: they follow every renewal and new user (0 without a lease).
+        self.metrics.postgres_login_expiry.set_function(
+            lambda: login.lease.expires_at_unix() if login.lease else 0.0
+        )
+        self.metrics.postgres_login_lease.set_function(
+            lambda: login.lease.duration_s if login.lease else 0.0
+        )
         _background(stack, login.keep_valid())
         await self._check_migrations(worker_pool)
 
@@ -172,7 +178,7 @@ class SinkApp:
             erasure_suppressed=self.metrics.erasure_suppressed,
         )
         if config.http.enabled:
-            await self._serve(stack, config, auth, api_pool, worker_pool, dlq, recon)
+            await self._serve(stack, config, auth, api_pool, worker_pool, dlq, self.decoder, recon)
         _background(stack, housekeeping(worker_pool, catalog, config, self.metrics))
         try:
             await dlq.start()
@@ -191,17 +197,17 @@ class SinkApp:
         api_pool: BoundedPool,
         worker_pool: asyncpg.Pool,
         dlq: DlqProducer,
+        decoder: Decoder,
         recon: ReconciliationRuntime,
     ) -> None:
         """Start both listeners (probes and metrics; the control API), each stopped when the
         stack closes, and follow the resume requests other pods record."""
         api = config.api
-        limits = {"max_body_bytes": api.max_body_bytes, "max_header_bytes": api.max_header_bytes}
-        probes_app = new_app("cdc-sink probes", **limits)
+        probes_app = new_app("cdc-sink probes", api)
         probes_app.include_router(probe_routes(self.metrics, self.worker.readiness))
         resumes = ResumeRequests()
-        control = new_app("cdc-sink control API", **limits)
-        control.include_router(dlq_routes(api_pool, lambda: dlq, self.worker.resume, resumes, auth))
+        control = new_app("cdc-sink control API", api)
+        control.include_router(dlq_routes(api_pool, dlq, self.worker.resume, resumes, auth))
         control.include_router(reconciliation_routes(recon, auth))
         control.include_router(
             gdpr_routes(
@@ -209,7 +215,7 @@ class SinkApp:
                 auth,
                 config.postgres.schema,
                 config.gdpr.hash_key,
-                lambda: self.decoder,
+                decoder,
                 mismatch_key,
             )
         )
@@ -253,10 +259,6 @@ class SinkApp:
                     "migrate` or set CDC_SINK__MIGRATE_ON_START=true",
                     stage="migrate",
                 )
-
-    def _lease_metrics(self, lease: Lease) -> None:
-        self.metrics.postgres_login_expiry.set(lease.expires_at_unix())
-        self.metrics.postgres_login_lease.set(lease.duration_s)
 
     async def _report_fatal(self, exc: Exception) -> None:
         stage = getattr(exc, "stage", None) or "unexpected"

@@ -246,7 +246,7 @@ async def test_http_routes(stack: Endpoints, setup: Setup) -> None:
         list(setup.rows[5].key.values()),
     )
     runtime = await runtime_for(env_for(stack, setup, pushgateway__url=""), "http-pod")
-    app = new_app("reconciliation", max_body_bytes=1_048_576)
+    app = new_app("reconciliation", ApiConfig(max_body_bytes=1_048_576))
     app.include_router(reconciliation_routes(runtime, Authenticator(ApiConfig(), None)))
     server = Listener(app, name="api")
     await server.start("127.0.0.1", 0, "CDC_API__PORT")

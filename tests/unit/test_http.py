@@ -121,7 +121,7 @@ def app_for(metrics: Metrics, readiness: dict[str, Any]) -> Any:
     async def missing(job_id: str) -> None:
         raise ApiError(404, f"no job {job_id}")
 
-    app = new_app("test", max_body_bytes=MAX_BODY)
+    app = new_app("test", ApiConfig(max_body_bytes=MAX_BODY, request_timeout_s=0.5))
     app.include_router(probe_routes(metrics, ready))
     app.include_router(router)
     return app
@@ -310,8 +310,9 @@ async def test_malformed_request_is_400(served: Served, raw: bytes) -> None:
 async def test_a_head_over_the_limit_is_refused() -> None:
     """Headers larger than max_header_bytes are refused with 431, whether the head arrives
     at once or in pieces (then h11 stops reading it past the limit and answers 400)."""
-    app = new_app("test", max_body_bytes=MAX_BODY, max_header_bytes=4096)
-    listener = Listener(app, name="test", limits=ApiConfig(max_header_bytes=4096))
+    limits = ApiConfig(max_body_bytes=MAX_BODY, max_header_bytes=4096)
+    app = new_app("test", limits)
+    listener = Listener(app, name="test", limits=limits)
     await listener.start(HOST, 0, "CDC_TEST__PORT")
     try:
         raw = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n"
@@ -418,7 +419,7 @@ async def test_a_client_that_does_not_read_its_answer_is_let_go() -> None:
     async def large() -> StreamingResponse:
         return StreamingResponse(parts())
 
-    app = new_app("test", max_body_bytes=MAX_BODY)
+    app = new_app("test", ApiConfig(max_body_bytes=MAX_BODY))
     app.include_router(router)
     listener = Listener(app, name="test", limits=ApiConfig(request_timeout_s=0.5))
     await listener.start(HOST, 0, "CDC_TEST__PORT")
@@ -478,7 +479,7 @@ async def test_stop_closes_idle_connections_and_ends_busy_ones() -> None:
             cancelled.set()
             raise
 
-    app = new_app("test", max_body_bytes=MAX_BODY)
+    app = new_app("test", ApiConfig(max_body_bytes=MAX_BODY))
     app.include_router(router)
     listener = Listener(app, name="test", grace_s=1)
     await listener.start(HOST, 0, "CDC_TEST__PORT")

@@ -88,7 +88,7 @@ class DlqFilter:
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> DlqFilter:
         """Build from JSON or query parameters; raise ValueError naming a bad field."""
-        unknown = set(raw) - {"ids", "status", "topic", "error_class", "stage", "since"}
+        unknown = set(raw) - FILTER_FIELDS
         if unknown:
             raise ValueError(f"unknown filter field(s): {', '.join(sorted(unknown))}")
         ids = raw.get("ids") or ()
@@ -109,6 +109,9 @@ class DlqFilter:
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid filter: {exc}") from None
+
+
+FILTER_FIELDS = {field.name for field in dataclasses.fields(DlqFilter)}
 
 
 async def list_dead_letters(
@@ -211,14 +214,7 @@ class FilterBody(BaseModel):
     since: dt.datetime | None = None
 
     def dlq_filter(self) -> DlqFilter:
-        return DlqFilter(
-            ids=tuple(self.ids),
-            status=self.status,
-            topic=self.topic,
-            error_class=self.error_class,
-            stage=self.stage,
-            since=self.since,
-        )
+        return DlqFilter(**{**self.model_dump(include=FILTER_FIELDS), "ids": tuple(self.ids)})
 
 
 class ListQuery(FilterBody):
@@ -254,7 +250,7 @@ class ResumeBody(BaseModel):
 
 def dlq_routes(
     pool: BoundedPool,
-    producer: Callable[[], DlqProducer | None],
+    producer: DlqProducer,
     resume: Resume,
     resume_requests: ResumeRequests,
     auth: Authenticator,
@@ -294,12 +290,9 @@ def dlq_routes(
             where = (body.filter or FilterBody()).dlq_filter()
         if where.is_empty and not body.all:
             raise ApiError(400, 'say which records: "ids", "filter", or "all": true')
-        kafka = producer()
-        if kafka is None:
-            raise ApiError(503, "the worker is not connected to Kafka yet")
         try:
             async with pool.acquire() as conn:
-                replayed = await replay_dead_letters(conn, kafka, where, actor=caller.subject)
+                replayed = await replay_dead_letters(conn, producer, where, actor=caller.subject)
         except SinkError as exc:
             raise ApiError(503, f"replay failed, nothing marked: {exc}") from None
         return json_response({"replayed": replayed})

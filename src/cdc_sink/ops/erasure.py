@@ -335,7 +335,7 @@ def gdpr_routes(
     auth: Authenticator,
     pg_schema: str,
     hash_key: Secret | None,
-    decoder: Callable[[], Decoder | None],
+    decoder: Decoder,
     mismatch_key: MismatchKey | None = None,
 ) -> APIRouter:
     """POST /gdpr/erasures (cdc:erase; 201 with the erasure's record, audited) and
@@ -348,9 +348,6 @@ def gdpr_routes(
     async def request_erasure(body: ErasureBody, caller: Principal = eraser) -> Response:
         if hash_key is None:
             raise ApiError(503, "erasure needs CDC_GDPR__HASH_KEY (or CDC_VAULT__GDPR_HASH_KEY)")
-        records = decoder()
-        if records is None:
-            raise ApiError(503, "the worker is not ready to read dead letters yet")
         try:
             async with pool.acquire() as conn:
                 done = await erase(
@@ -359,7 +356,7 @@ def gdpr_routes(
                     body.table,
                     body.key,
                     hash_key=hash_key,
-                    decoder=records,
+                    decoder=decoder,
                     actor=caller.subject,
                     mismatch_key=mismatch_key,
                 )

@@ -51,13 +51,9 @@ log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-class ApiError(Exception):
-    """Raised by a route to answer `status` with `{"error": message}`."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = dict(headers or {})
+class ApiError(HTTPException):
+    """`ApiError(status, message, headers)`, raised by a route: the answer is `status` with
+    `{"error": message}`."""
 
 
 def whole(name: str, low: int = 1, high: int = BIGINT_MAX) -> BeforeValidator:
@@ -129,17 +125,15 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def new_app(title: str, *, max_body_bytes: int, max_header_bytes: int = 65_536) -> FastAPI:
+def new_app(title: str, limits: ApiConfig | None = None) -> FastAPI:
     """An application whose errors all answer `{"error": …}`; OpenAPI at /openapi.json and
-    docs at /docs. A body over `max_body_bytes` is answered 413, headers over
-    `max_header_bytes` 431, a route that fails unforeseen 500. Each request gets a request
-    id (the client's X-Request-ID if it is a plain token, else a new one), bound to every log
+    docs at /docs. Of `limits` (ApiConfig's defaults if None): a body over `max_body_bytes` is
+    answered 413, headers over `max_header_bytes` 431, a body not arrived `request_timeout_s`
+    after the head 408 (and the connection closed: a client that sends slowly or not at all
+    is let go). A route that fails unforeseen is answered 500. Each request gets a request id
+    (the client's X-Request-ID if it is a plain token, else a new one), bound to every log
     line written for it and sent back."""
     app = FastAPI(title=title, redoc_url=None)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, str(exc), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> Response:
@@ -158,38 +152,46 @@ def new_app(title: str, *, max_body_bytes: int, max_header_bytes: int = 65_536) 
     async def unavailable(_: Request, exc: TransientError) -> Response:
         return error_response(503, str(exc), {"Retry-After": "1"})
 
-    app.add_middleware(
-        _RequestGuard, max_body_bytes=max_body_bytes, max_header_bytes=max_header_bytes
-    )
+    app.add_middleware(_RequestGuard, limits=limits or ApiConfig())
     return app
 
 
 class _RequestGuard:
     """ASGI middleware: the request id (bound to the log context, sent back as X-Request-ID),
     the header and body caps (413 before reading when Content-Length says too much, and as
-    soon as a chunked body passes the cap), and the 500 answer of an unforeseen failure."""
+    soon as a chunked body passes the cap), the body's deadline, and the 500 answer of an
+    unforeseen failure."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_header_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, limits: ApiConfig) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.max_header_bytes = max_header_bytes
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limits = self.limits
         headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get(b"x-request-id", "")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        too_large = f"body larger than {self.max_body_bytes} bytes"
+        too_large = f"body larger than {limits.max_body_bytes} bytes"
+        deadline = asyncio.get_running_loop().time() + limits.request_timeout_s
         received = 0
-        started = False
+        body_complete = started = False
 
         async def capped_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_complete
+            if body_complete:  # later reads wait for the client to go away: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                late = "request not received in time"
+                raise HTTPException(408, late, {"Connection": "close"}) from None
+            body_complete = not message.get("more_body", False)
             received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
+            if received > limits.max_body_bytes:
                 raise HTTPException(413, too_large)
             return message
 
@@ -205,10 +207,12 @@ class _RequestGuard:
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             refusal = None
-            if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
-                refusal = error_response(431, f"headers larger than {self.max_header_bytes} bytes")
+            if sum(len(k) + len(v) for k, v in scope["headers"]) > limits.max_header_bytes:
+                refusal = error_response(
+                    431, f"headers larger than {limits.max_header_bytes} bytes"
+                )
             length = headers.get(b"content-length", "0")
-            if length.isdigit() and int(length) > self.max_body_bytes:
+            if length.isdigit() and int(length) > limits.max_body_bytes:
                 refusal = error_response(413, too_large)
             try:
                 await (refusal or self.app)(scope, capped_receive, send_with_id)
@@ -253,9 +257,10 @@ class Listener:
     signal handlers of its own: the worker's graceful shutdown stops it).
 
     Of `limits` (ApiConfig's defaults if None): `max_connections` more at once are answered
-    503; a request's head and body must arrive within `request_timeout_s` (else the connection
-    is closed); an idle keep-alive connection is closed after `keep_alive_s`; a head over
-    `max_header_bytes` is refused. `stop` gives requests in flight `grace_s` to finish."""
+    503; a request's head must arrive within `request_timeout_s` (else the connection is
+    closed; new_app gives its body as long); an idle keep-alive connection is closed after
+    `keep_alive_s`; a head over `max_header_bytes` is refused. `stop` gives requests in
+    flight `grace_s` to finish."""
 
     def __init__(
         self, app: ASGIApp, *, name: str, limits: ApiConfig | None = None, grace_s: int = 5
@@ -290,7 +295,7 @@ class Listener:
             ) from exc
         limits = self._limits
         config = uvicorn.Config(
-            _timed(self._app, limits.request_timeout_s),
+            self._app,
             http=_head_timed(limits.request_timeout_s),
             lifespan="off",
             log_config=None,
@@ -323,36 +328,6 @@ class Listener:
                 await self._ticks
         sockets = [self._socket] if self._socket is not None else None
         await server.shutdown(sockets=sockets)
-
-
-def _timed(app: ASGIApp, timeout_s: float) -> ASGIApp:
-    """`app` with a deadline on receiving the request: a client that sends its body slowly
-    or not at all is answered 408 and let go."""
-
-    async def timed(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        body_complete = False
-
-        async def receive_in_time() -> Message:
-            nonlocal body_complete
-            if body_complete:  # later reads wait for the client to go away: no deadline
-                return await receive()
-            left = deadline - asyncio.get_running_loop().time()
-            try:
-                async with asyncio.timeout(max(left, 0)):
-                    message = await receive()
-            except TimeoutError:
-                late = "request not received in time"
-                raise HTTPException(408, late, {"Connection": "close"}) from None
-            body_complete = not message.get("more_body", False)
-            return message
-
-        await app(scope, receive_in_time, send)
-
-    return timed
 
 
 def _head_timed(timeout_s: float) -> type[H11Protocol]:

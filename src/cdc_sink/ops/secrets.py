@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,8 +162,6 @@ class PostgresLogin:
 
     def __init__(self, config: Config, vault: Vault | None = None) -> None:
         self.postgres = config.postgres
-        self.dsn = config.postgres.dsn.reveal()
-        self.role = config.postgres.role
         self.ssl = postgres_tls(config.postgres)
         self.vault = vault
         self.user: str | None = None
@@ -171,24 +169,11 @@ class PostgresLogin:
         self.lease: Lease | None = None
         self.generation = 0  # goes up with each new user: connections of older ones are stale
         self._pools: list[asyncpg.Pool] = []
-        self._observers: list[Callable[[Lease], None]] = []
-
-    def observe(self, observer: Callable[[Lease], None]) -> None:
-        """Call `observer` with the lease now and whenever it is renewed or replaced."""
-        self._observers.append(observer)
-        if self.lease is not None:
-            observer(self.lease)
-
-    def _lease_changed(self) -> None:
-        assert self.lease is not None
-        for observer in self._observers:
-            observer(self.lease)
 
     async def lease_user(self) -> None:
         assert self.vault is not None
         self.user, self.password, self.lease = await self.vault.database_login()
         self.generation += 1
-        self._lease_changed()
 
     async def connect(self, *_: Any, **kwargs: Any) -> asyncpg.Connection:
         """asyncpg.connect with the current user and role; a pool's `connect=`."""
@@ -196,10 +181,10 @@ class PostgresLogin:
             kwargs.update(user=self.user, password=self.password.reveal())
         if self.ssl is not None:
             kwargs["ssl"] = self.ssl
-        conn = await asyncpg.connect(self.dsn, **kwargs)
-        if self.role:
+        conn = await asyncpg.connect(self.postgres.dsn.reveal(), **kwargs)
+        if self.postgres.role:
             try:
-                await conn.execute(f"SET ROLE {quote_ident(self.role)}")
+                await conn.execute(f"SET ROLE {quote_ident(self.postgres.role)}")
             except BaseException:
                 await conn.close()
                 raise
@@ -232,8 +217,6 @@ class PostgresLogin:
                 elif time.monotonic() >= self.lease.renew_at():
                     await self._renew_or_replace()
                 failures = 0
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # noqa: BLE001 - Vault away: try again before expiry
                 failures += 1
                 delay = RENEWAL_RETRY.delay(failures - 1)
@@ -251,7 +234,6 @@ class PostgresLogin:
         assert self.lease is not None
         if self.lease.renewable:
             granted = await self.vault.renew(self.lease)
-            self._lease_changed()
             if granted >= self.lease.duration_s:
                 log.info("postgres_lease_renewed", user=self.user, ttl_s=granted)
                 return
