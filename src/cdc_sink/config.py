@@ -227,13 +227,6 @@ def check_http_url(setting: str, url: str | None) -> None:
         raise ConfigError(f"{setting} must be an http(s)://host[:port][/path] URL, not {shown!r}")
 
 
-def plain_http_beyond_loopback(url: str) -> bool:
-    """`url` is http:// (not https://) to a host other than localhost or a loopback address."""
-    parts = urlsplit(url)
-    # A name other than localhost may resolve anywhere: beyond loopback.
-    return parts.scheme == "http" and not is_loopback(parts.hostname or "")
-
-
 PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
@@ -505,7 +498,10 @@ class VaultConfig:
     def validate(self) -> None:
         check_http_url("CDC_VAULT__ADDR", self.addr)
         check_files("CDC_VAULT", self, "ssl_cafile")
-        if self.addr and not self.allow_plain_http and plain_http_beyond_loopback(self.addr):
+        parts = urlsplit(self.addr or "")
+        # A name other than localhost may resolve anywhere: beyond loopback.
+        plain = parts.scheme == "http" and not is_loopback(parts.hostname or "")
+        if plain and not self.allow_plain_http:
             raise ConfigError(
                 "CDC_VAULT__ADDR is http:// to a host beyond loopback: tokens and secrets would "
                 "travel in clear; use https://, or set CDC_VAULT__ALLOW_PLAIN_HTTP=true"
