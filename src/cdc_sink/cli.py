@@ -122,26 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not getattr(args, "configured", True):
         return int(args.handler(args))
-    from cdc_sink.app import load_settings
-
-    try:
-        config = load_settings(file=args.config)
-    except ConfigError as exc:
-        print(f"cdc-sink: configuration error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(
-        config.log.level, json=config.log.json, repeat_window_s=config.log.repeat_window_seconds
-    )
-    return _command(config, args)
-
-
-def _command(config: Config, args: argparse.Namespace) -> int:
     import uvloop
+
+    from cdc_sink.app import load_settings
 
     with command_request_id():  # in the log lines and the audit rows of this command
         try:
+            config = load_settings(file=args.config)
+            configure_logging(
+                config.log.level,
+                json=config.log.json,
+                repeat_window_s=config.log.repeat_window_seconds,
+            )
             return int(uvloop.run(args.handler(config, args)))
-        except ConfigError as exc:  # a file a setting names proved unusable (a CA bundle, a key)
+        except ConfigError as exc:  # a setting, or a file one names (a CA bundle), is unusable
             print(f"cdc-sink: configuration error: {exc}", file=sys.stderr)
             return 2
         except SinkError as exc:  # fatal, or transient past its retries
