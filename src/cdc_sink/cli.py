@@ -48,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="TOML settings file (default: $CDC_CONFIG_FILE, if set)"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    version = commands.add_parser("version", help="print the version of cdc-sink and its runtime")
-    version.set_defaults(handler=_version, configured=False)
+    commands.add_parser("version", help="print the version of cdc-sink and its runtime")
     run = commands.add_parser(
         "run", help="consume as a consumer-group member and apply events until stopped"
     )
@@ -120,8 +119,8 @@ def _add_gdpr_commands(commands: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse argv, run the chosen command and return the process exit code."""
     args = build_parser().parse_args(argv)
-    if not getattr(args, "configured", True):
-        return int(args.handler(args))
+    if args.command == "version":  # the one command that reads no settings
+        return _version()
     import uvloop
 
     from cdc_sink.app import load_settings
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
 
-def _version(args: argparse.Namespace) -> int:
+def _version() -> int:
     print(f"cdc-sink {__version__} (Python {platform.python_version()}, {sys.platform})")
     return 0
 
