@@ -70,7 +70,6 @@ class SinkApp:
         self.probes: Listener | None = None  # /health, /ready, /metrics
         self.registry: ConfluentRegistry | None = None
         self.decoder: Decoder | None = None
-        self.consumer: AIOKafkaConsumer | None = None
 
     @property
     def applied_events(self) -> int:
@@ -89,19 +88,18 @@ class SinkApp:
         this exit before it is raised: the process leaves next, before any scrape."""
         try:
             async with contextlib.AsyncExitStack() as stack:
-                await self._open(stack)
-                assert self.consumer is not None
-                await self.worker.consume(self.consumer)
+                await self.worker.consume(await self._open(stack))
             return 0
         except Exception as exc:
             await self._report_fatal(exc)
             raise
 
-    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
-        """Open every resource, each one's closing pushed on `stack` as soon as it is open
-        (the stack closes them in reverse: the Kafka consumer, reconciliation, the DLQ producer,
-        housekeeping, HTTP, the writer, registry, Cassandra, the Vault lease's renewal, pools,
-        the login, and last the tracer, which flushes the spans of all that)."""
+    async def _open(self, stack: contextlib.AsyncExitStack) -> AIOKafkaConsumer:
+        """Open every resource, each one's closing pushed on `stack` as soon as it is open, and
+        return the group's consumer, opened last (the stack closes them in reverse: the Kafka
+        consumer, reconciliation, the DLQ producer, housekeeping, HTTP, the writer, registry,
+        Cassandra, the Vault lease's renewal, pools, the login, and last the tracer, which
+        flushes the spans of all that)."""
         stack.enter_context(tracing(self.config.tracing, tracing_instance()))
         config, login = await stack.enter_async_context(secrets_for(self.config))
         masking = masking_policy(config.masking)  # a malformed rule stops the start here
@@ -187,7 +185,7 @@ class SinkApp:
         stack.push_async_callback(stop_client, "dlq_producer", dlq.stop)
         recon.start()  # the reconciliation scheduler, if CDC_RECONCILIATION__ENABLED
         stack.push_async_callback(recon.close)
-        self.consumer = await _open_consumer(stack, config.kafka)
+        return await _open_consumer(stack, config.kafka)
 
     async def _serve(
         self,

@@ -48,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="TOML settings file (default: $CDC_CONFIG_FILE, if set)"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    version = commands.add_parser("version", help="print the version of cdc-sink and its runtime")
-    version.set_defaults(handler=_version, configured=False)
+    commands.add_parser("version", help="print the version of cdc-sink and its runtime")
     run = commands.add_parser(
         "run", help="consume as a consumer-group member and apply events until stopped"
     )
@@ -120,28 +119,22 @@ def _add_gdpr_commands(commands: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse argv, run the chosen command and return the process exit code."""
     args = build_parser().parse_args(argv)
-    if not getattr(args, "configured", True):
-        return int(args.handler(args))
-    from cdc_sink.app import load_settings
-
-    try:
-        config = load_settings(file=args.config)
-    except ConfigError as exc:
-        print(f"cdc-sink: configuration error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(
-        config.log.level, json=config.log.json, repeat_window_s=config.log.repeat_window_seconds
-    )
-    return _command(config, args)
-
-
-def _command(config: Config, args: argparse.Namespace) -> int:
+    if args.command == "version":  # the one command that reads no settings
+        return _version()
     import uvloop
+
+    from cdc_sink.app import load_settings
 
     with command_request_id():  # in the log lines and the audit rows of this command
         try:
+            config = load_settings(file=args.config)
+            configure_logging(
+                config.log.level,
+                json=config.log.json,
+                repeat_window_s=config.log.repeat_window_seconds,
+            )
             return int(uvloop.run(args.handler(config, args)))
-        except ConfigError as exc:  # a file a setting names proved unusable (a CA bundle, a key)
+        except ConfigError as exc:  # a setting, or a file one names (a CA bundle), is unusable
             print(f"cdc-sink: configuration error: {exc}", file=sys.stderr)
             return 2
         except SinkError as exc:  # fatal, or transient past its retries
@@ -150,7 +143,7 @@ def _command(config: Config, args: argparse.Namespace) -> int:
             return 1
 
 
-def _version(args: argparse.Namespace) -> int:
+def _version() -> int:
     print(f"cdc-sink {__version__} (Python {platform.python_version()}, {sys.platform})")
     return 0
 

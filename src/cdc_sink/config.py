@@ -124,8 +124,7 @@ class KafkaConfig:
             raise ConfigError(
                 "CDC_KAFKA__FETCH_MIN_BYTES must be between 1 and CDC_KAFKA__FETCH_MAX_BYTES"
             )
-        if not 0 <= self.fetch_max_wait_ms <= 10_000:
-            raise ConfigError("CDC_KAFKA__FETCH_MAX_WAIT_MS must be between 0 and 10000")
+        check_range("CDC_KAFKA__FETCH_MAX_WAIT_MS", self.fetch_max_wait_ms, 0, 10_000)
         if not 1024 <= self.max_partition_fetch_bytes <= self.fetch_max_bytes:
             raise ConfigError(
                 "CDC_KAFKA__MAX_PARTITION_FETCH_BYTES must be between 1024 and "
@@ -173,6 +172,20 @@ def check_client_certificate(section: str, certfile: str | None, keyfile: str | 
         raise ConfigError(f"{section}__SSL_CERTFILE and {section}__SSL_KEYFILE go together")
 
 
+def check_range(setting: str, value: float, low: int, high: int | None = None) -> None:
+    """ConfigError unless low <= value (<= high, if given); the message states the bounds."""
+    if high is None and not value >= low:
+        raise ConfigError(f"{setting} must be >= {low}")
+    if high is not None and not low <= value <= high:
+        raise ConfigError(f"{setting} must be between {low} and {high}")
+
+
+def check_positive(setting: str, value: float, high: int | None = None) -> None:
+    """ConfigError unless 0 < value (<= high, if given); the message states the bounds."""
+    if not (value > 0 and (high is None or value <= high)):
+        raise ConfigError(f"{setting} must be > 0" + (f" and <= {high}" if high else ""))
+
+
 @dataclass(frozen=True)
 class SchemaRegistryConfig:
     url: str | None = None  # basic auth may also be given as https://user:secret@host
@@ -194,10 +207,8 @@ class SchemaRegistryConfig:
                 "too: give the credentials in one place"
             )
         check_files("CDC_SCHEMA_REGISTRY", self, "ssl_cafile")
-        if not self.timeout_s > 0:
-            raise ConfigError("CDC_SCHEMA_REGISTRY__TIMEOUT_S must be > 0")
-        if self.max_unknown_ids < 1:
-            raise ConfigError("CDC_SCHEMA_REGISTRY__MAX_UNKNOWN_IDS must be >= 1")
+        check_positive("CDC_SCHEMA_REGISTRY__TIMEOUT_S", self.timeout_s)
+        check_range("CDC_SCHEMA_REGISTRY__MAX_UNKNOWN_IDS", self.max_unknown_ids, 1)
 
 
 def check_http_url(setting: str, url: str | None) -> None:
@@ -214,13 +225,6 @@ def check_http_url(setting: str, url: str | None) -> None:
         _, at, host = parts.netloc.rpartition("@")
         shown = url.replace(parts.netloc, f"***@{host}", 1) if at else url
         raise ConfigError(f"{setting} must be an http(s)://host[:port][/path] URL, not {shown!r}")
-
-
-def plain_http_beyond_loopback(url: str) -> bool:
-    """`url` is http:// (not https://) to a host other than localhost or a loopback address."""
-    parts = urlsplit(url)
-    # A name other than localhost may resolve anywhere: beyond loopback.
-    return parts.scheme == "http" and not is_loopback(parts.hostname or "")
 
 
 PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -266,13 +270,10 @@ class PostgresConfig:
         self._validate_tls(query)
         if not self.schema or len(self.schema.encode()) > 63:
             raise ConfigError("CDC_POSTGRES__SCHEMA must be 1 to 63 bytes")
-        if not self.connect_timeout_s > 0:
-            raise ConfigError("CDC_POSTGRES__CONNECT_TIMEOUT_S must be > 0")
+        check_positive("CDC_POSTGRES__CONNECT_TIMEOUT_S", self.connect_timeout_s)
         for name, low in (("pool_size", 1), ("api_pool_size", 1), ("reconciliation_pool_size", 2)):
-            if not low <= getattr(self, name) <= 100:
-                raise ConfigError(f"CDC_POSTGRES__{name.upper()} must be between {low} and 100")
-        if not self.api_acquire_timeout_s > 0:
-            raise ConfigError("CDC_POSTGRES__API_ACQUIRE_TIMEOUT_S must be > 0")
+            check_range(f"CDC_POSTGRES__{name.upper()}", getattr(self, name), low, 100)
+        check_positive("CDC_POSTGRES__API_ACQUIRE_TIMEOUT_S", self.api_acquire_timeout_s)
 
     def _validate_tls(self, query: dict[str, list[str]]) -> None:
         if self.sslmode is not None and self.sslmode not in PG_SSLMODES:
@@ -308,28 +309,23 @@ class SinkConfig:
     shutdown_timeout_seconds: float = 30.0
 
     def validate(self) -> None:
-        if not 1 <= self.batch_size <= 100_000:
-            raise ConfigError("CDC_SINK__BATCH_SIZE must be between 1 and 100000")
-        if self.linger_ms < 0:
-            raise ConfigError("CDC_SINK__LINGER_MS must be >= 0")
+        check_range("CDC_SINK__BATCH_SIZE", self.batch_size, 1, 100_000)
+        check_range("CDC_SINK__LINGER_MS", self.linger_ms, 0)
         if "{table}" not in self.table_name_format:
             raise ConfigError("CDC_SINK__TABLE_NAME_FORMAT must contain {table}")
         try:
             self.table_name_format.format(table="t", keyspace="k")
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(f"CDC_SINK__TABLE_NAME_FORMAT: {exc!r}") from None
-        if self.tombstone_grace_seconds < 0:
-            raise ConfigError("CDC_SINK__TOMBSTONE_GRACE_SECONDS must be >= 0")
-        if self.retry_attempts < 1:
-            raise ConfigError("CDC_SINK__RETRY_ATTEMPTS must be >= 1")
+        check_range("CDC_SINK__TOMBSTONE_GRACE_SECONDS", self.tombstone_grace_seconds, 0)
+        check_range("CDC_SINK__RETRY_ATTEMPTS", self.retry_attempts, 1)
         if not 0 < self.retry_base_seconds <= self.retry_max_seconds:
             raise ConfigError(
                 "CDC_SINK__RETRY_BASE_SECONDS must be > 0 and <= CDC_SINK__RETRY_MAX_SECONDS"
             )
         if self.shutdown_timeout_seconds <= 0:
             raise ConfigError("CDC_SINK__SHUTDOWN_TIMEOUT_SECONDS must be > 0")
-        if not self.expiry_interval_seconds > 0:
-            raise ConfigError("CDC_SINK__EXPIRY_INTERVAL_SECONDS must be > 0")
+        check_positive("CDC_SINK__EXPIRY_INTERVAL_SECONDS", self.expiry_interval_seconds)
 
 
 @dataclass(frozen=True)
@@ -347,16 +343,13 @@ class DlqConfig:
             raise ConfigError(
                 "CDC_DLQ__TOPIC must be a Kafka topic name: 1 to 249 of A-Z a-z 0-9 . _ -"
             )
-        if self.topic_partitions < 1:
-            raise ConfigError("CDC_DLQ__TOPIC_PARTITIONS must be >= 1")
+        check_range("CDC_DLQ__TOPIC_PARTITIONS", self.topic_partitions, 1)
         if self.topic_replication_factor < 0:
             raise ConfigError("CDC_DLQ__TOPIC_REPLICATION_FACTOR must be >= 1, or 0 (automatic)")
         if not self.max_share >= 0:
             raise ConfigError("CDC_DLQ__MAX_SHARE must be >= 0 (1 or more: no limit)")
-        if self.window_records < 1:
-            raise ConfigError("CDC_DLQ__WINDOW_RECORDS must be >= 1")
-        if not 0 < self.resume_poll_seconds <= 3600:
-            raise ConfigError("CDC_DLQ__RESUME_POLL_SECONDS must be > 0 and <= 3600")
+        check_range("CDC_DLQ__WINDOW_RECORDS", self.window_records, 1)
+        check_positive("CDC_DLQ__RESUME_POLL_SECONDS", self.resume_poll_seconds, 3600)
 
 
 @dataclass(frozen=True)
@@ -418,18 +411,15 @@ class ApiConfig:
             raise ConfigError("CDC_API__JWKS_URL and CDC_API__JWKS_FILE exclude each other")
         if self.jwt_secret is not None and len(self.jwt_secret.reveal().encode()) < 32:
             raise ConfigError("CDC_API__JWT_SECRET must be at least 32 bytes (HS256)")
-        if not 0 <= self.jwt_leeway_s <= 300:
-            raise ConfigError("CDC_API__JWT_LEEWAY_S must be between 0 and 300")
+        check_range("CDC_API__JWT_LEEWAY_S", self.jwt_leeway_s, 0, 300)
         for name, low in (
             ("max_connections", 1),
             ("max_body_bytes", 1),
             ("max_header_bytes", 1024),
         ):
-            if getattr(self, name) < low:
-                raise ConfigError(f"CDC_API__{name.upper()} must be >= {low}")
+            check_range(f"CDC_API__{name.upper()}", getattr(self, name), low)
         for name in ("keep_alive_s", "request_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"CDC_API__{name.upper()} must be > 0")
+            check_positive(f"CDC_API__{name.upper()}", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -448,12 +438,9 @@ class GdprConfig:
         if self.hash_key is not None and len(self.hash_key.reveal().encode()) < 32:
             raise ConfigError("CDC_GDPR__HASH_KEY must be at least 32 bytes")
         for name in ("dlq_retention_days", "mismatch_retention_days", "audit_retention_days"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"CDC_GDPR__{name.upper()} must be > 0")
-        if not self.retention_interval_seconds > 0:
-            raise ConfigError("CDC_GDPR__RETENTION_INTERVAL_SECONDS must be > 0")
-        if not 1 <= self.retention_batch_rows <= 100_000:
-            raise ConfigError("CDC_GDPR__RETENTION_BATCH_ROWS must be between 1 and 100000")
+            check_positive(f"CDC_GDPR__{name.upper()}", getattr(self, name))
+        check_positive("CDC_GDPR__RETENTION_INTERVAL_SECONDS", self.retention_interval_seconds)
+        check_range("CDC_GDPR__RETENTION_BATCH_ROWS", self.retention_batch_rows, 1, 100_000)
 
 
 @dataclass(frozen=True)
@@ -471,8 +458,7 @@ class CassandraConfig:
     ssl_keyfile: str | None = None
 
     def validate(self) -> None:
-        if not 1 <= self.port <= 65_535:
-            raise ConfigError("CDC_CASSANDRA__PORT must be between 1 and 65535")
+        check_range("CDC_CASSANDRA__PORT", self.port, 1, 65_535)
         if bool(self.username) != bool(self.password):
             raise ConfigError("CDC_CASSANDRA__USERNAME and CDC_CASSANDRA__PASSWORD go together")
         check_client_certificate("CDC_CASSANDRA", self.ssl_certfile, self.ssl_keyfile)
@@ -512,13 +498,15 @@ class VaultConfig:
     def validate(self) -> None:
         check_http_url("CDC_VAULT__ADDR", self.addr)
         check_files("CDC_VAULT", self, "ssl_cafile")
-        if self.addr and not self.allow_plain_http and plain_http_beyond_loopback(self.addr):
+        parts = urlsplit(self.addr or "")
+        # A name other than localhost may resolve anywhere: beyond loopback.
+        plain = parts.scheme == "http" and not is_loopback(parts.hostname or "")
+        if plain and not self.allow_plain_http:
             raise ConfigError(
                 "CDC_VAULT__ADDR is http:// to a host beyond loopback: tokens and secrets would "
                 "travel in clear; use https://, or set CDC_VAULT__ALLOW_PLAIN_HTTP=true"
             )
-        if not 0 < self.timeout_seconds <= 300:
-            raise ConfigError("CDC_VAULT__TIMEOUT_SECONDS must be > 0 and <= 300")
+        check_positive("CDC_VAULT__TIMEOUT_SECONDS", self.timeout_seconds, 300)
         if bool(self.role_id) != bool(self.secret_id):
             raise ConfigError("CDC_VAULT__ROLE_ID and CDC_VAULT__SECRET_ID go together (AppRole)")
         used = self.used()
@@ -565,12 +553,10 @@ class TracingConfig:
 
     def validate(self) -> None:
         check_http_url("CDC_TRACING__ENDPOINT", self.endpoint)
-        if not 0.0 <= self.sample_ratio <= 1.0:
-            raise ConfigError("CDC_TRACING__SAMPLE_RATIO must be between 0 and 1")
+        check_range("CDC_TRACING__SAMPLE_RATIO", self.sample_ratio, 0, 1)
         if not self.service_name.strip():
             raise ConfigError("CDC_TRACING__SERVICE_NAME must not be empty")
-        if not 0 < self.export_timeout_seconds <= 300:
-            raise ConfigError("CDC_TRACING__EXPORT_TIMEOUT_SECONDS must be > 0 and <= 300")
+        check_positive("CDC_TRACING__EXPORT_TIMEOUT_SECONDS", self.export_timeout_seconds, 300)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
@@ -585,8 +571,7 @@ class LogConfig:
     def __post_init__(self) -> None:
         if self.level.lower() not in LOG_LEVELS:
             raise ConfigError(f"CDC_LOG__LEVEL must be one of {', '.join(LOG_LEVELS)}")
-        if not 0 <= self.repeat_window_seconds <= 86_400:
-            raise ConfigError("CDC_LOG__REPEAT_WINDOW_SECONDS must be between 0 and 86400")
+        check_range("CDC_LOG__REPEAT_WINDOW_SECONDS", self.repeat_window_seconds, 0, 86_400)
 
 
 @dataclass(frozen=True)

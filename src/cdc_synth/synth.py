@@ -437,30 +437,24 @@ class Generator:
 
     def _value(self, table: str, column: str) -> Any:
         rng = self.rng
-        match (table, column):
-            case ("users", "email"):
-                return f"{rng.choice(_FIRST)}{rng.randint(1, 99999)}@{rng.choice(_DOMAINS)}"
-            case ("users", "name"):
-                return f"{rng.choice(_FIRST).title()} {rng.choice(_LAST).title()}"
-            case ("users", "balance"):
-                return self._money(0, 5_000)
-            case ("users", "tags"):
-                return self._tags()
-            case ("users", "prefs"):
-                return self._prefs()
-            case ("users", "last_ip"):
-                return self._ip()
-            case ("orders", "status"):
-                return rng.choice(_STATUSES)
-            case ("orders", "total"):
-                return self._money(5, 250)
-            case ("orders", "items"):
-                return [f"SKU-{rng.randint(10000, 99999)}" for _ in range(rng.randint(1, 5))]
-            case ("sessions", "duration_ms"):
-                return rng.randint(1_000, 3_600_000)
-            case ("sessions", "device"):
-                return rng.choice(_DEVICES)
-        raise AssertionError(f"no generator for {table}.{column}")
+        make: dict[tuple[str, str], Callable[[], Any]] = {
+            ("users", "email"): lambda: (
+                f"{rng.choice(_FIRST)}{rng.randint(1, 99999)}@{rng.choice(_DOMAINS)}"
+            ),
+            ("users", "name"): lambda: f"{rng.choice(_FIRST).title()} {rng.choice(_LAST).title()}",
+            ("users", "balance"): lambda: self._money(0, 5_000),
+            ("users", "tags"): self._tags,
+            ("users", "prefs"): self._prefs,
+            ("users", "last_ip"): self._ip,
+            ("orders", "status"): lambda: rng.choice(_STATUSES),
+            ("orders", "total"): lambda: self._money(5, 250),
+            ("orders", "items"): lambda: [
+                f"SKU-{rng.randint(10000, 99999)}" for _ in range(rng.randint(1, 5))
+            ],
+            ("sessions", "duration_ms"): lambda: rng.randint(1_000, 3_600_000),
+            ("sessions", "device"): lambda: rng.choice(_DEVICES),
+        }
+        return make[table, column]()
 
     def _customer(self) -> uuid.UUID:
         if not self.user_ids:
