@@ -55,8 +55,6 @@ def compile_reader(parsed: Any) -> Reader:
     named = parsed.get("__named_schemas", {}) if isinstance(parsed, dict) else {}
     generator = _Generator(named if isinstance(named, dict) else {})
     generator.value(parsed, "v0", 3)
-    if len(generator.lines) > _MAX_LINES:
-        raise Unsupported(f"the reader would be {len(generator.lines)} lines long")
     params = ", ".join((*_HELPERS, *(f"k{n}" for n in range(len(generator.constants)))))
     source = "\n".join(
         [
@@ -126,16 +124,12 @@ def _union_branch(buf: bytes, pos: int, count: int) -> tuple[int, int]:
     if index < 0:
         index += count
     if not 0 <= index < count:
-        raise _bad_index("union", index)
+        raise IndexError(f"union index {index} out of range")
     return 2 * index, pos
 
 
 def _short(length: int) -> EOFError:
     return EOFError(f"expected {length} bytes, fewer are left")
-
-
-def _bad_index(kind: str, index: int) -> IndexError:
-    return IndexError(f"{kind} index {index} out of range")
 
 
 def _failure(exc: Exception) -> DecodeError:
@@ -144,13 +138,11 @@ def _failure(exc: Exception) -> DecodeError:
 
 # Fixed names the generated code calls: its only way to reach anything outside itself.
 _HELPERS: dict[str, Any] = {
-    "long_": _read_long,
     "mask_": _INT64,
     "block_": _read_block,
     "span_": _read_span,
     "union_": _union_branch,
     "short_": _short,
-    "bad_": _bad_index,
     "fail_": _failure,
     "error_": Exception,
     "f32_": struct.Struct("<f").unpack_from,
@@ -161,6 +153,8 @@ _HELPERS: dict[str, Any] = {
 }
 
 _PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+# Fewest bytes of a value; boolean, int, long, bytes, string, enum, array, map: one at least.
+_LEAST_SIZES: dict[object, int] = {"null": 0, "float": 4, "double": 8}
 
 
 class _Generator:
@@ -182,7 +176,7 @@ class _Generator:
         return f"{prefix}{self.count}"
 
     def emit(self, depth: int, text: str) -> None:
-        if len(self.lines) > _MAX_LINES:
+        if len(self.lines) >= _MAX_LINES:
             raise Unsupported(f"the reader would be over {_MAX_LINES} lines long")
         self.lines.append("    " * depth + text)
 
@@ -373,12 +367,6 @@ class _Generator:
                 return self.least_size(kind, seen)
         else:
             kind = schema
-        if kind in ("null",):
-            return 0
-        if kind == "float":
-            return 4
-        if kind == "double":
-            return 8
         if kind == "fixed":
             size = schema.get("size")
             return size if type(size) is int and size > 0 else 0
@@ -391,4 +379,4 @@ class _Generator:
             return sum(
                 self.least_size(f.get("type"), inner) if isinstance(f, dict) else 0 for f in fields
             )
-        return 1  # boolean, int, long, bytes, string, enum, array, map: one byte at least
+        return _LEAST_SIZES.get(kind, 1)

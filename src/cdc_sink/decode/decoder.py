@@ -23,6 +23,7 @@ import asyncio
 import io
 import json
 import struct
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +38,7 @@ from cdc_sink.decode.avro_codegen import DECIMAL_LOGICAL_TYPE, Reader, Unsupport
 from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 from cdc_sink.decode.registry import OnceCache, Refusals, SchemaRegistry
 from cdc_sink.errors import DecodeError
+from cdc_sink.model.events import RANGE_FIELDS
 from cdc_sink.model.scalars import decimal_from_bytes
 
 __all__ = ["ConnectSchema", "DecodedRecord", "Decoder", "avro_to_connect", "rename_redefined_types"]
@@ -44,8 +46,6 @@ __all__ = ["ConnectSchema", "DecodedRecord", "Decoder", "avro_to_connect", "rena
 ConnectSchema = dict[str, Any]
 """A Kafka Connect schema in JsonConverter's JSON form: type, optional, name, version,
 parameters, and fields (each with a "field" name) / items / keys / values."""
-
-RANGE_FIELDS = frozenset({"_range_start", "_range_end"})
 
 log = structlog.get_logger(__name__)
 
@@ -119,7 +119,7 @@ class Decoder:
         self._avro: OnceCache[int, _AvroWriter] = OnceCache()
         self._refused: Refusals[int] = Refusals(unknown_id_ttl, max_refused_ids)
         # Derived schemas of schemaful JSON: raw schema bytes and what they say, by their length.
-        self._json: dict[int, list[tuple[bytes, _Schemas]]] = {}
+        self._json: dict[int, deque[tuple[bytes, _Schemas]]] = {}
 
     async def decode(self, key: bytes | None, value: bytes | None) -> DecodedRecord:
         """Decode one record; DecodeError if it cannot be, TransientError if the registry is
@@ -145,13 +145,12 @@ class Decoder:
         """Look up at once, concurrently, the writer schemas of these keys and values (records
         about to be decoded) not known yet, so that their records do not each wait for the
         registry in turn. Never raises: decoding a record reports what went wrong for it."""
-        wanted = set()
-        for data in parts:
-            if isinstance(data, bytes) and len(data) >= 5 and data[0] == 0:
-                (schema_id,) = _SCHEMA_ID.unpack_from(data, 1)
-                if schema_id not in self._avro.values and self._refused.get(schema_id) is None:
-                    wanted.add(schema_id)
-        if wanted:
+        wanted = {
+            _SCHEMA_ID.unpack_from(data, 1)[0]
+            for data in parts
+            if isinstance(data, bytes) and len(data) >= 5 and data[0] == 0
+        }.difference(self._avro.values)
+        if wanted:  # _load_avro refuses again, without asking, an id refused before
             await asyncio.gather(*(self._load_avro(i) for i in wanted), return_exceptions=True)
 
     async def _part(self, data: bytes, what: str) -> _Part:
@@ -179,7 +178,10 @@ class Decoder:
             if writer.read is not None and type(data) is bytes:
                 obj, end = writer.read(data, 5)
             else:
-                obj, end = _fastavro_read(writer.parsed, data)
+                stream = io.BytesIO(data)
+                stream.seek(5)
+                obj = fastavro.schemaless_reader(stream, writer.parsed, return_record_name=False)
+                end = stream.tell()
         except Exception as exc:  # fastavro reports bad bytes with many types (EOF, Index, ...)
             detail = exc if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
             raise DecodeError(
@@ -276,9 +278,7 @@ class Decoder:
             if schemas is None:
                 return None
             sep = first
-        end = len(data) - 1
-        while end > sep and data[end] in _WHITESPACE:
-            end -= 1
+        end = len(data.rstrip(_WHITESPACE)) - 1  # no copy unless there is whitespace to strip
         if data[end] != ord("}"):
             return None
         try:
@@ -310,24 +310,11 @@ class Decoder:
         return schemas
 
     def _cache_json_schemas(self, raw: bytes, schemas: _Schemas) -> None:
-        same_length = self._json.get(len(raw))
-        if same_length is None:
-            if len(self._json) >= _JSON_SCHEMA_LENGTHS:
-                del self._json[next(iter(self._json))]
-            same_length = self._json[len(raw)] = []
-        if any(known == raw for known, _ in same_length):
-            return  # its record's payload took the full parse
-        if len(same_length) >= _JSON_SCHEMAS_PER_LENGTH:
-            del same_length[0]
-        same_length.append((raw, schemas))
-
-
-def _fastavro_read(parsed: Any, data: bytes) -> tuple[Any, int]:
-    """(datum, end) of the Avro body after the Confluent header, read by fastavro."""
-    stream = io.BytesIO(data)
-    stream.seek(5)
-    obj = fastavro.schemaless_reader(stream, parsed, None, return_record_name=False)
-    return obj, stream.tell()
+        if len(raw) not in self._json and len(self._json) >= _JSON_SCHEMA_LENGTHS:
+            del self._json[next(iter(self._json))]
+        same_length = self._json.setdefault(len(raw), deque(maxlen=_JSON_SCHEMAS_PER_LENGTH))
+        if all(known != raw for known, _ in same_length):  # else its payload took the full parse
+            same_length.append((raw, schemas))
 
 
 def _struct_fields(schema: Any) -> dict[str, ConnectSchema]:
@@ -524,13 +511,11 @@ class _AvroToConnect:
         _annotate(node, avro)
         if kind in ("record", "error"):
             node["type"] = "struct"
-            fields: list[ConnectSchema] = []
-            node["fields"] = fields
             self.open.add(full)
-            for field in avro.get("fields", []):
-                fields.append(
-                    {"field": field["name"], **self.convert(field["type"], inner, optional=False)}
-                )
+            node["fields"] = [
+                {"field": field["name"], **self.convert(field["type"], inner, optional=False)}
+                for field in avro.get("fields", [])
+            ]
             self.open.discard(full)
         elif kind == "enum":
             node["type"] = "string"

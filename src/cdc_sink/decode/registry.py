@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import time
 from collections.abc import Callable, Coroutine, Hashable
 from functools import partial
@@ -192,8 +193,7 @@ class ConfluentRegistry:
 
     async def _fetch(self, schema_id: int) -> str:
         where = f"schema registry {self._shown}"
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
                 response = await self._http.get(f"{self._url}/schemas/ids/{schema_id}")
             except httpx.HTTPError as exc:
@@ -212,7 +212,6 @@ class ConfluentRegistry:
                     break
                 self.waited_ids += 1
             await asyncio.sleep(self._unknown_wait.delay(attempt))
-            attempt += 1
         status = response.status_code
         if status == 200:
             return self._schema_text(response, schema_id, where)

@@ -199,17 +199,13 @@ class TableSchema:
             mask = self.masks.get(name)
             render = text_rendering(cql) if name in self.rendered and mask is None else None
             if mask is not None:
-                self.converters[name] = mask.guarded(cql, unguarded_converter(cql))
-                self.unguarded[name] = mask.unguarded(unguarded_converter(cql))
-                self.stored_types[name] = mask.stored_type or cql
+                plain = unguarded_converter(cql)
+                made = mask.guarded(cql, plain), mask.unguarded(plain), mask.stored_type or cql
             elif render is not None:
-                self.converters[name] = guard(cql, render)
-                self.unguarded[name] = render
-                self.stored_types[name] = as_text(cql)
+                made = guard(cql, render), render, as_text(cql)
             else:
-                self.converters[name] = converter(cql)
-                self.unguarded[name] = unguarded_converter(cql)
-                self.stored_types[name] = cql
+                made = converter(cql), unguarded_converter(cql), cql
+            self.converters[name], self.unguarded[name], self.stored_types[name] = made
         multi_cell = tuple(n for n, t in self.columns.items() if is_multi_cell(t))
         object.__setattr__(self, "multi_cell", multi_cell)
         # interpret never makes a cell of a key column or a range bound
