@@ -592,14 +592,18 @@ def text_rendering(t: CqlType) -> Converter | None:
     return None
 
 
-def guard(t: CqlType, convert: Converter) -> Converter:
+def guard(t: CqlType, convert: Converter, shown: str | None = None) -> Converter:
+    """`convert` for any value (None stays None); InvalidValue becomes a ConversionError naming
+    `t`, the problem and a preview of the value (`shown` instead, if given: a mask's marker)."""
+
     def guarded(v: Any) -> Any:
         if v is None:
             return None
         try:
             return convert(v)
         except InvalidValue as exc:
-            raise ConversionError(f"{t}: {exc.problem}: {_preview(exc.value)}") from None
+            value = _preview(exc.value) if shown is None else shown
+            raise ConversionError(f"{t}: {exc.problem}: {value}") from None
 
     return guarded
 
