@@ -222,6 +222,9 @@ def test_a_masked_value_that_does_not_fit_is_reported_with_the_marker() -> None:
     shown = "".join(traceback.format_exception(caught.value))
     assert "column 'email'" in str(caught.value)
     assert "[masked]" in str(caught.value)
+    assert str(caught.value).endswith(
+        "text: PostgreSQL cannot store the NUL character (U+0000): [masked]"
+    )
     assert "PRIVATE" not in shown
     with pytest.raises(ConversionError) as in_set:
         table.to_mutation(event(tags=["fine", secret]))
