@@ -29,7 +29,6 @@ from cdc_sink.model.masking import (
     MaskingError,
     MaskingPolicy,
     MaskRule,
-    column_masks,
     hash_text,
     masking_policy,
     parse_rules,
@@ -118,14 +117,14 @@ def test_malformed_rules_are_refused_naming_the_rule(text: str, says: str) -> No
 def test_rules_that_do_not_fit_the_table_are_refused_naming_the_rule(rule: str, says: str) -> None:
     """An unknown column, a key column, or a method the type cannot take: a clear error."""
     with pytest.raises(MaskingError) as caught:
-        column_masks(parse_rules(rule), "shop", "users", COLUMNS, ("id",), hash_key=KEY)
+        MaskingPolicy(parse_rules(rule), KEY).masks("shop", "users", COLUMNS, ("id",))
     assert says in str(caught.value)
 
 
 def test_rules_of_other_tables_are_left_out() -> None:
     """A table gets only its own rules; another keyspace's table of the same name none."""
     rules = parse_rules("shop.users.email=hash; other.users.nope=null; shop.orders.x=null")
-    masks = column_masks(rules, "shop", "users", COLUMNS, ("id",), hash_key=KEY)
+    masks = MaskingPolicy(rules, KEY).masks("shop", "users", COLUMNS, ("id",))
     assert list(masks) == ["email"]
 
 
@@ -223,6 +222,9 @@ def test_a_masked_value_that_does_not_fit_is_reported_with_the_marker() -> None:
     shown = "".join(traceback.format_exception(caught.value))
     assert "column 'email'" in str(caught.value)
     assert "[masked]" in str(caught.value)
+    assert str(caught.value).endswith(
+        "text: PostgreSQL cannot store the NUL character (U+0000): [masked]"
+    )
     assert "PRIVATE" not in shown
     with pytest.raises(ConversionError) as in_set:
         table.to_mutation(event(tags=["fine", secret]))
@@ -319,7 +321,7 @@ def test_udt_field_rules_that_do_not_fit_are_refused_naming_the_rule(rule: str, 
     """A field rule on a column that is no UDT, an unknown field, a method the field's type
     cannot take, or rules of both a column and its fields: a clear error quoting the rule."""
     with pytest.raises(MaskingError) as caught:
-        column_masks(parse_rules(rule), "shop", "places", ADDRESSED, ("id",), hash_key=KEY)
+        MaskingPolicy(parse_rules(rule), KEY).masks("shop", "places", ADDRESSED, ("id",))
     assert says in str(caught.value)
     assert rule.split(";")[-1].strip() in str(caught.value)
 
@@ -334,7 +336,7 @@ def test_reconciliation_masks_cassandra_values_as_the_sink_stores_them() -> None
     """The canonical form of a driver value of a masked column equals that of what the sink
     writes for the Debezium value (so masked tables reconcile), and never holds the value."""
     rules = parse_rules("shop.places.home.street=hash; shop.places.note=partial:last:2")
-    masks = column_masks(rules, "shop", "places", ADDRESSED, ("id",), hash_key=KEY)
+    masks = MaskingPolicy(rules, KEY).masks("shop", "places", ADDRESSED, ("id",))
     table = addressed("shop.places.home.street=hash; shop.places.note=partial:last:2")
     struct = {"street": "1 Main St", "city": "Bern", "lines": ["a"], "zip": 3000}
     driver = Address("1 Main St", "Bern", ["a"], 3000)
@@ -442,13 +444,8 @@ def test_each_scalar_type_has_one_canonical_text(cql: str, values: list[Any], te
     t = parse_cql_type(cql)
     render = text_rendering(t)
     assert render is not None
-    hashed = column_masks(
-        parse_rules("shop.users.v=hash"),
-        "shop",
-        "users",
-        {"id": COLUMNS["id"], "v": t},
-        ("id",),
-        hash_key=KEY,
+    hashed = MaskingPolicy(parse_rules("shop.users.v=hash"), KEY).masks(
+        "shop", "users", {"id": COLUMNS["id"], "v": t}, ("id",)
     )["v"]
     for value in values:
         assert render(value) == text, value
@@ -573,16 +570,16 @@ def test_hash_fits_scalars_and_their_lists_and_sets_only() -> None:
     }
     for column in ("m", "t", "a", "l"):
         with pytest.raises(MaskingError, match=f"shop.t.{column}=hash': hash fits scalar"):
-            column_masks(
-                parse_rules(f"shop.t.{column}=hash"), "shop", "t", columns, ("id",), hash_key=KEY
+            MaskingPolicy(parse_rules(f"shop.t.{column}=hash"), KEY).masks(
+                "shop", "t", columns, ("id",)
             )
     for method in ("redact", "partial:first:1"):
         with pytest.raises(MaskingError, match="use hash or null"):
-            column_masks(
-                parse_rules(f"shop.t.n={method}"), "shop", "t", columns, ("id",), hash_key=KEY
+            MaskingPolicy(parse_rules(f"shop.t.n={method}"), KEY).masks(
+                "shop", "t", columns, ("id",)
             )
     with pytest.raises(MaskingError, match="part of the primary key"):
-        column_masks(parse_rules("shop.t.id=hash"), "shop", "t", columns, ("id",), hash_key=KEY)
+        MaskingPolicy(parse_rules("shop.t.id=hash"), KEY).masks("shop", "t", columns, ("id",))
 
 
 def test_a_column_left_text_by_a_removed_rule_is_written_as_its_canonical_text() -> None:

@@ -98,7 +98,10 @@ def udt_definitions(types: Iterable[CqlType]) -> dict[str, list[tuple[str, str]]
 
 # --- parsing Cassandra's type text -------------------------------------------------------------
 
-_TOKEN = re.compile(r'\s*(?:([<>,])|"((?:[^"]|"")+)"|([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?))', re.ASCII)
+_TOKEN = re.compile(
+    r'\s*(?:(?P<sym>[<>,])|"(?P<quoted>(?:[^"]|"")+)"|(?P<word>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?))',
+    re.ASCII,
+)
 
 
 def parse_cql_type(
@@ -130,13 +133,8 @@ def _parse(
         m = _TOKEN.match(stripped, pos)
         if m is None:
             raise _bad_type(text, f"cannot read it at offset {pos}")
-        sym, quoted, word = m.groups()
-        if sym:
-            tokens.append(("sym", sym))
-        elif quoted is not None:
-            tokens.append(("quoted", quoted.replace('""', '"')))
-        else:
-            tokens.append(("word", word))
+        kind = str(m.lastgroup)  # the one group that matched: sym, quoted or word
+        tokens.append((kind, m[kind].replace('""', '"') if kind == "quoted" else m[kind]))
         pos = m.end()
     parser = _Parser(text, tokens, udts, depth)
     result = parser.parse_type(nested, seen)
@@ -163,9 +161,6 @@ class _Parser:
             raise _bad_type(self.text, "it ends too early")
         self.pos += 1
         return self.tokens[self.pos - 1]
-
-    def _peek_open(self) -> bool:
-        return self.pos < len(self.tokens) and self.tokens[self.pos] == ("sym", "<")
 
     def _params(self, seen: tuple[str, ...], *, inner: bool = True) -> tuple[CqlType, ...]:
         """The types between < and >: one level deeper, unless they are frozen<>'s."""
@@ -207,7 +202,7 @@ class _Parser:
             return CqlType(low, tuple(map(_nest, params)), frozen=nested)
         if low == "tuple":
             return CqlType("tuple", tuple(map(_nest, self._params(seen))), frozen=True)
-        if self._peek_open():
+        if self.tokens[self.pos : self.pos + 1] == [("sym", "<")]:
             raise _bad_type(self.text, f"{word!r} is not supported")
         if low in _PG_SCALAR:
             return CqlType(low)

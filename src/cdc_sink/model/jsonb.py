@@ -112,18 +112,17 @@ def _tuple_json(t: CqlType) -> Converter:
 def _udt_json(t: CqlType) -> Converter:
     if not t.fields:
         return _json_any
-    fields = [(name, nullable(_json_converter(ft))) for name, ft in t.fields]
-    known = {name for name, _ in fields}
+    fields = {name: nullable(_json_converter(ft)) for name, ft in t.fields}
 
     def convert(v: Any) -> dict[str, Any]:
         if hasattr(v, "_asdict"):  # the Cassandra driver's namedtuple UDTs
             v = v._asdict()
         if not isinstance(v, Mapping):
             raise InvalidValue("expected a mapping of UDT fields", v)
-        unknown = [k for k in v if k not in known]
+        unknown = [k for k in v if k not in fields]
         if unknown:
             raise InvalidValue(f"field {unknown[0]!r} is not in {t}", v)
-        return {name: convert(v.get(name)) for name, convert in fields}
+        return {name: convert(v.get(name)) for name, convert in fields.items()}
 
     return convert
 

@@ -4,7 +4,7 @@ Pure.
 A rule names a Cassandra column as `keyspace.table.column` (a UDT field as
 `keyspace.table.column.field`) and a method: `hash`, `redact`, `null`, `partial:first:N` or
 `partial:last:N`. README "PII masking" says what each method writes and which types it fits;
-column_masks refuses a rule that does not fit. `hash` digests a value that is not text in its
+MaskingPolicy.masks refuses a rule that does not fit. `hash` digests a value that is not text in its
 canonical text (model.scalars.TEXT_RENDERINGS), so its column is stored as text
 (`ColumnMask.stored_type`). A mask composes with the column's converter (`ColumnMask.guarded` /
 `ColumnMask.unguarded`): what leaves it is masked, and a conversion error of a masked column
@@ -21,9 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cdc_sink.config import ConfigError, MaskingConfig
-from cdc_sink.errors import ConversionError
 from cdc_sink.model.cql import CqlType
-from cdc_sink.model.scalars import InvalidValue, text_rendering
+from cdc_sink.model.scalars import InvalidValue, guard, nullable, text_rendering
 from cdc_sink.model.values import unguarded_converter
 
 Converter = Callable[[Any], Any]
@@ -64,19 +63,17 @@ def parse_rules(text: str) -> tuple[MaskRule, ...]:
     """Rules from `keyspace.table.column=method` entries separated by `;` or new lines
     (blank entries and `#` comments are skipped). MaskingError names the first bad entry;
     a column named twice is refused."""
-    rules: list[MaskRule] = []
-    seen: set[tuple[str, str, str]] = set()
+    rules: dict[tuple[str, str, str], MaskRule] = {}  # by where: in the order written
     for raw in re.split(r"[;\n]", text):
         entry = raw.split("#", 1)[0].strip()
         if not entry:
             continue
         rule = _parse_rule(entry)
         where = (rule.keyspace, rule.table, rule.column)
-        if where in seen:
+        if where in rules:
             raise MaskingError(f"masking rule {entry!r}: {'.'.join(where)} has a rule already")
-        seen.add(where)
-        rules.append(rule)
-    return tuple(rules)
+        rules[where] = rule
+    return tuple(rules.values())
 
 
 def _parse_rule(entry: str) -> MaskRule:
@@ -130,46 +127,42 @@ class ColumnMask:
     """The rules resolved for one column: its own rule, or the rules of some of its fields
     (a UDT), with the key and marker they mask with."""
 
-    rule: MaskRule | None  # None: only `fields` of the column are masked
+    source: CqlType  # the column's (or field's) Cassandra type
+    rule: MaskRule | None  # None: only `fields` of the column (a UDT) are masked
     marker: str = DEFAULT_MARKER
     key: bytes = field(default=b"", repr=False)  # a secret: never shown
-    per_element: bool = False  # a list or set: each element is masked
     fields: tuple[tuple[str, ColumnMask], ...] = ()  # UDT field -> its mask
-    source: CqlType | None = None  # the column's (or field's) Cassandra type, if known
+
+    @property
+    def per_element(self) -> bool:
+        """Whether each element is masked: the column is a list or set."""
+        return self.source.name in ("list", "set")
 
     @property
     def renders(self) -> bool:
         """Whether values are digested in their canonical text: a `hash` of a type that is
         not text."""
-        return (
-            self.rule is not None
-            and self.rule.method == "hash"
-            and self.source is not None
-            and not is_text(self.source)
-        )
+        return self.rule is not None and self.rule.method == "hash" and not is_text(self.source)
 
     @property
-    def stored_type(self) -> CqlType | None:
+    def stored_type(self) -> CqlType:
         """The type whose PostgreSQL column (`cql.pg_type`) and converter hold the masked
         values: text (or text[]) for a rendered `hash`, a UDT whose digested fields are text,
         else the column's own type."""
-        if self.source is None:
-            return None
         if self.renders:
             return as_text(self.source)
-        if self.fields and self.source.name == "udt":
+        if self.fields:
             masks = dict(self.fields)
             fields = tuple(
-                (name, (masks[name].stored_type or t) if name in masks else t)
+                (name, masks[name].stored_type if name in masks else t)
                 for name, t in self.source.fields
             )
             return replace(self.source, fields=fields)
         return self.source
 
     def _rendering(self) -> Converter:
-        assert self.source is not None
         render = text_rendering(self.source)
-        assert render is not None  # column_masks lets `hash` fit only types that render
+        assert render is not None  # MaskingPolicy.masks lets `hash` fit only types that render
         return render
 
     @property
@@ -193,10 +186,10 @@ class ColumnMask:
     def mask(self) -> Converter:
         """The function a converted (PostgreSQL) value of the column is masked with; None
         stays None."""
-        one = self.text_mask()
+        one = nullable(self.text_mask())
         if self.per_element:
-            return lambda v: None if v is None else [None if x is None else one(x) for x in v]
-        return lambda v: None if v is None else one(v)
+            return lambda v: None if v is None else [one(x) for x in v]
+        return one
 
     def field_mask(self) -> Converter:
         """The function a UDT field's decoded value is masked with before the column is
@@ -204,12 +197,10 @@ class ColumnMask:
         to refuse; `null` empties the field whatever it holds."""
         if self.rule is not None and self.rule.method == "null":
             return lambda v: None
-        one = self.text_mask()
         if self.renders:
-            render = self._rendering()
-            if self.per_element:
-                return lambda v: [None if x is None else one(x) for x in render(v)]
-            return lambda v: one(render(v))
+            render, mask = self._rendering(), self.mask()
+            return lambda v: mask(render(v))
+        one = self.text_mask()
         if self.per_element:  # any collection: the driver's sets are its own SortedSet
             return lambda v: (
                 v
@@ -243,9 +234,8 @@ class ColumnMask:
         if self.renders:
             convert = self._rendering()
         if self.fields:
-            stored = self.stored_type
-            if stored is not None and stored != self.source:  # digested fields are text
-                convert = unguarded_converter(stored)
+            if self.stored_type != self.source:  # digested fields are text
+                convert = unguarded_converter(self.stored_type)
             convert = self._fields_masked(convert)
 
         def masked(v: Any) -> Any:
@@ -263,94 +253,7 @@ class ColumnMask:
     def guarded(self, t: CqlType, convert: Converter) -> Converter:
         """unguarded(convert) for any value (None stays None); a value that does not fit
         raises ConversionError saying why, with the marker where the value would be shown."""
-        masked = self.unguarded(convert)
-
-        def guarded(v: Any) -> Any:
-            if v is None:
-                return None
-            try:
-                return masked(v)
-            except InvalidValue as exc:
-                problem = exc.problem
-            raise ConversionError(f"{t}: {problem}: {self.marker}")
-
-        return guarded
-
-
-def column_masks(
-    rules: Iterable[MaskRule],
-    keyspace: str,
-    table: str,
-    columns: Mapping[str, CqlType],
-    key_columns: Iterable[str],
-    *,
-    hash_key: bytes | None,
-    marker: str = DEFAULT_MARKER,
-) -> dict[str, ColumnMask]:
-    """The masks of keyspace.table's columns. MaskingError naming the rule if its column is
-    not among `columns` (nor `column.field` a field of a UDT column), is part of the primary
-    key, has a type the method does not fit, or has a rule of its own and of a field."""
-    keys = set(key_columns)
-    masks: dict[str, ColumnMask] = {}
-    by_field: dict[str, dict[str, ColumnMask]] = {}
-    for rule in rules:
-        if (rule.keyspace, rule.table) != (keyspace, table):
-            continue
-        column, _, field_name = rule.column.partition(".")
-        if rule.column in columns or not field_name:
-            column, field_name = rule.column, ""
-        t = columns.get(column)
-        if t is None:
-            raise MaskingError(
-                f"masking rule {rule.text!r}: {keyspace}.{table} has no column "
-                f"{column!r} (it has {', '.join(sorted(columns))})"
-            )
-        if column in keys:
-            raise MaskingError(
-                f"masking rule {rule.text!r}: {column!r} is part of the primary key, "
-                "which is never masked (rows and deletes are found by it)"
-            )
-        if field_name:
-            fields = dict(t.fields)
-            if t.name != "udt" or not fields:
-                raise MaskingError(
-                    f"masking rule {rule.text!r}: {column!r} is {t}, not a UDT with known "
-                    "fields; only a UDT column's fields can be masked one by one"
-                )
-            if field_name not in fields:
-                raise MaskingError(
-                    f"masking rule {rule.text!r}: {t} has no field {field_name!r} "
-                    f"(it has {', '.join(fields)})"
-                )
-            t = fields[field_name]
-        per_element = t.name in ("list", "set")
-        if rule.method == "hash" and text_rendering(t) is None:
-            raise MaskingError(
-                f"masking rule {rule.text!r}: hash fits scalar columns and fields and lists "
-                f"or sets of scalars, not {t}; use null for this "
-                f"{'field' if field_name else 'column'}"
-            )
-        if rule.method in ("redact", "partial") and not is_text(t):
-            raise MaskingError(
-                f"masking rule {rule.text!r}: {rule.method} fits text, ascii and varchar "
-                f"columns and fields and lists or sets of them, not {t}; use hash or null "
-                f"for this {'field' if field_name else 'column'}"
-            )
-        mask = ColumnMask(rule, marker, hash_key or b"", per_element, source=t)
-        if (field_name and column in masks) or (not field_name and column in by_field):
-            raise MaskingError(
-                f"masking rule {rule.text!r}: {column!r} has a rule of its own and rules "
-                "of its fields; keep one or the other"
-            )
-        if field_name:
-            by_field.setdefault(column, {})[field_name] = mask
-        else:
-            masks[column] = mask
-    for column, field_masks in by_field.items():
-        masks[column] = ColumnMask(
-            None, marker, hash_key or b"", fields=tuple(field_masks.items()), source=columns[column]
-        )
-    return masks
+        return guard(t, self.unguarded(convert), shown=self.marker)
 
 
 @dataclass(frozen=True)
@@ -373,16 +276,69 @@ class MaskingPolicy:
     def masks(
         self, keyspace: str, table: str, columns: Mapping[str, CqlType], key_columns: Iterable[str]
     ) -> dict[str, ColumnMask]:
-        """column_masks for one table (MaskingError if a rule of it does not fit)."""
-        return column_masks(
-            self.rules,
-            keyspace,
-            table,
-            columns,
-            key_columns,
-            hash_key=self.hash_key,
-            marker=self.marker,
-        )
+        """The masks of keyspace.table's columns. MaskingError naming the rule if its column is
+        not among `columns` (nor `column.field` a field of a UDT column), is part of the primary
+        key, has a type the method does not fit, or has a rule of its own and of a field."""
+        keys, key = set(key_columns), self.hash_key or b""
+        masks: dict[str, ColumnMask] = {}
+        by_field: dict[str, dict[str, ColumnMask]] = {}
+        for rule in self.rules:
+            if (rule.keyspace, rule.table) != (keyspace, table):
+                continue
+            column, _, field_name = rule.column.partition(".")
+            if rule.column in columns or not field_name:
+                column, field_name = rule.column, ""
+            t = columns.get(column)
+            if t is None:
+                raise MaskingError(
+                    f"masking rule {rule.text!r}: {keyspace}.{table} has no column "
+                    f"{column!r} (it has {', '.join(sorted(columns))})"
+                )
+            if column in keys:
+                raise MaskingError(
+                    f"masking rule {rule.text!r}: {column!r} is part of the primary key, "
+                    "which is never masked (rows and deletes are found by it)"
+                )
+            if field_name:
+                fields = dict(t.fields)
+                if t.name != "udt" or not fields:
+                    raise MaskingError(
+                        f"masking rule {rule.text!r}: {column!r} is {t}, not a UDT with known "
+                        "fields; only a UDT column's fields can be masked one by one"
+                    )
+                if field_name not in fields:
+                    raise MaskingError(
+                        f"masking rule {rule.text!r}: {t} has no field {field_name!r} "
+                        f"(it has {', '.join(fields)})"
+                    )
+                t = fields[field_name]
+            if rule.method == "hash" and text_rendering(t) is None:
+                raise MaskingError(
+                    f"masking rule {rule.text!r}: hash fits scalar columns and fields and lists "
+                    f"or sets of scalars, not {t}; use null for this "
+                    f"{'field' if field_name else 'column'}"
+                )
+            if rule.method in ("redact", "partial") and not is_text(t):
+                raise MaskingError(
+                    f"masking rule {rule.text!r}: {rule.method} fits text, ascii and varchar "
+                    f"columns and fields and lists or sets of them, not {t}; use hash or null "
+                    f"for this {'field' if field_name else 'column'}"
+                )
+            mask = ColumnMask(t, rule, self.marker, key)
+            if (field_name and column in masks) or (not field_name and column in by_field):
+                raise MaskingError(
+                    f"masking rule {rule.text!r}: {column!r} has a rule of its own and rules "
+                    "of its fields; keep one or the other"
+                )
+            if field_name:
+                by_field.setdefault(column, {})[field_name] = mask
+            else:
+                masks[column] = mask
+        for column, field_masks in by_field.items():
+            masks[column] = ColumnMask(
+                columns[column], None, self.marker, key, tuple(field_masks.items())
+            )
+        return masks
 
 
 def masking_policy(settings: MaskingConfig) -> MaskingPolicy:

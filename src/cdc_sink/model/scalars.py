@@ -135,8 +135,7 @@ def _float32_json(f: float) -> float | str:
     if not math.isfinite(f):
         return float_json(f)
     single = _as_float32(f)
-    if single is None:
-        raise InvalidValue("out of the 32-bit float range", f)
+    assert single is not None  # _float refused what overflows
     for digits in range(1, 9):  # 9 significant digits always read back as the same float32
         short = float(f"{single:.{digits}g}")
         if _as_float32(short) == single:
@@ -521,8 +520,7 @@ SCALARS: dict[str, tuple[Converter, Converter]] = {
     "float": (_float, lambda v: _float32_json(_float(v))),
     "double": (_double, lambda v: float_json(_double(v))),
     "blob": (_blob, lambda v: base64.b64encode(_blob(v)).decode("ascii")),
-    "uuid": (_uuid, lambda v: str(_uuid(v))),
-    "timeuuid": (_uuid, lambda v: str(_uuid(v))),
+    **dict.fromkeys(("uuid", "timeuuid"), (_uuid, lambda v: str(_uuid(v)))),
     "inet": (_inet, lambda v: str(_inet(v))),
     "timestamp": (_timestamp, lambda v: _timestamp_json(_timestamp(v))),
     "date": (_date, lambda v: _date(v).isoformat()),
@@ -569,8 +567,7 @@ TEXT_RENDERINGS: dict[str, Converter] = {
     "float": lambda v: _float_text(_float32_json(_float(v))),
     "double": lambda v: _float_text(float_json(_double(v))),
     "blob": lambda v: "0x" + _blob(v).hex(),
-    "uuid": lambda v: str(_uuid(v)).lower(),
-    "timeuuid": lambda v: str(_uuid(v)).lower(),
+    **dict.fromkeys(("uuid", "timeuuid"), lambda v: str(_uuid(v)).lower()),
     "inet": _inet_render,
     "timestamp": lambda v: _timestamp_json(_timestamp(v)),
     "date": lambda v: _date(v).isoformat(),
@@ -592,14 +589,18 @@ def text_rendering(t: CqlType) -> Converter | None:
     return None
 
 
-def guard(t: CqlType, convert: Converter) -> Converter:
+def guard(t: CqlType, convert: Converter, shown: str | None = None) -> Converter:
+    """`convert` for any value (None stays None); InvalidValue becomes a ConversionError naming
+    `t`, the problem and a preview of the value (`shown` instead, if given: a mask's marker)."""
+
     def guarded(v: Any) -> Any:
         if v is None:
             return None
         try:
             return convert(v)
         except InvalidValue as exc:
-            raise ConversionError(f"{t}: {exc.problem}: {_preview(exc.value)}") from None
+            value = _preview(exc.value) if shown is None else shown
+            raise ConversionError(f"{t}: {exc.problem}: {value}") from None
 
     return guarded
 
