@@ -83,11 +83,11 @@ class TablePlan:
     rows: dict[Key, RowState]  # final state per touched key (live or not)
     new_partition_tombstones: dict[Key, int]
     new_range_tombstones: list[tuple[Key, RangeTombstone]]
-    partition_columns: tuple[str, ...] | None  # learned from a delete when it was unknown
 
 
 def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePlan:
-    """Fold mutations into `state` (in place) and return what changed.
+    """Fold mutations into `state` (in place, its partition columns learned from the first
+    partition or range delete when unknown) and return what changed.
 
     The caller must have loaded into `state` every stored row of the partitions that the
     mutations delete wholly or by range, and the tombstones of every partition touched.
@@ -102,7 +102,7 @@ def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePl
     for mutation in mutations:
         event = mutation.event
         if event.op is Op.RANGE or event.is_partition_delete:
-            if state.partition_columns is None:  # learned from the first such delete
+            if state.partition_columns is None:
                 state.partition_columns = tuple(
                     name for name in state.key_columns if event.key.get(name) is not None
                 )
@@ -139,7 +139,7 @@ def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePl
                 row.deleted_ts = event.ts_us
             continue
         _write_cells(row, event, mutation.values, mutation.emptied)
-    return TablePlan(touched, new_partitions, new_ranges, state.partition_columns)
+    return TablePlan(touched, new_partitions, new_ranges)
 
 
 def _inclusive(bound: Bound | None) -> bool:
@@ -189,15 +189,13 @@ def _emptied_ts(ts: int, marks: bool, values: Mapping[str, Any]) -> int:
 
 
 def _wins(incoming: CellState, current: CellState) -> bool:
-    """Cassandra's cell reconciliation: the newer timestamp wins; on a tie a null (tombstone)
+    """Cassandra's reconciliation of two writes of a cell at one timestamp: a null (tombstone)
     wins, then the greater value, then the longer-lived copy, so every arrival order agrees.
 
     Cassandra also lets a copy that has *expired* by read time win a tie against a live one;
     that needs two writes of one cell with the same timestamp and different TTLs, which the
     merge does not keep apart (the first to expire is decided at merge time instead).
     """
-    if incoming.ts != current.ts:
-        return incoming.ts > current.ts
     if (incoming.value is None) != (current.value is None):
         return incoming.value is None
     if incoming.value != current.value:
