@@ -14,6 +14,7 @@ known: a batch of a table with erasures costs one HMAC per distinct key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping, Sequence
@@ -123,14 +124,11 @@ class Suppression:
             erased.hashes.update((r["scope"], bytes(r["key_hash"])) for r in rows)
             erased.version = version
         width = len(partition_columns) if partition_columns else None
-        verdicts: dict[tuple[str, Key], bool] = {}
 
+        @functools.cache  # a partition's rows share its verdict
         def covered(scope: str, key: Key) -> bool:
-            known = verdicts.get((scope, key))
-            if known is None:
-                digest = key_hash(hash_key, target, scope, text_of(by_value(key)))
-                known = verdicts[scope, key] = (scope, digest) in erased.hashes
-            return known
+            digest = key_hash(hash_key, target, scope, text_of(by_value(key)))
+            return (scope, digest) in erased.hashes
 
         return {
             key

@@ -34,10 +34,9 @@ from cdc_sink.apply.plan import (
     TablePlan,
     TableState,
     apply_mutations,
-    next_expiry,
     settle_fresh,
     settle_plan,
-    write_ts,
+    write_and_expiry,
 )
 from cdc_sink.apply.suppression import Suppression
 from cdc_sink.dlq.letters import DeadLetter, headers_to_json
@@ -385,23 +384,20 @@ class PgWriter:
         found = await self.conn.fetch(
             _STORED_TOMBSTONES, schema.target, list(by_json), list(partitions)
         )
-        stones: list[asyncpg.Record] = []
         erased_version = 0
-        for record in found:
-            if record["kind"] == "erased":
-                erased_version = record["ts_us"]
-                continue
-            if record["kind"] != "row":
-                stones.append(record)
-                continue
-            dead = by_json.get(json.dumps(json.loads(record["k"]), separators=(",", ":")))
-            if dead is not None:
-                state.remembered.add(dead)
-                if dead not in state.rows:
-                    state.rows[dead] = _row_from_state(json.loads(record["state"]))
         parsed: dict[str, Key] = {}  # a partition's stones share its key text
-        for stone in stones:
-            text = stone["k"]
+        for stone in found:
+            kind, text, ts = stone["kind"], stone["k"], stone["ts_us"]
+            if kind == "erased":
+                erased_version = ts
+                continue
+            if kind == "row":
+                dead = by_json.get(json.dumps(json.loads(text), separators=(",", ":")))
+                if dead is not None:
+                    state.remembered.add(dead)
+                    if dead not in state.rows:
+                        state.rows[dead] = _row_from_state(json.loads(stone["state"]))
+                continue
             if text not in parsed:
                 parsed[text] = tuple(
                     _from_json(schema, name, value)
@@ -410,10 +406,10 @@ class PgWriter:
                     )
                 )
             entry = state.partitions.setdefault(parsed[text], PartitionTombstones())
-            if stone["kind"] == "partition":
-                entry.partition_ts = max(entry.partition_ts or stone["ts_us"], stone["ts_us"])
+            if kind == "partition":
+                entry.partition_ts = max(entry.partition_ts or ts, ts)
             else:
-                entry.ranges.append(self._range(schema, state, stone["scope"], stone["ts_us"]))
+                entry.ranges.append(self._range(schema, state, stone["scope"], ts))
         return erased_version
 
     def _range(self, schema: TableSchema, state: TableState, scope: str, ts: int) -> RangeTombstone:
@@ -434,7 +430,7 @@ class PgWriter:
                 end=tuple(map(value, clustering, bounds["end"])),
                 end_inclusive=bounds["end_inclusive"],
                 ts=0,
-                descending=tuple(bounds.get("descending", ())),
+                descending=tuple(bounds["descending"]),
             )
         return replace(parsed, ts=ts)
 
@@ -481,8 +477,7 @@ class PgWriter:
                 row.marker_ts,
                 row.marker_expires_us,
                 row.deleted_ts,
-                write_ts(row, now_us),
-                next_expiry(row, now_us),
+                *write_and_expiry(row, now_us),
                 updated_at,
             )
             for key, row in live.items()
@@ -750,9 +745,9 @@ def _row_state_json(row: RowState) -> str:
 
 
 def _row_from_state(state: dict[str, Any]) -> RowState:
-    cells = {n: CellState(None, ts, exp) for n, (ts, exp) in state.get("cells", {}).items()}
-    marker_ts, marker_expires = state.get("marker") or (None, None)
-    return RowState(cells, marker_ts, marker_expires, state.get("deleted_ts"))
+    cells = {n: CellState(None, ts, exp) for n, (ts, exp) in state["cells"].items()}
+    marker_ts, marker_expires = state["marker"]
+    return RowState(cells, marker_ts, marker_expires, state["deleted_ts"])
 
 
 def _range_scope(stone: RangeTombstone) -> str:
