@@ -319,15 +319,15 @@ def visible_values(row: RowState, columns: Iterable[str]) -> dict[str, Any]:
 def write_and_expiry(row: RowState, now_us: int) -> tuple[int | None, int | None]:
     """The newest write timestamp among the live parts of a settled row, and when the next of
     them expires (for the expiry task); None where there is none."""
-    live = [cell for cell in row.cells.values() if cell.value is not None]
-    written = [cell.ts for cell in live]
-    expiries = [cell.expires_us for cell in live if cell.expires_us]
+    cells = row.cells.values()
+    written = [c.ts for c in cells if c.value is not None]
+    expiries = [c.expires_us for c in cells if c.value is not None and c.expires_us]
     if marker_live(row, now_us):
         assert row.marker_ts is not None
         written.append(row.marker_ts)
         if row.marker_expires_us is not None:
             expiries.append(row.marker_expires_us)
-    return max(written, default=None), min(expiries, default=None)
+    return (max(written) if written else None), (min(expiries) if expiries else None)
 
 
 @dataclass

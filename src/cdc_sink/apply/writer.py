@@ -79,9 +79,9 @@ class Batch:
 @dataclass(frozen=True)
 class BatchResult:
     duration_s: float
-    suppressed: dict[str, int] = field(default_factory=dict)  # erased keys' mutations, by table
+    suppressed: dict[str, int]  # erased keys' mutations, by table
     # Dead letters of erased keys found under the keys' locks: not stored (suppression.py).
-    erased_letters: tuple[DeadLetter, ...] = ()
+    erased_letters: tuple[DeadLetter, ...]
 
 
 def json_key(values: tuple[Any, ...]) -> str:
@@ -257,7 +257,7 @@ class PgWriter:
         texts = _KeyTexts()
         deletes = [m for m in mutations if m.event.op is Op.RANGE or m.event.is_partition_delete]
         partition_columns = await self._lock(
-            schema, mutations, deletes, texts, [*touch, *also_lock] if also_lock else touch
+            schema, mutations, deletes, texts, [*touch, *also_lock]
         )
         state = TableState(schema.key_columns, partition_columns)
         erased_version = await self._load(schema, state, mutations, deletes, texts, touch)
