@@ -67,14 +67,6 @@ class TableState:
     partitions: dict[Key, PartitionTombstones] = field(default_factory=dict)
     remembered: set[Key] = field(default_factory=set)  # keys loaded from the dead-row store
 
-    def partition_of(self, key: Key) -> Key:
-        assert self.partition_columns is not None
-        return key[: len(self.partition_columns)]
-
-    def clustering_of(self, key: Key) -> Key:
-        assert self.partition_columns is not None
-        return key[len(self.partition_columns) :]
-
 
 @dataclass
 class TablePlan:
@@ -83,11 +75,11 @@ class TablePlan:
     rows: dict[Key, RowState]  # final state per touched key (live or not)
     new_partition_tombstones: dict[Key, int]
     new_range_tombstones: list[tuple[Key, RangeTombstone]]
-    partition_columns: tuple[str, ...] | None  # learned from a delete when it was unknown
 
 
 def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePlan:
-    """Fold mutations into `state` (in place) and return what changed.
+    """Fold mutations into `state` (in place, its partition columns learned from the first
+    partition or range delete when unknown) and return what changed.
 
     The caller must have loaded into `state` every stored row of the partitions that the
     mutations delete wholly or by range, and the tombstones of every partition touched.
@@ -102,7 +94,7 @@ def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePl
     for mutation in mutations:
         event = mutation.event
         if event.op is Op.RANGE or event.is_partition_delete:
-            if state.partition_columns is None:  # learned from the first such delete
+            if state.partition_columns is None:
                 state.partition_columns = tuple(
                     name for name in state.key_columns if event.key.get(name) is not None
                 )
@@ -127,8 +119,9 @@ def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePl
                 new_partitions[partition] = event.ts_us
             if by_partition is None:
                 by_partition = {}
+                width = len(state.partition_columns)
                 for key in state.rows:
-                    by_partition.setdefault(state.partition_of(key), []).append(key)
+                    by_partition.setdefault(key[:width], []).append(key)
             for key in by_partition.get(partition, ()):
                 touched[key] = state.rows[key]
             continue
@@ -139,7 +132,7 @@ def apply_mutations(state: TableState, mutations: Iterable[Mutation]) -> TablePl
                 row.deleted_ts = event.ts_us
             continue
         _write_cells(row, event, mutation.values, mutation.emptied)
-    return TablePlan(touched, new_partitions, new_ranges, state.partition_columns)
+    return TablePlan(touched, new_partitions, new_ranges)
 
 
 def _inclusive(bound: Bound | None) -> bool:
@@ -189,15 +182,13 @@ def _emptied_ts(ts: int, marks: bool, values: Mapping[str, Any]) -> int:
 
 
 def _wins(incoming: CellState, current: CellState) -> bool:
-    """Cassandra's cell reconciliation: the newer timestamp wins; on a tie a null (tombstone)
+    """Cassandra's reconciliation of two writes of a cell at one timestamp: a null (tombstone)
     wins, then the greater value, then the longer-lived copy, so every arrival order agrees.
 
     Cassandra also lets a copy that has *expired* by read time win a tie against a live one;
     that needs two writes of one cell with the same timestamp and different TTLs, which the
     merge does not keep apart (the first to expire is decided at merge time instead).
     """
-    if incoming.ts != current.ts:
-        return incoming.ts > current.ts
     if (incoming.value is None) != (current.value is None):
         return incoming.value is None
     if incoming.value != current.value:
@@ -243,11 +234,12 @@ def shadow_ts(state: TableState, key: Key) -> int:
     """The newest partition or range tombstone covering `key` (NO_TOMBSTONE if none)."""
     if state.partition_columns is None:
         return NO_TOMBSTONE
-    tombstones = state.partitions.get(state.partition_of(key))
+    width = len(state.partition_columns)
+    tombstones = state.partitions.get(key[:width])
     if tombstones is None:
         return NO_TOMBSTONE
     newest = tombstones.partition_ts if tombstones.partition_ts is not None else NO_TOMBSTONE
-    clustering = state.clustering_of(key)
+    clustering = key[width:]
     for tombstone in tombstones.ranges:
         if tombstone.ts > newest and covers(tombstone, clustering):
             newest = tombstone.ts
@@ -319,31 +311,23 @@ def is_live(row: RowState, now_us: int) -> bool:
     return marker_live(row, now_us) or any(c.value is not None for c in row.cells.values())
 
 
-def needs_memory(row: RowState) -> bool:
-    """A settled dead row whose timestamps still matter (they shadow later-arriving writes)."""
-    return row.deleted_ts is not None or row.marker_ts is not None or bool(row.cells)
-
-
 def visible_values(row: RowState, columns: Iterable[str]) -> dict[str, Any]:
     """The values SELECT shows for a settled live row (untouched columns are null)."""
     return {name: (row.cells[name].value if name in row.cells else None) for name in columns}
 
 
-def write_ts(row: RowState, now_us: int) -> int | None:
-    """The newest write timestamp among the live parts of a settled row."""
-    stamps = [cell.ts for cell in row.cells.values() if cell.value is not None]
+def write_and_expiry(row: RowState, now_us: int) -> tuple[int | None, int | None]:
+    """The newest write timestamp among the live parts of a settled row, and when the next of
+    them expires (for the expiry task); None where there is none."""
+    cells = row.cells.values()
+    written = [c.ts for c in cells if c.value is not None]
+    expiries = [c.expires_us for c in cells if c.value is not None and c.expires_us]
     if marker_live(row, now_us):
         assert row.marker_ts is not None
-        stamps.append(row.marker_ts)
-    return max(stamps) if stamps else None
-
-
-def next_expiry(row: RowState, now_us: int) -> int | None:
-    """When the next live part of a settled row expires (for the expiry task)."""
-    stamps = [c.expires_us for c in row.cells.values() if c.value is not None and c.expires_us]
-    if marker_live(row, now_us) and row.marker_expires_us is not None:
-        stamps.append(row.marker_expires_us)
-    return min(stamps) if stamps else None
+        written.append(row.marker_ts)
+        if row.marker_expires_us is not None:
+            expiries.append(row.marker_expires_us)
+    return (max(written) if written else None), (min(expiries) if expiries else None)
 
 
 @dataclass
@@ -363,7 +347,7 @@ def settle_plan(state: TableState, plan: TablePlan, now_us: int) -> Outcome:
         state.rows[key] = settled
         if is_live(settled, now_us):
             outcome.live[key] = settled
-        elif needs_memory(settled):
+        elif settled.deleted_ts is not None or settled.marker_ts is not None or settled.cells:
             outcome.remembered[key] = settled
         else:
             outcome.removed.append(key)

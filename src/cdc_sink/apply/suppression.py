@@ -14,6 +14,7 @@ known: a batch of a table with erasures costs one HMAC per distinct key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ import asyncpg
 
 from cdc_sink.config import Secret
 from cdc_sink.errors import FatalError, SinkError
-from cdc_sink.model.events import Key, Mutation
+from cdc_sink.model.events import Key
 from cdc_sink.schema.tables import TableSchema
 
 ROW = "row"
@@ -83,24 +84,6 @@ class Suppression:
         self._hash_key = hash_key
         self._tables: dict[str, _Erased] = {}
 
-    async def keep(
-        self,
-        conn: asyncpg.Connection,
-        target: str,
-        version: int,
-        mutations: Sequence[Mutation],
-        text_of: Callable[[Key], str],
-        partition_columns: Sequence[str] | None,
-    ) -> list[Mutation]:
-        """The mutations whose key is not erased, in their order. `version` is the newest
-        `_cdc_erased_keys` id of `target`, read under the batch's locks. FatalError if the
-        table has erased keys and no hash key is configured (writing blindly could bring an
-        erased person back)."""
-        gone = await self.erased(
-            conn, target, [m.key for m in mutations], text_of, partition_columns, version
-        )
-        return [m for m in mutations if m.key not in gone]
-
     async def erased(
         self,
         conn: asyncpg.Connection,
@@ -111,8 +94,10 @@ class Suppression:
         version: int | None = None,
     ) -> set[Key]:
         """Those of `keys` (full keys; None in the clustering columns of a partition or range
-        delete) that an erasure covers: the row's own, or its partition's. `version` as in
-        `keep`; None reads it."""
+        delete) that an erasure covers: the row's own, or its partition's. `version` is the
+        newest `_cdc_erased_keys` id of `target` (the writer reads it under the batch's locks);
+        None reads it. FatalError if the table has erased keys and no hash key is configured
+        (writing blindly could bring an erased person back)."""
         if version is None:
             version = await conn.fetchval(
                 "SELECT coalesce(max(id), 0) FROM _cdc_erased_keys WHERE target_table = $1",
@@ -139,14 +124,11 @@ class Suppression:
             erased.hashes.update((r["scope"], bytes(r["key_hash"])) for r in rows)
             erased.version = version
         width = len(partition_columns) if partition_columns else None
-        verdicts: dict[tuple[str, Key], bool] = {}
 
+        @functools.cache  # a partition's rows share its verdict
         def covered(scope: str, key: Key) -> bool:
-            known = verdicts.get((scope, key))
-            if known is None:
-                digest = key_hash(hash_key, target, scope, text_of(by_value(key)))
-                known = verdicts[scope, key] = (scope, digest) in erased.hashes
-            return known
+            digest = key_hash(hash_key, target, scope, text_of(by_value(key)))
+            return (scope, digest) in erased.hashes
 
         return {
             key

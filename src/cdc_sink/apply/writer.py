@@ -34,10 +34,9 @@ from cdc_sink.apply.plan import (
     TablePlan,
     TableState,
     apply_mutations,
-    next_expiry,
     settle_fresh,
     settle_plan,
-    write_ts,
+    write_and_expiry,
 )
 from cdc_sink.apply.suppression import Suppression
 from cdc_sink.dlq.letters import DeadLetter, headers_to_json
@@ -80,9 +79,9 @@ class Batch:
 @dataclass(frozen=True)
 class BatchResult:
     duration_s: float
-    suppressed: dict[str, int] = field(default_factory=dict)  # erased keys' mutations, by table
+    suppressed: dict[str, int]  # erased keys' mutations, by table
     # Dead letters of erased keys found under the keys' locks: not stored (suppression.py).
-    erased_letters: tuple[DeadLetter, ...] = ()
+    erased_letters: tuple[DeadLetter, ...]
 
 
 def json_key(values: tuple[Any, ...]) -> str:
@@ -169,11 +168,10 @@ class PgWriter:
         direct path for rows one write makes from nothing must match exactly (tests compare)."""
         self.conn = conn
         self.suppression = suppression or Suppression(None)
-        self._suppressed: dict[str, int] = {}
         self.schema = schema
         self.group = consumer_group
         self.fresh_rows_direct = fresh_rows_direct
-        self._staging: dict[str, tuple[int, str]] = {}  # target -> (schema version, temp name)
+        self._staging: dict[str, int] = {}  # target -> schema version of its staging table
         self._partition_columns: dict[str, tuple[str, ...]] = {}  # learned, never changes
         self._scopes: dict[tuple[str, tuple[str, ...] | None, str], RangeTombstone] = {}
 
@@ -181,31 +179,29 @@ class PgWriter:
         """Apply the batch atomically; raise FencedError if a checkpoint moved under us."""
         began = time.perf_counter()
         now = now_us if now_us is not None else time.time_ns() // 1000
-        self._suppressed = {}
         keyed = _keyed_letters(batch.dead_letters)
-        erased: list[DeadLetter] = []
+        suppressed: dict[str, int] = {}
         try:
             async with self.conn.transaction():
                 for schema, mutations in batch.tables:
                     letters = keyed.get(schema.target, (schema, []))[1]
-                    also = [letter.row[1] for letter in letters if letter.row is not None]
-                    await self._apply_table(schema, mutations, now, also_lock=also)
-                if keyed:
-                    erased = await self._erased_letters(keyed, {s.target for s, _ in batch.tables})
+                    also = [key for key, _ in letters]
+                    if dropped := await self._apply_table(schema, mutations, now, also_lock=also):
+                        suppressed[schema.target] = dropped
+                erased = await self._erased_letters(keyed, {s.target for s, _ in batch.tables})
                 gone = {id(letter) for letter in erased}
                 await self._dead_letters([d for d in batch.dead_letters if id(d) not in gone])
                 await self._move_checkpoints(batch.checkpoints)
         except BaseException:
             self._staging.clear()  # a staging table created in the rolled-back transaction is gone
             raise
-        return BatchResult(time.perf_counter() - began, self._suppressed, tuple(erased))
+        return BatchResult(time.perf_counter() - began, suppressed, tuple(erased))
 
     async def erased_letters(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
         """Those of `letters` whose row key an erasure covers, read outside a transaction: one
         look-up per table (suppression.py). An erasure may still commit after it; `apply` looks
         again under the keys' locks before it stores a letter."""
-        keyed = _keyed_letters(letters)
-        return await self._erased_letters(keyed, set()) if keyed else []
+        return await self._erased_letters(_keyed_letters(letters), set())
 
     async def _erased_letters(self, keyed: _Keyed, locked: set[str]) -> list[DeadLetter]:
         """The letters of erased keys. In `apply`, the tables not in `locked` have their keys'
@@ -214,13 +210,13 @@ class PgWriter:
         `_cdc_dlq_records` finds the letters stored)."""
         erased: list[DeadLetter] = []
         for target, (schema, letters) in keyed.items():
-            keys = [letter.row[1] for letter in letters if letter.row is not None]
+            keys = [key for key, _ in letters]
             if self.conn.is_in_transaction() and target not in locked:
                 await self._lock(schema, [], [], _KeyTexts(), keys)
             gone = await self.suppression.erased(
                 self.conn, target, keys, json_key, await self._known_partition_columns(schema)
             )
-            erased += [d for d in letters if d.row is not None and d.row[1] in gone]
+            erased += [letter for key, letter in letters if key in gone]
         return erased
 
     async def expire_due(self, schema: TableSchema, limit: int = 1000) -> int:
@@ -254,49 +250,51 @@ class PgWriter:
         touch: Sequence[Key] = (),
         *,
         also_lock: Sequence[Key] = (),
-    ) -> None:
-        """`also_lock`: keys of the batch's dead letters of the table, whose partitions are
+    ) -> int:
+        """Return how many mutations of erased keys were left out (suppression.py).
+        `also_lock`: keys of the batch's dead letters of the table, whose partitions are
         locked with the rows' (in one id order, so writers never wait on each other in turn)."""
         texts = _KeyTexts()
         deletes = [m for m in mutations if m.event.op is Op.RANGE or m.event.is_partition_delete]
         partition_columns = await self._lock(
-            schema, mutations, deletes, texts, [*touch, *also_lock] if also_lock else touch
+            schema, mutations, deletes, texts, [*touch, *also_lock]
         )
         state = TableState(schema.key_columns, partition_columns)
         erased_version = await self._load(schema, state, mutations, deletes, texts, touch)
+        suppressed = 0
         if erased_version:
-            kept = await self.suppression.keep(
+            gone = await self.suppression.erased(
                 self.conn,
                 schema.target,
-                erased_version,
-                mutations,
+                [m.key for m in mutations],
                 json_key,  # not `texts`: it may hold an equal key's other rendering (12.340, 12.34)
                 partition_columns,
+                erased_version,
             )
-            if len(kept) < len(mutations):
-                self._suppressed[schema.target] = len(mutations) - len(kept)
-            mutations = kept
+            kept = [m for m in mutations if m.key not in gone]
+            suppressed, mutations = len(mutations) - len(kept), kept
         fresh: dict[Key, FreshRow] = {}
-        if self.fresh_rows_direct and not touch:
+        if self.fresh_rows_direct:
             mutations = _take_fresh(state, mutations, deletes, now_us, fresh)
         plan = apply_mutations(state, mutations)
         for key in touch:  # rows to re-settle though no event touched them (expiry)
             if key in state.rows:
                 plan.rows[key] = state.rows[key]
         outcome = settle_plan(state, plan, now_us)
-        if partition_columns is None and plan.partition_columns is not None:
+        if partition_columns is None and state.partition_columns is not None:
             await self.conn.execute(
                 "UPDATE _cdc_schema_metadata SET partition_columns = $2 "
                 "WHERE target_table = $1 AND partition_columns IS NULL",
                 schema.target,
-                list(plan.partition_columns),
+                list(state.partition_columns),
             )
-            self._partition_columns[schema.target] = plan.partition_columns
+            self._partition_columns[schema.target] = state.partition_columns
         await self._upsert(schema, outcome.live, fresh, now_us)
         await self._delete_rows(schema, [*outcome.remembered, *outcome.removed])
         await self._store_tombstones(schema, plan, outcome.remembered, texts)
         revived = [k for k in (*outcome.live, *outcome.removed) if k in state.remembered]
         await self._forget_dead(schema, [texts[k] for k in revived])
+        return suppressed
 
     # locking --------------------------------------------------------------------------------
 
@@ -330,13 +328,9 @@ class PgWriter:
         return partition_columns
 
     async def _known_partition_columns(self, schema: TableSchema) -> tuple[str, ...] | None:
-        return (
-            schema.partition_columns
-            or self._partition_columns.get(schema.target)
-            or await self._stored_partition_columns(schema)
-        )
-
-    async def _stored_partition_columns(self, schema: TableSchema) -> tuple[str, ...] | None:
+        known = schema.partition_columns or self._partition_columns.get(schema.target)
+        if known:
+            return known
         found = await self.conn.fetchval(
             "SELECT partition_columns FROM _cdc_schema_metadata WHERE target_table = $1 "
             "AND partition_columns IS NOT NULL ORDER BY version DESC LIMIT 1",
@@ -344,8 +338,8 @@ class PgWriter:
         )
         if not found:
             return None
-        self._partition_columns[schema.target] = tuple(found)
-        return tuple(found)
+        known = self._partition_columns[schema.target] = tuple(found)
+        return known
 
     # loading --------------------------------------------------------------------------------
 
@@ -390,23 +384,20 @@ class PgWriter:
         found = await self.conn.fetch(
             _STORED_TOMBSTONES, schema.target, list(by_json), list(partitions)
         )
-        stones: list[asyncpg.Record] = []
         erased_version = 0
-        for record in found:
-            if record["kind"] == "erased":
-                erased_version = record["ts_us"]
-                continue
-            if record["kind"] != "row":
-                stones.append(record)
-                continue
-            dead = by_json.get(json.dumps(json.loads(record["k"]), separators=(",", ":")))
-            if dead is not None:
-                state.remembered.add(dead)
-                if dead not in state.rows:
-                    state.rows[dead] = _row_from_state(json.loads(record["state"]))
         parsed: dict[str, Key] = {}  # a partition's stones share its key text
-        for stone in stones:
-            text = stone["k"]
+        for stone in found:
+            kind, text, ts = stone["kind"], stone["k"], stone["ts_us"]
+            if kind == "erased":
+                erased_version = ts
+                continue
+            if kind == "row":
+                dead = by_json.get(json.dumps(json.loads(text), separators=(",", ":")))
+                if dead is not None:
+                    state.remembered.add(dead)
+                    if dead not in state.rows:
+                        state.rows[dead] = _row_from_state(json.loads(stone["state"]))
+                continue
             if text not in parsed:
                 parsed[text] = tuple(
                     _from_json(schema, name, value)
@@ -415,10 +406,10 @@ class PgWriter:
                     )
                 )
             entry = state.partitions.setdefault(parsed[text], PartitionTombstones())
-            if stone["kind"] == "partition":
-                entry.partition_ts = max(entry.partition_ts or stone["ts_us"], stone["ts_us"])
+            if kind == "partition":
+                entry.partition_ts = max(entry.partition_ts or ts, ts)
             else:
-                entry.ranges.append(self._range(schema, state, stone["scope"], stone["ts_us"]))
+                entry.ranges.append(self._range(schema, state, stone["scope"], ts))
         return erased_version
 
     def _range(self, schema: TableSchema, state: TableState, scope: str, ts: int) -> RangeTombstone:
@@ -429,7 +420,18 @@ class PgWriter:
         if parsed is None:
             if len(self._scopes) >= _SCOPES_KEPT:
                 self._scopes.clear()
-            parsed = self._scopes[memo] = _range_from_scope(schema, state, json.loads(scope), 0)
+            assert state.partition_columns is not None
+            clustering = [c for c in schema.key_columns if c not in state.partition_columns]
+            bounds = json.loads(scope)
+            value = functools.partial(_from_json, schema)  # of a clustering column
+            parsed = self._scopes[memo] = RangeTombstone(
+                start=tuple(map(value, clustering, bounds["start"])),
+                start_inclusive=bounds["start_inclusive"],
+                end=tuple(map(value, clustering, bounds["end"])),
+                end_inclusive=bounds["end_inclusive"],
+                ts=0,
+                descending=tuple(bounds["descending"]),
+            )
         return replace(parsed, ts=ts)
 
     async def _select_by(
@@ -441,16 +443,15 @@ class PgWriter:
     # storing --------------------------------------------------------------------------------
 
     async def _staging_table(self, schema: TableSchema) -> str:
-        known = self._staging.get(schema.target)
-        if known and known[0] == schema.version:
-            return known[1]
         name = f"_cdc_stage_{lock_id(schema.target) & 0xFFFFFFFF:08x}"
+        if self._staging.get(schema.target) == schema.version:
+            return name
         await self.conn.execute(f"DROP TABLE IF EXISTS pg_temp.{name}")
         await self.conn.execute(
             f"CREATE TEMP TABLE {name} (LIKE {qualified(self.schema, schema.target)} "
             "INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
-        self._staging[schema.target] = (schema.version, name)
+        self._staging[schema.target] = schema.version
         return name
 
     async def _upsert(
@@ -468,37 +469,33 @@ class PgWriter:
         # The timestamptz columns get µs since 1970 (see codecs.PG_TUPLE_CODECS); updated_at is
         # the wall clock even when a caller simulates `now_us`.
         updated_at = time.time_ns() // 1000
-        records = []
-        for key, row in live.items():
-            cells = row.cells
-            records.append(
-                (
-                    *key,
-                    *[None if (c := cells.get(name)) is None else c.value for name in values],
-                    _stamps_json((n, c.ts, c.expires_us) for n, c in cells.items()),
-                    row.marker_ts,
-                    row.marker_expires_us,
-                    row.deleted_ts,
-                    write_ts(row, now_us),
-                    next_expiry(row, now_us),
-                    updated_at,
-                )
+        records = [
+            (
+                *key,
+                *[None if (c := row.cells.get(name)) is None else c.value for name in values],
+                _stamps_json((n, c.ts, c.expires_us) for n, c in row.cells.items()),
+                row.marker_ts,
+                row.marker_expires_us,
+                row.deleted_ts,
+                *write_and_expiry(row, now_us),
+                updated_at,
             )
-        for key, new in fresh.items():
-            got = new.values
-            records.append(
-                (
-                    *key,
-                    *[got.get(name) for name in values],
-                    _stamps_json(new.stamps),
-                    new.marker_ts,
-                    new.marker_expires_us,
-                    None,
-                    new.write_ts,
-                    new.next_expiry,
-                    updated_at,
-                )
+            for key, row in live.items()
+        ]
+        records += [
+            (
+                *key,
+                *map(new.values.get, values),
+                _stamps_json(new.stamps),
+                new.marker_ts,
+                new.marker_expires_us,
+                None,
+                new.write_ts,
+                new.next_expiry,
+                updated_at,
             )
+            for key, new in fresh.items()
+        ]
         order = [*schema.key_columns, *values, *META_COLUMNS]
         await self.conn.copy_records_to_table(staging, records=records, columns=order)
         idents = ", ".join(quote_ident(c) for c in columns)
@@ -632,7 +629,8 @@ class PgWriter:
                 )
 
 
-_Keyed = dict[str, tuple[TableSchema, list[DeadLetter]]]  # target -> (its schema, its letters)
+# target -> (its schema, (row key, letter) of each of its letters)
+_Keyed = dict[str, tuple[TableSchema, list[tuple[Key, DeadLetter]]]]
 
 
 def _keyed_letters(letters: Sequence[DeadLetter]) -> _Keyed:
@@ -640,7 +638,8 @@ def _keyed_letters(letters: Sequence[DeadLetter]) -> _Keyed:
     keyed: _Keyed = {}
     for letter in letters:
         if letter.row is not None:
-            keyed.setdefault(letter.row[0].target, (letter.row[0], []))[1].append(letter)
+            schema, key = letter.row
+            keyed.setdefault(schema.target, (schema, []))[1].append((key, letter))
     return keyed
 
 
@@ -672,8 +671,7 @@ _MERGED_META = ("_cdc_cells", "_cdc_marker_ts", "_cdc_marker_expires_us", "_cdc_
 
 
 def _row_from_record(record: asyncpg.Record) -> RowState:
-    stamps = record["_cdc_cells"]
-    stamps = json.loads(stamps) if isinstance(stamps, str) else stamps
+    stamps = json.loads(record["_cdc_cells"])  # jsonb: asyncpg hands over its text
     cells = {name: CellState(record[name], ts, expires) for name, (ts, expires) in stamps.items()}
     return RowState(
         cells, record["_cdc_marker_ts"], record["_cdc_marker_expires_us"], record["_cdc_deleted_ts"]
@@ -747,9 +745,9 @@ def _row_state_json(row: RowState) -> str:
 
 
 def _row_from_state(state: dict[str, Any]) -> RowState:
-    cells = {n: CellState(None, ts, exp) for n, (ts, exp) in state.get("cells", {}).items()}
-    marker_ts, marker_expires = state.get("marker") or (None, None)
-    return RowState(cells, marker_ts, marker_expires, state.get("deleted_ts"))
+    cells = {n: CellState(None, ts, exp) for n, (ts, exp) in state["cells"].items()}
+    marker_ts, marker_expires = state["marker"]
+    return RowState(cells, marker_ts, marker_expires, state["deleted_ts"])
 
 
 def _range_scope(stone: RangeTombstone) -> str:
@@ -782,22 +780,3 @@ def _from_json(schema: TableSchema, column: str, value: Any) -> Any:
         return None
     parse = _FROM_JSON.get(pg_type(schema.columns[column]))
     return parse(value) if parse else value
-
-
-def _range_from_scope(
-    schema: TableSchema, state: TableState, scope: Any, ts: int
-) -> RangeTombstone:
-    assert state.partition_columns is not None
-    clustering = [c for c in schema.key_columns if c not in state.partition_columns]
-
-    def values(raw: list[Any]) -> tuple[Any, ...]:
-        return tuple(_from_json(schema, c, v) for c, v in zip(clustering, raw, strict=False))
-
-    return RangeTombstone(
-        start=values(scope["start"]),
-        start_inclusive=scope["start_inclusive"],
-        end=values(scope["end"]),
-        end_inclusive=scope["end_inclusive"],
-        ts=ts,
-        descending=tuple(scope.get("descending", ())),
-    )
