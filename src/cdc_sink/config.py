@@ -323,8 +323,7 @@ class SinkConfig:
             raise ConfigError(
                 "CDC_SINK__RETRY_BASE_SECONDS must be > 0 and <= CDC_SINK__RETRY_MAX_SECONDS"
             )
-        if self.shutdown_timeout_seconds <= 0:
-            raise ConfigError("CDC_SINK__SHUTDOWN_TIMEOUT_SECONDS must be > 0")
+        check_positive("CDC_SINK__SHUTDOWN_TIMEOUT_SECONDS", self.shutdown_timeout_seconds)
         check_positive("CDC_SINK__EXPIRY_INTERVAL_SECONDS", self.expiry_interval_seconds)
 
 

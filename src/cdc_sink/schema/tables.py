@@ -227,7 +227,7 @@ class TableSchema:
     def with_masks(
         self, masks: Mapping[str, ColumnMask], rendered: Iterable[str] | None = None
     ) -> TableSchema:
-        """The same schema converting through `masks` (model.masking.column_masks), and
+        """The same schema converting through `masks` (MaskingPolicy.masks), and
         writing the unmasked columns of `rendered` (if given) as text."""
         found = self.rendered if rendered is None else frozenset(rendered)
         return replace(self, masks=masks, rendered=found)
