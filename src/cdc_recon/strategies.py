@@ -138,18 +138,14 @@ def compare_rows(
     return findings
 
 
-@dataclass
 class Buckets:
     """Per-bucket row counts and digest sums (mod 2^256): order-independent, O(buckets)."""
 
-    size: int
-    counts: list[int] = field(default_factory=list)
-    sums: list[int] = field(default_factory=list)
-    rows: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * self.size
-        self.sums = [0] * self.size
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.counts = [0] * size
+        self.sums = [0] * size
+        self.rows = 0
 
     def add(self, row: Scanned) -> None:
         index = bucket_of(row.key_text, self.size)
