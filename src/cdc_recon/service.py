@@ -81,16 +81,13 @@ def parse_strategy(name: str) -> Strategy:
 
 
 def _instant(value: Any, option: str) -> dt.datetime | None:
-    if value is None or isinstance(value, dt.datetime):
-        stamp = value
-    else:
-        try:
-            stamp = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError:
-            raise InvalidRequestError(f"{option} {value!r} is not an ISO 8601 instant") from None
-    if stamp is not None and stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.UTC)
-    return stamp
+    if value is None:
+        return None
+    try:
+        stamp = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        raise InvalidRequestError(f"{option} {value!r} is not an ISO 8601 instant") from None
+    return stamp.replace(tzinfo=dt.UTC) if stamp.tzinfo is None else stamp
 
 
 @dataclass(frozen=True)
