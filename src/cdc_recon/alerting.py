@@ -89,10 +89,10 @@ class ReconMetrics:
             self.gauges[key].labels(report.table, report.strategy).set(value)
         self.jobs.labels(report.table, report.strategy, report.status).inc()
 
-    async def push(self, url: str | None, report: JobReport, timeout_s: float) -> bool:
-        """Push this job's gauges; False (logged, counted) if the Pushgateway failed."""
+    async def push(self, url: str | None, report: JobReport, timeout_s: float) -> None:
+        """Push this job's gauges (if `url`); a failure is logged and counted, never raised."""
         if not url:
-            return False
+            return
         registry = CollectorRegistry()
         for key, value in _values(report).items():
             name, text = _GAUGES[key]
@@ -114,8 +114,6 @@ class ReconMetrics:
         except Exception as exc:  # noqa: BLE001 - an unreachable Pushgateway must not fail a job
             self.push_failures.inc()
             log.warning("reconciliation_push_failed", url=url, error=f"{type(exc).__name__}: {exc}")
-            return False
-        return True
 
 
 def _values(report: JobReport) -> dict[str, float]:

@@ -41,6 +41,7 @@ __all__ = [
     "bucket_of",
     "differing_columns",
     "driver_exact",
+    "epoch_micros",
     "for_cassandra",
     "for_converted",
     "for_postgres",
@@ -117,10 +118,15 @@ def driver_exact(t: CqlType, value: Any) -> Any:
 def _exact_fixer(t: CqlType) -> Callable[[Any], Any] | None:
     if t.name == "timestamp":
         return _round_ms
-    if t.name in ("list", "set", "tuple"):
+    if t.name in ("list", "set", "tuple", "map"):
         fixes = [_exact_fixer(p) for p in t.params]
         if not any(fixes):
             return None
+        if t.name == "map":
+            key_fix, value_fix = (f or (lambda x: x) for f in fixes)
+            return lambda v: {
+                key_fix(k): None if x is None else value_fix(x) for k, x in dict(v).items()
+            }
         if t.name == "tuple":
             return lambda v: tuple(
                 x if f is None or x is None else f(x) for f, x in zip(fixes, v, strict=False)
@@ -128,13 +134,6 @@ def _exact_fixer(t: CqlType) -> Callable[[Any], Any] | None:
         fix = fixes[0]
         assert fix is not None
         return lambda v: [None if x is None else fix(x) for x in v]
-    if t.name == "map":
-        key_fix, value_fix = (_exact_fixer(p) or (lambda x: x) for p in t.params)
-        if _exact_fixer(t.params[0]) is None and _exact_fixer(t.params[1]) is None:
-            return None
-        return lambda v: {
-            key_fix(k): None if x is None else value_fix(x) for k, x in dict(v).items()
-        }
     if t.name == "udt" and t.fields:
         fields = [(name, _exact_fixer(ft)) for name, ft in t.fields]
         if not any(f for _, f in fields):
@@ -200,7 +199,7 @@ def _float(value: Any) -> str:
     return repr(f)
 
 
-def _timestamp(value: Any) -> int:
+def epoch_micros(value: Any) -> int:
     stamp: dt.datetime = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     return (stamp - _EPOCH) // _MICRO
 
@@ -233,7 +232,7 @@ _SCALAR: dict[str, Callable[[Any], Canon]] = {
     "uuid": str,
     "timeuuid": str,
     "inet": _inet,
-    "timestamp": _timestamp,
+    "timestamp": epoch_micros,
     "date": lambda v: v.isoformat(),
     "time": lambda v: v.isoformat(timespec="microseconds"),
     "duration": _duration,

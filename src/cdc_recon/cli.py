@@ -29,7 +29,7 @@ from cdc_recon.errors import (
     UnknownTableError,
 )
 from cdc_recon.readers import CassandraReader, connect_cassandra
-from cdc_recon.remask import DEFAULT_BATCH_ROWS, Remasker, outcome_json
+from cdc_recon.remask import DEFAULT_BATCH_ROWS, Remasker
 from cdc_recon.service import Reconciler, recon_pool
 from cdc_recon.settings import reconciliation_settings
 from cdc_recon.targets import resolve_table
@@ -204,7 +204,7 @@ async def mask(config: Config, args: argparse.Namespace) -> int:
             outcome = await remasker.run(restart=args.restart, max_batches=args.max_batches)
             if outcome.finished:
                 await audit(pool, cli_actor(), "mask_apply_finished", dataclasses.asdict(outcome))
-            print(outcome_json(outcome))
+            print(json.dumps(dataclasses.asdict(outcome)))
             return 0
     except (ReconError, MaskingError) as exc:
         print(f"cdc-sink mask: {exc}", file=sys.stderr)

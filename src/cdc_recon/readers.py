@@ -113,8 +113,6 @@ class ReconTable:
     def cassandra_canons(self) -> list[Callable[[Any], Canon]]:
         """Per column, a cassandra-driver value → its canonical form as the sink stores it
         (masked where a rule says so, as text where the column is text)."""
-        if not self.masks and not self.rendered:
-            return [for_cassandra(t) for t in self.columns.values()]
         sink = self.sink_schema()
         return [
             for_cassandra(t)
@@ -125,8 +123,6 @@ class ReconTable:
 
     def postgres_canons(self) -> list[Callable[[Any], Canon]]:
         """Per column, an asyncpg value → its canonical form (by the type PostgreSQL holds)."""
-        if not self.masks and not self.rendered:
-            return [for_postgres(t) for t in self.columns.values()]
         return [for_postgres(t) for t in self.sink_schema().stored_types.values()]
 
 
@@ -233,6 +229,18 @@ def _cql_table(table: ReconTable) -> str:
     return f"{_cql_ident(table.keyspace)}.{_cql_ident(table.source)}"
 
 
+def _newest(names: Sequence[str], stamps: Sequence[Any]) -> dict[str, int]:
+    """Per column, the WRITETIME or TTL Cassandra returned for it (for a multi-cell column a
+    list, one per element: the newest), leaving out the columns without one."""
+    found = {}
+    for name, stamp in zip(names, stamps, strict=True):
+        if isinstance(stamp, list):
+            stamp = max((s for s in stamp if s is not None), default=None)
+        if stamp is not None:
+            found[name] = int(stamp)
+    return found
+
+
 def token_ranges(splits: int) -> list[tuple[int, int]]:
     """The Murmur3 ring (MIN_TOKEN, MAX_TOKEN] cut into `splits` contiguous ranges."""
     width = (MAX_TOKEN - MIN_TOKEN) // splits
@@ -291,12 +299,7 @@ class CassandraReader:
         def convert(row: Sequence[Any]) -> Scanned | None:
             stamps = None
             if writetimes:
-                stamps = {}
-                for name, stamp in zip(names, row[len(canons) :], strict=True):
-                    if isinstance(stamp, list):
-                        stamp = max(stamp, default=None)
-                    if stamp is not None:
-                        stamps[name] = int(stamp)
+                stamps = _newest(names, row[len(canons) :])
                 if keep is not None and not keep(stamps):
                     return None
             canon = [f(v) for f, v in zip(canons, row, strict=False)]
@@ -425,26 +428,13 @@ class CassandraReader:
         canon_key = table.key_canon(for_cassandra)
         width, count = len(table.columns), len(names)
 
-        def newest(value: Any) -> int | None:
-            if isinstance(value, list):
-                return max((v for v in value if v is not None), default=None)
-            return None if value is None else int(value)
-
         def native(row: Sequence[Any]) -> tuple[str, NativeRow]:
             values = {
                 name: driver_exact(t, v)
                 for (name, t), v in zip(table.columns.items(), row[:width], strict=True)
             }
-            stamps = {
-                n: w
-                for n, raw in zip(names, row[width : width + count], strict=True)
-                if (w := newest(raw)) is not None
-            }
-            ttls = {
-                n: t
-                for n, raw in zip(single, row[width + count :], strict=True)
-                if (t := newest(raw)) is not None
-            }
+            stamps = _newest(names, row[width : width + count])
+            ttls = _newest(single, row[width + count :])
             return key_text(canon_key(row)), NativeRow(values, stamps, ttls)
 
         select = self._select(table, writetimes=True, ttls=True)
@@ -596,13 +586,7 @@ class PgReader:
         self, table: ReconTable, keys: Sequence[tuple[Canon, ...]], *, writetimes: bool = False
     ) -> dict[str, Scanned]:
         """The rows with these canonical keys that exist, by key text."""
-        if not keys:
-            return {}
-        where, columns = keys_in(
-            table.columns, table.key_columns, [native_key(table, k) for k in keys]
-        )
-        rows = await self.pool.fetch(f"{self._select(table)} WHERE {where}", *columns)
-        await self.pacer.pace_async(len(rows))
+        rows = await self._read_keys(table, keys, self._select(table))
         convert = self._convert(table, writetimes)
         return {row.key_text: row for row in map(convert, rows) if row is not None}
 
@@ -610,18 +594,12 @@ class PgReader:
         self, table: ReconTable, keys: Sequence[tuple[Canon, ...]]
     ) -> dict[str, RowStamps]:
         """The stored timestamps of the rows with these keys that exist, by key text."""
-        if not keys:
-            return {}
         idents = ", ".join(quote_ident(c) for c in table.key_columns)
-        where, columns = keys_in(
-            table.columns, table.key_columns, [native_key(table, k) for k in keys]
-        )
-        rows = await self.pool.fetch(
+        select = (
             f"SELECT {idents}, _cdc_cells::text AS cells, _cdc_marker_ts, _cdc_deleted_ts "
-            f"FROM {qualified(self.schema, table.target)} WHERE {where}",
-            *columns,
+            f"FROM {qualified(self.schema, table.target)}"
         )
-        await self.pacer.pace_async(len(rows))
+        rows = await self._read_keys(table, keys, select)
         canon_key = table.key_canon(for_postgres)
         found = {}
         for row in rows:
@@ -629,6 +607,18 @@ class PgReader:
             stamps = [*cells.values(), row["_cdc_marker_ts"] or 0, row["_cdc_deleted_ts"] or 0]
             found[key_text(canon_key(row))] = RowStamps(cells, max(stamps))
         return found
+
+    async def _read_keys(
+        self, table: ReconTable, keys: Sequence[tuple[Canon, ...]], select: str
+    ) -> list[asyncpg.Record]:
+        """`select` (SELECT … FROM the table) of each of these canonical keys that exists."""
+        if not keys:
+            return []
+        natives = [native_key(table, k) for k in keys]
+        where, columns = keys_in(table.columns, table.key_columns, natives)
+        rows: list[asyncpg.Record] = await self.pool.fetch(f"{select} WHERE {where}", *columns)
+        await self.pacer.pace_async(len(rows))
+        return rows
 
     async def random_keys(
         self, table: ReconTable, count: int, seed: int

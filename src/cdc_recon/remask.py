@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -223,7 +222,3 @@ class Remasker:
 def _literal(text: str) -> str:
     """A SQL string literal (for column names used as JSON keys)."""
     return "'" + text.replace("'", "''") + "'"
-
-
-def outcome_json(outcome: RemaskOutcome) -> str:
-    return json.dumps(asdict(outcome))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -45,21 +44,7 @@ def schedule_lock(schema: str, table: str, strategy: str) -> int:
     return lock_id("cdc_recon_schedule", schema, table, strategy)
 
 
-@dataclass(frozen=True)
-class JobRequest:
-    """What to reconcile: a resolved target table, a strategy and its options."""
-
-    table: str
-    strategy: str
-    window_start: dt.datetime | None = None
-    window_end: dt.datetime | None = None
-    options: dict[str, Any] | None = None
-    trigger: str = "manual"
-
-
-def _record(row: asyncpg.Record | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
+def _record(row: asyncpg.Record) -> dict[str, Any]:
     out = dict(row)
     for name in ("options", "details", "row_key"):
         if isinstance(out.get(name), str):
@@ -76,16 +61,25 @@ class Repository:
         self.pool = pool
         self.schema = schema
 
-    async def create_job(self, request: JobRequest) -> int:
+    async def create_job(
+        self,
+        table: str,
+        strategy: str,
+        window_start: dt.datetime | None = None,
+        window_end: dt.datetime | None = None,
+        options: dict[str, Any] | None = None,
+        trigger: str = "manual",
+    ) -> int:
+        """Record a pending job on a resolved target table."""
         job_id = await self.pool.fetchval(
             "INSERT INTO _cdc_reconciliation_jobs (target_table, strategy, window_start, "
             "window_end, options, trigger) VALUES ($1, $2, $3, $4, $5::jsonb, $6) RETURNING id",
-            request.table,
-            request.strategy,
-            request.window_start,
-            request.window_end,
-            json.dumps(request.options or {}),
-            request.trigger,
+            table,
+            strategy,
+            window_start,
+            window_end,
+            json.dumps(options or {}),
+            trigger,
         )
         return int(job_id)
 
@@ -157,11 +151,10 @@ class Repository:
         return interrupted
 
     async def job(self, job_id: int) -> dict[str, Any] | None:
-        return _record(
-            await self.pool.fetchrow(
-                f"SELECT {JOB_COLUMNS} FROM _cdc_reconciliation_jobs WHERE id = $1", job_id
-            )
+        row = await self.pool.fetchrow(
+            f"SELECT {JOB_COLUMNS} FROM _cdc_reconciliation_jobs WHERE id = $1", job_id
         )
+        return None if row is None else _record(row)
 
     async def jobs(
         self,
@@ -180,7 +173,7 @@ class Repository:
             status,
             limit,
         )
-        return [r for r in map(_record, rows) if r is not None]
+        return list(map(_record, rows))
 
     async def pending_jobs(self) -> list[int]:
         rows = await self.pool.fetch(
@@ -219,7 +212,7 @@ class Repository:
             status,
             limit,
         )
-        return [r for r in map(_record, rows) if r is not None]
+        return list(map(_record, rows))
 
     async def resolve_many(self, outcomes: Sequence[tuple[int, str, str]]) -> None:
         """Record (mismatch id, status, resolution) for many mismatches in one statement."""
@@ -246,12 +239,11 @@ class Repository:
         self, mismatch_id: int, resolution: str, status: str = "resolved"
     ) -> dict[str, Any] | None:
         """Record how a mismatch was settled; None if there is no such mismatch."""
-        return _record(
-            await self.pool.fetchrow(
-                "UPDATE _cdc_reconciliation_mismatches SET status = $2, resolution = $3, "
-                f"resolved_at = now() WHERE id = $1 RETURNING {MISMATCH_COLUMNS}",
-                mismatch_id,
-                status,
-                resolution,
-            )
+        row = await self.pool.fetchrow(
+            "UPDATE _cdc_reconciliation_mismatches SET status = $2, resolution = $3, "
+            f"resolved_at = now() WHERE id = $1 RETURNING {MISMATCH_COLUMNS}",
+            mismatch_id,
+            status,
+            resolution,
         )
+        return None if row is None else _record(row)

@@ -29,7 +29,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from cdc_recon.alerting import JobReport, ReconMetrics
-from cdc_recon.canonical import Canon, key_text
+from cdc_recon.canonical import Canon, epoch_micros, key_text
 from cdc_recon.errors import (
     InvalidRequestError,
     ReconError,
@@ -39,7 +39,7 @@ from cdc_recon.errors import (
 from cdc_recon.pacing import Pacer
 from cdc_recon.readers import CassandraReader, PgReader, ReconTable, native_key, written_key
 from cdc_recon.repair import plan_repair
-from cdc_recon.repository import JobRequest, Repository, job_lock
+from cdc_recon.repository import Repository, job_lock
 from cdc_recon.settings import ReconciliationConfig
 from cdc_recon.strategies import (
     Finding,
@@ -81,20 +81,13 @@ def parse_strategy(name: str) -> Strategy:
 
 
 def _instant(value: Any, option: str) -> dt.datetime | None:
-    if value is None or isinstance(value, dt.datetime):
-        stamp = value
-    else:
-        try:
-            stamp = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError:
-            raise InvalidRequestError(f"{option} {value!r} is not an ISO 8601 instant") from None
-    if stamp is not None and stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.UTC)
-    return stamp
-
-
-def _micros(stamp: dt.datetime) -> int:
-    return (stamp - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+    if value is None:
+        return None
+    try:
+        stamp = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        raise InvalidRequestError(f"{option} {value!r} is not an ISO 8601 instant") from None
+    return stamp.replace(tzinfo=dt.UTC) if stamp.tzinfo is None else stamp
 
 
 @dataclass(frozen=True)
@@ -146,12 +139,8 @@ class Reconciler:
         self._lock_holders = asyncio.Semaphore(max(1, pool.get_max_size() // 2))
         self._running = asyncio.Semaphore(settings.max_running_jobs)
 
-    async def resolve(
-        self, name: str, pool: asyncpg.Pool | BoundedPool | None = None
-    ) -> ReconTable:
-        return await resolve_table(
-            pool or self.pool, self.pg_schema, self.session, name, self.masking
-        )
+    async def resolve(self, name: str) -> ReconTable:
+        return await resolve_table(self.pool, self.pg_schema, self.session, name, self.masking)
 
     @contextlib.asynccontextmanager
     async def holding(self, lock: int, *, wait: bool) -> AsyncIterator[asyncpg.Connection | None]:
@@ -209,7 +198,7 @@ class Reconciler:
             raise InvalidRequestError("sample_size applies to the sample strategy only")
         repository = self.repository if pool is None else Repository(pool, self.pg_schema)
         return await repository.create_job(
-            JobRequest(resolved.target, chosen.value, start, end, options, trigger)
+            resolved.target, chosen.value, start, end, options, trigger
         )
 
     async def run(
@@ -308,8 +297,8 @@ class Reconciler:
                 table,
                 c,
                 p,
-                start_us=_micros(job["window_start"]),
-                end_us=_micros(job["window_end"]),
+                start_us=epoch_micros(job["window_start"]),
+                end_us=epoch_micros(job["window_end"]),
             )
         else:
             outcome = await sample(
@@ -406,8 +395,8 @@ class Reconciler:
         schema = table.sink_schema()
         now_us = time.time_ns() // 1000
         mutations: list[Mutation] = []
-        resolutions: dict[int, str] = {}
-        outcomes: list[tuple[int, str, str]] = []  # (mismatch id, status, resolution)
+        planned: list[tuple[int, str, str]] = []  # (mismatch id, key text, resolution)
+        skipped: list[tuple[int, str, str]] = []  # (mismatch id, status, resolution)
         # Found before their key was erased: neither written back nor kept (they name the key).
         erased = await self._erased(table, keys)
         forgotten = [m["id"] for m, key in zip(chunk, keys, strict=True) if key in erased]
@@ -435,9 +424,9 @@ class Reconciler:
             try:
                 mutations += [schema.to_mutation(e) for e in action.events]
             except ConversionError as exc:
-                outcomes.append((mismatch["id"], "open", f"cannot repair: {exc}"))
+                skipped.append((mismatch["id"], "open", f"cannot repair: {exc}"))
                 continue
-            resolutions[mismatch["id"]] = action.resolution
+            planned.append((mismatch["id"], text, action.resolution))
         if mutations:
             async with self.pool.acquire() as conn:
                 writer = PgWriter(conn, self.pg_schema, "cdc-reconciliation", self.suppression)
@@ -448,17 +437,15 @@ class Reconciler:
             self._count_erased(table, gone)
         # Verify: a repair counts only if the row now matches.
         still = {key_text(f.key) for f in await self.differing(table, keys)}
-        skipped, repaired = len(outcomes), 0
-        for mismatch, key in zip(chunk, keys, strict=True):
-            if mismatch["id"] not in resolutions:
-                continue
-            if key_text(key) in still:
-                outcomes.append((mismatch["id"], "open", NOT_CONVERGED))
-            else:
-                outcomes.append((mismatch["id"], "resolved", resolutions[mismatch["id"]]))
-                repaired += 1
-        await self.repository.resolve_many(outcomes)
-        return repaired, len(outcomes) - skipped - repaired, skipped, gone
+        verified = [
+            (mismatch_id, "open", NOT_CONVERGED)
+            if text in still
+            else (mismatch_id, "resolved", resolution)
+            for mismatch_id, text, resolution in planned
+        ]
+        await self.repository.resolve_many(skipped + verified)
+        repaired = sum(status == "resolved" for _, status, _ in verified)
+        return repaired, len(verified) - repaired, len(skipped), gone
 
 
 async def recon_pool(postgres: PostgresConfig, login: PostgresLogin) -> asyncpg.Pool:

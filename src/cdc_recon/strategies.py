@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cdc_recon.canonical import Canon, bucket_of, differing_columns, key_text, row_digest
-from cdc_recon.readers import ReconTable, Scanned
+from cdc_recon.readers import Keep, ReconTable, Scanned
 
 _MOD = 1 << 256
 
@@ -83,11 +83,7 @@ class RowSource(Protocol):
     """One side of the comparison."""
 
     def scan(
-        self,
-        table: ReconTable,
-        *,
-        writetimes: bool = False,
-        keep: Callable[[dict[str, int]], bool] | None = None,
+        self, table: ReconTable, *, writetimes: bool = False, keep: Keep | None = None
     ) -> AsyncIterator[list[Scanned]]: ...
 
     async def count(self, table: ReconTable) -> int: ...
@@ -127,29 +123,24 @@ def compare_rows(
             continue
         columns = differing_columns(names, c.values, p.values)
         if stamped and c.writetimes is not None and p.writetimes is not None:
-            late = {
+            columns += [
                 n
-                for n in stamped
-                if n not in columns and c.writetimes.get(n) != p.writetimes.get(n)
-            }
-            columns += [n for n in names if n in late]
+                for n in names
+                if n in stamped and n not in columns and c.writetimes.get(n) != p.writetimes.get(n)
+            ]
         if columns:
             findings.append(Finding(c.key, Kind.VALUE_MISMATCH, tuple(columns)))
     return findings
 
 
-@dataclass
 class Buckets:
     """Per-bucket row counts and digest sums (mod 2^256): order-independent, O(buckets)."""
 
-    size: int
-    counts: list[int] = field(default_factory=list)
-    sums: list[int] = field(default_factory=list)
-    rows: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * self.size
-        self.sums = [0] * self.size
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.counts = [0] * size
+        self.sums = [0] * size
+        self.rows = 0
 
     def add(self, row: Scanned) -> None:
         index = bucket_of(row.key_text, self.size)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -23,13 +23,12 @@ from cdc_sink.schema.tables import RESERVED_COLUMNS
 @dataclass(frozen=True, slots=True)
 class Target:
     """A table the sink writes: its PostgreSQL name, its Cassandra source, and the columns
-    PostgreSQL has."""
+    PostgreSQL has (with their types)."""
 
     target: str
     keyspace: str
     source: str
-    present: frozenset[str]
-    types: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    types: Mapping[str, str]
 
 
 async def find_target(
@@ -44,9 +43,7 @@ async def find_target(
         "ORDER BY target_table, version DESC",
         name,
     )
-    exact = [r for r in rows if r["target_table"] == name]
-    if exact:
-        rows = exact
+    rows = [r for r in rows if r["target_table"] == name] or rows
     if not rows:
         raise UnknownTableError(f"unknown table {name!r}: the sink has written no such table")
     if len(rows) > 1:
@@ -56,9 +53,7 @@ async def find_target(
     types = await column_types(conn, pg_schema, row["target_table"])
     if not types:
         raise UnknownTableError(f"table {pg_schema}.{row['target_table']} does not exist")
-    return Target(
-        row["target_table"], row["keyspace_name"], row["source_table"], frozenset(types), types
-    )
+    return Target(row["target_table"], row["keyspace_name"], row["source_table"], types)
 
 
 async def resolve_table(
@@ -84,7 +79,7 @@ async def resolve_table(
     keys = (*partition, *clustering)
     # A Cassandra column of a reserved name is not in the target, even where the target has
     # a column of that name (the sink's own): it is Cassandra's alone, like a missing one.
-    mirrored = found.present - RESERVED_COLUMNS
+    mirrored = found.types.keys() - RESERVED_COLUMNS
     ordered = {c: columns[c] for c in keys} | {
         c: t for c, t in columns.items() if c not in keys and c in mirrored
     }
@@ -102,5 +97,4 @@ async def resolve_table(
         columns=ordered,
         cassandra_only=tuple(c for c in columns if c not in mirrored),
     )
-    rendered = rendered_columns(table.sink_schema(), found.types)
-    return dataclasses.replace(table, rendered=rendered) if rendered else table
+    return dataclasses.replace(table, rendered=rendered_columns(table.sink_schema(), found.types))

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from cdc_recon.alerting import ReconMetrics
 from cdc_recon.api import reconciliation_routes
-from cdc_recon.repository import JobRequest, job_lock
+from cdc_recon.repository import job_lock
 from cdc_recon.runtime import ReconciliationRuntime
 from cdc_recon.scheduler import Scheduler
 from cdc_recon.service import Reconciler
@@ -119,7 +119,7 @@ async def test_a_job_whose_runner_died_is_marked_interrupted(
     """A running job stays 'running' while its runner's session lives and becomes
     'interrupted' once that session is gone (the process died)."""
     repository = setup.reconciler.repository
-    job = await repository.create_job(JobRequest(data.TARGET, "checksum"))
+    job = await repository.create_job(data.TARGET, "checksum")
     runner = await asyncpg.connect(
         stack.postgres_dsn, server_settings={"search_path": setup.schema}
     )
