@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import NamedTuple
 
 from aiokafka import TopicPartition
 
-from cdc_sink.consumer.prepare import Prepared
+from cdc_sink.consumer.prepare import Outcome, Prepared
 from cdc_sink.dlq.letters import DeadLetter
 from cdc_sink.model.cql import parse_cql_type
 from cdc_sink.schema.tables import TableSchema
@@ -16,6 +16,18 @@ from cdc_sink.schema.tables import TableSchema
 def _schema(version: int, *extra: str) -> TableSchema:
     columns = {"id": parse_cql_type("int"), **{name: parse_cql_type("text") for name in extra}}
     return TableSchema("ks", "t", "cdc_t", ("id",), columns, version=version)
+
+
+class Record(NamedTuple):
+    """What preparing reads of a Kafka record."""
+
+    offset: int
+    topic: str = "cdc-events-t"
+    partition: int = 0
+
+    @property
+    def timestamp(self) -> int:
+        return self.offset * 10
 
 
 def _letter(offset: int) -> DeadLetter:
@@ -36,26 +48,22 @@ def _letter(offset: int) -> DeadLetter:
 
 
 def _chunk(offsets: list[int], schema: TableSchema, letters: list[int]) -> Prepared:
-    tp = TopicPartition("cdc-events-t", 0)
-    records: list[Any] = [f"record {o}" for o in offsets]
-    prepared = Prepared(records)
-    prepared.batch.tables = [(schema, [f"mutation {o}" for o in offsets if o not in letters])]  # type: ignore[list-item]
-    prepared.batch.dead_letters = [_letter(o) for o in letters]
-    prepared.counts = {("cdc-events-t", "cdc_t", "insert"): len(offsets) - len(letters)}
-    prepared.stamps = {"cdc_t": [o * 10 for o in offsets if o not in letters]}
-    prepared.first = {tp: offsets[0]}
-    prepared.last = {tp: offsets[-1]}
-    prepared.began_ns, prepared.ready_ns = offsets[0] * 1000, offsets[-1] * 1000 + 1
-    return prepared
+    outcomes: list[Outcome] = [
+        _letter(o) if o in letters else (f"mutation {o}", schema, "insert")  # type: ignore[misc]
+        for o in offsets
+    ]
+    records = [Record(o) for o in offsets]
+    return Prepared.of(records, outcomes, offsets[0] * 1000, offsets[-1] * 1000 + 1)
 
 
 def test_a_later_chunk_extends_the_next_one_in_offset_order() -> None:
+    """The joined chunk holds both chunks' records, rows, letters and counts in order."""
     first = _chunk([10, 11, 12], _schema(1), letters=[11])
     later = _chunk([13, 14], _schema(2, "added"), letters=[])
-    first.extend(later)
+    first = first.joined(later)
 
     tp = TopicPartition("cdc-events-t", 0)
-    assert first.records == [f"record {o}" for o in (10, 11, 12, 13, 14)]
+    assert first.records == [Record(o) for o in (10, 11, 12, 13, 14)]
     ((schema, mutations),) = first.batch.tables
     assert schema.version == 2  # the table grew a column meanwhile: the newer schema applies
     assert mutations == ["mutation 10", "mutation 12", "mutation 13", "mutation 14"]
@@ -71,11 +79,11 @@ def test_a_later_chunk_extends_the_next_one_in_offset_order() -> None:
 
 
 def test_a_table_first_seen_in_the_later_chunk_is_added() -> None:
+    """A table only the later chunk writes follows the earlier chunk's tables."""
     first = _chunk([1], _schema(1), letters=[])
     other = TableSchema("ks", "u", "cdc_u", ("id",), {"id": parse_cql_type("int")})
-    later = Prepared(["record 2"])
-    later.batch.tables = [(other, ["mutation 2"])]  # type: ignore[list-item]
-    first.extend(later)
+    later = Prepared.of([Record(2)], [("mutation 2", other, "insert")], 0, 0)  # type: ignore[list-item]
+    first = first.joined(later)
     assert [(s.target, m) for s, m in first.batch.tables] == [
         ("cdc_t", ["mutation 1"]),
         ("cdc_u", ["mutation 2"]),

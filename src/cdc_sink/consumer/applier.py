@@ -21,8 +21,7 @@ from cdc_sink.apply.writer import Batch, BatchResult, CheckpointMove, PgWriter, 
 from cdc_sink.config import Config
 from cdc_sink.consumer.offsets import OffsetMirror
 from cdc_sink.consumer.ownership import Owned
-from cdc_sink.consumer.prepare import Outcome as RecordOutcome
-from cdc_sink.consumer.prepare import Prepared, dead_letter
+from cdc_sink.consumer.prepare import Outcome, Prepared, dead_letter
 from cdc_sink.dlq.letters import DeadLetter
 from cdc_sink.dlq.limiter import DlqLimiter
 from cdc_sink.dlq.producer import DlqProducer
@@ -37,31 +36,15 @@ log = get_logger("cdc_sink.runner")
 tracer = trace.get_tracer("cdc_sink")
 
 
-@dataclass(frozen=True)
-class PartitionPaused:
-    """The partition's dead letters would pass the DLQ limit: pause it; nothing of it past
-    its checkpoint was applied."""
-
-    partition: TopicPartition
-
-
-@dataclass(frozen=True)
-class Fenced:
-    """Another worker claimed a partition meanwhile: nothing of the rest was applied;
-    re-claim what is still assigned."""
-
-    error: str
-
-
-Outcome = PartitionPaused | Fenced
-
-
 @dataclass
-class _Round:
-    """What one `apply` call has to report so far."""
+class Applied:
+    """What the consumer must do after `apply`: pause the partitions in `paused` (their dead
+    letters would pass the DLQ limit; nothing of them past their checkpoint was applied), and
+    if `fenced` (another worker claimed a partition meanwhile; nothing of the rest was
+    applied) re-claim what is still assigned."""
 
     paused: set[TopicPartition] = field(default_factory=set)
-    fenced: Fenced | None = None
+    fenced: bool = False
 
 
 class BatchApplier:
@@ -99,14 +82,14 @@ class BatchApplier:
         self.applied_events = 0
         # Produced, not yet committed, by (topic, partition, offset).
         self._dlq_sent: dict[tuple[str, int, int], DeadLetter] = {}
-        # Dead letters of erased keys, neither produced nor stored, until their offsets move.
-        self._erased: dict[tuple[str, int, int], DeadLetter] = {}
-        self.writer: PgWriter | None = None
+        # Positions of dead letters of erased keys, neither produced nor stored, until their
+        # offsets move.
+        self._erased: set[tuple[str, int, int]] = set()
+        self.writer: PgWriter | None = None  # on a connection of `writer_pool`
         self.suppression = Suppression(config.gdpr.hash_key)
-        self._writer_conn: asyncpg.Connection | None = None
         self._writer_generation = 0  # the login's generation the writer's connection has
 
-    async def apply(self, prepared: Prepared) -> list[Outcome]:
+    async def apply(self, prepared: Prepared) -> Applied:
         """Apply what of a chunk is still to be applied (a rebalance, fencing or a pause may
         have moved its partitions since it was prepared); return what the consumer must do
         (nothing when every record was committed or dead-lettered). Raises FatalError
@@ -122,47 +105,42 @@ class BatchApplier:
                 return held is not None and tp not in paused and r.offset >= held.next_offset
 
             prepared = prepared.part(current)
-        done = _Round()
+        done = Applied()
         await self._apply_part(prepared, done)
-        outcomes: list[Outcome] = [PartitionPaused(tp) for tp in done.paused]
-        if done.fenced is not None:
-            outcomes.append(done.fenced)
-        return outcomes
+        return done
 
     def forget(self, revoked: set[tuple[str, int]]) -> None:
         """Drop the dead letters sent for partitions let go (a letter holds its record)."""
         self._dlq_sent = {k: v for k, v in self._dlq_sent.items() if k[:2] not in revoked}
-        self._erased = {k: v for k, v in self._erased.items() if k[:2] not in revoked}
+        self._erased = {k for k in self._erased if k[:2] not in revoked}
 
     async def release_writer(self) -> None:
         """Hand the writer's connection back to its pool (at the end of the run)."""
-        if self._writer_conn is not None:
-            await self.writer_pool.release(self._writer_conn)
+        if self.writer is not None:
+            await self.writer_pool.release(self.writer.conn)
 
     async def open_writer(self) -> None:
         """Give the writer a fresh connection of its pool. If that fails the worker has no
         writer (never one on a connection already handed back), and the next attempt opens one."""
-        old, self._writer_conn, self.writer = self._writer_conn, None, None
+        old, self.writer = self.writer, None
         if old is not None:
             try:
                 # Closed when handed back, not kept idle: the pool may not have been told of
                 # a new login yet, and would hand the same connection (the old user's) back.
                 await self.writer_pool.expire_connections()
-                await self.writer_pool.release(old)
+                await self.writer_pool.release(old.conn)
             except Exception as exc:  # noqa: BLE001 - a broken connection is dropped anyway
                 log.warning("writer_release_failed", error=f"{type(exc).__name__}: {exc}")
         generation = self.login.generation
-        self._writer_conn = await self.writer_pool.acquire()
+        conn = await self.writer_pool.acquire()
         self._writer_generation = generation
-        self.writer = PgWriter(
-            self._writer_conn, self.config.postgres.schema, self.group, self.suppression
-        )
+        self.writer = PgWriter(conn, self.config.postgres.schema, self.group, self.suppression)
 
     async def follow_login(self) -> None:
         """Between transactions: once a new PostgreSQL user is leased, move the writer to a
         connection of it now, not at the next batch (a quiet topic would otherwise keep the
         old user's session open after its lease ends)."""
-        if self._writer_conn is None or not self._writer_stale():
+        if self.writer is None or not self._writer_stale():
             return
         try:
             await self.open_writer()
@@ -177,18 +155,18 @@ class BatchApplier:
         """The writer, first moved to a fresh connection if it has none (reconnecting failed),
         its connection died, or a new PostgreSQL user was leased."""
         try:
-            usable = not (self._writer_conn is None or self._writer_conn.is_closed())
+            usable = self.writer is not None and not self.writer.conn.is_closed()
         except asyncpg.InterfaceError:  # lost while idle: asyncpg handed it back to the pool
             usable = False
-        if not usable or self.writer is None or self._writer_stale():
+        if not usable or self._writer_stale():
             await self.open_writer()
         assert self.writer is not None
         return self.writer
 
-    async def _apply_part(self, prepared: Prepared, done: _Round) -> None:
+    async def _apply_part(self, prepared: Prepared, done: Applied) -> None:
         """Apply part of a chunk (each partition's records contiguous, in offset order), traced
         as one `cdc.batch` span from its preparing to its commit."""
-        if done.fenced is not None:
+        if done.fenced:
             return  # the checkpoints it would start from are no longer ours
         # A partition paused by an earlier half of a bisect must not be applied past its
         # unapplied records.
@@ -207,10 +185,10 @@ class BatchApplier:
                 preparing.end(end_time=prepared.ready_ns)
             span.set_attribute("cdc.outcome", await self._apply_chunk(prepared, done))
 
-    async def _apply_chunk(self, prepared: Prepared, done: _Round) -> str:
+    async def _apply_chunk(self, prepared: Prepared, done: Applied) -> str:
         """One transaction; bad data is isolated by halves down to the record at fault.
         Returns what became of the chunk (for its trace span)."""
-        await self._find_erased(prepared.batch.dead_letters)
+        erased = await self._find_erased(prepared.batch.dead_letters)
         if over := self._over_dlq_limit(prepared):
             # Apply what precedes each such partition's first dead letter, then pause it.
             await self._apply_part(
@@ -226,7 +204,6 @@ class BatchApplier:
         batch = prepared.batch
         batch.checkpoints = [self._move(tp, offset + 1) for tp, offset in prepared.last.items()]
         records = prepared.records
-        erased = [d for d in batch.dead_letters if _position(d) in self._erased]
         try:
             batch.dead_letters = await self._send_dead_letters(
                 [d for d in batch.dead_letters if _position(d) not in self._erased]
@@ -235,7 +212,7 @@ class BatchApplier:
         except FencedError as exc:
             log.warning("fenced", error=str(exc))
             self.metrics.errors.labels("write", "fenced").inc()
-            done.fenced = Fenced(str(exc))
+            done.fenced = True
             return "fenced"
         except Exception as exc:  # transient ones were retried: what is left is data or fatal
             if classify(exc) is not Kind.POISON:
@@ -269,22 +246,22 @@ class BatchApplier:
             if not self.limiter.admits(tp.topic, tp.partition, dead, prepared.last[tp])
         }
 
-    async def _find_erased(self, letters: list[DeadLetter]) -> None:
-        """Note the letters whose row key was erased (one look-up per table, only for letters
+    async def _find_erased(self, letters: list[DeadLetter]) -> list[DeadLetter]:
+        """Those of `letters` whose row key was erased (one look-up per table, only for letters
         not yet produced): they are skipped, neither produced nor stored. An erasure committed
         after this look-up is caught by the writer under the keys' locks, so `_cdc_dlq_records`
         never keeps such a letter; its DLQ message is then already sent, and stays in the DLQ
         topic (as the record stays in its own) until Kafka's retention."""
-        seen = self._dlq_sent.keys() | self._erased.keys()
+        seen = self._dlq_sent.keys() | self._erased
         todo = [d for d in letters if d.row is not None and _position(d) not in seen]
-        if not todo:
-            return
+        if todo:
 
-        async def attempt() -> list[DeadLetter]:
-            return await (await self._usable_writer()).erased_letters(todo)
+            async def attempt() -> list[DeadLetter]:
+                return await (await self._usable_writer()).erased_letters(todo)
 
-        erased = await self.retrying("dlq", attempt, on_retry=self.open_writer)
-        self._erased.update((_position(d), d) for d in erased)
+            erased = await self.retrying("dlq", attempt, on_retry=self.open_writer)
+            self._erased.update(map(_position, erased))
+        return [d for d in letters if _position(d) in self._erased]
 
     async def _apply_with_retry(self, batch: Batch) -> BatchResult:
         async def attempt() -> BatchResult:
@@ -326,7 +303,7 @@ class BatchApplier:
         return [self._dlq_sent[_position(d)] for d in letters]
 
     async def _apply_dead_letter(
-        self, record: Any, outcome: RecordOutcome, exc: BaseException, done: _Round
+        self, record: Any, outcome: Outcome, exc: BaseException, done: Applied
     ) -> str:
         """Dead-letter the one record PostgreSQL refuses, skip it if its key was erased, or
         pause its partition if dead-lettering it would pass the DLQ limit; returns which (for
@@ -334,8 +311,7 @@ class BatchApplier:
         tp = TopicPartition(record.topic, record.partition)
         row = (outcome[1], outcome[0].key) if isinstance(outcome, tuple) else None
         letter = dead_letter(record, exc, "write", row)
-        await self._find_erased([letter])
-        erased = [letter] if _position(letter) in self._erased else []
+        erased = await self._find_erased([letter])
         if not erased and not self.limiter.admits(
             tp.topic, tp.partition, [record.offset], record.offset
         ):
@@ -362,14 +338,15 @@ class BatchApplier:
         erased: list[DeadLetter],
     ) -> None:
         """After COMMIT: move our offsets, count, observe latency (Kafka timestamp → now).
-        `erased`: the batch's dead letters of erased keys, skipped."""
+        `erased`: the dead letters of erased keys skipped before the transaction; those it
+        found (`result.erased_letters`) were not stored either."""
         now = time.time()
         for table, skipped in result.suppressed.items():
             self.metrics.erasure_suppressed.labels(table, STREAM).inc(skipped)
+        stored = [d for d in batch.dead_letters if d not in result.erased_letters]
         erased = [*erased, *result.erased_letters]
-        stored = {id(letter) for letter in result.erased_letters}
         for letter in erased:
-            self._erased.pop(_position(letter), None)
+            self._erased.discard(_position(letter))
             self._dlq_sent.pop(_position(letter), None)
             assert letter.row is not None
             self.metrics.erasure_suppressed.labels(letter.row[0].target, DEAD_LETTER).inc()
@@ -387,9 +364,7 @@ class BatchApplier:
             if tp in self.owned:
                 self.owned[tp].next_offset = move.next_offset
             self.metrics.last_commit_timestamp.labels(move.topic, str(move.partition)).set(now)
-        for letter in batch.dead_letters:
-            if id(letter) in stored:
-                continue
+        for letter in stored:
             self._dlq_sent.pop(_position(letter), None)
             self.limiter.record(letter.topic, letter.partition, letter.offsets(self.limiter.window))
             self.metrics.dlq_records.labels(letter.topic, letter.error_class).inc()
@@ -409,7 +384,7 @@ class BatchApplier:
                 payload_in_topic=letter.payload_in_topic,
             )
         rows = sum(counts.values())
-        self.applied_events += rows + len(batch.dead_letters) + len(erased) - len(stored)
+        self.applied_events += rows + len(stored) + len(erased)
         for (topic, table, op), n in counts.items():  # one increment per op, not per event
             self.metrics.events_processed.labels(topic, table, op).inc(n)
         self.metrics.batch_size.observe(rows)
@@ -431,7 +406,7 @@ class BatchApplier:
                     for move in batch.checkpoints
                 ],
                 rows=rows,
-                dead_letters=len(batch.dead_letters) - len(stored),
+                dead_letters=len(stored),
                 duration_ms=round(result.duration_s * 1000, 1),
             )
 

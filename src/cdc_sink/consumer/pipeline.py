@@ -115,10 +115,7 @@ class FetchPipeline:
             room = size - (len(self._next.records) if self._next is not None else 0)
             chunk, records = records[:room], records[room:]
             prepared = await self._preparer.prepare(chunk, lambda: self.applying)
-            if self._next is None:
-                self._next = prepared
-            else:
-                self._next.extend(prepared)
+            self._next = prepared if self._next is None else self._next.joined(prepared)
             if len(self._next.records) >= size:
                 await self._settle()
                 if self._went_stale():  # the chunk in flight paused a partition

@@ -10,7 +10,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 from aiokafka import TopicPartition
@@ -23,10 +23,11 @@ from cdc_sink.decode.nesting import MAX_NESTING, deeper_than
 from cdc_sink.dlq.letters import DeadLetter
 from cdc_sink.errors import ConversionError, EventError, PoisonError, UnexpectedError
 from cdc_sink.failures import Kind, classify, refused
-from cdc_sink.model.events import ChangeEvent, Key, Mutation, Position, interpret, op_name
+from cdc_sink.model.events import Key, Mutation, Position, interpret, op_name
 from cdc_sink.ops.logs import get_logger
 from cdc_sink.ops.metrics import Metrics
 from cdc_sink.retry import RetryPolicy
+from cdc_sink.schema.catalog import Catalog
 from cdc_sink.schema.direct import direct_mutation
 from cdc_sink.schema.tables import TableSchema
 
@@ -40,16 +41,6 @@ PREPARE_YIELD_S = 0.0001
 Converted = tuple[Mutation, TableSchema, str]
 # What became of one record: converted, its dead letter, or None (a tombstone).
 Outcome = Converted | DeadLetter | None
-
-
-class Tables(Protocol):
-    """Where a change event's target table is found (schema.catalog.Catalog)."""
-
-    def known(self, keyspace: str, table: str) -> TableSchema | None: ...
-
-    async def resolve(
-        self, event: ChangeEvent, key_schemas: Any, column_schemas: Any
-    ) -> TableSchema: ...
 
 
 @dataclass
@@ -120,24 +111,11 @@ class Prepared:
     def _regroup(self, records: list[Any], outcomes: list[Outcome]) -> Prepared:
         return Prepared.of(records, outcomes, self.began_ns, self.ready_ns)
 
-    def extend(self, later: Prepared) -> None:
-        """Append a chunk prepared after this one (its records follow ours per partition)."""
-        self.records.extend(later.records)
-        self.outcomes.extend(later.outcomes)
-        tables = {schema.target: (schema, mutations) for schema, mutations in self.batch.tables}
-        for schema, mutations in later.batch.tables:  # the later chunk's schema is the newer
-            earlier = tables.get(schema.target, (schema, []))[1]
-            tables[schema.target] = (schema, earlier + mutations)
-        self.batch.tables = list(tables.values())
-        self.batch.dead_letters.extend(later.batch.dead_letters)
-        for key, n in later.counts.items():
-            self.counts[key] = self.counts.get(key, 0) + n
-        for table, stamps in later.stamps.items():
-            self.stamps.setdefault(table, []).extend(stamps)
-        for tp, offset in later.first.items():
-            self.first.setdefault(tp, offset)
-        self.last.update(later.last)
-        self.ready_ns = later.ready_ns
+    def joined(self, later: Prepared) -> Prepared:
+        """This chunk followed by one prepared after it (its records follow ours per
+        partition), regrouped: a table's newer schema applies to the mutations of both."""
+        records, outcomes = self.records + later.records, self.outcomes + later.outcomes
+        return Prepared.of(records, outcomes, self.began_ns, later.ready_ns)
 
     def trace_attributes(self) -> dict[str, Any]:
         """What a `cdc.batch` span records of this chunk."""
@@ -161,7 +139,7 @@ class Preparer:
     an unreachable registry or catalog is waited for with `retry` (never dead-lettered)."""
 
     decoder: Decoder
-    catalog: Tables
+    catalog: Catalog
     metrics: Metrics
     retry: RetryPolicy
     stopping: asyncio.Event
@@ -185,10 +163,8 @@ class Preparer:
                 try:
                     decoded = await self._decode(record)
                     outcome: Outcome = await self._convert(record, decoded)
-                except PoisonError:
-                    raise
                 except Exception as exc:
-                    if classify(exc) is not Kind.TRANSIENT:
+                    if classify(exc) is not Kind.TRANSIENT:  # poison is handled below
                         raise
                     # The registry or the catalog is unreachable: wait for it, never DLQ.
                     step = functools.partial(self._to_mutation, record)

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from cdc_sink.config import Config
-from cdc_sink.consumer.applier import BatchApplier, PartitionPaused
+from cdc_sink.consumer.applier import BatchApplier
 from cdc_sink.consumer.offsets import OffsetMirror
 from cdc_sink.consumer.ownership import KAFKA_QUERY_TIMEOUT_S, Ownership, partition_names
 from cdc_sink.consumer.pipeline import FetchPipeline
@@ -272,11 +272,11 @@ class Worker:
         re-claim after being fenced."""
         assert self.applier is not None
         async with self._batch_lock:
-            for outcome in await self.applier.apply(prepared):
-                if isinstance(outcome, PartitionPaused):
-                    self._pause(outcome.partition)
-                else:
-                    await self._resync()
+            applied = await self.applier.apply(prepared)
+            for tp in applied.paused:
+                self._pause(tp)
+            if applied.fenced:
+                await self._resync()
 
     def _pause(self, tp: TopicPartition) -> None:
         """Stop a partition whose dead-letter share passed the limit: nothing of it is applied
