@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
@@ -287,6 +288,40 @@ async def test_a_partition_past_the_dlq_share_pauses_and_the_others_go_on(
     assert letters[0][0] == 150
     rows = await sql(stack.postgres_dsn, schema, "SELECT count(*) FROM cdc_model")
     assert rows[0][0] == 8 * 50 + 20
+
+
+async def kafka_offsets(bootstrap: str, group: str) -> dict[int, int]:
+    """The offsets the group committed to Kafka, by partition."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in committed.items()}
+
+
+async def test_kafka_is_told_the_offset_past_a_record_postgresql_refused(
+    stack: Endpoints, unique: Unique
+) -> None:
+    """A record PostgreSQL refuses, the last of its partition, is dead-lettered alone: its
+    checkpoint move reaches Kafka too, so lag tooling shows the partition caught up, not one
+    record behind until the next event."""
+    keyspace, schema = unique.keyspace("ks"), unique.schema("lag")
+    topic, group = unique("cdc-events-lag"), unique("g")
+    create_cassandra_model_table(stack, keyspace)
+    await create_topic(stack.kafka, topic, partitions=1)
+    env = sink_env(stack, topic=topic, group=group, schema=schema, dlq__topic=unique("dlq"))
+    await produce_positions(stack.kafka, topic, [schemaless_record(good_mutation(0), keyspace)])
+    await run_worker(env)  # creates the table
+    await add_constraint(stack.postgres_dsn, schema)
+    later = [schemaless_record(good_mutation(i), keyspace) for i in range(1, 5)]
+    await produce_positions(stack.kafka, topic, [*later, poison("constraint", 0, keyspace)])
+    await run_worker(env)
+    assert (await checkpoints(stack.postgres_dsn, schema))[0] == 6
+    letters = await sql(stack.postgres_dsn, schema, "SELECT stage FROM _cdc_dlq_records")
+    assert [r["stage"] for r in letters] == ["write"]
+    assert await kafka_offsets(stack.kafka, group) == {0: 6}
 
 
 async def test_headers_without_a_value_reach_the_dlq_as_they_were(

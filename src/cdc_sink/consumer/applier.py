@@ -226,8 +226,6 @@ class BatchApplier:
                 return "split"
             return await self._apply_dead_letter(records[0], prepared.outcomes[0], exc, done)
         self._acknowledge(batch, result, prepared.counts, prepared.stamps, erased)
-        assert self.offsets is not None
-        self.offsets.mirror(batch.checkpoints)
         return "committed"
 
     def _over_dlq_limit(self, prepared: Prepared) -> dict[TopicPartition, int]:
@@ -337,9 +335,9 @@ class BatchApplier:
         stamps: dict[str, list[int]],
         erased: list[DeadLetter],
     ) -> None:
-        """After COMMIT: move our offsets, count, observe latency (Kafka timestamp → now).
-        `erased`: the dead letters of erased keys skipped before the transaction; those it
-        found (`result.erased_letters`) were not stored either."""
+        """After COMMIT: move our offsets and mirror them to Kafka, count, observe latency
+        (Kafka timestamp → now). `erased`: the dead letters of erased keys skipped before the
+        transaction; those it found (`result.erased_letters`) were not stored either."""
         now = time.time()
         for table, skipped in result.suppressed.items():
             self.metrics.erasure_suppressed.labels(table, STREAM).inc(skipped)
@@ -364,6 +362,8 @@ class BatchApplier:
             if tp in self.owned:
                 self.owned[tp].next_offset = move.next_offset
             self.metrics.last_commit_timestamp.labels(move.topic, str(move.partition)).set(now)
+        assert self.offsets is not None
+        self.offsets.mirror(batch.checkpoints)  # also a refused record's move: lag tools see it
         for letter in stored:
             self._dlq_sent.pop(_position(letter), None)
             self.limiter.record(letter.topic, letter.partition, letter.offsets(self.limiter.window))
