@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from cdc_sink.app import SinkApp
 from cdc_sink.config import load_config
@@ -23,6 +22,7 @@ from tests.support.names import Unique
 from tests.support.pipeline import (
     create_cassandra_model_table,
     create_topic,
+    kafka_offsets,
     produce_positions,
     read_topic,
     run_cli,
@@ -288,17 +288,6 @@ async def test_a_partition_past_the_dlq_share_pauses_and_the_others_go_on(
     assert letters[0][0] == 150
     rows = await sql(stack.postgres_dsn, schema, "SELECT count(*) FROM cdc_model")
     assert rows[0][0] == 8 * 50 + 20
-
-
-async def kafka_offsets(bootstrap: str, group: str) -> dict[int, int]:
-    """The offsets the group committed to Kafka, by partition."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return {tp.partition: meta.offset for tp, meta in committed.items()}
 
 
 async def test_kafka_is_told_the_offset_past_a_record_postgresql_refused(

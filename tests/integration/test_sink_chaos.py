@@ -24,7 +24,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.support.cassandra_model import COLUMNS, expected_rows, replica_streams
 from tests.support.names import Unique
@@ -33,6 +32,7 @@ from tests.support.pipeline import (
     create_cassandra_model_table,
     create_topic,
     dead_letters,
+    kafka_offsets,
     kill,
     produce,
     random_history,
@@ -162,13 +162,7 @@ async def terminate(worker: subprocess.Popen[bytes]) -> float:
 
 async def kafka_committed(bootstrap: str, group: str) -> int:
     """The sum of the offsets the group committed to Kafka."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+    return sum(o for o in (await kafka_offsets(bootstrap, group)).values() if o > 0)
 
 
 def json_lines(log: str) -> list[dict[str, Any]]:

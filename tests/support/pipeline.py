@@ -109,6 +109,17 @@ async def create_topic(
     await asyncio.sleep(0.5)  # let the new partitions elect their leader
 
 
+async def kafka_offsets(bootstrap: str, group: str) -> dict[int, int]:
+    """The offsets the group committed to Kafka, by partition (-1: none yet)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in committed.items()}
+
+
 async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]]) -> int:
     """Produce every record (acks=all) and wait for all of them; return how many."""
     return len(await produce_positions(bootstrap, topic, records))
