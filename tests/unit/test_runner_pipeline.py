@@ -60,7 +60,7 @@ def test_a_later_chunk_extends_the_next_one_in_offset_order() -> None:
     """The joined chunk holds both chunks' records, rows, letters and counts in order."""
     first = _chunk([10, 11, 12], _schema(1), letters=[11])
     later = _chunk([13, 14], _schema(2, "added"), letters=[])
-    first = first.joined(later)
+    first = Prepared.joined([first, later])
 
     tp = TopicPartition("cdc-events-t", 0)
     assert first.records == [Record(o) for o in (10, 11, 12, 13, 14)]
@@ -83,7 +83,7 @@ def test_a_table_first_seen_in_the_later_chunk_is_added() -> None:
     first = _chunk([1], _schema(1), letters=[])
     other = TableSchema("ks", "u", "cdc_u", ("id",), {"id": parse_cql_type("int")})
     later = Prepared.of([Record(2)], [("mutation 2", other, "insert")], 0, 0)  # type: ignore[list-item]
-    first = first.joined(later)
+    first = Prepared.joined([first, later])
     assert [(s.target, m) for s, m in first.batch.tables] == [
         ("cdc_t", ["mutation 1"]),
         ("cdc_u", ["mutation 2"]),

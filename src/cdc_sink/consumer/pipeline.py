@@ -47,7 +47,8 @@ class FetchPipeline:
         self.stale = False
         self._fetching: asyncio.Future[dict[TopicPartition, list[Any]]] | None = None
         self._in_flight: asyncio.Task[None] | None = None
-        self._next: Prepared | None = None
+        # The next chunk's prepared pieces, joined once when it is handed over.
+        self._next: list[Prepared] = []
         self._taken: dict[TopicPartition, int] = {}  # each partition's next offset to take
         assignment = consumer.assignment()
         for tp, owned_tp in owned.items():
@@ -79,9 +80,9 @@ class FetchPipeline:
             fetched, self._fetching = self._fetching.result(), None
             if not self.stale:  # else fetched before a seek: read again after it
                 await self._take(fetched)
-        if self._in_flight is None and self._next is not None and not self.stale:
-            self._submit(self._next)
-            self._next = None
+        if self._in_flight is None and self._next and not self.stale:
+            self._submit(Prepared.joined(self._next))
+            self._next = []
 
     async def close(self) -> None:
         """Cancel the fetch, drop the prepared chunk (it is read again) and wait for the one in
@@ -93,7 +94,7 @@ class FetchPipeline:
                 await fetching
         elif fetching is not None and not fetching.cancelled():
             fetching.exception()  # retrieved, so asyncio does not report it
-        self._next = None
+        self._next = []
         await self._settle()
 
     async def _take(self, fetched: dict[TopicPartition, list[Any]]) -> None:
@@ -112,16 +113,15 @@ class FetchPipeline:
                 records.extend(fresh)
         size = self._batch_size
         while records and not self._stopping.is_set() and not self.stale:
-            room = size - (len(self._next.records) if self._next is not None else 0)
+            room = size - sum(len(piece.records) for piece in self._next)
             chunk, records = records[:room], records[room:]
-            prepared = await self._preparer.prepare(chunk, lambda: self.applying)
-            self._next = prepared if self._next is None else self._next.joined(prepared)
-            if len(self._next.records) >= size:
+            self._next.append(await self._preparer.prepare(chunk, lambda: self.applying))
+            if len(chunk) == room:  # the next chunk is full
                 await self._settle()
                 if self._went_stale():  # the chunk in flight paused a partition
                     return
-                self._submit(self._next)
-                self._next = None
+                self._submit(Prepared.joined(self._next))
+                self._next = []
 
     def _went_stale(self) -> bool:
         return self.stale  # a method, so type checkers do not assume it unchanged by awaits

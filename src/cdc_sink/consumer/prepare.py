@@ -8,7 +8,7 @@ import asyncio
 import datetime as dt
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,11 +111,15 @@ class Prepared:
     def _regroup(self, records: list[Any], outcomes: list[Outcome]) -> Prepared:
         return Prepared.of(records, outcomes, self.began_ns, self.ready_ns)
 
-    def joined(self, later: Prepared) -> Prepared:
-        """This chunk followed by one prepared after it (its records follow ours per
-        partition), regrouped: a table's newer schema applies to the mutations of both."""
-        records, outcomes = self.records + later.records, self.outcomes + later.outcomes
-        return Prepared.of(records, outcomes, self.began_ns, later.ready_ns)
+    @staticmethod
+    def joined(pieces: Sequence[Prepared]) -> Prepared:
+        """Chunks prepared one after the other (each one's records follow the earlier ones'
+        per partition) as one, regrouped once: a table's newest schema applies to them all."""
+        if len(pieces) == 1:
+            return pieces[0]
+        records = [r for piece in pieces for r in piece.records]
+        outcomes = [o for piece in pieces for o in piece.outcomes]
+        return Prepared.of(records, outcomes, pieces[0].began_ns, pieces[-1].ready_ns)
 
     def trace_attributes(self) -> dict[str, Any]:
         """What a `cdc.batch` span records of this chunk."""
